@@ -1,0 +1,570 @@
+//! A Mailman-compatible queue directory: listing by slice, dequeue, finish, preserve,
+//! recovery of `.bak` entries, quarantine of files that are not entries, and enqueue.
+//!
+//! The contract matches Mailman's switchboard:
+//! - an entry is `<queue dir>/<TIME>+<DIGEST>.pck`; writers create `<name>.pck.tmp` and
+//!   rename it, and `.tmp` files are never touched here;
+//! - dequeue renames `.pck` to `.bak`; finishing unlinks the `.bak`; a bad entry is
+//!   preserved as `<spool root>/bad/<filebase>.psv` (Mailman's own bad queue);
+//! - a new owner of a slice turns the slice's `.bak` files back into `.pck`, and preserves
+//!   an entry in `bad/` at its third recovery.
+//!
+//! Where qslice keeps its own files, out of Mailman's way (Mailman lists only the queue
+//! directories it is configured with, and only names ending in `.pck`/`.bak`):
+//! - recovery counts: `<spool root>/.qslice/recovery/<queue>/<filebase>`, a decimal count.
+//!   Mailman 3 keeps its own count inside the pickle, which qslice does not rewrite; the
+//!   count lives on the shared spool so that the next owner, on any host, sees it.
+//! - quarantine: `<spool root>/.qslice/quarantine/<queue>/<original name>`.
+//!
+//! Polling is the source of truth: everything here works from a directory listing, which
+//! is what NFS guarantees; change notification can only be a wake-up hint on top.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use qslice_proto::slice::{slice_bounds, slice_of, Digest, EntryName, NameError};
+use sha1::{Digest as _, Sha1};
+
+/// An entry is preserved in `bad/` at this recovery (Mailman's limit).
+pub const MAX_RECOVERIES: u32 = 3;
+
+/// A spool operation that failed; each names the path and the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// The queue directory could not be listed.
+    #[error("cannot list queue directory {dir}: {source}")]
+    ListQueue {
+        /// The queue directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Renaming `.pck` to `.bak` failed for a reason other than "already taken".
+    #[error("cannot dequeue {path}: {source}")]
+    Dequeue {
+        /// The `.pck` file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Unlinking a finished `.bak` failed.
+    #[error("cannot finish {path}: {source}")]
+    Finish {
+        /// The `.bak` file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Moving an entry to `bad/` failed.
+    #[error("cannot preserve {path} in {bad_dir}: {source}")]
+    Preserve {
+        /// The file being preserved.
+        path: PathBuf,
+        /// The bad directory.
+        bad_dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Putting an entry back as `.pck` failed.
+    #[error("cannot requeue {path}: {source}")]
+    Requeue {
+        /// The `.bak` file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Reading or writing a recovery count failed.
+    #[error("cannot update recovery count {path}: {source}")]
+    RecoveryCount {
+        /// The count file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Moving a file into quarantine failed.
+    #[error("cannot quarantine {path} into {dir}: {source}")]
+    Quarantine {
+        /// The file being quarantined.
+        path: PathBuf,
+        /// The quarantine directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a new entry failed.
+    #[error("cannot enqueue into {dir}: {source}")]
+    Enqueue {
+        /// The queue directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why a file in a queue directory is not a processable entry.
+#[derive(Debug, thiserror::Error)]
+pub enum ProblemReason {
+    /// The name is not `<TIME>+<DIGEST>.<ext>`.
+    #[error("malformed name: {0}")]
+    BadName(#[from] NameError),
+    /// A name that parses but whose extension is neither `pck`, `bak` nor `*.tmp`.
+    #[error("unexpected extension .{0}")]
+    UnexpectedExtension(String),
+    /// A subdirectory.
+    #[error("a directory, not a queue file")]
+    Directory,
+    /// A symbolic link (never followed).
+    #[error("a symbolic link, not a queue file")]
+    Symlink,
+    /// A socket, fifo or device.
+    #[error("not a regular file")]
+    NotRegular,
+    /// A zero-byte entry: Mailman writes entries whole, so this one holds no message.
+    #[error("zero-byte entry")]
+    Empty,
+    /// The entry cannot be opened for reading.
+    #[error("unreadable: {0}")]
+    Unreadable(io::Error),
+}
+
+/// A file found in a queue directory that is not a processable entry.
+#[derive(Debug)]
+pub struct Problem {
+    /// The file as found.
+    pub path: PathBuf,
+    /// Why it is not an entry.
+    pub reason: ProblemReason,
+}
+
+/// A problem file after it was moved into quarantine.
+#[derive(Debug)]
+pub struct Quarantined {
+    /// Where it was.
+    pub from: PathBuf,
+    /// Where it is now.
+    pub to: PathBuf,
+    /// Why it was moved.
+    pub reason: ProblemReason,
+}
+
+/// A well-formed entry seen in a listing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// The parsed name.
+    pub name: EntryName,
+    /// The entry's slice under the listing's slice count.
+    pub slice: u32,
+}
+
+/// One listing of a queue directory, grouped by slice.
+#[derive(Debug)]
+pub struct Scan {
+    /// The slice count the entries were grouped by.
+    pub slices_total: u32,
+    /// `.pck` entries per slice, oldest TIME first (ties by name, so the order is stable).
+    pub pending: BTreeMap<u32, Vec<Entry>>,
+    /// `.bak` entries per slice: in flight, or left by a crash.
+    pub in_flight: BTreeMap<u32, Vec<Entry>>,
+    /// Files that are not entries; see [`QueueDir::quarantine`].
+    pub problems: Vec<Problem>,
+    /// When the listing was taken.
+    pub listed_at: SystemTime,
+}
+
+impl Scan {
+    /// Age in seconds of the oldest pending entry of `slice`, from its TIME, if any.
+    pub fn oldest_age(&self, slice: u32) -> Option<f64> {
+        let first = self.pending.get(&slice)?.first()?;
+        let now = self.listed_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        Some((now - first.name.time).max(0.0))
+    }
+}
+
+/// An entry this process took (renamed to `.bak`) and must finish, preserve or requeue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InFlight {
+    /// The entry.
+    pub entry: Entry,
+    /// The `.bak` file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// What [`QueueDir::dequeue`] found.
+#[derive(Debug)]
+pub enum Dequeued {
+    /// The entry is now ours, as `.bak`.
+    Taken(InFlight),
+    /// Another process took or removed it first (ENOENT on rename): not an error.
+    Gone,
+    /// It was taken but is not processable, and was moved to quarantine.
+    Quarantined(Quarantined),
+}
+
+/// What [`QueueDir::recover`] did.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Entries turned back from `.bak` into `.pck`, with their new recovery count.
+    pub requeued: Vec<(Entry, u32)>,
+    /// Entries preserved in `bad/` at their third recovery.
+    pub preserved: Vec<Entry>,
+    /// Malformed `.bak` files moved to quarantine.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// One queue directory of a Mailman spool, with qslice's places beside it.
+#[derive(Clone, Debug)]
+pub struct QueueDir {
+    queue: String,
+    dir: PathBuf,
+    bad_dir: PathBuf,
+    quarantine_dir: PathBuf,
+    recovery_dir: PathBuf,
+}
+
+impl QueueDir {
+    /// The queue `queue` under spool root `root` (`qfiles/` in Mailman 2.1, `var/queue/`
+    /// in Mailman 3). `queue` must be a plain directory name (see `keys::validate_name`).
+    pub fn new(root: impl AsRef<Path>, queue: &str) -> QueueDir {
+        let root = root.as_ref();
+        let own = root.join(".qslice");
+        QueueDir {
+            queue: queue.to_owned(),
+            dir: root.join(queue),
+            bad_dir: root.join("bad"),
+            quarantine_dir: own.join("quarantine").join(queue),
+            recovery_dir: own.join("recovery").join(queue),
+        }
+    }
+
+    /// The queue name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+    /// The queue directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// Where preserved entries go (Mailman's bad queue).
+    pub fn bad_dir(&self) -> &Path {
+        &self.bad_dir
+    }
+    /// Where files that are not entries go.
+    pub fn quarantine_dir(&self) -> &Path {
+        &self.quarantine_dir
+    }
+
+    /// The `.pck` path of an entry.
+    pub fn pck_path(&self, entry: &Entry) -> PathBuf {
+        self.dir.join(format!("{}.pck", entry.name.filebase))
+    }
+    /// The `.bak` path of an entry.
+    pub fn bak_path(&self, entry: &Entry) -> PathBuf {
+        self.dir.join(format!("{}.bak", entry.name.filebase))
+    }
+
+    /// Lists the queue directory once and groups its entries by slice among `n`.
+    ///
+    /// Files that are not entries are reported in [`Scan::problems`], not moved: moving is
+    /// [`QueueDir::quarantine`]'s job, so a read-only caller can scan safely. `.tmp` files
+    /// (being written) and hidden files (such as NFS's `.nfsXXXX` silly-renames of open,
+    /// unlinked files) are not queue files and are left alone.
+    pub fn scan(&self, n: u32) -> Result<Scan, SpoolError> {
+        let list_err = |source| SpoolError::ListQueue { dir: self.dir.clone(), source };
+        let mut scan = Scan {
+            slices_total: n,
+            pending: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            problems: Vec::new(),
+            listed_at: SystemTime::now(),
+        };
+        for dirent in fs::read_dir(&self.dir).map_err(list_err)? {
+            let dirent = match dirent {
+                Ok(d) => d,
+                // The entry vanished between getdents and its stat: another process moved it.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(list_err(e)),
+            };
+            let file_name = dirent.file_name();
+            let path = dirent.path();
+            if file_name.as_encoded_bytes().starts_with(b".") || file_name.as_encoded_bytes().ends_with(b".tmp") {
+                continue;
+            }
+            let file_type = match dirent.file_type() {
+                Ok(t) => t,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(list_err(e)),
+            };
+            let type_problem = if file_type.is_symlink() {
+                Some(ProblemReason::Symlink)
+            } else if file_type.is_dir() {
+                Some(ProblemReason::Directory)
+            } else if !file_type.is_file() {
+                Some(ProblemReason::NotRegular)
+            } else {
+                None
+            };
+            if let Some(reason) = type_problem {
+                scan.problems.push(Problem { path, reason });
+                continue;
+            }
+            let name = match EntryName::parse_os(&file_name) {
+                Ok(name) => name,
+                Err(e) => {
+                    scan.problems.push(Problem { path, reason: e.into() });
+                    continue;
+                }
+            };
+            let target = match name.ext.as_str() {
+                "pck" => &mut scan.pending,
+                "bak" => &mut scan.in_flight,
+                other => {
+                    let reason = ProblemReason::UnexpectedExtension(other.to_owned());
+                    scan.problems.push(Problem { path, reason });
+                    continue;
+                }
+            };
+            let slice = slice_of(&name.digest, n);
+            target.entry(slice).or_default().push(Entry { name, slice });
+        }
+        for entries in scan.pending.values_mut().chain(scan.in_flight.values_mut()) {
+            entries.sort_by(|a, b| a.name.time.total_cmp(&b.name.time).then_with(|| a.name.filebase.cmp(&b.name.filebase)));
+        }
+        Ok(scan)
+    }
+
+    /// Takes an entry: renames its `.pck` to `.bak`, then checks that it is a readable,
+    /// non-empty regular file (an empty or unreadable one goes to quarantine).
+    pub fn dequeue(&self, entry: &Entry) -> Result<Dequeued, SpoolError> {
+        let pck = self.pck_path(entry);
+        let bak = self.bak_path(entry);
+        match fs::rename(&pck, &bak) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Dequeued::Gone),
+            Err(source) => return Err(SpoolError::Dequeue { path: pck, source }),
+        }
+        let problem = match File::open(&bak).and_then(|f| f.metadata()) {
+            Ok(meta) if !meta.is_file() => ProblemReason::NotRegular,
+            Ok(meta) if meta.len() == 0 => ProblemReason::Empty,
+            Ok(meta) => return Ok(Dequeued::Taken(InFlight { entry: entry.clone(), path: bak, size: meta.len() })),
+            Err(e) => ProblemReason::Unreadable(e),
+        };
+        self.quarantine(Problem { path: bak, reason: problem }).map(Dequeued::Quarantined)
+    }
+
+    /// Finishes an entry: unlinks its `.bak`.
+    pub fn finish(&self, taken: &InFlight) -> Result<(), SpoolError> {
+        fs::remove_file(&taken.path).map_err(|source| SpoolError::Finish { path: taken.path.clone(), source })
+    }
+
+    /// Preserves an entry as `bad/<filebase>.psv`, creating `bad/` like Mailman.
+    pub fn preserve(&self, taken: &InFlight) -> Result<PathBuf, SpoolError> {
+        self.preserve_path(&taken.path, &taken.entry.name.filebase)
+    }
+
+    fn preserve_path(&self, path: &Path, filebase: &str) -> Result<PathBuf, SpoolError> {
+        let err = |source| SpoolError::Preserve { path: path.to_owned(), bad_dir: self.bad_dir.clone(), source };
+        fs::create_dir_all(&self.bad_dir).map_err(err)?;
+        let psv = self.bad_dir.join(format!("{filebase}.psv"));
+        fs::rename(path, &psv).map_err(err)?;
+        Ok(psv)
+    }
+
+    /// Puts a taken entry back as `.pck` (for a temporary failure).
+    pub fn requeue(&self, taken: &InFlight) -> Result<(), SpoolError> {
+        let pck = self.pck_path(&taken.entry);
+        fs::rename(&taken.path, pck).map_err(|source| SpoolError::Requeue { path: taken.path.clone(), source })
+    }
+
+    /// Moves a problem file into quarantine, keeping its name (a numbered suffix is added
+    /// if that name is already there). Never deletes anything.
+    pub fn quarantine(&self, problem: Problem) -> Result<Quarantined, SpoolError> {
+        let err = |source| SpoolError::Quarantine { path: problem.path.clone(), dir: self.quarantine_dir.clone(), source };
+        fs::create_dir_all(&self.quarantine_dir).map_err(err)?;
+        let name = problem.path.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "unnamed".into());
+        let mut to = self.quarantine_dir.join(&name);
+        let mut n = 0u32;
+        while fs::symlink_metadata(&to).is_ok() {
+            n += 1;
+            let mut numbered = name.clone();
+            numbered.push(format!(".{n}"));
+            to = self.quarantine_dir.join(numbered);
+        }
+        fs::rename(&problem.path, &to).map_err(err)?;
+        Ok(Quarantined { from: problem.path, to, reason: problem.reason })
+    }
+
+    /// Recovers the `.bak` entries of the slices `owned` accepts (among `n`): a dead
+    /// owner's in-flight work goes back to `.pck`, except at its third recovery, when it is
+    /// preserved in `bad/`. Malformed `.bak` files go to quarantine. Counts of entries that
+    /// are gone are removed.
+    pub fn recover(&self, n: u32, owned: impl Fn(u32) -> bool) -> Result<Recovery, SpoolError> {
+        let mut scan = self.scan(n)?;
+        let mut report = Recovery::default();
+        for problem in std::mem::take(&mut scan.problems) {
+            let is_bak = problem.path.extension().is_some_and(|e| e == "bak");
+            if is_bak && matches!(problem.reason, ProblemReason::BadName(_)) {
+                report.quarantined.push(self.quarantine(problem)?);
+            }
+        }
+        for (slice, entries) in &scan.in_flight {
+            if !owned(*slice) {
+                continue;
+            }
+            for entry in entries {
+                let count = self.bump_recovery_count(entry)?;
+                let bak = self.bak_path(entry);
+                if count >= MAX_RECOVERIES {
+                    match self.preserve_path(&bak, &entry.name.filebase) {
+                        Ok(_) => {
+                            self.forget_recovery_count(&entry.name.filebase)?;
+                            report.preserved.push(entry.clone());
+                        }
+                        Err(SpoolError::Preserve { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                    continue;
+                }
+                match fs::rename(&bak, self.pck_path(entry)) {
+                    Ok(()) => report.requeued.push((entry.clone(), count)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(SpoolError::Requeue { path: bak, source }),
+                }
+            }
+        }
+        self.sweep_recovery_counts(&scan, &owned)?;
+        Ok(report)
+    }
+
+    fn count_path(&self, filebase: &str) -> PathBuf {
+        self.recovery_dir.join(filebase)
+    }
+
+    /// How many times the entry was recovered so far.
+    pub fn recovery_count(&self, filebase: &str) -> Result<u32, SpoolError> {
+        let path = self.count_path(filebase);
+        match fs::read_to_string(&path) {
+            // A garbled count file counts as one recovery: never loop forever on it.
+            Ok(text) => Ok(text.trim().parse().unwrap_or(1)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(source) => Err(SpoolError::RecoveryCount { path, source }),
+        }
+    }
+
+    fn bump_recovery_count(&self, entry: &Entry) -> Result<u32, SpoolError> {
+        let count = self.recovery_count(&entry.name.filebase)? + 1;
+        let path = self.count_path(&entry.name.filebase);
+        let err = |source| SpoolError::RecoveryCount { path: path.clone(), source };
+        fs::create_dir_all(&self.recovery_dir).map_err(err)?;
+        write_atomically(&path, count.to_string().as_bytes()).map_err(err)?;
+        Ok(count)
+    }
+
+    fn forget_recovery_count(&self, filebase: &str) -> Result<(), SpoolError> {
+        let path = self.count_path(filebase);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(SpoolError::RecoveryCount { path, source: e }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the counts of owned slices' entries that are neither pending nor in flight.
+    fn sweep_recovery_counts(&self, scan: &Scan, owned: &impl Fn(u32) -> bool) -> Result<(), SpoolError> {
+        let listing = match fs::read_dir(&self.recovery_dir) {
+            Ok(listing) => listing,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(SpoolError::RecoveryCount { path: self.recovery_dir.clone(), source }),
+        };
+        let live = |slice: u32, filebase: &str| {
+            [&scan.pending, &scan.in_flight]
+                .iter()
+                .any(|m| m.get(&slice).is_some_and(|v| v.iter().any(|e| e.name.filebase == filebase)))
+        };
+        for dirent in listing.flatten() {
+            let file_name = dirent.file_name();
+            let Some(filebase) = file_name.to_str() else { continue };
+            let Ok(name) = EntryName::parse(&format!("{filebase}.pck")) else { continue };
+            let slice = slice_of(&name.digest, scan.slices_total);
+            if owned(slice) && !live(slice, filebase) {
+                self.forget_recovery_count(filebase)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a new entry with a Mailman-style name (`<time>+<sha1>.pck`, written as
+    /// `.pck.tmp`, synced, then renamed). For tests, demos and benchmarks.
+    pub fn enqueue(&self, payload: &[u8]) -> Result<EntryName, SpoolError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let mut hasher = Sha1::new();
+        hasher.update(payload);
+        hasher.update(now.to_be_bytes());
+        hasher.update(rand::random::<[u8; 16]>());
+        let digest = Digest(hasher.finalize().into());
+        self.enqueue_as(now, &digest, payload)
+    }
+
+    /// Writes a new entry whose digest falls in slice `slice` of `n`.
+    pub fn enqueue_in_slice(&self, payload: &[u8], slice: u32, n: u32) -> Result<EntryName, SpoolError> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let digest = random_digest_in(slice, n);
+        self.enqueue_as(now, &digest, payload)
+    }
+
+    /// Writes a new entry with the given TIME and digest.
+    pub fn enqueue_as(&self, time: f64, digest: &Digest, payload: &[u8]) -> Result<EntryName, SpoolError> {
+        let err = |source| SpoolError::Enqueue { dir: self.dir.clone(), source };
+        let filebase = format!("{time:.6}+{digest}");
+        let name = EntryName::parse(&format!("{filebase}.pck")).map_err(|e| err(io::Error::other(e)))?;
+        let final_path = self.dir.join(format!("{filebase}.pck"));
+        write_atomically(&final_path, payload).map_err(err)?;
+        Ok(name)
+    }
+}
+
+/// Writes `path` the way Mailman does: `<path>.tmp`, fsync, rename.
+fn write_atomically(path: &Path, data: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let mut file = File::create(&tmp)?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, path)
+}
+
+/// A random digest inside slice `slice` of `n` (`n` of 0 or 1, or `slice >= n`: any digest).
+pub fn random_digest_in(slice: u32, n: u32) -> Digest {
+    let Some(bounds) = slice_bounds(slice, n.max(1)) else {
+        return Digest(rand::random());
+    };
+    // A slice is a contiguous range: keep the bytes its bounds share, draw the rest, and
+    // draw again when the result falls outside (rarely more than a few hundred tries).
+    let shared = bounds.lower.0.iter().zip(bounds.upper.0.iter()).take_while(|(a, b)| a == b).count();
+    loop {
+        let mut d = bounds.lower;
+        for byte in d.0.iter_mut().skip(shared) {
+            *byte = rand::random();
+        }
+        if d >= bounds.lower && d <= bounds.upper {
+            return d;
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "spool_tests.rs"]
+mod tests;
