@@ -1,7 +1,20 @@
 //! qslice-runner: the daemon that runs on every host that mounts the shared spool.
 //!
 //! # Layout
-//! - [`spool`]: the Mailman-compatible queue directory (listing by slice, dequeue,
-//!   finish, preserve, recovery, quarantine, enqueue).
+//! - [`config`]: configuration from file, flags and environment.
+//! - [`etcd`]: connecting to etcd and list-then-watch of a key prefix.
+//! - [`membership`]: the lease, the node record, keepalive and the self-fencing clock.
+//! - [`owner`]: the ownership state machine: claims, recovery, processing, release.
+//! - [`handler`]: the built-in handlers (exec, move).
+//! - [`spool`]: the Mailman-compatible queue directory.
+//! - [`daemon`]: the top level: state-dir lock, incarnations, shutdown.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 
+pub mod config;
+pub mod daemon;
+pub mod etcd;
+pub mod handler;
+pub mod http;
+pub mod membership;
+pub mod owner;
 pub mod spool;

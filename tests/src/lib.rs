@@ -9,6 +9,8 @@
 //! - [`wait_for`]: a bounded poll for a condition, with a message naming what did not
 //!   happen; tests use it instead of sleeps.
 
+pub mod cluster;
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

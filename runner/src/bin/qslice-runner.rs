@@ -1,1 +1,96 @@
-fn main() {}
+//! qslice-runner: claims slices of a shared Mailman spool and processes them.
+
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::Parser;
+use qslice_runner::config::{Args, Config, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let cfg = match Config::resolve(&args) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("qslice-runner: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        for w in cfg.warnings() {
+            eprintln!("warning: {w}");
+        }
+        println!("{}", toml::to_string(&cfg).unwrap_or_else(|e| format!("(cannot print: {e})")));
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cfg.log_format);
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qslice-runner: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async_main(cfg))
+}
+
+async fn async_main(cfg: Config) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+    if let (Some(addr), Ok(handle)) = (cfg.metrics_addr, recorder) {
+        let (ready, shutdown) = (ready.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = qslice_runner::http::serve(addr, handle, ready, shutdown).await {
+                tracing::error!(%addr, error = %e, "cannot serve metrics");
+            }
+        });
+    }
+    tokio::spawn(watch_signals(shutdown.clone()));
+    tracing::info!(node = %cfg.node_id, cluster = %cfg.cluster, spool = %cfg.spool.display(), "qslice-runner starting");
+    match qslice_runner::daemon::run(cfg, shutdown, ready).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "qslice-runner stopped");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The first SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        count += 1;
+        if count == 1 {
+            tracing::info!("stop signal: finishing in-flight work, releasing slices (send it again to exit at once)");
+            shutdown.cancel();
+        } else {
+            tracing::warn!("second stop signal: exiting now; in-flight entries stay .bak for recovery");
+            std::process::exit(130);
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,168 @@
+//! The runner's top level: state-dir lock, etcd connection, incarnations, shutdown.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use qslice_proto::keys::Keys;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
+use crate::handler::Handler;
+use crate::membership::{keep_alive, register};
+use crate::owner::{run_incarnation, Exit, Shared};
+
+/// Why the runner stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The state directory could not be prepared.
+    #[error("cannot use state dir {dir}: {source}")]
+    StateDir {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another live runner holds the state dir's lock.
+    #[error("another qslice-runner holds {lock}; each runner needs its own state_dir")]
+    StateDirLocked {
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// Reaching etcd failed for good (bad TLS files) or was cancelled.
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// The cluster name is invalid.
+    #[error("cluster: {0}")]
+    Cluster(#[from] qslice_proto::keys::NameError),
+}
+
+/// The state dir's lock, held for the life of the process. The kernel releases it when
+/// the process dies, however it dies: holding it proves that no predecessor runs.
+pub struct StateLock {
+    _lock: Flock<File>,
+    lease_file: PathBuf,
+}
+
+impl StateLock {
+    /// Takes the lock of `dir`, creating the directory.
+    pub fn acquire(dir: &Path) -> Result<StateLock, DaemonError> {
+        let err = |source| DaemonError::StateDir { dir: dir.to_owned(), source };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let path = dir.join("runner.lock");
+        let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(err)?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|_| DaemonError::StateDirLocked { lock: path })?;
+        Ok(StateLock { _lock: lock, lease_file: dir.join("lease") })
+    }
+
+    /// The lease id a predecessor left, if any.
+    pub fn previous_lease(&self) -> Option<i64> {
+        std::fs::read_to_string(&self.lease_file).ok()?.trim().parse().ok()
+    }
+
+    fn record_lease(&self, lease: Option<i64>) {
+        let result = match lease {
+            Some(id) => File::create(&self.lease_file).and_then(|mut f| writeln!(f, "{id}").and_then(|()| f.sync_all())),
+            None => std::fs::remove_file(&self.lease_file).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }),
+        };
+        if let Err(e) = result {
+            tracing::warn!(file = %self.lease_file.display(), error = %e, "cannot record the lease id; a fast restart will wait for the TTL instead");
+        }
+    }
+}
+
+/// Runs the runner until `shutdown` is cancelled. `ready` tells /readyz.
+pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool>) -> Result<(), DaemonError> {
+    let lock = StateLock::acquire(&cfg.state_dir)?;
+    let keys = Keys::new(&cfg.cluster)?;
+    let mut client = match connect_when_ready(&cfg.etcd, &shutdown).await {
+        Ok(c) => c,
+        Err(EtcdError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(previous) = lock.previous_lease() {
+        // The lock proves the previous process of this state dir is dead: its lease and
+        // claims can go now instead of after the TTL.
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(previous)).await {
+            Ok(Ok(_)) => tracing::info!(lease = previous, "revoked the lease of this node's previous process; its slices are free now"),
+            Ok(Err(e)) => tracing::debug!(lease = previous, error = %e, "previous lease already gone"),
+            Err(_) => tracing::warn!(lease = previous, "revoking the previous lease timed out; it ends with its TTL"),
+        }
+        lock.record_lease(None);
+    }
+    let shared = Arc::new(Shared {
+        keys: keys.clone(),
+        handler: Handler::new(cfg.handler.clone()),
+        permits: Arc::new(Semaphore::new(cfg.concurrency)),
+        cfg,
+    });
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let inc = match register(&mut client, &keys, &shared.cfg).await {
+            Ok(inc) => inc,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "registration failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        lock.record_lease(Some(inc.lease_id));
+        tracing::info!(node = %shared.cfg.node_id, lease = inc.lease_id, incarnation = %inc.incarnation, ttl = ?inc.ttl, "registered");
+        let keeper = {
+            let client = client.clone();
+            let inc_ref = crate::membership::Incarnation {
+                lease_id: inc.lease_id,
+                incarnation: inc.incarnation,
+                ttl: inc.ttl,
+                fence: inc.fence.clone(),
+            };
+            tokio::spawn(async move { keep_alive(client, &inc_ref).await })
+        };
+        let exit = run_incarnation(client.clone(), shared.clone(), &inc, &shutdown, &ready).await;
+        match exit {
+            Exit::Shutdown => {
+                inc.fence.trip("shutting down");
+                keeper.abort();
+                match tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(inc.lease_id)).await {
+                    Ok(Ok(_)) => {
+                        lock.record_lease(None);
+                        tracing::info!(lease = inc.lease_id, "released every slice and revoked the lease; bye");
+                    }
+                    _ => tracing::warn!(lease = inc.lease_id, "revoking the lease failed; it ends with its TTL"),
+                }
+                return Ok(());
+            }
+            Exit::Fenced => {
+                keeper.abort();
+                tracing::error!(
+                    lease = inc.lease_id,
+                    reason = %inc.fence.reason().unwrap_or_default(),
+                    "fenced: stopped all work on every slice; re-registering as a new incarnation once etcd answers"
+                );
+                // The old lease may still be alive in etcd (a pause, a partition): end it
+                // so its claims go now. Failure is fine: it expires by itself.
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(inc.lease_id)).await;
+                client = match connect_when_ready(&shared.cfg.etcd, &shutdown).await {
+                    Ok(c) => c,
+                    Err(EtcdError::Cancelled) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! Built-in handlers: what happens to an entry once it is taken (`.bak`).
+//!
+//! - `exec`: runs a command per entry (an argv array, never a shell). Exit 0 finishes the
+//!   entry; exit 75 (EX_TEMPFAIL) puts it back after a backoff; any other exit, a signal or
+//!   a timeout preserves it in `bad/`.
+//! - `move`: moves the entry into another queue directory as `.pck` (a pipeline stage).
+//!
+//! Children run in their own process group and die with the runner (PR_SET_PDEATHSIG), and
+//! a handler whose future is dropped (fence, forced stop) kills its whole process group.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::config::{HandlerConfig, HandlerKind};
+
+/// Exit code that asks for a retry (sysexits EX_TEMPFAIL).
+pub const EX_TEMPFAIL: i32 = 75;
+
+/// One entry handed to a handler.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// The `.bak` file.
+    pub path: PathBuf,
+    /// The entry's file base `<TIME>+<DIGEST>`.
+    pub filebase: String,
+    /// The queue.
+    pub queue: String,
+    /// The slice.
+    pub slice: u32,
+    /// The queue's slice count.
+    pub slices: u32,
+    /// The claim's epoch (its create revision): a fencing token that only grows.
+    pub epoch: i64,
+    /// This runner's node id.
+    pub node: String,
+}
+
+/// What the handler decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done: unlink the `.bak`.
+    Finished,
+    /// Done by moving the entry elsewhere: nothing left to do.
+    Moved(PathBuf),
+    /// Temporary failure: queue it again after the backoff.
+    Retry,
+    /// Permanent failure: preserve in `bad/` with this reason.
+    Failed(String),
+}
+
+/// A configured handler.
+#[derive(Clone, Debug)]
+pub struct Handler {
+    cfg: HandlerConfig,
+}
+
+impl Handler {
+    /// A handler from its configuration.
+    pub fn new(cfg: HandlerConfig) -> Handler {
+        Handler { cfg }
+    }
+
+    /// The configured retry backoff.
+    pub fn retry_backoff(&self) -> Duration {
+        self.cfg.retry_backoff
+    }
+
+    /// Handles one entry. Dropping the future kills any child process.
+    pub async fn handle(&self, job: &Job) -> Outcome {
+        match self.cfg.kind {
+            HandlerKind::Exec => self.exec(job).await,
+            HandlerKind::Move => move_entry(job, self.cfg.move_to.as_deref().expect("validated: move_to is set")),
+            // The worker coprocess handler is not built yet; config validation refuses it.
+            HandlerKind::Worker => Outcome::Failed("the worker handler is not available in this build".into()),
+        }
+    }
+
+    async fn exec(&self, job: &Job) -> Outcome {
+        let argv: Vec<String> = self.cfg.command.iter().map(|a| substitute(a, job)).collect();
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .envs(job_env(job))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .process_group(0);
+        die_with_parent(&mut cmd);
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => return Outcome::Failed(format!("cannot start {:?}: {e}", argv[0])),
+        };
+        let mut group = GroupKiller(child.id());
+        let result = tokio::time::timeout(self.cfg.timeout, child.wait_with_output()).await;
+        let outcome = match result {
+            Err(_) => Outcome::Failed(format!("timed out after {}", humantime::format_duration(self.cfg.timeout))),
+            Ok(Err(e)) => Outcome::Failed(format!("waiting for the handler failed: {e}")),
+            Ok(Ok(out)) => match out.status.code() {
+                Some(0) => Outcome::Finished,
+                Some(EX_TEMPFAIL) => Outcome::Retry,
+                Some(code) => Outcome::Failed(format!("handler exited with status {code}")),
+                None => Outcome::Failed(format!("handler was killed: {}", out.status)),
+            },
+        };
+        // The child exited by itself: its group needs no kill (and its pid may be reused).
+        if !matches!(outcome, Outcome::Failed(ref r) if r.starts_with("timed out")) {
+            group.0 = None;
+        }
+        outcome
+    }
+}
+
+/// Kills a child's whole process group when dropped (the handler was cancelled or timed out).
+struct GroupKiller(Option<u32>);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Makes a child die with the runner (Linux PR_SET_PDEATHSIG). Children are spawned from
+/// the runtime's long-lived worker threads, whose exit is the process's exit.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Replaces `{path}` `{queue}` `{slice}` `{slices}` `{epoch}` `{node}` in one argument.
+pub fn substitute(arg: &str, job: &Job) -> String {
+    arg.replace("{path}", &job.path.to_string_lossy())
+        .replace("{queue}", &job.queue)
+        .replace("{slices}", &job.slices.to_string())
+        .replace("{slice}", &job.slice.to_string())
+        .replace("{epoch}", &job.epoch.to_string())
+        .replace("{node}", &job.node)
+}
+
+/// The same values as `QSLICE_*` environment variables.
+pub fn job_env(job: &Job) -> Vec<(&'static str, String)> {
+    vec![
+        ("QSLICE_PATH", job.path.to_string_lossy().into_owned()),
+        ("QSLICE_QUEUE", job.queue.clone()),
+        ("QSLICE_SLICE", job.slice.to_string()),
+        ("QSLICE_SLICES", job.slices.to_string()),
+        ("QSLICE_EPOCH", job.epoch.to_string()),
+        ("QSLICE_NODE", job.node.clone()),
+    ]
+}
+
+fn move_entry(job: &Job, target_dir: &Path) -> Outcome {
+    let target = target_dir.join(format!("{}.pck", job.filebase));
+    match std::fs::rename(&job.path, &target) {
+        Ok(()) => Outcome::Moved(target),
+        Err(e) => Outcome::Failed(format!("cannot move to {}: {e}", target_dir.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(path: &Path) -> Job {
+        Job {
+            path: path.to_owned(),
+            filebase: "1+0696655d510e3bad34fee55513eec06ed9b3413c".into(),
+            queue: "in".into(),
+            slice: 2,
+            slices: 4,
+            epoch: 42,
+            node: "n1".into(),
+        }
+    }
+
+    fn exec(command: &[&str], timeout: Duration) -> Handler {
+        Handler::new(HandlerConfig {
+            kind: HandlerKind::Exec,
+            command: command.iter().map(|s| s.to_string()).collect(),
+            timeout,
+            retry_backoff: Duration::from_millis(10),
+            move_to: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn exec_passes_placeholders_and_environment_without_a_shell() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let out = tmp.path().join("out");
+        let script = "echo \"$1 $QSLICE_QUEUE $QSLICE_SLICE/$QSLICE_SLICES $QSLICE_EPOCH $QSLICE_NODE $QSLICE_PATH\" > \"$2\"";
+        let h = exec(&["/bin/sh", "-c", script, "sh", "{queue}:{slice}:{slices}:{epoch}:{node}", out.to_str().expect("utf8")], Duration::from_secs(30));
+        let j = job(Path::new("/spool/in/x.bak"));
+        assert_eq!(h.handle(&j).await, Outcome::Finished);
+        let text = std::fs::read_to_string(&out).expect("handler wrote");
+        assert_eq!(text.trim(), "in:2:4:42:n1 in 2/4 42 n1 /spool/in/x.bak");
+        // An argument with shell syntax is passed as it is, never interpreted.
+        let h = exec(&["/bin/echo", "$(touch {path})"], Duration::from_secs(30));
+        let marker = tmp.path().join("marker");
+        assert_eq!(h.handle(&job(&marker)).await, Outcome::Finished);
+        assert!(!marker.exists());
+    }
+
+    #[tokio::test]
+    async fn exit_codes_map_to_outcomes() {
+        let j = job(Path::new("/nonexistent"));
+        assert_eq!(exec(&["/bin/sh", "-c", "exit 75"], Duration::from_secs(30)).handle(&j).await, Outcome::Retry);
+        let failed = exec(&["/bin/sh", "-c", "exit 3"], Duration::from_secs(30)).handle(&j).await;
+        assert_eq!(failed, Outcome::Failed("handler exited with status 3".into()));
+        let killed = exec(&["/bin/sh", "-c", "kill -9 $$"], Duration::from_secs(30)).handle(&j).await;
+        assert!(matches!(killed, Outcome::Failed(ref r) if r.contains("killed")), "{killed:?}");
+        let missing = exec(&["/nonexistent/handler"], Duration::from_secs(30)).handle(&j).await;
+        assert!(matches!(missing, Outcome::Failed(ref r) if r.contains("cannot start")), "{missing:?}");
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_overruns_is_killed_with_its_children() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let pidfile = tmp.path().join("pid");
+        let script = format!("sleep 600 & echo $! > {}; wait", pidfile.display());
+        let h = exec(&["/bin/sh", "-c", &script], Duration::from_millis(500));
+        let outcome = h.handle(&job(Path::new("/x"))).await;
+        assert!(matches!(outcome, Outcome::Failed(ref r) if r.starts_with("timed out")), "{outcome:?}");
+        let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("number");
+        // The grandchild was in the handler's process group: it is gone (or a zombie
+        // reaped by init) shortly after.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "grandchild {pid} still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn move_puts_the_entry_into_the_target_queue_as_pck() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let bak = tmp.path().join("x.bak");
+        std::fs::write(&bak, b"m").expect("write");
+        std::fs::create_dir(tmp.path().join("out")).expect("mkdir");
+        let j = job(&bak);
+        let outcome = move_entry(&j, &tmp.path().join("out"));
+        let target = tmp.path().join("out").join(format!("{}.pck", j.filebase));
+        assert_eq!(outcome, Outcome::Moved(target.clone()));
+        assert_eq!(std::fs::read(target).expect("moved"), b"m");
+        let failed = move_entry(&j, &tmp.path().join("missing"));
+        assert!(matches!(failed, Outcome::Failed(ref r) if r.contains("missing")), "{failed:?}");
+    }
+}

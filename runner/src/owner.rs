@@ -1,0 +1,626 @@
+//! The ownership state machine of one incarnation: watch this node's assignment, claim
+//! assigned slices (create-if-absent, attached to the lease), recover their `.bak` entries,
+//! process them, and release slices that move away.
+//!
+//! Rules that keep a slice single-owned:
+//! - an entry is taken (`.pck` -> `.bak`) only while its slice is claimed, accepting, and
+//!   the fence is valid; the check and the in-flight count change under one lock, so a
+//!   release that sees no work in flight knows none can start;
+//! - a released slice's claim is deleted only after its in-flight work ended (or was
+//!   killed at the drain timeout, leaving `.bak` files for the next owner to recover);
+//! - when the fence trips, every handler is killed at once and nothing more is touched.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use qslice_proto::keys::{Key, Keys};
+use qslice_proto::records::{Assignment, Claim, Record, SliceFigures, SliceStatus, RECORD_VERSION};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::etcd::{PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
+use crate::handler::{Handler, Job, Outcome};
+use crate::membership::{unix_ms, Incarnation};
+use crate::spool::{Dequeued, QueueDir, Scan};
+
+/// How often pending claims are tried again while another holder still has them.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
+/// How often a runner publishes its slice figures to etcd.
+const STATUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How an incarnation ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Shutdown was requested; every slice was released.
+    Shutdown,
+    /// The fence tripped; all work was stopped.
+    Fenced,
+}
+
+/// What every part of the runner shares.
+pub struct Shared {
+    /// The configuration.
+    pub cfg: Config,
+    /// The cluster's keys.
+    pub keys: Keys,
+    /// The handler.
+    pub handler: Handler,
+    /// Bounds the entries in flight on this node.
+    pub permits: Arc<Semaphore>,
+}
+
+/// One claimed slice.
+struct SliceState {
+    epoch: i64,
+    accepting: bool,
+    in_flight: usize,
+    /// Kills this slice's handlers (a child of the incarnation's fence token).
+    kill: CancellationToken,
+}
+
+/// The claimed slices of one queue and the loop that processes them.
+struct QueueState {
+    queue: String,
+    slices_total: u32,
+    dir: QueueDir,
+    owned: Mutex<BTreeMap<u32, SliceState>>,
+    changed: Notify,
+}
+
+type SliceKey = (String, u32);
+
+/// Runs one incarnation until shutdown or fence.
+pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnation, shutdown: &CancellationToken, ready: &std::sync::atomic::AtomicBool) -> Exit {
+    let mut inc_run = IncarnationRun {
+        client: client.clone(),
+        shared: shared.clone(),
+        lease_id: inc.lease_id,
+        incarnation: inc.incarnation,
+        fence: inc.fence.clone(),
+        desired: BTreeMap::new(),
+        held: BTreeMap::new(),
+        releasing: BTreeSet::new(),
+        queues: HashMap::new(),
+        released_tx: mpsc::unbounded_channel().0,
+    };
+    let (released_tx, mut released_rx) = mpsc::unbounded_channel();
+    inc_run.released_tx = released_tx;
+    let node = shared.cfg.node_id.clone();
+    let mut watch = PrefixWatch::new(client, shared.keys.node_assignments_prefix(&node));
+    let mut retry = tokio::time::interval(CLAIM_RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let hard = inc.fence.lost().clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = hard.cancelled() => {
+                ready.store(false, std::sync::atomic::Ordering::SeqCst);
+                inc_run.stop_all_queues();
+                return Exit::Fenced;
+            }
+            _ = shutdown.cancelled() => {
+                ready.store(false, std::sync::atomic::Ordering::SeqCst);
+                inc_run.desired.clear();
+                inc_run.reconcile().await;
+                while !inc_run.held.is_empty() {
+                    tokio::select! {
+                        _ = hard.cancelled() => { inc_run.stop_all_queues(); return Exit::Fenced; }
+                        Some(key) = released_rx.recv() => inc_run.on_released(key),
+                    }
+                }
+                inc_run.stop_all_queues();
+                return Exit::Shutdown;
+            }
+            update = watch.next() => {
+                inc_run.apply(update);
+                ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                inc_run.reconcile().await;
+            }
+            Some(key) = released_rx.recv() => {
+                inc_run.on_released(key);
+                inc_run.reconcile().await;
+            }
+            _ = retry.tick(), if inc_run.has_pending() => inc_run.reconcile().await,
+        }
+    }
+}
+
+struct IncarnationRun {
+    client: Client,
+    shared: Arc<Shared>,
+    lease_id: i64,
+    incarnation: uuid::Uuid,
+    fence: Arc<crate::membership::Fence>,
+    /// What the leader assigned to this node: queue -> (slice count, slices).
+    desired: BTreeMap<String, (u32, BTreeSet<u32>)>,
+    /// Claims this incarnation holds, with their epochs (including those being released).
+    held: BTreeMap<SliceKey, (u32, i64)>,
+    releasing: BTreeSet<SliceKey>,
+    queues: HashMap<(String, u32), (Arc<QueueState>, tokio::task::JoinHandle<()>)>,
+    released_tx: mpsc::UnboundedSender<SliceKey>,
+}
+
+impl IncarnationRun {
+    fn apply(&mut self, update: PrefixUpdate) {
+        let keys = &self.shared.keys;
+        let set = |kv: &etcd_client::KeyValue, desired: &mut BTreeMap<String, (u32, BTreeSet<u32>)>| {
+            let Some(Key::Assignment { queue, .. }) = keys.parse(kv.key()) else { return };
+            if !self.shared.cfg.queues.is_empty() && !self.shared.cfg.queues.contains(&queue) {
+                tracing::warn!(%queue, "assigned a queue this node is not configured to serve; ignoring it");
+                return;
+            }
+            match Assignment::decode(kv.value()) {
+                Ok(a) if a.queue == queue => {
+                    let slices: BTreeSet<u32> = a.slices.iter().filter(|s| *s < a.slices_total).collect();
+                    desired.insert(queue, (a.slices_total, slices));
+                }
+                Ok(a) => tracing::error!(key = %String::from_utf8_lossy(kv.key()), inner = %a.queue, "assignment names another queue than its key; ignoring it"),
+                Err(e) => tracing::error!(key = %String::from_utf8_lossy(kv.key()), error = %e, "unreadable assignment; ignoring it"),
+            }
+        };
+        match update {
+            PrefixUpdate::Snapshot(kvs) => {
+                let mut desired = BTreeMap::new();
+                for kv in &kvs {
+                    set(kv, &mut desired);
+                }
+                self.desired = desired;
+            }
+            PrefixUpdate::Put(kv) => {
+                if let Some(Key::Assignment { queue, .. }) = keys.parse(kv.key()) {
+                    self.desired.remove(&queue);
+                }
+                let mut desired = std::mem::take(&mut self.desired);
+                set(&kv, &mut desired);
+                self.desired = desired;
+            }
+            PrefixUpdate::Delete(kv) => {
+                if let Some(Key::Assignment { queue, .. }) = keys.parse(kv.key()) {
+                    self.desired.remove(&queue);
+                }
+            }
+        }
+    }
+
+    fn wants(&self, queue: &str, slice: u32, total: u32) -> bool {
+        self.desired.get(queue).is_some_and(|(n, set)| *n == total && set.contains(&slice))
+    }
+
+    fn has_pending(&self) -> bool {
+        self.desired.iter().any(|(q, (_, set))| set.iter().any(|s| !self.held.contains_key(&(q.clone(), *s))))
+    }
+
+    /// Releases what moved away, claims what is assigned and not held.
+    async fn reconcile(&mut self) {
+        let to_release: Vec<(SliceKey, u32)> = self
+            .held
+            .iter()
+            .filter(|(k, (total, _))| !self.releasing.contains(*k) && !self.wants(&k.0, k.1, *total))
+            .map(|(k, (total, _))| (k.clone(), *total))
+            .collect();
+        for (key, total) in to_release {
+            self.start_release(key, total);
+        }
+        let pending: Vec<(String, u32, u32)> = self
+            .desired
+            .iter()
+            .flat_map(|(q, (n, set))| set.iter().map(move |s| (q.clone(), *s, *n)))
+            .filter(|(q, s, _)| !self.held.contains_key(&(q.clone(), *s)))
+            .collect();
+        for (queue, slice, total) in pending {
+            if !self.fence.is_valid() {
+                return;
+            }
+            self.try_claim(queue, slice, total).await;
+        }
+    }
+
+    async fn try_claim(&mut self, queue: String, slice: u32, total: u32) {
+        let keys = &self.shared.keys;
+        let key = keys.claim(&queue, slice);
+        let claim = Claim {
+            v: RECORD_VERSION,
+            node_id: self.shared.cfg.node_id.clone(),
+            incarnation: self.incarnation,
+            slices_total: total,
+            claimed_unix_ms: unix_ms(),
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), claim.encode(), Some(PutOptions::new().with_lease(self.lease_id)))]);
+        let resp = match tokio::time::timeout(REQUEST_TIMEOUT, self.client.txn(txn)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                tracing::warn!(%queue, slice, error = %e, "claim failed; will retry");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%queue, slice, "claim timed out; will retry");
+                return;
+            }
+        };
+        if !resp.succeeded() {
+            // Another holder still has it (a planned move waits for its release, a crash
+            // for its lease to expire); the retry tick tries again.
+            return;
+        }
+        let epoch = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let state = self.queue_state(&queue, total);
+        let dir = state.dir.clone();
+        let recovery = tokio::task::spawn_blocking(move || dir.recover(total, |s| s == slice)).await;
+        match recovery {
+            Ok(Ok(report)) => {
+                for (entry, count) in &report.requeued {
+                    tracing::info!(%queue, slice, entry = %entry.name.filebase, recoveries = count, "recovered an in-flight entry of the previous owner");
+                }
+                for entry in &report.preserved {
+                    tracing::warn!(%queue, slice, entry = %entry.name.filebase, "entry recovered three times; preserved in bad/");
+                }
+                for q in &report.quarantined {
+                    tracing::warn!(%queue, from = %q.from.display(), to = %q.to.display(), reason = %q.reason, "quarantined");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(%queue, slice, error = %e, "recovery of the slice's .bak entries failed; releasing the claim to retry");
+                let _ = self.delete_claim(&queue, slice, epoch).await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(%queue, slice, error = %e, "recovery task failed");
+                let _ = self.delete_claim(&queue, slice, epoch).await;
+                return;
+            }
+        }
+        self.held.insert((queue.clone(), slice), (total, epoch));
+        state.owned.lock().expect("owned lock").insert(
+            slice,
+            SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() },
+        );
+        state.changed.notify_waiters();
+        metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
+        tracing::info!(%queue, slice, epoch, "claimed slice");
+    }
+
+    async fn delete_claim(&mut self, queue: &str, slice: u32, epoch: i64) -> Result<(), etcd_client::Error> {
+        delete_claim(&mut self.client, &self.shared.keys, queue, slice, epoch).await
+    }
+
+    fn queue_state(&mut self, queue: &str, total: u32) -> Arc<QueueState> {
+        if let Some((state, _)) = self.queues.get(&(queue.to_owned(), total)) {
+            return state.clone();
+        }
+        let state = Arc::new(QueueState {
+            queue: queue.to_owned(),
+            slices_total: total,
+            dir: QueueDir::new(&self.shared.cfg.spool, queue),
+            owned: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+        });
+        let task = tokio::spawn(queue_loop(
+            state.clone(),
+            self.shared.clone(),
+            self.fence.clone(),
+            self.client.clone(),
+            self.lease_id,
+        ));
+        self.queues.insert((queue.to_owned(), total), (state.clone(), task));
+        state
+    }
+
+    fn start_release(&mut self, key: SliceKey, total: u32) {
+        let Some((state, _)) = self.queues.get(&(key.0.clone(), total)) else { return };
+        self.releasing.insert(key.clone());
+        let state = state.clone();
+        let drain = self.shared.cfg.drain_timeout;
+        let mut client = self.client.clone();
+        let keys = self.shared.keys.clone();
+        let tx = self.released_tx.clone();
+        tokio::spawn(async move {
+            let (queue, slice) = key.clone();
+            let epoch = release_slice(&state, slice, drain).await;
+            if let Some(epoch) = epoch {
+                match delete_claim(&mut client, &keys, &queue, slice, epoch).await {
+                    Ok(()) => tracing::info!(%queue, slice, epoch, "released slice"),
+                    Err(e) => tracing::warn!(%queue, slice, error = %e, "deleting the claim failed; it ends with the lease"),
+                }
+            }
+            let _ = tx.send(key);
+        });
+    }
+
+    fn on_released(&mut self, key: SliceKey) {
+        self.releasing.remove(&key);
+        self.held.remove(&key);
+        metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
+        // Queue loops whose queue has no claimed slice left stop.
+        self.queues.retain(|_, (state, task)| {
+            let empty = state.owned.lock().expect("owned lock").is_empty();
+            if empty {
+                task.abort();
+            }
+            !empty
+        });
+    }
+
+    fn stop_all_queues(&mut self) {
+        for (_, (state, task)) in self.queues.drain() {
+            for s in state.owned.lock().expect("owned lock").values() {
+                s.kill.cancel();
+            }
+            task.abort();
+        }
+        self.held.clear();
+        self.releasing.clear();
+        metrics::gauge!("qslice_runner_slices_claimed").set(0.0);
+    }
+}
+
+/// Stops taking entries of `slice`, waits for its in-flight work (killing it at the drain
+/// timeout), and forgets the slice. Returns the claim's epoch.
+async fn release_slice(state: &QueueState, slice: u32, drain: Duration) -> Option<i64> {
+    let kill = {
+        let mut owned = state.owned.lock().expect("owned lock");
+        let s = owned.get_mut(&slice)?;
+        s.accepting = false;
+        s.kill.clone()
+    };
+    let in_flight = || state.owned.lock().expect("owned lock").get(&slice).map_or(0, |s| s.in_flight);
+    let deadline = tokio::time::Instant::now() + drain;
+    while in_flight() > 0 {
+        let notified = state.changed.notified();
+        if in_flight() == 0 {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            tracing::warn!(queue = %state.queue, slice, "in-flight work did not finish within the drain timeout; killing it (the next owner recovers it)");
+            kill.cancel();
+            // Killed handlers leave their .bak and count themselves out promptly.
+            while in_flight() > 0 {
+                let notified = state.changed.notified();
+                if in_flight() == 0 {
+                    break;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+            }
+            break;
+        }
+    }
+    state.owned.lock().expect("owned lock").remove(&slice).map(|s| s.epoch)
+}
+
+async fn delete_claim(client: &mut Client, keys: &Keys, queue: &str, slice: u32, epoch: i64) -> Result<(), etcd_client::Error> {
+    let key = keys.claim(queue, slice);
+    // Delete only our own claim: the create revision is the epoch we got.
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, epoch)])
+        .and_then([TxnOp::delete(key.as_str(), None)]);
+    match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => Err(etcd_client::Error::InvalidArgs("delete claim timed out".into())),
+    }
+}
+
+/// Lists the queue once per pass and processes the claimed slices' entries FIFO.
+async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<crate::membership::Fence>, mut client: Client, lease_id: i64) {
+    let poll = shared.cfg.poll_interval;
+    let mut last_error = None::<tokio::time::Instant>;
+    let mut last_status = None::<tokio::time::Instant>;
+    loop {
+        if fence.lost().is_cancelled() {
+            return;
+        }
+        let dir = state.dir.clone();
+        let total = state.slices_total;
+        let scan = match tokio::task::spawn_blocking(move || dir.scan(total)).await {
+            Ok(Ok(scan)) => scan,
+            Ok(Err(e)) => {
+                if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::error!(queue = %state.queue, error = %e, "cannot list the queue; retrying");
+                    last_error = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+            Err(_) => return,
+        };
+        let owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
+        publish_figures(&state, &scan, &owned);
+        if last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL) {
+            publish_status(&mut client, &shared, &state, &scan, &owned, lease_id).await;
+            last_status = Some(tokio::time::Instant::now());
+        }
+        let Scan { mut pending, problems, .. } = scan;
+        if !problems.is_empty() {
+            let dir = state.dir.clone();
+            let queue = state.queue.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for problem in problems {
+                    match dir.quarantine(problem) {
+                        Ok(q) => {
+                            metrics::counter!("qslice_runner_entries_total", "queue" => queue.clone(), "outcome" => "quarantined").increment(1);
+                            tracing::warn!(%queue, from = %q.from.display(), to = %q.to.display(), reason = %q.reason, "not a queue entry; quarantined");
+                        }
+                        Err(e) => tracing::error!(%queue, error = %e, "quarantine failed"),
+                    }
+                }
+            })
+            .await;
+        }
+        // Round-robin over the claimed slices, FIFO within each.
+        let mut lists: Vec<std::vec::IntoIter<crate::spool::Entry>> =
+            owned.iter().filter_map(|s| pending.remove(s)).map(|v| v.into_iter()).collect();
+        let mut started = 0usize;
+        loop {
+            let mut progressed = false;
+            for list in lists.iter_mut() {
+                let Some(entry) = list.next() else { continue };
+                progressed = true;
+                let permit = tokio::select! {
+                    p = shared.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = fence.lost().cancelled() => return,
+                };
+                if start_entry(&state, &shared, &fence, entry, permit) {
+                    started += 1;
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        if started == 0 {
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = state.changed.notified() => {}
+                _ = fence.lost().cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Takes one entry if its slice is still claimed and accepting and the fence is valid.
+fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<crate::membership::Fence>, entry: crate::spool::Entry, permit: tokio::sync::OwnedSemaphorePermit) -> bool {
+    let (epoch, kill) = {
+        let mut owned = state.owned.lock().expect("owned lock");
+        let Some(s) = owned.get_mut(&entry.slice) else { return false };
+        if !s.accepting || !fence.is_valid() {
+            return false;
+        }
+        s.in_flight += 1;
+        (s.epoch, s.kill.clone())
+    };
+    let done = |state: &QueueState| {
+        if let Some(s) = state.owned.lock().expect("owned lock").get_mut(&entry.slice) {
+            s.in_flight -= 1;
+        }
+        state.changed.notify_waiters();
+    };
+    let taken = match state.dir.dequeue(&entry) {
+        Ok(Dequeued::Taken(t)) => t,
+        Ok(Dequeued::Gone) => {
+            done(state);
+            return false;
+        }
+        Ok(Dequeued::Quarantined(q)) => {
+            tracing::warn!(queue = %state.queue, from = %q.from.display(), to = %q.to.display(), reason = %q.reason, "entry quarantined");
+            metrics::counter!("qslice_runner_entries_total", "queue" => state.queue.clone(), "outcome" => "quarantined").increment(1);
+            done(state);
+            return false;
+        }
+        Err(e) => {
+            tracing::error!(queue = %state.queue, error = %e, "dequeue failed");
+            done(state);
+            return false;
+        }
+    };
+    metrics::gauge!("qslice_runner_in_flight").increment(1.0);
+    let job = Job {
+        path: taken.path.clone(),
+        filebase: entry.name.filebase.clone(),
+        queue: state.queue.clone(),
+        slice: entry.slice,
+        slices: state.slices_total,
+        epoch,
+        node: shared.cfg.node_id.clone(),
+    };
+    let state = state.clone();
+    let handler: Handler = shared.handler.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let queue = state.queue.clone();
+        let outcome = tokio::select! {
+            o = handler.handle(&job) => Some(o),
+            _ = kill.cancelled() => None,
+        };
+        let label = match outcome {
+            None => {
+                tracing::warn!(%queue, slice = job.slice, entry = %job.filebase, "handler killed (fence or drain timeout); the entry stays .bak for recovery");
+                "killed"
+            }
+            Some(Outcome::Finished) => match state.dir.finish(&taken) {
+                Ok(()) => "finished",
+                Err(e) => {
+                    tracing::error!(%queue, error = %e, "finish failed");
+                    "finish_failed"
+                }
+            },
+            Some(Outcome::Moved(_)) => "finished",
+            Some(Outcome::Retry) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(handler.retry_backoff()) => {}
+                    _ = kill.cancelled() => {}
+                }
+                if kill.is_cancelled() {
+                    "killed"
+                } else {
+                    match state.dir.requeue(&taken) {
+                        Ok(()) => "retried",
+                        Err(e) => {
+                            tracing::error!(%queue, error = %e, "requeue failed");
+                            "requeue_failed"
+                        }
+                    }
+                }
+            }
+            Some(Outcome::Failed(reason)) => match state.dir.preserve(&taken) {
+                Ok(psv) => {
+                    tracing::warn!(%queue, slice = job.slice, entry = %job.filebase, %reason, to = %psv.display(), "handler failed; entry preserved");
+                    "preserved"
+                }
+                Err(e) => {
+                    tracing::error!(%queue, %reason, error = %e, "handler failed and preserving the entry failed too; it stays .bak");
+                    "preserve_failed"
+                }
+            },
+        };
+        metrics::counter!("qslice_runner_entries_total", "queue" => queue.clone(), "outcome" => label).increment(1);
+        metrics::gauge!("qslice_runner_in_flight").decrement(1.0);
+        if let Some(s) = state.owned.lock().expect("owned lock").get_mut(&job.slice) {
+            s.in_flight -= 1;
+        }
+        state.changed.notify_waiters();
+    });
+    true
+}
+
+/// Per-slice depth and oldest-entry age of every slice the listing saw.
+fn publish_figures(state: &QueueState, scan: &Scan, _owned: &[u32]) {
+    for slice in 0..state.slices_total {
+        let depth = scan.pending.get(&slice).map_or(0, |v| v.len());
+        let labels = [("queue", state.queue.clone()), ("slice", slice.to_string())];
+        metrics::gauge!("qslice_runner_slice_depth", &labels).set(depth as f64);
+        metrics::gauge!("qslice_runner_slice_oldest_age_seconds", &labels).set(scan.oldest_age(slice).unwrap_or(0.0));
+    }
+}
+
+/// Publishes this node's figures for its own slices to etcd (attached to the lease). The
+/// holder of slice 0 also reports the non-empty slices nobody in this node holds, so the
+/// coordinator sees idle entries without every runner reporting every slice.
+async fn publish_status(client: &mut Client, shared: &Shared, state: &QueueState, scan: &Scan, owned: &[u32], lease_id: i64) {
+    let reporter = owned.contains(&0);
+    let figures: Vec<SliceFigures> = (0..state.slices_total)
+        .filter(|s| owned.contains(s) || (reporter && (scan.pending.contains_key(s) || scan.in_flight.contains_key(s))))
+        .map(|s| SliceFigures {
+            slice: s,
+            depth: scan.pending.get(&s).map_or(0, |v| v.len() as u64),
+            in_flight: scan.in_flight.get(&s).map_or(0, |v| v.len() as u64),
+            oldest_age_ms: (scan.oldest_age(s).unwrap_or(0.0) * 1000.0) as u64,
+        })
+        .collect();
+    let status = SliceStatus {
+        v: RECORD_VERSION,
+        node_id: shared.cfg.node_id.clone(),
+        queue: state.queue.clone(),
+        slices_total: state.slices_total,
+        listed_unix_ms: unix_ms(),
+        slices: figures,
+    };
+    let key = shared.keys.status(&shared.cfg.node_id, &state.queue);
+    let put = client.put(key, status.encode(), Some(PutOptions::new().with_lease(lease_id)));
+    if let Ok(Err(e)) = tokio::time::timeout(REQUEST_TIMEOUT, put).await {
+        tracing::debug!(error = %e, "publishing slice figures failed");
+    }
+}
+

@@ -1,0 +1,210 @@
+//! Fixtures for end-to-end runs: a spool, runners as real processes, a recording
+//! handler, and direct writes of the assignment (what the coordinator leader writes).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use etcd_client::Client;
+use qslice_proto::keys::Keys;
+use qslice_proto::records::{Assignment, Record, RECORD_VERSION};
+use qslice_runner::spool::QueueDir;
+
+use crate::{qslice_bin, Etcd, Proc};
+
+/// A temporary spool with a recording handler script.
+pub struct Spool {
+    dir: tempfile::TempDir,
+}
+
+/// One line the recording handler wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rec {
+    /// "start" or "end".
+    pub what: String,
+    /// The entry's file base.
+    pub filebase: String,
+    /// The runner's node id.
+    pub node: String,
+    /// The claim epoch the entry was handed under.
+    pub epoch: i64,
+    /// The slice.
+    pub slice: u32,
+    /// Nanoseconds since the epoch.
+    pub at_ns: u128,
+}
+
+impl Spool {
+    /// A spool root with the given queue directories.
+    pub fn new(queues: &[&str]) -> Result<Spool> {
+        let dir = tempfile::Builder::new().prefix("qslice-spool-").tempdir()?;
+        for q in queues {
+            std::fs::create_dir_all(dir.path().join("spool").join(q))?;
+        }
+        Ok(Spool { dir })
+    }
+
+    /// The spool root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// A scratch path for logs and state.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// One queue directory.
+    pub fn queue(&self, queue: &str) -> QueueDir {
+        QueueDir::new(self.root(), queue)
+    }
+
+    /// Where the recording handler appends its lines.
+    pub fn records_path(&self) -> PathBuf {
+        self.dir.path().join("records.log")
+    }
+
+    /// The exec handler command that records start and end of each entry and sleeps
+    /// `$QSLICE_TEST_DELAY` seconds (default 0) in between.
+    pub fn recording_handler(&self) -> String {
+        let rec = self.records_path();
+        let script = format!(
+            "b=$(basename \"$QSLICE_PATH\" .bak); \
+             echo \"start $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}; \
+             sleep ${{QSLICE_TEST_DELAY:-0}}; \
+             echo \"end $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}",
+            rec = rec.display()
+        );
+        serde_json::to_string(&["/bin/sh", "-c", &script]).expect("json")
+    }
+
+    /// Every line the handler wrote so far.
+    pub fn records(&self) -> Vec<Rec> {
+        let text = std::fs::read_to_string(self.records_path()).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some(Rec {
+                    what: f.first()?.to_string(),
+                    filebase: f.get(1)?.to_string(),
+                    node: f.get(2)?.to_string(),
+                    epoch: f.get(3)?.parse().ok()?,
+                    slice: f.get(4)?.parse().ok()?,
+                    at_ns: f.get(5)?.parse().ok()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Entries (file bases) whose handler ended, with how many times.
+    pub fn finished(&self) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for r in self.records().into_iter().filter(|r| r.what == "end") {
+            *out.entry(r.filebase).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
+/// Starts a runner with a recording exec handler; `extra` adds flags.
+pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<Proc> {
+    let state = spool.scratch(&format!("state-{node}"));
+    let log = spool.scratch(&format!("{node}.log"));
+    let handler = spool.recording_handler();
+    let root = spool.root();
+    let mut args = vec![
+        "--node-id",
+        node,
+        "--cluster",
+        cluster,
+        "--spool",
+        root.to_str().context("utf8 spool path")?,
+        "--state-dir",
+        state.to_str().context("utf8 state path")?,
+        "--lease-ttl",
+        "2s",
+        "--poll-interval",
+        "50ms",
+        "--handler",
+        "exec",
+        "--handler-command",
+        &handler,
+    ];
+    let endpoints = etcd.endpoint();
+    args.extend_from_slice(&["--etcd-endpoints", &endpoints]);
+    args.extend_from_slice(extra);
+    // Append to an earlier log of the same node (restarts keep one log per node).
+    let previous = std::fs::read_to_string(&log).unwrap_or_default();
+    let proc = Proc::spawn(&qslice_bin("qslice-runner")?, &args, envs, &log)?;
+    if !previous.is_empty() {
+        let _ = std::fs::write(spool.scratch(&format!("{node}.previous.log")), previous);
+    }
+    Ok(proc)
+}
+
+/// A client of the test etcd.
+pub async fn client(etcd: &Etcd) -> Result<Client> {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(5));
+    Ok(Client::connect(etcd.endpoints(), Some(options)).await?)
+}
+
+/// Writes the assignment of `slices` of `queue` (of `total`) to `node`, as the leader would.
+pub async fn assign(client: &mut Client, cluster: &str, node: &str, queue: &str, total: u32, slices: impl IntoIterator<Item = u32>) -> Result<()> {
+    let keys = Keys::new(cluster)?;
+    let record = Assignment { v: RECORD_VERSION, queue: queue.into(), slices_total: total, slices: slices.into_iter().collect() };
+    client.put(keys.assignment(node, queue), record.encode(), None).await?;
+    Ok(())
+}
+
+/// Removes `node`'s assignment of `queue`.
+pub async fn unassign(client: &mut Client, cluster: &str, node: &str, queue: &str) -> Result<()> {
+    let keys = Keys::new(cluster)?;
+    client.delete(keys.assignment(node, queue), None).await?;
+    Ok(())
+}
+
+/// The claims of `queue`: slice -> (holder node, epoch).
+pub async fn claims(client: &mut Client, cluster: &str, queue: &str) -> Result<BTreeMap<u32, (String, i64)>> {
+    let keys = Keys::new(cluster)?;
+    let resp = client
+        .get(keys.queue_claims_prefix(queue), Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    let mut out = BTreeMap::new();
+    for kv in resp.kvs() {
+        if let Some(qslice_proto::keys::Key::Claim { slice, .. }) = keys.parse(kv.key()) {
+            let claim = qslice_proto::records::Claim::decode(kv.value())?;
+            out.insert(slice, (claim.node_id, kv.create_revision()));
+        }
+    }
+    Ok(out)
+}
+
+/// Polls an async condition every 50 ms until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Names of the files in a directory.
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}

@@ -1,0 +1,173 @@
+//! The runner, as a real process against a real etcd: claims, processing, hand-over,
+//! crash recovery, quarantine, waiting for etcd, fast restart.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use qslice_tests::cluster::{assign, claims, client, files_in, start_runner, unassign, wait_until, Spool};
+use qslice_tests::Etcd;
+
+/// Generous bound for things that take a second or two on an idle machine.
+const LONG: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn one_runner_claims_and_drains_every_slice_of_a_queue() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    let mut names = Vec::new();
+    for i in 0..40u32 {
+        names.push(q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 8, 8).expect("enqueue").filebase);
+    }
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r1", "in", 8, 0..8).await.expect("assign");
+    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
+    wait_until(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
+    let held = claims(&mut c, "t", "in").await.expect("claims");
+    assert_eq!(held.len(), 8, "every slice claimed: {held:?}");
+    assert!(held.values().all(|(n, _)| n == "r1"));
+    let finished = spool.finished();
+    assert!(finished.values().all(|n| *n == 1), "each entry once: {finished:?}");
+    for name in &names {
+        assert!(finished.contains_key(name), "{name} processed");
+    }
+    // Each entry was handed over under its slice's claim epoch.
+    for r in spool.records() {
+        assert_eq!(held[&r.slice].1, r.epoch, "{r:?}");
+    }
+    wait_until(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("empty");
+}
+
+#[tokio::test]
+async fn two_runners_never_hold_one_claim() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mut c = client(&etcd).await.expect("client");
+    // A faulty leader assigns the same slices to both.
+    assign(&mut c, "t", "a", "in", 4, 0..4).await.expect("assign");
+    assign(&mut c, "t", "b", "in", 4, 0..4).await.expect("assign");
+    let _a = start_runner(&etcd, &spool, "a", "t", &[], &[]).expect("runner a");
+    let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
+    let q = spool.queue("in");
+    for i in 0..40u32 {
+        q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
+    }
+    wait_until(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
+    let held = claims(&mut c, "t", "in").await.expect("claims");
+    assert_eq!(held.len(), 4);
+    // Every entry of a slice was processed by the one node holding the slice's claim.
+    for r in spool.records() {
+        assert_eq!(held[&r.slice].0, r.node, "slice {} processed by a non-holder: {r:?}", r.slice);
+    }
+    assert!(spool.finished().values().all(|n| *n == 1));
+}
+
+#[tokio::test]
+async fn sigterm_hands_every_slice_over_with_no_entry_lost() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "a", "in", 4, 0..4).await.expect("assign");
+    let mut a = start_runner(&etcd, &spool, "a", "t", &["--lease-ttl", "10s"], &[("QSLICE_TEST_DELAY", "0.2")]).expect("runner a");
+    for i in 0..30u32 {
+        q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
+    }
+    wait_until(LONG, "a to start processing", || async { !spool.records().is_empty() }).await.expect("started");
+    a.signal(Signal::SIGTERM).expect("SIGTERM");
+    let status = a.wait_exit(LONG).expect("a exits");
+    assert!(status.success(), "graceful stop exits 0: {status}\n{}", a.log());
+    // Claims were deleted and the lease revoked at once, not after the 10 s TTL.
+    assert!(claims(&mut c, "t", "in").await.expect("claims").is_empty());
+    let starts = spool.records().iter().filter(|r| r.what == "start").count();
+    assert_eq!(spool.finished().len(), starts, "in-flight work finished before exit");
+    unassign(&mut c, "t", "a", "in").await.expect("unassign");
+    assign(&mut c, "t", "b", "in", 4, 0..4).await.expect("assign");
+    let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
+    wait_until(LONG, "all 30 entries finished", || async { spool.finished().len() == 30 }).await.expect("drained");
+    assert!(spool.finished().values().all(|n| *n == 1), "no entry twice after a graceful hand-over");
+}
+
+#[tokio::test]
+async fn kill_9_leaves_bak_entries_that_the_next_owner_recovers() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
+    let mut a = start_runner(&etcd, &spool, "a", "t", &[], &[("QSLICE_TEST_DELAY", "600")]).expect("runner a");
+    let e0 = q.enqueue_in_slice(b"zero", 0, 2).expect("enqueue").filebase;
+    let e1 = q.enqueue_in_slice(b"one", 1, 2).expect("enqueue").filebase;
+    wait_until(LONG, "both entries in flight", || async { spool.records().len() == 2 }).await.expect("in flight");
+    a.kill();
+    let baks: Vec<String> = files_in(q.dir()).into_iter().filter(|f| f.ends_with(".bak")).collect();
+    assert_eq!(baks, { let mut v = vec![format!("{e0}.bak"), format!("{e1}.bak")]; v.sort(); v });
+    unassign(&mut c, "t", "a", "in").await.expect("unassign");
+    assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign");
+    let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
+    wait_until(LONG, "b finishes both recovered entries", || async {
+        let f = spool.finished();
+        f.contains_key(&e0) && f.contains_key(&e1)
+    })
+    .await
+    .expect("recovered");
+    let b_epochs: Vec<i64> = spool.records().iter().filter(|r| r.node == "b").map(|r| r.epoch).collect();
+    let a_epochs: Vec<i64> = spool.records().iter().filter(|r| r.node == "a").map(|r| r.epoch).collect();
+    assert!(b_epochs.iter().all(|b| a_epochs.iter().all(|a| b > a)), "the new owner works under newer epochs");
+    assert_eq!(q.recovery_count(&e0).expect("count"), 0, "count swept after finish is seen");
+}
+
+#[tokio::test]
+async fn malformed_spool_files_land_in_quarantine() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    std::fs::write(q.dir().join("no-plus.pck"), b"x").expect("write");
+    std::fs::create_dir(q.dir().join("subdir")).expect("mkdir");
+    q.enqueue_as(1.0, &"0".repeat(40).parse().expect("digest"), b"").expect("empty entry");
+    let good = q.enqueue(b"fine").expect("enqueue").filebase;
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");
+    let _r = start_runner(&etcd, &spool, "r", "t", &[], &[]).expect("runner");
+    wait_until(LONG, "the good entry finished", || async { spool.finished().contains_key(&good) }).await.expect("good");
+    wait_until(LONG, "three files quarantined", || async { files_in(q.quarantine_dir()).len() == 3 }).await.expect("quarantined");
+    let quarantined = files_in(q.quarantine_dir());
+    assert!(quarantined.contains(&"no-plus.pck".to_owned()) && quarantined.contains(&"subdir".to_owned()), "{quarantined:?}");
+    assert!(files_in(q.dir()).is_empty());
+}
+
+#[tokio::test]
+async fn a_runner_started_while_etcd_is_down_waits_and_then_works() {
+    let mut etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");
+    etcd.stop();
+    let r = start_runner(&etcd, &spool, "r", "t", &[], &[]).expect("runner");
+    let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
+    qslice_tests::wait_for(LONG, "the runner to say etcd is unreachable", || r.log().contains("etcd is unreachable")).expect("logged");
+    assert!(spool.records().is_empty(), "nothing processed without a claim");
+    etcd.restart().expect("etcd back");
+    wait_until(LONG, "the entry finished once etcd is up", || async { spool.finished().contains_key(&name) }).await.expect("works");
+}
+
+#[tokio::test]
+async fn fast_restart_reclaims_slices_well_under_the_ttl() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign");
+    let mut r = start_runner(&etcd, &spool, "r", "t", &["--lease-ttl", "30s"], &[]).expect("runner");
+    wait_until(LONG, "4 claims", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4).unwrap_or(false) }).await.expect("claimed");
+    let before = claims(&mut c, "t", "in").await.expect("claims");
+    r.kill();
+    let killed = Instant::now();
+    let _r2 = start_runner(&etcd, &spool, "r", "t", &["--lease-ttl", "30s"], &[]).expect("restart");
+    wait_until(LONG, "4 new claims", || async {
+        claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4 && m.iter().all(|(s, (_, e))| *e > before[s].1)).unwrap_or(false)
+    })
+    .await
+    .expect("reclaimed");
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(30), "reclaimed through the lock, not the 30 s TTL (took {took:?})");
+}
