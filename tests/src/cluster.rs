@@ -70,13 +70,19 @@ impl Spool {
     pub fn recording_handler(&self) -> String {
         let rec = self.records_path();
         let script = format!(
-            "b=$(basename \"$QSLICE_PATH\" .bak); \
+            "echo $$ >> {pgids}; b=$(basename \"$QSLICE_PATH\" .bak); \
              echo \"start $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}; \
              sleep ${{QSLICE_TEST_DELAY:-0}}; \
              echo \"end $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}",
-            rec = rec.display()
+            rec = rec.display(),
+            pgids = self.pgids_path().display()
         );
         serde_json::to_string(&["/bin/sh", "-c", &script]).expect("json")
+    }
+
+    /// Where each handler run records its process group id (it leads its own group).
+    fn pgids_path(&self) -> PathBuf {
+        self.dir.path().join("handler-pgids")
     }
 
     /// Every line the handler wrote so far.
@@ -107,6 +113,36 @@ impl Spool {
     }
 }
 
+impl Drop for Spool {
+    /// A handler's own children outlive a runner killed with SIGKILL (only the handler
+    /// itself dies with the runner): kill every handler process group so that nothing
+    /// is left running after a test.
+    fn drop(&mut self) {
+        let text = std::fs::read_to_string(self.pgids_path()).unwrap_or_default();
+        let groups: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        let records = self.records_path();
+        let marker = format!("{}", records.display());
+        let Ok(procs) = std::fs::read_dir("/proc") else { return };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+            // Field 5 of /proc/<pid>/stat, counted after the ")" that ends the command name.
+            let pgrp = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(2)).and_then(|g| g.parse::<i32>().ok());
+            if !pgrp.is_some_and(|g| groups.contains(&g)) {
+                continue;
+            }
+            // Only processes of this spool's handler: a recycled group id is left alone.
+            let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+            let environ = std::fs::read(p.path().join("environ")).unwrap_or_default();
+            let ours = String::from_utf8_lossy(&cmdline).contains(&marker)
+                || String::from_utf8_lossy(&environ).contains("QSLICE_EPOCH=");
+            if ours {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
 /// Starts a runner with a recording exec handler; `extra` adds flags.
 pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<Proc> {
     let state = spool.scratch(&format!("state-{node}"));
@@ -122,8 +158,6 @@ pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra
         root.to_str().context("utf8 spool path")?,
         "--state-dir",
         state.to_str().context("utf8 state path")?,
-        "--lease-ttl",
-        "2s",
         "--poll-interval",
         "50ms",
         "--handler",
@@ -136,7 +170,10 @@ pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra
     args.extend_from_slice(extra);
     // Append to an earlier log of the same node (restarts keep one log per node).
     let previous = std::fs::read_to_string(&log).unwrap_or_default();
-    let proc = Proc::spawn(&qslice_bin("qslice-runner")?, &args, envs, &log)?;
+    // The TTL defaults to 2 s through the environment, so that a flag can override it.
+    let mut all_envs = vec![("QSLICE_LEASE_TTL", "2s")];
+    all_envs.extend_from_slice(envs);
+    let proc = Proc::spawn(&qslice_bin("qslice-runner")?, &args, &all_envs, &log)?;
     if !previous.is_empty() {
         let _ = std::fs::write(spool.scratch(&format!("{node}.previous.log")), previous);
     }
