@@ -208,3 +208,66 @@ async fn a_runner_paused_beyond_its_ttl_starts_nothing_until_it_has_re_registere
     }
     assert!(a.log().contains("fenced"), "the runner logged its fence:\n{}", a.log());
 }
+
+#[tokio::test]
+async fn a_planned_move_releases_before_the_new_owner_claims() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
+    let delay = [("QSLICE_TEST_DELAY", "0.3")];
+    let _a = start_runner(&etcd, &spool, "a", "t", &["--lease-ttl", "30s"], &delay).expect("runner a");
+    let _b = start_runner(&etcd, &spool, "b", "t", &["--lease-ttl", "30s"], &delay).expect("runner b");
+    for i in 0..16u32 {
+        q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
+    }
+    wait_until(LONG, "a to be busy", || async { spool.records().iter().any(|r| r.node == "a") }).await.expect("busy");
+    // The leader moves both slices: new owner first, then the old owner's assignment goes.
+    assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign b");
+    unassign(&mut c, "t", "a", "in").await.expect("unassign a");
+    wait_until(LONG, "all 16 entries finished", || async { spool.finished().len() == 16 }).await.expect("drained");
+    let records = spool.records();
+    assert!(spool.finished().values().all(|n| *n == 1), "no entry twice in a planned move");
+    for slice in 0..2 {
+        let last_a_end = records.iter().filter(|r| r.slice == slice && r.node == "a" && r.what == "end").map(|r| r.at_ns).max();
+        let first_b_start = records.iter().filter(|r| r.slice == slice && r.node == "b" && r.what == "start").map(|r| r.at_ns).min();
+        if let (Some(a_end), Some(b_start)) = (last_a_end, first_b_start) {
+            assert!(b_start > a_end, "slice {slice}: b started before a's in-flight work ended");
+        }
+    }
+    // The move took well under the 30 s TTL: it was a release, not an expiry.
+    let held = claims(&mut c, "t", "in").await.expect("claims");
+    assert!(held.values().all(|(n, _)| n == "b"), "{held:?}");
+}
+
+#[tokio::test]
+async fn metrics_and_readiness_are_served() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
+    let port = qslice_tests::free_port().expect("port");
+    let addr = format!("127.0.0.1:{port}");
+    let _r = start_runner(&etcd, &spool, "r", "t", &["--metrics-addr", &addr], &[]).expect("runner");
+    let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
+    wait_until(LONG, "the entry finished", || async { spool.finished().contains_key(&name) }).await.expect("done");
+    let get = |path: &str| -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else { return String::new() };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    qslice_tests::wait_for(LONG, "/readyz to answer 200", || get("/readyz").starts_with("HTTP/1.0 200")).expect("ready");
+    qslice_tests::wait_for(LONG, "the finished entry in /metrics", || {
+        get("/metrics").contains("qslice_runner_entries_total{queue=\"in\",outcome=\"finished\"} 1")
+    })
+    .expect("metrics");
+    let metrics = get("/metrics");
+    assert!(metrics.contains("qslice_runner_slices_claimed 2"), "{metrics}");
+    assert!(metrics.contains("qslice_runner_slice_depth"), "{metrics}");
+    assert!(get("/healthz").contains("ok"));
+}
