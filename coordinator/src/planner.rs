@@ -37,6 +37,12 @@
 //!   more than [`PlanOptions::max_vanished_fraction`] of [`PlanInput::previous_nodes`] have
 //!   vanished (the safety valve: [`Plan::balance_paused`] and [`Alert::MassVanish`]).
 //!   Moves held back are counted in [`Plan::deferred_moves`].
+//! - Deaths take two plans. The plan that sees one (an orphan to take over, or a node of
+//!   `previous_nodes` gone) makes takeovers only, so a death moves only the dead node's
+//!   slices. The next plan makes the hand-offs balance still needs: usually none, but
+//!   placing the orphans cannot always keep every survivor within its bounds (when the
+//!   shares grow, a survivor's floor may rise past what the orphans can fill: Hamilton
+//!   rounding's population paradox), and then a live node must give up a slice.
 //! - Pins: a slice pinned to a live node that holds it never moves. A slice pinned to an
 //!   eligible node moves there. A pin to a node that is not live, or that is live but not
 //!   eligible and does not hold the slice, is ignored until that changes: meanwhile the
@@ -47,7 +53,9 @@
 //!   total, and ineligible nodes hold only slices pinned to them.
 //! - Stickiness: a slice held by a live node moves only when that node is ineligible, the
 //!   slice is pinned elsewhere, or the node holds more than its target; each balance move
-//!   goes from a node above its target to a node below it.
+//!   goes from a node above its target to a node below it. Targets prefer the current
+//!   holdings but are re-rounded every plan, so during a rebalance spread over several
+//!   plans by the churn budget a slice can (rarely) move twice; the rounds still converge.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -151,7 +159,9 @@ pub struct PlanInput {
     pub current: BTreeMap<SliceKey, String>,
     /// Pinned slices: slice to the node it must stay on.
     pub pins: BTreeMap<SliceKey, String>,
-    /// The live nodes at the previous plan, to detect mass vanishing; empty disables it.
+    /// The live nodes when the last plan was written: one missing from `nodes` is a death.
+    /// Empty for the first plan. The safety valve stays tripped for as long as the caller
+    /// keeps passing the set from before the mass vanishing (e.g. until an operator acks).
     pub previous_nodes: BTreeSet<String>,
     /// The knobs.
     pub options: PlanOptions,
@@ -266,7 +276,8 @@ pub struct Plan {
     pub released: Vec<SliceKey>,
     /// Planned moves are paused (maintenance, or the safety valve tripped).
     pub balance_paused: bool,
-    /// Planned moves wanted but held back by the pause or the churn budget.
+    /// Planned moves wanted but held back: by the pause, by the churn budget, or because
+    /// this plan handles a death and only takes over.
     pub deferred_moves: usize,
     /// What to tell an operator.
     pub alerts: Vec<Alert>,
@@ -346,7 +357,14 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
     choose_targets(&mut queues, nodes.len());
 
-    let mut gate = Gate { paused: out.balance_paused, budget: input.options.churn_budget, used: 0, deferred: 0 };
+    // A plan that handles a death only takes over; hand-offs wait for the next plan.
+    let death = vanished > 0 || queues.iter().any(QueueWork::has_orphans);
+    let mut gate = Gate {
+        paused: out.balance_paused || death,
+        budget: input.options.churn_budget,
+        used: 0,
+        deferred: 0,
+    };
     let mut moves: Vec<RawMove<'_>> = Vec::new();
     for q in queues.iter_mut() {
         q.move_pinned(&mut gate, &mut moves);
@@ -498,6 +516,11 @@ impl<'a> QueueWork<'a> {
             entry_of: vec![NO_ENTRY; node_count],
             slots: 0,
         }
+    }
+
+    /// Whether a slice's owner is dead and some node can take it over.
+    fn has_orphans(&self) -> bool {
+        !self.entries.is_empty() && self.orig.iter().zip(&self.owner).any(|(o, live)| o.is_some() && live.is_none())
     }
 
     fn add_entry(&mut self, node: usize, weight: u32) {
@@ -665,7 +688,8 @@ impl<'a> QueueWork<'a> {
         let mut heap = self.deficit_heap();
         for s in 0..self.slices as usize {
             let Some(o) = self.new_owner[s] else { continue };
-            if self.entry(o).is_some() || self.pinned[s] == Some(o) || !gate.allow() {
+            // A pinned slice stays on its (ineligible) pin node or was handled by `move_pinned`.
+            if self.entry(o).is_some() || self.pinned[s].is_some() || !gate.allow() {
                 continue;
             }
             let Some((deficit, Reverse(e))) = heap.pop() else { continue };
@@ -1010,16 +1034,19 @@ mod tests {
         active(input).any(|q| q.name == key.0 && key.1 < q.slices)
     }
 
+    /// A share as (numerator, denominator).
+    type Fraction = (u128, u128);
+
     /// `floor` and `ceil` of a sum of fractions, computed exactly (test sizes keep the
     /// common denominator small).
-    fn floor_ceil(fractions: &[(u128, u128)]) -> (u128, u128) {
+    fn floor_ceil(fractions: &[Fraction]) -> (u128, u128) {
         let den = fractions.iter().fold(1u128, |l, &(_, d)| l / gcd(l, d) * d);
         let num: u128 = fractions.iter().map(|&(n, d)| n * (den / d)).sum();
         (num / den, num.div_ceil(den))
     }
 
     /// A node's share of a queue without pins: `S * w / W` over the eligible nodes.
-    fn share(input: &PlanInput, q: &QueueSpec, id: &str) -> (u128, u128) {
+    fn share(input: &PlanInput, q: &QueueSpec, id: &str) -> Fraction {
         let total: u128 = input.nodes.iter().filter(|n| n.eligible_for(&q.name)).map(|n| u128::from(n.weight)).sum();
         let weight = input.nodes.iter().find(|n| n.id == id).map_or(0, |n| u128::from(n.weight));
         (u128::from(q.slices) * weight, total)
@@ -1029,7 +1056,8 @@ mod tests {
     /// `floor(x)..=ceil(x)` per queue, `floor(T)..=ceil(T)` in total, and nothing left
     /// on a node that is not eligible (for queues that have an eligible node).
     fn check_balanced(input: &PlanInput, plan: &Plan) -> Result<(), TestCaseError> {
-        let mut totals: BTreeMap<&str, (u128, Vec<(u128, u128)>)> = BTreeMap::new();
+        // Per node: slices held, and its share of each queue as (numerator, denominator).
+        let mut totals: BTreeMap<&str, (u128, Vec<Fraction>)> = BTreeMap::new();
         for q in active(input) {
             if !input.nodes.iter().any(|n| n.eligible_for(&q.name)) {
                 continue;
@@ -1147,6 +1175,20 @@ mod tests {
         input
     }
 
+    /// Plans and applies until nothing is deferred (a death takes two plans); returns the
+    /// input of the last plan and that plan.
+    fn settle(mut input: PlanInput) -> (PlanInput, Plan) {
+        for _ in 0..3 {
+            let plan = plan(&input);
+            if plan.deferred_moves == 0 {
+                return (input, plan);
+            }
+            input.current = plan.assignment;
+            input.previous_nodes = input.nodes.iter().map(|n| n.id.clone()).collect();
+        }
+        panic!("still deferring moves after three plans with an unlimited budget");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -1180,8 +1222,7 @@ mod tests {
         fn each_queue_and_each_nodes_total_stay_within_one_slice_of_the_weighted_share(input in arb_input()) {
             let mut input = input;
             input.pins.clear();
-            let plan = plan(&input);
-            prop_assert_eq!(plan.deferred_moves, 0);
+            let (input, plan) = settle(input);
             check_balanced(&input, &plan)?;
         }
 
@@ -1189,8 +1230,9 @@ mod tests {
         fn a_balanced_plan_is_a_fixpoint(input in arb_input()) {
             let mut input = input;
             input.pins.clear();
-            input.current = plan(&input).assignment;
-            let again = plan(&input);
+            let (mut input, plan) = settle(input);
+            input.current = plan.assignment;
+            let again = super::plan(&input);
             prop_assert!(again.moves.is_empty(), "{:?}", again.moves);
         }
 
@@ -1199,8 +1241,10 @@ mod tests {
             let mut input = fresh(input);
             let before = plan(&input);
             input.current = before.assignment.clone();
+            input.previous_nodes = input.nodes.iter().map(|n| n.id.clone()).collect();
             let dead = victim.get(&input.nodes).id.clone();
             input.nodes.retain(|n| n.id != dead);
+            input.options.max_vanished_fraction = 1.0;
             let after = plan(&input);
             for (k, owner) in &before.assignment {
                 if *owner != dead {
@@ -1211,7 +1255,13 @@ mod tests {
                 prop_assert_eq!(m.from.as_deref(), Some(dead.as_str()));
                 prop_assert_eq!(m.reason, MoveReason::Orphaned);
             }
-            check_balanced(&input, &after)?;
+            // The next plan makes only the balance moves placing the orphans could not.
+            input.current = after.assignment;
+            input.previous_nodes = input.nodes.iter().map(|n| n.id.clone()).collect();
+            let next = plan(&input);
+            prop_assert_eq!(next.deferred_moves, 0);
+            prop_assert!(next.moves.iter().all(|m| m.reason == MoveReason::Balance), "{:?}", next.moves);
+            check_balanced(&input, &next)?;
         }
 
         #[test]
@@ -1230,8 +1280,7 @@ mod tests {
                 cordoned: false,
             });
             input.options.churn_budget = budget;
-            let start = input.current.clone();
-            let mut moved = BTreeSet::new();
+            let slices: usize = input.queues.iter().map(|q| q.slices as usize).sum();
             let mut rounds = 0;
             loop {
                 let round = plan(&input);
@@ -1240,12 +1289,13 @@ mod tests {
                     break;
                 }
                 rounds += 1;
+                prop_assert!(rounds <= 2 * slices, "no convergence after {} rounds", rounds);
                 prop_assert!(round.moves.iter().filter(|m| m.reason.is_planned()).count() <= budget);
                 for m in &round.moves {
                     if m.from.is_none() {
                         // The newcomer may make a queue coverable that had no eligible node.
                         prop_assert_eq!(m.reason, MoveReason::NewQueueSlice);
-                        prop_assert!(!start.contains_key(&key(&m.queue, m.slice)));
+                        prop_assert!(!input.current.contains_key(&key(&m.queue, m.slice)));
                         continue;
                     }
                     prop_assert_eq!(m.reason, MoveReason::Balance);
@@ -1258,14 +1308,9 @@ mod tests {
                         "{} gave below its share", from);
                     prop_assert!(before.get(&m.to).copied().unwrap_or(0) < to_hi && after[&m.to] <= to_hi,
                         "{} took above its share", m.to);
-                    prop_assert!(moved.insert(key(&m.queue, m.slice)), "{}/{} moved twice", m.queue, m.slice);
                 }
                 input.current = round.assignment;
             }
-            // Each round but the last used the whole budget, and every move was needed.
-            prop_assert_eq!(rounds, moved.len().div_ceil(budget).max(usize::from(rounds > 0)));
-            let changed = start.iter().filter(|(k, owner)| input.current.get(*k) != Some(*owner)).count();
-            prop_assert_eq!(moved.len(), changed);
         }
 
         #[test]
@@ -1290,7 +1335,7 @@ mod tests {
             let mut free = input.clone();
             free.options = unlimited();
             free.previous_nodes.clear();
-            let plan = super::plan(&free);
+            let (free, plan) = settle(free);
             for (k, pin) in &free.pins {
                 if planned(&free, k) && eligible(&free, pin, &k.0) {
                     prop_assert_eq!(plan.assignment.get(k), Some(pin), "{:?} is not on its pin node", k);
