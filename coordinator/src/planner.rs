@@ -1597,30 +1597,4 @@ mod tests {
         assert_eq!(plan.released, vec![key("in", 0)]);
         assert!(matches!(&plan.alerts[..], [Alert::InvalidQueue { queue, .. }] if queue == "in"));
     }
-
-    /// Benchmark-sized input; run with `--release --ignored --nocapture` to see the time.
-    #[test]
-    #[ignore = "benchmark-sized"]
-    fn plans_a_thousand_nodes_and_a_hundred_thousand_slices() {
-        let queues: Vec<QueueSpec> = (0..10).map(|i| queue(&format!("q{i}"), 10_000)).collect();
-        let mut nodes: Vec<NodeSpec> = (0..1000).map(|i| node(&format!("n{i:04}"), 1 + i % 4)).collect();
-        for n in nodes.iter_mut().step_by(7) {
-            n.queues = vec!["q1".into(), "q3".into()];
-        }
-        let mut input = cluster(queues, nodes);
-        let started = std::time::Instant::now();
-        let first = plan(&input);
-        let fresh = started.elapsed();
-        input.current = first.assignment;
-        input.nodes.remove(500);
-        input.nodes.push(node("n9999", 2));
-        let started = std::time::Instant::now();
-        let second = plan(&input);
-        eprintln!(
-            "fresh plan {fresh:?}; death + join {:?} ({} moves, {} deferred)",
-            started.elapsed(),
-            second.moves.len(),
-            second.deferred_moves
-        );
-    }
 }
