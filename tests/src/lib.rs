@@ -197,12 +197,7 @@ impl Etcd {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SIGCONT first: a stopped process dies of SIGKILL too, but be explicit.
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 
@@ -212,6 +207,15 @@ impl Drop for Etcd {
             eprintln!("--- etcd log (last lines) ---\n{}", tail(&self.log_path(), 20));
         }
         self.kill();
+    }
+}
+
+/// Kills a child with SIGKILL (after SIGCONT, in case it was stopped) and reaps it.
+fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -293,11 +297,7 @@ impl Proc {
 
     /// Kills the process (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGCONT);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_and_reap(&mut self.child);
     }
 }
 
