@@ -210,17 +210,24 @@ impl IncarnationRun {
             .flat_map(|(q, (n, set))| set.iter().map(move |s| (q.clone(), *s, *n)))
             .filter(|(q, s, _)| !self.held.contains_key(&(q.clone(), *s)))
             .collect();
+        // Claim first, then recover each queue's newly claimed slices with one listing.
+        let mut claimed: BTreeMap<(String, u32), Vec<(u32, i64)>> = BTreeMap::new();
         for (queue, slice, total) in pending {
             if !self.fence.is_valid() {
                 return;
             }
-            self.try_claim(queue, slice, total).await;
+            if let Some(epoch) = self.try_claim(&queue, slice, total).await {
+                claimed.entry((queue, total)).or_default().push((slice, epoch));
+            }
+        }
+        for ((queue, total), slices) in claimed {
+            self.recover_and_start(queue, total, slices).await;
         }
     }
 
-    async fn try_claim(&mut self, queue: String, slice: u32, total: u32) {
-        let keys = &self.shared.keys;
-        let key = keys.claim(&queue, slice);
+    /// Creates the claim key if absent; the epoch on success.
+    async fn try_claim(&mut self, queue: &str, slice: u32, total: u32) -> Option<i64> {
+        let key = self.shared.keys.claim(queue, slice);
         let claim = Claim {
             v: RECORD_VERSION,
             node_id: self.shared.cfg.node_id.clone(),
@@ -235,53 +242,59 @@ impl IncarnationRun {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 tracing::warn!(%queue, slice, error = %e, "claim failed; will retry");
-                return;
+                return None;
             }
             Err(_) => {
                 tracing::warn!(%queue, slice, "claim timed out; will retry");
-                return;
+                return None;
             }
         };
-        if !resp.succeeded() {
-            // Another holder still has it (a planned move waits for its release, a crash
-            // for its lease to expire); the retry tick tries again.
-            return;
-        }
-        let epoch = resp.header().map(|h| h.revision()).unwrap_or(0);
+        // Not succeeded: another holder still has it (a planned move waits for its
+        // release, a crash for its lease to expire); the retry tick tries again.
+        resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    /// Recovers the `.bak` entries of newly claimed slices of one queue (one listing for
+    /// all of them), then starts processing them.
+    async fn recover_and_start(&mut self, queue: String, total: u32, slices: Vec<(u32, i64)>) {
         let state = self.queue_state(&queue, total);
         let dir = state.dir.clone();
-        let recovery = tokio::task::spawn_blocking(move || dir.recover(total, |s| s == slice)).await;
-        match recovery {
+        let set: BTreeSet<u32> = slices.iter().map(|(s, _)| *s).collect();
+        let recovery = tokio::task::spawn_blocking(move || dir.recover(total, |s| set.contains(&s))).await;
+        let failure = match recovery {
             Ok(Ok(report)) => {
                 for (entry, count) in &report.requeued {
-                    tracing::info!(%queue, slice, entry = %entry.name.filebase, recoveries = count, "recovered an in-flight entry of the previous owner");
+                    tracing::info!(%queue, slice = entry.slice, entry = %entry.name.filebase, recoveries = count, "recovered an in-flight entry of the previous owner");
                 }
                 for entry in &report.preserved {
-                    tracing::warn!(%queue, slice, entry = %entry.name.filebase, "entry recovered three times; preserved in bad/");
+                    tracing::warn!(%queue, slice = entry.slice, entry = %entry.name.filebase, "entry recovered three times; preserved in bad/");
                 }
                 for q in &report.quarantined {
                     tracing::warn!(%queue, from = %q.from.display(), to = %q.to.display(), reason = %q.reason, "quarantined");
                 }
+                None
             }
-            Ok(Err(e)) => {
-                tracing::error!(%queue, slice, error = %e, "recovery of the slice's .bak entries failed; releasing the claim to retry");
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = failure {
+            tracing::error!(%queue, %error, "recovery of the claimed slices' .bak entries failed; releasing the claims to retry");
+            for (slice, epoch) in slices {
                 let _ = self.delete_claim(&queue, slice, epoch).await;
-                return;
             }
-            Err(e) => {
-                tracing::error!(%queue, slice, error = %e, "recovery task failed");
-                let _ = self.delete_claim(&queue, slice, epoch).await;
-                return;
-            }
+            self.drop_idle_queues();
+            return;
         }
-        self.held.insert((queue.clone(), slice), (total, epoch));
-        state.owned.lock().expect("owned lock").insert(
-            slice,
-            SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() },
-        );
+        for (slice, epoch) in slices {
+            self.held.insert((queue.clone(), slice), (total, epoch));
+            state.owned.lock().expect("owned lock").insert(
+                slice,
+                SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() },
+            );
+            tracing::info!(%queue, slice, epoch, "claimed slice");
+        }
         state.changed.notify_waiters();
         metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
-        tracing::info!(%queue, slice, epoch, "claimed slice");
     }
 
     async fn delete_claim(&mut self, queue: &str, slice: u32, epoch: i64) -> Result<(), etcd_client::Error> {
@@ -335,7 +348,11 @@ impl IncarnationRun {
         self.releasing.remove(&key);
         self.held.remove(&key);
         metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
-        // Queue loops whose queue has no claimed slice left stop.
+        self.drop_idle_queues();
+    }
+
+    /// Stops the loops of queues that have no claimed slice left.
+    fn drop_idle_queues(&mut self) {
         self.queues.retain(|_, (state, task)| {
             let empty = state.owned.lock().expect("owned lock").is_empty();
             if empty {
