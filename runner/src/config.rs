@@ -375,9 +375,6 @@ impl Config {
             HandlerKind::Exec | HandlerKind::Worker if handler.command.is_empty() => {
                 return Err(invalid("handler.command", "the exec and worker handlers need a command (an argv array)"));
             }
-            HandlerKind::Worker => {
-                return Err(invalid("handler.kind", "the worker handler is not available in this build yet; use exec or move"));
-            }
             HandlerKind::Move if handler.move_to.is_none() => {
                 return Err(invalid("handler.move_to", "the move handler needs a target queue directory"));
             }

@@ -28,6 +28,8 @@ use crate::spool::{Dequeued, QueueDir, Scan};
 
 /// How often pending claims are tried again while another holder still has them.
 const CLAIM_RETRY: Duration = Duration::from_millis(100);
+/// How long a released slice's worker coprocess may take to exit after its stdin closes.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 /// How often a runner publishes its slice figures to etcd.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -331,9 +333,12 @@ impl IncarnationRun {
         let mut client = self.client.clone();
         let keys = self.shared.keys.clone();
         let tx = self.released_tx.clone();
+        let handler = self.shared.handler.clone();
         tokio::spawn(async move {
             let (queue, slice) = key.clone();
             let epoch = release_slice(&state, slice, drain).await;
+            // A worker coprocess of the slice must be gone before the claim is.
+            handler.slice_released(&queue, slice, WORKER_STOP_GRACE).await;
             if let Some(epoch) = epoch {
                 match delete_claim(&mut client, &keys, &queue, slice, epoch).await {
                     Ok(()) => tracing::info!(%queue, slice, epoch, "released slice"),
@@ -363,6 +368,7 @@ impl IncarnationRun {
     }
 
     fn stop_all_queues(&mut self) {
+        self.shared.handler.kill_all();
         for (_, (state, task)) in self.queues.drain() {
             for s in state.owned.lock().expect("owned lock").values() {
                 s.kill.cancel();

@@ -65,6 +65,21 @@ impl Spool {
         self.dir.path().join("records.log")
     }
 
+    /// A worker coprocess command that records each entry like the exec handler and
+    /// answers `ok`; it also records one `worker` line per coprocess start.
+    pub fn recording_worker(&self) -> String {
+        let rec = self.records_path();
+        let script = format!(
+            "echo \"worker - $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $$\" >> {rec}; \
+             while read p; do b=$(basename \"$p\" .bak); \
+             echo \"start $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}; \
+             echo \"end $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}; \
+             echo ok; done",
+            rec = rec.display()
+        );
+        serde_json::to_string(&["/bin/sh", "-c", &script]).expect("json")
+    }
+
     /// The exec handler command that records start and end of each entry and sleeps
     /// `$QSLICE_TEST_DELAY` seconds (default 0) in between.
     pub fn recording_handler(&self) -> String {
@@ -160,10 +175,6 @@ pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra
         state.to_str().context("utf8 state path")?,
         "--poll-interval",
         "50ms",
-        "--handler",
-        "exec",
-        "--handler-command",
-        &handler,
     ];
     let endpoints = etcd.endpoint();
     args.extend_from_slice(&["--etcd-endpoints", &endpoints]);
@@ -171,7 +182,8 @@ pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra
     // Append to an earlier log of the same node (restarts keep one log per node).
     let previous = std::fs::read_to_string(&log).unwrap_or_default();
     // The TTL defaults to 2 s through the environment, so that a flag can override it.
-    let mut all_envs = vec![("QSLICE_LEASE_TTL", "2s")];
+    // So are the handler settings (the recording exec handler).
+    let mut all_envs = vec![("QSLICE_LEASE_TTL", "2s"), ("QSLICE_HANDLER", "exec"), ("QSLICE_HANDLER_COMMAND", handler.as_str())];
     all_envs.extend_from_slice(envs);
     let proc = Proc::spawn(&qslice_bin("qslice-runner")?, &args, &all_envs, &log)?;
     if !previous.is_empty() {

@@ -271,3 +271,91 @@ async fn metrics_and_readiness_are_served() {
     assert!(metrics.contains("qslice_runner_slice_depth"), "{metrics}");
     assert!(get("/healthz").contains("ok"));
 }
+
+#[tokio::test]
+async fn the_worker_handler_drains_a_queue_with_one_coprocess_per_slice() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    for i in 0..60u32 {
+        q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 3, 3).expect("enqueue");
+    }
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "w", "in", 3, 0..3).await.expect("assign");
+    let worker = spool.recording_worker();
+    let _w = start_runner(&etcd, &spool, "w", "t", &["--handler", "worker", "--handler-command", &worker], &[]).expect("runner");
+    wait_until(LONG, "all 60 entries finished", || async { spool.finished().len() == 60 }).await.expect("drained");
+    assert!(spool.finished().values().all(|n| *n == 1));
+    let coprocesses: Vec<u32> = spool.records().iter().filter(|r| r.what == "worker").map(|r| r.slice).collect();
+    assert_eq!(coprocesses.len(), 3, "one coprocess per slice, not per entry: {coprocesses:?}");
+    wait_until(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("finished entries unlinked");
+}
+
+#[tokio::test]
+async fn in_flight_work_beyond_the_drain_timeout_is_killed_and_recovered_by_the_next_owner() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "a", "in", 1, [0]).await.expect("assign");
+    let slow = [("QSLICE_TEST_DELAY", "600")];
+    let a = start_runner(&etcd, &spool, "a", "t", &["--lease-ttl", "30s", "--drain-timeout", "1s"], &slow).expect("runner a");
+    let _b = start_runner(&etcd, &spool, "b", "t", &["--lease-ttl", "30s"], &[]).expect("runner b");
+    let name = q.enqueue(b"stuck").expect("enqueue").filebase;
+    wait_until(LONG, "a to start the entry", || async { !spool.records().is_empty() }).await.expect("started");
+    let moved = Instant::now();
+    assign(&mut c, "t", "b", "in", 1, [0]).await.expect("assign b");
+    unassign(&mut c, "t", "a", "in").await.expect("unassign a");
+    wait_until(LONG, "b to finish the entry a was stuck on", || async {
+        spool.records().iter().any(|r| r.what == "end" && r.node == "b" && r.filebase == name)
+    })
+    .await
+    .expect("recovered by b");
+    let took = moved.elapsed();
+    assert!(took < Duration::from_secs(30), "the move waited for the drain timeout, not the 30 s TTL ({took:?})");
+    assert!(a.log().contains("drain timeout"), "a said why it killed the work:\n{}", a.log());
+    assert!(!spool.records().iter().any(|r| r.what == "end" && r.node == "a"), "a's handler was killed, not finished");
+}
+
+#[tokio::test]
+async fn slice_figures_are_published_to_etcd_and_logs_can_be_json() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let q = spool.queue("in");
+    for i in 0..3u32 {
+        q.enqueue_in_slice(format!("m{i}").as_bytes(), 1, 2).expect("enqueue");
+    }
+    let mut c = client(&etcd).await.expect("client");
+    // Slice 1 has entries and no owner; the holder of slice 0 reports it.
+    assign(&mut c, "t", "r", "in", 2, [0]).await.expect("assign");
+    let r = start_runner(&etcd, &spool, "r", "t", &["--log-format", "json"], &[]).expect("runner");
+    let keys = qslice_proto::keys::Keys::new("t").expect("keys");
+    async fn read_status(c: &mut etcd_client::Client, key: String) -> Option<(qslice_proto::records::SliceStatus, i64)> {
+        use qslice_proto::records::Record;
+        let resp = c.get(key, None).await.ok()?;
+        let kv = resp.kvs().first()?;
+        Some((qslice_proto::records::SliceStatus::decode(kv.value()).expect("valid status"), kv.lease()))
+    }
+    let key = keys.status("r", "in");
+    wait_until(LONG, "the status record of r/in", || {
+        let (mut c, key) = (c.clone(), key.clone());
+        async move { read_status(&mut c, key).await.is_some() }
+    })
+    .await
+    .expect("published");
+    let status = read_status(&mut c, key).await;
+    let (status, lease) = status.expect("set");
+    assert_ne!(lease, 0, "figures are attached to the runner's lease");
+    let by_slice: std::collections::BTreeMap<u32, u64> = status.slices.iter().map(|f| (f.slice, f.depth)).collect();
+    assert_eq!(by_slice.get(&0), Some(&0), "its own slice, empty");
+    assert_eq!(by_slice.get(&1), Some(&3), "the unowned slice with its waiting entries");
+    assert!(status.slices.iter().find(|f| f.slice == 1).expect("slice 1").oldest_age_ms < 600_000);
+    assert!(spool.records().is_empty(), "nothing of the unowned slice was processed");
+    let log = r.log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+    }
+}
