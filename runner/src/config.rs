@@ -26,24 +26,9 @@ pub struct Args {
     /// Unique id of this runner in the cluster [default: the host name].
     #[arg(long, env = "QSLICE_NODE_ID")]
     pub node_id: Option<String>,
-    /// etcd client URLs, comma-separated [default: http://127.0.0.1:2379].
-    #[arg(long, env = "QSLICE_ETCD_ENDPOINTS", value_delimiter = ',')]
-    pub etcd_endpoints: Option<Vec<String>>,
-    /// etcd user name (with --etcd-password).
-    #[arg(long, env = "QSLICE_ETCD_USER")]
-    pub etcd_user: Option<String>,
-    /// etcd password.
-    #[arg(long, env = "QSLICE_ETCD_PASSWORD", hide_env_values = true)]
-    pub etcd_password: Option<String>,
-    /// CA certificate (PEM) that signed etcd's server certificate.
-    #[arg(long, env = "QSLICE_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd.
-    #[arg(long, env = "QSLICE_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Client key (PEM) for etcd.
-    #[arg(long, env = "QSLICE_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
+    /// How to reach etcd.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// Cluster name: all keys live under /qslice/<cluster>/ [default: default].
     #[arg(long, env = "QSLICE_CLUSTER")]
     pub cluster: Option<String>,
@@ -98,6 +83,55 @@ pub struct Args {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Argv(pub Vec<String>);
 
+/// The etcd connection flags, shared by every qslice daemon.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated [default: http://127.0.0.1:2379].
+    #[arg(long, env = "QSLICE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "QSLICE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "QSLICE_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    #[arg(long, env = "QSLICE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "QSLICE_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "QSLICE_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// Resolves flags over the file's `[etcd]` table; user/password and cert/key go in pairs.
+    pub fn resolve(&self, file: Option<FileEtcd>) -> Result<EtcdConfig, ConfigError> {
+        let file = file.unwrap_or_default();
+        let endpoints = self.etcd_endpoints.clone().or(file.endpoints).unwrap_or_else(|| vec!["http://127.0.0.1:2379".into()]);
+        if endpoints.is_empty() {
+            return Err(invalid("etcd.endpoints", "give at least one etcd client URL"));
+        }
+        let etcd = EtcdConfig {
+            endpoints,
+            user: self.etcd_user.clone().or(file.user),
+            password: self.etcd_password.clone().or(file.password),
+            ca: self.etcd_ca.clone().or(file.ca),
+            cert: self.etcd_cert.clone().or(file.cert),
+            key: self.etcd_key.clone().or(file.key),
+        };
+        if etcd.user.is_some() != etcd.password.is_some() {
+            return Err(invalid("etcd.user", "etcd user and password go together"));
+        }
+        if etcd.cert.is_some() != etcd.key.is_some() {
+            return Err(invalid("etcd.cert", "a client certificate needs its key (etcd.key), and the reverse"));
+        }
+        Ok(etcd)
+    }
+}
+
 fn parse_argv(text: &str) -> Result<Argv, String> {
     serde_json::from_str(text).map(Argv).map_err(|e| format!("expected a JSON array of strings: {e}"))
 }
@@ -149,9 +183,10 @@ struct FileConfig {
     handler: Option<FileHandler>,
 }
 
+/// The `[etcd]` table of a configuration file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileEtcd {
+pub struct FileEtcd {
     endpoints: Option<Vec<String>>,
     user: Option<String>,
     password: Option<String>,
@@ -173,11 +208,12 @@ struct FileHandler {
 }
 
 /// Durations in the file are strings such as "5s" or "500ms".
-mod humantime_serde_opt {
+pub mod humantime_serde_opt {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};
 
+    /// Reads an optional duration string.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let text: Option<String> = Option::deserialize(d)?;
         text.map(|t| humantime::parse_duration(&t).map_err(|e| serde::de::Error::custom(format!("{t:?}: {e}"))))
@@ -220,9 +256,11 @@ pub struct HandlerConfig {
     pub move_to: Option<PathBuf>,
 }
 
-mod humantime_serialize {
+/// Durations are printed as strings such as "5s".
+pub mod humantime_serialize {
     use std::time::Duration;
 
+    /// Writes a duration string.
     pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(*d))
     }
@@ -294,7 +332,8 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+/// A [`ConfigError::Invalid`] for `key`.
+pub fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
 
@@ -302,10 +341,9 @@ impl Config {
     /// Resolves flags, environment and file into a validated configuration.
     pub fn resolve(args: &Args) -> Result<Config, ConfigError> {
         let file = match &args.config {
-            Some(path) => load_file(path)?,
+            Some(path) => load_toml(path)?,
             None => FileConfig::default(),
         };
-        let etcd = file.etcd.unwrap_or_default();
         let handler = file.handler.unwrap_or_default();
         let node_id = match args.node_id.clone().or(file.node_id) {
             Some(id) => id,
@@ -342,28 +380,7 @@ impl Config {
         if poll_interval.is_zero() {
             return Err(invalid("poll_interval", "must be above zero"));
         }
-        let endpoints = args
-            .etcd_endpoints
-            .clone()
-            .or(etcd.endpoints)
-            .unwrap_or_else(|| vec!["http://127.0.0.1:2379".into()]);
-        if endpoints.is_empty() {
-            return Err(invalid("etcd.endpoints", "give at least one etcd client URL"));
-        }
-        let etcd = EtcdConfig {
-            endpoints,
-            user: args.etcd_user.clone().or(etcd.user),
-            password: args.etcd_password.clone().or(etcd.password),
-            ca: args.etcd_ca.clone().or(etcd.ca),
-            cert: args.etcd_cert.clone().or(etcd.cert),
-            key: args.etcd_key.clone().or(etcd.key),
-        };
-        if etcd.user.is_some() != etcd.password.is_some() {
-            return Err(invalid("etcd.user", "etcd user and password go together"));
-        }
-        if etcd.cert.is_some() != etcd.key.is_some() {
-            return Err(invalid("etcd.cert", "a client certificate needs its key (etcd.key), and the reverse"));
-        }
+        let etcd = args.etcd.resolve(file.etcd)?;
         let handler = HandlerConfig {
             kind: args.handler.or(handler.kind).unwrap_or_default(),
             command: args.handler_command.clone().map(|a| a.0).or(handler.command).unwrap_or_default(),
@@ -417,7 +434,8 @@ impl Config {
     }
 }
 
-fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+/// Reads and parses a TOML configuration file; unknown keys are errors naming the key.
+pub fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
 }

@@ -125,12 +125,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool
         tracing::info!(node = %shared.cfg.node_id, lease = inc.lease_id, incarnation = %inc.incarnation, ttl = ?inc.ttl, "registered");
         let keeper = {
             let client = client.clone();
-            let inc_ref = crate::membership::Incarnation {
-                lease_id: inc.lease_id,
-                incarnation: inc.incarnation,
-                ttl: inc.ttl,
-                fence: inc.fence.clone(),
-            };
+            let inc_ref = inc.clone();
             tokio::spawn(async move { keep_alive(client, &inc_ref).await })
         };
         let exit = run_incarnation(client.clone(), shared.clone(), &inc, &shutdown, &ready).await;

@@ -107,7 +107,8 @@ impl Fence {
     }
 }
 
-/// One registration of this runner in etcd.
+/// One lease of a runner or coordinator, with its fence clock.
+#[derive(Clone)]
 pub struct Incarnation {
     /// The lease the node record and all claims are attached to.
     pub lease_id: i64,
@@ -129,47 +130,53 @@ async fn timed<T>(what: &'static str, f: impl std::future::Future<Output = T>) -
     tokio::time::timeout(REQUEST_TIMEOUT, f).await.map_err(|_| MembershipError::Timeout { what })
 }
 
+/// Grants a lease of `ttl` and starts its fence clock (for runners and coordinators alike).
+pub async fn grant_lease(client: &mut Client, ttl: Duration) -> Result<Incarnation, MembershipError> {
+    let secs = ttl.as_secs().max(1) as i64;
+    let sent = Instant::now();
+    let grant = timed("lease grant", client.lease_grant(secs, None))
+        .await?
+        .map_err(|source| MembershipError::GrantLease { ttl: secs, source })?;
+    let granted = Duration::from_secs(grant.ttl().max(1) as u64);
+    if granted != ttl {
+        tracing::warn!(requested = ?ttl, ?granted, "etcd granted a different lease TTL than configured; using etcd's");
+    }
+    let fence = Arc::new(Fence::new(sent + granted - fence_margin(granted)));
+    Ok(Incarnation { lease_id: grant.id(), incarnation: Uuid::new_v4(), ttl: granted, fence })
+}
+
 /// Grants a lease and writes the node record attached to it (only if no other live
 /// runner holds the node id).
 pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<Incarnation, MembershipError> {
-    let ttl = cfg.lease_ttl.as_secs() as i64;
-    let sent = Instant::now();
-    let grant = timed("lease grant", client.lease_grant(ttl, None))
-        .await?
-        .map_err(|source| MembershipError::GrantLease { ttl, source })?;
-    let granted = Duration::from_secs(grant.ttl().max(1) as u64);
-    if granted != cfg.lease_ttl {
-        tracing::warn!(requested = ?cfg.lease_ttl, ?granted, "etcd granted a different lease TTL than configured; using etcd's");
-    }
-    let incarnation = Uuid::new_v4();
+    let inc = grant_lease(client, cfg.lease_ttl).await?;
     let record = NodeRecord {
         v: RECORD_VERSION,
         node_id: cfg.node_id.clone(),
         host: hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_default(),
         pid: std::process::id(),
-        incarnation,
+        incarnation: inc.incarnation,
         weight: cfg.weight,
         queues: cfg.queues.clone(),
         version: qslice_proto::VERSION.to_owned(),
         started_unix_ms: unix_ms(),
         metrics_addr: cfg.metrics_addr.map(|a| a.to_string()),
-        lease_id: grant.id(),
+        lease_id: inc.lease_id,
     };
     let key = keys.node(&cfg.node_id);
     let txn = Txn::new()
         .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(grant.id())))])
+        .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(inc.lease_id)))])
         .or_else([TxnOp::get(key.as_str(), None)]);
     let write_err = |source| MembershipError::WriteNodeRecord { key: key.clone(), source };
     let resp = match timed("node record write", client.txn(txn)).await {
         Ok(r) => r.map_err(write_err)?,
         Err(e) => {
-            let _ = client.lease_revoke(grant.id()).await;
+            let _ = client.lease_revoke(inc.lease_id).await;
             return Err(e);
         }
     };
     if !resp.succeeded() {
-        let _ = timed("lease revoke", client.lease_revoke(grant.id())).await;
+        let _ = timed("lease revoke", client.lease_revoke(inc.lease_id)).await;
         let other = resp.op_responses().into_iter().find_map(|op| match op {
             etcd_client::TxnOpResponse::Get(g) => g.kvs().first().and_then(|kv| NodeRecord::decode(kv.value()).ok()),
             _ => None,
@@ -180,8 +187,7 @@ pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<
             pid: other.map(|o| o.pid).unwrap_or(0),
         });
     }
-    let fence = Arc::new(Fence::new(sent + granted - fence_margin(granted)));
-    Ok(Incarnation { lease_id: grant.id(), incarnation, ttl: granted, fence })
+    Ok(inc)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -91,7 +91,11 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
     let (released_tx, mut released_rx) = mpsc::unbounded_channel();
     inc_run.released_tx = released_tx;
     let node = shared.cfg.node_id.clone();
-    let mut watch = PrefixWatch::new(client, shared.keys.node_assignments_prefix(&node));
+    let mut watch = PrefixWatch::new(client.clone(), shared.keys.node_assignments_prefix(&node));
+    // The node record hangs on the lease: its deletion means the lease was revoked (the
+    // leader fenced this node) or expired. Stop at once instead of at the next keepalive.
+    let node_key = shared.keys.node(&node);
+    let mut node_watch = PrefixWatch::new(client, node_key.clone());
     let mut retry = tokio::time::interval(CLAIM_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hard = inc.fence.lost().clone();
@@ -124,6 +128,12 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
             Some(key) = released_rx.recv() => {
                 inc_run.on_released(key);
                 inc_run.reconcile().await;
+            }
+            update = node_watch.next() => {
+                if let Some(reason) = node_record_lost(&update, node_key.as_bytes(), inc.lease_id) {
+                    metrics::counter!("qslice_runner_fence_events_total").increment(1);
+                    inc.fence.trip(reason);
+                }
             }
             _ = retry.tick(), if inc_run.has_pending() => inc_run.reconcile().await,
         }
@@ -381,6 +391,21 @@ impl IncarnationRun {
     }
 }
 
+/// Why a node-record watch update means this incarnation has lost its lease, if it does.
+fn node_record_lost(update: &PrefixUpdate, key: &[u8], lease_id: i64) -> Option<&'static str> {
+    let gone = "the node record was deleted: the lease was revoked (fenced by the leader) or expired";
+    match update {
+        PrefixUpdate::Snapshot(kvs) => match kvs.iter().find(|kv| kv.key() == key) {
+            None => Some(gone),
+            Some(kv) if kv.lease() != lease_id => Some("the node record belongs to another lease"),
+            Some(_) => None,
+        },
+        PrefixUpdate::Delete(kv) if kv.key() == key => Some(gone),
+        PrefixUpdate::Put(kv) if kv.key() == key && kv.lease() != lease_id => Some("the node record belongs to another lease"),
+        _ => None,
+    }
+}
+
 /// Stops taking entries of `slice`, waits for its in-flight work (killing it at the drain
 /// timeout), and forgets the slice. Returns the claim's epoch.
 async fn release_slice(state: &QueueState, slice: u32, drain: Duration) -> Option<i64> {
@@ -434,6 +459,16 @@ async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<crat
     loop {
         if fence.lost().is_cancelled() {
             return;
+        }
+        // Created just before its first slices are registered: wait for them, so that
+        // nothing (figures, quarantine) is done for a queue this node holds nothing of.
+        if state.owned.lock().expect("owned lock").is_empty() {
+            tokio::select! {
+                _ = tokio::time::sleep(poll) => {}
+                _ = state.changed.notified() => {}
+                _ = fence.lost().cancelled() => return,
+            }
+            continue;
         }
         let dir = state.dir.clone();
         let total = state.slices_total;

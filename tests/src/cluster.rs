@@ -257,3 +257,40 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Starts a coordinator with a 2 s election lease and a short revoke deadline; `extra`
+/// adds or overrides flags.
+pub fn start_coordinator(etcd: &Etcd, spool: &Spool, id: &str, cluster: &str, extra: &[&str]) -> Result<Proc> {
+    let log = spool.scratch(&format!("coordinator-{id}.log"));
+    let endpoints = etcd.endpoint();
+    let mut args = vec!["--id", id, "--cluster", cluster, "--etcd-endpoints", &endpoints];
+    args.extend_from_slice(extra);
+    let envs = [("QSLICE_LEASE_TTL", "2s"), ("QSLICE_REVOKE_DEADLINE", "3s")];
+    Proc::spawn(&qslice_bin("qslice-coordinator")?, &args, &envs, &log)
+}
+
+/// Writes a queue's configuration, as the admin API would.
+pub async fn put_queue(client: &mut Client, cluster: &str, queue: &str, slices: u32) -> Result<()> {
+    let keys = Keys::new(cluster)?;
+    let record = qslice_proto::records::QueueConfig { v: RECORD_VERSION, name: queue.into(), slices, paused: false, mailman3: false };
+    client.put(keys.queue(queue), record.encode(), None).await?;
+    Ok(())
+}
+
+/// The id of the current coordinator leader, if any.
+pub async fn leader(client: &mut Client, cluster: &str) -> Option<String> {
+    let keys = Keys::new(cluster).ok()?;
+    let resp = client.leader(keys.election()).await.ok()?;
+    resp.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
+
+/// Slices held per node, from the claims of `queue`.
+pub async fn holdings(client: &mut Client, cluster: &str, queue: &str) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    if let Ok(claims) = claims(client, cluster, queue).await {
+        for (slice, (node, _)) in claims {
+            out.entry(node).or_default().push(slice);
+        }
+    }
+    out
+}

@@ -1,11 +1,100 @@
-//! qslice-coordinator: leader election, slice assignment and the admin API.
-//!
-//! The daemon is not built yet; its planner lives in the library. Until then the binary
-//! says so and exits non-zero, so that nobody mistakes it for a running coordinator.
+//! qslice-coordinator: leader election and slice assignment.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use qslice_coordinator::config::{Args, Config};
+use qslice_coordinator::leader::LeaderState;
+use qslice_runner::config::LogFormat;
+use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    eprintln!("qslice-coordinator: the coordinator daemon is not available in this build yet");
-    ExitCode::from(1)
+    let args = Args::parse();
+    let cfg = match Config::resolve(&args) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("qslice-coordinator: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check_config {
+        println!("{}", toml::to_string(&cfg).unwrap_or_else(|e| format!("(cannot print: {e})")));
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cfg.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qslice-coordinator: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async_main(cfg))
+}
+
+async fn async_main(cfg: Config) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    let state = Arc::new(LeaderState::default());
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
+    if let (Some(addr), Ok(handle)) = (cfg.http_addr, recorder) {
+        // /readyz: ready when this instance leads (standbys answer 503 there; /healthz is 200).
+        let ready = Arc::new(AtomicBool::new(false));
+        let (r, s) = (ready.clone(), state.clone());
+        tokio::spawn(async move {
+            loop {
+                r.store(s.leading.load(Ordering::SeqCst), Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        });
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = qslice_runner::http::serve(addr, handle, ready, shutdown).await {
+                tracing::error!(%addr, error = %e, "cannot serve metrics");
+            }
+        });
+    }
+    tokio::spawn(watch_signals(shutdown.clone()));
+    tracing::info!(id = %cfg.id, cluster = %cfg.cluster, "qslice-coordinator starting");
+    match qslice_coordinator::leader::run(cfg, shutdown, state).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "qslice-coordinator stopped");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The first SIGTERM or SIGINT resigns and stops; a second one exits at once.
+async fn watch_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        count += 1;
+        if count == 1 {
+            tracing::info!("stop signal: resigning leadership (send it again to exit at once)");
+            shutdown.cancel();
+        } else {
+            std::process::exit(130);
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

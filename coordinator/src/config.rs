@@ -1,0 +1,172 @@
+//! The coordinator's configuration: a TOML file (`--config`), every key also a flag and a
+//! `QSLICE_*` environment variable (flag or environment over file over default).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use qslice_proto::keys::validate_name;
+use qslice_runner::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat};
+use serde::Deserialize;
+
+use crate::planner::{DEFAULT_CHURN_BUDGET, DEFAULT_MAX_VANISHED_FRACTION};
+
+/// Command-line flags and environment variables.
+#[derive(Debug, Default, Parser)]
+#[command(name = "qslice-coordinator", version, about = "Assign the slices of a shared Mailman spool to live qslice runners (one leader among several coordinators)")]
+pub struct Args {
+    /// TOML configuration file; every key may also be given as a flag or QSLICE_* variable.
+    #[arg(long, env = "QSLICE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// This coordinator's id in the election [default: the host name].
+    #[arg(long, env = "QSLICE_COORDINATOR_ID")]
+    pub id: Option<String>,
+    /// How to reach etcd.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Cluster name: all keys live under /qslice/<cluster>/ [default: default].
+    #[arg(long, env = "QSLICE_CLUSTER")]
+    pub cluster: Option<String>,
+    /// Lease time to live of the election; a standby takes over about this long after the leader dies [default: 5s].
+    #[arg(long, env = "QSLICE_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<Duration>,
+    /// Address for /metrics, /healthz and /readyz, e.g. 127.0.0.1:9465 [default: none].
+    #[arg(long, env = "QSLICE_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Planned moves (hand-offs) per reconcile round [default: 128].
+    #[arg(long, env = "QSLICE_CHURN_BUDGET")]
+    pub churn_budget: Option<usize>,
+    /// Fraction of nodes that may vanish at once before balancing pauses [default: 0.5].
+    #[arg(long, env = "QSLICE_MAX_VANISHED_FRACTION")]
+    pub max_vanished_fraction: Option<f64>,
+    /// How long an old owner may hold a moved slice before its lease is revoked; keep it above the runners' drain timeout [default: 60s].
+    #[arg(long, env = "QSLICE_REVOKE_DEADLINE", value_parser = humantime::parse_duration)]
+    pub revoke_deadline: Option<Duration>,
+    /// How long balancing stays paused after the safety valve trips [default: 2m].
+    #[arg(long, env = "QSLICE_SAFETY_VALVE_HOLD", value_parser = humantime::parse_duration)]
+    pub safety_valve_hold: Option<Duration>,
+    /// Log format: text or json [default: text].
+    #[arg(long, env = "QSLICE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    id: Option<String>,
+    cluster: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    lease_ttl: Option<Duration>,
+    http_addr: Option<SocketAddr>,
+    churn_budget: Option<usize>,
+    max_vanished_fraction: Option<f64>,
+    #[serde(default, with = "humantime_serde_opt")]
+    revoke_deadline: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    safety_valve_hold: Option<Duration>,
+    log_format: Option<LogFormat>,
+    etcd: Option<FileEtcd>,
+}
+
+/// The resolved, validated configuration.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    /// Election id.
+    pub id: String,
+    /// etcd connection.
+    pub etcd: EtcdConfig,
+    /// Cluster name.
+    pub cluster: String,
+    /// Election lease TTL.
+    #[serde(with = "humantime_serialize")]
+    pub lease_ttl: Duration,
+    /// Metrics and health address.
+    pub http_addr: Option<SocketAddr>,
+    /// Planned moves per round.
+    pub churn_budget: usize,
+    /// Safety valve threshold.
+    pub max_vanished_fraction: f64,
+    /// Fence deadline for an owner that does not release a moved slice.
+    #[serde(with = "humantime_serialize")]
+    pub revoke_deadline: Duration,
+    /// How long the safety valve holds.
+    #[serde(with = "humantime_serialize")]
+    pub safety_valve_hold: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Resolves flags, environment and file into a validated configuration.
+    pub fn resolve(args: &Args) -> Result<Config, ConfigError> {
+        let file: FileConfig = match &args.config {
+            Some(path) => load_toml(path)?,
+            None => FileConfig::default(),
+        };
+        let id = match args.id.clone().or(file.id) {
+            Some(id) => id,
+            None => hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .ok_or_else(|| invalid("id", "cannot read the host name; set id"))?,
+        };
+        validate_name("coordinator id", &id).map_err(|e| invalid("id", e.to_string()))?;
+        let cluster = args.cluster.clone().or(file.cluster).unwrap_or_else(|| "default".into());
+        validate_name("cluster", &cluster).map_err(|e| invalid("cluster", e.to_string()))?;
+        let lease_ttl = args.lease_ttl.or(file.lease_ttl).unwrap_or(Duration::from_secs(5));
+        if lease_ttl < Duration::from_secs(1) || lease_ttl.subsec_nanos() != 0 {
+            return Err(invalid("lease_ttl", "must be a whole number of seconds, at least 1s (etcd leases are in seconds)"));
+        }
+        let max_vanished_fraction = args.max_vanished_fraction.or(file.max_vanished_fraction).unwrap_or(DEFAULT_MAX_VANISHED_FRACTION);
+        if !(0.0..=1.0).contains(&max_vanished_fraction) {
+            return Err(invalid("max_vanished_fraction", "must be between 0 and 1"));
+        }
+        Ok(Config {
+            id,
+            etcd: args.etcd.resolve(file.etcd)?,
+            cluster,
+            lease_ttl,
+            http_addr: args.http_addr.or(file.http_addr),
+            churn_budget: args.churn_budget.or(file.churn_budget).unwrap_or(DEFAULT_CHURN_BUDGET),
+            max_vanished_fraction,
+            revoke_deadline: args.revoke_deadline.or(file.revoke_deadline).unwrap_or(Duration::from_secs(60)),
+            safety_valve_hold: args.safety_valve_hold.or(file.safety_valve_hold).unwrap_or(Duration::from_secs(120)),
+            log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "id = \"c1\"\nchurn_budgett = 3\n").expect("write");
+        let args = Args::try_parse_from(["qslice-coordinator", "--config", path.to_str().expect("utf8")]).expect("flags");
+        let err = Config::resolve(&args).expect_err("typo");
+        assert!(err.to_string().contains("churn_budgett"), "{err}");
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--max-vanished-fraction", "2"]).expect("flags");
+        assert!(Config::resolve(&args).expect_err("range").to_string().starts_with("max_vanished_fraction"));
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--etcd-cert", "/c.pem"]).expect("flags");
+        assert!(Config::resolve(&args).expect_err("pair").to_string().starts_with("etcd.cert"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "id = \"file\"\nrevoke_deadline = \"90s\"\n[etcd]\nendpoints = [\"http://e:2379\"]\n").expect("write");
+        let args = Args::try_parse_from(["qslice-coordinator", "--config", path.to_str().expect("utf8"), "--id", "flag"]).expect("flags");
+        let cfg = Config::resolve(&args).expect("valid");
+        assert_eq!((cfg.id.as_str(), cfg.revoke_deadline), ("flag", Duration::from_secs(90)));
+        assert_eq!(cfg.etcd.endpoints, vec!["http://e:2379"]);
+        assert_eq!(cfg.churn_budget, DEFAULT_CHURN_BUDGET);
+    }
+}

@@ -1,0 +1,347 @@
+//! The coordinator daemon: election, then (as leader) a level-triggered reconcile loop.
+//!
+//! Election: campaign on `election` with this instance's own lease (kept alive every
+//! TTL/3, self-fenced like a runner); a standby blocks in the campaign and takes over when
+//! the leader's key goes (its lease expired or it resigned). The leader steps down at once
+//! when its fence trips, and resigns on shutdown.
+//!
+//! Reconcile: one list-then-watch of the whole cluster prefix keeps a local copy of every
+//! key. Any change of a key that matters (not the runners' figures) only schedules a
+//! reconcile, which plans from a full snapshot and writes the difference. A missed or
+//! coalesced event can therefore never leave a slice orphaned. Every write is a
+//! transaction that compares the leader's election key, so a deposed leader's writes fail.
+//!
+//! Batching: at most 127 writes per transaction (etcd allows 128 operations; one is the
+//! leader compare). Assignment values are per (node, queue) and hold slice ranges, so a
+//! failover of one node among 1,000 with 100,000 slices rewrites at most one key per
+//! receiving node and queue.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn, TxnOp};
+use qslice_proto::keys::{Key, Keys};
+use qslice_runner::etcd::{connect_when_ready, EtcdError, PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
+use qslice_runner::membership::{grant_lease, keep_alive, Incarnation};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::planner::{plan, PlanOptions, SliceKey};
+use crate::view::{assignment_writes, ClusterView, Stored, Write};
+
+/// Operations per transaction besides the leader compare (etcd's limit is 128).
+const MAX_WRITES_PER_TXN: usize = 127;
+/// Quiet time after a change before reconciling, so a burst of events plans once.
+const DEBOUNCE: Duration = Duration::from_millis(20);
+/// Reconcile at least this often (revoke deadlines, safety valve hold).
+const RESYNC: Duration = Duration::from_secs(1);
+
+/// Why a term as leader ended.
+#[derive(Debug, PartialEq, Eq)]
+enum TermEnd {
+    Shutdown,
+    Fenced,
+    Deposed,
+}
+
+/// Whether this instance leads; read by /readyz and metrics.
+#[derive(Default)]
+pub struct LeaderState {
+    /// True while this instance is the leader and has reconciled once.
+    pub leading: AtomicBool,
+}
+
+/// Why the coordinator stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Reaching etcd failed for good (bad TLS files).
+    #[error(transparent)]
+    Etcd(#[from] EtcdError),
+    /// The cluster name is invalid.
+    #[error("cluster: {0}")]
+    Cluster(#[from] qslice_proto::keys::NameError),
+}
+
+/// Runs the coordinator until `shutdown`.
+pub async fn run(cfg: Config, shutdown: CancellationToken, state: Arc<LeaderState>) -> Result<(), CoordinatorError> {
+    let keys = Keys::new(&cfg.cluster)?;
+    let mut client = match connect_when_ready(&cfg.etcd, &shutdown).await {
+        Ok(c) => c,
+        Err(EtcdError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut backoff = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let inc = match grant_lease(&mut client, cfg.lease_ttl).await {
+            Ok(inc) => inc,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot get an election lease");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(200);
+        let keeper = {
+            let (client, inc) = (client.clone(), inc.clone());
+            tokio::spawn(async move { keep_alive(client, &inc).await })
+        };
+        tracing::info!(id = %cfg.id, lease = inc.lease_id, "campaigning for leadership");
+        let campaign = tokio::select! {
+            r = client.campaign(keys.election(), cfg.id.as_bytes(), inc.lease_id) => Some(r),
+            _ = inc.fence.lost().cancelled() => None,
+            _ = shutdown.cancelled() => None,
+        };
+        let leader = match campaign {
+            Some(Ok(resp)) => resp.leader().cloned(),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "campaign failed; trying again");
+                None
+            }
+            None => None,
+        };
+        let Some(leader) = leader else {
+            keeper.abort();
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(inc.lease_id)).await;
+            if !shutdown.is_cancelled() {
+                tokio::time::sleep(backoff).await;
+            }
+            continue;
+        };
+        tracing::info!(id = %cfg.id, "elected leader");
+        metrics::gauge!("qslice_coordinator_is_leader").set(1.0);
+        let end = Term::new(&cfg, keys.clone(), client.clone(), inc.clone(), leader.clone()).lead(&shutdown, &state).await;
+        state.leading.store(false, Ordering::SeqCst);
+        metrics::gauge!("qslice_coordinator_is_leader").set(0.0);
+        match end {
+            TermEnd::Shutdown => {
+                let resign = client.resign(Some(ResignOptions::new().with_leader(leader)));
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, resign).await;
+                inc.fence.trip("shutting down");
+                keeper.abort();
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(inc.lease_id)).await;
+                tracing::info!("resigned leadership; bye");
+                return Ok(());
+            }
+            TermEnd::Fenced | TermEnd::Deposed => {
+                tracing::error!(reason = ?end, fence = %inc.fence.reason().unwrap_or_default(), "stepped down as leader; campaigning again");
+                inc.fence.trip("stepped down");
+                keeper.abort();
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(inc.lease_id)).await;
+                client = match connect_when_ready(&cfg.etcd, &shutdown).await {
+                    Ok(c) => c,
+                    Err(EtcdError::Cancelled) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One term as leader.
+struct Term<'a> {
+    cfg: &'a Config,
+    keys: Keys,
+    client: Client,
+    inc: Incarnation,
+    leader: LeaderKey,
+    /// The local copy of every key of the cluster.
+    store: BTreeMap<Vec<u8>, Stored>,
+    /// Nodes seen by the last round that did not trip the safety valve.
+    previous_nodes: BTreeSet<String>,
+    /// When the safety valve tripped, while it holds.
+    valve_since: Option<Instant>,
+    /// Slices whose claim holder is not their desired owner, since when.
+    handoff_since: BTreeMap<SliceKey, (String, Instant)>,
+    last_alerts: Vec<String>,
+}
+
+impl<'a> Term<'a> {
+    fn new(cfg: &'a Config, keys: Keys, client: Client, inc: Incarnation, leader: LeaderKey) -> Term<'a> {
+        Term {
+            cfg,
+            keys,
+            client,
+            inc,
+            leader,
+            store: BTreeMap::new(),
+            previous_nodes: BTreeSet::new(),
+            valve_since: None,
+            handoff_since: BTreeMap::new(),
+            last_alerts: Vec::new(),
+        }
+    }
+
+    async fn lead(mut self, shutdown: &CancellationToken, state: &LeaderState) -> TermEnd {
+        let mut watch = PrefixWatch::new(self.client.clone(), self.keys.root().to_owned());
+        let mut listed = false;
+        let mut reconcile_at: Option<Instant> = None;
+        let mut resync = tokio::time::interval(RESYNC);
+        resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let fence = self.inc.fence.clone();
+        loop {
+            let due = reconcile_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                biased;
+                _ = fence.lost().cancelled() => return TermEnd::Fenced,
+                _ = shutdown.cancelled() => return TermEnd::Shutdown,
+                _ = tokio::time::sleep_until(due), if reconcile_at.is_some() => {
+                    reconcile_at = None;
+                    if let Err(end) = self.reconcile().await { return end; }
+                    state.leading.store(true, Ordering::SeqCst);
+                }
+                _ = resync.tick(), if listed => {
+                    if let Err(end) = self.reconcile().await { return end; }
+                    state.leading.store(true, Ordering::SeqCst);
+                }
+                update = watch.next() => {
+                    let relevant = self.apply(update);
+                    listed = true;
+                    if relevant && reconcile_at.is_none() {
+                        reconcile_at = Some(Instant::now() + DEBOUNCE);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies a watch update to the local copy; true when it can change the plan.
+    fn apply(&mut self, update: PrefixUpdate) -> bool {
+        let stored = |kv: &etcd_client::KeyValue| Stored { value: kv.value().to_vec(), create_revision: kv.create_revision(), lease: kv.lease() };
+        let relevant = |keys: &Keys, key: &[u8]| !matches!(keys.parse(key), Some(Key::Status { .. }) | None);
+        match update {
+            PrefixUpdate::Snapshot(kvs) => {
+                self.store = kvs.iter().map(|kv| (kv.key().to_vec(), stored(kv))).collect();
+                true
+            }
+            PrefixUpdate::Put(kv) => {
+                self.store.insert(kv.key().to_vec(), stored(&kv));
+                relevant(&self.keys, kv.key())
+            }
+            PrefixUpdate::Delete(kv) => {
+                self.store.remove(kv.key());
+                relevant(&self.keys, kv.key())
+            }
+        }
+    }
+
+    async fn reconcile(&mut self) -> Result<(), TermEnd> {
+        let started = Instant::now();
+        let view = ClusterView::from_store(&self.keys, &self.store);
+        for problem in &view.problems {
+            tracing::warn!(%problem, "unreadable value in etcd; ignoring it");
+        }
+        let live: BTreeSet<String> = view.nodes.keys().cloned().collect();
+        // The safety valve compares against the node set from before the vanishing, for
+        // as long as it holds.
+        if self.valve_since.is_some_and(|t| t.elapsed() >= self.cfg.safety_valve_hold) {
+            tracing::warn!("safety valve hold over: balancing resumes");
+            self.valve_since = None;
+            self.previous_nodes = live.clone();
+        }
+        let options = PlanOptions {
+            churn_budget: self.cfg.churn_budget,
+            max_vanished_fraction: self.cfg.max_vanished_fraction,
+            maintenance: false,
+        };
+        let input = view.plan_input(self.previous_nodes.clone(), options);
+        let plan = plan(&input);
+        if plan.balance_paused && !view.maintenance && self.valve_since.is_none() {
+            self.valve_since = Some(Instant::now());
+        }
+        if self.valve_since.is_none() {
+            self.previous_nodes = live;
+        }
+        metrics::gauge!("qslice_coordinator_safety_valve_tripped").set(if self.valve_since.is_some() { 1.0 } else { 0.0 });
+        metrics::gauge!("qslice_coordinator_maintenance").set(if view.maintenance { 1.0 } else { 0.0 });
+        let alerts: Vec<String> = plan.alerts.iter().map(|a| a.to_string()).collect();
+        if alerts != self.last_alerts {
+            for alert in &alerts {
+                tracing::error!(%alert, "alert");
+            }
+            self.last_alerts = alerts;
+        }
+        let writes = assignment_writes(&self.keys, &view, &plan.assignment);
+        self.write(&writes).await?;
+        for m in &plan.moves {
+            metrics::counter!("qslice_coordinator_moves_total", "reason" => m.reason.as_str()).increment(1);
+            tracing::info!(queue = %m.queue, slice = m.slice, from = m.from.as_deref().unwrap_or("-"), to = %m.to, reason = %m.reason, "assigned slice");
+        }
+        self.enforce_revoke_deadline(&view, &plan.assignment).await;
+        metrics::gauge!("qslice_coordinator_reconcile_seconds").set(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Writes in transactions guarded by the leader key; a failed compare means this
+    /// instance is no longer the leader.
+    async fn write(&mut self, writes: &[Write]) -> Result<(), TermEnd> {
+        for chunk in writes.chunks(MAX_WRITES_PER_TXN) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|w| match w {
+                    Write::Put(k, v) => TxnOp::put(k.as_str(), v.clone(), None),
+                    Write::Delete(k) => TxnOp::delete(k.as_str(), None),
+                })
+                .collect();
+            let txn = Txn::new()
+                .when([Compare::create_revision(self.leader.key(), CompareOp::Equal, self.leader.rev())])
+                .and_then(ops);
+            match tokio::time::timeout(REQUEST_TIMEOUT, self.client.txn(txn)).await {
+                Ok(Ok(resp)) if resp.succeeded() => {}
+                Ok(Ok(_)) => {
+                    tracing::error!("assignment write refused: this instance's election key is gone (deposed)");
+                    return Err(TermEnd::Deposed);
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "assignment write failed; retrying next round");
+                    return Ok(());
+                }
+                Err(_) => {
+                    tracing::warn!("assignment write timed out; retrying next round");
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fences an old owner that holds a moved slice's claim past the revoke deadline by
+    /// revoking its lease, so that the move completes.
+    async fn enforce_revoke_deadline(&mut self, view: &ClusterView, desired: &BTreeMap<SliceKey, String>) {
+        let mut stuck = BTreeMap::new();
+        for (slice, claim) in &view.claims {
+            let moved = desired.get(slice).is_some_and(|owner| owner != &claim.node);
+            if moved && view.nodes.contains_key(&claim.node) {
+                let since = match self.handoff_since.get(slice) {
+                    Some((holder, since)) if holder == &claim.node => *since,
+                    _ => Instant::now(),
+                };
+                stuck.insert(slice.clone(), (claim.node.clone(), since));
+            }
+        }
+        self.handoff_since = stuck;
+        let mut revoked = BTreeSet::new();
+        for ((queue, slice), (holder, since)) in &self.handoff_since {
+            if since.elapsed() < self.cfg.revoke_deadline || revoked.contains(holder) {
+                continue;
+            }
+            let Some(lease) = view.claims.get(&(queue.clone(), *slice)).map(|c| c.lease) else { continue };
+            tracing::warn!(%queue, slice, node = %holder, lease, deadline = ?self.cfg.revoke_deadline, "owner did not release a moved slice in time; revoking its lease (fencing it)");
+            match tokio::time::timeout(REQUEST_TIMEOUT, self.client.lease_revoke(lease)).await {
+                Ok(Ok(_)) => {
+                    metrics::counter!("qslice_coordinator_fenced_nodes_total").increment(1);
+                    revoked.insert(holder.clone());
+                }
+                Ok(Err(e)) => tracing::warn!(node = %holder, error = %e, "revoking the lease failed"),
+                Err(_) => tracing::warn!(node = %holder, "revoking the lease timed out"),
+            }
+        }
+    }
+}
