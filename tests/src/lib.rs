@@ -181,9 +181,12 @@ impl Etcd {
         self.launch()
     }
 
-    /// Freezes etcd with SIGSTOP: connections stay open but nothing answers.
+    /// Freezes etcd with SIGSTOP and waits until every thread of it has stopped:
+    /// connections stay open but nothing answers.
     pub fn pause(&self) -> Result<()> {
-        self.signal(Signal::SIGSTOP)
+        self.signal(Signal::SIGSTOP)?;
+        let pid = self.pid().context("etcd is not running")?;
+        wait_for(Duration::from_secs(10), "every etcd thread to stop", || all_threads_stopped(pid))
     }
 
     /// Thaws etcd with SIGCONT.
@@ -308,6 +311,15 @@ impl Drop for Proc {
         }
         self.kill();
     }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T`).
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().all(|t| {
+        let stat = fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('T'))
+    })
 }
 
 /// Whether a process with this pid exists (and is not a zombie).
