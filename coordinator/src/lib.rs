@@ -8,6 +8,7 @@
 //! - [`offline`]: qslicectl's tools that need no coordinator (`slice-of`, `spool stats`).
 
 pub mod config;
+pub mod ctl;
 pub mod leader;
 pub mod offline;
 pub mod planner;

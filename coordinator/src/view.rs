@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use qslice_proto::keys::{Key, Keys};
-use qslice_proto::records::{Assignment, Claim, Cordon, Maintenance, NodeRecord, Pin, QueueConfig, Record, SliceSet, RECORD_VERSION};
+use qslice_proto::records::{
+    Assignment, Claim, CoordinatorRecord, Cordon, Maintenance, MoveRequest, NodeRecord, Pin, QueueConfig, Record, RebalanceRequest, SliceSet,
+    SliceStatus, RECORD_VERSION,
+};
 
 use crate::planner::{NodeSpec, PlanInput, PlanOptions, QueueSpec, SliceKey};
 
@@ -28,6 +31,8 @@ pub struct ClaimView {
     pub epoch: i64,
     /// The lease the claim hangs on (the holder's).
     pub lease: i64,
+    /// The slice count the claim was made under.
+    pub slices_total: u32,
 }
 
 /// Everything the reconciler needs, decoded. Unreadable values are skipped and listed in
@@ -48,6 +53,14 @@ pub struct ClusterView {
     pub assignments: BTreeMap<(String, String), Assignment>,
     /// Claims by slice.
     pub claims: BTreeMap<SliceKey, ClaimView>,
+    /// Requested moves: slice -> target node.
+    pub moves: BTreeMap<SliceKey, String>,
+    /// Whether a one-shot rebalance was requested.
+    pub rebalance_requested: bool,
+    /// Live coordinator instances by id.
+    pub coordinators: BTreeMap<String, CoordinatorRecord>,
+    /// Published slice figures by (node, queue).
+    pub status: BTreeMap<(String, String), SliceStatus>,
     /// Keys whose values could not be read, with why.
     pub problems: Vec<String>,
 }
@@ -98,11 +111,34 @@ impl ClusterView {
                 },
                 Key::Claim { queue, slice } => match Claim::decode(&stored.value) {
                     Ok(c) => {
-                        view.claims.insert((queue, slice), ClaimView { node: c.node_id, epoch: stored.create_revision, lease: stored.lease });
+                        let claim = ClaimView { node: c.node_id, epoch: stored.create_revision, lease: stored.lease, slices_total: c.slices_total };
+                        view.claims.insert((queue, slice), claim);
                     }
                     Err(e) => problem(e.to_string()),
                 },
-                Key::Status { .. } | Key::Election => {}
+                Key::Move { queue, slice } => match MoveRequest::decode(&stored.value) {
+                    Ok(m) => {
+                        view.moves.insert((queue, slice), m.node_id);
+                    }
+                    Err(e) => problem(e.to_string()),
+                },
+                Key::Rebalance => match RebalanceRequest::decode(&stored.value) {
+                    Ok(_) => view.rebalance_requested = true,
+                    Err(e) => problem(e.to_string()),
+                },
+                Key::Coordinator { id } => match CoordinatorRecord::decode(&stored.value) {
+                    Ok(c) => {
+                        view.coordinators.insert(id, c);
+                    }
+                    Err(e) => problem(e.to_string()),
+                },
+                Key::Status { node, queue } => match SliceStatus::decode(&stored.value) {
+                    Ok(st) => {
+                        view.status.insert((node, queue), st);
+                    }
+                    Err(e) => problem(e.to_string()),
+                },
+                Key::Election => {}
             }
         }
         view

@@ -12,6 +12,9 @@
 //! | `cordons/<node>` | [`Cordon`](crate::records::Cordon) | none | admin API |
 //! | `pins/<queue>/<slice>` | [`Pin`](crate::records::Pin) | none | admin API |
 //! | `control/maintenance` | [`Maintenance`](crate::records::Maintenance) | none | admin API |
+//! | `control/rebalance` | [`RebalanceRequest`](crate::records::RebalanceRequest) | none | admin API (the leader deletes it) |
+//! | `moves/<queue>/<slice>` | [`MoveRequest`](crate::records::MoveRequest) | none | admin API (the leader deletes it) |
+//! | `coordinators/<id>` | [`CoordinatorRecord`](crate::records::CoordinatorRecord) | the coordinator's | coordinator |
 //! | `election` | the leader's id (etcd election API) | the coordinator's | coordinator |
 //!
 //! Why the assignment is keyed by node and then queue: a runner watches only
@@ -112,6 +115,20 @@ pub enum Key {
     },
     /// `control/maintenance`
     Maintenance,
+    /// `control/rebalance`
+    Rebalance,
+    /// `moves/<queue>/<slice>`
+    Move {
+        /// The queue.
+        queue: String,
+        /// The slice to move.
+        slice: u32,
+    },
+    /// `coordinators/<id>`
+    Coordinator {
+        /// The coordinator's id.
+        id: String,
+    },
     /// `election` and the election API's keys below it.
     Election,
 }
@@ -196,6 +213,26 @@ impl Keys {
     pub fn maintenance(&self) -> String {
         format!("{}control/maintenance", self.root)
     }
+    /// The one-shot rebalance request.
+    pub fn rebalance(&self) -> String {
+        format!("{}control/rebalance", self.root)
+    }
+    /// Prefix of all move requests.
+    pub fn moves_prefix(&self) -> String {
+        format!("{}moves/", self.root)
+    }
+    /// A request to move one slice.
+    pub fn move_request(&self, queue: &str, slice: u32) -> String {
+        format!("{}moves/{queue}/{}", self.root, SliceNo(slice))
+    }
+    /// Prefix of the coordinator records.
+    pub fn coordinators_prefix(&self) -> String {
+        format!("{}coordinators/", self.root)
+    }
+    /// The record of one coordinator instance.
+    pub fn coordinator(&self, id: &str) -> String {
+        format!("{}coordinators/{id}", self.root)
+    }
     /// The election name (the election API keeps its candidates below it).
     pub fn election(&self) -> String {
         format!("{}election", self.root)
@@ -217,6 +254,9 @@ impl Keys {
             ["cordons", node] => Some(Key::Cordon { node: own(node)? }),
             ["pins", queue, s] => Some(Key::Pin { queue: own(queue)?, slice: slice(s)? }),
             ["control", "maintenance"] => Some(Key::Maintenance),
+            ["control", "rebalance"] => Some(Key::Rebalance),
+            ["moves", queue, s] => Some(Key::Move { queue: own(queue)?, slice: slice(s)? }),
+            ["coordinators", id] => Some(Key::Coordinator { id: own(id)? }),
             ["election", ..] => Some(Key::Election),
             _ => None,
         }
@@ -248,6 +288,9 @@ mod tests {
             (k.cordon("n2"), Key::Cordon { node: "n2".into() }),
             (k.pin("in", 65535), Key::Pin { queue: "in".into(), slice: 65535 }),
             (k.maintenance(), Key::Maintenance),
+            (k.rebalance(), Key::Rebalance),
+            (k.move_request("in", 3), Key::Move { queue: "in".into(), slice: 3 }),
+            (k.coordinator("c1"), Key::Coordinator { id: "c1".into() }),
             (format!("{}/694d7a", k.election()), Key::Election),
         ];
         for (key, want) in cases {

@@ -252,6 +252,58 @@ impl Record for Maintenance {
     const KIND: &'static str = "maintenance";
 }
 
+/// A one-shot request to rebalance now, ignoring the churn budget for one round:
+/// `control/rebalance`. The leader deletes it once applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebalanceRequest {
+    /// Record version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// When it was asked, in milliseconds since the Unix epoch.
+    pub requested_unix_ms: i64,
+}
+
+impl Record for RebalanceRequest {
+    const KIND: &'static str = "rebalance";
+}
+
+/// A request to move one slice to a node: `moves/<queue>/<slice>`. The leader assigns the
+/// slice there (planned hand-off) and deletes the request once the target holds the claim.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveRequest {
+    /// Record version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The target node.
+    pub node_id: String,
+    /// When it was asked, in milliseconds since the Unix epoch.
+    pub requested_unix_ms: i64,
+}
+
+impl Record for MoveRequest {
+    const KIND: &'static str = "move";
+}
+
+/// A live coordinator instance: `coordinators/<id>`, attached to its lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorRecord {
+    /// Record version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The instance's id.
+    pub id: String,
+    /// Where it serves the admin API.
+    #[serde(default)]
+    pub admin_addr: Option<String>,
+    /// Where it serves metrics and health.
+    #[serde(default)]
+    pub http_addr: Option<String>,
+}
+
+impl Record for CoordinatorRecord {
+    const KIND: &'static str = "coordinator";
+}
+
 /// A set of slice numbers, stored compactly as ranges: `"0-3,7,9-12"`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct SliceSet(BTreeSet<u32>);
