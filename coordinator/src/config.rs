@@ -52,6 +52,30 @@ pub struct Args {
     /// Log format: text or json [default: text].
     #[arg(long, env = "QSLICE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Address of the gRPC admin API [default: 127.0.0.1:7700].
+    #[arg(long, env = "QSLICE_ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// File holding the admin bearer token (mutating calls need it).
+    #[arg(long, env = "QSLICE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin bearer token itself (prefer --admin-token-file).
+    #[arg(long, env = "QSLICE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Require the token for read calls too.
+    #[arg(long, env = "QSLICE_ADMIN_PROTECT_READS")]
+    pub admin_protect_reads: Option<bool>,
+    /// TLS certificate (PEM) of the admin API.
+    #[arg(long, env = "QSLICE_ADMIN_TLS_CERT")]
+    pub admin_tls_cert: Option<PathBuf>,
+    /// TLS key (PEM) of the admin API.
+    #[arg(long, env = "QSLICE_ADMIN_TLS_KEY")]
+    pub admin_tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to (mTLS).
+    #[arg(long, env = "QSLICE_ADMIN_CLIENT_CA")]
+    pub admin_client_ca: Option<PathBuf>,
+    /// How long DrainNode waits for a node's slices to move, unless the request says [default: 5m].
+    #[arg(long, env = "QSLICE_DRAIN_DEADLINE", value_parser = humantime::parse_duration)]
+    pub drain_deadline: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -70,6 +94,41 @@ struct FileConfig {
     safety_valve_hold: Option<Duration>,
     log_format: Option<LogFormat>,
     etcd: Option<FileEtcd>,
+    admin: Option<FileAdmin>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    addr: Option<SocketAddr>,
+    token_file: Option<PathBuf>,
+    protect_reads: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde_opt")]
+    drain_deadline: Option<Duration>,
+}
+
+/// The admin API's settings.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AdminConfig {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// The bearer token (never printed); `None` leaves the API open.
+    #[serde(skip)]
+    pub token: Option<String>,
+    /// Whether reads need the token too.
+    pub protect_reads: bool,
+    /// TLS certificate file.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS key file.
+    pub tls_key: Option<PathBuf>,
+    /// Client CA for mTLS.
+    pub client_ca: Option<PathBuf>,
+    /// Default DrainNode deadline.
+    #[serde(with = "humantime_serialize")]
+    pub drain_deadline: Duration,
 }
 
 /// The resolved, validated configuration.
@@ -98,6 +157,8 @@ pub struct Config {
     pub safety_valve_hold: Duration,
     /// Log format.
     pub log_format: LogFormat,
+    /// The admin API.
+    pub admin: AdminConfig,
 }
 
 impl Config {
@@ -125,7 +186,38 @@ impl Config {
         if !(0.0..=1.0).contains(&max_vanished_fraction) {
             return Err(invalid("max_vanished_fraction", "must be between 0 and 1"));
         }
+        let admin = file.admin.unwrap_or_default();
+        let token_file = args.admin_token_file.clone().or(admin.token_file);
+        let token = match (&args.admin_token, &token_file) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| invalid("admin.token_file", format!("cannot read {}: {e}", path.display())))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        if token.as_deref() == Some("") {
+            return Err(invalid("admin.token_file", "the token is empty"));
+        }
+        let admin = AdminConfig {
+            addr: args.admin_addr.or(admin.addr).unwrap_or_else(|| "127.0.0.1:7700".parse().expect("valid address")),
+            token,
+            protect_reads: args.admin_protect_reads.or(admin.protect_reads).unwrap_or(false),
+            tls_cert: args.admin_tls_cert.clone().or(admin.tls_cert),
+            tls_key: args.admin_tls_key.clone().or(admin.tls_key),
+            client_ca: args.admin_client_ca.clone().or(admin.client_ca),
+            drain_deadline: args.drain_deadline.or(admin.drain_deadline).unwrap_or(Duration::from_secs(300)),
+        };
+        if admin.tls_cert.is_some() != admin.tls_key.is_some() {
+            return Err(invalid("admin.tls_cert", "the admin TLS certificate needs its key (admin.tls_key), and the reverse"));
+        }
+        if admin.client_ca.is_some() && admin.tls_cert.is_none() {
+            return Err(invalid("admin.client_ca", "client certificates (mTLS) need server TLS: set admin.tls_cert and admin.tls_key"));
+        }
         Ok(Config {
+            admin,
             id,
             etcd: args.etcd.resolve(file.etcd)?,
             cluster,

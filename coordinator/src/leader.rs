@@ -5,8 +5,8 @@
 //! the leader's key goes (its lease expired or it resigned). The leader steps down at once
 //! when its fence trips, and resigns on shutdown.
 //!
-//! Reconcile: one list-then-watch of the whole cluster prefix keeps a local copy of every
-//! key. Any change of a key that matters (not the runners' figures) only schedules a
+//! Reconcile: the instance's [`ClusterCache`] (one list-then-watch of the whole cluster
+//! prefix) holds a local copy of every key. Any change of a key that matters (not the runners' figures) only schedules a
 //! reconcile, which plans from a full snapshot and writes the difference. A missed or
 //! coalesced event can therefore never leave a slice orphaned. Every write is a
 //! transaction that compares the leader's election key, so a deposed leader's writes fail.
@@ -22,15 +22,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn, TxnOp};
-use qslice_proto::keys::{Key, Keys};
-use qslice_runner::etcd::{connect_when_ready, EtcdError, PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
+use qslice_proto::admin::event::Kind;
+use qslice_proto::admin::Event;
+use qslice_proto::keys::Keys;
+use qslice_proto::records::{CoordinatorRecord, Record, RECORD_VERSION};
+use qslice_runner::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use qslice_runner::membership::{grant_lease, keep_alive, Incarnation};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{event, ClusterCache};
 use crate::config::Config;
 use crate::planner::{plan, PlanOptions, SliceKey};
-use crate::view::{assignment_writes, ClusterView, Stored, Write};
+use crate::view::{assignment_writes, ClusterView, Write};
 
 /// Operations per transaction besides the leader compare (etcd's limit is 128).
 const MAX_WRITES_PER_TXN: usize = 127;
@@ -66,13 +70,8 @@ pub enum CoordinatorError {
 }
 
 /// Runs the coordinator until `shutdown`.
-pub async fn run(cfg: Config, shutdown: CancellationToken, state: Arc<LeaderState>) -> Result<(), CoordinatorError> {
+pub async fn run(cfg: Config, mut client: Client, cache: Arc<ClusterCache>, shutdown: CancellationToken, state: Arc<LeaderState>) -> Result<(), CoordinatorError> {
     let keys = Keys::new(&cfg.cluster)?;
-    let mut client = match connect_when_ready(&cfg.etcd, &shutdown).await {
-        Ok(c) => c,
-        Err(EtcdError::Cancelled) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
     let mut backoff = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let inc = match grant_lease(&mut client, cfg.lease_ttl).await {
@@ -88,6 +87,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, state: Arc<LeaderStat
             }
         };
         backoff = Duration::from_millis(200);
+        register(&mut client, &keys, &cfg, inc.lease_id).await;
         let keeper = {
             let (client, inc) = (client.clone(), inc.clone());
             tokio::spawn(async move { keep_alive(client, &inc).await })
@@ -116,7 +116,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, state: Arc<LeaderStat
         };
         tracing::info!(id = %cfg.id, "elected leader");
         metrics::gauge!("qslice_coordinator_is_leader").set(1.0);
-        let end = Term::new(&cfg, keys.clone(), client.clone(), inc.clone(), leader.clone()).lead(&shutdown, &state).await;
+        let end = Term::new(&cfg, keys.clone(), client.clone(), inc.clone(), leader.clone(), cache.clone()).lead(&shutdown, &state).await;
         state.leading.store(false, Ordering::SeqCst);
         metrics::gauge!("qslice_coordinator_is_leader").set(0.0);
         match end {
@@ -145,6 +145,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, state: Arc<LeaderStat
     Ok(())
 }
 
+/// Writes this instance's record (id and addresses) on its lease, for GetStatus.
+async fn register(client: &mut Client, keys: &Keys, cfg: &Config, lease: i64) {
+    let record = CoordinatorRecord {
+        v: RECORD_VERSION,
+        id: cfg.id.clone(),
+        admin_addr: Some(cfg.admin.addr.to_string()),
+        http_addr: cfg.http_addr.map(|a| a.to_string()),
+    };
+    let put = client.put(keys.coordinator(&cfg.id), record.encode(), Some(etcd_client::PutOptions::new().with_lease(lease)));
+    match tokio::time::timeout(REQUEST_TIMEOUT, put).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cannot write this coordinator's record"),
+        Err(_) => tracing::warn!("writing this coordinator's record timed out"),
+    }
+}
+
 /// One term as leader.
 struct Term<'a> {
     cfg: &'a Config,
@@ -152,8 +168,8 @@ struct Term<'a> {
     client: Client,
     inc: Incarnation,
     leader: LeaderKey,
-    /// The local copy of every key of the cluster.
-    store: BTreeMap<Vec<u8>, Stored>,
+    /// The instance's copy of the cluster.
+    cache: Arc<ClusterCache>,
     /// Nodes seen by the last round that did not trip the safety valve.
     previous_nodes: BTreeSet<String>,
     /// When the safety valve tripped, while it holds.
@@ -164,14 +180,14 @@ struct Term<'a> {
 }
 
 impl<'a> Term<'a> {
-    fn new(cfg: &'a Config, keys: Keys, client: Client, inc: Incarnation, leader: LeaderKey) -> Term<'a> {
+    fn new(cfg: &'a Config, keys: Keys, client: Client, inc: Incarnation, leader: LeaderKey, cache: Arc<ClusterCache>) -> Term<'a> {
         Term {
             cfg,
             keys,
             client,
             inc,
             leader,
-            store: BTreeMap::new(),
+            cache,
             previous_nodes: BTreeSet::new(),
             valve_since: None,
             handoff_since: BTreeMap::new(),
@@ -180,9 +196,8 @@ impl<'a> Term<'a> {
     }
 
     async fn lead(mut self, shutdown: &CancellationToken, state: &LeaderState) -> TermEnd {
-        let mut watch = PrefixWatch::new(self.client.clone(), self.keys.root().to_owned());
-        let mut listed = false;
-        let mut reconcile_at: Option<Instant> = None;
+        let mut changes = self.cache.subscribe_changes();
+        let mut reconcile_at: Option<Instant> = self.cache.is_listed().then(Instant::now);
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let fence = self.inc.fence.clone();
@@ -197,14 +212,15 @@ impl<'a> Term<'a> {
                     if let Err(end) = self.reconcile().await { return end; }
                     state.leading.store(true, Ordering::SeqCst);
                 }
-                _ = resync.tick(), if listed => {
+                _ = resync.tick(), if self.cache.is_listed() => {
                     if let Err(end) = self.reconcile().await { return end; }
                     state.leading.store(true, Ordering::SeqCst);
                 }
-                update = watch.next() => {
-                    let relevant = self.apply(update);
-                    listed = true;
-                    if relevant && reconcile_at.is_none() {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return TermEnd::Shutdown;
+                    }
+                    if reconcile_at.is_none() {
                         reconcile_at = Some(Instant::now() + DEBOUNCE);
                     }
                 }
@@ -212,29 +228,9 @@ impl<'a> Term<'a> {
         }
     }
 
-    /// Applies a watch update to the local copy; true when it can change the plan.
-    fn apply(&mut self, update: PrefixUpdate) -> bool {
-        let stored = |kv: &etcd_client::KeyValue| Stored { value: kv.value().to_vec(), create_revision: kv.create_revision(), lease: kv.lease() };
-        let relevant = |keys: &Keys, key: &[u8]| !matches!(keys.parse(key), Some(Key::Status { .. }) | None);
-        match update {
-            PrefixUpdate::Snapshot(kvs) => {
-                self.store = kvs.iter().map(|kv| (kv.key().to_vec(), stored(kv))).collect();
-                true
-            }
-            PrefixUpdate::Put(kv) => {
-                self.store.insert(kv.key().to_vec(), stored(&kv));
-                relevant(&self.keys, kv.key())
-            }
-            PrefixUpdate::Delete(kv) => {
-                self.store.remove(kv.key());
-                relevant(&self.keys, kv.key())
-            }
-        }
-    }
-
     async fn reconcile(&mut self) -> Result<(), TermEnd> {
         let started = Instant::now();
-        let view = ClusterView::from_store(&self.keys, &self.store);
+        let view = self.cache.view();
         for problem in &view.problems {
             tracing::warn!(%problem, "unreadable value in etcd; ignoring it");
         }
@@ -247,11 +243,36 @@ impl<'a> Term<'a> {
             self.previous_nodes = live.clone();
         }
         let options = PlanOptions {
-            churn_budget: self.cfg.churn_budget,
+            // A one-shot rebalance request lifts the churn budget for one round.
+            churn_budget: if view.rebalance_requested { usize::MAX } else { self.cfg.churn_budget },
             max_vanished_fraction: self.cfg.max_vanished_fraction,
             maintenance: false,
         };
-        let input = view.plan_input(self.previous_nodes.clone(), options);
+        let mut input = view.plan_input(self.previous_nodes.clone(), options);
+        // Two-phase reslice: while any claim made under another slice count remains, the
+        // queue is planned as paused, so every old owner releases before anyone claims
+        // under the new slicing.
+        let reslicing = view.reslicing_queues();
+        for q in input.queues.iter_mut().filter(|q| reslicing.contains(&q.name)) {
+            q.paused = true;
+        }
+        // A requested move is planned as a pin until its target holds the claim.
+        let mut done_requests = Vec::new();
+        for (slice, target) in &view.moves {
+            let eligible = view.nodes.contains_key(target) && !view.cordons.contains(target);
+            let arrived = view.claims.get(slice).is_some_and(|c| &c.node == target);
+            if !eligible || arrived || !view.queues.get(&slice.0).is_some_and(|q| slice.1 < q.slices) {
+                if !eligible {
+                    tracing::warn!(queue = %slice.0, slice = slice.1, node = %target, "move request dropped: the target is gone or cordoned");
+                }
+                done_requests.push(Write::Delete(self.keys.move_request(&slice.0, slice.1)));
+            } else {
+                input.pins.insert(slice.clone(), target.clone());
+            }
+        }
+        if view.rebalance_requested {
+            done_requests.push(Write::Delete(self.keys.rebalance()));
+        }
         let plan = plan(&input);
         if plan.balance_paused && !view.maintenance && self.valve_since.is_none() {
             self.valve_since = Some(Instant::now());
@@ -265,10 +286,12 @@ impl<'a> Term<'a> {
         if alerts != self.last_alerts {
             for alert in &alerts {
                 tracing::error!(%alert, "alert");
+                self.cache.emit(Event { message: alert.clone(), ..event(Kind::Alert) });
             }
             self.last_alerts = alerts;
         }
-        let writes = assignment_writes(&self.keys, &view, &plan.assignment);
+        let mut writes = assignment_writes(&self.keys, &view, &plan.assignment);
+        writes.extend(done_requests);
         self.write(&writes).await?;
         for m in &plan.moves {
             metrics::counter!("qslice_coordinator_moves_total", "reason" => m.reason.as_str()).increment(1);
@@ -337,6 +360,8 @@ impl<'a> Term<'a> {
             match tokio::time::timeout(REQUEST_TIMEOUT, self.client.lease_revoke(lease)).await {
                 Ok(Ok(_)) => {
                     metrics::counter!("qslice_coordinator_fenced_nodes_total").increment(1);
+                    let message = format!("did not release {queue}/{slice} within {}; lease revoked", humantime::format_duration(self.cfg.revoke_deadline));
+                    self.cache.emit(Event { node: holder.clone(), queue: queue.clone(), slice: *slice, message, ..event(Kind::NodeFenced) });
                     revoked.insert(holder.clone());
                 }
                 Ok(Err(e)) => tracing::warn!(node = %holder, error = %e, "revoking the lease failed"),

@@ -158,6 +158,16 @@ impl ClusterView {
         out
     }
 
+    /// Queues with a claim made under a slice count other than the queue's (a reslice
+    /// in progress).
+    pub fn reslicing_queues(&self) -> BTreeSet<String> {
+        self.claims
+            .iter()
+            .filter(|((queue, _), c)| self.queues.get(queue).is_some_and(|q| q.slices != c.slices_total))
+            .map(|((queue, _), _)| queue.clone())
+            .collect()
+    }
+
     /// The planner's input; `previous_nodes` is the node set of the last round.
     pub fn plan_input(&self, previous_nodes: BTreeSet<String>, mut options: PlanOptions) -> PlanInput {
         options.maintenance = self.maintenance;

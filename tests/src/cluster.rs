@@ -258,15 +258,25 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Starts a coordinator with a 2 s election lease and a short revoke deadline; `extra`
-/// adds or overrides flags.
-pub fn start_coordinator(etcd: &Etcd, spool: &Spool, id: &str, cluster: &str, extra: &[&str]) -> Result<Proc> {
+/// A coordinator process and the URL of its admin API.
+pub struct Coordinator {
+    /// The process.
+    pub proc: Proc,
+    /// `http://127.0.0.1:<port>` of its admin API.
+    pub admin: String,
+}
+
+/// Starts a coordinator with a 2 s election lease, a 3 s revoke deadline and its admin
+/// API on a free loopback port; `extra` adds or overrides flags.
+pub fn start_coordinator(etcd: &Etcd, spool: &Spool, id: &str, cluster: &str, extra: &[&str]) -> Result<Coordinator> {
     let log = spool.scratch(&format!("coordinator-{id}.log"));
     let endpoints = etcd.endpoint();
-    let mut args = vec!["--id", id, "--cluster", cluster, "--etcd-endpoints", &endpoints];
+    let admin_addr = format!("127.0.0.1:{}", crate::free_port()?);
+    let mut args = vec!["--id", id, "--cluster", cluster, "--etcd-endpoints", &endpoints, "--admin-addr", &admin_addr];
     args.extend_from_slice(extra);
     let envs = [("QSLICE_LEASE_TTL", "2s"), ("QSLICE_REVOKE_DEADLINE", "3s")];
-    Proc::spawn(&qslice_bin("qslice-coordinator")?, &args, &envs, &log)
+    let proc = Proc::spawn(&qslice_bin("qslice-coordinator")?, &args, &envs, &log)?;
+    Ok(Coordinator { proc, admin: format!("http://{admin_addr}") })
 }
 
 /// Writes a queue's configuration, as the admin API would.

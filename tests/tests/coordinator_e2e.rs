@@ -67,7 +67,7 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     put_queue(&mut c, "t", "in", 4).await.expect("queue");
     let mut coordinators: BTreeMap<String, qslice_tests::Proc> = BTreeMap::new();
     for id in ["c1", "c2"] {
-        coordinators.insert(id.into(), start_coordinator(&etcd, &spool, id, "t", &[]).expect("coordinator"));
+        coordinators.insert(id.into(), start_coordinator(&etcd, &spool, id, "t", &[]).expect("coordinator").proc);
     }
     let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
     wait_until(LONG, "r1 holds all 4 slices", || async { holdings(&mut c.clone(), "t", "in").await.get("r1").is_some_and(|v| v.len() == 4) })
@@ -96,7 +96,7 @@ async fn a_paused_leader_is_deposed_and_steps_down_when_it_resumes() {
     put_queue(&mut c, "t", "in", 4).await.expect("queue");
     let mut coordinators: BTreeMap<String, qslice_tests::Proc> = BTreeMap::new();
     for id in ["c1", "c2"] {
-        coordinators.insert(id.into(), start_coordinator(&etcd, &spool, id, "t", &[]).expect("coordinator"));
+        coordinators.insert(id.into(), start_coordinator(&etcd, &spool, id, "t", &[]).expect("coordinator").proc);
     }
     let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
     let mut r2 = start_runner(&etcd, &spool, "r2", "t", &[], &[]).expect("runner");

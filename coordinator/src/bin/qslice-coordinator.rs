@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
+use qslice_coordinator::admin::Admin;
+use qslice_coordinator::cache::ClusterCache;
 use qslice_coordinator::config::{Args, Config};
 use qslice_coordinator::leader::LeaderState;
 use qslice_runner::config::LogFormat;
@@ -58,12 +60,49 @@ async fn async_main(cfg: Config) -> ExitCode {
     }
     tokio::spawn(watch_signals(shutdown.clone()));
     tracing::info!(id = %cfg.id, cluster = %cfg.cluster, "qslice-coordinator starting");
-    match qslice_coordinator::leader::run(cfg, shutdown, state).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let keys = match qslice_proto::keys::Keys::new(&cfg.cluster) {
+        Ok(k) => k,
         Err(e) => {
+            tracing::error!(error = %e, "invalid cluster name");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match qslice_runner::etcd::connect_when_ready(&cfg.etcd, &shutdown).await {
+        Ok(c) => c,
+        Err(qslice_runner::etcd::EtcdError::Cancelled) => return ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot use etcd");
+            return ExitCode::from(1);
+        }
+    };
+    let cache = Arc::new(ClusterCache::new(keys.clone()));
+    {
+        let (cache, client, shutdown) = (cache.clone(), client.clone(), shutdown.clone());
+        tokio::spawn(async move { cache.run(client, shutdown).await });
+    }
+    let admin = Arc::new(Admin::new(client.clone(), keys, cache.clone(), cfg.admin.clone()));
+    let server = {
+        let (admin_cfg, shutdown) = (cfg.admin.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let result = qslice_coordinator::service::serve(admin, &admin_cfg, shutdown.clone()).await;
+            if let Err(e) = &result {
+                // A coordinator whose admin API cannot be reached is not one to run.
+                tracing::error!(error = %e, "the admin API failed; stopping");
+                shutdown.cancel();
+            }
+            result
+        })
+    };
+    let result = qslice_coordinator::leader::run(cfg, client, cache, shutdown.clone(), state).await;
+    shutdown.cancel();
+    let served = server.await;
+    match (result, served) {
+        (Err(e), _) => {
             tracing::error!(error = %e, "qslice-coordinator stopped");
             ExitCode::from(1)
         }
+        (Ok(()), Ok(Err(_))) => ExitCode::from(1),
+        _ => ExitCode::SUCCESS,
     }
 }
 

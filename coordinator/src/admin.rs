@@ -1,0 +1,440 @@
+//! The admin API's decisions, in plain Rust: validation, reads from the instance's
+//! [`ClusterCache`], and mutations written to etcd as configuration or intent that the
+//! leader acts on (so any instance, leader or standby, can take them).
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, DeleteOptions, Txn, TxnOp};
+use qslice_proto::admin::{
+    CoordinatorInfo, DrainProgress, Event, GetStatusResponse, NodeInfo, PlannedMove, QueueInfo, RebalanceResponse, SliceInfo, SliceRef,
+};
+use qslice_proto::keys::{validate_name, Keys};
+use qslice_proto::records::{Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, RECORD_VERSION};
+use qslice_proto::slice::validate_slice_count;
+use qslice_runner::etcd::REQUEST_TIMEOUT;
+use tokio_stream::Stream;
+
+use crate::cache::{now_ms, ClusterCache, IDLE_ALERT_AFTER};
+use crate::config::AdminConfig;
+use crate::planner::{plan, PlanOptions};
+use crate::view::ClusterView;
+
+/// Why an admin call failed; mapped to a gRPC status in one place (`service.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No bearer token was sent.
+    #[error("this call needs a bearer token (authorization: Bearer <token>)")]
+    Unauthenticated,
+    /// The token is wrong.
+    #[error("the bearer token is not accepted")]
+    PermissionDenied,
+    /// An unknown queue, node or slice.
+    #[error("{what} {name:?} does not exist")]
+    NotFound {
+        /// "queue", "node", "slice" or "pin".
+        what: &'static str,
+        /// What was asked for.
+        name: String,
+    },
+    /// A bad argument; the message names the field.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The request field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// etcd failed or did not answer.
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// The instance has not read the cluster yet.
+    #[error("this coordinator has not read the cluster from etcd yet; retry shortly")]
+    NotReady,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> AdminError {
+    AdminError::Invalid { field, message: message.into() }
+}
+
+fn not_found(what: &'static str, name: impl Into<String>) -> AdminError {
+    AdminError::NotFound { what, name: name.into() }
+}
+
+/// Whether a call reads or changes the cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A read.
+    Read,
+    /// A change.
+    Mutate,
+}
+
+/// The admin API's state, shared by every call.
+pub struct Admin {
+    client: Client,
+    keys: Keys,
+    cache: Arc<ClusterCache>,
+    cfg: AdminConfig,
+}
+
+/// A stream of drain progress reports.
+pub type DrainStream = Pin<Box<dyn Stream<Item = Result<DrainProgress, AdminError>> + Send>>;
+
+impl Admin {
+    /// The admin API over `client`, answering reads from `cache`.
+    pub fn new(client: Client, keys: Keys, cache: Arc<ClusterCache>, cfg: AdminConfig) -> Admin {
+        Admin { client, keys, cache, cfg }
+    }
+
+    /// Checks the bearer token (`authorization` metadata value) for a call.
+    pub fn authorize(&self, authorization: Option<&str>, access: Access) -> Result<(), AdminError> {
+        let Some(token) = &self.cfg.token else { return Ok(()) };
+        if access == Access::Read && !self.cfg.protect_reads {
+            return Ok(());
+        }
+        let sent = authorization.ok_or(AdminError::Unauthenticated)?;
+        let sent = sent.strip_prefix("Bearer ").ok_or(AdminError::Unauthenticated)?;
+        if constant_time_eq::constant_time_eq(sent.trim().as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(AdminError::PermissionDenied)
+        }
+    }
+
+    fn view(&self) -> Result<ClusterView, AdminError> {
+        if !self.cache.is_listed() {
+            return Err(AdminError::NotReady);
+        }
+        Ok(self.cache.view())
+    }
+
+    async fn put(&self, key: String, value: Vec<u8>) -> Result<(), AdminError> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.put(key, value, None)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(AdminError::Etcd(e.to_string())),
+            Err(_) => Err(AdminError::Etcd(format!("no answer within {REQUEST_TIMEOUT:?}"))),
+        }
+    }
+
+    async fn txn(&self, ops: Vec<TxnOp>) -> Result<(), AdminError> {
+        let mut client = self.client.clone();
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(Txn::new().and_then(ops))).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(AdminError::Etcd(e.to_string())),
+            Err(_) => Err(AdminError::Etcd(format!("no answer within {REQUEST_TIMEOUT:?}"))),
+        }
+    }
+
+    /// Leader, standbys, nodes, queues and (optionally) every slice.
+    pub fn status(&self, include_slices: bool) -> Result<GetStatusResponse, AdminError> {
+        let view = self.view()?;
+        let leader_id = self.cache.leader();
+        let info = |id: &str| CoordinatorInfo {
+            id: id.to_owned(),
+            admin_address: view.coordinators.get(id).and_then(|c| c.admin_addr.clone()).unwrap_or_default(),
+        };
+        let slices = if include_slices { self.slice_rows(&view) } else { Vec::new() };
+        Ok(GetStatusResponse {
+            cluster: self.keys.root().trim_start_matches("/qslice/").trim_end_matches('/').to_owned(),
+            leader: leader_id.as_deref().map(info),
+            standbys: view.coordinators.keys().filter(|id| Some(*id) != leader_id.as_ref()).map(|id| info(id)).collect(),
+            nodes: self.node_rows(&view),
+            queues: queue_rows(&view),
+            slices,
+            maintenance: view.maintenance,
+            alerts: idle_alerts(&view),
+        })
+    }
+
+    /// Every live node.
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, AdminError> {
+        Ok(self.node_rows(&self.view()?))
+    }
+
+    /// Every queue.
+    pub fn queues(&self) -> Result<Vec<QueueInfo>, AdminError> {
+        Ok(queue_rows(&self.view()?))
+    }
+
+    fn node_rows(&self, view: &ClusterView) -> Vec<NodeInfo> {
+        let mut held: BTreeMap<&str, u32> = BTreeMap::new();
+        for c in view.claims.values() {
+            *held.entry(c.node.as_str()).or_default() += 1;
+        }
+        view.nodes
+            .values()
+            .map(|n| NodeInfo {
+                id: n.node_id.clone(),
+                host: n.host.clone(),
+                weight: n.weight,
+                queues: n.queues.clone(),
+                cordoned: view.cordons.contains(&n.node_id),
+                incarnation: n.incarnation.to_string(),
+                age_seconds: ((now_ms() - n.started_unix_ms).max(0) / 1000) as u64,
+                slices_held: held.get(n.node_id.as_str()).copied().unwrap_or(0),
+                version: n.version.clone(),
+                metrics_address: n.metrics_addr.clone().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn slice_rows(&self, view: &ClusterView) -> Vec<SliceInfo> {
+        let desired = view.current_assignment();
+        // The freshest figures of each slice, from whichever node listed it.
+        let mut figures: BTreeMap<(String, u32), (i64, u64, u64)> = BTreeMap::new();
+        for ((_, queue), st) in &view.status {
+            if view.queues.get(queue).is_none_or(|q| q.slices != st.slices_total) {
+                continue;
+            }
+            for f in &st.slices {
+                let e = figures.entry((queue.clone(), f.slice)).or_insert((i64::MIN, 0, 0));
+                if st.listed_unix_ms > e.0 {
+                    *e = (st.listed_unix_ms, f.depth, f.oldest_age_ms);
+                }
+            }
+        }
+        let mut rows = Vec::new();
+        for (name, q) in &view.queues {
+            for s in 0..q.slices {
+                let k = (name.clone(), s);
+                let claim = view.claims.get(&k);
+                let (_, depth, age_ms) = figures.get(&k).copied().unwrap_or((0, 0, 0));
+                rows.push(SliceInfo {
+                    queue: name.clone(),
+                    slice: s,
+                    desired_owner: desired.get(&k).cloned().unwrap_or_default(),
+                    claim_holder: claim.map(|c| c.node.clone()).unwrap_or_default(),
+                    epoch: claim.map(|c| c.epoch).unwrap_or(0),
+                    depth,
+                    oldest_entry_age_seconds: age_ms as f64 / 1000.0,
+                    unowned_seconds: if claim.is_some() { 0.0 } else { self.cache.unowned_for(&k).unwrap_or(0.0) },
+                    pinned: view.pins.contains_key(&k),
+                });
+            }
+        }
+        rows
+    }
+
+    fn live_node(&self, view: &ClusterView, field: &'static str, node: &str) -> Result<(), AdminError> {
+        if node.is_empty() {
+            return Err(invalid(field, "a node id is required"));
+        }
+        if !view.nodes.contains_key(node) {
+            return Err(not_found("node", node));
+        }
+        Ok(())
+    }
+
+    /// Cordons a live node: it gets no new slices and its slices move away.
+    pub async fn cordon(&self, node: &str) -> Result<NodeInfo, AdminError> {
+        let view = self.view()?;
+        self.live_node(&view, "node", node)?;
+        let record = Cordon { v: RECORD_VERSION, reason: "cordoned through the admin API".into(), since_unix_ms: now_ms() };
+        self.put(self.keys.cordon(node), record.encode()).await?;
+        let mut row = self.node_rows(&view).into_iter().find(|n| n.id == node).ok_or_else(|| not_found("node", node))?;
+        row.cordoned = true;
+        Ok(row)
+    }
+
+    /// Lifts a cordon.
+    pub async fn uncordon(&self, node: &str) -> Result<NodeInfo, AdminError> {
+        let view = self.view()?;
+        if !view.cordons.contains(node) && !view.nodes.contains_key(node) {
+            return Err(not_found("node", node));
+        }
+        self.txn(vec![TxnOp::delete(self.keys.cordon(node), None)]).await?;
+        let row = self.node_rows(&view).into_iter().find(|n| n.id == node);
+        Ok(row.map(|mut r| {
+            r.cordoned = false;
+            r
+        })
+        .unwrap_or(NodeInfo { id: node.to_owned(), ..NodeInfo::default() }))
+    }
+
+    /// Cordons the node, then reports progress until it holds no slice or the deadline.
+    pub async fn drain(self: &Arc<Self>, node: &str, timeout: Duration) -> Result<DrainStream, AdminError> {
+        self.cordon(node).await?;
+        let deadline = tokio::time::Instant::now() + if timeout.is_zero() { self.cfg.drain_deadline } else { timeout };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (me, node) = (self.clone(), node.to_owned());
+        tokio::spawn(async move {
+            let mut first = None;
+            let mut last_sent = None;
+            loop {
+                let view = me.cache.view();
+                let held = view.claims.values().filter(|c| c.node == node).count() as u32;
+                let assigned: u32 = view.assignments.iter().filter(|((n, _), _)| n == &node).map(|(_, a)| a.slices.len() as u32).sum();
+                let remaining = held.max(assigned);
+                let start = *first.get_or_insert(remaining);
+                let done = remaining == 0;
+                let expired = tokio::time::Instant::now() >= deadline;
+                let message = if done {
+                    format!("{node} holds no slice: drained")
+                } else if expired {
+                    format!("deadline reached with {remaining} slices still on {node}")
+                } else {
+                    format!("{remaining} slices still on {node}")
+                };
+                if last_sent != Some(remaining) || done || expired {
+                    let progress = DrainProgress { node: node.clone(), slices_remaining: remaining, slices_moved: start.saturating_sub(remaining), done, message };
+                    if tx.send(Ok(progress)).await.is_err() {
+                        return;
+                    }
+                    last_sent = Some(remaining);
+                }
+                if done || expired {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    /// Creates a queue, or changes its slice count (the leader reslices in two phases).
+    pub async fn put_queue(&self, name: &str, slices: u32, mailman3: bool) -> Result<QueueInfo, AdminError> {
+        validate_name("queue", name).map_err(|e| invalid("name", e.to_string()))?;
+        validate_slice_count(slices, mailman3).map_err(|e| invalid("slices", e.to_string()))?;
+        let view = self.view()?;
+        let paused = view.queues.get(name).is_some_and(|q| q.paused);
+        let record = QueueConfig { v: RECORD_VERSION, name: name.to_owned(), slices, paused, mailman3 };
+        self.put(self.keys.queue(name), record.encode()).await?;
+        Ok(QueueInfo { name: name.to_owned(), slices, paused, mailman3, old_slicing_claims: 0 })
+    }
+
+    fn queue(&self, view: &ClusterView, name: &str) -> Result<QueueConfig, AdminError> {
+        validate_name("queue", name).map_err(|e| invalid("name", e.to_string()))?;
+        view.queues.get(name).cloned().ok_or_else(|| not_found("queue", name))
+    }
+
+    /// Deletes a queue with its pins and move requests; its slices are released.
+    pub async fn delete_queue(&self, name: &str) -> Result<QueueInfo, AdminError> {
+        let view = self.view()?;
+        let q = self.queue(&view, name)?;
+        let prefix = |p: String| TxnOp::delete(p, Some(DeleteOptions::new().with_prefix()));
+        self.txn(vec![
+            TxnOp::delete(self.keys.queue(name), None),
+            prefix(format!("{}pins/{name}/", self.keys.root())),
+            prefix(format!("{}moves/{name}/", self.keys.root())),
+        ])
+        .await?;
+        Ok(queue_row(&view, &q))
+    }
+
+    /// Pauses or resumes a queue.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<QueueInfo, AdminError> {
+        let view = self.view()?;
+        let mut q = self.queue(&view, name)?;
+        q.paused = paused;
+        self.put(self.keys.queue(name), q.encode()).await?;
+        Ok(queue_row(&view, &q))
+    }
+
+    fn slice_ref(&self, view: &ClusterView, slice: Option<&SliceRef>) -> Result<(QueueConfig, u32), AdminError> {
+        let slice = slice.ok_or_else(|| invalid("slice", "a queue and slice are required"))?;
+        let q = self.queue(view, &slice.queue).map_err(|e| match e {
+            AdminError::Invalid { message, .. } => invalid("slice.queue", message),
+            other => other,
+        })?;
+        if slice.slice >= q.slices {
+            return Err(not_found("slice", format!("{}/{} (the queue has {} slices)", q.name, slice.slice, q.slices)));
+        }
+        Ok((q, slice.slice))
+    }
+
+    /// Asks the leader to move a slice to `target` (a planned hand-off).
+    pub async fn move_slice(&self, slice: Option<&SliceRef>, target: &str) -> Result<(String, String), AdminError> {
+        let view = self.view()?;
+        let (q, s) = self.slice_ref(&view, slice)?;
+        self.live_node(&view, "target_node", target)?;
+        if view.cordons.contains(target) {
+            return Err(invalid("target_node", format!("node {target:?} is cordoned")));
+        }
+        let from = view.current_assignment().get(&(q.name.clone(), s)).cloned().unwrap_or_default();
+        let record = MoveRequest { v: RECORD_VERSION, node_id: target.to_owned(), requested_unix_ms: now_ms() };
+        self.put(self.keys.move_request(&q.name, s), record.encode()).await?;
+        Ok((from, target.to_owned()))
+    }
+
+    /// Pins a slice to a node.
+    pub async fn pin(&self, slice: Option<&SliceRef>, node: &str) -> Result<(SliceRef, String), AdminError> {
+        let view = self.view()?;
+        let (q, s) = self.slice_ref(&view, slice)?;
+        self.live_node(&view, "node", node)?;
+        let record = PinRecord { v: RECORD_VERSION, node_id: node.to_owned() };
+        self.put(self.keys.pin(&q.name, s), record.encode()).await?;
+        Ok((SliceRef { queue: q.name, slice: s }, node.to_owned()))
+    }
+
+    /// Removes a slice's pin.
+    pub async fn unpin(&self, slice: Option<&SliceRef>) -> Result<(SliceRef, String), AdminError> {
+        let view = self.view()?;
+        let (q, s) = self.slice_ref(&view, slice)?;
+        let node = view.pins.get(&(q.name.clone(), s)).cloned().ok_or_else(|| not_found("pin", format!("{}/{s}", q.name)))?;
+        self.txn(vec![TxnOp::delete(self.keys.pin(&q.name, s), None)]).await?;
+        Ok((SliceRef { queue: q.name, slice: s }, node))
+    }
+
+    /// The moves a full rebalance would make now (with reasons); unless `dry_run`, asks
+    /// the leader to make them in its next round regardless of the churn budget.
+    pub async fn rebalance(&self, dry_run: bool) -> Result<RebalanceResponse, AdminError> {
+        let view = self.view()?;
+        let live = view.nodes.keys().cloned().collect();
+        let options = PlanOptions { churn_budget: usize::MAX, max_vanished_fraction: 1.0, maintenance: false };
+        let planned = plan(&view.plan_input(live, options));
+        let moves = planned
+            .moves
+            .iter()
+            .filter(|m| m.reason.is_planned())
+            .map(|m| PlannedMove {
+                slice: Some(SliceRef { queue: m.queue.clone(), slice: m.slice }),
+                from_node: m.from.clone().unwrap_or_default(),
+                to_node: m.to.clone(),
+                reason: m.reason.to_string(),
+            })
+            .collect();
+        if !dry_run {
+            let record = RebalanceRequest { v: RECORD_VERSION, requested_unix_ms: now_ms() };
+            self.put(self.keys.rebalance(), record.encode()).await?;
+        }
+        Ok(RebalanceResponse { moves, applied: !dry_run })
+    }
+
+    /// Turns maintenance mode on or off.
+    pub async fn set_maintenance(&self, on: bool) -> Result<bool, AdminError> {
+        let record = Maintenance { v: RECORD_VERSION, on, since_unix_ms: now_ms() };
+        self.put(self.keys.maintenance(), record.encode()).await?;
+        Ok(on)
+    }
+
+    /// The event stream from now on.
+    pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.cache.subscribe_events()
+    }
+}
+
+fn queue_row(view: &ClusterView, q: &QueueConfig) -> QueueInfo {
+    let old = view.claims.iter().filter(|((queue, _), c)| queue == &q.name && c.slices_total != q.slices).count() as u32;
+    QueueInfo { name: q.name.clone(), slices: q.slices, paused: q.paused, mailman3: q.mailman3, old_slicing_claims: old }
+}
+
+fn queue_rows(view: &ClusterView) -> Vec<QueueInfo> {
+    view.queues.values().map(|q| queue_row(view, q)).collect()
+}
+
+/// Slices whose oldest entry waits longer than [`IDLE_ALERT_AFTER`] with no owner.
+fn idle_alerts(view: &ClusterView) -> Vec<String> {
+    let mut out = Vec::new();
+    for ((_, queue), st) in &view.status {
+        for f in &st.slices {
+            if f.depth > 0 && f.oldest_age_ms >= IDLE_ALERT_AFTER.as_millis() as u64 && !view.claims.contains_key(&(queue.clone(), f.slice)) {
+                out.push(format!("{queue}/{} has entries older than {} s and no owner", f.slice, f.oldest_age_ms / 1000));
+            }
+        }
+    }
+    out
+}
