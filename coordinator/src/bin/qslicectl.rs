@@ -2,9 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use qslice_coordinator::ctl::{self, Admin, ClientOptions, QueueChange, TlsFiles};
 use qslice_coordinator::offline;
+use serde::Serialize;
 
 /// Operate a qslice cluster, or inspect a Mailman spool offline.
 #[derive(Parser)]
@@ -13,8 +16,33 @@ struct Cli {
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How to reach the coordinators' admin API (unused by the offline subcommands).
+#[derive(Args)]
+struct ConnArgs {
+    /// Admin API addresses, comma-separated, tried in order; host:port means http://.
+    #[arg(long, global = true, env = "QSLICE_COORDINATOR", default_value = ctl::DEFAULT_COORDINATOR, value_name = "ADDR[,ADDR...]")]
+    coordinator: String,
+    /// Bearer token sent with every call.
+    #[arg(long, global = true, env = "QSLICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM CA that signs the coordinators' certificates (needed for https addresses).
+    #[arg(long, global = true, env = "QSLICE_ADMIN_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS.
+    #[arg(long, global = true, requires = "key", value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// PEM client key for mutual TLS.
+    #[arg(long, global = true, requires = "cert", value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// Bound on connecting and on each call (drain and events streams are not bounded).
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -33,6 +61,117 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// Leader and standbys, nodes and queues (and each slice's ownership with --slices).
+    Status {
+        /// Add a row per slice: owners, epoch, depth, ages.
+        #[arg(long)]
+        slices: bool,
+    },
+    /// List runner nodes.
+    Nodes,
+    /// List queues.
+    Queues,
+    /// Create, reslice, delete, pause or resume a queue.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Stop assigning new slices to a node.
+    Cordon {
+        /// Node id.
+        node: String,
+    },
+    /// Let a cordoned node take slices again.
+    Uncordon {
+        /// Node id.
+        node: String,
+    },
+    /// Cordon a node and move every slice away; prints progress until done.
+    Drain {
+        /// Node id.
+        node: String,
+        /// How long the coordinator waits for the slices to move (0: its default).
+        #[arg(long, default_value_t = 0)]
+        timeout_seconds: u32,
+    },
+    /// Hand one slice over to another node.
+    Move {
+        /// Queue name.
+        queue: String,
+        /// Slice number.
+        slice: u32,
+        /// Target node id.
+        node: String,
+    },
+    /// Pin a slice to a node (the planner keeps it there).
+    Pin {
+        /// Queue name.
+        queue: String,
+        /// Slice number.
+        slice: u32,
+        /// Node id.
+        node: String,
+    },
+    /// Remove a slice's pin.
+    Unpin {
+        /// Queue name.
+        queue: String,
+        /// Slice number.
+        slice: u32,
+    },
+    /// Rebalance slices across nodes; prints the moves.
+    Rebalance {
+        /// Only plan: print the moves without making them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Switch maintenance mode (no automatic moves) on or off.
+    Maintenance {
+        /// on or off.
+        mode: OnOff,
+    },
+    /// Print cluster events (for about a second, or until interrupted with --follow).
+    Events {
+        /// Keep printing until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Create a queue, or change a live queue's slice count.
+    Set {
+        /// Queue name.
+        name: String,
+        /// Number of slices.
+        #[arg(long)]
+        slices: u32,
+        /// A Mailman 3 queue (slice count a power of two).
+        #[arg(long)]
+        mailman3: bool,
+    },
+    /// Delete a queue.
+    Delete {
+        /// Queue name.
+        name: String,
+    },
+    /// Stop processing a queue.
+    Pause {
+        /// Queue name.
+        name: String,
+    },
+    /// Resume processing a queue.
+    Resume {
+        /// Queue name.
+        name: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -85,5 +224,88 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        command => {
+            let options = ClientOptions {
+                addresses: ctl::parse_addresses(&cli.conn.coordinator)?,
+                token: cli.conn.token.clone(),
+                tls: TlsFiles { ca: cli.conn.ca.clone(), cert: cli.conn.cert.clone(), key: cli.conn.key.clone() },
+                timeout: cli.conn.timeout,
+            };
+            let admin = Admin::new(&options)?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(online(&admin, command, cli.json))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Prints `value` as JSON, or the table `render` makes.
+fn emit<T: Serialize>(json: bool, value: &T, render: impl FnOnce(&T) -> String) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", render(value));
+    }
+    Ok(())
+}
+
+/// Runs one admin API subcommand.
+async fn online(admin: &Admin, command: &Command, json: bool) -> anyhow::Result<()> {
+    match command {
+        Command::SliceOf { .. } | Command::Spool { .. } => unreachable!("offline subcommands are run by run()"),
+        Command::Status { slices } => {
+            let view = ctl::status_view(&admin.status(*slices).await?, *slices);
+            emit(json, &view, ctl::render_status)
+        }
+        Command::Nodes => emit(json, &ctl::node_rows(&admin.nodes().await?), |r| ctl::render_nodes(r)),
+        Command::Queues => emit(json, &ctl::queue_rows(&admin.queues().await?), |r| ctl::render_queues(r)),
+        Command::Queue { command } => {
+            let (verb, name, queue) = match command {
+                QueueCommand::Set { name, slices, mailman3 } => {
+                    ("set", name, admin.put_queue(name, *slices, *mailman3).await?)
+                }
+                QueueCommand::Delete { name } => queue_change(admin, QueueChange::Delete, name).await?,
+                QueueCommand::Pause { name } => queue_change(admin, QueueChange::Pause, name).await?,
+                QueueCommand::Resume { name } => queue_change(admin, QueueChange::Resume, name).await?,
+            };
+            let row = queue.as_ref().map(ctl::queue_row);
+            emit(json, &row, |r| ctl::render_queue_reply(verb, name, r.as_ref()))
+        }
+        Command::Cordon { node } | Command::Uncordon { node } => {
+            let cordon = matches!(command, Command::Cordon { .. });
+            let row = admin.cordon(node, cordon).await?.as_ref().map(ctl::node_row);
+            let verb = if cordon { "cordoned" } else { "uncordoned" };
+            emit(json, &row, |r| ctl::render_node_reply(verb, node, r.as_ref()))
+        }
+        Command::Drain { node, timeout_seconds } => {
+            Ok(admin.drain(node, *timeout_seconds, |p| println!("{}", ctl::drain_line(p, json))).await?)
+        }
+        Command::Move { queue, slice, node } => {
+            emit(json, &admin.move_slice(queue, *slice, node).await?, ctl::render_move)
+        }
+        Command::Pin { queue, slice, node } => {
+            emit(json, &admin.pin(queue, *slice, Some(node)).await?, ctl::render_pin)
+        }
+        Command::Unpin { queue, slice } => emit(json, &admin.pin(queue, *slice, None).await?, ctl::render_pin),
+        Command::Rebalance { dry_run } => {
+            emit(json, &ctl::rebalance_view(&admin.rebalance(*dry_run).await?), ctl::render_rebalance)
+        }
+        Command::Maintenance { mode } => {
+            let on = admin.set_maintenance(matches!(mode, OnOff::On)).await?;
+            emit(json, &serde_json::json!({ "maintenance": on }), |_| ctl::render_maintenance(on))
+        }
+        Command::Events { follow } => {
+            let window = if *follow { None } else { Some(ctl::EVENTS_WINDOW) };
+            Ok(admin.watch_events(window, |e| println!("{}", ctl::event_line(e, json))).await?)
+        }
+    }
+}
+
+/// Deletes, pauses or resumes a queue; the reply's verb, name and queue.
+async fn queue_change<'a>(
+    admin: &Admin,
+    change: QueueChange,
+    name: &'a String,
+) -> anyhow::Result<(&'static str, &'a String, Option<qslice_proto::admin::QueueInfo>)> {
+    Ok((change.done_verb(), name, admin.change_queue(change, name).await?))
 }
