@@ -33,6 +33,8 @@ pub struct Rec {
     pub slice: u32,
     /// Nanoseconds since the epoch.
     pub at_ns: u128,
+    /// The queue's slice count the entry was handed over under (0 if not recorded).
+    pub slices: u32,
 }
 
 impl Spool {
@@ -86,9 +88,9 @@ impl Spool {
         let rec = self.records_path();
         let script = format!(
             "echo $$ >> {pgids}; b=$(basename \"$QSLICE_PATH\" .bak); \
-             echo \"start $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}; \
+             echo \"start $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N) $QSLICE_SLICES\" >> {rec}; \
              sleep ${{QSLICE_TEST_DELAY:-0}}; \
-             echo \"end $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N)\" >> {rec}",
+             echo \"end $b $QSLICE_NODE $QSLICE_EPOCH $QSLICE_SLICE $(date +%s%N) $QSLICE_SLICES\" >> {rec}",
             rec = rec.display(),
             pgids = self.pgids_path().display()
         );
@@ -113,6 +115,7 @@ impl Spool {
                     epoch: f.get(3)?.parse().ok()?,
                     slice: f.get(4)?.parse().ok()?,
                     at_ns: f.get(5)?.parse().ok()?,
+                    slices: f.get(6).and_then(|s| s.parse().ok()).unwrap_or(0),
                 })
             })
             .collect()
