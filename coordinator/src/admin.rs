@@ -50,6 +50,9 @@ pub enum AdminError {
     /// etcd failed or did not answer.
     #[error("etcd: {0}")]
     Etcd(String),
+    /// The call cannot be done in the cluster's current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The instance has not read the cluster yet.
     #[error("this coordinator has not read the cluster from etcd yet; retry shortly")]
     NotReady,
@@ -379,13 +382,19 @@ impl Admin {
         Ok((SliceRef { queue: q.name, slice: s }, node))
     }
 
-    /// The moves a full rebalance would make now (with reasons); unless `dry_run`, asks
-    /// the leader to make them in its next round regardless of the churn budget.
+    /// The moves a full rebalance would make now (with reasons; in maintenance mode, what
+    /// would move once it is off); unless `dry_run`, asks the leader to make them in its
+    /// next round regardless of the churn budget.
     pub async fn rebalance(&self, dry_run: bool) -> Result<RebalanceResponse, AdminError> {
         let view = self.view()?;
+        if !dry_run && view.maintenance {
+            return Err(AdminError::FailedPrecondition("maintenance mode is on: nothing moves but orphans; turn it off to rebalance".into()));
+        }
         let live = view.nodes.keys().cloned().collect();
         let options = PlanOptions { churn_budget: usize::MAX, max_vanished_fraction: 1.0, maintenance: false };
-        let planned = plan(&view.plan_input(live, options));
+        let mut input = view.plan_input(live, options);
+        input.options.maintenance = false;
+        let planned = plan(&input);
         let moves = planned
             .moves
             .iter()

@@ -23,6 +23,7 @@ impl From<AdminError> for Status {
             AdminError::PermissionDenied => Status::permission_denied(message),
             AdminError::NotFound { .. } => Status::not_found(message),
             AdminError::Invalid { .. } => Status::invalid_argument(message),
+            AdminError::FailedPrecondition(_) => Status::failed_precondition(message),
             AdminError::Etcd(_) | AdminError::NotReady => Status::unavailable(message),
         }
     }

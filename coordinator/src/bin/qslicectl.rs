@@ -11,7 +11,7 @@ use serde::Serialize;
 
 /// Operate a qslice cluster, or inspect a Mailman spool offline.
 #[derive(Parser)]
-#[command(name = "qslicectl", version, about)]
+#[command(name = "qslicectl", version)]
 struct Cli {
     /// Print JSON instead of tables (for scripts).
     #[arg(long, global = true)]

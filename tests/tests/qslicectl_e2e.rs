@@ -1,0 +1,160 @@
+//! qslicectl, the real binary, against a real cluster: every subcommand, tables and
+//! JSON, address fallback, token and validation failures, exit codes.
+
+use std::process::Command;
+use std::time::Duration;
+
+use qslice_tests::cluster::{client, holdings, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::{free_port, qslice_bin, Etcd};
+
+const LONG: Duration = Duration::from_secs(60);
+
+struct Ctl {
+    coordinator: String,
+}
+
+impl Ctl {
+    fn run(&self, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+        let mut cmd = Command::new(qslice_bin("qslicectl").expect("built"));
+        cmd.args(["--coordinator", &self.coordinator]).args(args).env_remove("QSLICE_TOKEN");
+        if let Some(t) = token {
+            cmd.env("QSLICE_TOKEN", t);
+        }
+        let out = cmd.output().expect("run qslicectl");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    /// Runs a command that must succeed; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(Some("tok"), args);
+        assert_eq!(code, 0, "qslicectl {args:?} failed: {err}");
+        out
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ok(&all);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("qslicectl {args:?} printed no JSON ({e}): {out}"))
+    }
+}
+
+#[tokio::test]
+async fn every_subcommand_works_against_a_live_cluster() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mut c = client(&etcd).await.expect("client");
+    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-token", "tok"]).expect("coordinator");
+    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
+    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &[]).expect("runner");
+    // The first address has nobody listening: qslicectl tries the next.
+    let dead = format!("127.0.0.1:{}", free_port().expect("port"));
+    let ctl = Ctl { coordinator: format!("{dead},{}", co.admin) };
+    wait_until(LONG, "qslicectl sees both nodes", || async {
+        let (code, out, _) = ctl.run(None, &["--json", "nodes"]);
+        code == 0 && serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 2))
+    })
+    .await
+    .expect("nodes");
+
+    // Auth, validation and usage failures and their exit codes.
+    let (code, _, err) = ctl.run(None, &["queue", "set", "in", "--slices", "4"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
+    let (code, _, err) = ctl.run(Some("nope"), &["queue", "set", "in", "--slices", "4"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
+    let (code, _, err) = ctl.run(Some("tok"), &["queue", "set", "in", "--slices", "6", "--mailman3"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("INVALID_ARGUMENT") && err.contains("slices"), "{err}");
+    let (code, _, err) = ctl.run(Some("tok"), &["cordon", "ghost"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    let (code, _, _) = ctl.run(Some("tok"), &["queue", "set", "in"]);
+    assert_eq!(code, 2, "a usage error exits 2");
+
+    ctl.ok(&["queue", "set", "in", "--slices", "4"]);
+    wait_until(LONG, "2 slices each", || async {
+        let h = holdings(&mut c.clone(), "t", "in").await;
+        h.len() == 2 && h.values().all(|v| v.len() == 2)
+    })
+    .await
+    .expect("balanced");
+    let table = ctl.ok(&["status", "--slices"]);
+    assert!(table.contains("c1") && table.contains("r1") && table.contains("r2"), "{table}");
+    let status = ctl.json(&["status", "--slices"]);
+    assert_eq!(status["slices"].as_array().map(Vec::len), Some(4), "{status}");
+    let queues = ctl.json(&["queues"]);
+    assert_eq!(queues[0]["slices"], 4, "{queues}");
+    assert!(ctl.ok(&["queues"]).contains("in"));
+
+    ctl.ok(&["cordon", "r1"]);
+    wait_until(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
+    ctl.ok(&["uncordon", "r1"]);
+    wait_until(LONG, "balanced again", || async {
+        let h = holdings(&mut c.clone(), "t", "in").await;
+        h.len() == 2 && h.values().all(|v| v.len() == 2)
+    })
+    .await
+    .expect("uncordon");
+    let h = holdings(&mut c, "t", "in").await;
+    let s = h["r1"][0].to_string();
+    ctl.ok(&["pin", "in", &s, "r2"]);
+    wait_until(LONG, "the pinned slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][0])) })
+        .await
+        .expect("pin");
+    ctl.ok(&["unpin", "in", &s]);
+    let other = h["r1"][1].to_string();
+    ctl.ok(&["move", "in", &other, "r2"]);
+    wait_until(LONG, "the moved slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][1])) })
+        .await
+        .expect("move");
+    // Freeze an imbalance under maintenance: the dry run shows what would move, and an
+    // applied rebalance is refused until maintenance is off.
+    ctl.ok(&["cordon", "r1"]);
+    wait_until(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
+    ctl.ok(&["maintenance", "on"]);
+    wait_until(LONG, "status says maintenance", || async { ctl.json(&["status"])["maintenance"] == true }).await.expect("maintenance");
+    ctl.ok(&["uncordon", "r1"]);
+    let dry = ctl.json(&["rebalance", "--dry-run"]);
+    assert_eq!(dry["moves"].as_array().map(Vec::len), Some(2), "two slices would move back to r1: {dry}");
+    assert!(ctl.ok(&["rebalance", "--dry-run"]).contains("r1"));
+    let (code, _, err) = ctl.run(Some("tok"), &["rebalance"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("FAILED_PRECONDITION") && err.contains("maintenance"), "{err}");
+    assert_eq!(holdings(&mut c, "t", "in").await.get("r2").map(Vec::len), Some(4), "nothing moved in maintenance");
+    ctl.ok(&["maintenance", "off"]);
+    ctl.ok(&["rebalance"]);
+    wait_until(LONG, "rebalanced", || async {
+        let h = holdings(&mut c.clone(), "t", "in").await;
+        h.len() == 2 && h.values().all(|v| v.len() == 2)
+    })
+    .await
+    .expect("rebalance");
+    ctl.ok(&["queue", "pause", "in"]);
+    wait_until(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("pause");
+    ctl.ok(&["queue", "resume", "in"]);
+    wait_until(LONG, "claims back", || async { holdings(&mut c.clone(), "t", "in").await.values().map(Vec::len).sum::<usize>() == 4 }).await.expect("resume");
+
+    // drain streams progress and ends done; events prints what happens.
+    let out = ctl.ok(&["drain", "r1", "--timeout-seconds", "60"]);
+    assert!(out.contains("drained"), "{out}");
+    assert_eq!(holdings(&mut c, "t", "in").await.get("r2").map(Vec::len), Some(4));
+    let events = std::thread::spawn({
+        let coordinator = ctl.coordinator.clone();
+        move || Ctl { coordinator }.json_lines(&["events"])
+    });
+    ctl.ok(&["uncordon", "r1"]);
+    let lines = events.join().expect("events thread");
+    assert!(lines.iter().all(|l| l.get("kind").is_some()), "{lines:?}");
+    ctl.ok(&["queue", "delete", "in"]);
+    wait_until(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("delete");
+}
+
+impl Ctl {
+    fn json_lines(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        self.ok(&all).lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
+    }
+}
