@@ -261,4 +261,20 @@ mod tests {
         assert_eq!(cfg.etcd.endpoints, vec!["http://e:2379"]);
         assert_eq!(cfg.churn_budget, DEFAULT_CHURN_BUDGET);
     }
+
+    #[test]
+    fn the_admin_token_comes_from_a_file_and_tls_files_go_in_pairs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t0ken\n").expect("write");
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--admin-token-file", token.to_str().expect("utf8")]).expect("flags");
+        assert_eq!(Config::resolve(&args).expect("valid").admin.token.as_deref(), Some("t0ken"));
+        std::fs::write(&token, "\n").expect("write");
+        let err = Config::resolve(&args).expect_err("empty token");
+        assert!(err.to_string().starts_with("admin.token_file"), "{err}");
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--admin-tls-cert", "/c.pem"]).expect("flags");
+        assert!(Config::resolve(&args).expect_err("pair").to_string().starts_with("admin.tls_cert"));
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--admin-client-ca", "/ca.pem"]).expect("flags");
+        assert!(Config::resolve(&args).expect_err("needs tls").to_string().starts_with("admin.client_ca"));
+    }
 }

@@ -10,6 +10,7 @@
 //!   happen; tests use it instead of sleeps.
 
 pub mod cluster;
+pub mod pki;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};

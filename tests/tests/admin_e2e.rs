@@ -219,6 +219,14 @@ async fn every_rpc_works_against_a_live_cluster() {
         .expect("health")
         .into_inner();
     assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+    let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let channel = Channel::from_shared(co.admin.clone()).expect("url").connect().await.expect("channel");
+    let mut replies = ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::iter([ask])).await.expect("reflection").into_inner();
+    let reply = replies.message().await.expect("reply").expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("unexpected reply {reply:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"qslice.admin.v1.Admin".to_owned()), "reflection lists the admin service: {names:?}");
 }
 
 fn total(h: &std::collections::BTreeMap<String, Vec<u32>>) -> usize {

@@ -158,3 +158,29 @@ impl Ctl {
         self.ok(&all).lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str(l).expect("a JSON line")).collect()
     }
 }
+
+#[tokio::test]
+async fn the_admin_api_over_mutual_tls_needs_the_right_ca_and_a_client_certificate() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let pki = qslice_tests::pki::Pki::generate(&spool.scratch("pki"), "qslice-test-ca").expect("certificates");
+    let other = qslice_tests::pki::Pki::generate(&spool.scratch("other-pki"), "some-other-ca").expect("certificates");
+    let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
+    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-tls-cert", &cert, "--admin-tls-key", &key, "--admin-client-ca", &ca]).expect("coordinator");
+    let https = co.admin.replace("http://", "https://");
+    let ctl = Ctl { coordinator: https };
+    let (client_cert, client_key) = (pki.path("client.pem"), pki.path("client.key"));
+    wait_until(LONG, "queues over mTLS", || async {
+        ctl.run(None, &["--ca", &ca, "--cert", &client_cert, "--key", &client_key, "queues"]).0 == 0
+    })
+    .await
+    .expect("mTLS works");
+    let (code, _, err) = ctl.run(None, &["--ca", &ca, "queues"]);
+    assert_eq!(code, 1, "no client certificate is refused: {err}");
+    let wrong_ca = other.path("ca.pem");
+    let (code, _, err) = ctl.run(None, &["--ca", &wrong_ca, "--cert", &client_cert, "--key", &client_key, "queues"]);
+    assert_eq!(code, 1, "a server certificate from another CA is refused: {err}");
+    let (their_cert, their_key) = (other.path("client.pem"), other.path("client.key"));
+    let (code, _, err) = ctl.run(None, &["--ca", &ca, "--cert", &their_cert, "--key", &their_key, "queues"]);
+    assert_eq!(code, 1, "a client certificate from another CA is refused: {err}");
+}
