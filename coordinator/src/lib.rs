@@ -13,6 +13,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod ctl;
+pub mod dashboard;
 pub mod leader;
 pub mod offline;
 pub mod planner;

@@ -16,5 +16,6 @@ pub mod etcd;
 pub mod handler;
 pub mod http;
 pub mod membership;
+pub mod notify;
 pub mod owner;
 pub mod spool;

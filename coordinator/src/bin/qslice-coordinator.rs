@@ -1,13 +1,15 @@
 //! qslice-coordinator: leader election and slice assignment.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use qslice_coordinator::admin::Admin;
 use qslice_coordinator::cache::ClusterCache;
 use qslice_coordinator::config::{Args, Config};
+use qslice_coordinator::dashboard::Dashboard;
 use qslice_coordinator::leader::LeaderState;
 use qslice_runner::config::LogFormat;
 use tokio_util::sync::CancellationToken;
@@ -40,21 +42,15 @@ fn main() -> ExitCode {
 async fn async_main(cfg: Config) -> ExitCode {
     let shutdown = CancellationToken::new();
     let state = Arc::new(LeaderState::default());
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
-    if let (Some(addr), Ok(handle)) = (cfg.http_addr, recorder) {
-        // /readyz: ready when this instance leads (standbys answer 503 there; /healthz is 200).
-        let ready = Arc::new(AtomicBool::new(false));
-        let (r, s) = (ready.clone(), state.clone());
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().ok();
+    // The HTTP endpoint comes up before etcd answers (/healthz, /metrics); the dashboard's
+    // data once the admin state is attached below.
+    let dashboard = Dashboard::new(state.clone(), recorder);
+    if let Some(addr) = cfg.http_addr {
+        let (dashboard, shutdown) = (dashboard.clone(), shutdown.clone());
         tokio::spawn(async move {
-            loop {
-                r.store(s.leading.load(Ordering::SeqCst), Ordering::SeqCst);
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-        });
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = qslice_runner::http::serve(addr, handle, ready, shutdown).await {
-                tracing::error!(%addr, error = %e, "cannot serve metrics");
+            if let Err(e) = dashboard.serve(addr, shutdown).await {
+                tracing::error!(%addr, error = %e, "cannot serve the dashboard and metrics");
             }
         });
     }
@@ -67,6 +63,17 @@ async fn async_main(cfg: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cache = Arc::new(ClusterCache::new(keys.clone()));
+    {
+        // systemd (Type=notify): leader and standbys alike are ready once they have read
+        // the cluster and their admin API accepts connections.
+        let (cache, admin_addr) = (cache.clone(), cfg.admin.addr);
+        let is_ready = move || {
+            let listed = cache.is_listed();
+            async move { listed && accepts_connections(admin_addr).await }
+        };
+        tokio::spawn(qslice_runner::notify::run(is_ready, shutdown.clone()));
+    }
     let client = match qslice_runner::etcd::connect_when_ready(&cfg.etcd, &shutdown).await {
         Ok(c) => c,
         Err(qslice_runner::etcd::EtcdError::Cancelled) => return ExitCode::SUCCESS,
@@ -75,12 +82,12 @@ async fn async_main(cfg: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let cache = Arc::new(ClusterCache::new(keys.clone()));
     {
         let (cache, client, shutdown) = (cache.clone(), client.clone(), shutdown.clone());
         tokio::spawn(async move { cache.run(client, shutdown).await });
     }
     let admin = Arc::new(Admin::new(client.clone(), keys, cache.clone(), cfg.admin.clone()));
+    dashboard.attach(admin.clone(), shutdown.clone());
     let server = {
         let (admin_cfg, shutdown) = (cfg.admin.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -104,6 +111,19 @@ async fn async_main(cfg: Config) -> ExitCode {
         (Ok(()), Ok(Err(_))) => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
     }
+}
+
+/// Whether a TCP connection to `addr` (the loopback address for a wildcard one) opens
+/// within a second: the admin API serves.
+async fn accepts_connections(addr: SocketAddr) -> bool {
+    let mut probe = addr;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(probe)).await, Ok(Ok(_)))
 }
 
 /// The first SIGTERM or SIGINT resigns and stops; a second one exits at once.

@@ -1,7 +1,7 @@
 //! qslice-runner: claims slices of a shared Mailman spool and processes them.
 
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
@@ -52,6 +52,13 @@ async fn async_main(cfg: Config) -> ExitCode {
         });
     }
     tokio::spawn(watch_signals(shutdown.clone()));
+    {
+        // systemd (Type=notify): ready once registered with the assignment read, the same
+        // condition as /readyz.
+        let ready = ready.clone();
+        let is_ready = move || std::future::ready(ready.load(Ordering::SeqCst));
+        tokio::spawn(qslice_runner::notify::run(is_ready, shutdown.clone()));
+    }
     tracing::info!(node = %cfg.node_id, cluster = %cfg.cluster, spool = %cfg.spool.display(), "qslice-runner starting");
     match qslice_runner::daemon::run(cfg, shutdown, ready).await {
         Ok(()) => ExitCode::SUCCESS,

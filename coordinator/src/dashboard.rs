@@ -1,0 +1,631 @@
+//! The coordinator's HTTP endpoint (`--http-addr`): Prometheus `/metrics`, `/healthz`,
+//! `/readyz`, and a live dashboard that needs nothing from outside the machine:
+//!
+//! - `/`: one self-contained HTML page (inline CSS and JavaScript) that polls
+//!   `/api/status` every second and draws each queue's slices as a grid colored by owner,
+//!   with unowned slices marked, depth and oldest-entry age per slice, and a timeline of
+//!   failovers (how long each slice was unowned) and recent events.
+//! - `/api/status`: the JSON the page draws: [`Admin::status`] with every slice, plus the
+//!   failovers and events this instance saw since it started ([`History`]).
+//!
+//! Any instance, leader or standby, serves the same picture: it comes from the instance's
+//! own cluster cache. `/readyz` answers 200 only on the leader.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use qslice_proto::admin::event::Kind;
+use qslice_proto::admin::{Event, GetStatusResponse};
+use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::cache::now_ms;
+use crate::leader::LeaderState;
+
+/// Events kept for the timeline (newest win).
+pub const KEEP_EVENTS: usize = 200;
+/// Failovers and hand-offs kept for the timeline (newest win).
+pub const KEEP_FAILOVERS: usize = 100;
+
+/// What the endpoint serves from; cheap to clone.
+#[derive(Clone)]
+pub struct Dashboard {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The admin API's state, set once etcd answers ([`Dashboard::attach`]); until then
+    /// `/api/status` answers 503.
+    admin: OnceLock<Arc<Admin>>,
+    /// Whether this instance leads, for `/readyz`.
+    leader: Arc<LeaderState>,
+    /// The Prometheus recorder's handle, for `/metrics` (none if another recorder won).
+    metrics: Option<PrometheusHandle>,
+    /// Events and failovers seen since this instance started, fed by a task of `attach`.
+    history: Mutex<History>,
+}
+
+impl Dashboard {
+    /// A dashboard with no cluster attached yet.
+    pub fn new(leader: Arc<LeaderState>, metrics: Option<PrometheusHandle>) -> Dashboard {
+        Dashboard { inner: Arc::new(Inner { admin: OnceLock::new(), leader, metrics, history: Mutex::new(History::default()) }) }
+    }
+
+    /// Attaches the admin API's state and records its events until `shutdown`.
+    pub fn attach(&self, admin: Arc<Admin>, shutdown: CancellationToken) {
+        let mut events = admin.events();
+        if self.inner.admin.set(admin).is_err() {
+            tracing::warn!("the dashboard is already attached to a cluster");
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    e = events.recv() => e,
+                };
+                match event {
+                    Ok(e) => inner.history.lock().expect("history lock").record(&e),
+                    Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "the dashboard fell behind the event stream; its timeline misses events"),
+                    Err(RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    /// The routes: `/`, `/api/status`, `/metrics`, `/healthz`, `/readyz`.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/", get(|| async { Html(PAGE) }))
+            .route("/api/status", get(api_status))
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .with_state(self.clone())
+    }
+
+    /// Serves the routes on `addr` until `shutdown`.
+    pub async fn serve(self, addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        tracing::info!(%addr, "serving the dashboard (/), /api/status, /metrics, /healthz and /readyz");
+        axum::serve(listener, self.router()).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    }
+}
+
+async fn api_status(State(d): State<Dashboard>) -> Response {
+    let Some(admin) = d.inner.admin.get() else {
+        return json(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody { error: "this coordinator is not connected to etcd yet".into() });
+    };
+    match admin.status(true) {
+        Ok(status) => {
+            let history = d.inner.history.lock().expect("history lock").clone();
+            json(StatusCode::OK, &StatusBody::new(status, &history, now_ms()))
+        }
+        Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody { error: e.to_string() }),
+    }
+}
+
+async fn metrics(State(d): State<Dashboard>) -> Response {
+    match &d.inner.metrics {
+        Some(handle) => handle.render().into_response(),
+        None => (StatusCode::NOT_FOUND, "no metrics recorder in this process\n").into_response(),
+    }
+}
+
+async fn readyz(State(d): State<Dashboard>) -> Response {
+    if d.inner.leader.leading.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready: leading\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not the leader (standby or not yet elected)\n").into_response()
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    match serde_json::to_string(body) {
+        Ok(text) => (status, [(header::CONTENT_TYPE, "application/json"), (header::CACHE_CONTROL, "no-store")], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode JSON: {e}\n")).into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+/// The JSON of `/api/status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusBody {
+    /// The cluster name.
+    pub cluster: String,
+    /// The leading coordinator's id.
+    pub leader: Option<String>,
+    /// The other coordinators' ids.
+    pub standbys: Vec<String>,
+    /// Whether maintenance mode is on.
+    pub maintenance: bool,
+    /// Slices with old entries and no owner.
+    pub alerts: Vec<String>,
+    /// Live runners.
+    pub nodes: Vec<NodeBody>,
+    /// Queues with one cell per slice.
+    pub queues: Vec<QueueBody>,
+    /// Failovers and hand-offs, newest first.
+    pub failovers: Vec<Failover>,
+    /// Recent events, newest first.
+    pub events: Vec<EventRow>,
+    /// When this answer was made (ms since the Unix epoch).
+    pub generated_unix_ms: i64,
+}
+
+/// One live runner.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeBody {
+    /// Node id.
+    pub id: String,
+    /// Host name.
+    pub host: String,
+    /// Relative share of slices.
+    pub weight: u32,
+    /// Whether it is cordoned.
+    pub cordoned: bool,
+    /// Slices it holds claims on.
+    pub slices_held: u32,
+    /// Seconds since this incarnation registered.
+    pub age_seconds: u64,
+}
+
+/// One queue and its slices.
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueBody {
+    /// Queue name.
+    pub name: String,
+    /// Slice count.
+    pub slices: u32,
+    /// Whether processing is paused.
+    pub paused: bool,
+    /// Whether it is a Mailman 3 queue.
+    pub mailman3: bool,
+    /// One cell per slice, in slice order.
+    pub cells: Vec<Cell>,
+}
+
+/// One slice of the map.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    /// Slice number.
+    pub slice: u32,
+    /// The claim holder; `None` while nobody holds the slice.
+    pub owner: Option<String>,
+    /// Where the leader wants it (differs from `owner` during a move).
+    pub desired_owner: Option<String>,
+    /// The claim's epoch (0 when unowned).
+    pub epoch: i64,
+    /// Entries waiting.
+    pub depth: u64,
+    /// Age of the oldest waiting entry.
+    pub oldest_entry_age_seconds: f64,
+    /// How long it has been unowned (0 while owned).
+    pub unowned_seconds: f64,
+    /// Whether it is pinned to a node.
+    pub pinned: bool,
+}
+
+fn non_empty(s: String) -> Option<String> {
+    if s.is_empty() {
+        None
+    } else {
+        Some(s)
+    }
+}
+
+impl StatusBody {
+    /// The page's data from an admin status (with slices) and the recorded history.
+    pub fn new(status: GetStatusResponse, history: &History, now_ms: i64) -> StatusBody {
+        let mut cells: BTreeMap<String, Vec<Cell>> = BTreeMap::new();
+        for s in status.slices {
+            cells.entry(s.queue.clone()).or_default().push(Cell {
+                slice: s.slice,
+                owner: non_empty(s.claim_holder),
+                desired_owner: non_empty(s.desired_owner),
+                epoch: s.epoch,
+                depth: s.depth,
+                oldest_entry_age_seconds: s.oldest_entry_age_seconds,
+                unowned_seconds: s.unowned_seconds,
+                pinned: s.pinned,
+            });
+        }
+        StatusBody {
+            cluster: status.cluster,
+            leader: status.leader.map(|l| l.id),
+            standbys: status.standbys.into_iter().map(|s| s.id).collect(),
+            maintenance: status.maintenance,
+            alerts: status.alerts,
+            nodes: status
+                .nodes
+                .into_iter()
+                .map(|n| NodeBody { id: n.id, host: n.host, weight: n.weight, cordoned: n.cordoned, slices_held: n.slices_held, age_seconds: n.age_seconds })
+                .collect(),
+            queues: status
+                .queues
+                .into_iter()
+                .map(|q| {
+                    let mut c = cells.remove(&q.name).unwrap_or_default();
+                    c.sort_by_key(|c| c.slice);
+                    QueueBody { name: q.name, slices: q.slices, paused: q.paused, mailman3: q.mailman3, cells: c }
+                })
+                .collect(),
+            failovers: history.failovers.iter().rev().cloned().collect(),
+            events: history.events.iter().rev().cloned().collect(),
+            generated_unix_ms: now_ms,
+        }
+    }
+}
+
+/// One event as the timeline shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EventRow {
+    /// When (ms since the Unix epoch).
+    pub time_unix_ms: i64,
+    /// The kind in lower case, e.g. `slice_orphaned`.
+    pub kind: String,
+    /// The node (or coordinator, for a leader change) it is about.
+    pub node: Option<String>,
+    /// The queue, for slice events.
+    pub queue: Option<String>,
+    /// The slice, for slice events.
+    pub slice: Option<u32>,
+    /// The claim epoch, where there is one.
+    pub epoch: Option<i64>,
+    /// Free text.
+    pub message: Option<String>,
+}
+
+/// A slice that lost its owner and was claimed again.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Failover {
+    /// The queue.
+    pub queue: String,
+    /// The slice.
+    pub slice: u32,
+    /// The owner that lost it.
+    pub from: String,
+    /// The node that claimed it.
+    pub to: String,
+    /// `failover` when the claim vanished under its owner (crash, fence), `handoff` when the
+    /// owner released it (a planned move).
+    pub cause: String,
+    /// When the claim went (ms since the Unix epoch).
+    pub lost_unix_ms: i64,
+    /// When the new claim was made.
+    pub claimed_unix_ms: i64,
+    /// How long the slice had no owner.
+    pub unowned_ms: i64,
+}
+
+/// What the timeline remembers: the last [`KEEP_EVENTS`] events and the last
+/// [`KEEP_FAILOVERS`] failovers and hand-offs. Pure: fed one event at a time.
+#[derive(Clone, Debug, Default)]
+pub struct History {
+    /// Oldest first.
+    events: VecDeque<EventRow>,
+    /// Oldest first.
+    failovers: VecDeque<Failover>,
+    /// Slices whose claim went and is not back yet: when, from whom, and whether released.
+    lost: BTreeMap<(String, u32), (i64, String, &'static str)>,
+}
+
+impl History {
+    /// Records one event; a claim that follows a lost claim of the same slice makes a failover.
+    pub fn record(&mut self, e: &Event) {
+        let kind = e.kind();
+        let is_slice = matches!(kind, Kind::SliceAssigned | Kind::SliceClaimed | Kind::SliceReleased | Kind::SliceOrphaned)
+            || (kind == Kind::Alert && !e.queue.is_empty());
+        push_capped(
+            &mut self.events,
+            EventRow {
+                time_unix_ms: e.time_unix_ms,
+                kind: kind.as_str_name().to_ascii_lowercase(),
+                node: non_empty(e.node.clone()),
+                queue: if is_slice { non_empty(e.queue.clone()) } else { None },
+                slice: if is_slice { Some(e.slice) } else { None },
+                epoch: if e.epoch != 0 { Some(e.epoch) } else { None },
+                message: non_empty(e.message.clone()),
+            },
+            KEEP_EVENTS,
+        );
+        let key = (e.queue.clone(), e.slice);
+        match kind {
+            Kind::SliceOrphaned => {
+                self.lost.insert(key, (e.time_unix_ms, e.node.clone(), "failover"));
+            }
+            Kind::SliceReleased => {
+                self.lost.insert(key, (e.time_unix_ms, e.node.clone(), "handoff"));
+            }
+            Kind::SliceClaimed => {
+                if let Some((lost_at, from, cause)) = self.lost.remove(&key) {
+                    let failover = Failover {
+                        queue: key.0,
+                        slice: key.1,
+                        from,
+                        to: e.node.clone(),
+                        cause: cause.to_owned(),
+                        lost_unix_ms: lost_at,
+                        claimed_unix_ms: e.time_unix_ms,
+                        unowned_ms: (e.time_unix_ms - lost_at).max(0),
+                    };
+                    push_capped(&mut self.failovers, failover, KEEP_FAILOVERS);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Failovers and hand-offs, oldest first.
+    pub fn failovers(&self) -> impl Iterator<Item = &Failover> {
+        self.failovers.iter()
+    }
+
+    /// Recorded events, oldest first.
+    pub fn events(&self) -> impl Iterator<Item = &EventRow> {
+        self.events.iter()
+    }
+}
+
+fn push_capped<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
+    if q.len() == cap {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+/// The dashboard page: inline CSS and JavaScript only, so it works on a machine with no
+/// way out. Cells carry `data-queue`, `data-slice` and `data-owner` (empty when unowned)
+/// for tests and scripts.
+const PAGE: &str = r##"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>qslice</title>
+<style>
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+header{background:#1d2330;color:#fff;padding:10px 16px;display:flex;gap:18px;align-items:baseline;flex-wrap:wrap}
+header h1{font-size:18px;margin:0}
+header .dim{color:#aab3c2}
+main{padding:12px 16px;display:grid;grid-template-columns:minmax(0,3fr) minmax(280px,1fr);gap:16px}
+@media (max-width:900px){main{grid-template-columns:1fr}}
+section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:10px 12px;margin-bottom:12px}
+h2{font-size:15px;margin:0 0 8px}
+h2 .dim,.dim{color:#6b7588;font-weight:normal;font-size:12px}
+.legend{display:flex;flex-wrap:wrap;gap:6px 16px}
+.legend .node{display:inline-flex;align-items:center;gap:6px}
+.sw{width:14px;height:14px;border-radius:3px;display:inline-block}
+.sw.none{background:repeating-linear-gradient(45deg,#b03a2e,#b03a2e 3px,#e8a49c 3px,#e8a49c 6px)}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(64px,1fr));gap:4px}
+.cell{border-radius:4px;padding:3px 5px;color:#fff;font-size:12px;min-height:40px;cursor:default;overflow:hidden}
+.cell .n{font-weight:600}
+.cell small{display:block;font-size:10px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;opacity:.92}
+.cell.unowned{background:repeating-linear-gradient(45deg,#b03a2e,#b03a2e 6px,#d9685c 6px,#d9685c 12px)}
+.cell.moving{outline:2px dashed #1d2330;outline-offset:-2px}
+.cell.pinned .n::after{content:" \2022 pinned";font-size:9px;font-weight:normal}
+.alerts{background:#fdecea;border-color:#f5b7b1;color:#8e2a20}
+.timeline{list-style:none;padding:0;margin:0;max-height:40vh;overflow:auto;font-size:12px}
+.timeline li{border-left:3px solid #c9ced6;padding:2px 6px;margin-bottom:3px}
+.timeline li.failover,.timeline li.slice_orphaned,.timeline li.node_left,.timeline li.node_fenced,.timeline li.alert{border-color:#b03a2e}
+.timeline li.handoff,.timeline li.slice_released{border-color:#d68910}
+.timeline li.slice_claimed,.timeline li.node_joined{border-color:#1e8449}
+.timeline time{color:#6b7588;margin-right:6px}
+.badge{display:inline-block;border-radius:3px;padding:0 5px;font-size:11px;background:#e5e8ec;color:#1d2330;margin-left:6px}
+.badge.warn{background:#f9e79f}
+</style>
+</head>
+<body data-state="loading">
+<header>
+<h1>qslice</h1>
+<span>cluster <b id="cluster">…</b></span>
+<span>leader <b id="leader">…</b> <span id="standbys" class="dim"></span></span>
+<span id="mode"></span>
+<span id="updated" class="dim">connecting…</span>
+</header>
+<main>
+<div>
+<section id="alerts" class="alerts" hidden></section>
+<section><h2>Runners <span class="dim">(color = owner)</span></h2><div id="nodes" class="legend"></div></section>
+<div id="queues"></div>
+</div>
+<aside>
+<section><h2>Failovers and hand-offs <span class="dim">(time with no claim)</span></h2><ul id="failovers" class="timeline"></ul></section>
+<section><h2>Recent events</h2><ul id="events" class="timeline"></ul></section>
+</aside>
+</main>
+<script>
+"use strict";
+function color(node) {
+  let h = 0;
+  for (const c of node) h = (h * 31 + c.charCodeAt(0)) >>> 0;
+  return "hsl(" + (h * 47 % 360) + ",58%,38%)";
+}
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null) continue;
+    if (k === "class") e.className = v;
+    else if (k === "style") e.style.cssText = v;
+    else e.setAttribute(k, v);
+  }
+  for (const k of kids) if (k !== null && k !== undefined) e.append(k);
+  return e;
+}
+function dur(s) {
+  if (s < 1) return Math.round(s * 1000) + " ms";
+  if (s < 120) return s.toFixed(1) + " s";
+  if (s < 7200) return (s / 60).toFixed(1) + " min";
+  return (s / 3600).toFixed(1) + " h";
+}
+function clock(ms) { return new Date(ms).toLocaleTimeString(); }
+function replace(id, ...kids) { const e = document.getElementById(id); e.replaceChildren(...kids); return e; }
+
+function render(st) {
+  document.getElementById("cluster").textContent = st.cluster;
+  document.getElementById("leader").textContent = st.leader || "none";
+  document.getElementById("standbys").textContent = st.standbys.length ? "standbys: " + st.standbys.join(", ") : "";
+  document.getElementById("mode").textContent = st.maintenance ? "MAINTENANCE: only orphaned slices move" : "";
+  const alerts = document.getElementById("alerts");
+  alerts.hidden = st.alerts.length === 0;
+  alerts.replaceChildren(...st.alerts.map(a => el("div", {}, a)));
+
+  replace("nodes", ...st.nodes.map(n => el("span", {class: "node", "data-node": n.id,
+      title: n.host + ", weight " + n.weight + ", up " + dur(n.age_seconds)},
+    el("span", {class: "sw", style: "background:" + color(n.id)}),
+    n.id, el("span", {class: "dim"}, n.slices_held + " slices"),
+    n.cordoned ? el("span", {class: "badge warn"}, "cordoned") : null)),
+    el("span", {class: "node"}, el("span", {class: "sw none"}), el("span", {class: "dim"}, "unowned")));
+
+  replace("queues", ...st.queues.map(q => {
+    const depth = q.cells.reduce((a, c) => a + c.depth, 0);
+    const unowned = q.cells.filter(c => !c.owner).length;
+    const head = el("h2", {}, "queue " + q.name + " ",
+      el("span", {class: "dim"}, q.slices + " slices, " + depth + " waiting" + (unowned ? ", " + unowned + " unowned" : "")),
+      q.paused ? el("span", {class: "badge warn"}, "paused") : null,
+      q.mailman3 ? el("span", {class: "badge"}, "mailman3") : null);
+    const grid = el("div", {class: "grid"}, ...q.cells.map(c => {
+      const moving = c.owner && c.desired_owner && c.desired_owner !== c.owner;
+      const tip = q.name + "/" + c.slice + "\nowner: " + (c.owner || "none (unowned " + dur(c.unowned_seconds) + ")") +
+        (moving ? "\nmoving to: " + c.desired_owner : "") + (c.epoch ? "\nepoch: " + c.epoch : "") +
+        "\ndepth: " + c.depth + "\noldest entry: " + (c.depth ? dur(c.oldest_entry_age_seconds) : "-") +
+        (c.pinned ? "\npinned" : "");
+      const cls = "cell" + (c.owner ? "" : " unowned") + (moving ? " moving" : "") + (c.pinned ? " pinned" : "");
+      return el("div", {class: cls, "data-queue": q.name, "data-slice": c.slice, "data-owner": c.owner || "",
+          style: c.owner ? "background:" + color(c.owner) : null, title: tip},
+        el("span", {class: "n"}, String(c.slice)),
+        el("small", {}, c.owner || "unowned " + dur(c.unowned_seconds)),
+        el("small", {}, c.depth ? c.depth + " · " + dur(c.oldest_entry_age_seconds) : "empty"));
+    }));
+    return el("section", {"data-queue": q.name}, head, grid);
+  }));
+  if (st.queues.length === 0) replace("queues", el("section", {}, "No queues yet: qslicectl queue set <name> --slices <n>"));
+
+  replace("failovers", ...(st.failovers.length ? st.failovers.map(f => el("li", {class: f.cause, "data-cause": f.cause},
+      el("time", {}, clock(f.claimed_unix_ms)),
+      f.queue + "/" + f.slice + " " + f.from + " → " + f.to + ": unowned ",
+      el("b", {}, dur(f.unowned_ms / 1000)),
+      el("span", {class: "badge"}, f.cause === "failover" ? "failover" : "hand-off")))
+    : [el("li", {class: "dim"}, "none since this coordinator started")]));
+
+  replace("events", ...st.events.slice(0, 80).map(e => el("li", {class: e.kind},
+      el("time", {}, clock(e.time_unix_ms)),
+      e.kind.replace(/_/g, " ") + (e.queue !== null && e.queue !== undefined ? " " + e.queue + "/" + e.slice : "") +
+      (e.node ? " " + e.node : "") + (e.epoch ? " (epoch " + e.epoch + ")" : "") + (e.message ? ": " + e.message : ""))));
+
+  document.getElementById("updated").textContent = "updated " + clock(st.generated_unix_ms);
+  document.body.dataset.state = "live";
+}
+
+async function poll() {
+  try {
+    const r = await fetch("/api/status", {cache: "no-store"});
+    const body = await r.json();
+    if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+    render(body);
+  } catch (e) {
+    document.getElementById("updated").textContent = "not live: " + e.message;
+    document.body.dataset.state = "error";
+  } finally {
+    setTimeout(poll, 1000);
+  }
+}
+poll();
+</script>
+</body>
+</html>
+"##;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qslice_proto::admin::{CoordinatorInfo, NodeInfo, QueueInfo, SliceInfo};
+
+    fn ev(kind: Kind, at: i64, node: &str, queue: &str, slice: u32) -> Event {
+        Event { kind: kind as i32, time_unix_ms: at, node: node.into(), queue: queue.into(), slice, ..Event::default() }
+    }
+
+    #[test]
+    fn a_claim_after_an_orphaned_claim_is_a_failover_with_the_time_unowned() {
+        let mut h = History::default();
+        h.record(&ev(Kind::SliceClaimed, 1_000, "r1", "in", 3));
+        h.record(&ev(Kind::NodeLeft, 5_000, "r1", "", 0));
+        h.record(&ev(Kind::SliceOrphaned, 5_000, "r1", "in", 3));
+        h.record(&ev(Kind::SliceReleased, 5_100, "r2", "in", 4));
+        h.record(&ev(Kind::SliceClaimed, 6_250, "r3", "in", 4));
+        h.record(&ev(Kind::SliceClaimed, 7_200, "r2", "in", 3));
+        let f: Vec<_> = h.failovers().map(|f| (f.slice, f.from.as_str(), f.to.as_str(), f.cause.as_str(), f.unowned_ms)).collect();
+        assert_eq!(f, vec![(4, "r2", "r3", "handoff", 1_150), (3, "r1", "r2", "failover", 2_200)]);
+        // The first claim of a slice is no failover, and a node event carries no slice.
+        let left = h.events().find(|e| e.kind == "node_left").expect("recorded");
+        assert_eq!((left.queue.as_deref(), left.slice, left.node.as_deref()), (None, None, Some("r1")));
+    }
+
+    #[test]
+    fn history_keeps_only_the_newest() {
+        let mut h = History::default();
+        for i in 0..(KEEP_EVENTS as i64 + 10) {
+            h.record(&ev(Kind::SliceOrphaned, i * 10, "r1", "in", 0));
+            h.record(&ev(Kind::SliceClaimed, i * 10 + 5, "r2", "in", 0));
+        }
+        assert_eq!(h.events().count(), KEEP_EVENTS);
+        assert_eq!(h.failovers().count(), KEEP_FAILOVERS);
+        assert_eq!(h.events().last().map(|e| e.time_unix_ms), Some((KEEP_EVENTS as i64 + 9) * 10 + 5));
+    }
+
+    #[test]
+    fn status_body_groups_slices_by_queue_and_marks_unowned_ones() {
+        let slice = |queue: &str, s: u32, holder: &str, desired: &str| SliceInfo {
+            queue: queue.into(),
+            slice: s,
+            claim_holder: holder.into(),
+            desired_owner: desired.into(),
+            unowned_seconds: if holder.is_empty() { 1.5 } else { 0.0 },
+            ..SliceInfo::default()
+        };
+        let status = GetStatusResponse {
+            cluster: "demo".into(),
+            leader: Some(CoordinatorInfo { id: "c1".into(), admin_address: String::new() }),
+            nodes: vec![NodeInfo { id: "r1".into(), slices_held: 1, ..NodeInfo::default() }],
+            queues: vec![QueueInfo { name: "in".into(), slices: 2, ..QueueInfo::default() }, QueueInfo { name: "out".into(), slices: 1, ..QueueInfo::default() }],
+            slices: vec![slice("out", 0, "r1", "r1"), slice("in", 1, "", "r1"), slice("in", 0, "r1", "r2")],
+            ..GetStatusResponse::default()
+        };
+        let mut h = History::default();
+        h.record(&ev(Kind::SliceOrphaned, 10, "r2", "in", 1));
+        let body = StatusBody::new(status, &h, 42);
+        assert_eq!(body.leader.as_deref(), Some("c1"));
+        let cells: Vec<(String, u32, Option<String>, Option<String>)> = body
+            .queues
+            .iter()
+            .flat_map(|q| q.cells.iter().map(move |c| (q.name.clone(), c.slice, c.owner.clone(), c.desired_owner.clone())))
+            .collect();
+        assert_eq!(
+            cells,
+            vec![
+                ("in".into(), 0, Some("r1".into()), Some("r2".into())),
+                ("in".into(), 1, None, Some("r1".into())),
+                ("out".into(), 0, Some("r1".into()), Some("r1".into())),
+            ]
+        );
+        let json = serde_json::to_value(&body).expect("json");
+        assert_eq!(json["queues"][0]["cells"][1]["owner"], serde_json::Value::Null);
+        assert_eq!(json["queues"][0]["cells"][1]["unowned_seconds"], 1.5);
+        assert_eq!(json["events"][0]["kind"], "slice_orphaned");
+    }
+}
