@@ -1,0 +1,259 @@
+//! The coordinator's dashboard on a real cluster (etcd, a coordinator with `--http-addr`,
+//! two runners, a queue): `/api/status` and the other HTTP endpoints over plain HTTP, and
+//! the page itself drawn by headless Chromium (skipped, with a message, when
+//! `/usr/bin/chromium` is not installed). Killing a runner must show in both: its node
+//! leaves the map, its slices turn to the survivor, and the failover is on the timeline.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::{free_port, wait_for, Etcd, Proc};
+use serde_json::Value;
+
+const LONG: Duration = Duration::from_secs(60);
+/// Where Debian's chromium package puts the browser; `QSLICE_TEST_CHROMIUM` overrides it.
+const CHROMIUM: &str = "/usr/bin/chromium";
+const SLICES: u32 = 8;
+
+/// `GET path` over HTTP/1.0: the status code and the body.
+fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let code = reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("status line")?;
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// `/api/status` as JSON, if it answers 200.
+fn api_status(addr: &str) -> Option<Value> {
+    match http_get(addr, "/api/status") {
+        Ok((200, body)) => serde_json::from_str(&body).ok(),
+        _ => None,
+    }
+}
+
+/// Owner of each slice of `queue` in an `/api/status` answer ("" for unowned).
+fn owners(status: &Value, queue: &str) -> BTreeMap<u64, String> {
+    let mut out = BTreeMap::new();
+    for q in status["queues"].as_array().into_iter().flatten().filter(|q| q["name"] == queue) {
+        for c in q["cells"].as_array().into_iter().flatten() {
+            out.insert(c["slice"].as_u64().unwrap_or(u64::MAX), c["owner"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    out
+}
+
+fn node_ids(status: &Value) -> Vec<String> {
+    status["nodes"].as_array().into_iter().flatten().filter_map(|n| n["id"].as_str().map(str::to_owned)).collect()
+}
+
+/// A running cluster with the dashboard on `http`.
+struct Demo {
+    etcd: Etcd,
+    _spool: Spool,
+    _coordinator: Proc,
+    runners: BTreeMap<&'static str, Proc>,
+    http: String,
+}
+
+/// etcd, a coordinator serving HTTP on a free port, runners r1 and r2, and queue `in`
+/// with 8 slices, balanced 4 and 4.
+async fn demo() -> Demo {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mut c = client(&etcd).await.expect("client");
+    put_queue(&mut c, "t", "in", SLICES).await.expect("queue");
+    let http = format!("127.0.0.1:{}", free_port().expect("port"));
+    let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &["--http-addr", &http]).expect("coordinator").proc;
+    let mut runners = BTreeMap::new();
+    for r in ["r1", "r2"] {
+        runners.insert(r, start_runner(&etcd, &spool, r, "t", &[], &[]).expect("runner"));
+    }
+    wait_until(LONG, "4 slices claimed by each runner", || async {
+        let h = holdings(&mut c.clone(), "t", "in").await;
+        h.len() == 2 && h.values().all(|v| v.len() == 4)
+    })
+    .await
+    .expect("balanced");
+    Demo { etcd, _spool: spool, _coordinator: coordinator, runners, http }
+}
+
+impl Demo {
+    /// Kills r1 with SIGKILL and waits until r2 holds every slice in etcd.
+    async fn kill_r1(&mut self) {
+        self.runners.get_mut("r1").expect("r1").kill();
+        let c = client(&self.etcd).await.expect("client");
+        wait_until(LONG, "r2 to hold all 8 slices", || async {
+            holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == SLICES as usize)
+        })
+        .await
+        .expect("takeover");
+    }
+}
+
+#[tokio::test]
+async fn api_status_shows_the_owners_and_a_dead_runners_failover() {
+    let mut d = demo().await;
+    let mut status = None;
+    wait_for(LONG, "/api/status to show 4 slices owned by each runner", || {
+        status = api_status(&d.http);
+        status.as_ref().is_some_and(|s| {
+            let o = owners(s, "in");
+            o.len() == SLICES as usize && ["r1", "r2"].iter().all(|r| o.values().filter(|v| v == r).count() == 4)
+        })
+    })
+    .expect("map");
+    let status = status.expect("set");
+    assert_eq!(status["cluster"], "t");
+    assert_eq!(status["leader"], "c1");
+    assert_eq!(node_ids(&status), vec!["r1", "r2"]);
+    let cell = &status["queues"][0]["cells"][0];
+    for field in ["depth", "oldest_entry_age_seconds", "unowned_seconds", "epoch"] {
+        assert!(cell[field].is_number(), "cell field {field} missing: {cell}");
+    }
+    let r1_slices: Vec<u64> = owners(&status, "in").into_iter().filter(|(_, o)| o == "r1").map(|(s, _)| s).collect();
+
+    let (code, page) = http_get(&d.http, "/").expect("page");
+    assert_eq!(code, 200);
+    assert!(page.contains("/api/status"), "the page polls /api/status");
+    for outside in ["src=\"http", "href=\"http", "@import", "url(http"] {
+        assert!(!page.contains(outside), "the page loads something from outside ({outside})");
+    }
+    assert_eq!(http_get(&d.http, "/healthz").expect("healthz").0, 200);
+    assert_eq!(http_get(&d.http, "/readyz").expect("readyz").0, 200, "the only coordinator leads");
+    let (_, metrics) = http_get(&d.http, "/metrics").expect("metrics");
+    assert!(metrics.contains("qslice_coordinator_is_leader 1"), "metrics: {metrics}");
+
+    d.kill_r1().await;
+    let mut after = None;
+    wait_for(LONG, "/api/status to show r2 owning every slice and r1 gone", || {
+        after = api_status(&d.http);
+        after.as_ref().is_some_and(|s| owners(s, "in").values().all(|o| o == "r2") && node_ids(s) == vec!["r2"])
+    })
+    .expect("map follows the takeover");
+    let after = after.expect("set");
+    // Each of r1's slices is on the timeline as a failover to r2 with its time unowned.
+    let failovers = after["failovers"].as_array().expect("failovers");
+    for s in &r1_slices {
+        let f = failovers
+            .iter()
+            .find(|f| f["slice"].as_u64() == Some(*s) && f["from"] == "r1")
+            .unwrap_or_else(|| panic!("no failover of slice {s} from r1 in {failovers:?}"));
+        assert_eq!((f["to"].as_str(), f["cause"].as_str()), (Some("r2"), Some("failover")), "{f}");
+        let unowned = f["unowned_ms"].as_i64().expect("unowned_ms");
+        assert!((0..LONG.as_millis() as i64).contains(&unowned), "{f}");
+    }
+    let events = after["events"].as_array().expect("events");
+    assert!(events.iter().any(|e| e["kind"] == "node_left" && e["node"] == "r1"), "no node_left for r1: {events:?}");
+    assert!(events.iter().any(|e| e["kind"] == "slice_orphaned" && e["node"] == "r1"), "no slice_orphaned for r1");
+}
+
+#[test]
+fn before_etcd_answers_healthz_serves_and_api_status_says_503() {
+    let spool = Spool::new(&["in"]).expect("spool");
+    let http = format!("127.0.0.1:{}", free_port().expect("port"));
+    let admin = format!("127.0.0.1:{}", free_port().expect("port"));
+    // Nothing listens there: the coordinator keeps waiting for etcd.
+    let no_etcd = format!("http://127.0.0.1:{}", free_port().expect("port"));
+    let args = ["--id", "c0", "--cluster", "t", "--etcd-endpoints", &no_etcd, "--http-addr", &http, "--admin-addr", &admin];
+    let _co = Proc::spawn(&qslice_tests::qslice_bin("qslice-coordinator").expect("binary"), &args, &[], &spool.scratch("c0.log")).expect("coordinator");
+    wait_for(LONG, "/healthz to answer 200", || http_get(&http, "/healthz").is_ok_and(|(c, _)| c == 200)).expect("healthz");
+    let (code, body) = http_get(&http, "/api/status").expect("api");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not connected to etcd"), "{body}");
+    assert_eq!(http_get(&http, "/readyz").expect("readyz").0, 503, "not the leader");
+}
+
+/// Loads `url` in headless Chromium, lets the page run for a few (virtual) seconds, and
+/// returns the DOM. Chromium runs in its own process group, killed if it hangs.
+fn dump_dom(chromium: &Path, url: &str, profile: &Path) -> Result<String> {
+    let mut child = Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        .args(["--disable-sync", "--no-first-run", "--disable-crash-reporter", "--virtual-time-budget=4000"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--dump-dom", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("start chromium")?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let dom = reader.join().unwrap_or_default();
+            if !status.success() {
+                bail!("chromium exited with {status}");
+            }
+            return Ok(dom);
+        }
+        if Instant::now() >= deadline {
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+            bail!("chromium did not finish within {LONG:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The values of attribute `attr` on every element whose opening tag starts with `open`.
+fn attrs(dom: &str, open: &str, attr: &str) -> Vec<String> {
+    let needle = format!("{attr}=\"");
+    dom.match_indices(open)
+        .filter_map(|(i, _)| {
+            let tag = &dom[i..i + dom[i..].find('>')?];
+            let start = tag.find(&needle)? + needle.len();
+            Some(tag[start..start + tag[start..].find('"')?].to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn chromium_draws_the_slice_map_and_follows_a_takeover() {
+    let chromium = std::env::var_os("QSLICE_TEST_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(CHROMIUM));
+    if !chromium.exists() {
+        eprintln!("SKIPPED: {} is not installed (apt-get install chromium); the dashboard's JSON is tested without it", chromium.display());
+        return;
+    }
+    let mut d = demo().await;
+    let url = format!("http://{}/", d.http);
+    let profile = tempfile::Builder::new().prefix("qslice-chromium-").tempdir().expect("profile dir");
+    let mut dom = String::new();
+    wait_for(LONG, "the page to draw 8 cells, 4 owned by each runner", || {
+        dom = dump_dom(&chromium, &url, profile.path()).unwrap_or_default();
+        let owners = attrs(&dom, "<div class=\"cell", "data-owner");
+        owners.len() == SLICES as usize && ["r1", "r2"].iter().all(|r| owners.iter().filter(|o| o == r).count() == 4)
+    })
+    .unwrap_or_else(|e| panic!("{e}; last DOM:\n{dom}"));
+    assert!(dom.contains("<body data-state=\"live\""), "the page did not reach the live state");
+    assert_eq!(attrs(&dom, "<span class=\"node\" data-node", "data-node"), vec!["r1", "r2"]);
+    assert!(dom.contains("leader <b id=\"leader\">c1</b>"), "leader not shown");
+
+    d.kill_r1().await;
+    wait_for(LONG, "the page to show r2 owning every slice, r1 gone and a failover on the timeline", || {
+        dom = dump_dom(&chromium, &url, profile.path()).unwrap_or_default();
+        let owners = attrs(&dom, "<div class=\"cell", "data-owner");
+        owners.len() == SLICES as usize
+            && owners.iter().all(|o| o == "r2")
+            && attrs(&dom, "<span class=\"node\" data-node", "data-node") == vec!["r2"]
+            && attrs(&dom, "<li class=\"failover\"", "data-cause").len() == 4
+    })
+    .unwrap_or_else(|e| panic!("{e}; last DOM:\n{dom}"));
+    assert!(dom.contains("r1 → r2: unowned"), "the failover line names both nodes");
+}
