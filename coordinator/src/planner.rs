@@ -103,6 +103,9 @@ pub struct NodeSpec {
     pub queues: Vec<String>,
     /// A cordoned node gets no slices, and the ones it holds are moved away.
     pub cordoned: bool,
+    /// Queues the node gave up (its supervised runners kept crashing): it is ineligible
+    /// for them, like a cordon limited to those queues.
+    pub refused: Vec<String>,
 }
 
 impl NodeSpec {
@@ -113,6 +116,7 @@ impl NodeSpec {
             weight: record.weight,
             queues: record.queues.clone(),
             cordoned,
+            refused: record.refused_queues.clone(),
         }
     }
 
@@ -123,7 +127,7 @@ impl NodeSpec {
 
     /// Whether the node may be given slices of `queue`.
     pub fn eligible_for(&self, queue: &str) -> bool {
-        self.weight >= 1 && !self.cordoned && self.serves(queue)
+        self.weight >= 1 && !self.cordoned && self.serves(queue) && !self.refused.iter().any(|q| q == queue)
     }
 }
 
@@ -321,11 +325,16 @@ pub fn plan(input: &PlanInput) -> Plan {
             continue;
         }
         if node.queues.is_empty() {
-            for q in queues.iter_mut() {
+            for q in queues.iter_mut().filter(|q| !node.refused.iter().any(|r| r == q.name)) {
                 q.add_entry(ni, node.weight);
             }
         } else {
-            let mut served: Vec<usize> = node.queues.iter().filter_map(|q| queue_index.get(q.as_str()).copied()).collect();
+            let mut served: Vec<usize> = node
+                .queues
+                .iter()
+                .filter(|q| !node.refused.contains(q))
+                .filter_map(|q| queue_index.get(q.as_str()).copied())
+                .collect();
             served.sort_unstable();
             served.dedup();
             for qi in served {
@@ -988,7 +997,7 @@ mod tests {
     use proptest::test_runner::TestCaseError;
 
     fn node(id: &str, weight: u32) -> NodeSpec {
-        NodeSpec { id: id.into(), weight, queues: Vec::new(), cordoned: false }
+        NodeSpec { id: id.into(), weight, queues: Vec::new(), cordoned: false, refused: Vec::new() }
     }
 
     fn queue(name: &str, slices: u32) -> QueueSpec {
@@ -1115,6 +1124,7 @@ mod tests {
                             weight,
                             queues: serves.unwrap_or_default().into_iter().map(|q| format!("q{q}")).collect(),
                             cordoned,
+                            refused: Vec::new(),
                         })
                         .collect();
                     let name = |i: usize| if i < nn { format!("n{i:02}") } else { format!("gone{}", i - nn) };
@@ -1278,6 +1288,7 @@ mod tests {
                 weight,
                 queues: serves.map(|q| format!("q{q}")).into_iter().collect(),
                 cordoned: false,
+                refused: Vec::new(),
             });
             input.options.churn_budget = budget;
             let slices: usize = input.queues.iter().map(|q| q.slices as usize).sum();
@@ -1596,5 +1607,16 @@ mod tests {
         assert!(plan.assignment.is_empty());
         assert_eq!(plan.released, vec![key("in", 0)]);
         assert!(matches!(&plan.alerts[..], [Alert::InvalidQueue { queue, .. }] if queue == "in"));
+    }
+
+    #[test]
+    fn a_node_that_refused_a_queue_is_drained_of_it_and_keeps_the_others() {
+        let mut input = cluster(vec![queue("in", 4), queue("out", 4)], vec![node("a", 1), node("b", 1)]);
+        input.current = plan(&input).assignment;
+        input.nodes[0].refused = vec!["in".into()];
+        let next = plan(&input);
+        assert!(next.assignment.iter().filter(|((q, _), _)| q == "in").all(|(_, n)| n == "b"), "{:?}", next.assignment);
+        assert_eq!(next.assignment.iter().filter(|((q, _), n)| q == "out" && *n == "a").count(), 2);
+        assert!(next.moves.iter().all(|m| m.reason == MoveReason::NodeIneligible), "{:?}", next.moves);
     }
 }

@@ -96,6 +96,10 @@ pub struct NodeRecord {
     pub metrics_addr: Option<String>,
     /// The etcd lease the record (and the node's claims) are attached to.
     pub lease_id: i64,
+    /// Queues this node gave up for a while (its supervised runners kept crashing); the
+    /// coordinator moves their slices to other nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused_queues: Vec<String>,
 }
 
 impl Record for NodeRecord {
@@ -430,6 +434,7 @@ mod tests {
             started_unix_ms: 1_700_000_000_000,
             metrics_addr: Some("127.0.0.1:9100".into()),
             lease_id: 7,
+            refused_queues: Vec::new(),
         }
     }
 

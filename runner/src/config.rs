@@ -2,6 +2,7 @@
 //! `QSLICE_*` environment variable. Precedence: flag or environment, then file, then
 //! default. Unknown file keys are errors that name the key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use clap::Parser;
 use qslice_proto::keys::validate_name;
 use serde::Deserialize;
+
+use crate::supervise::SuperviseConfig;
 
 /// The smallest lease TTL stock etcd grants (it needs `--election-timeout` below 1 s for less).
 pub const ETCD_MIN_TTL: Duration = Duration::from_secs(2);
@@ -181,6 +184,9 @@ struct FileConfig {
     log_format: Option<LogFormat>,
     etcd: Option<FileEtcd>,
     handler: Option<FileHandler>,
+    /// Queues whose slices run as supervised Mailman runners, by queue name.
+    #[serde(default)]
+    supervise: BTreeMap<String, SuperviseConfig>,
 }
 
 /// The `[etcd]` table of a configuration file.
@@ -300,6 +306,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The handler.
     pub handler: HandlerConfig,
+    /// Queues run by supervised Mailman runners instead of the handler.
+    pub supervise: BTreeMap<String, SuperviseConfig>,
 }
 
 /// A configuration that cannot be used; the message names the key and what to do.
@@ -388,9 +396,23 @@ impl Config {
             retry_backoff: args.retry_backoff.or(handler.retry_backoff).unwrap_or(Duration::from_secs(5)),
             move_to: args.move_to.clone().or(handler.move_to),
         };
+        let supervise = file.supervise;
+        let mut queues = queues;
+        for (queue, sup) in &supervise {
+            validate_name("queue", queue).map_err(|e| invalid("supervise", e.to_string()))?;
+            sup.check(queue, None).map_err(|e| invalid("supervise", e.to_string()))?;
+        }
         match handler.kind {
             HandlerKind::Exec | HandlerKind::Worker if handler.command.is_empty() => {
-                return Err(invalid("handler.command", "the exec and worker handlers need a command (an argv array)"));
+                if supervise.is_empty() {
+                    return Err(invalid("handler.command", "the exec and worker handlers need a command (an argv array)"));
+                }
+                // Without a handler this node can only run its supervised queues.
+                if queues.is_empty() {
+                    queues = supervise.keys().cloned().collect();
+                } else if let Some(q) = queues.iter().find(|q| !supervise.contains_key(*q)) {
+                    return Err(invalid("queues", format!("queue {q:?} has no [supervise.{q}] table and there is no handler.command to run it with")));
+                }
             }
             HandlerKind::Move if handler.move_to.is_none() => {
                 return Err(invalid("handler.move_to", "the move handler needs a target queue directory"));
@@ -417,6 +439,7 @@ impl Config {
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             handler,
+            supervise,
         })
     }
 
@@ -506,5 +529,21 @@ mod tests {
             .expect("valid");
         assert_eq!(cfg.warnings().len(), 1);
         assert_eq!(cfg.handler.command, vec!["/bin/true"]);
+    }
+
+    #[test]
+    fn supervised_queues_need_no_handler_and_limit_the_node_to_them() {
+        let (_d, path) = file("spool = \"/s\"\nnode_id = \"n\"\n[supervise.in]\nflavour = \"mailman2\"\ncommand = [\"/usr/lib/mailman/bin/qrunner\", \"--runner=Incoming:{slice}:{slices}\", \"-s\"]\nstop_timeout = \"10s\"\n");
+        let cfg = Config::resolve(&args(&["--config", &path])).expect("valid");
+        assert_eq!(cfg.queues, vec!["in"], "only the supervised queue");
+        assert_eq!(cfg.supervise["in"].stop_timeout, Duration::from_secs(10));
+        let err = Config::resolve(&args(&["--config", &path, "--queues", "in,out"])).expect_err("out has nothing to run it");
+        assert!(err.to_string().starts_with("queues") && err.to_string().contains("out"), "{err}");
+        let (_d, path) = file("spool = \"/s\"\nnode_id = \"n\"\n[supervise.in]\ncommand = []\n");
+        let err = Config::resolve(&args(&["--config", &path])).expect_err("empty command");
+        assert!(err.to_string().contains("supervise.in.command"), "{err}");
+        let (_d, path) = file("spool = \"/s\"\nnode_id = \"n\"\n[supervise.in]\ncommand = [\"x\"]\nstop_timout = \"1s\"\n");
+        let err = Config::resolve(&args(&["--config", &path])).expect_err("typo");
+        assert!(err.to_string().contains("stop_timout"), "{err}");
     }
 }

@@ -7,6 +7,7 @@
 //! - [`owner`]: the ownership state machine: claims, recovery, processing, release.
 //! - [`handler`]: the built-in handlers (exec, move).
 //! - [`spool`]: the Mailman-compatible queue directory.
+//! - [`supervise`]: real Mailman runners, one child process per claimed slice.
 //! - [`daemon`]: the top level: state-dir lock, incarnations, shutdown.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 
@@ -19,3 +20,4 @@ pub mod membership;
 pub mod notify;
 pub mod owner;
 pub mod spool;
+pub mod supervise;

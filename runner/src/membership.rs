@@ -118,6 +118,8 @@ pub struct Incarnation {
     pub ttl: Duration,
     /// The self-fencing clock.
     pub fence: Arc<Fence>,
+    /// The node record written for this incarnation (runners only).
+    pub record: Option<NodeRecord>,
 }
 
 /// How far before the lease's earliest expiry the runner stops: a tenth of the TTL,
@@ -142,13 +144,13 @@ pub async fn grant_lease(client: &mut Client, ttl: Duration) -> Result<Incarnati
         tracing::warn!(requested = ?ttl, ?granted, "etcd granted a different lease TTL than configured; using etcd's");
     }
     let fence = Arc::new(Fence::new(sent + granted - fence_margin(granted)));
-    Ok(Incarnation { lease_id: grant.id(), incarnation: Uuid::new_v4(), ttl: granted, fence })
+    Ok(Incarnation { lease_id: grant.id(), incarnation: Uuid::new_v4(), ttl: granted, fence, record: None })
 }
 
 /// Grants a lease and writes the node record attached to it (only if no other live
 /// runner holds the node id).
 pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<Incarnation, MembershipError> {
-    let inc = grant_lease(client, cfg.lease_ttl).await?;
+    let mut inc = grant_lease(client, cfg.lease_ttl).await?;
     let record = NodeRecord {
         v: RECORD_VERSION,
         node_id: cfg.node_id.clone(),
@@ -161,6 +163,7 @@ pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<
         started_unix_ms: unix_ms(),
         metrics_addr: cfg.metrics_addr.map(|a| a.to_string()),
         lease_id: inc.lease_id,
+        refused_queues: Vec::new(),
     };
     let key = keys.node(&cfg.node_id);
     let txn = Txn::new()
@@ -187,6 +190,7 @@ pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<
             pid: other.map(|o| o.pid).unwrap_or(0),
         });
     }
+    inc.record = Some(record);
     Ok(inc)
 }
 

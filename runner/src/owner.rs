@@ -25,11 +25,14 @@ use crate::etcd::{PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
 use crate::handler::{Handler, Job, Outcome};
 use crate::membership::{unix_ms, Incarnation};
 use crate::spool::{Dequeued, QueueDir, Scan};
+use crate::supervise::{SuperviseConfig, Supervised, SupervisorExit};
 
 /// How often pending claims are tried again while another holder still has them.
 const CLAIM_RETRY: Duration = Duration::from_millis(100);
 /// How long a released slice's worker coprocess may take to exit after its stdin closes.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a queue stays refused on a node after its supervised runners kept crashing.
+const REFUSE_COOLDOWN: Duration = Duration::from_secs(600);
 /// How often a runner publishes its slice figures to etcd.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -87,9 +90,15 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         releasing: BTreeSet::new(),
         queues: HashMap::new(),
         released_tx: mpsc::unbounded_channel().0,
+        supervised: BTreeMap::new(),
+        refused: BTreeMap::new(),
+        record: inc.record.clone(),
+        gave_up_tx: mpsc::unbounded_channel().0,
     };
     let (released_tx, mut released_rx) = mpsc::unbounded_channel();
     inc_run.released_tx = released_tx;
+    let (gave_up_tx, mut gave_up_rx) = mpsc::unbounded_channel();
+    inc_run.gave_up_tx = gave_up_tx;
     let node = shared.cfg.node_id.clone();
     let mut watch = PrefixWatch::new(client.clone(), shared.keys.node_assignments_prefix(&node));
     // The node record hangs on the lease: its deletion means the lease was revoked (the
@@ -129,6 +138,10 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
                 inc_run.on_released(key);
                 inc_run.reconcile().await;
             }
+            Some((key, epoch, reason)) = gave_up_rx.recv() => {
+                inc_run.give_up(key, epoch, &reason).await;
+                inc_run.reconcile().await;
+            }
             update = node_watch.next() => {
                 if let Some(reason) = node_record_lost(&update, node_key.as_bytes(), inc.lease_id) {
                     metrics::counter!("qslice_runner_fence_events_total").increment(1);
@@ -153,6 +166,22 @@ struct IncarnationRun {
     releasing: BTreeSet<SliceKey>,
     queues: HashMap<(String, u32), (Arc<QueueState>, tokio::task::JoinHandle<()>)>,
     released_tx: mpsc::UnboundedSender<SliceKey>,
+    /// Slices run by supervised Mailman runners.
+    supervised: BTreeMap<SliceKey, SupervisedSlice>,
+    /// Queues this node gave up, until when (their supervised runners kept crashing, or
+    /// mailman.cfg does not match the queue's slice count).
+    refused: BTreeMap<String, tokio::time::Instant>,
+    /// The node record, to publish refusals in.
+    record: Option<qslice_proto::records::NodeRecord>,
+    gave_up_tx: mpsc::UnboundedSender<(SliceKey, i64, String)>,
+}
+
+/// A slice run by a supervised child process.
+struct SupervisedSlice {
+    /// Ask for a quiet stop.
+    quiet: CancellationToken,
+    /// The supervisor; it ends once the child has exited.
+    task: tokio::task::JoinHandle<SupervisorExit>,
 }
 
 impl IncarnationRun {
@@ -202,11 +231,73 @@ impl IncarnationRun {
     }
 
     fn has_pending(&self) -> bool {
-        self.desired.iter().any(|(q, (_, set))| set.iter().any(|s| !self.held.contains_key(&(q.clone(), *s))))
+        self.desired
+            .iter()
+            .filter(|(q, _)| !self.is_refused(q))
+            .any(|(q, (_, set))| set.iter().any(|s| !self.held.contains_key(&(q.clone(), *s))))
+    }
+
+    fn is_refused(&self, queue: &str) -> bool {
+        self.refused.get(queue).is_some_and(|until| tokio::time::Instant::now() < *until)
+    }
+
+    /// Gives up a queue for [`REFUSE_COOLDOWN`]: publishes it in the node record so that
+    /// the leader moves its slices to other nodes, and releases what this node holds of it.
+    async fn refuse(&mut self, queue: &str, reason: &str) {
+        if self.is_refused(queue) {
+            return;
+        }
+        tracing::error!(%queue, %reason, cooldown = ?REFUSE_COOLDOWN, "alert: giving this queue up on this node so that another node takes its slices");
+        metrics::counter!("qslice_runner_queues_refused_total", "queue" => queue.to_owned()).increment(1);
+        self.refused.insert(queue.to_owned(), tokio::time::Instant::now() + REFUSE_COOLDOWN);
+        self.publish_refusals().await;
+    }
+
+    async fn publish_refusals(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.refused.retain(|_, until| *until > now);
+        let Some(record) = self.record.as_mut() else { return };
+        record.refused_queues = self.refused.keys().cloned().collect();
+        let key = self.shared.keys.node(&self.shared.cfg.node_id);
+        let put = self.client.put(key, record.encode(), Some(PutOptions::new().with_lease(self.lease_id)));
+        match tokio::time::timeout(REQUEST_TIMEOUT, put).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot publish refused queues"),
+            Err(_) => tracing::warn!("publishing refused queues timed out"),
+        }
+    }
+
+    /// A supervised slice's runner crashed too often: release the slice, refuse its queue.
+    async fn give_up(&mut self, key: SliceKey, epoch: i64, reason: &str) {
+        self.supervised.remove(&key);
+        self.refuse(&key.0, reason).await;
+        // The child has exited: the claim can go now.
+        if let Err(e) = delete_claim(&mut self.client, &self.shared.keys, &key.0, key.1, epoch).await {
+            tracing::warn!(queue = %key.0, slice = key.1, error = %e, "deleting the claim failed; it ends with the lease");
+        }
+        self.releasing.remove(&key);
+        self.held.remove(&key);
+        metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
     }
 
     /// Releases what moved away, claims what is assigned and not held.
     async fn reconcile(&mut self) {
+        if self.refused.values().any(|until| *until <= tokio::time::Instant::now()) {
+            tracing::info!("refusal cooldown over; this node takes those queues again");
+            self.publish_refusals().await;
+        }
+        // Mailman 3 takes its slice count from mailman.cfg: a mismatch is refused.
+        let mismatched: Vec<(String, String)> = self
+            .desired
+            .iter()
+            .filter_map(|(q, (n, _))| {
+                let sup = self.shared.cfg.supervise.get(q)?;
+                sup.check(q, Some(*n)).err().map(|e| (q.clone(), e.to_string()))
+            })
+            .collect();
+        for (queue, error) in mismatched {
+            self.refuse(&queue, &error).await;
+        }
         let to_release: Vec<(SliceKey, u32)> = self
             .held
             .iter()
@@ -220,7 +311,7 @@ impl IncarnationRun {
             .desired
             .iter()
             .flat_map(|(q, (n, set))| set.iter().map(move |s| (q.clone(), *s, *n)))
-            .filter(|(q, s, _)| !self.held.contains_key(&(q.clone(), *s)))
+            .filter(|(q, s, _)| !self.held.contains_key(&(q.clone(), *s)) && !self.is_refused(q))
             .collect();
         // Claim first, then recover each queue's newly claimed slices with one listing.
         let mut claimed: BTreeMap<(String, u32), Vec<(u32, i64)>> = BTreeMap::new();
@@ -269,6 +360,14 @@ impl IncarnationRun {
     /// Recovers the `.bak` entries of newly claimed slices of one queue (one listing for
     /// all of them), then starts processing them.
     async fn recover_and_start(&mut self, queue: String, total: u32, slices: Vec<(u32, i64)>) {
+        if let Some(cfg) = self.shared.cfg.supervise.get(&queue).cloned() {
+            // Mailman recovers its own slice's .bak files at start.
+            for (slice, epoch) in slices {
+                self.start_supervised(&queue, slice, total, epoch, cfg.clone());
+            }
+            metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
+            return;
+        }
         let state = self.queue_state(&queue, total);
         let dir = state.dir.clone();
         let set: BTreeSet<u32> = slices.iter().map(|(s, _)| *s).collect();
@@ -335,7 +434,56 @@ impl IncarnationRun {
         state
     }
 
+    fn start_supervised(&mut self, queue: &str, slice: u32, total: u32, epoch: i64, cfg: SuperviseConfig) {
+        let supervised = Supervised {
+            queue: queue.to_owned(),
+            slice,
+            slices: total,
+            cfg,
+            dir: QueueDir::new(&self.shared.cfg.spool, queue),
+            epoch,
+            node: self.shared.cfg.node_id.clone(),
+        };
+        let quiet = CancellationToken::new();
+        // A fence kills the child at once.
+        let kill = self.fence.lost().child_token();
+        let key: SliceKey = (queue.to_owned(), slice);
+        let gave_up = self.gave_up_tx.clone();
+        let task = {
+            let (quiet, key) = (quiet.clone(), key.clone());
+            tokio::spawn(async move {
+                let exit = supervised.run(quiet, kill).await;
+                if let SupervisorExit::GaveUp(reason) = &exit {
+                    let _ = gave_up.send((key, epoch, reason.clone()));
+                }
+                exit
+            })
+        };
+        self.held.insert(key.clone(), (total, epoch));
+        self.supervised.insert(key, SupervisedSlice { quiet, task });
+        tracing::info!(%queue, slice, epoch, "claimed slice (supervised)");
+    }
+
     fn start_release(&mut self, key: SliceKey, total: u32) {
+        if let Some(sup) = self.supervised.remove(&key) {
+            self.releasing.insert(key.clone());
+            let epoch = self.held.get(&key).map(|(_, e)| *e);
+            let (mut client, keys, tx) = (self.client.clone(), self.shared.keys.clone(), self.released_tx.clone());
+            tokio::spawn(async move {
+                sup.quiet.cancel();
+                // The claim goes only after the child has exited.
+                let exit = sup.task.await;
+                let (queue, slice) = key.clone();
+                if let (Some(epoch), Ok(SupervisorExit::Stopped)) = (epoch, exit) {
+                    match delete_claim(&mut client, &keys, &queue, slice, epoch).await {
+                        Ok(()) => tracing::info!(%queue, slice, epoch, "released supervised slice"),
+                        Err(e) => tracing::warn!(%queue, slice, error = %e, "deleting the claim failed; it ends with the lease"),
+                    }
+                }
+                let _ = tx.send(key);
+            });
+            return;
+        }
         let Some((state, _)) = self.queues.get(&(key.0.clone(), total)) else { return };
         self.releasing.insert(key.clone());
         let state = state.clone();
@@ -379,6 +527,11 @@ impl IncarnationRun {
 
     fn stop_all_queues(&mut self) {
         self.shared.handler.kill_all();
+        // Their kill tokens are children of the fence (cancelled when fenced); on a
+        // shutdown they were released before this.
+        for (_, sup) in std::mem::take(&mut self.supervised) {
+            sup.quiet.cancel();
+        }
         for (_, (state, task)) in self.queues.drain() {
             for s in state.owned.lock().expect("owned lock").values() {
                 s.kill.cancel();

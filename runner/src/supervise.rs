@@ -1,0 +1,533 @@
+//! Supervising real Mailman queue runners: one child process per claimed slice.
+//!
+//! - The child runs in its own process group and dies with the runner
+//!   (PR_SET_PDEATHSIG), so a runner killed with SIGKILL leaves no Mailman process behind.
+//! - Quiet stop on release: Mailman 2.1's qrunner finishes its current message on
+//!   SIGTERM. Mailman 3's runner shunts the message it is processing when a stop signal
+//!   arrives while busy, and it is busy exactly while a `.bak` of its slice exists; so the
+//!   child is frozen (SIGSTOP), the slice is looked at, and it gets SIGTERM (then SIGCONT)
+//!   only when idle, else it is thawed and looked at again shortly. Past the stop timeout
+//!   it is killed. A message shunted anyway is reported.
+//! - Restarts like Mailman's master: a crashed child is restarted with backoff; exit 15 or
+//!   death by SIGTERM is a clean stop; more than `max_restarts` crashes within
+//!   `restart_window` gives the slice up (the owner releases it and raises an alert).
+//! - In this mode `.bak` recovery is Mailman's own (it recovers its slice at start and
+//!   counts recoveries inside the entry); qslice's recovery serves its built-in handlers.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{humantime_serde_opt, humantime_serialize};
+use crate::spool::QueueDir;
+
+/// Which quiet-stop rule a supervised runner follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// Mailman 2.1 `bin/qrunner`: SIGTERM finishes the current message.
+    Mailman2,
+    /// Mailman 3 `runner`: SIGTERM only while the slice has no `.bak`.
+    #[default]
+    Mailman3,
+}
+
+/// How to run one queue's Mailman runners (the `[supervise.<queue>]` table).
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuperviseConfig {
+    /// The quiet-stop rule.
+    #[serde(default)]
+    pub flavour: Flavour,
+    /// Command argv with `{queue}` `{slice}` `{slices}` placeholders (never a shell).
+    pub command: Vec<String>,
+    /// Environment variables passed through from the runner's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// Working directory.
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// User to run as (name or uid); needs the runner to run as root.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Group to run as (name or gid).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// How long a quiet stop may take before SIGKILL.
+    #[serde(default = "default_stop_timeout", with = "humantime_serde_req")]
+    pub stop_timeout: Duration,
+    /// Crashes allowed within `restart_window` before the slice is given up.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: usize,
+    /// The window for `max_restarts`.
+    #[serde(default = "default_restart_window", with = "humantime_serde_req")]
+    pub restart_window: Duration,
+}
+
+fn default_stop_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_restarts() -> usize {
+    5
+}
+fn default_restart_window() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Durations with a default: the same text form as elsewhere ("30s").
+mod humantime_serde_req {
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        super::humantime_serde_opt::deserialize(d)?.ok_or_else(|| serde::de::Error::custom("a duration such as \"30s\""))
+    }
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        super::humantime_serialize::serialize(d, s)
+    }
+}
+
+/// A supervised queue that cannot be run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SuperviseError {
+    /// The command is empty.
+    #[error("supervise.{queue}.command is empty")]
+    EmptyCommand {
+        /// The queue.
+        queue: String,
+    },
+    /// mailman.cfg could not be read.
+    #[error("supervise.{queue}: cannot read {path}: {error}")]
+    ReadMailmanCfg {
+        /// The queue.
+        queue: String,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        error: String,
+    },
+    /// `[runner.<name>] instances` is not the queue's slice count.
+    #[error("supervise.{queue}: {path} sets [runner.{runner}] instances = {instances}, but the queue has {slices} slices; Mailman 3 takes the slice count from mailman.cfg, so make them equal")]
+    InstancesMismatch {
+        /// The queue.
+        queue: String,
+        /// mailman.cfg.
+        path: PathBuf,
+        /// The runner name.
+        runner: String,
+        /// What mailman.cfg says.
+        instances: u32,
+        /// The queue's slice count.
+        slices: u32,
+    },
+    /// `instances` is not a power of two.
+    #[error("supervise.{queue}: {path} sets [runner.{runner}] instances = {instances}, which Mailman 3 rejects: use a power of two")]
+    NotPowerOfTwo {
+        /// The queue.
+        queue: String,
+        /// mailman.cfg.
+        path: PathBuf,
+        /// The runner name.
+        runner: String,
+        /// What mailman.cfg says.
+        instances: u32,
+    },
+}
+
+/// For a Mailman 3 command (`runner -C mailman.cfg -r in:{slice}:{slices}`): the config
+/// path and runner name it names, if it names both.
+pub fn mailman3_target(command: &[String]) -> Option<(PathBuf, String)> {
+    let mut cfg = None;
+    let mut runner = None;
+    let mut args = command.iter().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-C" | "--config" => cfg = args.next().map(PathBuf::from),
+            "-r" | "--runner" => runner = args.next().map(|r| r.split(':').next().unwrap_or_default().to_owned()),
+            other => {
+                if let Some(v) = other.strip_prefix("--config=") {
+                    cfg = Some(PathBuf::from(v));
+                } else if let Some(v) = other.strip_prefix("--runner=") {
+                    runner = Some(v.split(':').next().unwrap_or_default().to_owned());
+                }
+            }
+        }
+    }
+    Some((cfg?, runner?))
+}
+
+/// Reads `[runner.<name>] instances` from a mailman.cfg (INI, `key: value` or `key = value`);
+/// Mailman's default is 1.
+pub fn mailman3_instances(text: &str, runner: &str) -> u32 {
+    let section = format!("[runner.{runner}]");
+    let mut inside = false;
+    let mut instances = 1;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            inside = line.eq_ignore_ascii_case(&section);
+            continue;
+        }
+        if !inside || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some((key, value)) = line.split_once([':', '=']) {
+            if key.trim() == "instances" {
+                instances = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    instances
+}
+
+impl SuperviseConfig {
+    /// Checks the queue's config; for Mailman 3, also that mailman.cfg's `instances`
+    /// is a power of two and, when `slices` is given, equals it.
+    pub fn check(&self, queue: &str, slices: Option<u32>) -> Result<(), SuperviseError> {
+        if self.command.is_empty() {
+            return Err(SuperviseError::EmptyCommand { queue: queue.to_owned() });
+        }
+        if self.flavour != Flavour::Mailman3 {
+            return Ok(());
+        }
+        let Some((path, runner)) = mailman3_target(&self.command) else { return Ok(()) };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| SuperviseError::ReadMailmanCfg { queue: queue.to_owned(), path: path.clone(), error: e.to_string() })?;
+        let instances = mailman3_instances(&text, &runner);
+        if !instances.is_power_of_two() {
+            return Err(SuperviseError::NotPowerOfTwo { queue: queue.to_owned(), path, runner, instances });
+        }
+        if let Some(slices) = slices.filter(|s| *s != instances) {
+            return Err(SuperviseError::InstancesMismatch { queue: queue.to_owned(), path, runner, instances, slices });
+        }
+        Ok(())
+    }
+}
+
+/// How a supervisor ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SupervisorExit {
+    /// Stopped on request (release or shutdown); the child has exited.
+    Stopped,
+    /// Killed at once (fence); the child has exited.
+    Killed,
+    /// Too many crashes: the slice must be given up.
+    GaveUp(String),
+}
+
+/// One supervised slice.
+pub struct Supervised {
+    /// The queue.
+    pub queue: String,
+    /// The slice.
+    pub slice: u32,
+    /// The queue's slice count.
+    pub slices: u32,
+    /// The configuration.
+    pub cfg: SuperviseConfig,
+    /// The queue directory (to tell busy from idle and to report shunted messages).
+    pub dir: QueueDir,
+    /// The claim's epoch, passed as QSLICE_EPOCH.
+    pub epoch: i64,
+    /// This node's id, passed as QSLICE_NODE.
+    pub node: String,
+}
+
+fn substitute(arg: &str, s: &Supervised) -> String {
+    arg.replace("{queue}", &s.queue).replace("{slices}", &s.slices.to_string()).replace("{slice}", &s.slice.to_string())
+}
+
+fn resolve_user(user: &str) -> Option<(u32, u32)> {
+    if let Ok(uid) = user.parse::<u32>() {
+        return Some((uid, uid));
+    }
+    let u = nix::unistd::User::from_name(user).ok()??;
+    Some((u.uid.as_raw(), u.gid.as_raw()))
+}
+
+fn resolve_group(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Some(gid);
+    }
+    Some(nix::unistd::Group::from_name(group).ok()??.gid.as_raw())
+}
+
+impl Supervised {
+    fn spawn(&self) -> std::io::Result<tokio::process::Child> {
+        let argv: Vec<String> = self.cfg.command.iter().map(|a| substitute(a, self)).collect();
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]).env_clear();
+        for name in &self.cfg.env {
+            if let Ok(value) = std::env::var(name) {
+                cmd.env(name, value);
+            }
+        }
+        cmd.env("QSLICE_QUEUE", &self.queue)
+            .env("QSLICE_SLICE", self.slice.to_string())
+            .env("QSLICE_SLICES", self.slices.to_string())
+            .env("QSLICE_EPOCH", self.epoch.to_string())
+            .env("QSLICE_NODE", &self.node)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        if let Some(dir) = &self.cfg.workdir {
+            cmd.current_dir(dir);
+        }
+        if let Some(user) = &self.cfg.user {
+            let (uid, gid) = resolve_user(user).ok_or_else(|| std::io::Error::other(format!("unknown user {user:?}")))?;
+            cmd.uid(uid).gid(gid);
+        }
+        if let Some(group) = &self.cfg.group {
+            cmd.gid(resolve_group(group).ok_or_else(|| std::io::Error::other(format!("unknown group {group:?}")))?);
+        }
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn()?;
+        for (stream, name) in [(child.stdout.take().map(Either::Out), "stdout"), (child.stderr.take().map(Either::Err), "stderr")] {
+            let Some(stream) = stream else { continue };
+            let (queue, slice) = (self.queue.clone(), self.slice);
+            tokio::spawn(async move {
+                let mut lines = match stream {
+                    Either::Out(s) => Lines::Out(BufReader::new(s).lines()),
+                    Either::Err(s) => Lines::Err(BufReader::new(s).lines()),
+                };
+                while let Ok(Some(line)) = lines.next().await {
+                    tracing::info!(%queue, slice, stream = name, "{line}");
+                }
+            });
+        }
+        Ok(child)
+    }
+
+    fn busy(&self) -> bool {
+        match self.dir.scan(self.slices) {
+            Ok(scan) => scan.in_flight.get(&self.slice).is_some_and(|v| !v.is_empty()),
+            // Cannot tell: assume busy, the stop timeout bounds the wait.
+            Err(_) => true,
+        }
+    }
+
+    fn shunted(&self) -> usize {
+        let shunt = self.dir.dir().parent().map(|root| root.join("shunt"));
+        shunt.and_then(|d| std::fs::read_dir(d).ok()).map_or(0, |rd| rd.count())
+    }
+
+    /// Runs the slice's Mailman runner until `quiet` (stop quietly) or `kill` (at once).
+    pub async fn run(self, quiet: CancellationToken, kill_now: CancellationToken) -> SupervisorExit {
+        let mut crashes: VecDeque<Instant> = VecDeque::new();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let mut child = match self.spawn() {
+                Ok(child) => child,
+                Err(e) => {
+                    tracing::error!(queue = %self.queue, slice = self.slice, error = %e, "cannot start the supervised runner");
+                    if let Some(exit) = self.count_crash(&mut crashes, &format!("cannot start: {e}")) {
+                        return exit;
+                    }
+                    if let Some(exit) = wait_backoff(&mut backoff, &quiet, &kill_now).await {
+                        return exit;
+                    }
+                    continue;
+                }
+            };
+            let pid = child.id().unwrap_or(0) as i32;
+            tracing::info!(queue = %self.queue, slice = self.slice, pid, "started supervised runner");
+            tokio::select! {
+                status = child.wait() => {
+                    let status = status.map(|s| (s.code(), std::os::unix::process::ExitStatusExt::signal(&s)));
+                    let clean = matches!(status, Ok((Some(15), _)) | Ok((None, Some(15))));
+                    // The group may hold leftovers of the runner: they go with it.
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    if clean {
+                        tracing::warn!(queue = %self.queue, slice = self.slice, pid, "supervised runner stopped cleanly without being asked; starting it again");
+                    } else {
+                        let why = format!("exited with {status:?}");
+                        tracing::warn!(queue = %self.queue, slice = self.slice, pid, %why, "supervised runner crashed");
+                        metrics::counter!("qslice_runner_supervised_crashes_total", "queue" => self.queue.clone()).increment(1);
+                        if let Some(exit) = self.count_crash(&mut crashes, &why) {
+                            return exit;
+                        }
+                    }
+                    if let Some(exit) = wait_backoff(&mut backoff, &quiet, &kill_now).await {
+                        return exit;
+                    }
+                }
+                _ = kill_now.cancelled() => {
+                    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    let _ = child.wait().await;
+                    return SupervisorExit::Killed;
+                }
+                _ = quiet.cancelled() => {
+                    self.quiet_stop(&mut child, pid, &kill_now).await;
+                    return SupervisorExit::Stopped;
+                }
+            }
+        }
+    }
+
+    fn count_crash(&self, crashes: &mut VecDeque<Instant>, why: &str) -> Option<SupervisorExit> {
+        let now = Instant::now();
+        crashes.push_back(now);
+        while crashes.front().is_some_and(|t| now.duration_since(*t) > self.cfg.restart_window) {
+            crashes.pop_front();
+        }
+        (crashes.len() > self.cfg.max_restarts).then(|| {
+            SupervisorExit::GaveUp(format!(
+                "{} crashes within {} (last: {why})",
+                crashes.len(),
+                humantime::format_duration(self.cfg.restart_window)
+            ))
+        })
+    }
+
+    async fn quiet_stop(&self, child: &mut tokio::process::Child, pid: i32, kill_now: &CancellationToken) {
+        let deadline = Instant::now() + self.cfg.stop_timeout;
+        let shunted_before = self.shunted();
+        let target = Pid::from_raw(pid);
+        let signalled = loop {
+            if Instant::now() >= deadline || kill_now.is_cancelled() {
+                break false;
+            }
+            match self.cfg.flavour {
+                Flavour::Mailman2 => {
+                    let _ = kill(target, Signal::SIGTERM);
+                    break true;
+                }
+                Flavour::Mailman3 => {
+                    // Frozen, it cannot pick up a message between the look and the signal.
+                    let _ = kill(target, Signal::SIGSTOP);
+                    if !self.busy() {
+                        let _ = kill(target, Signal::SIGTERM);
+                        let _ = kill(target, Signal::SIGCONT);
+                        break true;
+                    }
+                    let _ = kill(target, Signal::SIGCONT);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let exited = signalled
+            && tokio::select! {
+                r = tokio::time::timeout_at(deadline, child.wait()) => r.is_ok(),
+                _ = kill_now.cancelled() => false,
+            };
+        if !exited {
+            tracing::warn!(queue = %self.queue, slice = self.slice, pid, timeout = ?self.cfg.stop_timeout, "supervised runner did not stop in time; killing it (its .bak is recovered by the next runner of the slice)");
+        }
+        let _ = killpg(target, Signal::SIGKILL);
+        let _ = child.wait().await;
+        let shunted = self.shunted().saturating_sub(shunted_before);
+        if shunted > 0 {
+            tracing::warn!(queue = %self.queue, slice = self.slice, shunted, "messages were shunted while the supervised runner stopped");
+        }
+        tracing::info!(queue = %self.queue, slice = self.slice, pid, "supervised runner stopped");
+    }
+}
+
+async fn wait_backoff(backoff: &mut Duration, quiet: &CancellationToken, kill_now: &CancellationToken) -> Option<SupervisorExit> {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(Duration::from_secs(30));
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => None,
+        _ = quiet.cancelled() => Some(SupervisorExit::Stopped),
+        _ = kill_now.cancelled() => Some(SupervisorExit::Killed),
+    }
+}
+
+enum Either {
+    Out(tokio::process::ChildStdout),
+    Err(tokio::process::ChildStderr),
+}
+
+enum Lines {
+    Out(tokio::io::Lines<BufReader<tokio::process::ChildStdout>>),
+    Err(tokio::io::Lines<BufReader<tokio::process::ChildStderr>>),
+}
+
+impl Lines {
+    async fn next(&mut self) -> std::io::Result<Option<String>> {
+        match self {
+            Lines::Out(l) => l.next_line().await,
+            Lines::Err(l) => l.next_line().await,
+        }
+    }
+}
+
+/// Makes a child die with the runner (Linux PR_SET_PDEATHSIG).
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_mailman3_command_names_its_config_and_runner() {
+        let cmd = argv(&["/opt/mailman/bin/runner", "-C", "/etc/mailman3/mailman.cfg", "-r", "in:{slice}:{slices}"]);
+        assert_eq!(mailman3_target(&cmd), Some((PathBuf::from("/etc/mailman3/mailman.cfg"), "in".into())));
+        let cmd = argv(&["runner", "--config=/m.cfg", "--runner=out:{slice}:{slices}"]);
+        assert_eq!(mailman3_target(&cmd), Some((PathBuf::from("/m.cfg"), "out".into())));
+        assert_eq!(mailman3_target(&argv(&["qrunner", "--runner=Incoming:{slice}:{slices}"])), None);
+    }
+
+    #[test]
+    fn instances_are_read_from_the_runner_section() {
+        let cfg = "[mailman]\nsite_owner: a@b\n\n[runner.in]\n# comment\ninstances: 4\n\n[runner.out]\ninstances = 8\n";
+        assert_eq!(mailman3_instances(cfg, "in"), 4);
+        assert_eq!(mailman3_instances(cfg, "out"), 8);
+        assert_eq!(mailman3_instances(cfg, "virgin"), 1, "Mailman's default");
+    }
+
+    #[test]
+    fn a_mismatched_or_odd_instance_count_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("mailman.cfg");
+        let cfg = |instances: u32| SuperviseConfig {
+            flavour: Flavour::Mailman3,
+            command: argv(&["runner", "-C", path.to_str().expect("utf8"), "-r", "in:{slice}:{slices}"]),
+            env: vec![],
+            workdir: None,
+            user: None,
+            group: None,
+            stop_timeout: Duration::from_secs(1),
+            max_restarts: 1,
+            restart_window: Duration::from_secs(1),
+        }
+        .check("in", Some(4))
+        .map_err(|e| (instances, e.to_string()));
+        std::fs::write(&path, "[runner.in]\ninstances: 4\n").expect("write");
+        assert_eq!(cfg(4), Ok(()));
+        std::fs::write(&path, "[runner.in]\ninstances: 2\n").expect("write");
+        let (_, err) = cfg(2).expect_err("mismatch");
+        assert!(err.contains("instances = 2") && err.contains("4 slices"), "{err}");
+        std::fs::write(&path, "[runner.in]\ninstances: 3\n").expect("write");
+        let (_, err) = cfg(3).expect_err("odd");
+        assert!(err.contains("power of two"), "{err}");
+        std::fs::remove_file(&path).expect("rm");
+        let (_, err) = cfg(0).expect_err("missing");
+        assert!(err.contains("cannot read"), "{err}");
+    }
+}

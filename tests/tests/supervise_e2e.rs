@@ -1,0 +1,186 @@
+//! Supervised Mailman runners (a faithful stand-in for Mailman 3's `runner`, see
+//! tests/fixtures/fake_mailman3_runner.py) started per claimed slice by the real runner.
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use qslice_tests::cluster::{assign, claims, client, put_queue, start_coordinator, start_runner, unassign, wait_until, Spool};
+use qslice_tests::{process_alive, wait_for, Etcd};
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Writes a runner config that supervises queue `in` with the fake Mailman 3 runner.
+fn supervise_config(spool: &Spool, name: &str, extra: &str) -> String {
+    let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
+    let queue_dir = spool.root().join("in");
+    let toml = format!(
+        "[supervise.in]\nflavour = \"mailman3\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\"]\nenv = [\"PATH\", \"FAKE_BUSY\", \"FAKE_CRASH_ON_NODE\"]\nstop_timeout = \"20s\"\n{extra}",
+        queue_dir.display(),
+        spool.records_path().display()
+    );
+    let path = spool.scratch(name);
+    std::fs::write(&path, toml).expect("write config");
+    path.to_string_lossy().into_owned()
+}
+
+fn pids_of(spool: &Spool, what: &str) -> Vec<(u32, u32)> {
+    spool.records().iter().filter(|r| r.what == what).map(|r| (r.slice, r.filebase.parse().expect("pid"))).collect()
+}
+
+#[tokio::test]
+async fn each_claimed_slice_runs_its_own_mailman_runner_and_its_output_is_logged() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let cfg = supervise_config(&spool, "runner.toml", "");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign");
+    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    wait_until(LONG, "4 supervised runners booted", || async { pids_of(&spool, "boot").len() == 4 }).await.expect("booted");
+    let mut slices: Vec<u32> = pids_of(&spool, "boot").iter().map(|(s, _)| *s).collect();
+    slices.sort();
+    assert_eq!(slices, vec![0, 1, 2, 3], "one runner per slice");
+    let q = spool.queue("in");
+    for i in 0..20u32 {
+        q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
+    }
+    wait_until(LONG, "20 entries finished", || async { spool.finished().len() == 20 }).await.expect("processed");
+    assert!(spool.finished().values().all(|n| *n == 1));
+    let held = claims(&mut c, "t", "in").await.expect("claims");
+    for rec in spool.records().iter().filter(|r| r.what == "start") {
+        assert_eq!(rec.epoch, held[&rec.slice].1, "each runner got its slice's epoch: {rec:?}");
+    }
+    wait_for(LONG, "child output in the runner's log, tagged", || r.log().contains("fake mailman runner for slice") && r.log().contains("queue=in")).expect("tagged output");
+}
+
+#[tokio::test]
+async fn a_released_slice_stops_its_runner_between_messages_and_nothing_is_shunted() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let cfg = supervise_config(&spool, "runner.toml", "");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
+    let busy = [("FAKE_BUSY", "0.2")];
+    let _a = start_runner(&etcd, &spool, "a", "t", &["--config", &cfg, "--lease-ttl", "30s"], &busy).expect("runner a");
+    let _b = start_runner(&etcd, &spool, "b", "t", &["--config", &cfg, "--lease-ttl", "30s"], &busy).expect("runner b");
+    let q = spool.queue("in");
+    for i in 0..40u32 {
+        q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
+    }
+    wait_until(LONG, "a's runners busy", || async { spool.records().iter().any(|r| r.what == "start" && r.node == "a") }).await.expect("busy");
+    assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign b");
+    unassign(&mut c, "t", "a", "in").await.expect("unassign a");
+    wait_until(LONG, "40 entries finished", || async { spool.finished().len() == 40 }).await.expect("processed");
+    wait_until(LONG, "b holds both slices", || async {
+        claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "b"))
+    })
+    .await
+    .expect("moved");
+    let records = spool.records();
+    // The runners really were busy for a while per message (so a careless stop signal
+    // would have hit one mid-message).
+    let busy_ns = records
+        .iter()
+        .filter(|r| r.what == "end")
+        .filter_map(|e| records.iter().find(|s| s.what == "start" && s.filebase == e.filebase && s.node == e.node).map(|s| e.at_ns - s.at_ns))
+        .max()
+        .expect("some entries");
+    assert!(busy_ns >= 150_000_000, "FAKE_BUSY reached the supervised runners ({busy_ns} ns)");
+    assert!(!records.iter().any(|r| r.what == "shunt"), "a busy runner was never signalled: {records:?}");
+    assert!(!spool.root().join("shunt").exists());
+    assert!(spool.finished().values().all(|n| *n == 1), "none twice");
+    for slice in 0..2 {
+        let a_booted = records.iter().any(|r| r.what == "boot" && r.node == "a" && r.slice == slice);
+        let a_started = records.iter().any(|r| r.what == "start" && r.node == "a" && r.slice == slice);
+        if !a_booted {
+            // Released before its runner got going: a stop signal ends it during start-up.
+            assert!(!a_started);
+            continue;
+        }
+        let a_stop = records
+            .iter()
+            .filter(|r| r.what == "stop" && r.node == "a" && r.slice == slice)
+            .map(|r| r.at_ns)
+            .max()
+            .unwrap_or_else(|| {
+                let lines: Vec<String> = records.iter().map(|r| format!("{} {} {} {}", r.what, r.node, r.slice, r.filebase)).collect();
+                panic!("a's runner of slice {slice} recorded no quiet stop:\n{}", lines.join("\n"))
+            });
+        let b_first = records.iter().filter(|r| r.what == "start" && r.node == "b" && r.slice == slice).map(|r| r.at_ns).min();
+        if let Some(b_first) = b_first {
+            assert!(b_first > a_stop, "slice {slice}: b's runner worked before a's had stopped");
+        }
+    }
+    let held = claims(&mut c, "t", "in").await.expect("claims");
+    assert!(held.values().all(|(n, _)| n == "b"));
+}
+
+#[tokio::test]
+async fn kill_9_of_the_runner_leaves_no_mailman_process() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let cfg = supervise_config(&spool, "runner.toml", "");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
+    let mut r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    let pids: Vec<u32> = pids_of(&spool, "boot").into_iter().map(|(_, p)| p).collect();
+    assert!(pids.iter().all(|p| process_alive(*p)));
+    r.signal(Signal::SIGKILL).expect("kill -9");
+    wait_for(LONG, "every supervised runner to die with qslice-runner", || pids.iter().all(|p| !process_alive(*p))).expect("none left");
+}
+
+#[tokio::test]
+async fn a_runner_that_keeps_crashing_is_given_up_and_another_node_takes_its_slices() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let cfg = supervise_config(&spool, "runner.toml", "max_restarts = 2\nrestart_window = \"60s\"\n");
+    let mut c = client(&etcd).await.expect("client");
+    put_queue(&mut c, "t", "in", 2).await.expect("queue");
+    let _co = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
+    let crash = [("FAKE_CRASH_ON_NODE", "bad")];
+    let bad = start_runner(&etcd, &spool, "bad", "t", &["--config", &cfg], &crash).expect("runner bad");
+    wait_for(LONG, "bad's runners to crash and be given up", || bad.log().contains("giving this queue up")).expect("gave up");
+    let _good = start_runner(&etcd, &spool, "good", "t", &["--config", &cfg], &crash).expect("runner good");
+    wait_until(LONG, "good holds both slices", || async {
+        claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "good"))
+    })
+    .await
+    .expect("moved");
+    let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
+    wait_until(LONG, "the entry processed by good", || async { spool.finished().contains_key(&name) }).await.expect("processed");
+}
+
+#[tokio::test]
+async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mailman_cfg = spool.scratch("mailman.cfg");
+    std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
+    let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
+    let toml = format!(
+        "[supervise.in]\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\", \"-C\", \"{}\", \"-r\", \"in:{{slice}}:{{slices}}\"]\nenv = [\"PATH\"]\n",
+        spool.root().join("in").display(),
+        spool.records_path().display(),
+        mailman_cfg.display()
+    );
+    let cfg = spool.scratch("runner.toml");
+    std::fs::write(&cfg, toml).expect("write");
+    let cfg = cfg.to_string_lossy().into_owned();
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign 4 slices");
+    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    wait_for(LONG, "the mismatch named in the log", || r.log().contains("instances = 2") && r.log().contains("4 slices")).expect("refused");
+    assert!(claims(&mut c, "t", "in").await.expect("claims").is_empty(), "nothing claimed under a slicing Mailman would not use");
+    let keys = qslice_proto::keys::Keys::new("t").expect("keys");
+    let node = c.get(keys.node("r"), None).await.expect("get");
+    let record = <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record");
+    assert_eq!(record.refused_queues, vec!["in"], "the refusal is published for the coordinator");
+    // --check-config refuses an instance count Mailman 3 itself would reject.
+    std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 3\n").expect("write");
+    let out = std::process::Command::new(qslice_tests::qslice_bin("qslice-runner").expect("built"))
+        .args(["--config", &cfg, "--spool", "/tmp", "--node-id", "x", "--check-config"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"), "{}", String::from_utf8_lossy(&out.stderr));
+}
