@@ -14,7 +14,7 @@ fn supervise_config(spool: &Spool, name: &str, extra: &str) -> String {
     let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
     let queue_dir = spool.root().join("in");
     let toml = format!(
-        "[supervise.in]\nflavour = \"mailman3\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\"]\nenv = [\"PATH\", \"FAKE_BUSY\", \"FAKE_CRASH_ON_NODE\"]\nstop_timeout = \"20s\"\n{extra}",
+        "[supervise.in]\nflavour = \"mailman3\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\"]\nenv = [\"PATH\", \"FAKE_BUSY\", \"FAKE_CRASH_ON_NODE\", \"FAKE_MAILMAN2\"]\nstop_timeout = \"20s\"\n{extra}",
         queue_dir.display(),
         spool.records_path().display()
     );
@@ -183,4 +183,48 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_fenced_runner_kills_its_mailman_runners_at_once() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let cfg = supervise_config(&spool, "runner.toml", "");
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
+    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    let pids: Vec<u32> = pids_of(&spool, "boot").into_iter().map(|(_, p)| p).collect();
+    // etcd freezes: the runner can no longer renew its 2 s lease and fences itself.
+    etcd.pause().expect("SIGSTOP etcd");
+    wait_for(LONG, "the fenced runner to kill its Mailman runners", || pids.iter().all(|p| !process_alive(*p))).expect("killed");
+    assert!(r.log().contains("fenced"), "{}", r.log());
+    assert!(r.pid().is_some_and(process_alive), "the runner itself lives on and waits for etcd");
+    etcd.resume().expect("SIGCONT etcd");
+    // Back in touch, it registers anew and starts fresh runners under new claims.
+    wait_until(LONG, "new runners after the fence", || async { pids_of(&spool, "boot").len() >= 4 }).await.expect("restarted");
+}
+
+#[tokio::test]
+async fn a_mailman2_runner_is_stopped_with_sigterm_and_finishes_its_message() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mailman3 = supervise_config(&spool, "runner.toml", "");
+    let cfg_path = spool.scratch("runner2.toml");
+    let cfg = std::fs::read_to_string(&mailman3).expect("read").replace("flavour = \"mailman3\"", "flavour = \"mailman2\"");
+    std::fs::write(&cfg_path, cfg).expect("write");
+    let cfg_path = cfg_path.to_string_lossy().into_owned();
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "a", "in", 1, [0]).await.expect("assign");
+    let env = [("FAKE_BUSY", "1"), ("FAKE_MAILMAN2", "1")];
+    let _a = start_runner(&etcd, &spool, "a", "t", &["--config", &cfg_path, "--lease-ttl", "30s"], &env).expect("runner");
+    let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
+    wait_until(LONG, "a's runner busy", || async { spool.records().iter().any(|r| r.what == "start") }).await.expect("busy");
+    unassign(&mut c, "t", "a", "in").await.expect("unassign");
+    wait_until(LONG, "a's claim released", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.is_empty()) }).await.expect("released");
+    let records = spool.records();
+    assert!(records.iter().any(|r| r.what == "term-while-busy"), "Mailman 2.1 is signalled at once, even while busy: {records:?}");
+    assert!(records.iter().any(|r| r.what == "end" && r.filebase == name), "the message in hand was finished: {records:?}");
+    assert!(records.iter().any(|r| r.what == "stop"), "then it stopped: {records:?}");
+    assert!(!records.iter().any(|r| r.what == "shunt"));
 }
