@@ -228,3 +228,23 @@ async fn a_mailman2_runner_is_stopped_with_sigterm_and_finishes_its_message() {
     assert!(records.iter().any(|r| r.what == "stop"), "then it stopped: {records:?}");
     assert!(!records.iter().any(|r| r.what == "shunt"));
 }
+
+#[tokio::test]
+async fn supervised_runners_run_as_the_configured_user() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: switching users needs the tests to run as root");
+        return;
+    }
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let cfg = spool.scratch("runner.toml");
+    std::fs::write(&cfg, "[supervise.in]\ncommand = [\"/bin/sh\", \"-c\", \"echo uid=$(id -u) gid=$(id -g) in $(pwd); exec sleep 600\"]\nuser = \"nobody\"\ngroup = \"nogroup\"\nworkdir = \"/\"\n").expect("write");
+    let cfg = cfg.to_string_lossy().into_owned();
+    let mut c = client(&etcd).await.expect("client");
+    assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");
+    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    let nobody = nix::unistd::User::from_name("nobody").expect("lookup").expect("nobody exists");
+    let nogroup = nix::unistd::Group::from_name("nogroup").expect("lookup").expect("nogroup exists");
+    let want = format!("uid={} gid={} in /", nobody.uid, nogroup.gid);
+    wait_for(LONG, "the child's identity in the runner's log", || r.log().contains(&want)).unwrap_or_else(|e| panic!("{e}:\n{}", r.log()));
+}
