@@ -9,6 +9,7 @@
 //! - [`wait_for`]: a bounded poll for a condition, with a message naming what did not
 //!   happen; tests use it instead of sleeps.
 
+pub mod checker;
 pub mod cluster;
 pub mod pki;
 
@@ -70,12 +71,20 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     starts: u32,
+    /// Another address etcd's client port listens on (a test network namespace's peer).
+    extra_ip: Option<String>,
 }
 
 impl Etcd {
     /// Starts etcd on free loopback ports with fast election settings (heartbeat 50 ms,
     /// election timeout 500 ms, which lets it grant 1 s leases) and waits until it answers.
     pub fn start() -> Result<Etcd> {
+        Etcd::start_listening_also_on(None)
+    }
+
+    /// Like [`Etcd::start`], and also serving clients on `extra_ip` (for a runner in a
+    /// network namespace the test made).
+    pub fn start_listening_also_on(extra_ip: Option<&str>) -> Result<Etcd> {
         let mut last_error = None;
         // A port found free can be taken by another test before etcd binds it: retry.
         for _ in 0..5 {
@@ -85,6 +94,7 @@ impl Etcd {
                 client_port: free_port()?,
                 peer_port: free_port()?,
                 starts: 0,
+                extra_ip: extra_ip.map(str::to_owned),
             };
             match etcd.launch() {
                 Ok(()) => return Ok(etcd),
@@ -99,7 +109,10 @@ impl Etcd {
         self.starts += 1;
         let log_path = self.log_path();
         let log = File::options().create(true).append(true).open(&log_path)?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let mut client = format!("http://127.0.0.1:{}", self.client_port);
+        if let Some(ip) = &self.extra_ip {
+            client.push_str(&format!(",http://{ip}:{}", self.client_port));
+        }
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut cmd = Command::new(&binary);
         cmd.args(["--name", "qslice-test"])
@@ -134,6 +147,11 @@ impl Etcd {
     /// The client URL, e.g. `http://127.0.0.1:40123`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The client port.
+    pub fn client_port(&self) -> u16 {
+        self.client_port
     }
 
     /// The client URLs, for clients that take a list.

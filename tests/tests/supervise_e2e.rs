@@ -121,7 +121,7 @@ async fn kill_9_of_the_runner_leaves_no_mailman_process() {
     let cfg = supervise_config(&spool, "runner.toml", "");
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
-    let mut r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
     wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
     let pids: Vec<u32> = pids_of(&spool, "boot").into_iter().map(|(_, p)| p).collect();
     assert!(pids.iter().all(|p| process_alive(*p)));

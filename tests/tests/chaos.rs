@@ -1,0 +1,167 @@
+//! Chaos: 3 runners and 2 coordinators on one etcd with a steady stream of entries, while
+//! runners and coordinators are killed with SIGKILL and restarted, a runner is frozen past
+//! its lease TTL, and etcd restarts. At the end the invariant checker must pass.
+//!
+//! QSLICE_CHAOS_SECS sets the chaos duration (default 60, which keeps the test under three
+//! minutes); QSLICE_CHAOS_SEED replays a run (the seed is printed).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+use qslice_proto::keys::{Key, Keys};
+use qslice_runner::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_tests::checker::{check, Disruption, Grant};
+use qslice_tests::cluster::{client, put_queue, start_coordinator, start_runner, wait_until, Coordinator, Spool};
+use qslice_tests::{Etcd, Proc};
+use rand::{Rng, SeedableRng};
+
+const SLICES: u32 = 8;
+
+fn now_ns() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
+}
+
+fn names_in(dir: &std::path::Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().split('.').take(2).collect::<Vec<_>>().join(".")).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
+    let secs: u64 = std::env::var("QSLICE_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let seed: u64 = std::env::var("QSLICE_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("chaos: {secs} s, seed {seed} (QSLICE_CHAOS_SEED={seed} replays it)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let mut etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mut c = client(&etcd).await.expect("client");
+    put_queue(&mut c, "t", "in", SLICES).await.expect("queue");
+    let delay = [("QSLICE_TEST_DELAY", "0.02")];
+    let mut coordinators: Vec<Option<Coordinator>> = Vec::new();
+    for id in ["c1", "c2"] {
+        coordinators.push(Some(start_coordinator(&etcd, &spool, id, "t", &[]).expect("coordinator")));
+    }
+    let node_ids = ["r1", "r2", "r3"];
+    let mut runners: Vec<Option<Proc>> = node_ids.iter().map(|id| Some(start_runner(&etcd, &spool, id, "t", &[], &delay).expect("runner"))).collect();
+
+    // The observer records every claim grant it sees (a claim key created).
+    let grants = Arc::new(Mutex::new(Vec::<Grant>::new()));
+    let observer = {
+        let (grants, keys) = (grants.clone(), Keys::new("t").expect("keys"));
+        let mut watch = PrefixWatch::new(c.clone(), keys.claims_prefix());
+        tokio::spawn(async move {
+            loop {
+                let update = watch.next().await;
+                let seen_ns = now_ns();
+                let kvs = match update {
+                    PrefixUpdate::Snapshot(kvs) => kvs,
+                    PrefixUpdate::Put(kv) => vec![kv],
+                    PrefixUpdate::Delete(_) => continue,
+                };
+                let mut g = grants.lock().expect("grants");
+                for kv in kvs {
+                    if let Some(Key::Claim { slice, .. }) = keys.parse(kv.key()) {
+                        g.push(Grant { slice, epoch: kv.create_revision(), seen_ns });
+                    }
+                }
+            }
+        })
+    };
+
+    // A steady stream of entries.
+    let enqueued = Arc::new(Mutex::new(BTreeMap::<String, (u128, u32)>::new()));
+    let stop_writing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (q, enqueued, stop) = (spool.queue("in"), enqueued.clone(), stop_writing.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let at = now_ns();
+                let name = q.enqueue(format!("message {i}").as_bytes()).expect("enqueue");
+                enqueued.lock().expect("enqueued").insert(name.filebase.clone(), (at, name.slice(SLICES)));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        })
+    };
+
+    let mut disruptions: Vec<Disruption> = Vec::new();
+    let mut etcd_restarts = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(secs) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..3500))).await;
+        let action = rng.gen_range(0..10);
+        match action {
+            0..=3 => {
+                let i = rng.gen_range(0..runners.len());
+                if let Some(mut r) = runners[i].take() {
+                    r.kill();
+                    disruptions.push(Disruption { node: node_ids[i].into(), at_ns: now_ns(), what: "kill -9".into() });
+                    eprintln!("chaos: kill -9 {}", node_ids[i]);
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
+                }
+                runners[i] = Some(start_runner(&etcd, &spool, node_ids[i], "t", &[], &delay).expect("restart runner"));
+            }
+            4..=5 => {
+                let i = rng.gen_range(0..coordinators.len());
+                let id = ["c1", "c2"][i];
+                if let Some(mut co) = coordinators[i].take() {
+                    co.proc.kill();
+                    eprintln!("chaos: kill -9 {id}");
+                }
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
+                coordinators[i] = Some(start_coordinator(&etcd, &spool, id, "t", &[]).expect("restart coordinator"));
+            }
+            6..=8 => {
+                let i = rng.gen_range(0..runners.len());
+                if let Some(r) = &runners[i] {
+                    r.signal(Signal::SIGSTOP).expect("SIGSTOP");
+                    disruptions.push(Disruption { node: node_ids[i].into(), at_ns: now_ns(), what: "SIGSTOP".into() });
+                    eprintln!("chaos: SIGSTOP {} past its 2 s TTL", node_ids[i]);
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(2600..4000))).await;
+                    r.signal(Signal::SIGCONT).expect("SIGCONT");
+                }
+            }
+            _ if etcd_restarts < 2 => {
+                disruptions.push(Disruption { node: "*".into(), at_ns: now_ns(), what: "etcd restart".into() });
+                eprintln!("chaos: etcd restart");
+                etcd.restart().expect("etcd restarts");
+                etcd_restarts += 1;
+            }
+            _ => {}
+        }
+    }
+    stop_writing.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().expect("writer");
+    for (i, r) in runners.iter_mut().enumerate() {
+        if r.is_none() {
+            *r = Some(start_runner(&etcd, &spool, node_ids[i], "t", &[], &delay).expect("runner"));
+        }
+    }
+    let total = enqueued.lock().expect("enqueued").len();
+    let q = spool.queue("in");
+    let bad = spool.root().join("bad");
+    wait_until(Duration::from_secs(120), "every entry finished or preserved", || async {
+        let finished = spool.finished();
+        let preserved = names_in(&bad);
+        let quarantined = names_in(q.quarantine_dir());
+        enqueued.lock().expect("enqueued").keys().all(|e| finished.contains_key(e) || preserved.contains(e) || quarantined.contains(e))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {total} enqueued, {} finished", spool.finished().len()));
+    observer.abort();
+
+    let mut preserved = names_in(&bad);
+    preserved.extend(names_in(q.quarantine_dir()));
+    let report = check(&enqueued.lock().expect("enqueued"), &spool.records(), &preserved, &grants.lock().expect("grants"), &disruptions);
+    eprintln!("chaos report: {}", report.summary());
+    eprintln!("disruptions: {}", disruptions.iter().map(|d| format!("{} {}", d.what, d.node)).collect::<Vec<_>>().join(", "));
+    assert!(report.enqueued > 100, "the stream kept flowing");
+    assert!(report.lost.is_empty(), "lost: {:?}", report.lost);
+    assert!(report.stale_starts.is_empty(), "started under a stale epoch: {:?}", report.stale_starts);
+    assert!(report.unexplained_duplicates.is_empty(), "duplicates with no kill or fence to explain them: {:?}", report.unexplained_duplicates);
+}
