@@ -73,10 +73,12 @@ fn with_token_file(text: &str, token: &Path) -> String {
         .join("\n")
 }
 
-/// The runner's file keys (`FileConfig`, then `[etcd]` and `[handler]`).
+/// The runner's file keys (`FileConfig`, then `[etcd]`, `[handler]` and `[supervise.<queue>]`).
 const RUNNER_KEYS: &[&str] = &[
     "node_id", "cluster", "spool", "lease_ttl", "weight", "queues", "poll_interval", "concurrency", "drain_timeout", "state_dir", "metrics_addr",
     "log_format", "[etcd]", "endpoints", "user", "password", "ca", "cert", "key", "[handler]", "kind", "command", "timeout", "retry_backoff", "move_to",
+    // One [supervise.<queue>] table (`SuperviseConfig`).
+    "[supervise.in]", "flavour", "env", "workdir", "user", "group", "stop_timeout", "max_restarts", "restart_window",
 ];
 
 /// The coordinator's file keys (`FileConfig`, then `[etcd]` and `[admin]`).
@@ -120,6 +122,7 @@ fn runner_examples_validate_as_shipped_and_with_every_key_switched_on() {
             assert_documents(&path, RUNNER_KEYS);
             assert!(keys >= 10, "runner.toml shows only {keys} optional keys");
             assert!(printed.contains("queues = [\"in\", \"out\", \"bounces\"]"), "the commented keys took no effect: {printed}");
+            assert!(printed.contains("[supervise.in]") && printed.contains("flavour = \"mailman2\""), "no supervised queue: {printed}");
         }
     }
     let tls = assert_valid("qslice-runner", &example("runner-etcd-tls.toml"));
