@@ -10,6 +10,7 @@
 //!   happen; tests use it instead of sleeps.
 
 pub mod checker;
+pub mod benchkit;
 pub mod cluster;
 pub mod pki;
 
