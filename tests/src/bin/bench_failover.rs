@@ -1,0 +1,235 @@
+//! Failover benchmark: how long a dead runner's slices sit idle, and how big the gap of a
+//! planned hand-off (drain) is.
+//!
+//! For each of K kills (kill -9 of a runner under a steady stream of entries) it measures,
+//! per orphaned slice, the time from the kill to the first entry started by the new owner,
+//! and to the slice being drained of what was waiting at the kill; at lease TTL 2 s and 5 s.
+//! For drains (`qslicectl`-equivalent cordon through etcd) it measures, per moved slice, the
+//! gap between the old owner's last entry and the new owner's first. Prints a table and a
+//! `JSON:` summary line. `--quick` runs 3 kills at TTL 2 s and one drain.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use qslice_proto::keys::Keys;
+use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
+use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::{Etcd, Proc};
+
+/// Measure failover and drain gaps.
+#[derive(Parser)]
+struct Args {
+    /// A short run for CI: 3 kills at TTL 2 s, one drain.
+    #[arg(long)]
+    quick: bool,
+    /// Kills per TTL in full mode.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// Write the JSON summary here too.
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+}
+
+const SLICES: u32 = 12;
+const LONG: Duration = Duration::from_secs(60);
+
+fn now_ns() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[derive(serde::Serialize)]
+struct Stats {
+    samples: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn stats(mut v: Vec<f64>) -> Stats {
+    v.sort_by(f64::total_cmp);
+    Stats {
+        samples: v.len(),
+        p50_ms: percentile(&v, 50.0),
+        p95_ms: percentile(&v, 95.0),
+        p99_ms: percentile(&v, 99.0),
+        max_ms: v.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+struct Cluster {
+    etcd: Etcd,
+    spool: Spool,
+    _coordinator: qslice_tests::cluster::Coordinator,
+    runners: BTreeMap<String, Proc>,
+    ttl: String,
+    writer_stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    enqueued: std::sync::Arc<std::sync::Mutex<Vec<(String, u128, u32)>>>,
+}
+
+impl Cluster {
+    async fn start(ttl_secs: u64) -> Result<Cluster> {
+        let etcd = Etcd::start()?;
+        let spool = Spool::new(&["in"])?;
+        let mut c = client(&etcd).await?;
+        put_queue(&mut c, "t", "in", SLICES).await?;
+        let ttl = format!("{ttl_secs}s");
+        let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &["--lease-ttl", &ttl])?;
+        let mut runners = BTreeMap::new();
+        for id in ["r1", "r2", "r3"] {
+            runners.insert(id.to_owned(), start_runner(&etcd, &spool, id, "t", &["--lease-ttl", &ttl], &[("QSLICE_TEST_DELAY", "0.01")])?);
+        }
+        let enqueued = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let writer_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (q, enqueued, stop) = (spool.queue("in"), enqueued.clone(), writer_stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let at = now_ns();
+                    if let Ok(name) = q.enqueue(format!("m{i}").as_bytes()) {
+                        enqueued.lock().expect("lock").push((name.filebase.clone(), at, name.slice(SLICES)));
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        };
+        let cluster = Cluster { etcd, spool, _coordinator: coordinator, runners, ttl, writer_stop, writer: Some(writer), enqueued };
+        cluster.wait_balanced().await?;
+        Ok(cluster)
+    }
+
+    async fn wait_balanced(&self) -> Result<()> {
+        let c = client(&self.etcd).await?;
+        wait_until(LONG, "4 slices on each of the 3 runners", || async {
+            let h = holdings(&mut c.clone(), "t", "in").await;
+            h.len() == 3 && h.values().all(|v| v.len() == 4)
+        })
+        .await
+    }
+
+    /// Kills one runner; per orphaned slice, ms from the kill to the new owner's first
+    /// start and to the slice's backlog (as of the kill) being finished.
+    async fn kill_once(&mut self, victim: &str) -> Result<Vec<(f64, f64)>> {
+        let mut c = client(&self.etcd).await?;
+        let slices = holdings(&mut c, "t", "in").await.remove(victim).context("victim holds slices")?;
+        let waiting: Vec<(String, u32)> = {
+            let finished = self.spool.finished();
+            self.enqueued.lock().expect("lock").iter().filter(|(e, _, s)| slices.contains(s) && !finished.contains_key(e)).map(|(e, _, s)| (e.clone(), *s)).collect()
+        };
+        let killed_ns = now_ns();
+        self.runners.get_mut(victim).context("victim")?.kill();
+        let spool = &self.spool;
+        wait_until(LONG, "each orphaned slice started by a new owner and its backlog finished", || async {
+            let records = spool.records();
+            let finished = spool.finished();
+            slices.iter().all(|s| records.iter().any(|r| r.slice == *s && r.what == "start" && r.node != victim && r.at_ns > killed_ns))
+                && waiting.iter().all(|(e, _)| finished.contains_key(e))
+        })
+        .await?;
+        let records = self.spool.records();
+        let mut out = Vec::new();
+        for s in &slices {
+            let first = records.iter().filter(|r| r.slice == *s && r.what == "start" && r.node != victim && r.at_ns > killed_ns).map(|r| r.at_ns).min().unwrap_or(killed_ns);
+            let drained = waiting
+                .iter()
+                .filter(|(_, ws)| ws == s)
+                .filter_map(|(e, _)| records.iter().filter(|r| &r.filebase == e && r.what == "end").map(|r| r.at_ns).max())
+                .max()
+                .unwrap_or(first);
+            out.push(((first - killed_ns) as f64 / 1e6, (drained.max(first) - killed_ns) as f64 / 1e6));
+        }
+        // Bring it back and let the cluster rebalance before the next kill.
+        let ttl = self.ttl.clone();
+        self.runners.insert(victim.to_owned(), start_runner(&self.etcd, &self.spool, victim, "t", &["--lease-ttl", &ttl], &[("QSLICE_TEST_DELAY", "0.01")])?);
+        self.wait_balanced().await?;
+        Ok(out)
+    }
+
+    /// Cordons a runner; per moved slice, ms between its last entry and the new owner's first.
+    async fn drain_once(&mut self, node: &str) -> Result<Vec<f64>> {
+        let mut c = client(&self.etcd).await?;
+        let slices = holdings(&mut c, "t", "in").await.remove(node).context("node holds slices")?;
+        let keys = Keys::new("t")?;
+        let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
+        let cordoned_ns = now_ns();
+        c.put(keys.cordon(node), cordon.encode(), None).await?;
+        wait_until(LONG, "the drained node holds nothing and its slices process elsewhere", || async {
+            let records = self.spool.records();
+            !holdings(&mut c.clone(), "t", "in").await.contains_key(node)
+                && slices.iter().all(|s| records.iter().any(|r| r.slice == *s && r.what == "start" && r.node != node && r.at_ns > cordoned_ns))
+        })
+        .await?;
+        let records = self.spool.records();
+        let gaps = slices
+            .iter()
+            .map(|s| {
+                let last_old = records.iter().filter(|r| r.slice == *s && r.node == node && r.what == "end").map(|r| r.at_ns).max().unwrap_or(cordoned_ns);
+                let first_new = records.iter().filter(|r| r.slice == *s && r.node != node && r.what == "start" && r.at_ns > cordoned_ns).map(|r| r.at_ns).min().unwrap_or(last_old);
+                first_new.saturating_sub(last_old) as f64 / 1e6
+            })
+            .collect();
+        c.delete(keys.cordon(node), None).await?;
+        self.wait_balanced().await?;
+        Ok(gaps)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.writer_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    let runs: Vec<(u64, usize, usize)> = if args.quick { vec![(2, 3, 1)] } else { vec![(2, args.kills, 5), (5, args.kills, 5)] };
+    let mut summary = serde_json::Map::new();
+    println!("{:<6} {:<22} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
+    for (ttl, kills, drains) in runs {
+        let mut cluster = Cluster::start(ttl).await?;
+        let (mut to_first, mut to_drained, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+        for k in 0..kills {
+            let victim = ["r1", "r2", "r3"][k % 3];
+            for (first, drained) in cluster.kill_once(victim).await? {
+                to_first.push(first);
+                to_drained.push(drained);
+            }
+        }
+        for d in 0..drains {
+            gaps.extend(cluster.drain_once(["r1", "r2", "r3"][d % 3]).await?);
+        }
+        let rows = [("kill -> first entry", stats(to_first)), ("kill -> slice drained", stats(to_drained)), ("drain: hand-off gap", stats(gaps))];
+        let mut per_ttl = serde_json::Map::new();
+        for (name, s) in rows {
+            println!("{:<6} {:<22} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", format!("{ttl}s"), name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
+            per_ttl.insert(name.to_owned(), serde_json::to_value(&s)?);
+        }
+        summary.insert(format!("ttl_{ttl}s"), serde_json::Value::Object(per_ttl));
+    }
+    summary.insert("profile".into(), (if cfg!(debug_assertions) { "debug" } else { "release" }).into());
+    summary.insert("seconds".into(), started.elapsed().as_secs_f64().into());
+    let json = serde_json::Value::Object(summary).to_string();
+    println!("JSON: {json}");
+    if let Some(path) = args.json_out {
+        std::fs::write(path, &json)?;
+    }
+    Ok(())
+}
