@@ -122,6 +122,9 @@ pub struct Incarnation {
     pub record: Option<NodeRecord>,
 }
 
+/// Wait before retrying a failed keepalive (well below any TTL/3).
+const KEEPALIVE_RETRY: Duration = Duration::from_millis(100);
+
 /// How far before the lease's earliest expiry the runner stops: a tenth of the TTL,
 /// at least 100 ms, for clock-rate drift and scheduling delay.
 pub fn fence_margin(ttl: Duration) -> Duration {
@@ -273,9 +276,12 @@ pub async fn keep_alive(mut client: Client, inc: &Incarnation) {
                 }
             }
         }
+        // After a failure, try again soon rather than after a whole interval: with several
+        // endpoints a call can land on a dead member, and the next one on a live member.
+        let next = if stream.is_none() { Instant::now() + KEEPALIVE_RETRY } else { sent + interval };
         tokio::select! {
             _ = fence.lost().cancelled() => break,
-            _ = tokio::time::sleep_until(sent + interval) => {}
+            _ = tokio::time::sleep_until(next) => {}
         }
     }
     watchdog.abort();

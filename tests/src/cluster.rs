@@ -163,6 +163,11 @@ impl Drop for Spool {
 
 /// Starts a runner with a recording exec handler; `extra` adds flags.
 pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<Proc> {
+    start_runner_at(&etcd.endpoint(), spool, node, cluster, extra, envs)
+}
+
+/// Like [`start_runner`], against the given etcd endpoints (comma-separated).
+pub fn start_runner_at(endpoints: &str, spool: &Spool, node: &str, cluster: &str, extra: &[&str], envs: &[(&str, &str)]) -> Result<Proc> {
     let state = spool.scratch(&format!("state-{node}"));
     let log = spool.scratch(&format!("{node}.log"));
     let handler = spool.recording_handler();
@@ -179,8 +184,7 @@ pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra
         "--poll-interval",
         "50ms",
     ];
-    let endpoints = etcd.endpoint();
-    args.extend_from_slice(&["--etcd-endpoints", &endpoints]);
+    args.extend_from_slice(&["--etcd-endpoints", endpoints]);
     args.extend_from_slice(extra);
     // Append to an earlier log of the same node (restarts keep one log per node).
     let previous = std::fs::read_to_string(&log).unwrap_or_default();
@@ -197,10 +201,15 @@ pub fn start_runner(etcd: &Etcd, spool: &Spool, node: &str, cluster: &str, extra
 
 /// A client of the test etcd.
 pub async fn client(etcd: &Etcd) -> Result<Client> {
+    client_at(&etcd.endpoints()).await
+}
+
+/// A client of the given etcd endpoints.
+pub async fn client_at(endpoints: &[String]) -> Result<Client> {
     let options = etcd_client::ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(5));
-    Ok(Client::connect(etcd.endpoints(), Some(options)).await?)
+    Ok(Client::connect(endpoints, Some(options)).await?)
 }
 
 /// Writes the assignment of `slices` of `queue` (of `total`) to `node`, as the leader would.
@@ -221,9 +230,18 @@ pub async fn unassign(client: &mut Client, cluster: &str, node: &str, queue: &st
 /// The claims of `queue`: slice -> (holder node, epoch).
 pub async fn claims(client: &mut Client, cluster: &str, queue: &str) -> Result<BTreeMap<u32, (String, i64)>> {
     let keys = Keys::new(cluster)?;
-    let resp = client
-        .get(keys.queue_claims_prefix(queue), Some(etcd_client::GetOptions::new().with_prefix()))
-        .await?;
+    // With several endpoints a call can land on a dead member: try a few times.
+    let mut attempt = 0;
+    let resp = loop {
+        match client.get(keys.queue_claims_prefix(queue), Some(etcd_client::GetOptions::new().with_prefix())).await {
+            Ok(resp) => break resp,
+            Err(e) if attempt >= 10 => return Err(e.into()),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
     let mut out = BTreeMap::new();
     for kv in resp.kvs() {
         if let Some(qslice_proto::keys::Key::Claim { slice, .. }) = keys.parse(kv.key()) {
@@ -272,10 +290,14 @@ pub struct Coordinator {
 /// Starts a coordinator with a 2 s election lease, a 3 s revoke deadline and its admin
 /// API on a free loopback port; `extra` adds or overrides flags.
 pub fn start_coordinator(etcd: &Etcd, spool: &Spool, id: &str, cluster: &str, extra: &[&str]) -> Result<Coordinator> {
+    start_coordinator_at(&etcd.endpoint(), spool, id, cluster, extra)
+}
+
+/// Like [`start_coordinator`], against the given etcd endpoints (comma-separated).
+pub fn start_coordinator_at(endpoints: &str, spool: &Spool, id: &str, cluster: &str, extra: &[&str]) -> Result<Coordinator> {
     let log = spool.scratch(&format!("coordinator-{id}.log"));
-    let endpoints = etcd.endpoint();
     let admin_addr = format!("127.0.0.1:{}", crate::free_port()?);
-    let mut args = vec!["--id", id, "--cluster", cluster, "--etcd-endpoints", &endpoints, "--admin-addr", &admin_addr];
+    let mut args = vec!["--id", id, "--cluster", cluster, "--etcd-endpoints", endpoints, "--admin-addr", &admin_addr];
     args.extend_from_slice(extra);
     let envs = [("QSLICE_LEASE_TTL", "2s"), ("QSLICE_REVOKE_DEADLINE", "3s")];
     let proc = Proc::spawn(&qslice_bin("qslice-coordinator")?, &args, &envs, &log)?;
@@ -306,4 +328,15 @@ pub async fn holdings(client: &mut Client, cluster: &str, queue: &str) -> BTreeM
         }
     }
     out
+}
+
+/// When a runner's log says it fenced itself (ns since the Unix epoch, from the RFC 3339
+/// timestamps the runner writes), one per fence.
+pub fn fence_times(log: &str) -> Vec<u128> {
+    log.lines()
+        .filter(|l| l.contains("fenced: stopped all work"))
+        .filter_map(|l| humantime::parse_rfc3339_weak(l.split_whitespace().next()?.trim_end_matches('Z')).ok())
+        .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .collect()
 }

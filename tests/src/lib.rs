@@ -12,6 +12,7 @@
 pub mod checker;
 pub mod benchkit;
 pub mod cluster;
+pub mod etcd_cluster;
 pub mod pki;
 
 use std::fs::{self, File};
@@ -50,7 +51,7 @@ pub fn free_port() -> Result<u16> {
 /// Makes the child die with the thread that spawned it (Linux's PR_SET_PDEATHSIG), so a
 /// test process killed outright leaves nothing behind. Drop kills the child anyway.
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {

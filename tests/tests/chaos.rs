@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use qslice_proto::keys::{Key, Keys};
 use qslice_runner::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_tests::checker::{check, Disruption, Grant};
-use qslice_tests::cluster::{client, put_queue, start_coordinator, start_runner, wait_until, Coordinator, Spool};
+use qslice_tests::cluster::{client, fence_times, put_queue, start_coordinator, start_runner, wait_until, Coordinator, Spool};
 use qslice_tests::{Etcd, Proc};
 use rand::{Rng, SeedableRng};
 
@@ -27,6 +27,13 @@ fn names_in(dir: &std::path::Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().split('.').take(2).collect::<Vec<_>>().join(".")).collect())
         .unwrap_or_default()
+}
+
+/// A runner's fence kills its in-flight work: each fence in its log is a disruption.
+fn fences(disruptions: &mut Vec<Disruption>, node: &str, runner: &Proc) {
+    for at_ns in fence_times(&runner.log()) {
+        disruptions.push(Disruption { node: node.into(), at_ns, what: "fence".into() });
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,6 +106,7 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
             0..=3 => {
                 let i = rng.gen_range(0..runners.len());
                 if let Some(mut r) = runners[i].take() {
+                    fences(&mut disruptions, node_ids[i], &r);
                     r.kill();
                     disruptions.push(Disruption { node: node_ids[i].into(), at_ns: now_ns(), what: "kill -9".into() });
                     eprintln!("chaos: kill -9 {}", node_ids[i]);
@@ -154,6 +162,11 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     .await
     .unwrap_or_else(|e| panic!("{e}: {total} enqueued, {} finished", spool.finished().len()));
     observer.abort();
+    for (i, r) in runners.iter().enumerate() {
+        if let Some(r) = r {
+            fences(&mut disruptions, node_ids[i], r);
+        }
+    }
 
     let mut preserved = names_in(&bad);
     preserved.extend(names_in(q.quarantine_dir()));
