@@ -89,7 +89,7 @@ pub async fn connect_when_ready(cfg: &EtcdConfig, cancel: &CancellationToken) ->
                 }
                 return Ok(client);
             }
-            Ok(Err(e)) => e.to_string(),
+            Ok(Err(e)) => error_chain(&e),
             Err(_) => "no answer within the request timeout".to_owned(),
         };
         if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
@@ -102,6 +102,26 @@ pub async fn connect_when_ready(cfg: &EtcdConfig, cancel: &CancellationToken) ->
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// An error with all its causes, for logs: transport errors hide the useful part (a TLS
+/// certificate problem, a refused connection) in their sources. A certificate that does not
+/// chain to the configured CA is named as such.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        text.push_str(" (etcd's certificate is not signed by the CA given as etcd.ca / --etcd-ca)");
+    }
+    text
 }
 
 /// What a [`PrefixWatch`] yields.
