@@ -234,12 +234,19 @@ pub fn spawn_coordinator(etcd: &Etcd, log: &Path, id: &str, cluster: &str, args:
 pub struct Table {
     header: Vec<String>,
     rows: Vec<Vec<String>>,
+    all_left: bool,
 }
 
 impl Table {
     /// A table with these column names.
     pub fn new(header: &[&str]) -> Table {
-        Table { header: header.iter().map(|h| (*h).to_owned()).collect(), rows: Vec::new() }
+        Table { header: header.iter().map(|h| (*h).to_owned()).collect(), rows: Vec::new(), all_left: false }
+    }
+
+    /// Left-aligns every column (for tables of text rather than numbers).
+    pub fn left_aligned(mut self) -> Table {
+        self.all_left = true;
+        self
     }
 
     /// Adds a row (missing cells print empty).
@@ -247,21 +254,23 @@ impl Table {
         self.rows.push(cells);
     }
 
-    /// The table as text, first column left-aligned, the others right-aligned.
+    /// The table as text (Markdown), first column left-aligned, the others right-aligned.
     pub fn render(&self) -> String {
         let cols = self.header.len().max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
         let cell = |row: &Vec<String>, i: usize| row.get(i).cloned().unwrap_or_default();
         let widths: Vec<usize> = (0..cols)
             .map(|i| std::iter::once(&self.header).chain(&self.rows).map(|r| cell(r, i).chars().count()).max().unwrap_or(0))
             .collect();
+        let left = |i: usize| i == 0 || self.all_left;
         let line = |row: &Vec<String>| {
             let cells: Vec<String> = (0..cols)
-                .map(|i| if i == 0 { format!("{:<w$}", cell(row, i), w = widths[i]) } else { format!("{:>w$}", cell(row, i), w = widths[i]) })
+                .map(|i| if left(i) { format!("{:<w$}", cell(row, i), w = widths[i]) } else { format!("{:>w$}", cell(row, i), w = widths[i]) })
                 .collect();
             format!("| {} |", cells.join(" | "))
         };
-        let rule: Vec<String> = widths.iter().enumerate().map(|(i, w)| if i == 0 { "-".repeat(*w) } else { format!("{}:", "-".repeat(w.saturating_sub(1))) }).collect();
-        let mut out = vec![line(&self.header), format!("|-{}-|", rule.join("-|-"))];
+        let rule: Vec<String> =
+            widths.iter().enumerate().map(|(i, w)| if left(i) { "-".repeat(*w) } else { format!("{}:", "-".repeat(w.saturating_sub(1))) }).collect();
+        let mut out = vec![line(&self.header), format!("| {} |", rule.join(" | "))];
         out.extend(self.rows.iter().map(line));
         out.join("\n")
     }
