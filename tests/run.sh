@@ -20,4 +20,9 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
 fi
 
 cargo build --workspace --bins
+# The benchmark programs in their short mode, so they cannot rot (figures: README).
+for bench in bench_failover bench_throughput bench_scale bench_footprint; do
+  echo "== $bench --quick"
+  "target/debug/$bench" --quick | tail -n 12
+done
 cargo nextest run --workspace --no-fail-fast
