@@ -19,8 +19,9 @@
 //! until all its slices are claimed by others, the etcd requests that took (etcd's own
 //! Prometheus counters), and the coordinator's memory and CPU; then one member joins.
 //!
-//! Prints tables and a `JSON:` summary line. `--quick` (for CI) runs a smaller grid and
-//! 50 members with 500 slices.
+//! Full mode runs 200 members with 2,000 slices, then 1,000 with 10,000. Prints tables and
+//! a `JSON:` summary line. `--quick` (for CI) runs a smaller grid and 50 members with 500
+//! slices.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -47,11 +48,12 @@ struct Args {
     /// A short run for CI: planner up to 100 nodes x 10,000 slices; 50 members, 500 slices.
     #[arg(long)]
     quick: bool,
-    /// Simulated members in the cluster run [default: 200; 50 with --quick].
-    #[arg(long)]
+    /// Simulated members of one cluster run (instead of the default runs: 200 members
+    /// with 2,000 slices and 1,000 with 10,000; 50 with 500 with --quick).
+    #[arg(long, requires = "slices")]
     members: Option<usize>,
-    /// Slices of the cluster run's queue [default: 2,000; 500 with --quick].
-    #[arg(long)]
+    /// Slices of that cluster run's queue.
+    #[arg(long, requires = "members")]
     slices: Option<u32>,
     /// Skip the planner grid.
     #[arg(long)]
@@ -80,9 +82,16 @@ async fn main() -> Result<()> {
         summary["planner"] = planner_grid(args.quick)?;
     }
     if !args.no_cluster {
-        let members = args.members.unwrap_or(if args.quick { 50 } else { 200 });
-        let slices = args.slices.unwrap_or(if args.quick { 500 } else { 2_000 });
-        summary["cluster"] = cluster_run(members, slices).await?;
+        let runs: Vec<(usize, u32)> = match (args.members, args.slices) {
+            (Some(m), Some(s)) => vec![(m, s)],
+            _ if args.quick => vec![(50, 500)],
+            _ => vec![(200, 2_000), (1_000, 10_000)],
+        };
+        let mut results = Vec::new();
+        for (members, slices) in runs {
+            results.push(cluster_run(members, slices).await?);
+        }
+        summary["clusters"] = serde_json::Value::Array(results);
     }
     benchkit::emit_json(&summary, args.json_out.as_deref())
 }
@@ -366,7 +375,9 @@ async fn keep_alive(mut client: Client, lease: i64, shared: Arc<Shared>, cancel:
         }
         let ok = async {
             if stream.is_none() {
+                // Opening the stream sends a first keepalive of its own.
                 stream = Some(client.lease_keep_alive(lease).await.ok()?);
+                shared.keepalives_sent.fetch_add(1, Ordering::Relaxed);
             }
             let (keeper, replies) = stream.as_mut()?;
             keeper.keep_alive().await.ok()?;

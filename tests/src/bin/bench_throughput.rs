@@ -10,7 +10,8 @@
 //! `.pck` or `.bak` is left (the clock stops). The ceiling is a tight loop in this process
 //! over the same entries with no coordination: one listing, then per entry `rename(.pck ->
 //! .bak)` and `unlink` (the worker handler's file work) or a rename into the target
-//! directory (the move handler's); the best of three runs.
+//! directory (the move handler's). Every figure is the median of three runs (one with
+//! `--quick`); the runners of a configuration stay up between its runs.
 //!
 //! Prints a table and a `JSON:` summary line. `--quick` (for CI) uses fewer entries.
 
@@ -39,6 +40,9 @@ struct Args {
     /// The runners' --concurrency (entries in flight per runner).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Runs per configuration, median reported [default: 3; 1 with --quick].
+    #[arg(long)]
+    runs: Option<usize>,
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -73,6 +77,7 @@ struct RunResult {
     entries: usize,
     seconds: f64,
     entries_per_s: f64,
+    entries_per_s_runs: Vec<f64>,
     ratio_to_ceiling: f64,
     runner_cpu_ms: f64,
     runner_cpu_us_per_entry: f64,
@@ -96,14 +101,15 @@ async fn main() -> Result<()> {
     let enqueue_per_s = entries as f64 / started.elapsed().as_secs_f64();
     println!("wrote {entries} entries with QueueDir::enqueue (.tmp, fsync, rename): {enqueue_per_s:.0}/s");
 
+    let runs = args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let mut ceiling = Vec::new();
     for kind in [Kind::Move, Kind::Worker] {
-        let mut best: f64 = 0.0;
-        for i in 0..3 {
+        let mut rates = Vec::new();
+        for i in 0..runs {
             let dir = work.path().join(format!("ceiling-{}-{i}", kind.name()));
-            best = best.max(raw_ceiling(master.dir(), &dir, kind, entries)?);
+            rates.push(raw_ceiling(master.dir(), &dir, kind, entries)?);
         }
-        ceiling.push((kind, best));
+        ceiling.push((kind, median(rates)));
     }
     let ceiling_of = |kind: Kind| ceiling.iter().find(|(k, _)| *k == kind).map_or(f64::NAN, |(_, c)| *c);
 
@@ -111,17 +117,21 @@ async fn main() -> Result<()> {
     let mut results = Vec::new();
     for kind in [Kind::Move, Kind::Worker] {
         for runners in [1usize, 3] {
-            let r = run_config(&etcd, work.path(), master.dir(), kind, runners, entries, &args).await?;
-            let eps = r.0 / r.1.max(1e-9);
+            let measured = run_config(&etcd, work.path(), master.dir(), kind, runners, entries, runs, &args).await?;
+            let rates: Vec<f64> = measured.iter().map(|(secs, _)| entries as f64 / secs.max(1e-9)).collect();
+            let eps = median(rates.clone());
+            let seconds = entries as f64 / eps;
+            let cpu_ms = median(measured.iter().map(|(_, cpu)| *cpu).collect());
             let result = RunResult {
                 handler: kind.name(),
                 runners,
                 entries,
-                seconds: round(r.1, 3),
+                seconds: round(seconds, 3),
                 entries_per_s: round(eps, 0),
+                entries_per_s_runs: rates.iter().map(|r| round(*r, 0)).collect(),
                 ratio_to_ceiling: round(eps / ceiling_of(kind), 3),
-                runner_cpu_ms: round(r.2, 0),
-                runner_cpu_us_per_entry: round(r.2 * 1000.0 / entries as f64, 1),
+                runner_cpu_ms: round(cpu_ms, 0),
+                runner_cpu_us_per_entry: round(cpu_ms * 1000.0 / entries as f64, 1),
             };
             println!("  {} handler, {runners} runner(s): {:.0} entries/s", kind.name(), result.entries_per_s);
             results.push(result);
@@ -161,6 +171,7 @@ async fn main() -> Result<()> {
         "entries": entries,
         "slices": args.slices,
         "concurrency": args.concurrency,
+        "runs_per_figure": runs,
         "poll_interval": POLL_INTERVAL,
         "enqueue_per_s": round(enqueue_per_s, 0),
         "ceiling_entries_per_s": {
@@ -170,6 +181,12 @@ async fn main() -> Result<()> {
         "runs": results,
     });
     benchkit::emit_json(&summary, args.json_out.as_deref())
+}
+
+/// The median (the upper one of an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Hard-links every file of `from` into a new directory `to`.
@@ -224,8 +241,9 @@ fn has_entries(dir: &Path) -> Result<bool> {
     Ok(false)
 }
 
-/// One configuration: returns (entries handled, seconds, runner CPU milliseconds).
-async fn run_config(etcd: &Etcd, work: &Path, master: &Path, kind: Kind, runners: usize, entries: usize, args: &Args) -> Result<(f64, f64, f64)> {
+/// One configuration, `runs` times: returns (seconds, runner CPU milliseconds) per run.
+#[allow(clippy::too_many_arguments)]
+async fn run_config(etcd: &Etcd, work: &Path, master: &Path, kind: Kind, runners: usize, entries: usize, runs: usize, args: &Args) -> Result<Vec<(f64, f64)>> {
     let cluster = format!("tp-{}-{runners}", kind.name());
     let base = work.join(&cluster);
     let spool = base.join("spool");
@@ -234,7 +252,6 @@ async fn run_config(etcd: &Etcd, work: &Path, master: &Path, kind: Kind, runners
     std::fs::create_dir_all(&queue_dir)?;
     std::fs::create_dir_all(&out_dir)?;
     let staged = base.join("stage").join(QUEUE);
-    stage(master, &staged)?;
 
     let mut c = client(etcd).await?;
     put_queue(&mut c, &cluster, QUEUE, args.slices).await?;
@@ -269,32 +286,42 @@ async fn run_config(etcd: &Etcd, work: &Path, master: &Path, kind: Kind, runners
     }
 
     let pids: Vec<u32> = procs.iter().map(|p| benchkit::pid_of(p, "runner")).collect::<Result<_>>()?;
-    let before: Vec<ProcSample> = pids.iter().map(|p| ProcSample::take(*p)).collect::<Result<_>>()?;
-    let started = Instant::now();
-    std::fs::rename(&staged, &queue_dir).context("rename the staged entries over the empty queue directory")?;
-    let limit = Duration::from_secs(120 + entries as u64 / 100);
-    loop {
-        if !has_entries(&queue_dir)? {
-            break;
+    let mut measured = Vec::new();
+    for _ in 0..runs {
+        stage(master, &staged)?;
+        let before: Vec<ProcSample> = pids.iter().map(|p| ProcSample::take(*p)).collect::<Result<_>>()?;
+        let started = Instant::now();
+        std::fs::rename(&staged, &queue_dir).context("rename the staged entries over the empty queue directory")?;
+        let limit = Duration::from_secs(120 + entries as u64 / 100);
+        loop {
+            if !has_entries(&queue_dir)? {
+                break;
+            }
+            if started.elapsed() >= limit {
+                bail!("{cluster}: the queue was not drained within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if started.elapsed() >= limit {
-            bail!("{cluster}: the queue was not drained within {limit:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let after: Vec<ProcSample> = pids.iter().map(|p| ProcSample::take(*p)).collect::<Result<_>>()?;
-    let cpu_ms: f64 = before.iter().zip(&after).map(|(b, a)| b.cpu_ms_until(a)).sum();
+        let seconds = started.elapsed().as_secs_f64();
+        let after: Vec<ProcSample> = pids.iter().map(|p| ProcSample::take(*p)).collect::<Result<_>>()?;
+        let cpu_ms: f64 = before.iter().zip(&after).map(|(b, a)| b.cpu_ms_until(a)).sum();
 
-    // Every entry must have been handled, none preserved or quarantined.
-    let count = |dir: &Path| std::fs::read_dir(dir).map(|rd| rd.count()).unwrap_or(0);
-    let bad = count(&spool.join("bad")) + count(&spool.join(".qslice").join("quarantine").join(QUEUE));
-    if bad > 0 {
-        bail!("{cluster}: {bad} entries went to bad/ or quarantine; see the logs in {}", base.display());
-    }
-    if kind == Kind::Move && count(&out_dir) != entries {
-        bail!("{cluster}: {} of {entries} entries arrived in the move target", count(&out_dir));
+        // Every entry must have been handled, none preserved or quarantined.
+        let count = |dir: &Path| std::fs::read_dir(dir).map(|rd| rd.count()).unwrap_or(0);
+        let bad = count(&spool.join("bad")) + count(&spool.join(".qslice").join("quarantine").join(QUEUE));
+        if bad > 0 {
+            bail!("{cluster}: {bad} entries went to bad/ or quarantine; see the logs in {}", base.display());
+        }
+        if kind == Kind::Move {
+            if count(&out_dir) != entries {
+                bail!("{cluster}: {} of {entries} entries arrived in the move target", count(&out_dir));
+            }
+            for dirent in std::fs::read_dir(&out_dir)? {
+                std::fs::remove_file(dirent?.path())?;
+            }
+        }
+        measured.push((seconds, cpu_ms));
     }
     drop(procs);
-    Ok((entries as f64, seconds, cpu_ms))
+    Ok(measured)
 }
