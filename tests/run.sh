@@ -9,6 +9,8 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -x /usr/bin/etcd ] || need+=(etcd-server)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+# Headless Chromium drives the dashboard test (it skips, and says so, without it).
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
