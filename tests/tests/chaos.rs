@@ -176,5 +176,22 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     assert!(report.enqueued > 100, "the stream kept flowing");
     assert!(report.lost.is_empty(), "lost: {:?}", report.lost);
     assert!(report.stale_starts.is_empty(), "started under a stale epoch: {:?}", report.stale_starts);
+    if !report.unexplained_duplicates.is_empty() {
+        let records = spool.records();
+        for entry in &report.unexplained_duplicates {
+            for r in records.iter().filter(|r| &r.filebase == entry) {
+                eprintln!("  {entry}: {} on {} epoch {} slice {} at {}", r.what, r.node, r.epoch, r.slice, r.at_ns);
+            }
+        }
+        for d in &disruptions {
+            eprintln!("  disruption {} {} at {}", d.what, d.node, d.at_ns);
+        }
+        for (i, r) in runners.iter().enumerate() {
+            if let Some(r) = r {
+                eprintln!("--- {} log ---\n{}", node_ids[i], qslice_tests::tail(&spool.scratch(&format!("{}.log", node_ids[i])), 60));
+                let _ = r;
+            }
+        }
+    }
     assert!(report.unexplained_duplicates.is_empty(), "duplicates with no kill or fence to explain them: {:?}", report.unexplained_duplicates);
 }
