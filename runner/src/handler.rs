@@ -181,7 +181,7 @@ impl Handler {
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        die_with_parent(&mut cmd);
+        crate::cli::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| format!("cannot start worker {:?}: {e}", argv[0]))?;
         let stdin = child.stdin.take().ok_or("worker has no stdin")?;
         let stdout = BufReader::new(child.stdout.take().ok_or("worker has no stdout")?).lines();
@@ -198,7 +198,7 @@ impl Handler {
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .process_group(0);
-        die_with_parent(&mut cmd);
+        crate::cli::die_with_parent(&mut cmd);
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => return Outcome::Failed(format!("cannot start {:?}: {e}", argv[0])),
@@ -235,20 +235,6 @@ impl Drop for GroupKiller {
     }
 }
 
-/// Makes a child die with the runner (Linux PR_SET_PDEATHSIG). Children are spawned from
-/// the runtime's long-lived worker threads, whose exit is the process's exit.
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut tokio::process::Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 /// Replaces `{path}` `{queue}` `{slice}` `{slices}` `{epoch}` `{node}` in one argument.
 pub fn substitute(arg: &str, job: &Job) -> String {

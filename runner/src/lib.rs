@@ -1,6 +1,7 @@
 //! qslice-runner: the daemon that runs on every host that mounts the shared spool.
 //!
 //! # Layout
+//! - [`cli`]: what the daemons' `main` functions share (logging, stop signals).
 //! - [`config`]: configuration from file, flags and environment.
 //! - [`etcd`]: connecting to etcd and list-then-watch of a key prefix.
 //! - [`membership`]: the lease, the node record, keepalive and the self-fencing clock.
@@ -11,6 +12,7 @@
 //! - [`daemon`]: the top level: state-dir lock, incarnations, shutdown.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod etcd;

@@ -290,7 +290,7 @@ impl Supervised {
         if let Some(group) = &self.cfg.group {
             cmd.gid(resolve_group(group).ok_or_else(|| std::io::Error::other(format!("unknown group {group:?}")))?);
         }
-        die_with_parent(&mut cmd);
+        crate::cli::die_with_parent(&mut cmd);
         let mut child = cmd.spawn()?;
         for (stream, name) in [(child.stdout.take().map(Either::Out), "stdout"), (child.stderr.take().map(Either::Err), "stderr")] {
             let Some(stream) = stream else { continue };
@@ -462,19 +462,6 @@ impl Lines {
     }
 }
 
-/// Makes a child die with the runner (Linux PR_SET_PDEATHSIG).
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut tokio::process::Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,6 @@ use qslice_coordinator::cache::ClusterCache;
 use qslice_coordinator::config::{Args, Config};
 use qslice_coordinator::dashboard::Dashboard;
 use qslice_coordinator::leader::LeaderState;
-use qslice_runner::config::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -28,7 +27,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    init_logging(cfg.log_format);
+    qslice_runner::cli::init_logging(cfg.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -54,7 +53,7 @@ async fn async_main(cfg: Config) -> ExitCode {
             }
         });
     }
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(qslice_runner::cli::watch_signals(shutdown.clone(), "stop signal: resigning leadership (send it again to exit at once)", "second stop signal: exiting now"));
     tracing::info!(id = %cfg.id, cluster = %cfg.cluster, "qslice-coordinator starting");
     let keys = match qslice_proto::keys::Keys::new(&cfg.cluster) {
         Ok(k) => k,
@@ -126,36 +125,4 @@ async fn accepts_connections(addr: SocketAddr) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(probe)).await, Ok(Ok(_)))
 }
 
-/// The first SIGTERM or SIGINT resigns and stops; a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    let mut count = 0;
-    loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        count += 1;
-        if count == 1 {
-            tracing::info!("stop signal: resigning leadership (send it again to exit at once)");
-            shutdown.cancel();
-        } else {
-            std::process::exit(130);
-        }
-    }
-}
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    // Colours only on a terminal: log files and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}

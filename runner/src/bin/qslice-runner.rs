@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
-use qslice_runner::config::{Args, Config, LogFormat};
+use qslice_runner::config::{Args, Config};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    init_logging(cfg.log_format);
+    qslice_runner::cli::init_logging(cfg.log_format);
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
@@ -51,7 +51,7 @@ async fn async_main(cfg: Config) -> ExitCode {
             }
         });
     }
-    tokio::spawn(watch_signals(shutdown.clone()));
+    tokio::spawn(qslice_runner::cli::watch_signals(shutdown.clone(), "stop signal: finishing in-flight work, releasing slices (send it again to exit at once)", "second stop signal: exiting now; in-flight entries stay .bak for recovery"));
     {
         // systemd (Type=notify): ready once registered with the assignment read, the same
         // condition as /readyz.
@@ -69,37 +69,4 @@ async fn async_main(cfg: Config) -> ExitCode {
     }
 }
 
-/// The first SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    let mut count = 0;
-    loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        count += 1;
-        if count == 1 {
-            tracing::info!("stop signal: finishing in-flight work, releasing slices (send it again to exit at once)");
-            shutdown.cancel();
-        } else {
-            tracing::warn!("second stop signal: exiting now; in-flight entries stay .bak for recovery");
-            std::process::exit(130);
-        }
-    }
-}
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    // Colours only on a terminal: log files and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
