@@ -23,8 +23,9 @@ fi
 
 cargo build --workspace --bins
 # The benchmark programs in their short mode, so they cannot rot (figures: README).
+bin_dir="${CARGO_TARGET_DIR:-target}/debug"
 for bench in bench_failover bench_throughput bench_scale bench_footprint; do
   echo "== $bench --quick"
-  "target/debug/$bench" --quick | tail -n 12
+  "$bin_dir/$bench" --quick | tail -n 12
 done
 cargo nextest run --workspace --no-fail-fast
