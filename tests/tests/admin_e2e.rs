@@ -129,6 +129,18 @@ async fn every_rpc_works_against_a_live_cluster() {
     // GetStatus from the standby too: every instance answers reads.
     let mut standby_api = connect(&standby.admin).await;
     for api in [&mut api, &mut standby_api] {
+        // Each instance writes its record when it starts campaigning; wait until this one
+        // has seen both.
+        wait_until(LONG, "a leader and one standby in the status", || {
+            let mut api = api.clone();
+            async move {
+                api.get_status(req(GetStatusRequest::default(), None))
+                    .await
+                    .is_ok_and(|s| s.get_ref().leader.is_some() && s.get_ref().standbys.len() == 1)
+            }
+        })
+        .await
+        .expect("coordinators seen");
         let status = api.get_status(req(GetStatusRequest { include_slices: true }, None)).await.expect("status").into_inner();
         assert_eq!(status.cluster, "t");
         assert!(status.leader.is_some(), "{status:?}");
