@@ -245,22 +245,40 @@ fn total(h: &std::collections::BTreeMap<String, Vec<u32>>) -> usize {
     h.values().map(Vec::len).sum()
 }
 
+/// etcd, one coordinator and runners r1 and r2 (handlers taking 50 ms an entry), with the
+/// admin API ready; everything stops when it is dropped.
+struct TwoRunners {
+    _etcd: Etcd,
+    spool: Spool,
+    client: etcd_client::Client,
+    api: AdminClient<Channel>,
+    _processes: Vec<qslice_tests::Proc>,
+    _coordinator: qslice_tests::cluster::Coordinator,
+}
+
+impl TwoRunners {
+    async fn start() -> TwoRunners {
+        let etcd = Etcd::start().expect("etcd");
+        let spool = Spool::new(&["in"]).expect("spool");
+        let client = client(&etcd).await.expect("client");
+        let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
+        let delay = [("QSLICE_TEST_DELAY", "0.05")];
+        let runners = ["r1", "r2"].iter().map(|id| start_runner(&etcd, &spool, id, "t", &[], &delay).expect("runner")).collect();
+        let api = connect(&coordinator.admin).await;
+        wait_until(LONG, "the API has read the cluster", || {
+            let mut api = api.clone();
+            async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 2) }
+        })
+        .await
+        .expect("ready");
+        TwoRunners { _etcd: etcd, spool, client, api, _processes: runners, _coordinator: coordinator }
+    }
+}
+
 #[tokio::test]
 async fn a_drain_with_entries_flowing_loses_nothing() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    let delay = [("QSLICE_TEST_DELAY", "0.05")];
-    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &delay).expect("runner");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &delay).expect("runner");
-    let mut api = connect(&co.admin).await;
-    wait_until(LONG, "the API has read the cluster", || {
-        let mut api = api.clone();
-        async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 2) }
-    })
-    .await
-    .expect("ready");
+    let cluster = TwoRunners::start().await;
+    let (spool, mut c, mut api) = (&cluster.spool, cluster.client.clone(), cluster.api.clone());
     api.put_queue(req(put("in", 8, false), None)).await.expect("queue");
     wait_until(LONG, "8 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 8 }).await.expect("claimed");
     let q = spool.queue("in");
@@ -285,20 +303,8 @@ async fn a_drain_with_entries_flowing_loses_nothing() {
 
 #[tokio::test]
 async fn a_live_reslice_never_processes_under_both_slicings_at_once() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    let delay = [("QSLICE_TEST_DELAY", "0.05")];
-    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &delay).expect("runner");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &delay).expect("runner");
-    let mut api = connect(&co.admin).await;
-    wait_until(LONG, "the API has read the cluster", || {
-        let mut api = api.clone();
-        async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 2) }
-    })
-    .await
-    .expect("ready");
+    let cluster = TwoRunners::start().await;
+    let (spool, mut c, mut api) = (&cluster.spool, cluster.client.clone(), cluster.api.clone());
     api.put_queue(req(put("in", 4, true), None)).await.expect("queue");
     wait_until(LONG, "4 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("claimed");
     let q = spool.queue("in");
