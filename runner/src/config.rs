@@ -539,11 +539,38 @@ mod tests {
         assert_eq!(cfg.supervise["in"].stop_timeout, Duration::from_secs(10));
         let err = Config::resolve(&args(&["--config", &path, "--queues", "in,out"])).expect_err("out has nothing to run it");
         assert!(err.to_string().starts_with("queues") && err.to_string().contains("out"), "{err}");
-        let (_d, path) = file("spool = \"/s\"\nnode_id = \"n\"\n[supervise.in]\ncommand = []\n");
+        let (_d, path) = file("spool = \"/s\"\nnode_id = \"n\"\n[supervise.in]\nflavour = \"mailman2\"\ncommand = []\n");
         let err = Config::resolve(&args(&["--config", &path])).expect_err("empty command");
         assert!(err.to_string().contains("supervise.in.command"), "{err}");
         let (_d, path) = file("spool = \"/s\"\nnode_id = \"n\"\n[supervise.in]\ncommand = [\"x\"]\nstop_timout = \"1s\"\n");
         let err = Config::resolve(&args(&["--config", &path])).expect_err("typo");
         assert!(err.to_string().contains("stop_timout"), "{err}");
+    }
+
+    #[test]
+    fn the_mailman3_slice_runner_needs_python_and_config_and_names_what_is_wrong() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let python = dir.path().join("python");
+        let mailman_cfg = dir.path().join("mailman.cfg");
+        std::fs::write(&python, "").expect("write");
+        std::fs::write(&mailman_cfg, "").expect("write");
+        let resolve = |table: &str| {
+            let (_d, path) = file(&format!("spool = \"/s\"\nnode_id = \"n\"\n[supervise.in]\n{table}"));
+            Config::resolve(&args(&["--config", &path])).map_err(|e| e.to_string())
+        };
+        let good = format!("python = {:?}\nconfig = {:?}\n", python.display().to_string(), mailman_cfg.display().to_string());
+        let cfg = resolve(&good).expect("valid");
+        assert_eq!(cfg.supervise["in"].flavour, crate::supervise::Flavour::Mailman3, "the default flavour");
+        assert_eq!(cfg.supervise["in"].spares, 1, "one warm spare by default");
+        let err = resolve(&format!("config = {:?}\n", mailman_cfg.display().to_string())).expect_err("no python");
+        assert!(err.contains("supervise.in.python is required"), "{err}");
+        let err = resolve(&format!("python = {:?}\nconfig = \"/nowhere/mailman.cfg\"\n", python.display().to_string())).expect_err("missing file");
+        assert!(err.contains("supervise.in.config: /nowhere/mailman.cfg does not exist"), "{err}");
+        let err = resolve(&format!("{good}command = [\"runner\"]\n")).expect_err("command with the slice runner");
+        assert!(err.contains("mailman3-runner"), "names the flavour that takes a command: {err}");
+        let sup = cfg.supervise["in"].clone();
+        let err = sup.check("in", Some(6)).expect_err("6 slices").to_string();
+        assert!(err.contains("6 slices") && err.contains("power of two"), "{err}");
+        assert!(sup.check("in", Some(8)).is_ok());
     }
 }

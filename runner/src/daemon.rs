@@ -1,5 +1,6 @@
 //! The runner's top level: state-dir lock, etcd connection, incarnations, shutdown.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use crate::handler::Handler;
+use crate::mailman3::{install_script, WarmPool};
+use crate::supervise::Flavour;
 use crate::membership::{keep_alive, register};
 use crate::owner::{run_incarnation, Exit, Shared};
 
@@ -78,6 +81,24 @@ impl StateLock {
     }
 }
 
+/// Installs the Mailman 3 slice runner into the state dir and starts a warm pool for each
+/// `mailman3` supervised queue, so that the spares initialise while the runner registers.
+fn start_pools(cfg: &Config, shutdown: &CancellationToken) -> Result<BTreeMap<String, Arc<WarmPool>>, DaemonError> {
+    let queues: Vec<_> = cfg.supervise.iter().filter(|(_, sup)| sup.flavour == Flavour::Mailman3).collect();
+    if queues.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let script = install_script(&cfg.state_dir).map_err(|source| DaemonError::StateDir { dir: cfg.state_dir.clone(), source })?;
+    let mut pools = BTreeMap::new();
+    for (queue, sup) in queues {
+        let pool = WarmPool::new(queue, sup.clone(), script.clone(), &cfg.node_id);
+        pool.want(0);
+        tokio::spawn(pool.clone().maintain(shutdown.child_token()));
+        pools.insert(queue.clone(), pool);
+    }
+    Ok(pools)
+}
+
 /// Runs the runner until `shutdown` is cancelled. `ready` tells /readyz.
 pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let lock = StateLock::acquire(&cfg.state_dir)?;
@@ -97,10 +118,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool
         }
         lock.record_lease(None);
     }
+    let pools = start_pools(&cfg, &shutdown)?;
     let shared = Arc::new(Shared {
         keys: keys.clone(),
         handler: Handler::new(cfg.handler.clone()),
         permits: Arc::new(Semaphore::new(cfg.concurrency)),
+        pools,
         cfg,
     });
     let mut backoff = Duration::from_millis(200);

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use qslice_proto::keys::{Key, Keys};
-use qslice_proto::records::{Assignment, Claim, Record, SliceFigures, SliceStatus, RECORD_VERSION};
+use qslice_proto::records::{Assignment, Claim, QueueConfig, Record, SliceFigures, SliceStatus, RECORD_VERSION};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +25,7 @@ use crate::etcd::{PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
 use crate::handler::{Handler, Job, Outcome};
 use crate::membership::{unix_ms, Incarnation};
 use crate::spool::{Dequeued, QueueDir, Scan};
+use crate::mailman3::WarmPool;
 use crate::supervise::{SuperviseConfig, Supervised, SupervisorExit};
 
 /// How often pending claims are tried again while another holder still has them.
@@ -55,6 +56,8 @@ pub struct Shared {
     pub handler: Handler,
     /// Bounds the entries in flight on this node.
     pub permits: Arc<Semaphore>,
+    /// Warm Mailman 3 slice runners, per `mailman3` supervised queue.
+    pub pools: BTreeMap<String, Arc<WarmPool>>,
 }
 
 /// One claimed slice.
@@ -92,6 +95,9 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         released_tx: mpsc::unbounded_channel().0,
         supervised: BTreeMap::new(),
         refused: BTreeMap::new(),
+        queue_slices: BTreeMap::new(),
+        release_watches: BTreeMap::new(),
+        freed_tx: mpsc::unbounded_channel().0,
         record: inc.record.clone(),
         gave_up_tx: mpsc::unbounded_channel().0,
     };
@@ -99,12 +105,17 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
     inc_run.released_tx = released_tx;
     let (gave_up_tx, mut gave_up_rx) = mpsc::unbounded_channel();
     inc_run.gave_up_tx = gave_up_tx;
+    let (freed_tx, mut freed_rx) = mpsc::unbounded_channel();
+    inc_run.freed_tx = freed_tx;
     let node = shared.cfg.node_id.clone();
     let mut watch = PrefixWatch::new(client.clone(), shared.keys.node_assignments_prefix(&node));
     // The node record hangs on the lease: its deletion means the lease was revoked (the
     // leader fenced this node) or expired. Stop at once instead of at the next keepalive.
     let node_key = shared.keys.node(&node);
-    let mut node_watch = PrefixWatch::new(client, node_key.clone());
+    let mut node_watch = PrefixWatch::new(client.clone(), node_key.clone());
+    // Queue configurations: a refusal caused by a queue's slice count is lifted as soon
+    // as the count is fixed, even after every slice of the queue left this node.
+    let mut queue_watch = PrefixWatch::new(client, shared.keys.queues_prefix());
     let mut retry = tokio::time::interval(CLAIM_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hard = inc.fence.lost().clone();
@@ -148,6 +159,14 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
                     inc.fence.trip(reason);
                 }
             }
+            Some(key) = freed_rx.recv() => {
+                inc_run.release_watches.remove(&key);
+                inc_run.reconcile().await;
+            }
+            update = queue_watch.next() => {
+                inc_run.apply_queue_configs(update);
+                inc_run.reconcile().await;
+            }
             _ = retry.tick(), if inc_run.has_pending() => inc_run.reconcile().await,
         }
     }
@@ -168,12 +187,32 @@ struct IncarnationRun {
     released_tx: mpsc::UnboundedSender<SliceKey>,
     /// Slices run by supervised Mailman runners.
     supervised: BTreeMap<SliceKey, SupervisedSlice>,
-    /// Queues this node gave up, until when (their supervised runners kept crashing, or
-    /// mailman.cfg does not match the queue's slice count).
-    refused: BTreeMap<String, tokio::time::Instant>,
+    /// Queues this node gave up, and until when.
+    refused: BTreeMap<String, Refusal>,
+    /// Each queue's slice count, from its configuration record.
+    queue_slices: BTreeMap<String, u32>,
+    /// Watches of claims held by others on slices assigned here: the slice is claimed the
+    /// moment its claim is deleted (the retry tick is the fallback).
+    release_watches: BTreeMap<SliceKey, CancellationToken>,
+    freed_tx: mpsc::UnboundedSender<SliceKey>,
     /// The node record, to publish refusals in.
     record: Option<qslice_proto::records::NodeRecord>,
     gave_up_tx: mpsc::UnboundedSender<(SliceKey, i64, String)>,
+}
+
+/// Why and until when this node gave a queue up.
+struct Refusal {
+    /// The cause, as published in the log.
+    reason: String,
+    /// Crashes: given up until then. Configuration (the slice count does not suit the
+    /// flavour): `None`, lifted as soon as the check passes again.
+    until: Option<tokio::time::Instant>,
+}
+
+impl Refusal {
+    fn in_force(&self, now: tokio::time::Instant) -> bool {
+        self.until.is_none_or(|until| now < until)
+    }
 }
 
 /// A slice run by a supervised child process.
@@ -226,6 +265,34 @@ impl IncarnationRun {
         }
     }
 
+    fn apply_queue_configs(&mut self, update: PrefixUpdate) {
+        let keys = &self.shared.keys;
+        let parse = |kv: &etcd_client::KeyValue| -> Option<(String, Option<u32>)> {
+            let Some(Key::Queue { queue }) = keys.parse(kv.key()) else { return None };
+            // An unreadable record says nothing about the count; the coordinator names it.
+            let slices = QueueConfig::decode(kv.value()).ok().map(|c| c.slices);
+            Some((queue, slices))
+        };
+        match update {
+            PrefixUpdate::Snapshot(kvs) => {
+                self.queue_slices = kvs.iter().filter_map(parse).filter_map(|(q, n)| Some((q, n?))).collect();
+            }
+            PrefixUpdate::Put(kv) => {
+                if let Some((queue, slices)) = parse(&kv) {
+                    match slices {
+                        Some(n) => self.queue_slices.insert(queue, n),
+                        None => self.queue_slices.remove(&queue),
+                    };
+                }
+            }
+            PrefixUpdate::Delete(kv) => {
+                if let Some((queue, _)) = parse(&kv) {
+                    self.queue_slices.remove(&queue);
+                }
+            }
+        }
+    }
+
     fn wants(&self, queue: &str, slice: u32, total: u32) -> bool {
         self.desired.get(queue).is_some_and(|(n, set)| *n == total && set.contains(&slice))
     }
@@ -238,24 +305,28 @@ impl IncarnationRun {
     }
 
     fn is_refused(&self, queue: &str) -> bool {
-        self.refused.get(queue).is_some_and(|until| tokio::time::Instant::now() < *until)
+        self.refused.get(queue).is_some_and(|r| r.in_force(tokio::time::Instant::now()))
     }
 
-    /// Gives up a queue for [`REFUSE_COOLDOWN`]: publishes it in the node record so that
-    /// the leader moves its slices to other nodes, and releases what this node holds of it.
-    async fn refuse(&mut self, queue: &str, reason: &str) {
-        if self.is_refused(queue) {
+    /// Gives up a queue: publishes it in the node record so that the leader moves its
+    /// slices to other nodes, and releases what this node holds of it. `until` as in
+    /// [`Refusal`].
+    async fn refuse(&mut self, queue: &str, reason: &str, until: Option<tokio::time::Instant>) {
+        if self.refused.get(queue).is_some_and(|r| r.in_force(tokio::time::Instant::now()) && r.reason == reason) {
             return;
         }
-        tracing::error!(%queue, %reason, cooldown = ?REFUSE_COOLDOWN, "alert: giving this queue up on this node so that another node takes its slices");
+        match until {
+            Some(until) => tracing::error!(%queue, %reason, cooldown = ?until.saturating_duration_since(tokio::time::Instant::now()), "alert: giving this queue up on this node so that another node takes its slices"),
+            None => tracing::error!(%queue, %reason, "alert: giving this queue up on this node until its configuration is fixed"),
+        }
         metrics::counter!("qslice_runner_queues_refused_total", "queue" => queue.to_owned()).increment(1);
-        self.refused.insert(queue.to_owned(), tokio::time::Instant::now() + REFUSE_COOLDOWN);
+        self.refused.insert(queue.to_owned(), Refusal { reason: reason.to_owned(), until });
         self.publish_refusals().await;
     }
 
     async fn publish_refusals(&mut self) {
         let now = tokio::time::Instant::now();
-        self.refused.retain(|_, until| *until > now);
+        self.refused.retain(|_, r| r.in_force(now));
         let Some(record) = self.record.as_mut() else { return };
         record.refused_queues = self.refused.keys().cloned().collect();
         let key = self.shared.keys.node(&self.shared.cfg.node_id);
@@ -270,7 +341,7 @@ impl IncarnationRun {
     /// A supervised slice's runner crashed too often: release the slice, refuse its queue.
     async fn give_up(&mut self, key: SliceKey, epoch: i64, reason: &str) {
         self.supervised.remove(&key);
-        self.refuse(&key.0, reason).await;
+        self.refuse(&key.0, reason, Some(tokio::time::Instant::now() + REFUSE_COOLDOWN)).await;
         // The child has exited: the claim can go now.
         if let Err(e) = delete_claim(&mut self.client, &self.shared.keys, &key.0, key.1, epoch).await {
             tracing::warn!(queue = %key.0, slice = key.1, error = %e, "deleting the claim failed; it ends with the lease");
@@ -282,21 +353,41 @@ impl IncarnationRun {
 
     /// Releases what moved away, claims what is assigned and not held.
     async fn reconcile(&mut self) {
-        if self.refused.values().any(|until| *until <= tokio::time::Instant::now()) {
-            tracing::info!("refusal cooldown over; this node takes those queues again");
+        let now = tokio::time::Instant::now();
+        // A configuration refusal ends when the check passes: the queue's slice count was
+        // fixed (or mailman.cfg, for `mailman3-runner`).
+        let lifted: Vec<String> = self
+            .refused
+            .iter()
+            .filter(|(q, r)| {
+                let cooled = r.until.is_some_and(|until| until <= now);
+                let fixed = r.until.is_none()
+                    && self.shared.cfg.supervise.get(*q).is_none_or(|sup| sup.check(q, self.queue_slices.get(*q).copied()).is_ok());
+                cooled || fixed
+            })
+            .map(|(q, _)| q.clone())
+            .collect();
+        if !lifted.is_empty() {
+            for queue in &lifted {
+                tracing::info!(%queue, "refusal lifted; this node takes the queue again");
+                self.refused.remove(queue);
+            }
             self.publish_refusals().await;
         }
-        // Mailman 3 takes its slice count from mailman.cfg: a mismatch is refused.
+        // A supervised queue's slice count must suit its flavour (a power of two for
+        // Mailman 3; mailman.cfg's `instances` for `mailman3-runner`).
         let mismatched: Vec<(String, String)> = self
             .desired
             .iter()
-            .filter_map(|(q, (n, _))| {
+            .map(|(q, (n, _))| (q, *n))
+            .chain(self.queue_slices.iter().map(|(q, n)| (q, *n)))
+            .filter_map(|(q, n)| {
                 let sup = self.shared.cfg.supervise.get(q)?;
-                sup.check(q, Some(*n)).err().map(|e| (q.clone(), e.to_string()))
+                sup.check(q, Some(n)).err().map(|e| (q.clone(), e.to_string()))
             })
             .collect();
         for (queue, error) in mismatched {
-            self.refuse(&queue, &error).await;
+            self.refuse(&queue, &error, None).await;
         }
         let to_release: Vec<(SliceKey, u32)> = self
             .held
@@ -313,6 +404,20 @@ impl IncarnationRun {
             .flat_map(|(q, (n, set))| set.iter().map(move |s| (q.clone(), *s, *n)))
             .filter(|(q, s, _)| !self.held.contains_key(&(q.clone(), *s)) && !self.is_refused(q))
             .collect();
+        // Warm a slice runner for each slice about to arrive, beside the spares: a planned
+        // move's new owner warms up while the old owner finishes its message.
+        for (queue, pool) in &self.shared.pools {
+            let refused = self.is_refused(queue);
+            pool.want(if refused { 0 } else { pending.iter().filter(|(q, _, _)| q == queue).count() });
+        }
+        // Watch only the claims of slices still waited for.
+        self.release_watches.retain(|key, cancel| {
+            let waited = pending.iter().any(|(q, s, _)| q == &key.0 && *s == key.1);
+            if !waited {
+                cancel.cancel();
+            }
+            waited
+        });
         // Claim first, then recover each queue's newly claimed slices with one listing.
         let mut claimed: BTreeMap<(String, u32), Vec<(u32, i64)>> = BTreeMap::new();
         for (queue, slice, total) in pending {
@@ -352,9 +457,22 @@ impl IncarnationRun {
                 return None;
             }
         };
-        // Not succeeded: another holder still has it (a planned move waits for its
-        // release, a crash for its lease to expire); the retry tick tries again.
-        resp.succeeded().then(|| resp.header().map(|h| h.revision()).unwrap_or(0))
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        if resp.succeeded() {
+            if let Some(cancel) = self.release_watches.remove(&(queue.to_owned(), slice)) {
+                cancel.cancel();
+            }
+            return Some(revision);
+        }
+        // Another holder still has it (a planned move waits for its release, a crash for
+        // its lease to expire): watch for its deletion from here on.
+        let slice_key = (queue.to_owned(), slice);
+        if !self.release_watches.contains_key(&slice_key) {
+            let cancel = self.fence.lost().child_token();
+            self.release_watches.insert(slice_key.clone(), cancel.clone());
+            tokio::spawn(watch_release(self.client.clone(), key, revision, cancel, self.freed_tx.clone(), slice_key));
+        }
+        None
     }
 
     /// Recovers the `.bak` entries of newly claimed slices of one queue (one listing for
@@ -443,6 +561,8 @@ impl IncarnationRun {
             dir: QueueDir::new(&self.shared.cfg.spool, queue),
             epoch,
             node: self.shared.cfg.node_id.clone(),
+            pool: self.shared.pools.get(queue).cloned(),
+            fence: self.fence.clone(),
         };
         let quiet = CancellationToken::new();
         // A fence kills the child at once.
@@ -541,6 +661,27 @@ impl IncarnationRun {
         self.held.clear();
         self.releasing.clear();
         metrics::gauge!("qslice_runner_slices_claimed").set(0.0);
+    }
+}
+
+/// Tells `freed` once the claim `key` is deleted after `revision`; ends quietly when
+/// cancelled or when the watch fails (the claim retry tick covers that).
+async fn watch_release(mut client: Client, key: String, revision: i64, cancel: CancellationToken, freed: mpsc::UnboundedSender<SliceKey>, slice: SliceKey) {
+    let deleted = async {
+        let options = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
+        let mut stream = client.watch(key.as_str(), Some(options)).await.ok()?;
+        while let Ok(Some(resp)) = stream.message().await {
+            if resp.events().iter().any(|e| e.event_type() == etcd_client::EventType::Delete) {
+                return Some(());
+            }
+        }
+        None
+    };
+    tokio::select! {
+        d = deleted => if d.is_some() {
+            let _ = freed.send(slice);
+        },
+        _ = cancel.cancelled() => {}
     }
 }
 

@@ -2,12 +2,17 @@
 //!
 //! - The child runs in its own process group and dies with the runner
 //!   (PR_SET_PDEATHSIG), so a runner killed with SIGKILL leaves no Mailman process behind.
-//! - Quiet stop on release: Mailman 2.1's qrunner finishes its current message on
-//!   SIGTERM. Mailman 3's runner shunts the message it is processing when a stop signal
-//!   arrives while busy, and it is busy exactly while a `.bak` of its slice exists; so the
-//!   child is frozen (SIGSTOP), the slice is looked at, and it gets SIGTERM (then SIGCONT)
-//!   only when idle, else it is thawed and looked at again shortly. Past the stop timeout
-//!   it is killed. A message shunted anyway is reported.
+//! - Mailman 3 (the default `mailman3` flavour) runs qslice's own slice runner
+//!   ([`crate::mailman3`]): it is asked to stop over a pipe and stops between messages,
+//!   starts warm, and takes the slice count and the fence deadline from qslice.
+//! - Quiet stop of the command flavours: Mailman 2.1's qrunner finishes its current
+//!   message on SIGTERM. Mailman 3's own `runner` (`mailman3-runner`) shunts the message
+//!   it is processing when a stop signal arrives while busy; so the child is frozen
+//!   (SIGSTOP), the slice is looked at, and it gets SIGTERM (then SIGCONT) only when no
+//!   `.bak` of its slice exists, else it is thawed and looked at again shortly. That is
+//!   not safe (DESIGN.md: a signal inside `finish()` or `dequeue()` still damages a
+//!   message), which is why it is not the default. Past the stop timeout the child is
+//!   killed. A message shunted anyway is reported.
 //! - Restarts like Mailman's master: a crashed child is restarted with backoff; exit 15 or
 //!   death by SIGTERM is a clean stop; more than `max_restarts` crashes within
 //!   `restart_window` gives the slice up (the owner releases it and raises an alert).
@@ -29,26 +34,50 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{humantime_serde_opt, humantime_serialize};
 use crate::spool::QueueDir;
 
-/// Which quiet-stop rule a supervised runner follows.
+/// How a queue's slices are run, and so how they are stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum Flavour {
     /// Mailman 2.1 `bin/qrunner`: SIGTERM finishes the current message.
+    #[serde(rename = "mailman2")]
     Mailman2,
-    /// Mailman 3 `runner`: SIGTERM only while the slice has no `.bak`.
+    /// qslice's own Mailman 3 slice runner ([`crate::mailman3`]), run with the site's
+    /// Mailman interpreter: stops between messages, starts warm, takes its slice count
+    /// from qslice and honours the fence deadline itself.
     #[default]
+    #[serde(rename = "mailman3")]
     Mailman3,
+    /// Mailman 3's own `runner` command. No moment is safe for its stop signal (it can
+    /// shunt a message already accepted, or send a good one to bad/); kept for sites that
+    /// insist. qslice freezes it, signals it only while its slice has no `.bak`, and checks
+    /// mailman.cfg's `instances` against the slice count.
+    #[serde(rename = "mailman3-runner")]
+    Mailman3Runner,
 }
 
 /// How to run one queue's Mailman runners (the `[supervise.<queue>]` table).
 #[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SuperviseConfig {
-    /// The quiet-stop rule.
+    /// How the slices are run and stopped.
     #[serde(default)]
     pub flavour: Flavour,
-    /// Command argv with `{queue}` `{slice}` `{slices}` placeholders (never a shell).
+    /// Command argv with `{queue}` `{slice}` `{slices}` placeholders (never a shell);
+    /// for `mailman2` and `mailman3-runner`.
+    #[serde(default)]
     pub command: Vec<String>,
+    /// The site's Mailman 3 interpreter (the venv's `bin/python`); for `mailman3`.
+    #[serde(default)]
+    pub python: Option<PathBuf>,
+    /// The site's mailman.cfg; for `mailman3`.
+    #[serde(default)]
+    pub config: Option<PathBuf>,
+    /// The Mailman runner name [default: the queue's name]; for `mailman3`.
+    #[serde(default)]
+    pub runner: Option<String>,
+    /// Warm slice runners kept ready beside the running ones, so that a takeover does
+    /// not wait for Mailman's start-up; for `mailman3` [default: 1].
+    #[serde(default = "default_spares")]
+    pub spares: usize,
     /// Environment variables passed through from the runner's environment.
     #[serde(default)]
     pub env: Vec<String>,
@@ -74,6 +103,9 @@ pub struct SuperviseConfig {
 
 fn default_stop_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_spares() -> usize {
+    1
 }
 fn default_max_restarts() -> usize {
     5
@@ -140,6 +172,44 @@ pub enum SuperviseError {
         /// What mailman.cfg says.
         instances: u32,
     },
+    /// The queue's slice count is not a power of two, which Mailman 3 requires.
+    #[error("supervise.{queue}: the queue has {slices} slices, but Mailman 3 slices a queue only into a power of two; set it with `qslicectl queue set {queue} --slices N` (1, 2, 4, 8, ...)")]
+    SliceCountNotPowerOfTwo {
+        /// The queue.
+        queue: String,
+        /// The queue's slice count.
+        slices: u32,
+    },
+    /// A key the flavour needs is not set.
+    #[error("supervise.{queue}.{key} is required with flavour = \"{flavour}\": {what}")]
+    Missing {
+        /// The queue.
+        queue: String,
+        /// The key.
+        key: &'static str,
+        /// The flavour.
+        flavour: &'static str,
+        /// What the key is.
+        what: &'static str,
+    },
+    /// A file the configuration names does not exist.
+    #[error("supervise.{queue}.{key}: {path} does not exist ({error})")]
+    NoSuchFile {
+        /// The queue.
+        queue: String,
+        /// The key.
+        key: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        error: String,
+    },
+    /// `command` was given to the slice-runner flavour.
+    #[error("supervise.{queue}: flavour = \"mailman3\" runs qslice's own slice runner and takes python and config, not command; to keep running Mailman's runner command (it can shunt or send to bad/ the message it is stopped in, see docs/SUPERVISING.md) set flavour = \"mailman3-runner\"")]
+    CommandNotUsed {
+        /// The queue.
+        queue: String,
+    },
 }
 
 /// For a Mailman 3 command (`runner -C mailman.cfg -r in:{slice}:{slices}`): the config
@@ -189,26 +259,53 @@ pub fn mailman3_instances(text: &str, runner: &str) -> u32 {
 }
 
 impl SuperviseConfig {
-    /// Checks the queue's config; for Mailman 3, also that mailman.cfg's `instances`
-    /// is a power of two and, when `slices` is given, equals it.
+    /// Checks the queue's config and, when `slices` is given, that the queue's slice count
+    /// suits the flavour: a power of two for Mailman 3 and, for `mailman3-runner`, equal to
+    /// mailman.cfg's `instances`.
     pub fn check(&self, queue: &str, slices: Option<u32>) -> Result<(), SuperviseError> {
-        if self.command.is_empty() {
-            return Err(SuperviseError::EmptyCommand { queue: queue.to_owned() });
+        let queue_owned = || queue.to_owned();
+        match self.flavour {
+            Flavour::Mailman3 => {
+                if !self.command.is_empty() {
+                    return Err(SuperviseError::CommandNotUsed { queue: queue_owned() });
+                }
+                let need = |value: &Option<PathBuf>, key, what| {
+                    let path = value.clone().ok_or(SuperviseError::Missing { queue: queue_owned(), key, flavour: "mailman3", what })?;
+                    std::fs::metadata(&path)
+                        .map(|_| ())
+                        .map_err(|e| SuperviseError::NoSuchFile { queue: queue_owned(), key, path, error: e.to_string() })
+                };
+                need(&self.python, "python", "the site's Mailman interpreter, e.g. /opt/mailman/venv/bin/python")?;
+                need(&self.config, "config", "the site's mailman.cfg, e.g. /etc/mailman3/mailman.cfg")?;
+                match slices {
+                    Some(n) if !n.is_power_of_two() => Err(SuperviseError::SliceCountNotPowerOfTwo { queue: queue_owned(), slices: n }),
+                    _ => Ok(()),
+                }
+            }
+            Flavour::Mailman2 if self.command.is_empty() => Err(SuperviseError::EmptyCommand { queue: queue_owned() }),
+            Flavour::Mailman2 => Ok(()),
+            Flavour::Mailman3Runner => {
+                if self.command.is_empty() {
+                    return Err(SuperviseError::EmptyCommand { queue: queue_owned() });
+                }
+                let Some((path, runner)) = mailman3_target(&self.command) else { return Ok(()) };
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| SuperviseError::ReadMailmanCfg { queue: queue_owned(), path: path.clone(), error: e.to_string() })?;
+                let instances = mailman3_instances(&text, &runner);
+                if !instances.is_power_of_two() {
+                    return Err(SuperviseError::NotPowerOfTwo { queue: queue_owned(), path, runner, instances });
+                }
+                if let Some(slices) = slices.filter(|s| *s != instances) {
+                    return Err(SuperviseError::InstancesMismatch { queue: queue_owned(), path, runner, instances, slices });
+                }
+                Ok(())
+            }
         }
-        if self.flavour != Flavour::Mailman3 {
-            return Ok(());
-        }
-        let Some((path, runner)) = mailman3_target(&self.command) else { return Ok(()) };
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| SuperviseError::ReadMailmanCfg { queue: queue.to_owned(), path: path.clone(), error: e.to_string() })?;
-        let instances = mailman3_instances(&text, &runner);
-        if !instances.is_power_of_two() {
-            return Err(SuperviseError::NotPowerOfTwo { queue: queue.to_owned(), path, runner, instances });
-        }
-        if let Some(slices) = slices.filter(|s| *s != instances) {
-            return Err(SuperviseError::InstancesMismatch { queue: queue.to_owned(), path, runner, instances, slices });
-        }
-        Ok(())
+    }
+
+    /// The Mailman runner name of a `mailman3` queue.
+    pub fn runner_name<'a>(&'a self, queue: &'a str) -> &'a str {
+        self.runner.as_deref().unwrap_or(queue)
     }
 }
 
@@ -239,6 +336,11 @@ pub struct Supervised {
     pub epoch: i64,
     /// This node's id, passed as QSLICE_NODE.
     pub node: String,
+    /// Where `mailman3` slices take their warm slice runners from; `None` for the
+    /// command flavours.
+    pub pool: Option<std::sync::Arc<crate::mailman3::WarmPool>>,
+    /// The incarnation's fence: its deadline is passed on to the slice runner.
+    pub fence: std::sync::Arc<crate::membership::Fence>,
 }
 
 fn substitute(arg: &str, s: &Supervised) -> String {
@@ -260,50 +362,63 @@ fn resolve_group(group: &str) -> Option<u32> {
     Some(nix::unistd::Group::from_name(group).ok()??.gid.as_raw())
 }
 
+/// A child process as `cfg` says to run it: only the listed environment plus `extra`, the
+/// working directory, user and group, its own process group, dying with the runner;
+/// stdin closed, stdout and stderr piped.
+pub(crate) fn command(cfg: &SuperviseConfig, argv: &[String], extra: &[(&str, String)]) -> std::io::Result<tokio::process::Command> {
+    let (program, args) = argv.split_first().ok_or_else(|| std::io::Error::other("empty command"))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).env_clear();
+    for name in &cfg.env {
+        if let Ok(value) = std::env::var(name) {
+            cmd.env(name, value);
+        }
+    }
+    for (name, value) in extra {
+        cmd.env(name, value);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
+    if let Some(dir) = &cfg.workdir {
+        cmd.current_dir(dir);
+    }
+    if let Some(user) = &cfg.user {
+        let (uid, gid) = resolve_user(user).ok_or_else(|| std::io::Error::other(format!("unknown user {user:?}")))?;
+        cmd.uid(uid).gid(gid);
+    }
+    if let Some(group) = &cfg.group {
+        cmd.gid(resolve_group(group).ok_or_else(|| std::io::Error::other(format!("unknown group {group:?}")))?);
+    }
+    crate::cli::die_with_parent(&mut cmd);
+    Ok(cmd)
+}
+
+/// Logs each line of a child's output stream, tagged with the queue and `tag`.
+pub(crate) fn log_lines<R: tokio::io::AsyncRead + Unpin + Send + 'static>(stream: R, queue: String, tag: String, name: &'static str) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::info!(%queue, child = %tag, stream = name, "{line}");
+        }
+    });
+}
+
 impl Supervised {
     fn spawn(&self) -> std::io::Result<tokio::process::Child> {
         let argv: Vec<String> = self.cfg.command.iter().map(|a| substitute(a, self)).collect();
-        let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..]).env_clear();
-        for name in &self.cfg.env {
-            if let Ok(value) = std::env::var(name) {
-                cmd.env(name, value);
-            }
+        let env = [
+            ("QSLICE_QUEUE", self.queue.clone()),
+            ("QSLICE_SLICE", self.slice.to_string()),
+            ("QSLICE_SLICES", self.slices.to_string()),
+            ("QSLICE_EPOCH", self.epoch.to_string()),
+            ("QSLICE_NODE", self.node.clone()),
+        ];
+        let mut child = command(&self.cfg, &argv, &env)?.spawn()?;
+        let tag = format!("slice {}", self.slice);
+        if let Some(out) = child.stdout.take() {
+            log_lines(out, self.queue.clone(), tag.clone(), "stdout");
         }
-        cmd.env("QSLICE_QUEUE", &self.queue)
-            .env("QSLICE_SLICE", self.slice.to_string())
-            .env("QSLICE_SLICES", self.slices.to_string())
-            .env("QSLICE_EPOCH", self.epoch.to_string())
-            .env("QSLICE_NODE", &self.node)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        if let Some(dir) = &self.cfg.workdir {
-            cmd.current_dir(dir);
-        }
-        if let Some(user) = &self.cfg.user {
-            let (uid, gid) = resolve_user(user).ok_or_else(|| std::io::Error::other(format!("unknown user {user:?}")))?;
-            cmd.uid(uid).gid(gid);
-        }
-        if let Some(group) = &self.cfg.group {
-            cmd.gid(resolve_group(group).ok_or_else(|| std::io::Error::other(format!("unknown group {group:?}")))?);
-        }
-        crate::cli::die_with_parent(&mut cmd);
-        let mut child = cmd.spawn()?;
-        for (stream, name) in [(child.stdout.take().map(Either::Out), "stdout"), (child.stderr.take().map(Either::Err), "stderr")] {
-            let Some(stream) = stream else { continue };
-            let (queue, slice) = (self.queue.clone(), self.slice);
-            tokio::spawn(async move {
-                let mut lines = match stream {
-                    Either::Out(s) => Lines::Out(BufReader::new(s).lines()),
-                    Either::Err(s) => Lines::Err(BufReader::new(s).lines()),
-                };
-                while let Ok(Some(line)) = lines.next().await {
-                    tracing::info!(%queue, slice, stream = name, "{line}");
-                }
-            });
+        if let Some(err) = child.stderr.take() {
+            log_lines(err, self.queue.clone(), tag, "stderr");
         }
         Ok(child)
     }
@@ -316,13 +431,16 @@ impl Supervised {
         }
     }
 
-    fn shunted(&self) -> usize {
+    pub(crate) fn shunted(&self) -> usize {
         let shunt = self.dir.dir().parent().map(|root| root.join("shunt"));
         shunt.and_then(|d| std::fs::read_dir(d).ok()).map_or(0, |rd| rd.count())
     }
 
     /// Runs the slice's Mailman runner until `quiet` (stop quietly) or `kill` (at once).
     pub async fn run(self, quiet: CancellationToken, kill_now: CancellationToken) -> SupervisorExit {
+        if let Some(pool) = self.pool.clone() {
+            return crate::mailman3::run_slice(self, pool, quiet, kill_now).await;
+        }
         let mut crashes: VecDeque<Instant> = VecDeque::new();
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -374,7 +492,7 @@ impl Supervised {
         }
     }
 
-    fn count_crash(&self, crashes: &mut VecDeque<Instant>, why: &str) -> Option<SupervisorExit> {
+    pub(crate) fn count_crash(&self, crashes: &mut VecDeque<Instant>, why: &str) -> Option<SupervisorExit> {
         let now = Instant::now();
         crashes.push_back(now);
         while crashes.front().is_some_and(|t| now.duration_since(*t) > self.cfg.restart_window) {
@@ -402,7 +520,7 @@ impl Supervised {
                     let _ = kill(target, Signal::SIGTERM);
                     break true;
                 }
-                Flavour::Mailman3 => {
+                Flavour::Mailman3 | Flavour::Mailman3Runner => {
                     // Frozen, it cannot pick up a message between the look and the signal.
                     let _ = kill(target, Signal::SIGSTOP);
                     if !self.busy() {
@@ -433,7 +551,7 @@ impl Supervised {
     }
 }
 
-async fn wait_backoff(backoff: &mut Duration, quiet: &CancellationToken, kill_now: &CancellationToken) -> Option<SupervisorExit> {
+pub(crate) async fn wait_backoff(backoff: &mut Duration, quiet: &CancellationToken, kill_now: &CancellationToken) -> Option<SupervisorExit> {
     let wait = *backoff;
     *backoff = (*backoff * 2).min(Duration::from_secs(30));
     tokio::select! {
@@ -442,26 +560,6 @@ async fn wait_backoff(backoff: &mut Duration, quiet: &CancellationToken, kill_no
         _ = kill_now.cancelled() => Some(SupervisorExit::Killed),
     }
 }
-
-enum Either {
-    Out(tokio::process::ChildStdout),
-    Err(tokio::process::ChildStderr),
-}
-
-enum Lines {
-    Out(tokio::io::Lines<BufReader<tokio::process::ChildStdout>>),
-    Err(tokio::io::Lines<BufReader<tokio::process::ChildStderr>>),
-}
-
-impl Lines {
-    async fn next(&mut self) -> std::io::Result<Option<String>> {
-        match self {
-            Lines::Out(l) => l.next_line().await,
-            Lines::Err(l) => l.next_line().await,
-        }
-    }
-}
-
 
 #[cfg(test)]
 mod tests {
@@ -493,8 +591,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("mailman.cfg");
         let cfg = |instances: u32| SuperviseConfig {
-            flavour: Flavour::Mailman3,
+            flavour: Flavour::Mailman3Runner,
             command: argv(&["runner", "-C", path.to_str().expect("utf8"), "-r", "in:{slice}:{slices}"]),
+            python: None,
+            config: None,
+            runner: None,
+            spares: 1,
             env: vec![],
             workdir: None,
             user: None,

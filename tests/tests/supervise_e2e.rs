@@ -14,7 +14,7 @@ fn supervise_config(spool: &Spool, name: &str, extra: &str) -> String {
     let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
     let queue_dir = spool.root().join("in");
     let toml = format!(
-        "[supervise.in]\nflavour = \"mailman3\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\"]\nenv = [\"PATH\", \"FAKE_BUSY\", \"FAKE_CRASH_ON_NODE\", \"FAKE_MAILMAN2\"]\nstop_timeout = \"20s\"\n{extra}",
+        "[supervise.in]\nflavour = \"mailman3-runner\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\"]\nenv = [\"PATH\", \"FAKE_BUSY\", \"FAKE_CRASH_ON_NODE\", \"FAKE_MAILMAN2\"]\nstop_timeout = \"20s\"\n{extra}",
         queue_dir.display(),
         spool.records_path().display()
     );
@@ -158,7 +158,7 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
     let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
     let toml = format!(
-        "[supervise.in]\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\", \"-C\", \"{}\", \"-r\", \"in:{{slice}}:{{slices}}\"]\nenv = [\"PATH\"]\n",
+        "[supervise.in]\nflavour = \"mailman3-runner\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\", \"-C\", \"{}\", \"-r\", \"in:{{slice}}:{{slices}}\"]\nenv = [\"PATH\"]\n",
         spool.root().join("in").display(),
         spool.records_path().display(),
         mailman_cfg.display()
@@ -211,7 +211,7 @@ async fn a_mailman2_runner_is_stopped_with_sigterm_and_finishes_its_message() {
     let spool = Spool::new(&["in"]).expect("spool");
     let mailman3 = supervise_config(&spool, "runner.toml", "");
     let cfg_path = spool.scratch("runner2.toml");
-    let cfg = std::fs::read_to_string(&mailman3).expect("read").replace("flavour = \"mailman3\"", "flavour = \"mailman2\"");
+    let cfg = std::fs::read_to_string(&mailman3).expect("read").replace("flavour = \"mailman3-runner\"", "flavour = \"mailman2\"");
     std::fs::write(&cfg_path, cfg).expect("write");
     let cfg_path = cfg_path.to_string_lossy().into_owned();
     let mut c = client(&etcd).await.expect("client");
@@ -238,7 +238,7 @@ async fn supervised_runners_run_as_the_configured_user() {
     let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = spool.scratch("runner.toml");
-    std::fs::write(&cfg, "[supervise.in]\ncommand = [\"/bin/sh\", \"-c\", \"echo uid=$(id -u) gid=$(id -g) in $(pwd); exec sleep 600\"]\nuser = \"nobody\"\ngroup = \"nogroup\"\nworkdir = \"/\"\n").expect("write");
+    std::fs::write(&cfg, "[supervise.in]\nflavour = \"mailman2\"\ncommand = [\"/bin/sh\", \"-c\", \"echo uid=$(id -u) gid=$(id -g) in $(pwd); exec sleep 600\"]\nuser = \"nobody\"\ngroup = \"nogroup\"\nworkdir = \"/\"\n").expect("write");
     let cfg = cfg.to_string_lossy().into_owned();
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");

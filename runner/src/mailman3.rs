@@ -1,0 +1,486 @@
+//! qslice's own Mailman 3 slice runner: the `mailman3` flavour of supervision.
+//!
+//! `qslice_mailman3.py` ships inside this binary ([`SCRIPT`]) and is written into the
+//! runner's state dir at start ([`install_script`]); it runs with the site's Mailman
+//! interpreter, so nothing is installed into the Mailman venv. One process runs one
+//! slice with Mailman's own runner class, and adds what a bare `runner` lacks:
+//! - the slice count comes from qslice (`go`), set in process over mailman.cfg's
+//!   `[runner.<name>] instances`, so a reslice needs no mailman.cfg edit;
+//! - a stop request only cuts the idle sleep short: the message in hand is finished and
+//!   nothing is raised inside dequeue, processing or finish (no shunt, no bad/ copy);
+//! - it initialises Mailman (the slow part of a start) before it is given a slice, so a
+//!   [`WarmPool`] keeps spares ready and a takeover pays one listing, not a start-up;
+//! - it takes no message past the fence deadline that qslice keeps passing on (`lease`).
+//!
+//! The control channel, one line per message:
+//! - qslice -> runner (its stdin): `go SLICE COUNT EPOCH LEASE_MS`, `lease MS`, `stop`;
+//!   end of file means stop.
+//! - runner -> qslice (its stdout, nothing else is written there): `ready PID` once
+//!   Mailman is initialised, `running SLICE COUNT` once the slice's runner is built (its
+//!   `.bak` files recovered), `stopped` before exit 0, `fenced` before exit 3 (the lease
+//!   ran out), `error TEXT` before exit 2 (a request it refuses, such as a slice count
+//!   that is not a power of two).
+//! - its stderr is its log, logged here tagged with the queue and pid.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::membership::Fence;
+use crate::supervise::{command, log_lines, wait_backoff, SuperviseConfig, Supervised, SupervisorExit};
+
+/// The slice runner's source, shipped inside the binary.
+pub const SCRIPT: &str = include_str!("mailman3/qslice_mailman3.py");
+/// Its file name in the state dir.
+pub const SCRIPT_NAME: &str = "qslice_mailman3.py";
+
+/// How often a running slice runner is told the fence deadline. The runner measures each
+/// remaining duration from when it reads it, so its deadline is never later than ours.
+const LEASE_RENEW: Duration = Duration::from_millis(200);
+/// How often a pool replaces spares that died.
+const POOL_TICK: Duration = Duration::from_secs(1);
+/// The longest wait between start-up attempts of spares that keep dying.
+const WARMUP_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Exit code: stopped on request.
+const EXIT_STOPPED: i32 = 0;
+/// Exit code: a request was refused (`error` says why); restarting would not help.
+const EXIT_REFUSED: i32 = 2;
+/// Exit code: the lease ran out.
+const EXIT_FENCED: i32 = 3;
+
+/// Writes the slice runner into `state_dir` (atomically, readable by the Mailman user)
+/// and returns its path.
+pub fn install_script(state_dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = state_dir.join(SCRIPT_NAME);
+    let tmp = state_dir.join(format!(".{SCRIPT_NAME}.tmp"));
+    std::fs::write(&tmp, SCRIPT)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+/// A line the slice runner wrote on its control channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Mailman is initialised; it waits for `go`.
+    Ready,
+    /// The slice's runner is built and about to list the slice.
+    Running {
+        /// The slice.
+        slice: u32,
+        /// The slice count.
+        count: u32,
+    },
+    /// It stopped on request and exits 0.
+    Stopped,
+    /// Its lease ran out; it takes nothing more and exits 3.
+    Fenced,
+    /// It refused a request; it exits 2.
+    Error(String),
+}
+
+/// Parses one control-channel line.
+pub fn parse_event(line: &str) -> Option<Event> {
+    let (word, rest) = line.trim_end().split_once(' ').unwrap_or((line.trim_end(), ""));
+    match word {
+        "ready" => Some(Event::Ready),
+        "running" => {
+            let mut it = rest.split_whitespace().map(str::parse::<u32>);
+            match (it.next(), it.next()) {
+                (Some(Ok(slice)), Some(Ok(count))) => Some(Event::Running { slice, count }),
+                _ => None,
+            }
+        }
+        "stopped" => Some(Event::Stopped),
+        "fenced" => Some(Event::Fenced),
+        "error" => Some(Event::Error(rest.to_owned())),
+        _ => None,
+    }
+}
+
+/// What a queue's slice runners are started with.
+#[derive(Clone)]
+struct Launch {
+    queue: String,
+    cfg: SuperviseConfig,
+    script: PathBuf,
+    node: String,
+}
+
+/// One slice runner process and its control channel.
+pub struct SliceRunner {
+    child: tokio::process::Child,
+    pid: i32,
+    stdin: Option<tokio::process::ChildStdin>,
+    events: mpsc::UnboundedReceiver<Event>,
+    /// Whether the events channel is still open (the process's stdout).
+    events_open: bool,
+    /// Whether it said `ready` (Mailman initialised) when last looked at.
+    ready: bool,
+}
+
+impl SliceRunner {
+    fn spawn(launch: &Launch) -> std::io::Result<SliceRunner> {
+        let (python, config) = match (&launch.cfg.python, &launch.cfg.config) {
+            (Some(p), Some(c)) => (p, c),
+            _ => return Err(std::io::Error::other("supervise.python and supervise.config are required")),
+        };
+        let argv = [
+            python.display().to_string(),
+            launch.script.display().to_string(),
+            "--config".to_owned(),
+            config.display().to_string(),
+            "--runner".to_owned(),
+            launch.cfg.runner_name(&launch.queue).to_owned(),
+        ];
+        let env = [("QSLICE_QUEUE", launch.queue.clone()), ("QSLICE_NODE", launch.node.clone())];
+        let mut cmd = command(&launch.cfg, &argv, &env)?;
+        cmd.stdin(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let pid = child.id().map_or(0, |p| p as i32);
+        let (tx, events) = mpsc::unbounded_channel();
+        if let Some(out) = child.stdout.take() {
+            let queue = launch.queue.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    match parse_event(&line) {
+                        Some(event) => {
+                            let _ = tx.send(event);
+                        }
+                        None => tracing::warn!(%queue, pid, %line, "unexpected line on the slice runner's control channel"),
+                    }
+                }
+            });
+        }
+        if let Some(err) = child.stderr.take() {
+            log_lines(err, launch.queue.clone(), format!("pid {pid}"), "stderr");
+        }
+        let stdin = child.stdin.take();
+        Ok(SliceRunner { child, pid, stdin, events, events_open: true, ready: false })
+    }
+
+    /// The process id (and process group).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    async fn send(&mut self, line: &str) -> std::io::Result<()> {
+        let stdin = self.stdin.as_mut().ok_or_else(|| std::io::Error::other("control channel closed"))?;
+        stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        stdin.flush().await
+    }
+
+    /// Reads what it said so far; true once it said `ready`.
+    fn poll_ready(&mut self) -> bool {
+        while let Ok(event) = self.events.try_recv() {
+            if event == Event::Ready {
+                self.ready = true;
+            }
+        }
+        self.ready
+    }
+
+    /// Its exit status if it has exited.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(status.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// Kills it and whatever it started (its process group).
+    fn kill(&self) {
+        if self.pid > 0 {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// The idle, initialised slice runners of one queue on this node.
+pub struct WarmPool {
+    launch: Launch,
+    state: Mutex<PoolState>,
+}
+
+struct PoolState {
+    idle: VecDeque<SliceRunner>,
+    /// How many idle runners to keep: the spares plus the slices assigned here and not
+    /// yet claimed (a planned move's new owner warms up while the old owner drains).
+    target: usize,
+    /// Spares that died before being used, in a row; backs off their replacement.
+    failures: u32,
+    next_spawn: Option<std::time::Instant>,
+}
+
+impl WarmPool {
+    /// A pool for `queue`, running `script` as `cfg` says.
+    pub fn new(queue: &str, cfg: SuperviseConfig, script: PathBuf, node: &str) -> Arc<WarmPool> {
+        let target = cfg.spares;
+        Arc::new(WarmPool {
+            launch: Launch { queue: queue.to_owned(), cfg, script, node: node.to_owned() },
+            state: Mutex::new(PoolState { idle: VecDeque::new(), target, failures: 0, next_spawn: None }),
+        })
+    }
+
+    /// Keeps the spares plus `pending` more runners warm.
+    pub fn want(&self, pending: usize) {
+        let mut st = self.state.lock().expect("pool lock");
+        st.target = self.launch.cfg.spares + pending;
+        self.fill(&mut st);
+    }
+
+    /// How many idle runners there are, and how many of them are initialised.
+    pub fn counts(&self) -> (usize, usize) {
+        let mut st = self.state.lock().expect("pool lock");
+        let ready = st.idle.iter_mut().map(|r| r.poll_ready()).filter(|ready| *ready).count();
+        (st.idle.len(), ready)
+    }
+
+    /// A runner to give a slice to: an initialised one if there is one, else the oldest
+    /// starting one, else a new one. Its place in the pool is refilled.
+    pub fn take(&self) -> std::io::Result<SliceRunner> {
+        let mut st = self.state.lock().expect("pool lock");
+        self.prune(&mut st);
+        let pick = st.idle.iter_mut().position(|r| r.poll_ready()).or(if st.idle.is_empty() { None } else { Some(0) });
+        let runner = match pick.and_then(|i| st.idle.remove(i)) {
+            Some(r) => r,
+            None => SliceRunner::spawn(&self.launch)?,
+        };
+        self.fill(&mut st);
+        Ok(runner)
+    }
+
+    /// Drops idle runners that died; repeated deaths back the next start off.
+    fn prune(&self, st: &mut PoolState) {
+        let mut died = Vec::new();
+        st.idle.retain_mut(|r| {
+            r.poll_ready();
+            match r.exited() {
+                Some(status) => {
+                    died.push((r.pid, r.ready, status));
+                    false
+                }
+                None => true,
+            }
+        });
+        for (pid, ready, status) in died {
+            st.failures += 1;
+            let wait = (Duration::from_millis(500) * 2u32.saturating_pow(st.failures.min(6))).min(WARMUP_BACKOFF_MAX);
+            st.next_spawn = Some(std::time::Instant::now() + wait);
+            tracing::warn!(queue = %self.launch.queue, pid, initialised = ready, %status, retry_in = ?wait, "a warm Mailman slice runner died before it was given a slice; see its log lines above");
+        }
+        if st.idle.iter().any(|r| r.ready) {
+            st.failures = 0;
+        }
+    }
+
+    fn fill(&self, st: &mut PoolState) {
+        self.prune(st);
+        while st.idle.len() > st.target {
+            // Keep the initialised ones: drop the newest.
+            if let Some(r) = st.idle.pop_back() {
+                r.kill();
+            }
+        }
+        if st.next_spawn.is_some_and(|t| std::time::Instant::now() < t) {
+            return;
+        }
+        while st.idle.len() < st.target {
+            match SliceRunner::spawn(&self.launch) {
+                Ok(r) => st.idle.push_back(r),
+                Err(e) => {
+                    st.failures += 1;
+                    st.next_spawn = Some(std::time::Instant::now() + WARMUP_BACKOFF_MAX.min(Duration::from_secs(u64::from(st.failures))));
+                    tracing::error!(queue = %self.launch.queue, error = %e, "cannot start a Mailman slice runner");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Replaces dead spares every second until `cancel`, then stops the idle runners.
+    pub async fn maintain(self: Arc<WarmPool>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(POOL_TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let mut st = self.state.lock().expect("pool lock");
+                    self.fill(&mut st);
+                }
+                _ = cancel.cancelled() => break,
+            }
+        }
+        let mut st = self.state.lock().expect("pool lock");
+        for r in st.idle.drain(..) {
+            r.kill();
+        }
+    }
+}
+
+/// The time left before the fence deadline, in milliseconds (0 once it tripped).
+fn lease_ms(fence: &Fence) -> u128 {
+    if !fence.is_valid() {
+        return 0;
+    }
+    fence.deadline().saturating_duration_since(Instant::now()).as_millis()
+}
+
+/// Runs one supervised slice with slice runners from `pool` until `quiet` (stop between
+/// messages) or `kill_now` (at once); restarts a crashed one like the command flavours.
+pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: CancellationToken, kill_now: CancellationToken) -> SupervisorExit {
+    let mut crashes = VecDeque::new();
+    let mut backoff = Duration::from_millis(500);
+    let (queue, slice) = (sup.queue.clone(), sup.slice);
+    loop {
+        if kill_now.is_cancelled() {
+            return SupervisorExit::Killed;
+        }
+        if quiet.is_cancelled() {
+            return SupervisorExit::Stopped;
+        }
+        let go = format!("go {} {} {} {}", sup.slice, sup.slices, sup.epoch, lease_ms(&sup.fence));
+        let started = match pool.take() {
+            Ok(mut runner) => match runner.send(&go).await {
+                Ok(()) => Ok(runner),
+                Err(e) => {
+                    runner.kill();
+                    Err(format!("its control channel failed: {e}"))
+                }
+            },
+            Err(e) => Err(format!("cannot start: {e}")),
+        };
+        let mut runner = match started {
+            Ok(r) => r,
+            Err(why) => {
+                tracing::error!(%queue, slice, %why, "cannot run the Mailman slice runner");
+                if let Some(exit) = sup.count_crash(&mut crashes, &why) {
+                    return exit;
+                }
+                if let Some(exit) = wait_backoff(&mut backoff, &quiet, &kill_now).await {
+                    return exit;
+                }
+                continue;
+            }
+        };
+        let pid = runner.pid();
+        tracing::info!(%queue, slice, epoch = sup.epoch, pid, warm = runner.ready, "handed the slice to a Mailman slice runner");
+        let mut renew = tokio::time::interval(LEASE_RENEW);
+        renew.reset();
+        let mut refusal = None;
+        let status = loop {
+            tokio::select! {
+                biased;
+                _ = kill_now.cancelled() => {
+                    runner.kill();
+                    let _ = runner.child.wait().await;
+                    return SupervisorExit::Killed;
+                }
+                _ = quiet.cancelled() => {
+                    stop(&sup, &mut runner, &kill_now).await;
+                    return SupervisorExit::Stopped;
+                }
+                status = runner.child.wait() => break status,
+                event = runner.events.recv(), if runner.events_open => match event {
+                    None => runner.events_open = false,
+                    Some(Event::Running { slice: s, count }) => tracing::info!(%queue, slice = s, slices = count, pid, "Mailman slice runner is running the slice"),
+                    Some(Event::Error(text)) => {
+                        tracing::error!(%queue, slice, pid, error = %text, "the Mailman slice runner refused the slice");
+                        refusal = Some(text);
+                    }
+                    Some(Event::Fenced) => tracing::warn!(%queue, slice, pid, "the Mailman slice runner reached the fence deadline and takes nothing more"),
+                    Some(Event::Ready | Event::Stopped) => {}
+                },
+                _ = renew.tick() => {
+                    let _ = runner.send(&format!("lease {}", lease_ms(&sup.fence))).await;
+                }
+            }
+        };
+        // Whatever it started goes with it.
+        runner.kill();
+        let code = status.as_ref().ok().and_then(|s| s.code());
+        if let Some(reason) = refusal {
+            return SupervisorExit::GaveUp(reason);
+        }
+        match code {
+            Some(EXIT_REFUSED) => return SupervisorExit::GaveUp(format!("the slice runner refused the slice ({status:?}); see its log lines above")),
+            Some(EXIT_FENCED) => tracing::warn!(%queue, slice, pid, "the Mailman slice runner stopped at the fence deadline"),
+            Some(EXIT_STOPPED) => tracing::warn!(%queue, slice, pid, "the Mailman slice runner stopped without being asked; starting another"),
+            _ => {
+                let why = format!("exited with {status:?}");
+                tracing::warn!(%queue, slice, pid, %why, "the Mailman slice runner crashed");
+                metrics::counter!("qslice_runner_supervised_crashes_total", "queue" => queue.clone()).increment(1);
+                if let Some(exit) = sup.count_crash(&mut crashes, &why) {
+                    return exit;
+                }
+            }
+        }
+        if let Some(exit) = wait_backoff(&mut backoff, &quiet, &kill_now).await {
+            return exit;
+        }
+    }
+}
+
+/// Asks a running slice runner to stop after the message in hand; kills it at the stop
+/// timeout or on `kill_now`.
+async fn stop(sup: &Supervised, runner: &mut SliceRunner, kill_now: &CancellationToken) {
+    let shunted_before = sup.shunted();
+    let asked = Instant::now();
+    // A failed write means it is already gone; waiting for it below tells.
+    let _ = runner.send("stop").await;
+    runner.stdin = None;
+    let exited = tokio::select! {
+        r = tokio::time::timeout(sup.cfg.stop_timeout, runner.child.wait()) => r.is_ok(),
+        _ = kill_now.cancelled() => false,
+    };
+    if !exited {
+        tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, timeout = ?sup.cfg.stop_timeout, "the Mailman slice runner did not finish its message within the stop timeout; killing it (the slice's next runner recovers the message)");
+    }
+    runner.kill();
+    let _ = runner.child.wait().await;
+    let shunted = sup.shunted().saturating_sub(shunted_before);
+    if shunted > 0 {
+        tracing::warn!(queue = %sup.queue, slice = sup.slice, shunted, "messages were shunted while the slice runner stopped");
+    }
+    tracing::info!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, took = ?asked.elapsed(), "Mailman slice runner stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_lines_parse_and_garbage_does_not() {
+        assert_eq!(parse_event("ready 1234"), Some(Event::Ready));
+        assert_eq!(parse_event("running 3 8\n"), Some(Event::Running { slice: 3, count: 8 }));
+        assert_eq!(parse_event("stopped"), Some(Event::Stopped));
+        assert_eq!(parse_event("fenced"), Some(Event::Fenced));
+        assert_eq!(parse_event("error slice count 3 is not a power of two"), Some(Event::Error("slice count 3 is not a power of two".into())));
+        assert_eq!(parse_event("running three 8"), None);
+        assert_eq!(parse_event("hello"), None);
+        assert_eq!(parse_event(""), None);
+    }
+
+    #[test]
+    fn the_script_is_installed_readable_and_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = install_script(dir.path()).expect("install");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), SCRIPT);
+        // Installing again (a restart) replaces it in place.
+        install_script(dir.path()).expect("install again");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(SCRIPT_NAME)], "no temporary file left");
+    }
+}

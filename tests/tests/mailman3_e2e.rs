@@ -1,0 +1,256 @@
+//! Real Mailman 3.3.10 (from PyPI) under qslice: qslice-runners supervising qslice's own
+//! Mailman 3 slice runner, a real coordinator, and posts enqueued through Mailman's own
+//! Switchboard faster than they are drained. Each post is counted by its ACCEPT lines in
+//! Mailman's log; shunt/ and bad/ are counted too. These tests need PyPI (the venv is
+//! built once per target dir) and never skip.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, wait_until, Coordinator};
+use qslice_tests::mailman3::{Report, Site};
+use qslice_tests::{qslice_bin, Etcd, Proc};
+
+/// Generous bound for anything a loaded two-core machine does in seconds normally.
+const LONG: Duration = Duration::from_secs(120);
+/// The runners' lease TTL (tests/src/cluster.rs starts them with 2 s).
+const TTL: f64 = 2.0;
+
+struct Cluster {
+    site: Site,
+    // Field order is drop order: runners and coordinator stop before etcd.
+    runners: BTreeMap<String, Proc>,
+    coordinator: Coordinator,
+    client: etcd_client::Client,
+    _etcd: Etcd,
+}
+
+/// etcd, a coordinator, queue `in` with `slices` slices, and one qslice-runner per node
+/// supervising `in` on a fresh site; `extra` is added to every runner's `[supervise.in]`.
+async fn cluster(nodes: &[&str], slices: u32, extra: &str) -> Cluster {
+    let etcd = Etcd::start().expect("etcd");
+    let site = Site::new().expect("a Mailman 3 site");
+    let coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[]).expect("coordinator");
+    let mut c = client(&etcd).await.expect("client");
+    put_queue(&mut c, "t", "in", slices).await.expect("queue");
+    let mut runners = BTreeMap::new();
+    for node in nodes {
+        let cfg = site.runner_config(&format!("{node}.toml"), extra).expect("config");
+        runners.insert(node.to_string(), start_runner(&etcd, &site.spool, node, "t", &["--config", &cfg], &[]).expect("runner"));
+    }
+    let n = slices as usize;
+    wait_until(LONG, "every slice claimed", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len()).unwrap_or(0) == n }).await.expect("claimed");
+    Cluster { site, runners, coordinator, client: c, _etcd: etcd }
+}
+
+impl Cluster {
+    /// Runs qslicectl against the coordinator; it must succeed.
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(qslice_bin("qslicectl").expect("built"))
+            .args(["--coordinator", &self.coordinator.admin, "--timeout", "60s"])
+            .args(args)
+            .output()
+            .expect("run qslicectl");
+        assert!(out.status.success(), "qslicectl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn holds(&self, node: &str) -> Vec<u32> {
+        holdings(&mut self.client.clone(), "t", "in").await.remove(node).unwrap_or_default()
+    }
+
+    /// Waits until posting is done and every one of `posts` posts was accepted with the
+    /// queue empty, then returns the report.
+    async fn all_accepted(&mut self, posts: usize) -> Report {
+        wait_until(LONG, "posting done", || {
+            let done = self.site.posting_done();
+            async move { done }
+        })
+        .await
+        .expect("posted");
+        let mut last = None;
+        let site = &self.site;
+        let found = wait_until(LONG, "every post accepted and the queue empty", || {
+            let r = site.report().expect("report");
+            let done = r.accepts.len() >= posts && r.queue.pck == 0 && r.queue.bak == 0;
+            last = Some(r);
+            async move { done }
+        })
+        .await;
+        let report = last.expect("a report");
+        found.unwrap_or_else(|e| panic!("{e}: {} of {posts} accepted, queue {:?}, shunt {}, bad {}; runner logs:\n{}", report.accepts.len(), report.queue, report.shunt, report.bad, self.logs()));
+        report
+    }
+
+    fn logs(&self) -> String {
+        self.runners.keys().map(|n| format!("--- {n}\n{}\n", qslice_tests::tail(&self.site.spool.scratch(&format!("{n}.log")), 40))).collect()
+    }
+}
+
+/// Every post accepted exactly once, nothing shunted, nothing in bad/.
+fn assert_each_post_once(report: &Report, posts: usize) {
+    assert_eq!(report.accepts.len(), posts, "posts accepted");
+    assert!(report.doubled().is_empty(), "posts accepted twice: {:?}", report.doubled());
+    assert_eq!(report.shunt, 0, "shunted posts");
+    assert_eq!(report.bad, 0, "posts in bad/");
+    assert_eq!(report.errors, 0, "skipped or shunted messages in Mailman's error log");
+}
+
+async fn wait_for_accepts(site: &Site, at_least: usize) {
+    wait_until(LONG, "posts being accepted", || {
+        let n = site.report().map(|r| r.accepts.len()).unwrap_or(0);
+        async move { n >= at_least }
+    })
+    .await
+    .expect("accepting");
+}
+
+#[tokio::test]
+async fn drains_and_rebalances_accept_every_post_once_with_nothing_shunted() {
+    let mut c = cluster(&["r1", "r2", "r3"], 4, "").await;
+    // A backlog, and posts arriving faster than four slice runners on two cores drain.
+    c.site.post(150, 0).expect("post");
+    c.site.post_in_background(250, 150, 40.0).expect("post");
+    wait_for_accepts(&c.site, 20).await;
+    for node in ["r1", "r2"] {
+        c.ctl(&["drain", node]);
+        assert!(c.holds(node).await.is_empty(), "{node} drained");
+        c.ctl(&["uncordon", node]);
+        wait_until(LONG, "the uncordoned node takes slices again (rebalance)", || {
+            let c = &c;
+            async move { !c.holds(node).await.is_empty() }
+        })
+        .await
+        .expect("rebalanced");
+    }
+    let report = c.all_accepted(400).await;
+    assert_each_post_once(&report, 400);
+    assert!(report.runners.len() > 4, "slices moved between nodes: {:?}", report.runners);
+}
+
+#[tokio::test]
+async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_flight_posts_may_double() {
+    let mut c = cluster(&["r1", "r2", "r3"], 4, "spares = 2\n").await;
+    c.site.post(100, 0).expect("post");
+    c.site.post_in_background(300, 100, 40.0).expect("post");
+    wait_for_accepts(&c.site, 20).await;
+    // The victim is the node holding the most slices.
+    let held = holdings(&mut c.client.clone(), "t", "in").await;
+    let (victim, orphaned) = held.iter().max_by_key(|(_, s)| s.len()).map(|(n, s)| (n.clone(), s.iter().copied().collect::<BTreeSet<u32>>())).expect("a holder");
+    let victim = victim.as_str();
+    assert!(!orphaned.is_empty(), "{victim} holds slices");
+    let killed_at = unix_now();
+    c.runners.get_mut(victim).expect("victim").kill();
+    // Each orphaned slice's first ACCEPT by another node's slice runner.
+    let mut first: BTreeMap<u32, f64> = BTreeMap::new();
+    wait_until(LONG, "every orphaned slice accepting on another node", || {
+        let r = c.site.report().expect("report");
+        for accept in r.accepts.values().flatten().filter(|a| a.0 > killed_at) {
+            if let Some(runner) = r.runner_of(accept).filter(|run| run.node != victim && orphaned.contains(&run.slice) && run.count == 4) {
+                let t = first.entry(runner.slice).or_insert(accept.0);
+                *t = t.min(accept.0);
+            }
+        }
+        let done = first.len() == orphaned.len();
+        async move { done }
+    })
+    .await
+    .expect("taken over");
+    let delays: Vec<f64> = first.values().map(|t| t - killed_at).collect();
+    println!("kill -9 of {victim} -> first ACCEPT of each orphaned slice on another node (TTL {TTL} s): {delays:.3?} s");
+    let report = c.all_accepted(400).await;
+    assert_eq!(report.accepts.len(), 400, "every post accepted");
+    assert_eq!(report.shunt, 0, "shunted posts");
+    assert_eq!(report.bad, 0, "posts in bad/");
+    // A post may be accepted twice only if the killed node's runner accepted it (in
+    // flight at the kill) and its slice's next owner recovered it: at most one per slice.
+    let doubled = report.doubled();
+    assert!(doubled.len() <= orphaned.len(), "more doubles than orphaned slices: {doubled:?}");
+    for (id, n) in &doubled {
+        let accepts = &report.accepts[*id];
+        let first_run = report.runner_of(&accepts[0]).expect("runner of the first ACCEPT");
+        assert!(*n == 2 && first_run.node == victim && accepts[0].0 <= killed_at, "{id} accepted {n} times, first by {first_run:?}");
+    }
+    for (slice, delay) in first.keys().zip(&delays) {
+        assert!(*delay <= TTL + 1.0, "slice {slice} idle {delay:.2} s after the kill, beyond TTL + 1 s");
+    }
+}
+
+#[tokio::test]
+async fn a_live_reslice_to_8_and_back_to_4_accepts_every_post_once_without_a_mailman_cfg_edit() {
+    let mut c = cluster(&["r1", "r2"], 4, "").await;
+    let cfg_before = std::fs::read_to_string(&c.site.config).expect("mailman.cfg");
+    c.site.post(100, 0).expect("post");
+    c.site.post_in_background(300, 100, 40.0).expect("post");
+    wait_for_accepts(&c.site, 20).await;
+    for slices in [8u32, 4] {
+        c.ctl(&["queue", "set", "in", "--slices", &slices.to_string(), "--mailman3"]);
+        let site = &c.site;
+        wait_until(LONG, "every slice running under the new count", || {
+            let running: BTreeSet<u32> = site
+                .report()
+                .map(|r| r.runners.values().filter(|x| x.count == slices && x.stopped.is_none()).map(|x| x.slice).collect())
+                .unwrap_or_default();
+            async move { running.len() == slices as usize }
+        })
+        .await
+        .expect("resliced");
+    }
+    let report = c.all_accepted(400).await;
+    assert_each_post_once(&report, 400);
+    // The barrier: no runner under one count overlapped a runner under another.
+    let runs: Vec<_> = report.runners.values().collect();
+    for a in &runs {
+        for b in runs.iter().filter(|b| b.count != a.count) {
+            let a_end = a.stopped.unwrap_or(f64::MAX);
+            let b_end = b.stopped.unwrap_or(f64::MAX);
+            assert!(a_end <= b.started || b_end <= a.started, "runners under {} and {} slices overlapped: {a:?} {b:?}", a.count, b.count);
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&c.site.config).expect("mailman.cfg"), cfg_before, "mailman.cfg untouched");
+    assert!(cfg_before.contains("instances: 1"), "the site's mailman.cfg says 1 instance; qslice's count won");
+}
+
+#[tokio::test]
+async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
+    let etcd = Etcd::start().expect("etcd");
+    let site = Site::new().expect("site");
+    // One host's mailman.cfg is broken: every start of Mailman there fails.
+    let broken = site.spool.scratch("broken.cfg");
+    std::fs::write(&broken, "[mailman\nthis is not a configuration file\n").expect("write");
+    let bad_toml = format!("[supervise.in]\npython = {:?}\nconfig = {:?}\nmax_restarts = 2\nrestart_window = \"60s\"\n", site.python.display().to_string(), broken.display().to_string());
+    let bad_cfg = site.spool.scratch("bad.toml");
+    std::fs::write(&bad_cfg, bad_toml).expect("write");
+    let good_cfg = site.runner_config("good.toml", "").expect("config");
+    let _coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[]).expect("coordinator");
+    let mut c = client(&etcd).await.expect("client");
+    put_queue(&mut c, "t", "in", 4).await.expect("queue");
+    let bad = start_runner(&etcd, &site.spool, "bad", "t", &["--config", bad_cfg.to_str().expect("utf8")], &[]).expect("runner");
+    let _good = start_runner(&etcd, &site.spool, "good", "t", &["--config", &good_cfg], &[]).expect("runner");
+    site.post(60, 0).expect("post");
+    wait_until(LONG, "the good node holds every slice", || async { holdings(&mut c.clone(), "t", "in").await.get("good").is_some_and(|v| v.len() == 4) })
+        .await
+        .expect("moved");
+    let keys = qslice_proto::keys::Keys::new("t").expect("keys");
+    let node = c.get(keys.node("bad"), None).await.expect("get");
+    let record = <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record");
+    assert_eq!(record.refused_queues, vec!["in"], "the bad node published its refusal");
+    assert!(bad.log().contains("alert: giving this queue up"), "the refusal is an alert in the log: {}", bad.log());
+    let mut report = site.report().expect("report");
+    wait_until(LONG, "every post accepted", || {
+        report = site.report().expect("report");
+        let done = report.accepts.len() == 60 && report.queue.pck == 0 && report.queue.bak == 0;
+        async move { done }
+    })
+    .await
+    .expect("accepted");
+    assert_each_post_once(&report, 60);
+    for accept in report.accepts.values().flatten() {
+        assert_eq!(report.runner_of(accept).map(|r| r.node.as_str()), Some("good"), "only the good node's runners accept");
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64()
+}
