@@ -21,9 +21,27 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# The real-Mailman tests run Mailman 3.3.10 from PyPI in a venv under the target dir,
+# built here once (about a minute on a fresh machine) and reused by later runs.
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  echo "installing python3-venv"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv
+fi
+target_dir="${CARGO_TARGET_DIR:-target}"
+venv="$target_dir/mailman-3.3.10-venv"
+if [ ! -f "$venv/.qslice-complete" ]; then
+  echo "== building the Mailman 3.3.10 venv in $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/fixtures/mailman3-requirements.txt
+  echo 3.3.10 > "$venv/.qslice-complete"
+fi
+
 cargo build --workspace --bins
 # The benchmark programs in their short mode, so they cannot rot (figures: README).
-bin_dir="${CARGO_TARGET_DIR:-target}/debug"
+bin_dir="$target_dir/debug"
 for bench in bench_failover bench_throughput bench_scale bench_footprint; do
   echo "== $bench --quick"
   "$bin_dir/$bench" --quick | tail -n 12

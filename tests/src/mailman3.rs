@@ -151,7 +151,8 @@ impl Site {
         if !queue_dir.join("in").is_dir() {
             bail!("the site has no {}", queue_dir.join("in").display());
         }
-        std::fs::remove_dir(spool.root())?;
+        // Spool::new(&[]) makes no queue directory, so its root may not exist yet.
+        let _ = std::fs::remove_dir(spool.root());
         std::os::unix::fs::symlink(&queue_dir, spool.root())?;
         let config = dir.join("mailman.cfg");
         Ok(Site { spool, dir, python, config, posters: Vec::new() })

@@ -158,7 +158,12 @@ async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_fl
     .await
     .expect("taken over");
     let delays: Vec<f64> = first.values().map(|t| t - killed_at).collect();
-    println!("kill -9 of {victim} -> first ACCEPT of each orphaned slice on another node (TTL {TTL} s): {delays:.3?} s");
+    println!("kill -9 of {victim} at {killed_at:.3} -> first ACCEPT of each orphaned slice on another node (TTL {TTL} s): {delays:.3?} s");
+    for (node, p) in &c.runners {
+        let log = p.log();
+        let takeover: Vec<&str> = log.lines().filter(|l| l.contains("claimed slice") || l.contains("handed the slice") || l.contains("is running the slice")).collect();
+        println!("--- {node}\n{}", takeover.join("\n"));
+    }
     let report = c.all_accepted(400).await;
     assert_eq!(report.accepts.len(), 400, "every post accepted");
     assert_eq!(report.shunt, 0, "shunted posts");

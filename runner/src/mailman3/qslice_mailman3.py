@@ -504,7 +504,10 @@ def leave(status):
     """Exit now: flush logs and streams, then os._exit, so interpreter teardown (Mailman,
     SQLAlchemy, daemon threads) adds no delay to a stop."""
     import logging
-    logging.shutdown()
+    try:
+        logging.shutdown()
+    except Exception:
+        pass  # nothing may keep the process from exiting with its status
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
