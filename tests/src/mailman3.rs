@@ -192,6 +192,25 @@ impl Site {
         Ok(())
     }
 
+    /// Enqueues `count` posts numbered from `start` so that they appear in the queue at
+    /// once: written to a staging directory, then renamed into `in/` (a backlog no single
+    /// poster could build against running slice runners).
+    pub fn post_backlog(&self, count: usize, start: usize) -> Result<()> {
+        let stage = self.spool.scratch("stage");
+        let out = self.post_command(count, start, None).arg("--stage").arg(&stage).output()?;
+        if !out.status.success() {
+            bail!("posting failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let queue = self.dir.join("var/queue/in");
+        for entry in std::fs::read_dir(&stage)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "pck") {
+                std::fs::rename(&path, queue.join(path.file_name().context("a file name")?))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Starts enqueueing `count` posts numbered from `start` at `rate` per second, in the
     /// background (stopped when the site is dropped).
     pub fn post_in_background(&mut self, count: usize, start: usize, rate: f64) -> Result<()> {
