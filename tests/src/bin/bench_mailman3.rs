@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use qslice_tests::benchkit::{emit_json, machine, machine_line, round, Table};
-use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, wait_until, Coordinator};
+use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, Coordinator};
 use qslice_tests::mailman3::{Report, Site};
 use qslice_tests::{qslice_bin, Etcd, Proc};
 
@@ -36,6 +36,9 @@ struct Args {
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
+    /// Print the runners' log lines of each hand-off.
+    #[arg(long)]
+    verbose: bool,
 }
 
 const SLICES: u32 = 4;
@@ -44,6 +47,23 @@ const LONG: Duration = Duration::from_secs(120);
 
 fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64()
+}
+
+/// Like `wait_until`, but every 300 ms: each look runs a Python report over Mailman's
+/// logs, and looking more often would load the two cores the hand-offs are measured on.
+async fn poll<F, Fut>(timeout: Duration, what: &str, mut cond: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond().await {
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(())
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -62,16 +82,17 @@ struct Bench {
     etcd: Etcd,
     ttl: String,
     posted: usize,
+    verbose: bool,
 }
 
 impl Bench {
-    async fn start(ttl_secs: u64) -> Result<Bench> {
+    async fn start(ttl_secs: u64, verbose: bool) -> Result<Bench> {
         let etcd = Etcd::start()?;
         let site = Site::new()?;
         let coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[])?;
         let mut client = client(&etcd).await?;
         put_queue(&mut client, "t", "in", SLICES).await?;
-        let mut bench = Bench { site, runners: BTreeMap::new(), coordinator, client, etcd, ttl: format!("{ttl_secs}s"), posted: 0 };
+        let mut bench = Bench { site, runners: BTreeMap::new(), coordinator, client, etcd, ttl: format!("{ttl_secs}s"), posted: 0, verbose };
         for node in NODES {
             bench.start_runner(node)?;
         }
@@ -92,13 +113,13 @@ impl Bench {
 
     /// Every node holds a slice, every slice runs a slice runner, and the queue is empty.
     async fn wait_settled(&mut self) -> Result<()> {
-        wait_until(LONG, "posting done", || {
+        poll(LONG, "posting done", || {
             let done = self.site.posting_done();
             async move { done }
         })
         .await?;
         let c = self.client.clone();
-        wait_until(LONG, "every node holding a slice and every claim's slice runner running", || {
+        poll(LONG, "every node holding a slice and every claim's slice runner running", || {
             let report = self.report().ok();
             let mut c = c.clone();
             async move {
@@ -144,7 +165,7 @@ impl Bench {
         // The slice is busy when it moves: its runner is working through the backlog.
         let backlog_at = unix_now();
         self.backlog(400)?;
-        wait_until(LONG, "the slice's runner working through the backlog", || {
+        poll(LONG, "the slice's runner working through the backlog", || {
             let busy = self.report().is_ok_and(|r| {
                 r.accepts.values().flatten().any(|a| a.0 > backlog_at && r.runner_of(a).is_some_and(|x| x.node == from && x.slice == slice && x.stopped.is_none()))
             });
@@ -154,7 +175,7 @@ impl Bench {
         let moved_at = unix_now();
         self.ctl(&["move", "in", &slice.to_string(), &to])?;
         let mut gap = None;
-        wait_until(LONG, "the moved slice accepting on its new owner", || {
+        poll(LONG, "the moved slice accepting on its new owner", || {
             gap = self.report().ok().and_then(|r| {
                 let on = |node: &str, after: bool| {
                     r.accepts
@@ -188,6 +209,14 @@ impl Bench {
             });
             format!("slice {slice} from {from} to {to} at {moved_at:.3} (last ACCEPT {last:.3}): {:?} {per_runner:?}\n{logs}", self.report().map(|r| (r.queue, r.accepts.len())))
         })?;
+        if self.verbose {
+            let tag = format!("slice={slice}");
+            for node in [&from, &to] {
+                let log = std::fs::read_to_string(self.site.spool.scratch(&format!("{node}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().filter(|l| l.contains(&tag) || l.contains(&format!("slice {slice}/"))).collect();
+                println!("--- {node}, slice {slice}, moved at {moved_at:.3}, gap {gap:?} ms\n{}", lines[lines.len().saturating_sub(8)..].join("\n"));
+            }
+        }
         self.wait_settled().await?;
         gap.context("a gap")
     }
@@ -201,7 +230,7 @@ impl Bench {
         let killed_at = unix_now();
         self.runners.get_mut(&victim).context("victim")?.kill();
         let mut firsts: BTreeMap<u32, f64> = BTreeMap::new();
-        wait_until(LONG, "every orphaned slice accepting on another node", || {
+        poll(LONG, "every orphaned slice accepting on another node", || {
             if let Ok(r) = self.report() {
                 for a in r.accepts.values().flatten().filter(|a| a.0 > killed_at) {
                     if let Some(x) = r.runner_of(a).filter(|x| x.node != victim && slices.contains(&x.slice) && x.count == SLICES) {
@@ -229,7 +258,7 @@ async fn main() -> Result<()> {
     let mut table = Table::new(&["lease TTL", "measure", "samples", "p50 ms", "p99 ms", "max ms"]);
     let mut summary = serde_json::Map::new();
     for (ttl, moves, kills) in runs {
-        let mut bench = Bench::start(ttl).await?;
+        let mut bench = Bench::start(ttl, args.verbose).await?;
         let mut gaps = Vec::new();
         for k in 0..moves {
             gaps.push(bench.move_once(k).await?);
