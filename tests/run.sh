@@ -42,7 +42,7 @@ fi
 cargo build --workspace --bins
 # The benchmark programs in their short mode, so they cannot rot (figures: README).
 bin_dir="$target_dir/debug"
-for bench in bench_failover bench_throughput bench_scale bench_footprint; do
+for bench in bench_failover bench_mailman3 bench_throughput bench_scale bench_footprint; do
   echo "== $bench --quick"
   "$bin_dir/$bench" --quick | tail -n 12
 done
