@@ -185,6 +185,10 @@ pub struct SliceFigures {
     pub in_flight: u64,
     /// Age of the oldest waiting entry in milliseconds, 0 when empty.
     pub oldest_age_ms: u64,
+    /// Age of the oldest `.bak` entry in milliseconds (how long it has been in flight,
+    /// by its modification time), 0 when there is none. Absent in older records.
+    #[serde(default)]
+    pub oldest_in_flight_age_ms: u64,
 }
 
 /// Per-slice figures a node publishes for one queue: `status/<node>/<queue>`.

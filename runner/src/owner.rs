@@ -959,6 +959,7 @@ async fn publish_status(client: &mut Client, shared: &Shared, state: &QueueState
             depth: scan.pending.get(&s).map_or(0, |v| v.len() as u64),
             in_flight: scan.in_flight.get(&s).map_or(0, |v| v.len() as u64),
             oldest_age_ms: (scan.oldest_age(s).unwrap_or(0.0) * 1000.0) as u64,
+            oldest_in_flight_age_ms: scan.in_flight.get(&s).and_then(|e| state.dir.oldest_in_flight_age(e)).map_or(0, |a| (a * 1000.0) as u64),
         })
         .collect();
     let status = SliceStatus {

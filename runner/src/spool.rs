@@ -270,6 +270,19 @@ impl QueueDir {
     pub fn pck_path(&self, entry: &Entry) -> PathBuf {
         self.dir.join(format!("{}.pck", entry.name.filebase))
     }
+    /// How long the oldest `.bak` of `entries` has been in flight, in seconds: from its
+    /// inode change time, which the rename to `.bak` sets (its modification time is still
+    /// the enqueue time). `None` without a `.bak` that can be looked at.
+    pub fn oldest_in_flight_age(&self, entries: &[Entry]) -> Option<f64> {
+        use std::os::unix::fs::MetadataExt;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
+        entries
+            .iter()
+            .filter_map(|e| std::fs::symlink_metadata(self.bak_path(e)).ok())
+            .map(|m| (now - (m.ctime() as f64 + m.ctime_nsec() as f64 / 1e9)).max(0.0))
+            .reduce(f64::max)
+    }
+
     /// The `.bak` path of an entry.
     pub fn bak_path(&self, entry: &Entry) -> PathBuf {
         self.dir.join(format!("{}.bak", entry.name.filebase))
