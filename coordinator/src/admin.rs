@@ -12,12 +12,13 @@ use qslice_proto::admin::{
     CoordinatorInfo, DrainProgress, Event, GetStatusResponse, NodeInfo, PlannedMove, QueueInfo, RebalanceResponse, SliceInfo, SliceRef,
 };
 use qslice_proto::keys::{validate_name, Keys};
-use qslice_proto::records::{Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, RECORD_VERSION};
+use qslice_proto::records::{Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SliceFigures, RECORD_VERSION};
 use qslice_proto::slice::validate_slice_count;
 use qslice_runner::etcd::REQUEST_TIMEOUT;
 use tokio_stream::Stream;
 
-use crate::cache::{now_ms, ClusterCache, IDLE_ALERT_AFTER};
+use crate::cache::{now_ms, ClusterCache};
+use crate::health::{active_alerts, in_flight_too_long, no_eligible_node, queue_state, refused_by};
 use crate::config::AdminConfig;
 use crate::planner::{plan, PlanOptions};
 use crate::view::ClusterView;
@@ -149,7 +150,7 @@ impl Admin {
             queues: queue_rows(&view),
             slices,
             maintenance: view.maintenance,
-            alerts: idle_alerts(&view),
+            alerts: active_alerts(&view, now_ms(), &self.cache.alert_settings()).into_iter().map(|a| a.message).collect(),
         })
     }
 
@@ -187,35 +188,33 @@ impl Admin {
 
     fn slice_rows(&self, view: &ClusterView) -> Vec<SliceInfo> {
         let desired = view.current_assignment();
-        // The freshest figures of each slice, from whichever node listed it.
-        let mut figures: BTreeMap<(String, u32), (i64, u64, u64)> = BTreeMap::new();
-        for ((_, queue), st) in &view.status {
-            if view.queues.get(queue).is_none_or(|q| q.slices != st.slices_total) {
-                continue;
-            }
-            for f in &st.slices {
-                let e = figures.entry((queue.clone(), f.slice)).or_insert((i64::MIN, 0, 0));
-                if st.listed_unix_ms > e.0 {
-                    *e = (st.listed_unix_ms, f.depth, f.oldest_age_ms);
-                }
-            }
-        }
+        let figures = view.slice_figures();
+        let settings = self.cache.alert_settings();
+        let now = now_ms();
         let mut rows = Vec::new();
         for (name, q) in &view.queues {
+            let no_eligible = no_eligible_node(view, q).is_some();
             for s in 0..q.slices {
                 let k = (name.clone(), s);
                 let claim = view.claims.get(&k);
-                let (_, depth, age_ms) = figures.get(&k).copied().unwrap_or((0, 0, 0));
+                let (listed, f) = match figures.get(&k) {
+                    Some((listed, f)) => (*listed, f.clone()),
+                    None => (now, SliceFigures { slice: s, depth: 0, in_flight: 0, oldest_age_ms: 0, oldest_in_flight_age_ms: 0 }),
+                };
                 rows.push(SliceInfo {
                     queue: name.clone(),
                     slice: s,
                     desired_owner: desired.get(&k).cloned().unwrap_or_default(),
                     claim_holder: claim.map(|c| c.node.clone()).unwrap_or_default(),
                     epoch: claim.map(|c| c.epoch).unwrap_or(0),
-                    depth,
-                    oldest_entry_age_seconds: age_ms as f64 / 1000.0,
+                    depth: f.depth,
+                    oldest_entry_age_seconds: f.oldest_age_ms as f64 / 1000.0,
                     unowned_seconds: if claim.is_some() { 0.0 } else { self.cache.unowned_for(&k).unwrap_or(0.0) },
                     pinned: view.pins.contains_key(&k),
+                    in_flight: f.in_flight,
+                    oldest_in_flight_age_seconds: if f.in_flight > 0 { crate::health::aged(f.oldest_in_flight_age_ms, listed, now) as f64 / 1000.0 } else { 0.0 },
+                    in_flight_too_long: in_flight_too_long(f.in_flight, f.oldest_in_flight_age_ms, listed, now, &settings),
+                    no_eligible_node: no_eligible,
                 });
             }
         }
@@ -302,11 +301,13 @@ impl Admin {
     pub async fn put_queue(&self, name: &str, slices: u32, mailman3: bool) -> Result<QueueInfo, AdminError> {
         validate_name("queue", name).map_err(|e| invalid("name", e.to_string()))?;
         validate_slice_count(slices, mailman3).map_err(|e| invalid("slices", e.to_string()))?;
-        let view = self.view()?;
+        let mut view = self.view()?;
         let paused = view.queues.get(name).is_some_and(|q| q.paused);
         let record = QueueConfig { v: RECORD_VERSION, name: name.to_owned(), slices, paused, mailman3 };
         self.put(self.keys.queue(name), record.encode()).await?;
-        Ok(QueueInfo { name: name.to_owned(), slices, paused, mailman3, old_slicing_claims: 0 })
+        // The reply shows the queue as the leader will see it (state included).
+        view.queues.insert(name.to_owned(), record.clone());
+        Ok(queue_row(&view, &record))
     }
 
     fn queue(&self, view: &ClusterView, name: &str) -> Result<QueueConfig, AdminError> {
@@ -428,22 +429,18 @@ impl Admin {
 
 fn queue_row(view: &ClusterView, q: &QueueConfig) -> QueueInfo {
     let old = view.claims.iter().filter(|((queue, _), c)| queue == &q.name && c.slices_total != q.slices).count() as u32;
-    QueueInfo { name: q.name.clone(), slices: q.slices, paused: q.paused, mailman3: q.mailman3, old_slicing_claims: old }
+    QueueInfo {
+        name: q.name.clone(),
+        slices: q.slices,
+        paused: q.paused,
+        mailman3: q.mailman3,
+        old_slicing_claims: old,
+        no_eligible_node: no_eligible_node(view, q).is_some(),
+        refused_by: refused_by(view, &q.name),
+        state: queue_state(view, q),
+    }
 }
 
 fn queue_rows(view: &ClusterView) -> Vec<QueueInfo> {
     view.queues.values().map(|q| queue_row(view, q)).collect()
-}
-
-/// Slices whose oldest entry waits longer than [`IDLE_ALERT_AFTER`] with no owner.
-fn idle_alerts(view: &ClusterView) -> Vec<String> {
-    let mut out = Vec::new();
-    for ((_, queue), st) in &view.status {
-        for f in &st.slices {
-            if f.depth > 0 && f.oldest_age_ms >= IDLE_ALERT_AFTER.as_millis() as u64 && !view.claims.contains_key(&(queue.clone(), f.slice)) {
-                out.push(format!("{queue}/{} has entries older than {} s and no owner", f.slice, f.oldest_age_ms / 1000));
-            }
-        }
-    }
-    out
 }

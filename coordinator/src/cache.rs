@@ -5,25 +5,34 @@
 //! Events are derived from the changes: nodes joining and leaving, slices assigned,
 //! claimed, released (the owner let go while assigned elsewhere) or orphaned (the claim
 //! vanished while its owner was still assigned it: a crash or a fence), leader changes,
-//! and alerts for slices whose entries wait with no owner.
+//! and alerts ([`crate::health`]): raised once when a condition begins, cleared when it
+//! ends. Alerts are checked within [`ALERT_CHECK`] of a change of nodes, queues, claims
+//! or cordons (a refusal shows at once), and every [`FIGURES_CHECK`] for the runners'
+//! figures (which they republish every 5 s).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, KeyValue};
 use qslice_proto::admin::{event::Kind, Event};
 use qslice_proto::keys::{Key, Keys};
-use qslice_proto::records::{Assignment, Claim, Record};
+use qslice_proto::records::{Assignment, Claim, QueueConfig, Record};
 use qslice_runner::etcd::{PrefixUpdate, PrefixWatch};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::health::IDLE_ALERT_AFTER;
+use crate::health::{active_alerts, AlertKey, AlertSettings};
 use crate::planner::SliceKey;
 use crate::view::{ClusterView, Stored};
 
-/// Entries waiting this long in a slice with no owner raise an alert.
-pub const IDLE_ALERT_AFTER: Duration = Duration::from_secs(60);
+/// How soon after a change of nodes, queues, claims or cordons the alerts are checked
+/// (changes in a burst are checked once; a full decode of a large cluster is not free).
+pub const ALERT_CHECK: Duration = Duration::from_millis(250);
+/// How often the alerts are checked anyway, for the runners' figures and ages that grow.
+pub const FIGURES_CHECK: Duration = Duration::from_secs(5);
 
 /// The local copy of the cluster and its event stream.
 pub struct ClusterCache {
@@ -36,8 +45,12 @@ pub struct ClusterCache {
     unowned_since: Mutex<BTreeMap<SliceKey, SystemTime>>,
     /// The leader as last seen (lowest create revision among election keys).
     leader: Mutex<Option<String>>,
-    /// Slices already alerted as idle, so an alert is raised once per episode.
-    alerted: Mutex<BTreeSet<SliceKey>>,
+    /// The alerts' thresholds.
+    settings: AlertSettings,
+    /// Alerts raised and not cleared yet, so each is raised once per episode.
+    alerted: Mutex<BTreeSet<AlertKey>>,
+    /// Something changed that can start or end an alert since the last check.
+    alerts_dirty: AtomicBool,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -51,8 +64,13 @@ pub fn event(kind: Kind) -> Event {
 }
 
 impl ClusterCache {
-    /// An empty cache of cluster `keys`.
+    /// An empty cache of cluster `keys`, alerting at the default thresholds.
     pub fn new(keys: Keys) -> ClusterCache {
+        ClusterCache::with_alerts(keys, AlertSettings::default())
+    }
+
+    /// An empty cache of cluster `keys`, alerting at `settings`.
+    pub fn with_alerts(keys: Keys, settings: AlertSettings) -> ClusterCache {
         ClusterCache {
             keys,
             store: RwLock::new(BTreeMap::new()),
@@ -60,21 +78,36 @@ impl ClusterCache {
             events: broadcast::channel(4096).0,
             unowned_since: Mutex::new(BTreeMap::new()),
             leader: Mutex::new(None),
+            settings,
             alerted: Mutex::new(BTreeSet::new()),
+            alerts_dirty: AtomicBool::new(false),
         }
     }
 
-    /// Keeps the cache current until `shutdown`; also checks for idle slices every 5 s.
+    /// Keeps the cache current until `shutdown`, and raises and clears alerts.
     pub async fn run(&self, client: Client, shutdown: CancellationToken) {
         let mut watch = PrefixWatch::new(client, self.keys.root().to_owned());
-        let mut idle_check = tokio::time::interval(Duration::from_secs(5));
+        let mut soon = tokio::time::interval(ALERT_CHECK);
+        soon.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut figures = tokio::time::interval(FIGURES_CHECK);
+        figures.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 update = watch.next() => self.apply(update),
-                _ = idle_check.tick() => self.check_idle(),
+                _ = soon.tick() => {
+                    if self.alerts_dirty.swap(false, Ordering::SeqCst) {
+                        self.check_alerts();
+                    }
+                }
+                _ = figures.tick() => self.check_alerts(),
             }
         }
+    }
+
+    /// The alerts' thresholds.
+    pub fn alert_settings(&self) -> AlertSettings {
+        self.settings
     }
 
     /// A receiver that changes whenever the plan may have to change; 0 until first listed.
@@ -146,6 +179,7 @@ impl ClusterCache {
             }
         };
         if relevant {
+            self.alerts_dirty.store(true, Ordering::SeqCst);
             self.version.send_modify(|v| *v += 1);
         }
     }
@@ -175,7 +209,6 @@ impl ClusterCache {
                 let k = (queue.clone(), slice);
                 if put {
                     self.unowned_since.lock().expect("unowned lock").remove(&k);
-                    self.alerted.lock().expect("alerted lock").remove(&k);
                     let node = Claim::decode(kv.value()).map(|c| c.node_id).unwrap_or_default();
                     self.emit(Event { node, queue, slice, epoch: kv.create_revision(), ..event(Kind::SliceClaimed) });
                 } else {
@@ -194,6 +227,7 @@ impl ClusterCache {
                     self.emit(Event { node: holder, queue, slice, epoch, ..event(kind) });
                 }
             }
+            Key::Queue { queue } => self.track_unowned(&queue, put.then(|| QueueConfig::decode(kv.value()).ok()).flatten()),
             Key::Election => {
                 self.update_leader();
                 return false;
@@ -223,24 +257,48 @@ impl ClusterCache {
         }
     }
 
-    /// Raises an alert for each slice whose oldest waiting entry is older than
-    /// [`IDLE_ALERT_AFTER`] while nobody holds it.
-    fn check_idle(&self) {
+    /// Counts the slices of a queue that was created or resliced as unowned from now on
+    /// (until claimed), and forgets the slices it no longer has.
+    fn track_unowned(&self, queue: &str, config: Option<QueueConfig>) {
+        let slices = config.map_or(0, |q| q.slices);
+        let claimed: BTreeSet<u32> = {
+            let store = self.store.read().expect("store lock");
+            let prefix = self.keys.queue_claims_prefix(queue);
+            store.range(prefix.clone().into_bytes()..).take_while(|(k, _)| k.starts_with(prefix.as_bytes())).filter_map(|(k, _)| match self.keys.parse(k) {
+                Some(Key::Claim { slice, .. }) => Some(slice),
+                _ => None,
+            }).collect()
+        };
+        let mut unowned = self.unowned_since.lock().expect("unowned lock");
+        unowned.retain(|(q, s), _| q != queue || *s < slices);
+        for s in (0..slices).filter(|s| !claimed.contains(s)) {
+            unowned.entry((queue.to_owned(), s)).or_insert_with(SystemTime::now);
+        }
+    }
+
+    /// Raises an `ALERT` event for each condition that began since the last check and an
+    /// `ALERT_CLEARED` for each that ended ([`crate::health::active_alerts`]).
+    fn check_alerts(&self) {
         if !self.is_listed() {
             return;
         }
         let view = self.view();
+        let now: BTreeMap<AlertKey, String> = active_alerts(&view, now_ms(), &self.settings).into_iter().map(|a| (a.key, a.message)).collect();
         let mut alerted = self.alerted.lock().expect("alerted lock");
-        for ((_, queue), status) in &view.status {
-            for f in &status.slices {
-                let k = (queue.clone(), f.slice);
-                let unowned = !view.claims.contains_key(&k);
-                if unowned && f.depth > 0 && f.oldest_age_ms >= IDLE_ALERT_AFTER.as_millis() as u64 && alerted.insert(k) {
-                    let message = format!("{queue}/{} has entries older than {} s and no owner", f.slice, f.oldest_age_ms / 1000);
-                    tracing::error!(%queue, slice = f.slice, "{message}");
-                    self.emit(Event { queue: queue.clone(), slice: f.slice, message, ..event(Kind::Alert) });
-                }
+        for (key, message) in &now {
+            if alerted.insert(key.clone()) {
+                let (queue, slice) = key.target();
+                tracing::error!(%queue, slice, "alert: {message}");
+                self.emit(Event { queue: queue.to_owned(), slice, whole_queue: key.whole_queue(), message: message.clone(), ..event(Kind::Alert) });
             }
+        }
+        let ended: Vec<AlertKey> = alerted.iter().filter(|k| !now.contains_key(*k)).cloned().collect();
+        for key in ended {
+            alerted.remove(&key);
+            let (queue, slice) = key.target();
+            let message = key.cleared_message(&self.settings);
+            tracing::info!(%queue, slice, "alert over: {message}");
+            self.emit(Event { queue: queue.to_owned(), slice, whole_queue: key.whole_queue(), message, ..event(Kind::AlertCleared) });
         }
     }
 }

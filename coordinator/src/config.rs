@@ -10,6 +10,7 @@ use qslice_proto::keys::validate_name;
 use qslice_runner::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat};
 use serde::Deserialize;
 
+use crate::health::{AlertSettings, DEFAULT_IN_FLIGHT_ALERT_AFTER};
 use crate::planner::{DEFAULT_CHURN_BUDGET, DEFAULT_MAX_VANISHED_FRACTION};
 
 /// Command-line flags and environment variables.
@@ -73,6 +74,9 @@ pub struct Args {
     /// CA (PEM) that client certificates must chain to (mTLS).
     #[arg(long, env = "QSLICE_ADMIN_CLIENT_CA")]
     pub admin_client_ca: Option<PathBuf>,
+    /// Alert when a slice has had a message in flight (a .bak file) this long; set it above the runners' handler timeouts [default: 10m].
+    #[arg(long, env = "QSLICE_IN_FLIGHT_ALERT_AFTER", value_parser = humantime::parse_duration)]
+    pub in_flight_alert_after: Option<Duration>,
     /// How long DrainNode waits for a node's slices to move, unless the request says [default: 5m].
     #[arg(long, env = "QSLICE_DRAIN_DEADLINE", value_parser = humantime::parse_duration)]
     pub drain_deadline: Option<Duration>,
@@ -92,6 +96,8 @@ struct FileConfig {
     revoke_deadline: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     safety_valve_hold: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    in_flight_alert_after: Option<Duration>,
     log_format: Option<LogFormat>,
     etcd: Option<FileEtcd>,
     admin: Option<FileAdmin>,
@@ -155,6 +161,9 @@ pub struct Config {
     /// How long the safety valve holds.
     #[serde(with = "humantime_serialize")]
     pub safety_valve_hold: Duration,
+    /// A message in flight this long raises an alert.
+    #[serde(with = "humantime_serialize")]
+    pub in_flight_alert_after: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// The admin API.
@@ -162,6 +171,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// The thresholds of the alerts this configuration sets.
+    pub fn alert_settings(&self) -> AlertSettings {
+        AlertSettings { in_flight_after: self.in_flight_alert_after, ..AlertSettings::default() }
+    }
+
     /// Resolves flags, environment and file into a validated configuration.
     pub fn resolve(args: &Args) -> Result<Config, ConfigError> {
         let file: FileConfig = match &args.config {
@@ -185,6 +199,10 @@ impl Config {
         let max_vanished_fraction = args.max_vanished_fraction.or(file.max_vanished_fraction).unwrap_or(DEFAULT_MAX_VANISHED_FRACTION);
         if !(0.0..=1.0).contains(&max_vanished_fraction) {
             return Err(invalid("max_vanished_fraction", "must be between 0 and 1"));
+        }
+        let in_flight_alert_after = args.in_flight_alert_after.or(file.in_flight_alert_after).unwrap_or(DEFAULT_IN_FLIGHT_ALERT_AFTER);
+        if in_flight_alert_after.is_zero() {
+            return Err(invalid("in_flight_alert_after", "must be more than 0 (every message is in flight for a moment)"));
         }
         let admin = file.admin.unwrap_or_default();
         let token_file = args.admin_token_file.clone().or(admin.token_file);
@@ -227,6 +245,7 @@ impl Config {
             max_vanished_fraction,
             revoke_deadline: args.revoke_deadline.or(file.revoke_deadline).unwrap_or(Duration::from_secs(60)),
             safety_valve_hold: args.safety_valve_hold.or(file.safety_valve_hold).unwrap_or(Duration::from_secs(120)),
+            in_flight_alert_after,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
         })
     }
@@ -260,6 +279,20 @@ mod tests {
         assert_eq!((cfg.id.as_str(), cfg.revoke_deadline), ("flag", Duration::from_secs(90)));
         assert_eq!(cfg.etcd.endpoints, vec!["http://e:2379"]);
         assert_eq!(cfg.churn_budget, DEFAULT_CHURN_BUDGET);
+        assert_eq!(cfg.in_flight_alert_after, DEFAULT_IN_FLIGHT_ALERT_AFTER);
+    }
+
+    #[test]
+    fn the_in_flight_alert_threshold_comes_from_file_flag_or_environment_and_is_not_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "id = \"c1\"\nin_flight_alert_after = \"15m\"\n").expect("write");
+        let args = Args::try_parse_from(["qslice-coordinator", "--config", path.to_str().expect("utf8")]).expect("flags");
+        assert_eq!(Config::resolve(&args).expect("valid").alert_settings().in_flight_after, Duration::from_secs(900));
+        let args = Args::try_parse_from(["qslice-coordinator", "--config", path.to_str().expect("utf8"), "--in-flight-alert-after", "2s"]).expect("flags");
+        assert_eq!(Config::resolve(&args).expect("valid").in_flight_alert_after, Duration::from_secs(2));
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--in-flight-alert-after", "0s"]).expect("flags");
+        assert!(Config::resolve(&args).expect_err("zero").to_string().starts_with("in_flight_alert_after"));
     }
 
     #[test]

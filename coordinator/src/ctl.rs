@@ -604,6 +604,12 @@ pub struct QueueRow {
     pub mailman3: bool,
     /// Claims still held under another slice count (a reslice in progress).
     pub old_slicing_claims: u32,
+    /// Whether the queue is active and no live node may take its slices.
+    pub no_eligible_node: bool,
+    /// Live nodes that gave the queue up.
+    pub refused_by: Vec<String>,
+    /// The state in words, e.g. `active`, `no eligible node (refused by r1, r2)`.
+    pub state: String,
 }
 
 /// Ownership and figures of one slice.
@@ -627,6 +633,14 @@ pub struct SliceRow {
     pub unowned_seconds: f64,
     /// Whether the assignment is pinned.
     pub pinned: bool,
+    /// Entries in flight (`.bak`).
+    pub in_flight: u64,
+    /// Age of the oldest entry in flight, seconds (0 when none).
+    pub oldest_in_flight_age_seconds: f64,
+    /// Whether that is longer than the coordinator's `in_flight_alert_after`.
+    pub in_flight_too_long: bool,
+    /// Whether no live node may take the slice's queue.
+    pub no_eligible_node: bool,
 }
 
 /// The `status` reply.
@@ -757,6 +771,18 @@ pub fn queue_row(q: &QueueInfo) -> QueueRow {
         paused: q.paused,
         mailman3: q.mailman3,
         old_slicing_claims: q.old_slicing_claims,
+        no_eligible_node: q.no_eligible_node,
+        refused_by: q.refused_by.clone(),
+        state: if q.state.is_empty() { legacy_state(q.paused, q.old_slicing_claims) } else { q.state.clone() },
+    }
+}
+
+/// The state of a queue from a coordinator too old to send it.
+fn legacy_state(paused: bool, old_slicing_claims: u32) -> String {
+    match (paused, old_slicing_claims) {
+        (true, _) => "paused".to_owned(),
+        (false, 0) => "active".to_owned(),
+        (false, n) => format!("reslicing ({n} old claims)"),
     }
 }
 
@@ -777,6 +803,10 @@ pub fn slice_row(s: &SliceInfo) -> SliceRow {
         oldest_entry_age_seconds: s.oldest_entry_age_seconds,
         unowned_seconds: s.unowned_seconds,
         pinned: s.pinned,
+        in_flight: s.in_flight,
+        oldest_in_flight_age_seconds: s.oldest_in_flight_age_seconds,
+        in_flight_too_long: s.in_flight_too_long,
+        no_eligible_node: s.no_eligible_node,
     }
 }
 
@@ -846,7 +876,7 @@ pub fn event_row(e: &Event) -> EventRow {
         time: format_unix_ms(e.time_unix_ms),
         node: non_empty(&e.node),
         queue: non_empty(&e.queue),
-        slice: (!e.queue.is_empty()).then_some(e.slice),
+        slice: (!e.queue.is_empty() && !e.whole_queue).then_some(e.slice),
         epoch: (e.epoch != 0).then_some(e.epoch),
         message: non_empty(&e.message),
     }
@@ -910,23 +940,18 @@ pub fn render_nodes(nodes: &[NodeRow]) -> String {
     render_table(&["NODE", "HOST", "STATE", "WEIGHT", "SLICES", "QUEUES", "AGE", "VERSION"], &rows)
 }
 
-/// The queues table.
+/// The queues table. MAILMAN says which Mailman's slicing rules the queue follows: `2.1`
+/// (any slice count) or `3` (a power of two, read from mailman.cfg).
 pub fn render_queues(queues: &[QueueRow]) -> String {
     let rows: Vec<Vec<String>> = queues
         .iter()
-        .map(|q| {
-            let state = match (q.paused, q.old_slicing_claims) {
-                (true, _) => "paused".to_owned(),
-                (false, 0) => "active".to_owned(),
-                (false, n) => format!("reslicing ({n} old claims)"),
-            };
-            vec![q.name.clone(), q.slices.to_string(), if q.mailman3 { "3" } else { "2" }.to_owned(), state]
-        })
+        .map(|q| vec![q.name.clone(), q.slices.to_string(), if q.mailman3 { "3" } else { "2.1" }.to_owned(), q.state.clone()])
         .collect();
     render_table(&["QUEUE", "SLICES", "MAILMAN", "STATE"], &rows)
 }
 
-/// The per-slice table of `status --slices`.
+/// The per-slice table of `status --slices`. IN FLIGHT is the age of the slice's oldest
+/// in-flight entry, marked `(too long)` past the coordinator's `in_flight_alert_after`.
 pub fn render_slices(slices: &[SliceRow]) -> String {
     let rows: Vec<Vec<String>> = slices
         .iter()
@@ -934,6 +959,17 @@ pub fn render_slices(slices: &[SliceRow]) -> String {
             let desired = match (&s.desired_owner, s.pinned) {
                 (Some(owner), true) => format!("{owner} (pinned)"),
                 (owner, _) => dash(owner),
+            };
+            let unowned = match (s.claim_holder.is_some(), s.no_eligible_node) {
+                (true, _) => "-".to_owned(),
+                (false, true) => format!("{} (no eligible node)", format_age(s.unowned_seconds)),
+                (false, false) if s.unowned_seconds > 0.0 => format_age(s.unowned_seconds),
+                (false, false) => "-".to_owned(),
+            };
+            let in_flight = match (s.in_flight, s.in_flight_too_long) {
+                (0, _) => "-".to_owned(),
+                (_, true) => format!("{} (too long)", format_age(s.oldest_in_flight_age_seconds)),
+                (_, false) => format_age(s.oldest_in_flight_age_seconds),
             };
             vec![
                 s.queue.clone(),
@@ -943,11 +979,12 @@ pub fn render_slices(slices: &[SliceRow]) -> String {
                 if s.claim_holder.is_some() { s.epoch.to_string() } else { "-".to_owned() },
                 s.depth.to_string(),
                 if s.depth > 0 { format_age(s.oldest_entry_age_seconds) } else { "-".to_owned() },
-                if s.unowned_seconds > 0.0 { format_age(s.unowned_seconds) } else { "-".to_owned() },
+                in_flight,
+                unowned,
             ]
         })
         .collect();
-    render_table(&["QUEUE", "SLICE", "DESIRED", "HOLDER", "EPOCH", "DEPTH", "OLDEST", "UNOWNED"], &rows)
+    render_table(&["QUEUE", "SLICE", "DESIRED", "HOLDER", "EPOCH", "DEPTH", "OLDEST", "IN FLIGHT", "UNOWNED"], &rows)
 }
 
 /// The status as text: a summary, then the nodes, queues and (if asked) slices tables.
@@ -1072,8 +1109,10 @@ pub fn event_line(e: &Event, json: bool) -> String {
     if let Some(node) = &row.node {
         line.push_str(&format!(" node={node}"));
     }
-    if let Some(queue) = &row.queue {
-        line.push_str(&format!(" slice={queue}/{}", row.slice.unwrap_or_default()));
+    match (&row.queue, row.slice) {
+        (Some(queue), Some(slice)) => line.push_str(&format!(" slice={queue}/{slice}")),
+        (Some(queue), None) => line.push_str(&format!(" queue={queue}")),
+        _ => {}
     }
     if let Some(epoch) = row.epoch {
         line.push_str(&format!(" epoch={epoch}"));
@@ -1226,8 +1265,17 @@ mod tests {
             standbys: vec![CoordinatorInfo { id: "coord-b".into(), admin_address: "http://b:7700".into() }],
             nodes: vec![node("n1", false, &[]), node("node-two", true, &["in", "out"])],
             queues: vec![
-                QueueInfo { name: "in".into(), slices: 4, paused: false, mailman3: false, old_slicing_claims: 0 },
-                QueueInfo { name: "out".into(), slices: 8, paused: true, mailman3: true, old_slicing_claims: 0 },
+                // A coordinator too old to send the state: the client works it out.
+                QueueInfo { name: "in".into(), slices: 4, paused: false, mailman3: false, old_slicing_claims: 0, ..QueueInfo::default() },
+                QueueInfo { name: "out".into(), slices: 8, paused: true, mailman3: true, state: "paused".into(), ..QueueInfo::default() },
+                QueueInfo {
+                    name: "bounces".into(),
+                    slices: 1,
+                    no_eligible_node: true,
+                    refused_by: vec!["n1".into()],
+                    state: "no eligible node (refused by n1; cordoned: node-two)".into(),
+                    ..QueueInfo::default()
+                },
             ],
             slices: vec![
                 SliceInfo {
@@ -1240,6 +1288,10 @@ mod tests {
                     oldest_entry_age_seconds: 185.0,
                     unowned_seconds: 0.0,
                     pinned: true,
+                    in_flight: 1,
+                    oldest_in_flight_age_seconds: 725.0,
+                    in_flight_too_long: true,
+                    no_eligible_node: false,
                 },
                 SliceInfo {
                     queue: "in".into(),
@@ -1251,7 +1303,11 @@ mod tests {
                     oldest_entry_age_seconds: 0.0,
                     unowned_seconds: 12.0,
                     pinned: false,
+                    in_flight: 2,
+                    oldest_in_flight_age_seconds: 4.0,
+                    ..SliceInfo::default()
                 },
+                SliceInfo { queue: "bounces".into(), slice: 0, desired_owner: String::new(), unowned_seconds: 30.0, no_eligible_node: true, ..SliceInfo::default() },
             ],
             maintenance: true,
             alerts: vec!["slice in/1 unowned for 12s".into()],
@@ -1272,13 +1328,15 @@ NODE      HOST              STATE     WEIGHT  SLICES  QUEUES  AGE    VERSION
 n1        n1.example        ready     1       4       *       3m05s  0.1.0
 node-two  node-two.example  cordoned  1       4       in,out  3m05s  0.1.0
 
-QUEUE  SLICES  MAILMAN  STATE
-in     4       2        active
-out    8       3        paused
+QUEUE    SLICES  MAILMAN  STATE
+in       4       2.1      active
+out      8       3        paused
+bounces  1       2.1      no eligible node (refused by n1; cordoned: node-two)
 
-QUEUE  SLICE  DESIRED      HOLDER  EPOCH  DEPTH  OLDEST  UNOWNED
-in     0      n1 (pinned)  n1      42     3      3m05s   -
-in     1      n1           -       -      0      -       12s
+QUEUE    SLICE  DESIRED      HOLDER  EPOCH  DEPTH  OLDEST  IN FLIGHT          UNOWNED
+in       0      n1 (pinned)  n1      42     3      3m05s   12m05s (too long)  -
+in       1      n1           -       -      0      -       4s                 12s
+bounces  0      -            -       -      0      -       -                  30s (no eligible node)
 ";
         assert_eq!(text, expected);
         let without = render_status(&status_view(&status_reply(), false));
@@ -1297,6 +1355,11 @@ in     1      n1           -       -      0      -       12s
         assert_eq!(json["slices"][0]["epoch"], 42);
         assert_eq!(json["slices"][1]["claim_holder"], serde_json::Value::Null);
         assert_eq!(json["slices"][1]["unowned_seconds"], 12.0);
+        assert_eq!(json["slices"][0]["in_flight_too_long"], true);
+        assert_eq!(json["slices"][0]["oldest_in_flight_age_seconds"], 725.0);
+        assert_eq!(json["queues"][0]["state"], "active");
+        assert_eq!(json["queues"][2]["no_eligible_node"], true);
+        assert_eq!(json["queues"][2]["refused_by"], serde_json::json!(["n1"]));
     }
 
     #[test]
@@ -1338,6 +1401,7 @@ in     1      n1           -       -      0      -       12s
         assert_eq!(event_kind_name(event::Kind::SliceOrphaned as i32), "slice_orphaned");
         assert_eq!(event_kind_name(event::Kind::LeaderChanged as i32), "leader_changed");
         assert_eq!(event_kind_name(event::Kind::Alert as i32), "alert");
+        assert_eq!(event_kind_name(event::Kind::AlertCleared as i32), "alert_cleared");
         assert_eq!(event_kind_name(0), "unspecified");
         assert_eq!(event_kind_name(99), "unknown_99", "a kind newer than the client still prints");
     }
@@ -1352,6 +1416,7 @@ in     1      n1           -       -      0      -       12s
             slice: 0,
             epoch: 42,
             message: String::new(),
+            whole_queue: false,
         };
         assert_eq!(event_line(&e, false), "2023-11-14T22:13:20.123Z  slice_claimed  node=n1 slice=in/0 epoch=42");
         let json: serde_json::Value = serde_json::from_str(&event_line(&e, true)).expect("one JSON line");
@@ -1361,6 +1426,9 @@ in     1      n1           -       -      0      -       12s
         let alert = Event { kind: event::Kind::Alert as i32, message: "etcd slow".into(), ..Event::default() };
         let row = event_row(&alert);
         assert_eq!((row.slice, row.epoch, row.node), (None, None, None), "no slice fields without a queue");
+        let whole = Event { kind: event::Kind::Alert as i32, queue: "in".into(), whole_queue: true, message: "no eligible node".into(), ..Event::default() };
+        assert_eq!(event_row(&whole).slice, None, "a queue alert names no slice");
+        assert!(event_line(&whole, false).ends_with(&format!("{:<14} queue=in no eligible node", "alert")), "{}", event_line(&whole, false));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! - `/`: one self-contained HTML page (inline CSS and JavaScript) that polls
 //!   `/api/status` every second and draws each queue's slices as a grid colored by owner,
-//!   with unowned slices marked, depth and oldest-entry age per slice, and a timeline of
+//!   with unowned slices marked, depth and oldest-entry age per slice, slices with a
+//!   message in flight for too long outlined, queues no node may take badged, and a timeline of
 //!   failovers (how long each slice was unowned) and recent events.
 //! - `/api/status`: the JSON the page draws: [`Admin::status`] with every slice, plus the
 //!   failovers and events this instance saw since it started ([`History`]).
@@ -154,7 +155,7 @@ pub struct StatusBody {
     pub standbys: Vec<String>,
     /// Whether maintenance mode is on.
     pub maintenance: bool,
-    /// Slices with old entries and no owner.
+    /// Conditions that need an operator ([`crate::health::active_alerts`]).
     pub alerts: Vec<String>,
     /// Live runners.
     pub nodes: Vec<NodeBody>,
@@ -196,6 +197,12 @@ pub struct QueueBody {
     pub paused: bool,
     /// Whether it is a Mailman 3 queue.
     pub mailman3: bool,
+    /// The state in words, e.g. `active`, `no eligible node (refused by r1, r2)`.
+    pub state: String,
+    /// Whether the queue is active and no live node may take its slices.
+    pub no_eligible_node: bool,
+    /// Live nodes that gave the queue up.
+    pub refused_by: Vec<String>,
     /// One cell per slice, in slice order.
     pub cells: Vec<Cell>,
 }
@@ -219,6 +226,12 @@ pub struct Cell {
     pub unowned_seconds: f64,
     /// Whether it is pinned to a node.
     pub pinned: bool,
+    /// Entries in flight (`.bak`).
+    pub in_flight: u64,
+    /// Age of the oldest entry in flight (0 when none).
+    pub oldest_in_flight_age_seconds: f64,
+    /// Whether that is past the coordinator's `in_flight_alert_after`.
+    pub in_flight_too_long: bool,
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -243,6 +256,9 @@ impl StatusBody {
                 oldest_entry_age_seconds: s.oldest_entry_age_seconds,
                 unowned_seconds: s.unowned_seconds,
                 pinned: s.pinned,
+                in_flight: s.in_flight,
+                oldest_in_flight_age_seconds: s.oldest_in_flight_age_seconds,
+                in_flight_too_long: s.in_flight_too_long,
             });
         }
         StatusBody {
@@ -262,7 +278,16 @@ impl StatusBody {
                 .map(|q| {
                     let mut c = cells.remove(&q.name).unwrap_or_default();
                     c.sort_by_key(|c| c.slice);
-                    QueueBody { name: q.name, slices: q.slices, paused: q.paused, mailman3: q.mailman3, cells: c }
+                    QueueBody {
+                        name: q.name,
+                        slices: q.slices,
+                        paused: q.paused,
+                        mailman3: q.mailman3,
+                        state: q.state,
+                        no_eligible_node: q.no_eligible_node,
+                        refused_by: q.refused_by,
+                        cells: c,
+                    }
                 })
                 .collect(),
             failovers: history.failovers.iter().rev().cloned().collect(),
@@ -329,15 +354,15 @@ impl History {
     /// Records one event; a claim that follows a lost claim of the same slice makes a failover.
     pub fn record(&mut self, e: &Event) {
         let kind = e.kind();
-        let is_slice = matches!(kind, Kind::SliceAssigned | Kind::SliceClaimed | Kind::SliceReleased | Kind::SliceOrphaned)
-            || (kind == Kind::Alert && !e.queue.is_empty());
+        let is_alert = matches!(kind, Kind::Alert | Kind::AlertCleared) && !e.queue.is_empty();
+        let is_slice = matches!(kind, Kind::SliceAssigned | Kind::SliceClaimed | Kind::SliceReleased | Kind::SliceOrphaned) || (is_alert && !e.whole_queue);
         push_capped(
             &mut self.events,
             EventRow {
                 time_unix_ms: e.time_unix_ms,
                 kind: kind.as_str_name().to_ascii_lowercase(),
                 node: non_empty(e.node.clone()),
-                queue: if is_slice { non_empty(e.queue.clone()) } else { None },
+                queue: if is_slice || is_alert { non_empty(e.queue.clone()) } else { None },
                 slice: if is_slice { Some(e.slice) } else { None },
                 epoch: if e.epoch != 0 { Some(e.epoch) } else { None },
                 message: non_empty(e.message.clone()),
@@ -390,8 +415,8 @@ fn push_capped<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
 }
 
 /// The dashboard page: inline CSS and JavaScript only, so it works on a machine with no
-/// way out. Cells carry `data-queue`, `data-slice` and `data-owner` (empty when unowned)
-/// for tests and scripts.
+/// way out. Cells carry `data-queue`, `data-slice` and `data-owner` (empty when unowned),
+/// and `data-in-flight-too-long` when flagged, for tests and scripts.
 const PAGE: &str = r##"<!doctype html>
 <html lang="en">
 <head>
@@ -419,15 +444,17 @@ h2 .dim,.dim{color:#6b7588;font-weight:normal;font-size:12px}
 .cell.unowned{background:repeating-linear-gradient(45deg,#b03a2e,#b03a2e 6px,#d9685c 6px,#d9685c 12px)}
 .cell.moving{outline:2px dashed #1d2330;outline-offset:-2px}
 .cell.pinned .n::after{content:" \2022 pinned";font-size:9px;font-weight:normal}
+.cell.stuck{box-shadow:inset 0 0 0 3px #f4d03f}
 .alerts{background:#fdecea;border-color:#f5b7b1;color:#8e2a20}
 .timeline{list-style:none;padding:0;margin:0;max-height:40vh;overflow:auto;font-size:12px}
 .timeline li{border-left:3px solid #c9ced6;padding:2px 6px;margin-bottom:3px}
 .timeline li.failover,.timeline li.slice_orphaned,.timeline li.node_left,.timeline li.node_fenced,.timeline li.alert{border-color:#b03a2e}
 .timeline li.handoff,.timeline li.slice_released{border-color:#d68910}
-.timeline li.slice_claimed,.timeline li.node_joined{border-color:#1e8449}
+.timeline li.slice_claimed,.timeline li.node_joined,.timeline li.alert_cleared{border-color:#1e8449}
 .timeline time{color:#6b7588;margin-right:6px}
 .badge{display:inline-block;border-radius:3px;padding:0 5px;font-size:11px;background:#e5e8ec;color:#1d2330;margin-left:6px}
 .badge.warn{background:#f9e79f}
+.badge.bad{background:#b03a2e;color:#fff}
 </style>
 </head>
 <body data-state="loading">
@@ -498,19 +525,24 @@ function render(st) {
     const head = el("h2", {}, "queue " + q.name + " ",
       el("span", {class: "dim"}, q.slices + " slices, " + depth + " waiting" + (unowned ? ", " + unowned + " unowned" : "")),
       q.paused ? el("span", {class: "badge warn"}, "paused") : null,
+      q.no_eligible_node ? el("span", {class: "badge bad", "data-state": "no-eligible-node"}, q.state) :
+        (q.refused_by.length ? el("span", {class: "badge warn"}, "refused by " + q.refused_by.join(", ")) : null),
       q.mailman3 ? el("span", {class: "badge"}, "mailman3") : null);
     const grid = el("div", {class: "grid"}, ...q.cells.map(c => {
       const moving = c.owner && c.desired_owner && c.desired_owner !== c.owner;
       const tip = q.name + "/" + c.slice + "\nowner: " + (c.owner || "none (unowned " + dur(c.unowned_seconds) + ")") +
         (moving ? "\nmoving to: " + c.desired_owner : "") + (c.epoch ? "\nepoch: " + c.epoch : "") +
         "\ndepth: " + c.depth + "\noldest entry: " + (c.depth ? dur(c.oldest_entry_age_seconds) : "-") +
-        (c.pinned ? "\npinned" : "");
-      const cls = "cell" + (c.owner ? "" : " unowned") + (moving ? " moving" : "") + (c.pinned ? " pinned" : "");
+        "\nin flight: " + (c.in_flight ? c.in_flight + ", oldest " + dur(c.oldest_in_flight_age_seconds) + (c.in_flight_too_long ? " (too long)" : "") : "-") +
+        (c.pinned ? "\npinned" : "") + (!c.owner && q.no_eligible_node ? "\nno eligible node" : "");
+      const cls = "cell" + (c.owner ? "" : " unowned") + (moving ? " moving" : "") + (c.pinned ? " pinned" : "") + (c.in_flight_too_long ? " stuck" : "");
       return el("div", {class: cls, "data-queue": q.name, "data-slice": c.slice, "data-owner": c.owner || "",
+          "data-in-flight-too-long": c.in_flight_too_long ? "1" : null,
           style: c.owner ? "background:" + color(c.owner) : null, title: tip},
         el("span", {class: "n"}, String(c.slice)),
         el("small", {}, c.owner || "unowned " + dur(c.unowned_seconds)),
-        el("small", {}, c.depth ? c.depth + " · " + dur(c.oldest_entry_age_seconds) : "empty"));
+        el("small", {}, c.depth ? c.depth + " · " + dur(c.oldest_entry_age_seconds) : "empty"),
+        c.in_flight_too_long ? el("small", {}, "in flight " + dur(c.oldest_in_flight_age_seconds)) : null);
     }));
     return el("section", {"data-queue": q.name}, head, grid);
   }));
@@ -525,7 +557,7 @@ function render(st) {
 
   replace("events", ...st.events.slice(0, 80).map(e => el("li", {class: e.kind},
       el("time", {}, clock(e.time_unix_ms)),
-      e.kind.replace(/_/g, " ") + (e.queue !== null && e.queue !== undefined ? " " + e.queue + "/" + e.slice : "") +
+      e.kind.replace(/_/g, " ") + (e.queue !== null && e.queue !== undefined ? " " + e.queue + (e.slice !== null && e.slice !== undefined ? "/" + e.slice : "") : "") +
       (e.node ? " " + e.node : "") + (e.epoch ? " (epoch " + e.epoch + ")" : "") + (e.message ? ": " + e.message : ""))));
 
   document.getElementById("updated").textContent = "updated " + clock(st.generated_unix_ms);

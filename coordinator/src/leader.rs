@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{event, ClusterCache};
 use crate::config::Config;
-use crate::planner::{plan, PlanOptions, SliceKey};
+use crate::planner::{plan, Alert, PlanOptions, SliceKey};
 use crate::view::{assignment_writes, ClusterView, Write};
 
 /// Operations per transaction besides the leader compare (etcd's limit is 128).
@@ -282,7 +282,9 @@ impl<'a> Term<'a> {
         }
         metrics::gauge!("qslice_coordinator_safety_valve_tripped").set(if self.valve_since.is_some() { 1.0 } else { 0.0 });
         metrics::gauge!("qslice_coordinator_maintenance").set(if view.maintenance { 1.0 } else { 0.0 });
-        let alerts: Vec<String> = plan.alerts.iter().map(|a| a.to_string()).collect();
+        // A queue no node may take is alerted by every instance's cache (crate::health),
+        // leader and standbys alike; the plan's other alerts only the leader knows.
+        let alerts: Vec<String> = plan.alerts.iter().filter(|a| !matches!(a, Alert::Uncovered { .. })).map(|a| a.to_string()).collect();
         if alerts != self.last_alerts {
             for alert in &alerts {
                 tracing::error!(%alert, "alert");

@@ -6,6 +6,7 @@
 //! - [`admin`]: the admin API's decisions; [`service`] is its thin gRPC face.
 //! - [`leader`]: election and the level-triggered reconcile loop (the daemon).
 //! - [`view`]: a decoded snapshot of the cluster, and the writes that reach a plan.
+//! - [`health`]: the alerts and queue states derived from a snapshot (pure).
 //! - [`planner`]: the pure assignment planner.
 //! - [`offline`]: qslicectl's tools that need no coordinator (`slice-of`, `spool stats`).
 
@@ -14,6 +15,7 @@ pub mod cache;
 pub mod config;
 pub mod ctl;
 pub mod dashboard;
+pub mod health;
 pub mod leader;
 pub mod offline;
 pub mod planner;

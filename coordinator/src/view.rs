@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{
-    Assignment, Claim, CoordinatorRecord, Cordon, Maintenance, MoveRequest, NodeRecord, Pin, QueueConfig, Record, RebalanceRequest, SliceSet,
-    SliceStatus, RECORD_VERSION,
+    Assignment, Claim, CoordinatorRecord, Cordon, Maintenance, MoveRequest, NodeRecord, Pin, QueueConfig, Record, RebalanceRequest, SliceFigures,
+    SliceSet, SliceStatus, RECORD_VERSION,
 };
 
 use crate::planner::{NodeSpec, PlanInput, PlanOptions, QueueSpec, SliceKey};
@@ -152,6 +152,25 @@ impl ClusterView {
             if self.queues.get(queue).is_some_and(|q| q.slices == a.slices_total) {
                 for s in a.slices.iter() {
                     out.insert((queue.clone(), s), node.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// The freshest published figures of each slice of a known queue (whichever node
+    /// listed it last), with when they were listed (ms since the Unix epoch). Figures made
+    /// under another slice count than the queue's are left out.
+    pub fn slice_figures(&self) -> BTreeMap<SliceKey, (i64, SliceFigures)> {
+        let mut out: BTreeMap<SliceKey, (i64, SliceFigures)> = BTreeMap::new();
+        for ((_, queue), st) in &self.status {
+            if self.queues.get(queue).is_none_or(|q| q.slices != st.slices_total) {
+                continue;
+            }
+            for f in &st.slices {
+                let k = (queue.clone(), f.slice);
+                if out.get(&k).is_none_or(|(listed, _)| st.listed_unix_ms > *listed) {
+                    out.insert(k, (st.listed_unix_ms, f.clone()));
                 }
             }
         }

@@ -26,6 +26,9 @@ pub struct Args {
     /// Validate the configuration, print it, and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Run as the leash of a runner (started by qslice-runner itself; see the leash module).
+    #[arg(long, hide = true)]
+    pub leash: bool,
     /// Unique id of this runner in the cluster [default: the host name].
     #[arg(long, env = "QSLICE_NODE_ID")]
     pub node_id: Option<String>,

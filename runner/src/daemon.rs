@@ -18,7 +18,8 @@ use crate::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use crate::handler::Handler;
 use crate::mailman3::{install_script, WarmPool};
 use crate::supervise::Flavour;
-use crate::membership::{keep_alive, register};
+use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
+use crate::membership::{keep_alive, register, Incarnation};
 use crate::owner::{run_incarnation, Exit, Shared};
 
 /// Why the runner stopped with an error.
@@ -45,6 +46,9 @@ pub enum DaemonError {
     /// The cluster name is invalid.
     #[error("cluster: {0}")]
     Cluster(#[from] qslice_proto::keys::NameError),
+    /// The leash process could not be started.
+    #[error("cannot start the leash process (it binds child processes to the fence deadline): {0}")]
+    Leash(#[source] std::io::Error),
 }
 
 /// The state dir's lock, held for the life of the process. The kernel releases it when
@@ -81,6 +85,25 @@ impl StateLock {
     }
 }
 
+/// Tells the leash the time left before the fence deadline until the fence trips (then
+/// zero: the children go); a lost leash trips the fence.
+async fn renew_leash(leash: Arc<Leash>, inc: Incarnation) {
+    let mut tick = tokio::time::interval(LEASH_RENEW);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = inc.fence.lost().cancelled() => break,
+            _ = leash.lost().cancelled() => {
+                inc.fence.trip("the leash process is gone: no child may outlive this runner's fence");
+                break;
+            }
+        }
+        let left = if inc.fence.is_valid() { inc.fence.deadline().saturating_duration_since(tokio::time::Instant::now()) } else { Duration::ZERO };
+        leash.renew(inc.lease_id, left);
+    }
+    leash.renew(inc.lease_id, Duration::ZERO);
+}
+
 /// Installs the Mailman 3 slice runner into the state dir and starts a warm pool for each
 /// `mailman3` supervised queue, so that the spares initialise while the runner registers.
 fn start_pools(cfg: &Config, shutdown: &CancellationToken) -> Result<BTreeMap<String, Arc<WarmPool>>, DaemonError> {
@@ -102,6 +125,7 @@ fn start_pools(cfg: &Config, shutdown: &CancellationToken) -> Result<BTreeMap<St
 /// Runs the runner until `shutdown` is cancelled. `ready` tells /readyz.
 pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let lock = StateLock::acquire(&cfg.state_dir)?;
+    let mut leash = Leash::start(&cfg.etcd).map_err(DaemonError::Leash)?;
     let keys = Keys::new(&cfg.cluster)?;
     let mut client = match connect_when_ready(&cfg.etcd, &shutdown).await {
         Ok(c) => c,
@@ -151,15 +175,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool
             let inc_ref = inc.clone();
             tokio::spawn(async move { keep_alive(client, &inc_ref).await })
         };
+        if leash.lost().is_cancelled() {
+            tracing::warn!("the leash was lost; starting a new one");
+            leash = Leash::start(&shared.cfg.etcd).map_err(DaemonError::Leash)?;
+        }
+        let renewer = tokio::spawn(renew_leash(leash.clone(), inc.clone()));
         let exit = run_incarnation(client.clone(), shared.clone(), &inc, &shutdown, &ready).await;
         match exit {
             Exit::Shutdown => {
                 inc.fence.trip("shutting down");
                 keeper.abort();
+                renewer.abort();
                 match tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(inc.lease_id)).await {
                     Ok(Ok(_)) => {
                         lock.record_lease(None);
                         tracing::info!(lease = inc.lease_id, "released every slice and revoked the lease; bye");
+                        leash.bye();
                     }
                     _ => tracing::warn!(lease = inc.lease_id, "revoking the lease failed; it ends with its TTL"),
                 }
@@ -167,6 +198,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool
             }
             Exit::Fenced => {
                 keeper.abort();
+                renewer.abort();
+                leash.renew(inc.lease_id, Duration::ZERO);
                 tracing::error!(
                     lease = inc.lease_id,
                     reason = %inc.fence.reason().unwrap_or_default(),

@@ -186,7 +186,7 @@ impl Handler {
         let stdin = child.stdin.take().ok_or("worker has no stdin")?;
         let stdout = BufReader::new(child.stdout.take().ok_or("worker has no stdout")?).lines();
         tracing::info!(queue = %job.queue, slice = job.slice, epoch = job.epoch, pid = child.id(), "started worker coprocess");
-        let group = GroupKiller(child.id());
+        let group = GroupKiller::new(child.id());
         Ok(Coprocess { child, stdin, stdout, _group: group })
     }
 
@@ -203,7 +203,7 @@ impl Handler {
             Ok(child) => child,
             Err(e) => return Outcome::Failed(format!("cannot start {:?}: {e}", argv[0])),
         };
-        let mut group = GroupKiller(child.id());
+        let mut group = GroupKiller::new(child.id());
         let result = tokio::time::timeout(self.cfg.timeout, child.wait_with_output()).await;
         let outcome = match result {
             Err(_) => Outcome::Failed(format!("timed out after {}", humantime::format_duration(self.cfg.timeout))),
@@ -217,19 +217,29 @@ impl Handler {
         };
         // The child exited by itself: its group needs no kill (and its pid may be reused).
         if !matches!(outcome, Outcome::Failed(ref r) if r.starts_with("timed out")) {
-            group.0 = None;
+            group.pid = None;
         }
         outcome
     }
 }
 
-/// Kills a child's whole process group when dropped (the handler was cancelled or timed out).
+/// Kills a child's whole process group when dropped (the handler was cancelled or timed
+/// out); the group is on the leash meanwhile.
 #[derive(Debug)]
-struct GroupKiller(Option<u32>);
+struct GroupKiller {
+    pid: Option<u32>,
+    _leash: crate::leash::Leashed,
+}
+
+impl GroupKiller {
+    fn new(pid: Option<u32>) -> GroupKiller {
+        GroupKiller { pid, _leash: crate::leash::Leashed::new(pid) }
+    }
+}
 
 impl Drop for GroupKiller {
     fn drop(&mut self) {
-        if let Some(pid) = self.0 {
+        if let Some(pid) = self.pid {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
     }

@@ -9,6 +9,7 @@
 //! - [`handler`]: the built-in handlers (exec, move).
 //! - [`spool`]: the Mailman-compatible queue directory.
 //! - [`supervise`]: real Mailman runners, one child process per claimed slice.
+//! - [`leash`]: the process that kills the children at the fence deadline, whatever the runner does.
 //! - [`mailman3`]: qslice's own Mailman 3 slice runner, its control channel and warm pool.
 //! - [`daemon`]: the top level: state-dir lock, incarnations, shutdown.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod etcd;
 pub mod handler;
 pub mod http;
+pub mod leash;
 pub mod mailman3;
 pub mod membership;
 pub mod notify;

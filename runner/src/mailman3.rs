@@ -128,6 +128,8 @@ pub struct SliceRunner {
     events_open: bool,
     /// Whether it said `ready` (Mailman initialised) when last looked at.
     ready: bool,
+    /// Its process group is on the leash while it lives.
+    _leashed: crate::leash::Leashed,
 }
 
 impl SliceRunner {
@@ -168,7 +170,8 @@ impl SliceRunner {
             log_lines(err, launch.queue.clone(), format!("pid {pid}"), "stderr");
         }
         let stdin = child.stdin.take();
-        Ok(SliceRunner { child, pid, stdin, events, events_open: true, ready: false })
+        let _leashed = crate::leash::Leashed::new(child.id());
+        Ok(SliceRunner { child, pid, stdin, events, events_open: true, ready: false, _leashed })
     }
 
     /// The process id (and process group).

@@ -489,7 +489,8 @@ impl IncarnationRun {
         let state = self.queue_state(&queue, total);
         let dir = state.dir.clone();
         let set: BTreeSet<u32> = slices.iter().map(|(s, _)| *s).collect();
-        let recovery = tokio::task::spawn_blocking(move || dir.recover(total, |s| set.contains(&s))).await;
+        let fence = self.fence.clone();
+        let recovery = tokio::task::spawn_blocking(move || dir.recover_while(total, |s| set.contains(&s), || fence.is_valid())).await;
         let failure = match recovery {
             Ok(Ok(report)) => {
                 for (entry, count) in &report.requeued {
@@ -850,6 +851,13 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<crate:
         state.changed.notify_waiters();
     };
     let taken = match state.dir.dequeue(&entry) {
+        // The rename can block (NFS) while the lease runs out: look at the fence again
+        // before anything starts. The entry stays .bak for the next owner.
+        Ok(Dequeued::Taken(_)) if !fence.is_valid() => {
+            tracing::warn!(queue = %state.queue, slice = entry.slice, entry = %entry.name.filebase, "the fence tripped while the entry was being taken; it stays .bak for the next owner");
+            done(state);
+            return false;
+        }
         Ok(Dequeued::Taken(t)) => t,
         Ok(Dequeued::Gone) => {
             done(state);
@@ -879,13 +887,19 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<crate:
     };
     let state = state.clone();
     let handler: Handler = shared.handler.clone();
+    let fence = fence.clone();
     tokio::spawn(async move {
         let _permit = permit;
         let queue = state.queue.clone();
         let outcome = tokio::select! {
-            o = handler.handle(&job) => Some(o),
+            biased;
             _ = kill.cancelled() => None,
+            o = handler.handle(&job) => Some(o),
         };
+        // A handler killed by the leash at the fence deadline (this runner was frozen or
+        // hung) looks like a failure: it is a kill, and the entry stays .bak.
+        let fenced = kill.is_cancelled() || !fence.is_valid();
+        let outcome = outcome.filter(|o| !(fenced && matches!(o, Outcome::Failed(_) | Outcome::Retry)));
         let label = match outcome {
             None => {
                 tracing::warn!(%queue, slice = job.slice, entry = %job.filebase, "handler killed (fence or drain timeout); the entry stays .bak for recovery");

@@ -424,6 +424,13 @@ impl QueueDir {
     /// preserved in `bad/`. Malformed `.bak` files go to quarantine. Counts of entries that
     /// are gone are removed.
     pub fn recover(&self, n: u32, owned: impl Fn(u32) -> bool) -> Result<Recovery, SpoolError> {
+        self.recover_while(n, owned, || true)
+    }
+
+    /// Like [`QueueDir::recover`], asking `go_on` before each entry (the claim's fence is
+    /// still valid: a rename on NFS can block while the lease runs out) and stopping, with
+    /// what was done so far, once it says no.
+    pub fn recover_while(&self, n: u32, owned: impl Fn(u32) -> bool, go_on: impl Fn() -> bool) -> Result<Recovery, SpoolError> {
         let mut scan = self.scan(n)?;
         let mut report = Recovery::default();
         for problem in std::mem::take(&mut scan.problems) {
@@ -437,6 +444,9 @@ impl QueueDir {
                 continue;
             }
             for entry in entries {
+                if !go_on() {
+                    return Ok(report);
+                }
                 let count = self.bump_recovery_count(entry)?;
                 let bak = self.bak_path(entry);
                 if count >= MAX_RECOVERIES {

@@ -398,3 +398,21 @@ proptest! {
         prop_assert_eq!(slice_of(&d, n), s);
     }
 }
+
+#[test]
+fn recovery_stops_before_the_next_entry_once_told_to() {
+    let f = fixture();
+    let a = f.q.enqueue_in_slice(b"a", 0, 1).expect("enqueue");
+    let b = f.q.enqueue_in_slice(b"b", 0, 1).expect("enqueue");
+    for name in [&a, &b] {
+        std::fs::rename(f.q.dir().join(format!("{}.pck", name.filebase)), f.q.dir().join(format!("{}.bak", name.filebase))).expect("to .bak");
+    }
+    let asked = std::cell::Cell::new(0);
+    let rec = f.q.recover_while(1, |_| true, || {
+        asked.set(asked.get() + 1);
+        asked.get() == 1
+    }).expect("recover");
+    assert_eq!(rec.requeued.len(), 1, "one entry recovered before the fence tripped");
+    let baks = std::fs::read_dir(f.q.dir()).expect("ls").filter(|e| e.as_ref().expect("entry").file_name().to_string_lossy().ends_with(".bak")).count();
+    assert_eq!(baks, 1, "the other stays .bak for the next owner");
+}

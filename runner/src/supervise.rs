@@ -458,6 +458,7 @@ impl Supervised {
                 }
             };
             let pid = child.id().unwrap_or(0) as i32;
+            let _leashed = crate::leash::Leashed::new(child.id());
             tracing::info!(queue = %self.queue, slice = self.slice, pid, "started supervised runner");
             tokio::select! {
                 status = child.wait() => {

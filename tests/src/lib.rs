@@ -13,6 +13,7 @@ pub mod checker;
 pub mod benchkit;
 pub mod cluster;
 pub mod etcd_cluster;
+pub mod freezer;
 pub mod mailman3;
 pub mod pki;
 

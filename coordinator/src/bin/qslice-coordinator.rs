@@ -62,7 +62,7 @@ async fn async_main(cfg: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cache = Arc::new(ClusterCache::new(keys.clone()));
+    let cache = Arc::new(ClusterCache::with_alerts(keys.clone(), cfg.alert_settings()));
     {
         // systemd (Type=notify): leader and standbys alike are ready once they have read
         // the cluster and their admin API accepts connections.

@@ -10,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.leash {
+        return qslice_runner::leash::main();
+    }
     let cfg = match Config::resolve(&args) {
         Ok(cfg) => cfg,
         Err(e) => {

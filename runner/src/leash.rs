@@ -1,0 +1,309 @@
+//! The leash: a small process beside each qslice-runner that binds every child process
+//! (supervised Mailman runners, exec handlers, worker coprocesses) to the runner's fence
+//! deadline, whatever happens to the runner itself.
+//!
+//! A runner that is frozen (SIGSTOP, a stuck NFS call, a bug) cannot stop its children,
+//! and PR_SET_PDEATHSIG only covers its death. The leash is the same binary
+//! (`qslice-runner --leash`), started by the runner in its own process group without the
+//! death signal, so it keeps running when the runner is frozen, hung or dead:
+//! - the runner keeps telling it the time left before the fence deadline; the leash
+//!   measures it on CLOCK_BOOTTIME (which counts through a suspend) and SIGKILLs every
+//!   registered process group the moment the deadline passes without a renewal;
+//! - when its stdin closes without `bye` (the runner died on a live host), it kills the
+//!   groups, waits until they are gone, and revokes the runner's lease itself, so that the
+//!   coordinator moves the slices at once instead of after the TTL.
+//!
+//! Its commands, one line each on its stdin: `etcd <json>` (how to reach etcd, first),
+//! `lease <id> <ms>` (the current lease and the time left), `add <pgid>`, `del <pgid>`,
+//! `bye` (a clean exit: the runner revoked its lease itself). It logs to the runner's
+//! stderr. A runner whose leash is gone fences itself (see [`Leash::send`]).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, Write};
+use std::os::fd::AsRawFd;
+use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::time::{clock_gettime, ClockId};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use crate::config::EtcdConfig;
+
+/// How often the runner renews the leash's deadline.
+pub const RENEW_EVERY: Duration = Duration::from_millis(100);
+/// How long the leash of a dead runner waits for its children to be gone before it gives
+/// up revoking the lease (the lease then ends with its TTL).
+const GONE_WAIT: Duration = Duration::from_secs(10);
+/// The longest the leash sleeps between looks at its deadline: the deadline is on
+/// CLOCK_BOOTTIME, the channel's timeout on CLOCK_MONOTONIC, which stops during a suspend.
+const TICK: Duration = Duration::from_millis(20);
+
+/// How the leash reaches etcd (with the password, unlike the printed configuration).
+#[derive(Serialize, Deserialize)]
+struct LeashEtcd {
+    endpoints: Vec<String>,
+    user: Option<String>,
+    password: Option<String>,
+    ca: Option<std::path::PathBuf>,
+    cert: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+}
+
+impl LeashEtcd {
+    fn of(cfg: &EtcdConfig) -> LeashEtcd {
+        LeashEtcd {
+            endpoints: cfg.endpoints.clone(),
+            user: cfg.user.clone(),
+            password: cfg.password.clone(),
+            ca: cfg.ca.clone(),
+            cert: cfg.cert.clone(),
+            key: cfg.key.clone(),
+        }
+    }
+
+    fn config(self) -> EtcdConfig {
+        EtcdConfig { endpoints: self.endpoints, user: self.user, password: self.password, ca: self.ca, cert: self.cert, key: self.key }
+    }
+}
+
+/// The runner's side of its leash.
+pub struct Leash {
+    child: Mutex<Child>,
+    stdin: Mutex<Option<ChildStdin>>,
+    /// Tripped when the leash is gone: the runner then fences itself.
+    lost: tokio_util::sync::CancellationToken,
+}
+
+/// The current leash and every live child process group, so that a replacement leash
+/// (the previous one died) is told about the children already running.
+struct Registry {
+    leash: Option<Arc<Leash>>,
+    groups: BTreeSet<i32>,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry { leash: None, groups: BTreeSet::new() });
+
+impl Leash {
+    /// Starts a leash and makes it the one [`Leashed`] registers with; tells it about the
+    /// children already running.
+    pub fn start(etcd: &EtcdConfig) -> std::io::Result<Arc<Leash>> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("--leash").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::inherit());
+        // Its own process group and no death signal: it must outlive a dead runner.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd.spawn()?;
+        let stdin = child.stdin.take().ok_or_else(|| std::io::Error::other("the leash has no stdin"))?;
+        // Never block the runner on a leash that stopped reading: a full pipe is a lost leash.
+        let fd = stdin.as_raw_fd();
+        let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        let leash = Arc::new(Leash { child: Mutex::new(child), stdin: Mutex::new(Some(stdin)), lost: Default::default() });
+        let json = serde_json::to_string(&LeashEtcd::of(etcd)).map_err(std::io::Error::other)?;
+        leash.send(&format!("etcd {json}"));
+        let mut registry = REGISTRY.lock().expect("leash registry");
+        for g in &registry.groups {
+            leash.send(&format!("add {g}"));
+        }
+        registry.leash = Some(leash.clone());
+        Ok(leash)
+    }
+
+    /// Cancelled once the leash is gone.
+    pub fn lost(&self) -> &tokio_util::sync::CancellationToken {
+        &self.lost
+    }
+
+    /// Sends one command; a leash that cannot take it is lost.
+    pub fn send(&self, line: &str) {
+        let mut stdin = self.stdin.lock().expect("leash lock");
+        let Some(pipe) = stdin.as_mut() else { return };
+        if let Err(e) = pipe.write_all(format!("{line}\n").as_bytes()) {
+            let status = self.child.lock().expect("leash lock").try_wait().ok().flatten();
+            tracing::error!(error = %e, ?status, "the leash is gone or stopped reading; fencing: no child process may outlive this runner's fence");
+            *stdin = None;
+            self.lost.cancel();
+        }
+    }
+
+    /// The lease and the time left before the fence deadline.
+    pub fn renew(&self, lease: i64, left: Duration) {
+        self.send(&format!("lease {lease} {}", left.as_millis()));
+    }
+
+    /// A clean exit: the runner revoked its lease itself; the leash just ends.
+    pub fn bye(&self) {
+        self.send("bye");
+        *self.stdin.lock().expect("leash lock") = None;
+        let _ = self.child.lock().expect("leash lock").wait();
+    }
+}
+
+/// A child's process group, registered with the leash while the guard lives.
+#[derive(Debug)]
+pub struct Leashed(Option<i32>);
+
+impl Leashed {
+    /// Registers the process group `pgid` (a child started with `process_group(0)`).
+    pub fn new(pgid: Option<u32>) -> Leashed {
+        let pgid = pgid.map(|p| p as i32);
+        if let Some(p) = pgid {
+            let mut registry = REGISTRY.lock().expect("leash registry");
+            registry.groups.insert(p);
+            if let Some(leash) = &registry.leash {
+                leash.send(&format!("add {p}"));
+            }
+        }
+        Leashed(pgid)
+    }
+}
+
+impl Drop for Leashed {
+    fn drop(&mut self) {
+        if let Some(p) = self.0 {
+            let mut registry = REGISTRY.lock().expect("leash registry");
+            registry.groups.remove(&p);
+            if let Some(leash) = &registry.leash {
+                leash.send(&format!("del {p}"));
+            }
+        }
+    }
+}
+
+fn boot_ms() -> u128 {
+    clock_gettime(ClockId::CLOCK_BOOTTIME).map_or(0, |t| t.tv_sec() as u128 * 1000 + t.tv_nsec() as u128 / 1_000_000)
+}
+
+fn say(what: &str) {
+    eprintln!("qslice-runner leash[{}]: {what}", std::process::id());
+}
+
+fn kill_groups(groups: &BTreeSet<i32>) {
+    for g in groups {
+        let _ = killpg(Pid::from_raw(*g), Signal::SIGKILL);
+    }
+}
+
+fn groups_gone(groups: &BTreeSet<i32>) -> bool {
+    groups.iter().all(|g| killpg(Pid::from_raw(*g), None) == Err(nix::errno::Errno::ESRCH))
+}
+
+/// What the leash's stdin said.
+enum Said {
+    Line(String),
+    Closed,
+}
+
+/// The leash process (`qslice-runner --leash`).
+pub fn main() -> ExitCode {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            match line {
+                Ok(l) => {
+                    if tx.send(Said::Line(l)).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = tx.send(Said::Closed);
+    });
+    let mut groups = BTreeSet::new();
+    let mut deadline: Option<u128> = None;
+    let mut lease: Option<i64> = None;
+    let mut etcd: Option<LeashEtcd> = None;
+    loop {
+        if deadline.is_some_and(|d| boot_ms() >= d) {
+            if !groups.is_empty() {
+                say(&format!("the fence deadline passed without a renewal (the runner is frozen, hung or cut off): killed {} process groups", groups.len()));
+            }
+            kill_groups(&groups);
+            groups.clear();
+            deadline = None;
+        }
+        let said = match rx.recv_timeout(TICK) {
+            Ok(s) => s,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Said::Closed,
+        };
+        let line = match said {
+            Said::Line(l) => l,
+            Said::Closed => break,
+        };
+        let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        match word {
+            "lease" => {
+                let mut it = rest.split_whitespace().map(str::parse::<i64>);
+                if let (Some(Ok(id)), Some(Ok(ms))) = (it.next(), it.next()) {
+                    lease = Some(id);
+                    deadline = Some(boot_ms() + ms.max(0) as u128);
+                }
+            }
+            "add" => {
+                if let Ok(g) = rest.trim().parse::<i32>() {
+                    // Registered after the deadline passed: it may not run either.
+                    if deadline.is_some_and(|d| boot_ms() >= d) {
+                        let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+                    } else {
+                        groups.insert(g);
+                    }
+                }
+            }
+            "del" => {
+                if let Ok(g) = rest.trim().parse::<i32>() {
+                    groups.remove(&g);
+                }
+            }
+            "etcd" => match serde_json::from_str(rest) {
+                Ok(e) => etcd = Some(e),
+                Err(e) => say(&format!("unreadable etcd settings ({e}); it cannot revoke the lease of a dead runner")),
+            },
+            "bye" => return ExitCode::SUCCESS,
+            other => say(&format!("unknown command {other:?}")),
+        }
+    }
+    // The runner died (its stdin closed without `bye`): its children must be gone before
+    // its slices can go to another node.
+    kill_groups(&groups);
+    let waited = std::time::Instant::now();
+    while !groups_gone(&groups) {
+        if waited.elapsed() >= GONE_WAIT {
+            say(&format!("the runner died and its children are still there after {GONE_WAIT:?}; leaving its lease to expire"));
+            return ExitCode::from(1);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (Some(lease), Some(etcd)) = (lease, etcd) else { return ExitCode::SUCCESS };
+    match revoke(lease, etcd.config()) {
+        Ok(()) => {
+            say(&format!("the runner died; its {} child process groups are gone; revoked its lease {lease} so that its slices move now", groups.len()));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            say(&format!("the runner died; revoking its lease {lease} failed ({e}); it ends with its TTL"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn revoke(lease: i64, etcd: EtcdConfig) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let options = crate::etcd::connect_options(&etcd).map_err(|e| e.to_string())?;
+        let connect = etcd_client::Client::connect(&etcd.endpoints, Some(options));
+        let mut client = tokio::time::timeout(crate::etcd::REQUEST_TIMEOUT, connect).await.map_err(|_| "connect timed out".to_owned())?.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(crate::etcd::REQUEST_TIMEOUT, client.lease_revoke(lease)).await {
+            Ok(Ok(_)) => Ok(()),
+            // Already gone (it expired, or the runner revoked it before it died).
+            Ok(Err(e)) if e.to_string().contains("not found") => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_owned()),
+        }
+    })
+}
