@@ -188,8 +188,21 @@ fn kill_groups(groups: &BTreeSet<i32>) {
     }
 }
 
+/// Whether no process of `groups` runs any more. A zombie runs nothing: the dead
+/// runner's children are reparented to init, which may take its time to reap them.
 fn groups_gone(groups: &BTreeSet<i32>) -> bool {
-    groups.iter().all(|g| killpg(Pid::from_raw(*g), None) == Err(nix::errno::Errno::ESRCH))
+    if groups.iter().all(|g| killpg(Pid::from_raw(*g), None) == Err(nix::errno::Errno::ESRCH)) {
+        return true;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return false };
+    !procs.flatten().any(|p| {
+        let Ok(stat) = std::fs::read_to_string(p.path().join("stat")) else { return false };
+        // After the ")" that ends the command name: state, ppid, pgrp.
+        let mut fields = stat.rsplit(')').next().unwrap_or_default().split_whitespace();
+        let state = fields.next().unwrap_or("Z");
+        let pgrp = fields.nth(1).and_then(|g| g.parse::<i32>().ok());
+        state != "Z" && pgrp.is_some_and(|g| groups.contains(&g))
+    })
 }
 
 /// What the leash's stdin said.

@@ -182,7 +182,7 @@ async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_wai
     let spool = Spool::new(&["in"]).expect("spool");
     let mut c = client(&etcd).await.expect("client");
     put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let _coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
+    let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
     // A 60 s lease: a takeover within the wait below can only come from the revoke.
     let ttl = ["--lease-ttl", "60s"];
     let mut r1 = start_runner(&etcd, &spool, "r1", "t", &ttl, &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
@@ -202,6 +202,9 @@ async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_wai
     r1.kill();
     wait_until(Duration::from_secs(20), "r2 holding every slice long before r1's 60 s lease could expire", || all_held_by(&c, "r2", 4)).await.expect("moved at once");
     println!("kill -9 of qslice-runner -> r2 holds every slice after {:?} (lease TTL 60 s)", killed.elapsed());
+    let leash: Vec<String> = r1.log().lines().filter(|l| l.contains("leash")).map(str::to_owned).collect();
+    println!("{}", leash.join("\n"));
+    println!("{}", coordinator.proc.log().lines().rev().take(8).collect::<Vec<_>>().join("\n"));
     assert!(pids_with_env("QSLICE_NODE=r1").is_empty(), "r1's handlers are gone");
     wait_until(LONG, "every entry finished", || async { spool.finished().len() == 8 }).await.expect("finished");
 }
