@@ -295,7 +295,11 @@ pub fn main() -> ExitCode {
     let (Some(lease), Some(etcd)) = (lease, etcd) else { return ExitCode::SUCCESS };
     match revoke(lease, etcd.config()) {
         Ok(()) => {
-            say(&format!("the runner died; its {} child process groups are gone; revoked its lease {lease} so that its slices move now", groups.len()));
+            say(&format!(
+                "the runner died; its {} child process groups are gone; revoked its lease {lease} {} ms later so that its slices move now",
+                groups.len(),
+                waited.elapsed().as_millis()
+            ));
             ExitCode::SUCCESS
         }
         Err(e) => {

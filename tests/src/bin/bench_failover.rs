@@ -1,12 +1,15 @@
 //! Failover benchmark: how long a dead runner's slices sit idle, and how big the gap of a
 //! planned hand-off (drain) is.
 //!
-//! For each of K kills (kill -9 of a runner under a steady stream of entries) it measures,
-//! per orphaned slice, the time from the kill to the first entry started by the new owner,
-//! and to the slice being drained of what was waiting at the kill; at lease TTL 2 s and 5 s.
+//! For each of K host deaths (kill -9 of a runner with its leash and handlers, under a
+//! steady stream of entries) it measures, per orphaned slice, the time from the kill to the
+//! first entry started by the new owner, and to the slice being drained of what was waiting
+//! at the kill; and for K process crashes (kill -9 of qslice-runner alone: its leash
+//! revokes the lease) the time to the first entry; at lease TTL 2 s and 5 s.
 //! For drains (`qslicectl`-equivalent cordon through etcd) it measures, per moved slice, the
 //! gap between the old owner's last entry and the new owner's first. Prints a table and a
-//! `JSON:` summary line. `--quick` runs 3 kills at TTL 2 s and one drain.
+//! `JSON:` summary line. `--quick` runs 3 host deaths and 3 process crashes at TTL 2 s and
+//! one drain.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -121,16 +124,25 @@ impl Cluster {
     }
 
     /// Kills one runner; per orphaned slice, ms from the kill to the new owner's first
-    /// start and to the slice's backlog (as of the kill) being finished.
-    async fn kill_once(&mut self, victim: &str) -> Result<Vec<(f64, f64)>> {
+    /// start and to the slice's backlog (as of the kill) being finished. A host death kills
+    /// qslice-runner, its leash and its handlers together (the lease must expire); a
+    /// process crash kills qslice-runner alone (its leash revokes the lease).
+    async fn kill_once(&mut self, victim: &str, host: bool) -> Result<Vec<(f64, f64)>> {
         let mut c = client(&self.etcd).await?;
         let slices = holdings(&mut c, "t", "in").await.remove(victim).context("victim holds slices")?;
         let waiting: Vec<(String, u32)> = {
             let finished = self.spool.finished();
             self.enqueued.lock().expect("lock").iter().filter(|(e, _, s)| slices.contains(s) && !finished.contains_key(e)).map(|(e, _, s)| (e.clone(), *s)).collect()
         };
+        let proc = self.runners.get_mut(victim).context("victim")?;
+        let tree = qslice_tests::freezer::process_tree(proc.pid().context("victim runs")?);
         let killed_ns = now_ns();
-        self.runners.get_mut(victim).context("victim")?.kill();
+        if host {
+            for pid in &tree {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        proc.kill();
         let spool = &self.spool;
         wait_until(LONG, "each orphaned slice started by a new owner and its backlog finished", || async {
             let records = spool.records();
@@ -205,18 +217,26 @@ async fn main() -> Result<()> {
     println!("{:<6} {:<22} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
     for (ttl, kills, drains) in runs {
         let mut cluster = Cluster::start(ttl).await?;
-        let (mut to_first, mut to_drained, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut to_first, mut to_drained, mut gaps, mut crash_first) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for k in 0..kills {
             let victim = ["r1", "r2", "r3"][k % 3];
-            for (first, drained) in cluster.kill_once(victim).await? {
+            for (first, drained) in cluster.kill_once(victim, true).await? {
                 to_first.push(first);
                 to_drained.push(drained);
+            }
+            for (first, _) in cluster.kill_once(victim, false).await? {
+                crash_first.push(first);
             }
         }
         for d in 0..drains {
             gaps.extend(cluster.drain_once(["r1", "r2", "r3"][d % 3]).await?);
         }
-        let rows = [("kill -> first entry", stats(to_first)), ("kill -> slice drained", stats(to_drained)), ("drain: hand-off gap", stats(gaps))];
+        let rows = [
+            ("host death -> first entry", stats(to_first)),
+            ("host death -> drained", stats(to_drained)),
+            ("process crash -> first", stats(crash_first)),
+            ("drain: hand-off gap", stats(gaps)),
+        ];
         let mut per_ttl = serde_json::Map::new();
         for (name, s) in rows {
             println!("{:<6} {:<22} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", format!("{ttl}s"), name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
