@@ -96,6 +96,7 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         supervised: BTreeMap::new(),
         refused: BTreeMap::new(),
         queue_slices: BTreeMap::new(),
+        supervised_view: Arc::default(),
         release_watches: BTreeMap::new(),
         freed_tx: mpsc::unbounded_channel().0,
         record: inc.record.clone(),
@@ -107,6 +108,10 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
     inc_run.gave_up_tx = gave_up_tx;
     let (freed_tx, mut freed_rx) = mpsc::unbounded_channel();
     inc_run.freed_tx = freed_tx;
+    let figures = (!shared.cfg.supervise.is_empty()).then(|| {
+        tokio::spawn(supervised_figures(client.clone(), shared.clone(), inc.lease_id, inc.fence.clone(), inc_run.supervised_view.clone()))
+    });
+    let _figures = AbortOnDrop(figures);
     let node = shared.cfg.node_id.clone();
     let mut watch = PrefixWatch::new(client.clone(), shared.keys.node_assignments_prefix(&node));
     // The node record hangs on the lease: its deletion means the lease was revoked (the
@@ -191,6 +196,8 @@ struct IncarnationRun {
     refused: BTreeMap<String, Refusal>,
     /// Each queue's slice count, from its configuration record.
     queue_slices: BTreeMap<String, u32>,
+    /// The supervised slices held, per queue with its slice count, for their figures.
+    supervised_view: Arc<Mutex<SupervisedView>>,
     /// Watches of claims held by others on slices assigned here: the slice is claimed the
     /// moment its claim is deleted (the retry tick is the fallback).
     release_watches: BTreeMap<SliceKey, CancellationToken>,
@@ -198,6 +205,58 @@ struct IncarnationRun {
     /// The node record, to publish refusals in.
     record: Option<qslice_proto::records::NodeRecord>,
     gave_up_tx: mpsc::UnboundedSender<(SliceKey, i64, String)>,
+}
+
+/// Supervised slices held per queue: queue -> (slice count, slices).
+type SupervisedView = BTreeMap<String, (u32, BTreeSet<u32>)>;
+
+/// Aborts a task when dropped (the incarnation ended however it ended).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// How often the figures of supervised queues are taken: the queue is listed by Mailman
+/// itself, so this listing is only for status, metrics and alerts.
+const SUPERVISED_FIGURES_EVERY: Duration = Duration::from_secs(1);
+
+/// Lists each supervised queue this node holds slices of (one listing per queue) and
+/// publishes its slices' figures, as the queue loop does for handled queues: the depth,
+/// the oldest entry's age and the `.bak` files with their age, as metrics every pass and
+/// to etcd every [`STATUS_INTERVAL`].
+async fn supervised_figures(mut client: Client, shared: Arc<Shared>, lease_id: i64, fence: Arc<crate::membership::Fence>, view: Arc<Mutex<SupervisedView>>) {
+    let mut tick = tokio::time::interval(SUPERVISED_FIGURES_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_status = None::<tokio::time::Instant>;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = fence.lost().cancelled() => return,
+        }
+        let queues: Vec<(String, u32, Vec<u32>)> =
+            view.lock().expect("supervised view").iter().map(|(q, (n, set))| (q.clone(), *n, set.iter().copied().collect())).collect();
+        let publish = last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL);
+        for (queue, total, owned) in queues.into_iter().filter(|(_, _, owned)| !owned.is_empty()) {
+            let dir = QueueDir::new(&shared.cfg.spool, &queue);
+            let listed = {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || dir.scan(total)).await
+            };
+            let Ok(Ok(scan)) = listed else { continue };
+            publish_figures(&queue, total, &scan);
+            if publish {
+                publish_status(&mut client, &shared, &dir, &scan, &owned, lease_id).await;
+            }
+        }
+        if publish {
+            last_status = Some(tokio::time::Instant::now());
+        }
+    }
 }
 
 /// Why and until when this node gave a queue up.
@@ -263,6 +322,17 @@ impl IncarnationRun {
                 }
             }
         }
+    }
+
+    /// Tells the figures task which supervised slices this node holds.
+    fn sync_supervised_view(&self) {
+        let mut view = SupervisedView::new();
+        for key in self.supervised.keys() {
+            if let Some((total, _)) = self.held.get(key) {
+                view.entry(key.0.clone()).or_insert_with(|| (*total, BTreeSet::new())).1.insert(key.1);
+            }
+        }
+        *self.supervised_view.lock().expect("supervised view") = view;
     }
 
     fn apply_queue_configs(&mut self, update: PrefixUpdate) {
@@ -341,6 +411,7 @@ impl IncarnationRun {
     /// A supervised slice's runner crashed too often: release the slice, refuse its queue.
     async fn give_up(&mut self, key: SliceKey, epoch: i64, reason: &str) {
         self.supervised.remove(&key);
+        self.sync_supervised_view();
         self.refuse(&key.0, reason, Some(tokio::time::Instant::now() + REFUSE_COOLDOWN)).await;
         // The child has exited: the claim can go now.
         if let Err(e) = delete_claim(&mut self.client, &self.shared.keys, &key.0, key.1, epoch).await {
@@ -582,11 +653,13 @@ impl IncarnationRun {
         };
         self.held.insert(key.clone(), (total, epoch));
         self.supervised.insert(key, SupervisedSlice { quiet, task });
+        self.sync_supervised_view();
         tracing::info!(%queue, slice, epoch, "claimed slice (supervised)");
     }
 
     fn start_release(&mut self, key: SliceKey, total: u32) {
         if let Some(sup) = self.supervised.remove(&key) {
+            self.sync_supervised_view();
             self.releasing.insert(key.clone());
             let epoch = self.held.get(&key).map(|(_, e)| *e);
             let (mut client, keys, tx) = (self.client.clone(), self.shared.keys.clone(), self.released_tx.clone());
@@ -653,6 +726,7 @@ impl IncarnationRun {
         for (_, sup) in std::mem::take(&mut self.supervised) {
             sup.quiet.cancel();
         }
+        self.sync_supervised_view();
         for (_, (state, task)) in self.queues.drain() {
             for s in state.owned.lock().expect("owned lock").values() {
                 s.kill.cancel();
@@ -780,9 +854,9 @@ async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<crat
             Err(_) => return,
         };
         let owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
-        publish_figures(&state, &scan, &owned);
+        publish_figures(&state.queue, state.slices_total, &scan);
         if last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL) {
-            publish_status(&mut client, &shared, &state, &scan, &owned, lease_id).await;
+            publish_status(&mut client, &shared, &state.dir, &scan, &owned, lease_id).await;
             last_status = Some(tokio::time::Instant::now());
         }
         let Scan { mut pending, problems, .. } = scan;
@@ -952,10 +1026,10 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<crate:
 }
 
 /// Per-slice depth and oldest-entry age of every slice the listing saw.
-fn publish_figures(state: &QueueState, scan: &Scan, _owned: &[u32]) {
-    for slice in 0..state.slices_total {
+fn publish_figures(queue: &str, slices_total: u32, scan: &Scan) {
+    for slice in 0..slices_total {
         let depth = scan.pending.get(&slice).map_or(0, |v| v.len());
-        let labels = [("queue", state.queue.clone()), ("slice", slice.to_string())];
+        let labels = [("queue", queue.to_owned()), ("slice", slice.to_string())];
         metrics::gauge!("qslice_runner_slice_depth", &labels).set(depth as f64);
         metrics::gauge!("qslice_runner_slice_oldest_age_seconds", &labels).set(scan.oldest_age(slice).unwrap_or(0.0));
     }
@@ -964,27 +1038,27 @@ fn publish_figures(state: &QueueState, scan: &Scan, _owned: &[u32]) {
 /// Publishes this node's figures for its own slices to etcd (attached to the lease). The
 /// holder of slice 0 also reports the non-empty slices nobody in this node holds, so the
 /// coordinator sees idle entries without every runner reporting every slice.
-async fn publish_status(client: &mut Client, shared: &Shared, state: &QueueState, scan: &Scan, owned: &[u32], lease_id: i64) {
+async fn publish_status(client: &mut Client, shared: &Shared, dir: &QueueDir, scan: &Scan, owned: &[u32], lease_id: i64) {
     let reporter = owned.contains(&0);
-    let figures: Vec<SliceFigures> = (0..state.slices_total)
+    let figures: Vec<SliceFigures> = (0..scan.slices_total)
         .filter(|s| owned.contains(s) || (reporter && (scan.pending.contains_key(s) || scan.in_flight.contains_key(s))))
         .map(|s| SliceFigures {
             slice: s,
             depth: scan.pending.get(&s).map_or(0, |v| v.len() as u64),
             in_flight: scan.in_flight.get(&s).map_or(0, |v| v.len() as u64),
             oldest_age_ms: (scan.oldest_age(s).unwrap_or(0.0) * 1000.0) as u64,
-            oldest_in_flight_age_ms: scan.in_flight.get(&s).and_then(|e| state.dir.oldest_in_flight_age(e)).map_or(0, |a| (a * 1000.0) as u64),
+            oldest_in_flight_age_ms: scan.in_flight.get(&s).and_then(|e| dir.oldest_in_flight_age(e)).map_or(0, |a| (a * 1000.0) as u64),
         })
         .collect();
     let status = SliceStatus {
         v: RECORD_VERSION,
         node_id: shared.cfg.node_id.clone(),
-        queue: state.queue.clone(),
-        slices_total: state.slices_total,
+        queue: dir.queue().to_owned(),
+        slices_total: scan.slices_total,
         listed_unix_ms: unix_ms(),
         slices: figures,
     };
-    let key = shared.keys.status(&shared.cfg.node_id, &state.queue);
+    let key = shared.keys.status(&shared.cfg.node_id, dir.queue());
     let put = client.put(key, status.encode(), Some(PutOptions::new().with_lease(lease_id)));
     if let Ok(Err(e)) = tokio::time::timeout(REQUEST_TIMEOUT, put).await {
         tracing::debug!(error = %e, "publishing slice figures failed");

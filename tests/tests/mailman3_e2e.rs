@@ -259,3 +259,47 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
 fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64()
 }
+
+/// Processes whose environment holds `needle`.
+fn pids_with_env(needle: &str) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default().split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_supervised_queues_backlog_and_in_flight_entries_show_in_status() {
+    let c = cluster(&["r1"], 2, "spares = 0\n").await;
+    // Mailman stalls (its slice runners frozen): the posts wait, and one entry is in flight.
+    let stalled = pids_with_env("QSLICE_NODE=r1");
+    assert!(!stalled.is_empty(), "slice runners running");
+    for pid in &stalled {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    }
+    c.site.post(40, 0).expect("post");
+    let queue_dir = c.site.dir.join("var/queue/in");
+    let pck = std::fs::read_dir(&queue_dir).expect("ls").flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|x| x == "pck")).expect("a post");
+    std::fs::rename(&pck, pck.with_extension("bak")).expect("one in flight");
+    let status = || {
+        let out = c.ctl(&["status", "--slices", "--json"]);
+        serde_json::from_str::<serde_json::Value>(&out).expect("JSON")
+    };
+    let mut last = serde_json::Value::Null;
+    let shown = wait_until(LONG, "the backlog and the in-flight entry in qslicectl status", || {
+        last = status();
+        let slices = last["slices"].as_array().cloned().unwrap_or_default();
+        let depth: u64 = slices.iter().filter_map(|s| s["depth"].as_u64()).sum();
+        let in_flight: u64 = slices.iter().filter_map(|s| s["in_flight"].as_u64()).sum();
+        let aged = slices.iter().any(|s| s["oldest_entry_age_seconds"].as_f64().is_some_and(|a| a > 0.0));
+        async move { depth == 39 && in_flight == 1 && aged }
+    })
+    .await;
+    for pid in &stalled {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGCONT);
+    }
+    shown.unwrap_or_else(|e| panic!("{e}: {last}"));
+    let table = c.ctl(&["status", "--slices"]);
+    assert!(table.contains("in") && !table.lines().filter(|l| l.starts_with("in ")).all(|l| l.contains(" 0 ")), "the table shows the depth: {table}");
+}
