@@ -212,7 +212,12 @@ impl Admin {
                     unowned_seconds: if claim.is_some() { 0.0 } else { self.cache.unowned_for(&k).unwrap_or(0.0) },
                     pinned: view.pins.contains_key(&k),
                     in_flight: f.in_flight,
-                    oldest_in_flight_age_seconds: if f.in_flight > 0 { crate::health::aged(f.oldest_in_flight_age_ms, listed, now) as f64 / 1000.0 } else { 0.0 },
+                    // 0 with entries in flight: a runner too old to publish the age.
+                    oldest_in_flight_age_seconds: if f.in_flight > 0 && f.oldest_in_flight_age_ms > 0 {
+                        crate::health::aged(f.oldest_in_flight_age_ms, listed, now) as f64 / 1000.0
+                    } else {
+                        0.0
+                    },
                     in_flight_too_long: in_flight_too_long(f.in_flight, f.oldest_in_flight_age_ms, listed, now, &settings),
                     no_eligible_node: no_eligible,
                 });
