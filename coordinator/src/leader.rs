@@ -261,7 +261,7 @@ impl<'a> Term<'a> {
         for (slice, target) in &view.moves {
             let eligible = view.nodes.contains_key(target) && !view.cordons.contains(target);
             let arrived = view.claims.get(slice).is_some_and(|c| &c.node == target);
-            if !eligible || arrived || !view.queues.get(&slice.0).is_some_and(|q| slice.1 < q.slices) {
+            if !eligible || arrived || view.queues.get(&slice.0).is_none_or(|q| slice.1 >= q.slices) {
                 if !eligible {
                     tracing::warn!(queue = %slice.0, slice = slice.1, node = %target, "move request dropped: the target is gone or cordoned");
                 }
