@@ -297,6 +297,13 @@ async fn the_alert_ends_once_a_refusal_is_lifted_and_the_leader_assigns_the_slic
     wait_until(WAIT, "the alert for queue in", || async { !events.of(Kind::Alert, "in", None).is_empty() }).await.expect("alert");
     assert!(ctl.alerts().iter().any(|a| a.starts_with("queue in has no eligible node (refused by r1, r2)")));
     assert!(ctl.slices("in").iter().all(|r| r["desired_owner"].is_null()), "nobody is assigned a slice nobody may take");
+    // A queue created after the coordinator started counts as unowned since it was made.
+    wait_until(WAIT, "every slice of the new queue counts its time unowned", || async {
+        let rows = ctl.slices("in");
+        rows.len() == 4 && rows.iter().all(|r| r["unowned_seconds"].as_f64().is_some_and(|u| u > 0.0))
+    })
+    .await
+    .expect("unowned seconds");
 
     // r2 takes the queue again.
     r2.refuse(&mut c, &[]).await.expect("lift");
