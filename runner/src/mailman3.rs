@@ -354,6 +354,10 @@ pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: Cancellation
         if quiet.is_cancelled() {
             return SupervisorExit::Stopped;
         }
+        // A restart is checked like the first start (python or config may be gone).
+        if let Err(e) = sup.cfg.check(&sup.queue, Some(sup.slices)) {
+            return SupervisorExit::Refused(e.to_string());
+        }
         let go = format!("go {} {} {} {}", sup.slice, sup.slices, sup.epoch, lease_ms(&sup.fence));
         let started = match pool.take() {
             Ok(mut runner) => match runner.send(&go).await {

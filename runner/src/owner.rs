@@ -154,8 +154,8 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
                 inc_run.on_released(key);
                 inc_run.reconcile().await;
             }
-            Some((key, epoch, reason)) = gave_up_rx.recv() => {
-                inc_run.give_up(key, epoch, &reason).await;
+            Some((key, epoch, reason, until)) = gave_up_rx.recv() => {
+                inc_run.give_up(key, epoch, &reason, until).await;
                 inc_run.reconcile().await;
             }
             update = node_watch.next() => {
@@ -204,7 +204,8 @@ struct IncarnationRun {
     freed_tx: mpsc::UnboundedSender<SliceKey>,
     /// The node record, to publish refusals in.
     record: Option<qslice_proto::records::NodeRecord>,
-    gave_up_tx: mpsc::UnboundedSender<(SliceKey, i64, String)>,
+    /// Supervised slices given up: the slice, its epoch, why, and until when (see [`Refusal`]).
+    gave_up_tx: mpsc::UnboundedSender<(SliceKey, i64, String, Option<tokio::time::Instant>)>,
 }
 
 /// Supervised slices held per queue: queue -> (slice count, slices).
@@ -409,10 +410,10 @@ impl IncarnationRun {
     }
 
     /// A supervised slice's runner crashed too often: release the slice, refuse its queue.
-    async fn give_up(&mut self, key: SliceKey, epoch: i64, reason: &str) {
+    async fn give_up(&mut self, key: SliceKey, epoch: i64, reason: &str, until: Option<tokio::time::Instant>) {
         self.supervised.remove(&key);
         self.sync_supervised_view();
-        self.refuse(&key.0, reason, Some(tokio::time::Instant::now() + REFUSE_COOLDOWN)).await;
+        self.refuse(&key.0, reason, until).await;
         // The child has exited: the claim can go now.
         if let Err(e) = delete_claim(&mut self.client, &self.shared.keys, &key.0, key.1, epoch).await {
             tracing::warn!(queue = %key.0, slice = key.1, error = %e, "deleting the claim failed; it ends with the lease");
@@ -463,7 +464,8 @@ impl IncarnationRun {
         let to_release: Vec<(SliceKey, u32)> = self
             .held
             .iter()
-            .filter(|(k, (total, _))| !self.releasing.contains(*k) && !self.wants(&k.0, k.1, *total))
+            // A refused queue's slices go too, without waiting for the leader to move them.
+            .filter(|(k, (total, _))| !self.releasing.contains(*k) && (!self.wants(&k.0, k.1, *total) || self.is_refused(&k.0)))
             .map(|(k, (total, _))| (k.clone(), *total))
             .collect();
         for (key, total) in to_release {
@@ -645,8 +647,14 @@ impl IncarnationRun {
             let (quiet, key) = (quiet.clone(), key.clone());
             tokio::spawn(async move {
                 let exit = supervised.run(quiet, kill).await;
-                if let SupervisorExit::GaveUp(reason) = &exit {
-                    let _ = gave_up.send((key, epoch, reason.clone()));
+                match &exit {
+                    SupervisorExit::GaveUp(reason) => {
+                        let _ = gave_up.send((key, epoch, reason.clone(), Some(tokio::time::Instant::now() + REFUSE_COOLDOWN)));
+                    }
+                    SupervisorExit::Refused(reason) => {
+                        let _ = gave_up.send((key, epoch, reason.clone(), None));
+                    }
+                    SupervisorExit::Stopped | SupervisorExit::Killed => {}
                 }
                 exit
             })

@@ -318,6 +318,9 @@ pub enum SupervisorExit {
     Killed,
     /// Too many crashes: the slice must be given up.
     GaveUp(String),
+    /// The configuration no longer suits the slice (checked again before every restart:
+    /// mailman.cfg or the files it names changed); given up until it does.
+    Refused(String),
 }
 
 /// One supervised slice.
@@ -444,6 +447,10 @@ impl Supervised {
         let mut crashes: VecDeque<Instant> = VecDeque::new();
         let mut backoff = Duration::from_millis(500);
         loop {
+            // A restart is checked like the first start (mailman.cfg may have changed).
+            if let Err(e) = self.cfg.check(&self.queue, Some(self.slices)) {
+                return SupervisorExit::Refused(e.to_string());
+            }
             let mut child = match self.spawn() {
                 Ok(child) => child,
                 Err(e) => {

@@ -248,3 +248,38 @@ async fn supervised_runners_run_as_the_configured_user() {
     let want = format!("uid={} gid={} in /", nobody.uid, nogroup.gid);
     wait_for(LONG, "the child's identity in the runner's log", || r.log().contains(&want)).unwrap_or_else(|e| panic!("{e}:\n{}", r.log()));
 }
+
+#[tokio::test]
+async fn a_crashed_runner_is_checked_again_before_its_restart_and_the_refusal_ends_with_the_fix() {
+    let etcd = Etcd::start().expect("etcd");
+    let spool = Spool::new(&["in"]).expect("spool");
+    let mailman_cfg = spool.scratch("mailman.cfg");
+    std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
+    let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
+    let toml = format!(
+        "[supervise.in]\nflavour = \"mailman3-runner\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\", \"-C\", \"{}\", \"-r\", \"in:{{slice}}:{{slices}}\"]\nenv = [\"PATH\"]\n",
+        spool.root().join("in").display(),
+        spool.records_path().display(),
+        mailman_cfg.display()
+    );
+    let cfg = spool.scratch("runner.toml");
+    std::fs::write(&cfg, toml).expect("write");
+    let cfg = cfg.to_string_lossy().into_owned();
+    let mut c = client(&etcd).await.expect("client");
+    put_queue(&mut c, "t", "in", 2).await.expect("queue");
+    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
+    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    // mailman.cfg changes under the running children; one of them crashes.
+    std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 4\n").expect("write");
+    let (_, pid) = pids_of(&spool, "boot")[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the child");
+    wait_for(LONG, "the restart refused, naming the mismatch", || r.log().contains("instances = 4") && r.log().contains("2 slices")).expect("refused");
+    assert_eq!(pids_of(&spool, "boot").len(), 2, "no child was started again under a slicing Mailman would not use");
+    wait_until(LONG, "the queue's claims released", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false) }).await.expect("released");
+    // Fixed: the refusal ends at once, not after a cooldown.
+    std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
+    put_queue(&mut c, "t", "in", 2).await.expect("queue written again");
+    wait_until(LONG, "both slices claimed again", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 2).unwrap_or(false) }).await.expect("claimed again");
+    assert!(r.log().contains("refusal lifted"), "the log says the refusal ended: {}", r.log());
+}
