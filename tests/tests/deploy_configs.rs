@@ -83,7 +83,7 @@ const RUNNER_KEYS: &[&str] = &[
 
 /// The coordinator's file keys (`FileConfig`, then `[etcd]` and `[admin]`).
 const COORDINATOR_KEYS: &[&str] = &[
-    "id", "cluster", "lease_ttl", "http_addr", "churn_budget", "max_vanished_fraction", "revoke_deadline", "safety_valve_hold", "log_format",
+    "id", "cluster", "lease_ttl", "http_addr", "churn_budget", "max_vanished_fraction", "revoke_deadline", "safety_valve_hold", "in_flight_alert_after", "log_format",
     "[etcd]", "endpoints", "user", "password", "ca", "cert", "key", "[admin]", "addr", "token_file", "protect_reads", "tls_cert", "tls_key",
     "client_ca", "drain_deadline",
 ];
