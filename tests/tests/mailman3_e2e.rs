@@ -303,3 +303,41 @@ async fn a_supervised_queues_backlog_and_in_flight_entries_show_in_status() {
     let table = c.ctl(&["status", "--slices"]);
     assert!(table.contains("in") && !table.lines().filter(|l| l.starts_with("in ")).all(|l| l.contains(" 0 ")), "the table shows the depth: {table}");
 }
+
+#[tokio::test]
+async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes_processing() {
+    let mut c = cluster(&["r1", "r2"], 4, "spares = 2\n").await;
+    // 3 slices: Mailman 3 only slices by powers of two; every node refuses the queue.
+    let written = std::time::Instant::now();
+    put_queue(&mut c.client, "t", "in", 3).await.expect("queue");
+    let status = |c: &Cluster| serde_json::from_str::<serde_json::Value>(&c.ctl(&["status", "--json"])).expect("JSON");
+    let mut last = serde_json::Value::Null;
+    wait_until(LONG, "the no-eligible-node alert in qslicectl status", || {
+        last = status(&c);
+        let alerted = last["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.contains("no eligible node") && s.contains("r1") && s.contains("r2"))));
+        async move { alerted }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {last}"));
+    let alerted_after = written.elapsed();
+    let queues = c.ctl(&["queues"]);
+    assert!(queues.contains("no eligible node"), "the queue's state says so: {queues}");
+    c.site.post(40, 0).expect("post");
+    // The fix: a power of two. The refusals end at once and the posts flow again.
+    let fixed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
+    let fixed = std::time::Instant::now();
+    put_queue(&mut c.client, "t", "in", 4).await.expect("queue");
+    let site = &c.site;
+    wait_until(LONG, "a post accepted after the fix", || {
+        let n = site.report().map(|r| r.accepts.values().flatten().filter(|a| a.0 > fixed_at).count()).unwrap_or(0);
+        async move { n > 0 }
+    })
+    .await
+    .expect("processing again");
+    let resumed_after = fixed.elapsed();
+    println!("refusal -> alert in qslicectl status after {alerted_after:?}; fix -> first post accepted after {resumed_after:?}");
+    let report = c.all_accepted(40).await;
+    assert_each_post_once(&report, 40);
+    assert!(alerted_after <= Duration::from_secs(1), "the alert took {alerted_after:?}");
+    assert!(resumed_after <= Duration::from_secs(2), "processing resumed {resumed_after:?} after the fix");
+}
