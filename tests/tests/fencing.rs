@@ -14,6 +14,12 @@ use qslice_tests::Etcd;
 
 const LONG: Duration = Duration::from_secs(120);
 
+/// A node id of this test's own: tests run side by side, and processes are found by their
+/// `QSLICE_NODE`.
+fn node(name: &str) -> String {
+    format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
 fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
 }
@@ -40,49 +46,51 @@ async fn all_held_by(c: &etcd_client::Client, node: &str, slices: usize) -> bool
 #[tokio::test]
 async fn a_frozen_runners_handlers_are_killed_before_another_node_claims_its_slices() {
     let etcd = Etcd::start().expect("etcd");
+    let (n1, n2) = (node("r1"), node("r2"));
     let spool = Spool::new(&["in"]).expect("spool");
     let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r1", "in", 2, 0..2).await.expect("assign");
+    assign(&mut c, "t", &n1, "in", 2, 0..2).await.expect("assign");
     // Handlers that take 30 s: in flight when the runner freezes.
-    let r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
+    let r1 = start_runner(&etcd, &spool, &n1, "t", &[], &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
     let q = spool.queue("in");
     for i in 0..4u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "r1's handlers running", || async { pids_with_env("QSLICE_NODE=r1").len() >= 2 }).await.expect("running");
+    wait_until(LONG, "r1's handlers running", || async { pids_with_env(&format!("QSLICE_NODE={n1}")).len() >= 2 }).await.expect("running");
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().map(|(_, e)| *e).collect();
     // qslice-runner alone freezes (hung in a stuck call, say); its children run on.
     let freezer = Freezer::new().expect("freezer");
     freezer.add(&[r1.pid().expect("pid")]).expect("add");
     freezer.freeze().expect("freeze");
-    unassign(&mut c, "t", "r1", "in").await.expect("unassign");
-    assign(&mut c, "t", "r2", "in", 2, 0..2).await.expect("assign");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &[]).expect("r2");
-    wait_until(LONG, "r2 holding both slices (after r1's lease ran out)", || all_held_by(&c, "r2", 2)).await.expect("taken over");
+    unassign(&mut c, "t", &n1, "in").await.expect("unassign");
+    assign(&mut c, "t", &n2, "in", 2, 0..2).await.expect("assign");
+    let _r2 = start_runner(&etcd, &spool, &n2, "t", &[], &[]).expect("r2");
+    wait_until(LONG, "r2 holding both slices (after r1's lease ran out)", || all_held_by(&c, &n2, 2)).await.expect("taken over");
     let claimed_ns = now_ns();
-    let survivors = pids_with_env("QSLICE_NODE=r1");
+    let survivors = pids_with_env(&format!("QSLICE_NODE={n1}"));
     assert!(survivors.is_empty(), "processes of the frozen runner still alive when another node holds its slices: {survivors:?}");
     wait_until(LONG, "every entry finished by r2", || async { spool.finished().len() == 4 }).await.expect("finished");
     for rec in spool.records() {
-        assert!(rec.node != "r1" || rec.at_ns < claimed_ns, "the frozen runner's handler recorded after the new owner's claim: {rec:?}");
-        assert!(rec.node != "r1" || rec.what != "end", "a handler of the frozen runner ran to its end: {rec:?}");
+        assert!(rec.node != n1 || rec.at_ns < claimed_ns, "the frozen runner's handler recorded after the new owner's claim: {rec:?}");
+        assert!(rec.node != n1 || rec.what != "end", "a handler of the frozen runner ran to its end: {rec:?}");
     }
     assert!(r1.log().contains("killed") && r1.log().contains("leash"), "the leash says what it did: {}", r1.log());
     // Thawed, r1 fences itself and starts nothing under its old epochs.
     let thawed_ns = now_ns();
     freezer.thaw().expect("thaw");
-    wait_until(LONG, "r1 fenced and registered again", || async { r1.log().matches("registered node=r1").count() >= 2 }).await.expect("re-registered");
-    assert!(!spool.records().iter().any(|r| r.node == "r1" && r.at_ns > thawed_ns && old_epochs.contains(&r.epoch)), "a start under an old epoch after the thaw");
+    wait_until(LONG, "r1 fenced and registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
+    assert!(!spool.records().iter().any(|r| r.node == n1 && r.at_ns > thawed_ns && old_epochs.contains(&r.epoch)), "a start under an old epoch after the thaw");
 }
 
 #[tokio::test]
 async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_claims() {
     let etcd = Etcd::start().expect("etcd");
+    let (n1, n2) = (node("r1"), node("r2"));
     let site = Site::new().expect("site");
     let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r1", "in", 2, 0..2).await.expect("assign");
+    assign(&mut c, "t", &n1, "in", 2, 0..2).await.expect("assign");
     let cfg = site.runner_config("runner.toml", "").expect("config");
-    let r1 = start_runner(&etcd, &site.spool, "r1", "t", &["--config", &cfg], &[]).expect("r1");
+    let r1 = start_runner(&etcd, &site.spool, &n1, "t", &["--config", &cfg], &[]).expect("r1");
     site.post(300, 0).expect("post");
     wait_until(LONG, "r1 accepting posts", || {
         let n = site.report().map(|r| r.accepts.len()).unwrap_or(0);
@@ -94,12 +102,12 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
     freezer.add(&[r1.pid().expect("pid")]).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_at = now_ns() as f64 / 1e9;
-    unassign(&mut c, "t", "r1", "in").await.expect("unassign");
-    assign(&mut c, "t", "r2", "in", 2, 0..2).await.expect("assign");
-    let _r2 = start_runner(&etcd, &site.spool, "r2", "t", &["--config", &cfg], &[]).expect("r2");
-    wait_until(LONG, "r2 holding both slices", || all_held_by(&c, "r2", 2)).await.expect("taken over");
+    unassign(&mut c, "t", &n1, "in").await.expect("unassign");
+    assign(&mut c, "t", &n2, "in", 2, 0..2).await.expect("assign");
+    let _r2 = start_runner(&etcd, &site.spool, &n2, "t", &["--config", &cfg], &[]).expect("r2");
+    wait_until(LONG, "r2 holding both slices", || all_held_by(&c, &n2, 2)).await.expect("taken over");
     let claimed_at = now_ns() as f64 / 1e9;
-    let survivors = pids_with_env("QSLICE_NODE=r1");
+    let survivors = pids_with_env(&format!("QSLICE_NODE={n1}"));
     assert!(survivors.is_empty(), "Mailman processes of the frozen runner alive when another node holds its slices: {survivors:?}");
     let mut report = site.report().expect("report");
     wait_until(LONG, "every post accepted and the queue empty", || {
@@ -109,7 +117,7 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
     })
     .await
     .expect("accepted");
-    let by_r1_late: Vec<_> = report.accepts.values().flatten().filter(|a| a.0 > claimed_at && report.runner_of(a).is_some_and(|x| x.node == "r1")).collect();
+    let by_r1_late: Vec<_> = report.accepts.values().flatten().filter(|a| a.0 > claimed_at && report.runner_of(a).is_some_and(|x| x.node == n1)).collect();
     assert!(by_r1_late.is_empty(), "ACCEPTs by the frozen runner's Mailman after the new owner's claim: {by_r1_late:?}");
     assert_eq!(report.shunt, 0, "shunted");
     assert_eq!(report.bad, 0, "in bad/");
@@ -118,7 +126,7 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
     assert!(doubled.len() <= 2, "{doubled:?}");
     for id in doubled.keys() {
         let first = &report.accepts[*id][0];
-        assert!(report.runner_of(first).is_some_and(|x| x.node == "r1") && first.0 < claimed_at, "{id} first accepted by {:?}", report.runner_of(first));
+        assert!(report.runner_of(first).is_some_and(|x| x.node == n1) && first.0 < claimed_at, "{id} first accepted by {:?}", report.runner_of(first));
     }
     println!("froze r1 at {frozen_at:.3}, r2 held its slices at {claimed_at:.3}; {} posts doubled", doubled.len());
 }
@@ -126,16 +134,17 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
 #[tokio::test]
 async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_thaws() {
     let etcd = Etcd::start().expect("etcd");
+    let (n1, n2) = (node("r1"), node("r2"));
     let spool = Spool::new(&["in"]).expect("spool");
     let mut c = client(&etcd).await.expect("client");
     put_queue(&mut c, "t", "in", 4).await.expect("queue");
     let _coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
     let delay = [("QSLICE_TEST_DELAY", "0.3")];
-    let r1 = start_runner(&etcd, &spool, "r1", "t", &[], &delay).expect("r1");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &delay).expect("r2");
+    let r1 = start_runner(&etcd, &spool, &n1, "t", &[], &delay).expect("r1");
+    let _r2 = start_runner(&etcd, &spool, &n2, "t", &[], &delay).expect("r2");
     wait_until(LONG, "both runners holding slices", || async {
         let held = claims(&mut c.clone(), "t", "in").await.unwrap_or_default();
-        held.len() == 4 && held.values().any(|(n, _)| n == "r1") && held.values().any(|(n, _)| n == "r2")
+        held.len() == 4 && held.values().any(|(n, _)| *n == n1) && held.values().any(|(n, _)| *n == n2)
     })
     .await
     .expect("balanced");
@@ -144,14 +153,14 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
     for i in 0..40u32 {
         enqueued.push(q.enqueue_in_slice(format!("a{i}").as_bytes(), i % 4, 4).expect("enqueue").filebase);
     }
-    wait_until(LONG, "r1 working", || async { spool.records().iter().any(|r| r.node == "r1" && r.what == "start") }).await.expect("working");
-    let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| n == "r1").map(|(_, e)| *e).collect();
+    wait_until(LONG, "r1 working", || async { spool.records().iter().any(|r| r.node == n1 && r.what == "start") }).await.expect("working");
+    let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| *n == n1).map(|(_, e)| *e).collect();
     // The whole host pauses: qslice-runner, its leash and its handlers together.
     let freezer = Freezer::new().expect("freezer");
     freezer.add(&process_tree(r1.pid().expect("pid"))).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_ns = now_ns();
-    wait_until(LONG, "r2 holding every slice", || all_held_by(&c, "r2", 4)).await.expect("taken over");
+    wait_until(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
     for i in 0..20u32 {
         enqueued.push(q.enqueue_in_slice(format!("b{i}").as_bytes(), i % 4, 4).expect("enqueue").filebase);
     }
@@ -163,15 +172,15 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
     })
     .await
     .expect("finished");
-    wait_until(LONG, "r1 registered again", || async { r1.log().matches("registered node=r1").count() >= 2 }).await.expect("re-registered");
+    wait_until(LONG, "r1 registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
     let records = spool.records();
-    let stale: Vec<_> = records.iter().filter(|r| r.what == "start" && r.node == "r1" && r.at_ns > thawed_ns && old_epochs.contains(&r.epoch)).collect();
+    let stale: Vec<_> = records.iter().filter(|r| r.what == "start" && r.node == n1 && r.at_ns > thawed_ns && old_epochs.contains(&r.epoch)).collect();
     assert!(stale.is_empty(), "starts under r1's old epochs after the thaw: {stale:?}");
     // Only what was in flight at the freeze may run twice.
     for e in &enqueued {
         let starts: Vec<_> = records.iter().filter(|r| r.what == "start" && &r.filebase == e).collect();
         if starts.len() > 1 {
-            assert!(starts[0].node == "r1" && starts[0].at_ns < frozen_ns && starts.len() == 2, "{e} started {} times: {starts:?}", starts.len());
+            assert!(starts[0].node == n1 && starts[0].at_ns < frozen_ns && starts.len() == 2, "{e} started {} times: {starts:?}", starts.len());
         }
     }
 }
@@ -179,17 +188,18 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
 #[tokio::test]
 async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_waiting_for_the_ttl() {
     let etcd = Etcd::start().expect("etcd");
+    let (n1, n2) = (node("r1"), node("r2"));
     let spool = Spool::new(&["in"]).expect("spool");
     let mut c = client(&etcd).await.expect("client");
     put_queue(&mut c, "t", "in", 4).await.expect("queue");
     let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
     // A 60 s lease: a takeover within the wait below can only come from the revoke.
     let ttl = ["--lease-ttl", "60s"];
-    let mut r1 = start_runner(&etcd, &spool, "r1", "t", &ttl, &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &ttl, &[]).expect("r2");
+    let mut r1 = start_runner(&etcd, &spool, &n1, "t", &ttl, &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
+    let _r2 = start_runner(&etcd, &spool, &n2, "t", &ttl, &[]).expect("r2");
     wait_until(LONG, "both runners holding slices", || async {
         let held = claims(&mut c.clone(), "t", "in").await.unwrap_or_default();
-        held.len() == 4 && held.values().any(|(n, _)| n == "r1") && held.values().any(|(n, _)| n == "r2")
+        held.len() == 4 && held.values().any(|(n, _)| *n == n1) && held.values().any(|(n, _)| *n == n2)
     })
     .await
     .expect("balanced");
@@ -197,14 +207,14 @@ async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_wai
     for i in 0..8u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "r1's handlers running", || async { !pids_with_env("QSLICE_NODE=r1").is_empty() }).await.expect("running");
+    wait_until(LONG, "r1's handlers running", || async { !pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty() }).await.expect("running");
     let killed = std::time::Instant::now();
     r1.kill();
-    wait_until(Duration::from_secs(20), "r2 holding every slice long before r1's 60 s lease could expire", || all_held_by(&c, "r2", 4)).await.expect("moved at once");
+    wait_until(Duration::from_secs(20), "r2 holding every slice long before r1's 60 s lease could expire", || all_held_by(&c, &n2, 4)).await.expect("moved at once");
     println!("kill -9 of qslice-runner -> r2 holds every slice after {:?} (lease TTL 60 s)", killed.elapsed());
     let leash: Vec<String> = r1.log().lines().filter(|l| l.contains("leash")).map(str::to_owned).collect();
     println!("{}", leash.join("\n"));
     println!("{}", coordinator.proc.log().lines().rev().take(8).collect::<Vec<_>>().join("\n"));
-    assert!(pids_with_env("QSLICE_NODE=r1").is_empty(), "r1's handlers are gone");
+    assert!(pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty(), "r1's handlers are gone");
     wait_until(LONG, "every entry finished", || async { spool.finished().len() == 8 }).await.expect("finished");
 }

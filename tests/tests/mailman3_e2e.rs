@@ -271,9 +271,11 @@ fn pids_with_env(needle: &str) -> Vec<u32> {
 
 #[tokio::test]
 async fn a_supervised_queues_backlog_and_in_flight_entries_show_in_status() {
-    let c = cluster(&["r1"], 2, "spares = 0\n").await;
+    // A node id of its own: its processes are found (and frozen) by their QSLICE_NODE.
+    let node = format!("r1-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let c = cluster(&[&node], 2, "spares = 0\n").await;
     // Mailman stalls (its slice runners frozen): the posts wait, and one entry is in flight.
-    let stalled = pids_with_env("QSLICE_NODE=r1");
+    let stalled = pids_with_env(&format!("QSLICE_NODE={node}"));
     assert!(!stalled.is_empty(), "slice runners running");
     for pid in &stalled {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
