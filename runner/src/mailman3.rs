@@ -269,8 +269,12 @@ impl WarmPool {
     /// Drops idle runners that died; repeated deaths back the next start off.
     fn prune(&self, st: &mut PoolState) {
         let mut died = Vec::new();
+        let queue = &self.launch.queue;
         st.idle.retain_mut(|r| {
-            r.poll_ready();
+            let was_ready = r.ready;
+            if r.poll_ready() && !was_ready {
+                tracing::info!(%queue, pid = r.pid, "a warm Mailman slice runner is ready (Mailman initialised, waiting for a slice)");
+            }
             match r.exited() {
                 Some(status) => {
                     died.push((r.pid, r.ready, status));
@@ -288,6 +292,7 @@ impl WarmPool {
         if st.idle.iter().any(|r| r.ready) {
             st.failures = 0;
         }
+        metrics::gauge!("qslice_runner_warm_slice_runners", "queue" => queue.clone()).set(st.idle.iter().filter(|r| r.ready).count() as f64);
     }
 
     fn fill(&self, st: &mut PoolState) {

@@ -182,7 +182,9 @@ async fn maintenance_freezes_every_move_except_orphan_takeover() {
     .await
     .expect("orphans covered");
     let h = holdings(&mut c, "t", "in").await;
-    assert_eq!(h["r2"], r2_slices, "nothing moved away from a live node in maintenance: {h:?}");
+    // r1's leash revokes its lease at once, so its orphans may go to r2 before r3 has
+    // registered: r2 may gain slices, but keeps every one it had.
+    assert!(r2_slices.iter().all(|s| h["r2"].contains(s)), "nothing moved away from a live node in maintenance: {h:?} (r2 had {r2_slices:?})");
     let off = Maintenance { v: RECORD_VERSION, on: false, since_unix_ms: 0 };
     c.put(keys.maintenance(), off.encode(), None).await.expect("maintenance off");
     wait_until(LONG, "balance resumes: 3 each on r2 and r3", || async {

@@ -132,6 +132,15 @@ async fn drains_and_rebalances_accept_every_post_once_with_nothing_shunted() {
 #[tokio::test]
 async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_flight_posts_may_double() {
     let mut c = cluster(&["r1", "r2", "r3"], 4, "spares = 2\n").await;
+    // A takeover is warm once each node's spares have initialised Mailman.
+    for (node, runner) in &c.runners {
+        wait_until(LONG, &format!("{node}'s two warm spares ready"), || {
+            let n = runner.log().matches("a warm Mailman slice runner is ready").count();
+            async move { n >= 2 }
+        })
+        .await
+        .expect("spares");
+    }
     c.site.post(100, 0).expect("post");
     c.site.post_in_background(300, 100, 40.0).expect("post");
     wait_for_accepts(&c.site, 20).await;
