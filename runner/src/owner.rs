@@ -32,8 +32,14 @@ use crate::supervise::{SuperviseConfig, Supervised, SupervisorExit};
 const CLAIM_RETRY: Duration = Duration::from_millis(100);
 /// How long a released slice's worker coprocess may take to exit after its stdin closes.
 const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
-/// How long a queue stays refused on a node after its supervised runners kept crashing.
-const REFUSE_COOLDOWN: Duration = Duration::from_secs(600);
+/// How long a queue stays refused on a node after its supervised runners kept crashing,
+/// the first time; each refusal after doubles it, up to [`REFUSE_COOLDOWN_MAX`]. A change
+/// of the Mailman configuration file lifts it at once.
+const REFUSE_COOLDOWN: Duration = Duration::from_secs(30);
+/// The longest crash refusal.
+const REFUSE_COOLDOWN_MAX: Duration = Duration::from_secs(600);
+/// How often refusals are checked again (cooldown over, configuration changed or fixed).
+const REFUSAL_CHECK: Duration = Duration::from_secs(1);
 /// How often a runner publishes its slice figures to etcd.
 const STATUS_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -101,6 +107,7 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         freed_tx: mpsc::unbounded_channel().0,
         record: inc.record.clone(),
         gave_up_tx: mpsc::unbounded_channel().0,
+        crash_refusals: BTreeMap::new(),
     };
     let (released_tx, mut released_rx) = mpsc::unbounded_channel();
     inc_run.released_tx = released_tx;
@@ -123,6 +130,8 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
     let mut queue_watch = PrefixWatch::new(client, shared.keys.queues_prefix());
     let mut retry = tokio::time::interval(CLAIM_RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refusal_check = tokio::time::interval(REFUSAL_CHECK);
+    refusal_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let hard = inc.fence.lost().clone();
     loop {
         tokio::select! {
@@ -154,8 +163,8 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
                 inc_run.on_released(key);
                 inc_run.reconcile().await;
             }
-            Some((key, epoch, reason, until)) = gave_up_rx.recv() => {
-                inc_run.give_up(key, epoch, &reason, until).await;
+            Some((key, epoch, reason, crashed)) = gave_up_rx.recv() => {
+                inc_run.give_up(key, epoch, &reason, crashed).await;
                 inc_run.reconcile().await;
             }
             update = node_watch.next() => {
@@ -173,6 +182,7 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
                 inc_run.reconcile().await;
             }
             _ = retry.tick(), if inc_run.has_pending() => inc_run.reconcile().await,
+            _ = refusal_check.tick(), if !inc_run.refused.is_empty() => inc_run.reconcile().await,
         }
     }
 }
@@ -204,8 +214,11 @@ struct IncarnationRun {
     freed_tx: mpsc::UnboundedSender<SliceKey>,
     /// The node record, to publish refusals in.
     record: Option<qslice_proto::records::NodeRecord>,
-    /// Supervised slices given up: the slice, its epoch, why, and until when (see [`Refusal`]).
-    gave_up_tx: mpsc::UnboundedSender<(SliceKey, i64, String, Option<tokio::time::Instant>)>,
+    /// Supervised slices given up: the slice, its epoch, why, and whether for crashes
+    /// (a cooldown) or for the configuration (until the check passes); see [`Refusal`].
+    gave_up_tx: mpsc::UnboundedSender<(SliceKey, i64, String, bool)>,
+    /// Crash refusals so far per queue, for the cooldown's backoff.
+    crash_refusals: BTreeMap<String, u32>,
 }
 
 /// Supervised slices held per queue: queue -> (slice count, slices).
@@ -264,9 +277,12 @@ async fn supervised_figures(mut client: Client, shared: Arc<Shared>, lease_id: i
 struct Refusal {
     /// The cause, as published in the log.
     reason: String,
-    /// Crashes: given up until then. Configuration (the slice count does not suit the
-    /// flavour): `None`, lifted as soon as the check passes again.
+    /// Crashes: given up until then, or until the Mailman configuration file changes.
+    /// Configuration (the slice count does not suit the flavour): `None`, lifted as soon as
+    /// the check passes again.
     until: Option<tokio::time::Instant>,
+    /// The Mailman configuration file's modification time when the queue was given up.
+    config_stamp: Option<std::time::SystemTime>,
 }
 
 impl Refusal {
@@ -391,8 +407,16 @@ impl IncarnationRun {
             None => tracing::error!(%queue, %reason, "alert: giving this queue up on this node until its configuration is fixed"),
         }
         metrics::counter!("qslice_runner_queues_refused_total", "queue" => queue.to_owned()).increment(1);
-        self.refused.insert(queue.to_owned(), Refusal { reason: reason.to_owned(), until });
+        let config_stamp = self.config_stamp(queue);
+        self.refused.insert(queue.to_owned(), Refusal { reason: reason.to_owned(), until, config_stamp });
         self.publish_refusals().await;
+    }
+
+    /// When the Mailman configuration file of a supervised queue last changed.
+    fn config_stamp(&self, queue: &str) -> Option<std::time::SystemTime> {
+        let sup = self.shared.cfg.supervise.get(queue)?;
+        let path = sup.config.clone().or_else(|| crate::supervise::mailman3_target(&sup.command).map(|(p, _)| p))?;
+        std::fs::metadata(path).and_then(|m| m.modified()).ok()
     }
 
     async fn publish_refusals(&mut self) {
@@ -410,7 +434,13 @@ impl IncarnationRun {
     }
 
     /// A supervised slice's runner crashed too often: release the slice, refuse its queue.
-    async fn give_up(&mut self, key: SliceKey, epoch: i64, reason: &str, until: Option<tokio::time::Instant>) {
+    async fn give_up(&mut self, key: SliceKey, epoch: i64, reason: &str, crashed: bool) {
+        let until = crashed.then(|| {
+            let n = self.crash_refusals.entry(key.0.clone()).or_insert(0);
+            let cooldown = (REFUSE_COOLDOWN * 2u32.saturating_pow(*n)).min(REFUSE_COOLDOWN_MAX);
+            *n += 1;
+            tokio::time::Instant::now() + cooldown
+        });
         self.supervised.remove(&key);
         self.sync_supervised_view();
         self.refuse(&key.0, reason, until).await;
@@ -433,9 +463,10 @@ impl IncarnationRun {
             .iter()
             .filter(|(q, r)| {
                 let cooled = r.until.is_some_and(|until| until <= now);
+                let changed = r.until.is_some() && self.config_stamp(q) != r.config_stamp;
                 let fixed = r.until.is_none()
                     && self.shared.cfg.supervise.get(*q).is_none_or(|sup| sup.check(q, self.queue_slices.get(*q).copied()).is_ok());
-                cooled || fixed
+                cooled || changed || fixed
             })
             .map(|(q, _)| q.clone())
             .collect();
@@ -649,10 +680,10 @@ impl IncarnationRun {
                 let exit = supervised.run(quiet, kill).await;
                 match &exit {
                     SupervisorExit::GaveUp(reason) => {
-                        let _ = gave_up.send((key, epoch, reason.clone(), Some(tokio::time::Instant::now() + REFUSE_COOLDOWN)));
+                        let _ = gave_up.send((key, epoch, reason.clone(), true));
                     }
                     SupervisorExit::Refused(reason) => {
-                        let _ = gave_up.send((key, epoch, reason.clone(), None));
+                        let _ = gave_up.send((key, epoch, reason.clone(), false));
                     }
                     SupervisorExit::Stopped | SupervisorExit::Killed => {}
                 }

@@ -218,3 +218,63 @@ async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_wai
     assert!(pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty(), "r1's handlers are gone");
     wait_until(LONG, "every entry finished", || async { spool.finished().len() == 8 }).await.expect("finished");
 }
+
+#[tokio::test]
+async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new_when_it_thaws() {
+    let etcd = Etcd::start().expect("etcd");
+    let (n1, n2) = (node("r1"), node("r2"));
+    let site = Site::new().expect("site");
+    let mut c = client(&etcd).await.expect("client");
+    put_queue(&mut c, "t", "in", 4).await.expect("queue");
+    let _coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[]).expect("coordinator");
+    let cfg = site.runner_config("runner.toml", "spares = 2\n").expect("config");
+    let r1 = start_runner(&etcd, &site.spool, &n1, "t", &["--config", &cfg], &[]).expect("r1");
+    let _r2 = start_runner(&etcd, &site.spool, &n2, "t", &["--config", &cfg], &[]).expect("r2");
+    wait_until(LONG, "both runners holding slices", || async {
+        let held = claims(&mut c.clone(), "t", "in").await.unwrap_or_default();
+        held.len() == 4 && held.values().any(|(n, _)| *n == n1) && held.values().any(|(n, _)| *n == n2)
+    })
+    .await
+    .expect("balanced");
+    let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| *n == n1).map(|(_, e)| *e).collect();
+    let r1_slices = old_epochs.len();
+    site.post(300, 0).expect("post");
+    wait_until(LONG, "r1 accepting posts", || {
+        let n = site.report().map(|r| r.accepts.values().flatten().filter(|a| r.runner_of(a).is_some_and(|x| x.node == n1)).count()).unwrap_or(0);
+        async move { n >= 5 }
+    })
+    .await
+    .expect("accepting");
+    // The whole host pauses: qslice-runner, its leash, its slice runners and spares.
+    let freezer = Freezer::new().expect("freezer");
+    freezer.add(&process_tree(r1.pid().expect("pid"))).expect("add");
+    freezer.freeze().expect("freeze");
+    let frozen_at = now_ns() as f64 / 1e9;
+    wait_until(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
+    site.post(100, 300).expect("post more");
+    let thawed_at = now_ns() as f64 / 1e9;
+    freezer.thaw().expect("thaw");
+    let mut report = site.report().expect("report");
+    wait_until(LONG, "every post accepted and the queue empty", || {
+        report = site.report().expect("report");
+        let done = report.accepts.len() == 400 && report.queue.pck == 0 && report.queue.bak == 0;
+        async move { done }
+    })
+    .await
+    .expect("accepted");
+    // Nothing new under the old epoch: no slice runner of r1 started after the thaw with
+    // an old claim, and r1's runners accepted at most the one message each had in hand.
+    let late_starts: Vec<_> = report.runners.values().filter(|x| x.node == n1 && x.started > frozen_at && old_epochs.contains(&x.epoch)).collect();
+    assert!(late_starts.is_empty(), "{late_starts:?}");
+    let late: Vec<_> = report.accepts.values().flatten().filter(|a| a.0 > thawed_at && report.runner_of(a).is_some_and(|x| x.node == n1 && x.started < frozen_at)).collect();
+    assert!(late.len() <= r1_slices, "r1's frozen slice runners accepted {} posts after the thaw (at most one in hand each): {late:?}", late.len());
+    assert_eq!(report.shunt, 0, "shunted");
+    assert_eq!(report.bad, 0, "in bad/");
+    let doubled = report.doubled();
+    assert!(doubled.len() <= r1_slices, "only posts in hand at the pause may go twice: {doubled:?}");
+    for id in doubled.keys() {
+        let first = &report.accepts[*id][0];
+        assert!(report.runner_of(first).is_some_and(|x| x.node == n1), "{id} first accepted by {:?}", report.runner_of(first));
+    }
+    println!("host frozen {:.1} s; {} ACCEPTs by its old slice runners after the thaw; {} posts doubled", thawed_at - frozen_at, late.len(), doubled.len());
+}

@@ -263,6 +263,13 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
     for accept in report.accepts.values().flatten() {
         assert_eq!(report.runner_of(accept).map(|r| r.node.as_str()), Some("good"), "only the good node's runners accept");
     }
+    // The host's mailman.cfg is fixed: the refusal ends at once, not after its cooldown,
+    // and the node gets its share again.
+    std::fs::copy(&site.config, &broken).expect("fix mailman.cfg");
+    wait_until(LONG, "the fixed node holding slices again", || async { holdings(&mut c.clone(), "t", "in").await.get("bad").is_some_and(|v| !v.is_empty()) })
+        .await
+        .expect("refusal lifted");
+    assert!(bad.log().contains("refusal lifted"), "{}", bad.log());
 }
 
 fn unix_now() -> f64 {
