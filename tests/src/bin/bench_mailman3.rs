@@ -3,8 +3,10 @@
 //!
 //! - Planned hand-off (`qslicectl move`, with a backlog in the slice): per move, the gap
 //!   between the old owner's last ACCEPT of the slice and the new owner's first.
-//! - kill -9 of the qslice-runner holding the most slices: per orphaned slice, the time
-//!   from the kill to the first ACCEPT by another node; the killed runner then comes back.
+//! - kill -9 of the qslice-runner holding the most slices, alone (a process crash: its
+//!   leash revokes the lease) and with its leash and Mailman processes (a host death: the
+//!   lease expires): per orphaned slice, the time from the kill to the first ACCEPT by
+//!   another node; the killed runner then comes back.
 //!
 //! ACCEPT times come from Mailman's own vette log (microsecond timestamps; the slice runner
 //! logs which node and slice each pid runs). At lease TTL 2 s and 5 s; `--quick` (what the
@@ -133,8 +135,29 @@ impl Bench {
             }
         })
         .await?;
-        // Spares start up beside the running slice runners: let them finish.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Every node has a warm spare again (one was used by the last hand-off): a ready
+        // line in its log for each spare not handed a slice since.
+        poll(LONG, "a warm spare on every node", || {
+            let warm = self.runners.values().all(|p| {
+                let log = p.log();
+                log.matches("a warm Mailman slice runner is ready").count() > log.matches("warm=true").count()
+            });
+            async move { warm }
+        })
+        .await
+    }
+
+    /// Kills what a death kills: qslice-runner alone (a process crash: its leash revokes
+    /// the lease) or with its leash and children (a host death: the lease expires).
+    fn kill(&mut self, node: &str, host: bool) -> Result<()> {
+        let proc = self.runners.get_mut(node).context("victim")?;
+        let tree = qslice_tests::freezer::process_tree(proc.pid().context("victim runs")?);
+        if host {
+            for pid in &tree {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        proc.kill();
         Ok(())
     }
 
@@ -221,14 +244,14 @@ impl Bench {
         gap.context("a gap")
     }
 
-    /// Kills the runner holding the most slices; per orphaned slice, ms from the kill to
-    /// the first ACCEPT by another node. Brings the runner back.
-    async fn kill_once(&mut self) -> Result<Vec<f64>> {
+    /// Kills the runner holding the most slices (see [`Bench::kill`]); per orphaned slice,
+    /// ms from the kill to the first ACCEPT by another node. Brings the runner back.
+    async fn kill_once(&mut self, host: bool) -> Result<Vec<f64>> {
         let held = holdings(&mut self.client.clone(), "t", "in").await;
         let (victim, slices) = held.iter().max_by_key(|(_, s)| s.len()).map(|(n, s)| (n.clone(), s.clone())).context("a holder")?;
         self.backlog(400)?;
         let killed_at = unix_now();
-        self.runners.get_mut(&victim).context("victim")?.kill();
+        self.kill(&victim, host)?;
         let mut firsts: BTreeMap<u32, f64> = BTreeMap::new();
         poll(LONG, "every orphaned slice accepting on another node", || {
             if let Ok(r) = self.report() {
@@ -263,14 +286,19 @@ async fn main() -> Result<()> {
         for k in 0..moves {
             gaps.push(bench.move_once(k).await?);
         }
-        let mut takeovers = Vec::new();
+        let (mut crashes, mut deaths) = (Vec::new(), Vec::new());
         for _ in 0..kills {
-            takeovers.extend(bench.kill_once().await?);
+            crashes.extend(bench.kill_once(false).await?);
+            deaths.extend(bench.kill_once(true).await?);
         }
         let doubled = bench.report()?.doubled().len();
         let report = bench.report()?;
         let mut per_ttl = serde_json::Map::new();
-        for (name, mut v) in [("planned move: last ACCEPT -> new owner's first ACCEPT", gaps), ("kill -9 -> first ACCEPT per orphaned slice", takeovers)] {
+        for (name, mut v) in [
+            ("planned move: last ACCEPT -> new owner's first ACCEPT", gaps),
+            ("process crash (kill -9 qslice-runner) -> first ACCEPT per orphaned slice", crashes),
+            ("host death (runner, leash, Mailman) -> first ACCEPT per orphaned slice", deaths),
+        ] {
             v.sort_by(f64::total_cmp);
             let (p50, p99, max) = (percentile(&v, 50.0), percentile(&v, 99.0), v.last().copied().unwrap_or(f64::NAN));
             table.row(vec![format!("{ttl} s"), name.to_owned(), v.len().to_string(), format!("{p50:.0}"), format!("{p99:.0}"), format!("{max:.0}")]);
