@@ -352,3 +352,14 @@ pub fn process_alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// Live processes whose environment holds `needle` (e.g. `QSLICE_NODE=r1`: a node's
+/// handlers and Mailman slice runners). Zombies run nothing and are left out.
+pub fn pids_with_env(needle: &str) -> Vec<u32> {
+    let Ok(rd) = fs::read_dir("/proc") else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| fs::read(format!("/proc/{pid}/environ")).unwrap_or_default().split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
+        .filter(|pid| !fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+        .collect()
+}

@@ -224,6 +224,22 @@ impl Site {
         self.posters.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
+    /// Waits (bounded) until `posts` posts were accepted and the queue is empty; the
+    /// report then, or an error that says how far it got.
+    pub async fn all_accepted(&self, posts: usize, timeout: std::time::Duration) -> Result<Report> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let r = self.report()?;
+            if r.accepts.len() >= posts && r.queue.pck == 0 && r.queue.bak == 0 {
+                return Ok(r);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("after {timeout:?}, {} of {posts} posts accepted; queue {:?}, {} shunted, {} in bad/", r.accepts.len(), r.queue, r.shunt, r.bad);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
     /// What the logs and queues say now.
     pub fn report(&self) -> Result<Report> {
         let out = Command::new(&self.python).arg(fixtures().join("mailman3_site.py")).arg("report").arg(&self.dir).output()?;

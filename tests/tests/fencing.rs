@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use qslice_tests::cluster::{assign, claims, client, start_coordinator, start_runner, put_queue, unassign, wait_until, Spool};
 use qslice_tests::freezer::{process_tree, Freezer};
 use qslice_tests::mailman3::Site;
-use qslice_tests::Etcd;
+use qslice_tests::{pids_with_env, Etcd};
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -22,21 +22,6 @@ fn node(name: &str) -> String {
 
 fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
-}
-
-/// Processes whose environment holds `needle` (e.g. `QSLICE_NODE=r1`: a node's handlers
-/// and Mailman slice runners).
-fn pids_with_env(needle: &str) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes())
-        })
-        // Zombies (reaped soon by init) hold no environment and run nothing.
-        .filter(|pid| !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
-        .collect()
 }
 
 async fn all_held_by(c: &etcd_client::Client, node: &str, slices: usize) -> bool {
@@ -109,14 +94,7 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
     let claimed_at = now_ns() as f64 / 1e9;
     let survivors = pids_with_env(&format!("QSLICE_NODE={n1}"));
     assert!(survivors.is_empty(), "Mailman processes of the frozen runner alive when another node holds its slices: {survivors:?}");
-    let mut report = site.report().expect("report");
-    wait_until(LONG, "every post accepted and the queue empty", || {
-        report = site.report().expect("report");
-        let done = report.accepts.len() == 300 && report.queue.pck == 0 && report.queue.bak == 0;
-        async move { done }
-    })
-    .await
-    .expect("accepted");
+    let report = site.all_accepted(300, LONG).await.expect("every post accepted");
     let by_r1_late: Vec<_> = report.accepts.values().flatten().filter(|a| a.0 > claimed_at && report.runner_of(a).is_some_and(|x| x.node == n1)).collect();
     assert!(by_r1_late.is_empty(), "ACCEPTs by the frozen runner's Mailman after the new owner's claim: {by_r1_late:?}");
     assert_eq!(report.shunt, 0, "shunted");
@@ -254,14 +232,7 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new
     site.post(100, 300).expect("post more");
     let thawed_at = now_ns() as f64 / 1e9;
     freezer.thaw().expect("thaw");
-    let mut report = site.report().expect("report");
-    wait_until(LONG, "every post accepted and the queue empty", || {
-        report = site.report().expect("report");
-        let done = report.accepts.len() == 400 && report.queue.pck == 0 && report.queue.bak == 0;
-        async move { done }
-    })
-    .await
-    .expect("accepted");
+    let report = site.all_accepted(400, LONG).await.expect("every post accepted");
     // Nothing new under the old epoch: no slice runner of r1 started after the thaw with
     // an old claim, and r1's runners accepted at most the one message each had in hand.
     let late_starts: Vec<_> = report.runners.values().filter(|x| x.node == n1 && x.started > frozen_at && old_epochs.contains(&x.epoch)).collect();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, wait_until, Coordinator};
 use qslice_tests::mailman3::{Report, Site};
-use qslice_tests::{qslice_bin, Etcd, Proc};
+use qslice_tests::{pids_with_env, qslice_bin, Etcd, Proc};
 
 /// Generous bound for anything a loaded two-core machine does in seconds normally.
 const LONG: Duration = Duration::from_secs(120);
@@ -69,18 +69,7 @@ impl Cluster {
         })
         .await
         .expect("posted");
-        let mut last = None;
-        let site = &self.site;
-        let found = wait_until(LONG, "every post accepted and the queue empty", || {
-            let r = site.report().expect("report");
-            let done = r.accepts.len() >= posts && r.queue.pck == 0 && r.queue.bak == 0;
-            last = Some(r);
-            async move { done }
-        })
-        .await;
-        let report = last.expect("a report");
-        found.unwrap_or_else(|e| panic!("{e}: {} of {posts} accepted, queue {:?}, shunt {}, bad {}; runner logs:\n{}", report.accepts.len(), report.queue, report.shunt, report.bad, self.logs()));
-        report
+        self.site.all_accepted(posts, LONG).await.unwrap_or_else(|e| panic!("{e}; runner logs:\n{}", self.logs()))
     }
 
     fn logs(&self) -> String {
@@ -251,14 +240,7 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
     let record = <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record");
     assert_eq!(record.refused_queues, vec!["in"], "the bad node published its refusal");
     assert!(bad.log().contains("alert: giving this queue up"), "the refusal is an alert in the log: {}", bad.log());
-    let mut report = site.report().expect("report");
-    wait_until(LONG, "every post accepted", || {
-        report = site.report().expect("report");
-        let done = report.accepts.len() == 60 && report.queue.pck == 0 && report.queue.bak == 0;
-        async move { done }
-    })
-    .await
-    .expect("accepted");
+    let report = site.all_accepted(60, LONG).await.expect("every post accepted");
     assert_each_post_once(&report, 60);
     for accept in report.accepts.values().flatten() {
         assert_eq!(report.runner_of(accept).map(|r| r.node.as_str()), Some("good"), "only the good node's runners accept");
@@ -274,15 +256,6 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64()
-}
-
-/// Processes whose environment holds `needle`.
-fn pids_with_env(needle: &str) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default().split(|b| *b == 0).any(|kv| kv == needle.as_bytes()))
-        .collect()
 }
 
 #[tokio::test]

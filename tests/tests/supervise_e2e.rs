@@ -23,6 +23,21 @@ fn supervise_config(spool: &Spool, name: &str, extra: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// A runner config running the stand-in as Mailman 3's `runner` command with `-C
+/// mailman_cfg`, so that qslice checks mailman.cfg's `instances`.
+fn runner_command_config(spool: &Spool, mailman_cfg: &std::path::Path) -> String {
+    let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
+    let toml = format!(
+        "[supervise.in]\nflavour = \"mailman3-runner\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\", \"-C\", \"{}\", \"-r\", \"in:{{slice}}:{{slices}}\"]\nenv = [\"PATH\"]\n",
+        spool.root().join("in").display(),
+        spool.records_path().display(),
+        mailman_cfg.display()
+    );
+    let cfg = spool.scratch("runner.toml");
+    std::fs::write(&cfg, toml).expect("write");
+    cfg.to_string_lossy().into_owned()
+}
+
 fn pids_of(spool: &Spool, what: &str) -> Vec<(u32, u32)> {
     spool.records().iter().filter(|r| r.what == what).map(|r| (r.slice, r.filebase.parse().expect("pid"))).collect()
 }
@@ -156,16 +171,7 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
     let spool = Spool::new(&["in"]).expect("spool");
     let mailman_cfg = spool.scratch("mailman.cfg");
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
-    let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
-    let toml = format!(
-        "[supervise.in]\nflavour = \"mailman3-runner\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\", \"-C\", \"{}\", \"-r\", \"in:{{slice}}:{{slices}}\"]\nenv = [\"PATH\"]\n",
-        spool.root().join("in").display(),
-        spool.records_path().display(),
-        mailman_cfg.display()
-    );
-    let cfg = spool.scratch("runner.toml");
-    std::fs::write(&cfg, toml).expect("write");
-    let cfg = cfg.to_string_lossy().into_owned();
+    let cfg = runner_command_config(&spool, &mailman_cfg);
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign 4 slices");
     let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
@@ -255,16 +261,7 @@ async fn a_crashed_runner_is_checked_again_before_its_restart_and_the_refusal_en
     let spool = Spool::new(&["in"]).expect("spool");
     let mailman_cfg = spool.scratch("mailman.cfg");
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
-    let fake = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/fake_mailman3_runner.py");
-    let toml = format!(
-        "[supervise.in]\nflavour = \"mailman3-runner\"\ncommand = [\"python3\", \"{fake}\", \"{}\", \"{{slice}}\", \"{{slices}}\", \"{}\", \"-C\", \"{}\", \"-r\", \"in:{{slice}}:{{slices}}\"]\nenv = [\"PATH\"]\n",
-        spool.root().join("in").display(),
-        spool.records_path().display(),
-        mailman_cfg.display()
-    );
-    let cfg = spool.scratch("runner.toml");
-    std::fs::write(&cfg, toml).expect("write");
-    let cfg = cfg.to_string_lossy().into_owned();
+    let cfg = runner_command_config(&spool, &mailman_cfg);
     let mut c = client(&etcd).await.expect("client");
     put_queue(&mut c, "t", "in", 2).await.expect("queue");
     assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
