@@ -114,11 +114,23 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Waits until each runner holds 4 slices and no hand-off is pending (every slice's
+    /// claim is held by its assigned owner): a measurement must not start mid-rebalance.
     async fn wait_balanced(&self) -> Result<()> {
         let c = client(&self.etcd).await?;
-        wait_until(LONG, "4 slices on each of the 3 runners", || async {
+        let keys = Keys::new("t")?;
+        wait_until(LONG, "4 slices on each of the 3 runners, held by their assigned owners", || async {
             let h = holdings(&mut c.clone(), "t", "in").await;
-            h.len() == 3 && h.values().all(|v| v.len() == 4)
+            let balanced = h.len() == 3 && h.values().all(|v| v.len() == 4);
+            let Ok(resp) = c.clone().get(keys.assignments_prefix(), Some(etcd_client::GetOptions::new().with_prefix())).await else { return false };
+            let settled = resp.kvs().iter().all(|kv| {
+                let Ok(a) = qslice_proto::records::Assignment::decode(kv.value()) else { return false };
+                let Some(qslice_proto::keys::Key::Assignment { node, .. }) = keys.parse(kv.key()) else { return true };
+                let held = h.get(&node);
+                let all = a.slices.iter().all(|s| held.is_some_and(|v| v.contains(&s)));
+                all
+            });
+            balanced && settled
         })
         .await
     }
@@ -185,7 +197,7 @@ impl Cluster {
         })
         .await?;
         let records = self.spool.records();
-        let gaps = slices
+        let gaps: Vec<f64> = slices
             .iter()
             .map(|s| {
                 let last_old = records.iter().filter(|r| r.slice == *s && r.node == node && r.what == "end").map(|r| r.at_ns).max().unwrap_or(cordoned_ns);
@@ -193,6 +205,14 @@ impl Cluster {
                 first_new.saturating_sub(last_old) as f64 / 1e6
             })
             .collect();
+        if gaps.iter().any(|g| *g > 1000.0) && std::env::var("QSLICE_BENCH_DEBUG").is_ok() {
+            eprintln!("slow drain of {node} at {cordoned_ns}: gaps {gaps:?}");
+            for n in ["r1", "r2", "r3", "coordinator-c1"] {
+                let log = std::fs::read_to_string(self.spool.scratch(&format!("{n}.log"))).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("--- {n}\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+            }
+        }
         c.delete(keys.cordon(node), None).await?;
         self.wait_balanced().await?;
         Ok(gaps)
