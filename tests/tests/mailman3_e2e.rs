@@ -72,6 +72,18 @@ impl Cluster {
         self.site.all_accepted(posts, LONG).await.unwrap_or_else(|e| panic!("{e}; runner logs:\n{}", self.logs()))
     }
 
+    /// Waits until every node's log says `n` warm spares got ready (Mailman initialised).
+    async fn warm_spares(&self, n: usize) {
+        for (node, runner) in &self.runners {
+            wait_until(LONG, &format!("{node}'s {n} warm spares ready"), || {
+                let ready = runner.log().matches("a warm Mailman slice runner is ready").count();
+                async move { ready >= n }
+            })
+            .await
+            .expect("spares");
+        }
+    }
+
     fn logs(&self) -> String {
         self.runners.keys().map(|n| format!("--- {n}\n{}\n", qslice_tests::tail(&self.site.spool.scratch(&format!("{n}.log")), 40))).collect()
     }
@@ -122,14 +134,7 @@ async fn drains_and_rebalances_accept_every_post_once_with_nothing_shunted() {
 async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_flight_posts_may_double() {
     let mut c = cluster(&["r1", "r2", "r3"], 4, "spares = 2\n").await;
     // A takeover is warm once each node's spares have initialised Mailman.
-    for (node, runner) in &c.runners {
-        wait_until(LONG, &format!("{node}'s two warm spares ready"), || {
-            let n = runner.log().matches("a warm Mailman slice runner is ready").count();
-            async move { n >= 2 }
-        })
-        .await
-        .expect("spares");
-    }
+    c.warm_spares(2).await;
     c.site.post(100, 0).expect("post");
     c.site.post_in_background(300, 100, 40.0).expect("post");
     wait_for_accepts(&c.site, 20).await;
@@ -314,6 +319,7 @@ async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes
     let queues = c.ctl(&["queues"]);
     assert!(queues.contains("no eligible node"), "the queue's state says so: {queues}");
     c.site.post(40, 0).expect("post");
+    c.warm_spares(2).await;
     // The fix: a power of two. The refusals end at once and the posts flow again.
     let fixed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
     let fixed = std::time::Instant::now();
