@@ -464,8 +464,10 @@ impl IncarnationRun {
             .filter(|(q, r)| {
                 let cooled = r.until.is_some_and(|until| until <= now);
                 let changed = r.until.is_some() && self.config_stamp(q) != r.config_stamp;
+                // The count the refusal was about: the queue's record, else the assignment's.
+                let count = self.queue_slices.get(*q).copied().or_else(|| self.desired.get(*q).map(|(n, _)| *n));
                 let fixed = r.until.is_none()
-                    && self.shared.cfg.supervise.get(*q).is_none_or(|sup| sup.check(q, self.queue_slices.get(*q).copied()).is_ok());
+                    && count.is_some_and(|n| self.shared.cfg.supervise.get(*q).is_none_or(|sup| sup.check(q, Some(n)).is_ok()));
                 cooled || changed || fixed
             })
             .map(|(q, _)| q.clone())

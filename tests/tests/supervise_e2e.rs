@@ -178,9 +178,12 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
     wait_for(LONG, "the mismatch named in the log", || r.log().contains("instances = 2") && r.log().contains("4 slices")).expect("refused");
     assert!(claims(&mut c, "t", "in").await.expect("claims").is_empty(), "nothing claimed under a slicing Mailman would not use");
     let keys = qslice_proto::keys::Keys::new("t").expect("keys");
-    let node = c.get(keys.node("r"), None).await.expect("get");
-    let record = <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record");
-    assert_eq!(record.refused_queues, vec!["in"], "the refusal is published for the coordinator");
+    let refused = || async {
+        let node = c.clone().get(keys.node("r"), None).await.expect("get");
+        <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record").refused_queues
+    };
+    wait_until(LONG, "the refusal published for the coordinator", || async { refused().await == vec!["in".to_owned()] }).await.expect("published");
+
     // --check-config refuses an instance count Mailman 3 itself would reject.
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 3\n").expect("write");
     let out = std::process::Command::new(qslice_tests::qslice_bin("qslice-runner").expect("built"))
@@ -189,6 +192,9 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"), "{}", String::from_utf8_lossy(&out.stderr));
+    // The refusal held all along: the count it was refused for is still the assignment's.
+    assert_eq!(refused().await, vec!["in"], "the refusal holds while the mismatch does");
+    assert!(!r.log().contains("refusal lifted"), "the refusal was lifted while the mismatch lasted: {}", r.log());
 }
 
 #[tokio::test]
