@@ -245,13 +245,6 @@ impl WarmPool {
         self.fill(&mut st);
     }
 
-    /// How many idle runners there are, and how many of them are initialised.
-    pub fn counts(&self) -> (usize, usize) {
-        let mut st = self.state.lock().expect("pool lock");
-        let ready = st.idle.iter_mut().map(|r| r.poll_ready()).filter(|ready| *ready).count();
-        (st.idle.len(), ready)
-    }
-
     /// A runner to give a slice to: an initialised one if there is one, else the oldest
     /// starting one, else a new one. Its place in the pool is refilled.
     pub fn take(&self) -> std::io::Result<SliceRunner> {
