@@ -24,6 +24,12 @@ fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
 }
 
+/// Whether the 4 slices are claimed, some by `a` and some by `b`.
+async fn both_hold(c: &etcd_client::Client, a: &str, b: &str) -> bool {
+    let held = claims(&mut c.clone(), "t", "in").await.unwrap_or_default();
+    held.len() == 4 && held.values().any(|(n, _)| n == a) && held.values().any(|(n, _)| n == b)
+}
+
 async fn all_held_by(c: &etcd_client::Client, node: &str, slices: usize) -> bool {
     claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == slices && m.values().all(|(n, _)| n == node))
 }
@@ -120,12 +126,7 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
     let delay = [("QSLICE_TEST_DELAY", "0.3")];
     let r1 = start_runner(&etcd, &spool, &n1, "t", &[], &delay).expect("r1");
     let _r2 = start_runner(&etcd, &spool, &n2, "t", &[], &delay).expect("r2");
-    wait_until(LONG, "both runners holding slices", || async {
-        let held = claims(&mut c.clone(), "t", "in").await.unwrap_or_default();
-        held.len() == 4 && held.values().any(|(n, _)| *n == n1) && held.values().any(|(n, _)| *n == n2)
-    })
-    .await
-    .expect("balanced");
+    wait_until(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let q = spool.queue("in");
     let mut enqueued = Vec::new();
     for i in 0..40u32 {
@@ -175,12 +176,7 @@ async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_wai
     let ttl = ["--lease-ttl", "60s"];
     let mut r1 = start_runner(&etcd, &spool, &n1, "t", &ttl, &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
     let _r2 = start_runner(&etcd, &spool, &n2, "t", &ttl, &[]).expect("r2");
-    wait_until(LONG, "both runners holding slices", || async {
-        let held = claims(&mut c.clone(), "t", "in").await.unwrap_or_default();
-        held.len() == 4 && held.values().any(|(n, _)| *n == n1) && held.values().any(|(n, _)| *n == n2)
-    })
-    .await
-    .expect("balanced");
+    wait_until(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let q = spool.queue("in");
     for i in 0..8u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
@@ -208,12 +204,7 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new
     let cfg = site.runner_config("runner.toml", "spares = 2\n").expect("config");
     let r1 = start_runner(&etcd, &site.spool, &n1, "t", &["--config", &cfg], &[]).expect("r1");
     let _r2 = start_runner(&etcd, &site.spool, &n2, "t", &["--config", &cfg], &[]).expect("r2");
-    wait_until(LONG, "both runners holding slices", || async {
-        let held = claims(&mut c.clone(), "t", "in").await.unwrap_or_default();
-        held.len() == 4 && held.values().any(|(n, _)| *n == n1) && held.values().any(|(n, _)| *n == n2)
-    })
-    .await
-    .expect("balanced");
+    wait_until(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| *n == n1).map(|(_, e)| *e).collect();
     let r1_slices = old_epochs.len();
     site.post(300, 0).expect("post");
