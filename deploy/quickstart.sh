@@ -321,7 +321,8 @@ then look around:
   tail -f $DEMO/processed.log
   Dashboard: http://127.0.0.1:$HTTP_PORT/   (live slice map, failover timeline)
 
-Kill a runner and watch its slices move to the others within about the lease TTL:
+Kill a runner and watch its slices move to the others at once (its leash revokes its lease;
+a whole host that dies takes about the lease TTL):
 
   kill -9 \$(cat $DEMO/pids/runner-r2.pid)
   qslicectl status --slices
