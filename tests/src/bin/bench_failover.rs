@@ -200,7 +200,9 @@ impl Cluster {
         let gaps: Vec<f64> = slices
             .iter()
             .map(|s| {
-                let last_old = records.iter().filter(|r| r.slice == *s && r.node == node && r.what == "end").map(|r| r.at_ns).max().unwrap_or(cordoned_ns);
+                // From the old owner's last entry, or from the cordon if it had been idle
+                // (or had only just claimed the slice): an earlier tenure is no gap.
+                let last_old = records.iter().filter(|r| r.slice == *s && r.node == node && r.what == "end").map(|r| r.at_ns).max().unwrap_or(cordoned_ns).max(cordoned_ns);
                 let first_new = records.iter().filter(|r| r.slice == *s && r.node != node && r.what == "start" && r.at_ns > cordoned_ns).map(|r| r.at_ns).min().unwrap_or(last_old);
                 first_new.saturating_sub(last_old) as f64 / 1e6
             })
