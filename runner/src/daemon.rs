@@ -19,7 +19,7 @@ use crate::handler::Handler;
 use crate::mailman3::{install_script, WarmPool};
 use crate::supervise::Flavour;
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
-use crate::membership::{keep_alive, register, Incarnation};
+use crate::membership::{fence_margin, keep_alive, register, Incarnation};
 use crate::owner::{run_incarnation, Exit, Shared};
 
 /// Why the runner stopped with an error.
@@ -87,7 +87,13 @@ impl StateLock {
 
 /// Tells the leash the time left before the fence deadline until the fence trips (then
 /// zero: the children go); a lost leash trips the fence.
+///
+/// The leash's deadline is the fence deadline plus half the fence margin: still that much
+/// before etcd can expire the lease, and after this runner's own fence has tripped, so a
+/// handler the leash kills is always seen as killed at the fence (its entry stays `.bak`
+/// for recovery), never as a failed entry to preserve in `bad/`.
 async fn renew_leash(leash: Arc<Leash>, inc: Incarnation) {
+    let grace = fence_margin(inc.ttl) / 2;
     let mut tick = tokio::time::interval(LEASH_RENEW);
     loop {
         tokio::select! {
@@ -98,7 +104,7 @@ async fn renew_leash(leash: Arc<Leash>, inc: Incarnation) {
                 break;
             }
         }
-        let left = if inc.fence.is_valid() { inc.fence.deadline().saturating_duration_since(tokio::time::Instant::now()) } else { Duration::ZERO };
+        let left = if inc.fence.is_valid() { inc.fence.deadline().saturating_duration_since(tokio::time::Instant::now()) + grace } else { Duration::ZERO };
         leash.renew(inc.lease_id, left);
     }
     leash.renew(inc.lease_id, Duration::ZERO);

@@ -6,9 +6,11 @@
 //! and PR_SET_PDEATHSIG only covers its death. The leash is the same binary
 //! (`qslice-runner --leash`), started by the runner in its own process group without the
 //! death signal, so it keeps running when the runner is frozen, hung or dead:
-//! - the runner keeps telling it the time left before the fence deadline; the leash
-//!   measures it on CLOCK_BOOTTIME (which counts through a suspend) and SIGKILLs every
-//!   registered process group the moment the deadline passes without a renewal;
+//! - the runner keeps telling it the time left before the fence deadline (plus half the
+//!   fence margin, so that the runner's own fence has tripped first and the lease still
+//!   cannot have expired); the leash measures it on CLOCK_BOOTTIME (which counts through a
+//!   suspend) and SIGKILLs every registered process group the moment it passes without a
+//!   renewal;
 //! - when its stdin closes without `bye` (the runner died on a live host), it kills the
 //!   groups, waits until they are gone, and revokes the runner's lease itself, so that the
 //!   coordinator moves the slices at once instead of after the TTL.

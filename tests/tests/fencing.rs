@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qslice_tests::cluster::{assign, claims, client, start_coordinator, start_runner, put_queue, unassign, wait_until, Spool};
+use qslice_tests::cluster::{assign, claims, client, files_in, put_queue, start_coordinator, start_runner, unassign, wait_until, Spool};
 use qslice_tests::freezer::{process_tree, Freezer};
 use qslice_tests::mailman3::Site;
 use qslice_tests::{pids_with_env, Etcd};
@@ -66,6 +66,7 @@ async fn a_frozen_runners_handlers_are_killed_before_another_node_claims_its_sli
         assert!(rec.node != n1 || rec.what != "end", "a handler of the frozen runner ran to its end: {rec:?}");
     }
     assert!(r1.log().contains("killed") && r1.log().contains("leash"), "the leash says what it did: {}", r1.log());
+    assert!(files_in(&spool.root().join("bad")).is_empty(), "a handler killed at the fence is no failed entry: nothing goes to bad/");
     // Thawed, r1 fences itself and starts nothing under its old epochs.
     let thawed_ns = now_ns();
     freezer.thaw().expect("thaw");
@@ -153,6 +154,7 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
     .expect("finished");
     wait_until(LONG, "r1 registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
     let records = spool.records();
+    assert!(files_in(&spool.root().join("bad")).is_empty(), "work killed by the pause is recovered, never put in bad/");
     let stale: Vec<_> = records.iter().filter(|r| r.what == "start" && r.node == n1 && r.at_ns > thawed_ns && old_epochs.contains(&r.epoch)).collect();
     assert!(stale.is_empty(), "starts under r1's old epochs after the thaw: {stale:?}");
     // Only what was in flight at the freeze may run twice.
