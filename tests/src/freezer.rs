@@ -91,9 +91,17 @@ impl Freezer {
 impl Drop for Freezer {
     fn drop(&mut self) {
         let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
-        for pid in self.pids() {
-            let _ = std::fs::write(Path::new(ROOT).join("cgroup.procs"), pid.to_string());
+        // Processes still running may start children into the group while it is emptied:
+        // empty it until it stays empty (bounded), then remove it.
+        for _ in 0..100 {
+            let pids = self.pids();
+            if pids.is_empty() && std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            for pid in pids {
+                let _ = std::fs::write(Path::new(ROOT).join("cgroup.procs"), pid.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = std::fs::remove_dir(&self.dir);
     }
 }
