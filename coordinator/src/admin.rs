@@ -14,7 +14,7 @@ use qslice_proto::admin::{
 use qslice_proto::keys::{validate_name, Keys};
 use qslice_proto::records::{Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SliceFigures, RECORD_VERSION};
 use qslice_proto::slice::validate_slice_count;
-use qslice_runner::etcd::REQUEST_TIMEOUT;
+use qslice_common::etcd::REQUEST_TIMEOUT;
 use tokio_stream::Stream;
 
 use crate::cache::{now_ms, ClusterCache};

@@ -19,7 +19,7 @@ use etcd_client::{Client, KeyValue};
 use qslice_proto::admin::{event::Kind, Event};
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{Assignment, Claim, QueueConfig, Record};
-use qslice_runner::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 

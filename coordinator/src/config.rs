@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use qslice_proto::keys::validate_name;
-use qslice_runner::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat};
+use qslice_common::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat};
 use serde::Deserialize;
 
 use crate::health::{AlertSettings, DEFAULT_IN_FLIGHT_ALERT_AFTER};

@@ -23,6 +23,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
+use qslice_common::health::{self, Readiness};
 use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::{Event, GetStatusResponse};
 use serde::Serialize;
@@ -87,20 +88,24 @@ impl Dashboard {
 
     /// The routes: `/`, `/api/status`, `/metrics`, `/healthz`, `/readyz`.
     pub fn router(&self) -> Router {
+        let leader = self.inner.leader.clone();
+        let readiness: Readiness = Arc::new(move || {
+            if leader.leading.load(Ordering::SeqCst) {
+                Ok("ready: leading\n")
+            } else {
+                Err("not ready: not the leader (standby or not yet elected)\n")
+            }
+        });
         Router::new()
             .route("/", get(|| async { Html(PAGE) }))
             .route("/api/status", get(api_status))
-            .route("/metrics", get(metrics))
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route("/readyz", get(readyz))
             .with_state(self.clone())
+            .merge(health::routes(self.inner.metrics.clone(), readiness))
     }
 
     /// Serves the routes on `addr` until `shutdown`.
     pub async fn serve(self, addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        tracing::info!(%addr, "serving the dashboard (/), /api/status, /metrics, /healthz and /readyz");
-        axum::serve(listener, self.router()).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+        health::serve(addr, self.router(), "the dashboard (/), /api/status, /metrics, /healthz and /readyz", shutdown).await
     }
 }
 
@@ -114,21 +119,6 @@ async fn api_status(State(d): State<Dashboard>) -> Response {
             json(StatusCode::OK, &StatusBody::new(status, &history, now_ms()))
         }
         Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody { error: e.to_string() }),
-    }
-}
-
-async fn metrics(State(d): State<Dashboard>) -> Response {
-    match &d.inner.metrics {
-        Some(handle) => handle.render().into_response(),
-        None => (StatusCode::NOT_FOUND, "no metrics recorder in this process\n").into_response(),
-    }
-}
-
-async fn readyz(State(d): State<Dashboard>) -> Response {
-    if d.inner.leader.leading.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready: leading\n").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: not the leader (standby or not yet elected)\n").into_response()
     }
 }
 

@@ -26,8 +26,8 @@ use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::Event;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{CoordinatorRecord, Record, RECORD_VERSION};
-use qslice_runner::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
-use qslice_runner::membership::{grant_lease, keep_alive, Incarnation};
+use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
+use qslice_common::lease::{grant_lease, keep_alive, Incarnation, Role};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -90,7 +90,7 @@ pub async fn run(cfg: Config, mut client: Client, cache: Arc<ClusterCache>, shut
         register(&mut client, &keys, &cfg, inc.lease_id).await;
         let keeper = {
             let (client, inc) = (client.clone(), inc.clone());
-            tokio::spawn(async move { keep_alive(client, &inc).await })
+            tokio::spawn(async move { keep_alive(client, &inc, Role::Coordinator).await })
         };
         tracing::info!(id = %cfg.id, lease = inc.lease_id, "campaigning for leadership");
         let campaign = tokio::select! {

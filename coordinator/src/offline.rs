@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use qslice_proto::slice::{validate_slice_count, EntryName, NameError, SliceCountError};
-use qslice_runner::spool::{QueueDir, SpoolError};
+use qslice_common::spool::{QueueDir, SpoolError};
 use serde::Serialize;
 
 /// An offline tool's failure.

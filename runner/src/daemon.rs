@@ -14,12 +14,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
+use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use crate::handler::Handler;
 use crate::mailman3::{install_script, WarmPool};
 use crate::supervise::Flavour;
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
-use crate::membership::{fence_margin, keep_alive, register, Incarnation};
+use qslice_common::lease::{fence_margin, keep_alive, Incarnation, Role};
+use crate::membership::register;
 use crate::owner::{run_incarnation, Exit, Shared};
 
 /// Why the runner stopped with an error.
@@ -179,7 +180,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool
         let keeper = {
             let client = client.clone();
             let inc_ref = inc.clone();
-            tokio::spawn(async move { keep_alive(client, &inc_ref).await })
+            tokio::spawn(async move { keep_alive(client, &inc_ref, Role::Runner).await })
         };
         if leash.lost().is_cancelled() {
             tracing::warn!("the leash was lost; starting a new one");

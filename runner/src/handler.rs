@@ -181,7 +181,7 @@ impl Handler {
             .stdout(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
-        crate::cli::die_with_parent(&mut cmd);
+        crate::child::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| format!("cannot start worker {:?}: {e}", argv[0]))?;
         let stdin = child.stdin.take().ok_or("worker has no stdin")?;
         let stdout = BufReader::new(child.stdout.take().ok_or("worker has no stdout")?).lines();
@@ -198,7 +198,7 @@ impl Handler {
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .process_group(0);
-        crate::cli::die_with_parent(&mut cmd);
+        crate::child::die_with_parent(&mut cmd);
         let child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => return Outcome::Failed(format!("cannot start {:?}: {e}", argv[0])),

@@ -32,7 +32,7 @@ use nix::time::{clock_gettime, ClockId};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use crate::config::EtcdConfig;
+use qslice_common::config::EtcdConfig;
 
 /// How often the runner renews the leash's deadline.
 pub const RENEW_EVERY: Duration = Duration::from_millis(100);
@@ -314,10 +314,10 @@ pub fn main() -> ExitCode {
 fn revoke(lease: i64, etcd: EtcdConfig) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     runtime.block_on(async {
-        let options = crate::etcd::connect_options(&etcd).map_err(|e| e.to_string())?;
+        let options = qslice_common::etcd::connect_options(&etcd).map_err(|e| e.to_string())?;
         let connect = etcd_client::Client::connect(&etcd.endpoints, Some(options));
-        let mut client = tokio::time::timeout(crate::etcd::REQUEST_TIMEOUT, connect).await.map_err(|_| "connect timed out".to_owned())?.map_err(|e| e.to_string())?;
-        match tokio::time::timeout(crate::etcd::REQUEST_TIMEOUT, client.lease_revoke(lease)).await {
+        let mut client = tokio::time::timeout(qslice_common::etcd::REQUEST_TIMEOUT, connect).await.map_err(|_| "connect timed out".to_owned())?.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(qslice_common::etcd::REQUEST_TIMEOUT, client.lease_revoke(lease)).await {
             Ok(Ok(_)) => Ok(()),
             // Already gone (it expired, or the runner revoked it before it died).
             Ok(Err(e)) if e.to_string().contains("not found") => Ok(()),

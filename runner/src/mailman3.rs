@@ -35,7 +35,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::membership::Fence;
+use qslice_common::lease::Fence;
 use crate::supervise::{command, log_lines, wait_backoff, SuperviseConfig, Supervised, SupervisorExit};
 
 /// The slice runner's source, shipped inside the binary.

@@ -1,36 +1,19 @@
-//! Membership: one etcd lease per incarnation, the node record attached to it, keepalive,
-//! and self-fencing.
-//!
-//! The fence deadline is (send time of the last acknowledged keepalive + TTL − margin).
-//! etcd expires the lease no earlier than TTL after it received that keepalive, which is
-//! after we sent it, so a runner that stops all work at its deadline has stopped before
-//! anyone else can claim its slices.
-
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+//! Membership: the node record attached to this incarnation's lease. The lease itself,
+//! its keepalive and the fence are [`qslice_common::lease`].
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use qslice_common::lease::{grant_lease, timed, unix_ms, Incarnation, LeaseError};
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{NodeRecord, Record, RECORD_VERSION};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::config::Config;
-use crate::etcd::REQUEST_TIMEOUT;
 
 /// Why membership could not be established.
 #[derive(Debug, thiserror::Error)]
 pub enum MembershipError {
-    /// Granting the lease failed.
-    #[error("cannot grant a {ttl}s lease: {source}")]
-    GrantLease {
-        /// Requested TTL in seconds.
-        ttl: i64,
-        /// The cause.
-        #[source]
-        source: etcd_client::Error,
-    },
+    /// The lease could not be granted, or etcd did not answer in time.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
     /// Writing the node record failed.
     #[error("cannot write node record {key}: {source}")]
     WriteNodeRecord {
@@ -50,104 +33,6 @@ pub enum MembershipError {
         /// The other runner's pid.
         pid: u32,
     },
-    /// An etcd call took longer than the request timeout.
-    #[error("etcd did not answer {what} within {REQUEST_TIMEOUT:?}")]
-    Timeout {
-        /// The call.
-        what: &'static str,
-    },
-}
-
-/// The self-fencing clock of one incarnation.
-pub struct Fence {
-    deadline: Mutex<Instant>,
-    lost: CancellationToken,
-    reason: Mutex<Option<String>>,
-}
-
-impl Fence {
-    fn new(deadline: Instant) -> Fence {
-        Fence { deadline: Mutex::new(deadline), lost: CancellationToken::new(), reason: Mutex::new(None) }
-    }
-
-    /// Whether work may start now: the deadline has not passed and the lease is not lost.
-    pub fn is_valid(&self) -> bool {
-        !self.lost.is_cancelled() && Instant::now() < self.deadline()
-    }
-
-    /// The current deadline.
-    pub fn deadline(&self) -> Instant {
-        *self.deadline.lock().expect("fence lock")
-    }
-
-    /// Cancelled the moment the incarnation must stop all work.
-    pub fn lost(&self) -> &CancellationToken {
-        &self.lost
-    }
-
-    /// Why the fence tripped, once it has.
-    pub fn reason(&self) -> Option<String> {
-        self.reason.lock().expect("fence lock").clone()
-    }
-
-    fn extend(&self, deadline: Instant) {
-        let mut d = self.deadline.lock().expect("fence lock");
-        if deadline > *d {
-            *d = deadline;
-        }
-    }
-
-    /// Trips the fence: every holder stops work at once.
-    pub fn trip(&self, reason: &str) {
-        let mut r = self.reason.lock().expect("fence lock");
-        if r.is_none() {
-            *r = Some(reason.to_owned());
-        }
-        self.lost.cancel();
-    }
-}
-
-/// One lease of a runner or coordinator, with its fence clock.
-#[derive(Clone)]
-pub struct Incarnation {
-    /// The lease the node record and all claims are attached to.
-    pub lease_id: i64,
-    /// Tells this incarnation apart from earlier ones of the same node.
-    pub incarnation: Uuid,
-    /// The TTL etcd granted.
-    pub ttl: Duration,
-    /// The self-fencing clock.
-    pub fence: Arc<Fence>,
-    /// The node record written for this incarnation (runners only).
-    pub record: Option<NodeRecord>,
-}
-
-/// Wait before retrying a failed keepalive (well below any TTL/3).
-const KEEPALIVE_RETRY: Duration = Duration::from_millis(100);
-
-/// How far before the lease's earliest expiry the runner stops: a tenth of the TTL,
-/// at least 100 ms, for clock-rate drift and scheduling delay.
-pub fn fence_margin(ttl: Duration) -> Duration {
-    (ttl / 10).max(Duration::from_millis(100))
-}
-
-async fn timed<T>(what: &'static str, f: impl std::future::Future<Output = T>) -> Result<T, MembershipError> {
-    tokio::time::timeout(REQUEST_TIMEOUT, f).await.map_err(|_| MembershipError::Timeout { what })
-}
-
-/// Grants a lease of `ttl` and starts its fence clock (for runners and coordinators alike).
-pub async fn grant_lease(client: &mut Client, ttl: Duration) -> Result<Incarnation, MembershipError> {
-    let secs = ttl.as_secs().max(1) as i64;
-    let sent = Instant::now();
-    let grant = timed("lease grant", client.lease_grant(secs, None))
-        .await?
-        .map_err(|source| MembershipError::GrantLease { ttl: secs, source })?;
-    let granted = Duration::from_secs(grant.ttl().max(1) as u64);
-    if granted != ttl {
-        tracing::warn!(requested = ?ttl, ?granted, "etcd granted a different lease TTL than configured; using etcd's");
-    }
-    let fence = Arc::new(Fence::new(sent + granted - fence_margin(granted)));
-    Ok(Incarnation { lease_id: grant.id(), incarnation: Uuid::new_v4(), ttl: granted, fence, record: None })
 }
 
 /// Grants a lease and writes the node record attached to it (only if no other live
@@ -178,7 +63,7 @@ pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<
         Ok(r) => r.map_err(write_err)?,
         Err(e) => {
             let _ = client.lease_revoke(inc.lease_id).await;
-            return Err(e);
+            return Err(e.into());
         }
     };
     if !resp.succeeded() {
@@ -197,92 +82,3 @@ pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<
     Ok(inc)
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// Keeps the lease alive every TTL/3 until the fence trips, extending the fence on every
-/// acknowledged keepalive. Every way the lease can be lost ends in a tripped fence:
-/// a reply with TTL <= 0 (the lease is gone) trips it at once; a send error, a stream
-/// error, a stream end or no reply only stop extending it, and the watchdog trips it at
-/// the deadline.
-pub async fn keep_alive(mut client: Client, inc: &Incarnation) {
-    let fence = inc.fence.clone();
-    let watchdog = {
-        let fence = fence.clone();
-        tokio::spawn(async move {
-            loop {
-                let deadline = fence.deadline();
-                tokio::select! {
-                    _ = fence.lost().cancelled() => return,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        if Instant::now() >= fence.deadline() {
-                            metrics::counter!("qslice_runner_fence_events_total").increment(1);
-                            fence.trip("no keepalive was acknowledged in time (etcd unreachable or this process paused)");
-                            return;
-                        }
-                    }
-                }
-            }
-        })
-    };
-    let interval = inc.ttl / 3;
-    let margin = fence_margin(inc.ttl);
-    let mut stream = None;
-    let mut last_complaint = None::<Instant>;
-    while !fence.lost().is_cancelled() {
-        let sent = Instant::now();
-        let result = async {
-            if stream.is_none() {
-                let opened = tokio::time::timeout(interval, client.lease_keep_alive(inc.lease_id))
-                    .await
-                    .map_err(|_| "opening the keepalive stream timed out".to_owned())?
-                    .map_err(|e| format!("opening the keepalive stream failed: {e}"))?;
-                stream = Some(opened);
-            }
-            let (keeper, replies) = stream.as_mut().expect("opened above");
-            keeper.keep_alive().await.map_err(|e| format!("keepalive send failed: {e}"))?;
-            match tokio::time::timeout(interval, replies.message()).await {
-                Err(_) => Err("no keepalive reply".to_owned()),
-                Ok(Err(e)) => Err(format!("keepalive stream error: {e}")),
-                Ok(Ok(None)) => Err("keepalive stream ended".to_owned()),
-                Ok(Ok(Some(reply))) => Ok(reply.ttl()),
-            }
-        }
-        .await;
-        match result {
-            Ok(ttl) if ttl > 0 => {
-                fence.extend(sent + inc.ttl - margin);
-                metrics::gauge!("qslice_runner_keepalive_latency_seconds").set(sent.elapsed().as_secs_f64());
-                if last_complaint.take().is_some() {
-                    tracing::info!(lease = inc.lease_id, "keepalives are acknowledged again");
-                }
-            }
-            Ok(_) => {
-                metrics::counter!("qslice_runner_fence_events_total").increment(1);
-                fence.trip("etcd says the lease has expired");
-                break;
-            }
-            Err(error) => {
-                stream = None;
-                if last_complaint.is_none_or(|t| t.elapsed() >= Duration::from_secs(2)) {
-                    let left = fence.deadline().saturating_duration_since(Instant::now());
-                    tracing::warn!(lease = inc.lease_id, %error, fence_in = ?left, "lease keepalive failed");
-                    last_complaint = Some(Instant::now());
-                }
-            }
-        }
-        // After a failure, try again soon rather than after a whole interval: with several
-        // endpoints a call can land on a dead member, and the next one on a live member.
-        let next = if stream.is_none() { Instant::now() + KEEPALIVE_RETRY } else { sent + interval };
-        tokio::select! {
-            _ = fence.lost().cancelled() => break,
-            _ = tokio::time::sleep_until(next) => {}
-        }
-    }
-    watchdog.abort();
-}

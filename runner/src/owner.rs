@@ -21,10 +21,10 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::etcd::{PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
 use crate::handler::{Handler, Job, Outcome};
-use crate::membership::{unix_ms, Incarnation};
-use crate::spool::{Dequeued, QueueDir, Scan};
+use qslice_common::lease::{unix_ms, Incarnation};
+use qslice_common::spool::{Dequeued, QueueDir, Scan};
 use crate::mailman3::WarmPool;
 use crate::supervise::{SuperviseConfig, Supervised, SupervisorExit};
 
@@ -192,7 +192,7 @@ struct IncarnationRun {
     shared: Arc<Shared>,
     lease_id: i64,
     incarnation: uuid::Uuid,
-    fence: Arc<crate::membership::Fence>,
+    fence: Arc<qslice_common::lease::Fence>,
     /// What the leader assigned to this node: queue -> (slice count, slices).
     desired: BTreeMap<String, (u32, BTreeSet<u32>)>,
     /// Claims this incarnation holds, with their epochs (including those being released).
@@ -243,7 +243,7 @@ const SUPERVISED_FIGURES_EVERY: Duration = Duration::from_secs(1);
 /// publishes its slices' figures, as the queue loop does for handled queues: the depth,
 /// the oldest entry's age and the `.bak` files with their age, as metrics every pass and
 /// to etcd every [`STATUS_INTERVAL`].
-async fn supervised_figures(mut client: Client, shared: Arc<Shared>, lease_id: i64, fence: Arc<crate::membership::Fence>, view: Arc<Mutex<SupervisedView>>) {
+async fn supervised_figures(mut client: Client, shared: Arc<Shared>, lease_id: i64, fence: Arc<qslice_common::lease::Fence>, view: Arc<Mutex<SupervisedView>>) {
     let mut tick = tokio::time::interval(SUPERVISED_FIGURES_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_status = None::<tokio::time::Instant>;
@@ -862,7 +862,7 @@ async fn delete_claim(client: &mut Client, keys: &Keys, queue: &str, slice: u32,
 }
 
 /// Lists the queue once per pass and processes the claimed slices' entries FIFO.
-async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<crate::membership::Fence>, mut client: Client, lease_id: i64) {
+async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<qslice_common::lease::Fence>, mut client: Client, lease_id: i64) {
     let poll = shared.cfg.poll_interval;
     let mut last_error = None::<tokio::time::Instant>;
     let mut last_status = None::<tokio::time::Instant>;
@@ -918,7 +918,7 @@ async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<crat
             .await;
         }
         // Round-robin over the claimed slices, FIFO within each.
-        let mut lists: Vec<std::vec::IntoIter<crate::spool::Entry>> =
+        let mut lists: Vec<std::vec::IntoIter<qslice_common::spool::Entry>> =
             owned.iter().filter_map(|s| pending.remove(s)).map(|v| v.into_iter()).collect();
         let mut started = 0usize;
         loop {
@@ -949,7 +949,7 @@ async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<crat
 }
 
 /// Takes one entry if its slice is still claimed and accepting and the fence is valid.
-fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<crate::membership::Fence>, entry: crate::spool::Entry, permit: tokio::sync::OwnedSemaphorePermit) -> bool {
+fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<qslice_common::lease::Fence>, entry: qslice_common::spool::Entry, permit: tokio::sync::OwnedSemaphorePermit) -> bool {
     let (epoch, kill) = {
         let mut owned = state.owned.lock().expect("owned lock");
         let Some(s) = owned.get_mut(&entry.slice) else { return false };

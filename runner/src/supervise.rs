@@ -31,8 +31,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{humantime_serde_opt, humantime_serialize};
-use crate::spool::QueueDir;
+use qslice_common::config::{humantime_serde_opt, humantime_serialize};
+use qslice_common::spool::QueueDir;
 
 /// How a queue's slices are run, and so how they are stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -343,7 +343,7 @@ pub struct Supervised {
     /// command flavours.
     pub pool: Option<std::sync::Arc<crate::mailman3::WarmPool>>,
     /// The incarnation's fence: its deadline is passed on to the slice runner.
-    pub fence: std::sync::Arc<crate::membership::Fence>,
+    pub fence: std::sync::Arc<qslice_common::lease::Fence>,
 }
 
 fn substitute(arg: &str, s: &Supervised) -> String {
@@ -391,7 +391,7 @@ pub(crate) fn command(cfg: &SuperviseConfig, argv: &[String], extra: &[(&str, St
     if let Some(group) = &cfg.group {
         cmd.gid(resolve_group(group).ok_or_else(|| std::io::Error::other(format!("unknown group {group:?}")))?);
     }
-    crate::cli::die_with_parent(&mut cmd);
+    crate::child::die_with_parent(&mut cmd);
     Ok(cmd)
 }
 

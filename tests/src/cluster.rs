@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use etcd_client::Client;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Assignment, Record, RECORD_VERSION};
-use qslice_runner::spool::QueueDir;
+use qslice_common::spool::QueueDir;
 
 use crate::{qslice_bin, Etcd, Proc};
 

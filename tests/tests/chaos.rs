@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
 use qslice_proto::keys::{Key, Keys};
-use qslice_runner::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_tests::checker::{check, Disruption, Grant};
 use qslice_tests::cluster::{client, fence_times, put_queue, start_coordinator, start_runner, wait_until, Coordinator, Spool};
 use qslice_tests::{Etcd, Proc};

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use qslice_proto::keys::Keys;
-use qslice_runner::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_tests::cluster::{assign, claims, client, wait_until, Spool};
 use qslice_tests::{qslice_bin, wait_for, Etcd, Proc};
 

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use qslice_runner::spool::QueueDir;
+use qslice_common::spool::QueueDir;
 use qslice_tests::qslice_bin;
 
 fn qslicectl(args: &[&str]) -> (i32, String, String) {

@@ -27,7 +27,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    qslice_runner::cli::init_logging(cfg.log_format);
+    qslice_common::daemon::init_logging(cfg.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -53,7 +53,7 @@ async fn async_main(cfg: Config) -> ExitCode {
             }
         });
     }
-    tokio::spawn(qslice_runner::cli::watch_signals(shutdown.clone(), "stop signal: resigning leadership (send it again to exit at once)", "second stop signal: exiting now"));
+    tokio::spawn(qslice_common::daemon::watch_signals(shutdown.clone(), "stop signal: resigning leadership (send it again to exit at once)", "second stop signal: exiting now"));
     tracing::info!(id = %cfg.id, cluster = %cfg.cluster, "qslice-coordinator starting");
     let keys = match qslice_proto::keys::Keys::new(&cfg.cluster) {
         Ok(k) => k,
@@ -71,11 +71,11 @@ async fn async_main(cfg: Config) -> ExitCode {
             let listed = cache.is_listed();
             async move { listed && accepts_connections(admin_addr).await }
         };
-        tokio::spawn(qslice_runner::notify::run(is_ready, shutdown.clone()));
+        tokio::spawn(qslice_common::notify::run(is_ready, shutdown.clone()));
     }
-    let client = match qslice_runner::etcd::connect_when_ready(&cfg.etcd, &shutdown).await {
+    let client = match qslice_common::etcd::connect_when_ready(&cfg.etcd, &shutdown).await {
         Ok(c) => c,
-        Err(qslice_runner::etcd::EtcdError::Cancelled) => return ExitCode::SUCCESS,
+        Err(qslice_common::etcd::EtcdError::Cancelled) => return ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "cannot use etcd");
             return ExitCode::from(1);

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
+use qslice_common::health::Readiness;
 use qslice_runner::config::{Args, Config};
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +29,7 @@ fn main() -> ExitCode {
         println!("configuration is valid");
         return ExitCode::SUCCESS;
     }
-    qslice_runner::cli::init_logging(cfg.log_format);
+    qslice_common::daemon::init_logging(cfg.log_format);
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
@@ -47,20 +48,29 @@ async fn async_main(cfg: Config) -> ExitCode {
     let ready = Arc::new(AtomicBool::new(false));
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder();
     if let (Some(addr), Ok(handle)) = (cfg.metrics_addr, recorder) {
-        let (ready, shutdown) = (ready.clone(), shutdown.clone());
+        let shutdown = shutdown.clone();
+        let ready = ready.clone();
+        let readiness: Readiness = Arc::new(move || {
+            if ready.load(Ordering::SeqCst) {
+                Ok("ready\n")
+            } else {
+                Err("not ready: not registered or assignment not read\n")
+            }
+        });
+        let routes = qslice_common::health::routes(Some(handle), readiness);
         tokio::spawn(async move {
-            if let Err(e) = qslice_runner::http::serve(addr, handle, ready, shutdown).await {
+            if let Err(e) = qslice_common::health::serve(addr, routes, "/metrics, /healthz and /readyz", shutdown).await {
                 tracing::error!(%addr, error = %e, "cannot serve metrics");
             }
         });
     }
-    tokio::spawn(qslice_runner::cli::watch_signals(shutdown.clone(), "stop signal: finishing in-flight work, releasing slices (send it again to exit at once)", "second stop signal: exiting now; in-flight entries stay .bak for recovery"));
+    tokio::spawn(qslice_common::daemon::watch_signals(shutdown.clone(), "stop signal: finishing in-flight work, releasing slices (send it again to exit at once)", "second stop signal: exiting now; in-flight entries stay .bak for recovery"));
     {
         // systemd (Type=notify): ready once registered with the assignment read, the same
         // condition as /readyz.
         let ready = ready.clone();
         let is_ready = move || std::future::ready(ready.load(Ordering::SeqCst));
-        tokio::spawn(qslice_runner::notify::run(is_ready, shutdown.clone()));
+        tokio::spawn(qslice_common::notify::run(is_ready, shutdown.clone()));
     }
     tracing::info!(node = %cfg.node_id, cluster = %cfg.cluster, spool = %cfg.spool.display(), "qslice-runner starting");
     match qslice_runner::daemon::run(cfg, shutdown, ready).await {

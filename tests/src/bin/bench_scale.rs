@@ -35,7 +35,7 @@ use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use qslice_coordinator::planner::{plan, NodeSpec, Plan, PlanInput, PlanOptions, QueueSpec, SliceKey, DEFAULT_CHURN_BUDGET};
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{Assignment, Claim, NodeRecord, Record, RECORD_VERSION};
-use qslice_runner::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_tests::benchkit::{self, round, EtcdLoad, Metrics, ProcSample, Table};
 use qslice_tests::cluster::{client, leader, put_queue};
 use qslice_tests::Etcd;

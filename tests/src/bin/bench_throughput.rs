@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use qslice_runner::spool::QueueDir;
+use qslice_common::spool::QueueDir;
 use qslice_tests::benchkit::{self, round, ProcSample, Table};
 use qslice_tests::cluster::{client, holdings, put_queue};
 use qslice_tests::{Etcd, Proc};
