@@ -237,18 +237,31 @@ impl EntryName {
     }
 }
 
-/// Parses TIME as Mailman writes it (`repr(time.time())`): digits, optionally a `.` and
-/// more digits. Exponents, signs, `inf` and `nan` are refused.
+/// Parses TIME as Mailman reads it: `float(when)`. Mailman writes `repr(time.time())`, but
+/// its switchboard takes any name whose time part Python's `float()` accepts, so qslice
+/// does too: surrounding whitespace, a sign, an exponent, `_` between digits, `inf` and
+/// `nan`. Only ASCII digits are taken (Python also takes other Unicode digits, which no
+/// Mailman writes). Such entries order by [`f64::total_cmp`].
 fn parse_time(text: &str) -> Option<f64> {
-    let (int, frac) = match text.split_once('.') {
-        Some((i, f)) => (i, Some(f)),
-        None => (text, None),
-    };
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(int) || frac.is_some_and(|f| !digits(f)) {
+    let text = text.trim();
+    let bytes = text.as_bytes();
+    for (i, b) in bytes.iter().enumerate() {
+        if *b == b'_' {
+            // Python allows `_` only between two digits.
+            let digit_at = |j: Option<usize>| j.and_then(|j| bytes.get(j)).is_some_and(u8::is_ascii_digit);
+            if !digit_at(i.checked_sub(1)) || !digit_at(Some(i + 1)) {
+                return None;
+            }
+        }
+    }
+    let plain: String = text.chars().filter(|c| *c != '_').collect();
+    let unsigned = plain.strip_prefix(['+', '-']).unwrap_or(&plain);
+    // Past underscores, Rust's grammar is Python's but for the words it takes.
+    let word = unsigned.to_ascii_lowercase();
+    if unsigned.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && !matches!(word.as_str(), "inf" | "infinity" | "nan") {
         return None;
     }
-    text.parse::<f64>().ok().filter(|t| t.is_finite())
+    plain.parse::<f64>().ok()
 }
 
 #[cfg(test)]
@@ -334,9 +347,12 @@ mod tests {
             (format!("1+2+{d}.pck"), NameError::ExtraPlus),
             (format!("+{d}.pck"), NameError::EmptyTime),
             (format!("abc+{d}.pck"), NameError::BadTime { time: "abc".into() }),
-            (format!("1e9+{d}.pck"), NameError::BadTime { time: "1e9".into() }),
-            (format!("-5+{d}.pck"), NameError::BadTime { time: "-5".into() }),
-            (format!("1.+{d}.pck"), NameError::BadTime { time: "1.".into() }),
+            (format!("1__0+{d}.pck"), NameError::BadTime { time: "1__0".into() }),
+            (format!("1_.5+{d}.pck"), NameError::BadTime { time: "1_.5".into() }),
+            (format!("0x10+{d}.pck"), NameError::BadTime { time: "0x10".into() }),
+            // Mailman splits at the first `+`, so an exponent's own `+` ends the time part.
+            (format!("1e+5+{d}.pck"), NameError::ExtraPlus),
+            (format!("1e+{d}.pck"), NameError::BadTime { time: "1e".into() }),
             (format!("1+{d}"), NameError::MissingExtension),
             (format!("1+{d}."), NameError::MissingExtension),
             ("1+abc.pck".to_owned(), NameError::DigestLength { len: 3 }),
@@ -349,6 +365,45 @@ mod tests {
         use std::os::unix::ffi::OsStrExt;
         let bad = std::ffi::OsStr::from_bytes(b"1+\xff.pck");
         assert_eq!(EntryName::parse_os(bad), Err(NameError::NotUtf8));
+    }
+
+    /// Python's `float()` verdict on each time part, as `python3 -c 'float(t)'` gives it.
+    const PYTHON_FLOAT: &[(&str, Option<f64>)] = &[
+        ("1490350277.837968", Some(1490350277.837968)),
+        ("-1", Some(-1.0)),
+        ("1e5", Some(100000.0)),
+        ("1E-3", Some(0.001)),
+        (".5", Some(0.5)),
+        ("5.", Some(5.0)),
+        ("1_000.5", Some(1000.5)),
+        ("-7.5", Some(-7.5)),
+        (" 12 ", Some(12.0)),
+        ("inf", Some(f64::INFINITY)),
+        ("-Infinity", Some(f64::NEG_INFINITY)),
+        ("1__0", None),
+        ("_1", None),
+        ("1_", None),
+        ("1._5", None),
+        ("e5", None),
+        (".", None),
+        ("0x10", None),
+        ("--1", None),
+        ("1.2.3", None),
+        ("infinit", None),
+    ];
+
+    #[test]
+    fn a_time_part_is_an_entry_exactly_when_python_float_accepts_it() {
+        let d = "0696655d510e3bad34fee55513eec06ed9b3413c";
+        for (time, want) in PYTHON_FLOAT {
+            let parsed = EntryName::parse(&format!("{time}+{d}.pck"));
+            match want {
+                Some(v) => assert_eq!(parsed.map(|n| n.time), Ok(*v), "{time:?}"),
+                None => assert_eq!(parsed, Err(NameError::BadTime { time: (*time).to_owned() }), "{time:?}"),
+            }
+        }
+        let nan = EntryName::parse(&format!("nan+{d}.pck")).expect("Python takes nan");
+        assert!(nan.time.is_nan());
     }
 
     #[test]
