@@ -20,8 +20,8 @@ use tokio_stream::Stream;
 use crate::cache::{now_ms, ClusterCache};
 use crate::health::{active_alerts, in_flight_too_long, no_eligible_node, queue_state, refused_by};
 use crate::config::AdminConfig;
-use crate::planner::{plan, PlanOptions};
-use crate::view::ClusterView;
+use crate::planner::{plan, PlanInput, PlanOptions};
+use crate::view::{planner_input, ClusterView};
 
 /// Why an admin call failed; mapped to a gRPC status in one place (`service.rs`).
 #[derive(Debug, thiserror::Error)]
@@ -388,19 +388,16 @@ impl Admin {
         Ok((SliceRef { queue: q.name, slice: s }, node))
     }
 
-    /// The moves a full rebalance would make now (with reasons; in maintenance mode, what
-    /// would move once it is off); unless `dry_run`, asks the leader to make them in its
-    /// next round regardless of the churn budget.
+    /// The moves a full rebalance would make now, planned from the leader's input for
+    /// this snapshot (reslices paused, pending moves pinned; with reasons; in maintenance
+    /// mode, what would move once it is off); unless `dry_run`, asks the leader to make
+    /// them in its next round regardless of the churn budget.
     pub async fn rebalance(&self, dry_run: bool) -> Result<RebalanceResponse, AdminError> {
         let view = self.view()?;
         if !dry_run && view.maintenance {
             return Err(AdminError::FailedPrecondition("maintenance mode is on: nothing moves but orphans; turn it off to rebalance".into()));
         }
-        let live = view.nodes.keys().cloned().collect();
-        let options = PlanOptions { churn_budget: usize::MAX, max_vanished_fraction: 1.0, maintenance: false };
-        let mut input = view.plan_input(live, options);
-        input.options.maintenance = false;
-        let planned = plan(&input);
+        let planned = plan(&dry_run_input(&view));
         let moves = planned
             .moves
             .iter()
@@ -430,6 +427,19 @@ impl Admin {
     pub fn events(&self) -> tokio::sync::broadcast::Receiver<Event> {
         self.cache.subscribe_events()
     }
+}
+
+/// What a rebalance plans from: the leader's input for the same snapshot
+/// ([`planner_input`]: reslices paused, pending moves pinned) with the knobs of a full
+/// rebalance: no churn budget, no safety valve (the valve's node history is the leader's),
+/// and maintenance mode off, so that a dry run in maintenance mode shows what would move
+/// once it is off.
+pub(crate) fn dry_run_input(view: &ClusterView) -> PlanInput {
+    let live = view.nodes.keys().cloned().collect();
+    let options = PlanOptions { churn_budget: usize::MAX, max_vanished_fraction: 1.0, maintenance: false };
+    let mut input = planner_input(view, live, options).input;
+    input.options.maintenance = false;
+    input
 }
 
 fn queue_row(view: &ClusterView, q: &QueueConfig) -> QueueInfo {

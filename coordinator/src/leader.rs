@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{event, ClusterCache};
 use crate::config::Config;
 use crate::planner::{plan, Alert, PlanOptions, SliceKey};
-use crate::view::{assignment_writes, ClusterView, Write};
+use crate::view::{assignment_writes, planner_input, ClusterView, MoveSettled, PlannerInput, Write};
 
 /// Operations per transaction besides the leader compare (etcd's limit is 128).
 const MAX_WRITES_PER_TXN: usize = 127;
@@ -161,6 +161,17 @@ async fn register(client: &mut Client, keys: &Keys, cfg: &Config, lease: i64) {
     }
 }
 
+/// The knobs of one leader round: the configured churn budget and safety valve, the
+/// budget lifted for one round by a one-shot rebalance request. Maintenance mode comes
+/// from the snapshot ([`planner_input`]).
+pub(crate) fn round_options(view: &ClusterView, churn_budget: usize, max_vanished_fraction: f64) -> PlanOptions {
+    PlanOptions {
+        churn_budget: if view.rebalance_requested { usize::MAX } else { churn_budget },
+        max_vanished_fraction,
+        maintenance: false,
+    }
+}
+
 /// One term as leader.
 struct Term<'a> {
     cfg: &'a Config,
@@ -242,33 +253,15 @@ impl<'a> Term<'a> {
             self.valve_since = None;
             self.previous_nodes = live.clone();
         }
-        let options = PlanOptions {
-            // A one-shot rebalance request lifts the churn budget for one round.
-            churn_budget: if view.rebalance_requested { usize::MAX } else { self.cfg.churn_budget },
-            max_vanished_fraction: self.cfg.max_vanished_fraction,
-            maintenance: false,
-        };
-        let mut input = view.plan_input(self.previous_nodes.clone(), options);
-        // Two-phase reslice: while any claim made under another slice count remains, the
-        // queue is planned as paused, so every old owner releases before anyone claims
-        // under the new slicing.
-        let reslicing = view.reslicing_queues();
-        for q in input.queues.iter_mut().filter(|q| reslicing.contains(&q.name)) {
-            q.paused = true;
-        }
-        // A requested move is planned as a pin until its target holds the claim.
+        let options = round_options(&view, self.cfg.churn_budget, self.cfg.max_vanished_fraction);
+        let PlannerInput { input, settled_moves } = planner_input(&view, self.previous_nodes.clone(), options);
         let mut done_requests = Vec::new();
-        for (slice, target) in &view.moves {
-            let eligible = view.nodes.contains_key(target) && !view.cordons.contains(target);
-            let arrived = view.claims.get(slice).is_some_and(|c| &c.node == target);
-            if !eligible || arrived || view.queues.get(&slice.0).is_none_or(|q| slice.1 >= q.slices) {
-                if !eligible {
-                    tracing::warn!(queue = %slice.0, slice = slice.1, node = %target, "move request dropped: the target is gone or cordoned");
-                }
-                done_requests.push(Write::Delete(self.keys.move_request(&slice.0, slice.1)));
-            } else {
-                input.pins.insert(slice.clone(), target.clone());
+        for settled in &settled_moves {
+            let (queue, slice) = &settled.slice;
+            if settled.why == MoveSettled::TargetIneligible {
+                tracing::warn!(%queue, slice, node = %settled.target, "move request dropped: the target is gone or cordoned");
             }
+            done_requests.push(Write::Delete(self.keys.move_request(queue, *slice)));
         }
         if view.rebalance_requested {
             done_requests.push(Write::Delete(self.keys.rebalance()));

@@ -186,19 +186,90 @@ impl ClusterView {
             .map(|((queue, _), _)| queue.clone())
             .collect()
     }
+}
 
-    /// The planner's input; `previous_nodes` is the node set of the last round.
-    pub fn plan_input(&self, previous_nodes: BTreeSet<String>, mut options: PlanOptions) -> PlanInput {
-        options.maintenance = self.maintenance;
-        PlanInput {
-            queues: self.queues.values().map(QueueSpec::from_config).collect(),
-            nodes: self.nodes.values().map(|n| NodeSpec::from_record(n, self.cordons.contains(&n.node_id))).collect(),
-            current: self.current_assignment(),
-            pins: self.pins.clone(),
-            previous_nodes,
-            options,
+/// A requested move the planner no longer needs to hear of: its request key can go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettledMove {
+    /// The slice the request was for.
+    pub slice: SliceKey,
+    /// The node it was to move to.
+    pub target: String,
+    /// Why the request is over.
+    pub why: MoveSettled,
+}
+
+/// Why a move request no longer steers the plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveSettled {
+    /// The target holds the slice's claim: the move is done.
+    Arrived,
+    /// The target is gone or cordoned: the request is dropped.
+    TargetIneligible,
+    /// The queue is gone, or no longer has that slice.
+    SliceGone,
+}
+
+/// The planner's input built from one snapshot, and the move requests it settled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannerInput {
+    /// What [`crate::planner::plan`] plans from.
+    pub input: PlanInput,
+    /// Move requests that are over, in slice order; the leader deletes their keys.
+    pub settled_moves: Vec<SettledMove>,
+}
+
+/// The planner's input from a snapshot: the one function the leader's reconcile and the
+/// admin API's rebalance dry run both plan from, so the two cannot disagree about the
+/// same snapshot. Pure.
+///
+/// From the snapshot: queues (a queue being resliced is planned as paused), live nodes
+/// (cordoned ones marked), the stored assignment, pins (a pending move request is planned
+/// as a pin to its target until the target holds the claim), and maintenance mode, which
+/// replaces `options.maintenance`. From the caller: `previous_nodes` (the node set of the
+/// last round, for the safety valve) and the rest of `options`.
+pub fn planner_input(view: &ClusterView, previous_nodes: BTreeSet<String>, mut options: PlanOptions) -> PlannerInput {
+    options.maintenance = view.maintenance;
+    // Two-phase reslice: while any claim made under another slice count remains, the
+    // queue is planned as paused, so every old owner releases before anyone claims under
+    // the new slicing.
+    let reslicing = view.reslicing_queues();
+    let queues = view
+        .queues
+        .values()
+        .map(|q| QueueSpec { paused: q.paused || reslicing.contains(&q.name), ..QueueSpec::from_config(q) })
+        .collect();
+    let mut pins = view.pins.clone();
+    let mut settled_moves = Vec::new();
+    for (slice, target) in &view.moves {
+        let eligible = view.nodes.contains_key(target) && !view.cordons.contains(target);
+        let arrived = view.claims.get(slice).is_some_and(|c| &c.node == target);
+        let slice_gone = view.queues.get(&slice.0).is_none_or(|q| slice.1 >= q.slices);
+        let why = if !eligible {
+            Some(MoveSettled::TargetIneligible)
+        } else if arrived {
+            Some(MoveSettled::Arrived)
+        } else if slice_gone {
+            Some(MoveSettled::SliceGone)
+        } else {
+            None
+        };
+        match why {
+            Some(why) => settled_moves.push(SettledMove { slice: slice.clone(), target: target.clone(), why }),
+            None => {
+                pins.insert(slice.clone(), target.clone());
+            }
         }
     }
+    let input = PlanInput {
+        queues,
+        nodes: view.nodes.values().map(|n| NodeSpec::from_record(n, view.cordons.contains(&n.node_id))).collect(),
+        current: view.current_assignment(),
+        pins,
+        previous_nodes,
+        options,
+    };
+    PlannerInput { input, settled_moves }
 }
 
 fn view_problem(problems: &mut Vec<String>, key: &[u8], what: String) {
@@ -247,6 +318,118 @@ mod tests {
 
     fn queue(name: &str, slices: u32) -> QueueConfig {
         QueueConfig { v: 1, name: name.into(), slices, paused: false, mailman3: false }
+    }
+
+    fn node(id: &str) -> NodeRecord {
+        NodeRecord {
+            v: RECORD_VERSION,
+            node_id: id.into(),
+            host: id.into(),
+            pid: 1,
+            incarnation: uuid::Uuid::nil(),
+            weight: 1,
+            queues: Vec::new(),
+            version: "0".into(),
+            started_unix_ms: 0,
+            metrics_addr: None,
+            lease_id: 1,
+            refused_queues: Vec::new(),
+        }
+    }
+
+    fn claim(node: &str, slices_total: u32) -> ClaimView {
+        ClaimView { node: node.into(), epoch: 7, lease: 1, slices_total }
+    }
+
+    /// A snapshot mid-way through everything the input must show: queue "in" (4 slices)
+    /// resliced from 2 with one old claim left, queue "out" (4 slices) with a move of
+    /// out/1 to n2 pending, and move requests that are over (arrived, target cordoned,
+    /// target gone, slice gone). n1, n2 and n3 live; n3 cordoned; n1 owns everything.
+    fn snapshot() -> ClusterView {
+        let mut view = ClusterView::default();
+        for (name, slices) in [("in", 4), ("out", 4)] {
+            view.queues.insert(name.into(), queue(name, slices));
+            let a = Assignment { v: 1, queue: name.into(), slices_total: slices, slices: (0..slices).collect() };
+            view.assignments.insert(("n1".into(), name.into()), a);
+        }
+        for id in ["n1", "n2", "n3"] {
+            view.nodes.insert(id.into(), node(id));
+        }
+        view.cordons.insert("n3".into());
+        view.claims.insert(("in".into(), 0), claim("n1", 2));
+        view.claims.insert(("out".into(), 0), claim("n2", 4));
+        view.claims.insert(("out".into(), 1), claim("n1", 4));
+        view.pins.insert(("out".into(), 3), "n1".into());
+        view.moves.insert(("out".into(), 0), "n2".into());
+        view.moves.insert(("out".into(), 1), "n2".into());
+        view.moves.insert(("out".into(), 2), "n3".into());
+        view.moves.insert(("out".into(), 3), "gone".into());
+        view.moves.insert(("out".into(), 9), "n2".into());
+        view
+    }
+
+    fn key(queue: &str, slice: u32) -> SliceKey {
+        (queue.to_owned(), slice)
+    }
+
+    #[test]
+    fn a_queue_being_resliced_is_planned_as_paused_until_its_old_claims_are_gone() {
+        let mut view = snapshot();
+        let paused = |view: &ClusterView| -> Vec<(String, bool)> {
+            planner_input(view, BTreeSet::new(), PlanOptions::default()).input.queues.into_iter().map(|q| (q.name, q.paused)).collect()
+        };
+        assert_eq!(paused(&view), vec![("in".into(), true), ("out".into(), false)], "a claim under 2 slices remains on in/0");
+        view.claims.remove(&key("in", 0));
+        assert_eq!(paused(&view), vec![("in".into(), false), ("out".into(), false)], "no old claim: the queue is planned again");
+        if let Some(q) = view.queues.get_mut("out") {
+            q.paused = true;
+        }
+        assert_eq!(paused(&view), vec![("in".into(), false), ("out".into(), true)], "an operator's pause stays");
+    }
+
+    #[test]
+    fn a_pending_move_request_is_planned_as_a_pin_until_its_target_holds_the_claim() {
+        let view = snapshot();
+        let built = planner_input(&view, BTreeSet::new(), PlanOptions::default());
+        let mut pins = BTreeMap::new();
+        pins.insert(key("out", 1), "n2".to_owned());
+        pins.insert(key("out", 3), "n1".to_owned());
+        assert_eq!(built.input.pins, pins, "the pending move of out/1 is a pin; the operator's pin of out/3 stays");
+        let settled: Vec<(SliceKey, MoveSettled)> = built.settled_moves.iter().map(|m| (m.slice.clone(), m.why)).collect();
+        assert_eq!(
+            settled,
+            vec![
+                (key("out", 0), MoveSettled::Arrived),
+                (key("out", 2), MoveSettled::TargetIneligible),
+                (key("out", 3), MoveSettled::TargetIneligible),
+                (key("out", 9), MoveSettled::SliceGone),
+            ],
+            "every other request is over, in slice order"
+        );
+        let planned = crate::planner::plan(&built.input);
+        assert_eq!(planned.assignment.get(&key("out", 1)).map(String::as_str), Some("n2"), "the plan moves out/1 to its target");
+    }
+
+    #[test]
+    fn dry_run_plans_from_the_leaders_input_for_the_same_snapshot() {
+        let mut view = snapshot();
+        // A requested rebalance is what a dry run previews: the leader's round then has no
+        // churn budget, like the dry run; with its valve off (previous nodes = live) the
+        // two inputs are the same value.
+        view.rebalance_requested = true;
+        let live: BTreeSet<String> = view.nodes.keys().cloned().collect();
+        let leader = planner_input(&view, live.clone(), crate::leader::round_options(&view, 3, 1.0)).input;
+        let dry_run = crate::admin::dry_run_input(&view);
+        assert_eq!(dry_run, leader);
+        assert!(dry_run.queues.iter().any(|q| q.name == "in" && q.paused), "the dry run sees the reslice pause");
+        assert_eq!(dry_run.pins.get(&key("out", 1)).map(String::as_str), Some("n2"), "the dry run sees the pending move");
+        // In maintenance mode the dry run shows what would move once it is off; nothing
+        // else differs.
+        view.maintenance = true;
+        let leader = planner_input(&view, live, crate::leader::round_options(&view, 3, 1.0)).input;
+        let dry_run = crate::admin::dry_run_input(&view);
+        assert!(leader.options.maintenance && !dry_run.options.maintenance);
+        assert_eq!(dry_run, PlanInput { options: PlanOptions { maintenance: false, ..leader.options.clone() }, ..leader });
     }
 
     #[test]
