@@ -79,11 +79,14 @@ pub async fn connect_when_ready(cfg: &EtcdConfig, cancel: &CancellationToken) ->
     loop {
         let attempt = async {
             let mut client = Client::connect(cfg.endpoints.clone(), Some(options.clone())).await?;
-            client.status().await?;
-            Ok::<_, etcd_client::Error>(client)
+            let status = client.status().await?;
+            Ok::<_, etcd_client::Error>((client, status.version().to_owned()))
         };
         let error = match tokio::time::timeout(REQUEST_TIMEOUT * 2, attempt).await {
-            Ok(Ok(client)) => {
+            Ok(Ok((client, version))) => {
+                if let Some(warning) = version_warning(&version) {
+                    tracing::warn!(endpoints = ?cfg.endpoints, etcd_version = %version, "{warning}");
+                }
                 if last_log.is_some() {
                     tracing::info!(endpoints = ?cfg.endpoints, waited = ?started.elapsed(), "etcd is reachable again");
                 }
@@ -102,6 +105,29 @@ pub async fn connect_when_ready(cfg: &EtcdConfig, cancel: &CancellationToken) ->
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// The first etcd releases whose leader, stuck on a slow disk, no longer revokes leases
+/// before their TTL (etcd-io/etcd#15247, fixed in 3.4.31 and 3.5.13).
+pub const SAFE_ETCD_VERSIONS: [(u64, u64, u64); 2] = [(3, 4, 31), (3, 5, 13)];
+
+/// A warning for an etcd server `version` ("3.4.23") that can expire leases early, or
+/// `None` for a safe one (3.4.31+, 3.5.13+, 3.6 and later) or one that does not parse.
+pub fn version_warning(version: &str) -> Option<String> {
+    let mut parts = version.trim().trim_start_matches('v').split(['.', '-', '+']).map(|p| p.parse::<u64>().ok());
+    let (Some(Some(major)), Some(Some(minor)), Some(Some(patch))) = (parts.next(), parts.next(), parts.next()) else {
+        return None;
+    };
+    let old = match SAFE_ETCD_VERSIONS.iter().find(|(ma, mi, _)| (*ma, *mi) == (major, minor)) {
+        Some((_, _, safe_patch)) => patch < *safe_patch,
+        None => (major, minor) < (3, 4),
+    };
+    old.then(|| {
+        format!(
+            "etcd {version} is older than 3.4.31 / 3.5.13: a leader stuck on a slow disk can revoke leases before their TTL, \
+             so a live runner can lose its slices (and fence) early; upgrade etcd (docs/OPERATIONS.md, \"etcd versions\")"
+        )
+    })
 }
 
 /// An error with all its causes, for logs: transport errors hide the useful part (a TLS
@@ -217,5 +243,21 @@ impl PrefixWatch {
             tracing::warn!(prefix = %self.prefix, %error, retry_in = ?delay, "{what} of etcd prefix failed; re-listing");
         }
         tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_that_revoke_leases_early_are_warned_about_and_others_are_not() {
+        for old in ["3.4.23", "3.4.30", "3.5.0", "3.5.12", "3.3.27", "v3.4.1"] {
+            let warning = version_warning(old).unwrap_or_else(|| panic!("{old} should warn"));
+            assert!(warning.contains(old) && warning.contains("3.4.31"), "{warning}");
+        }
+        for safe in ["3.4.31", "3.4.35", "3.5.13", "3.5.21", "3.6.0", "4.0.0", "3.5.13-rc.0", "garbage", ""] {
+            assert_eq!(version_warning(safe), None, "{safe}");
+        }
     }
 }
