@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`config`]: configuration from file, flags and environment.
 //! - [`membership`]: the node record on this incarnation's lease.
-//! - [`owner`]: the ownership state machine: claims, recovery, processing, release.
+//! - [`owner`]: one incarnation as a slice owner: claims, recovery, processing, release.
+//! - [`ownership`]: the ownership state machine as plain data: desired against held, the
+//!   pure plan of claims and releases, refusals.
 //! - [`handler`]: the built-in handlers (exec, move).
 //! - [`supervise`]: real Mailman runners, one child process per claimed slice.
 //! - [`leash`]: the process that kills the children at the fence deadline, whatever the runner does.
@@ -22,4 +24,5 @@ pub mod leash;
 pub mod mailman3;
 pub mod membership;
 pub mod owner;
+pub mod ownership;
 pub mod supervise;
