@@ -21,7 +21,7 @@ use crate::supervise::Flavour;
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
 use qslice_common::lease::{fence_margin, keep_alive, Incarnation, Role};
 use crate::membership::register;
-use crate::owner::{run_incarnation, Exit, Shared};
+use crate::incarnation::{run_incarnation, Exit, Shared};
 
 /// Why the runner stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -3,9 +3,14 @@
 //! # Layout
 //! - [`config`]: configuration from file, flags and environment.
 //! - [`membership`]: the node record on this incarnation's lease.
-//! - [`owner`]: one incarnation as a slice owner: claims, recovery, processing, release.
+//! - [`incarnation`]: one incarnation's watch loop: executes the ownership plan (claim,
+//!   recover, start, release) and gives up queues that cannot run here.
 //! - [`ownership`]: the ownership state machine as plain data: desired against held, the
 //!   pure plan of claims and releases, refusals.
+//! - [`claims`]: the claim protocol in etcd: the claim and release transactions.
+//! - [`processor`]: handled queues: one loop per queue, entries in flight, handler outcomes.
+//! - [`supervised_slices`]: the lifecycle of slices run by supervised Mailman runners.
+//! - [`figures`]: the slice figures published as metrics and to etcd.
 //! - [`handler`]: the built-in handlers (exec, move).
 //! - [`supervise`]: real Mailman runners, one child process per claimed slice.
 //! - [`leash`]: the process that kills the children at the fence deadline, whatever the runner does.
@@ -17,12 +22,16 @@
 //! signals, sd_notify, health routes, the spool) is `qslice_common`.
 
 pub mod child;
+pub mod claims;
 pub mod config;
 pub mod daemon;
+pub mod figures;
 pub mod handler;
+pub mod incarnation;
 pub mod leash;
 pub mod mailman3;
 pub mod membership;
-pub mod owner;
 pub mod ownership;
+pub mod processor;
 pub mod supervise;
+pub mod supervised_slices;
