@@ -7,7 +7,11 @@
 //! - dequeue renames `.pck` to `.bak`; finishing unlinks the `.bak`; a bad entry is
 //!   preserved as `<spool root>/bad/<filebase>.psv` (Mailman's own bad queue);
 //! - a new owner of a slice turns the slice's `.bak` files back into `.pck`, and preserves
-//!   an entry in `bad/` at its third recovery.
+//!   an entry in `bad/` at its third recovery. Nothing is ever renamed over another entry:
+//!   a `.bak` whose `.pck` twin exists goes back under a fresh name of the same slice;
+//! - an entry that cannot be opened (EMFILE, EIO, ESTALE, EACCES, ...) is put back and
+//!   reported as an error to retry; only what can never be an entry (a malformed name, a
+//!   directory, a symlink, a FIFO, an empty file) goes to quarantine.
 //!
 //! Where qslice keeps its own files, out of Mailman's way (Mailman lists only the queue
 //! directories it is configured with, and only names ending in `.pck`/`.bak`):
@@ -15,6 +19,9 @@
 //!   Mailman 3 keeps its own count inside the pickle, which qslice does not rewrite; the
 //!   count lives on the shared spool so that the next owner, on any host, sees it.
 //! - quarantine: `<spool root>/.qslice/quarantine/<queue>/<original name>`.
+//! - stop marks: `<spool root>/.qslice/stopped/<queue>/<filebase>`, an empty file that says
+//!   the `.bak` was left by qslice stopping its handler (a fence, a drain timeout), not by a
+//!   crash: the next recovery of that entry does not count toward `bad/`.
 //!
 //! Polling is the source of truth: everything here works from a directory listing, which
 //! is what NFS guarantees; change notification can only be a wake-up hint on top.
@@ -56,6 +63,26 @@ pub enum SpoolError {
     #[error("cannot finish {path}: {source}")]
     Finish {
         /// The `.bak` file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// A taken entry could not be opened or looked at (too many open files, an I/O error,
+    /// a stale NFS handle, a permission): a fault of the moment, not of the entry. It was
+    /// put back as `.pck` (if that failed too it stays `.bak` for recovery) and is retried.
+    #[error("cannot open entry {path}: {source}; it stays queued and is retried")]
+    OpenEntry {
+        /// The entry's file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing a stop mark failed.
+    #[error("cannot write stop mark {path}: {source}")]
+    StopMark {
+        /// The mark file.
         path: PathBuf,
         /// The cause.
         #[source]
@@ -133,9 +160,6 @@ pub enum ProblemReason {
     /// A zero-byte entry: Mailman writes entries whole, so this one holds no message.
     #[error("zero-byte entry")]
     Empty,
-    /// The entry cannot be opened for reading.
-    #[error("unreadable: {0}")]
-    Unreadable(io::Error),
 }
 
 /// A file found in a queue directory that is not a processable entry.
@@ -218,6 +242,11 @@ pub enum Dequeued {
 pub struct Recovery {
     /// Entries turned back from `.bak` into `.pck`, with their new recovery count.
     pub requeued: Vec<(Entry, u32)>,
+    /// `.bak` entries whose `.pck` twin was waiting: put back under a fresh name of the
+    /// same slice (the new name), so that neither is lost.
+    pub renamed: Vec<(Entry, EntryName)>,
+    /// Entries requeued without counting: qslice had stopped their handler (stop mark).
+    pub uncounted: usize,
     /// Entries preserved in `bad/` at their third recovery.
     pub preserved: Vec<Entry>,
     /// Malformed `.bak` files moved to quarantine.
@@ -232,6 +261,7 @@ pub struct QueueDir {
     bad_dir: PathBuf,
     quarantine_dir: PathBuf,
     recovery_dir: PathBuf,
+    stopped_dir: PathBuf,
 }
 
 impl QueueDir {
@@ -246,6 +276,7 @@ impl QueueDir {
             bad_dir: root.join("bad"),
             quarantine_dir: own.join("quarantine").join(queue),
             recovery_dir: own.join("recovery").join(queue),
+            stopped_dir: own.join("stopped").join(queue),
         }
     }
 
@@ -358,11 +389,23 @@ impl QueueDir {
         Ok(scan)
     }
 
-    /// Takes an entry: renames its `.pck` to `.bak`, then checks that it is a readable,
-    /// non-empty regular file (an empty or unreadable one goes to quarantine).
+    /// Takes an entry: renames its `.pck` to `.bak`, then checks that it is a non-empty
+    /// regular file (an empty one, or one that is not a file, goes to quarantine). One that
+    /// cannot be opened is put back and reported as [`SpoolError::OpenEntry`], to retry.
+    ///
+    /// A `.bak` of the same name (in flight, or left by a crash or a late NFS rename) is
+    /// never overwritten: the take fails and [`QueueDir::recover`] resolves the pair.
     pub fn dequeue(&self, entry: &Entry) -> Result<Dequeued, SpoolError> {
         let pck = self.pck_path(entry);
         let bak = self.bak_path(entry);
+        if fs::symlink_metadata(&bak).is_ok() {
+            // In flight here, or left over: either way a rename would destroy it.
+            if fs::symlink_metadata(&pck).is_err() {
+                return Ok(Dequeued::Gone);
+            }
+            let why = format!("{} exists (taken earlier and not finished); the owner's recovery puts it back under a fresh name", bak.display());
+            return Err(SpoolError::Dequeue { path: pck, source: io::Error::new(io::ErrorKind::AlreadyExists, why) });
+        }
         match fs::rename(&pck, &bak) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Dequeued::Gone),
@@ -372,9 +415,40 @@ impl QueueDir {
             Ok(meta) if !meta.is_file() => ProblemReason::NotRegular,
             Ok(meta) if meta.len() == 0 => ProblemReason::Empty,
             Ok(meta) => return Ok(Dequeued::Taken(InFlight { entry: entry.clone(), path: bak, size: meta.len() })),
-            Err(e) => ProblemReason::Unreadable(e),
+            Err(source) => {
+                // Put it back for the next try; if even that fails it stays .bak, and the
+                // owner's recovery of stranded entries brings it back.
+                if fs::symlink_metadata(&pck).is_err() {
+                    let _ = fs::rename(&bak, &pck);
+                }
+                return Err(SpoolError::OpenEntry { path: pck, source });
+            }
         };
         self.quarantine(Problem { path: bak, reason: problem }).map(Dequeued::Quarantined)
+    }
+
+    /// Moves `from` (a `.bak` of `entry`) back into the queue under a name no file has:
+    /// the same digest, so the same slice, and a time just after the entry's, so it keeps
+    /// its place in the FIFO order. Its recovery count and stop mark move with it.
+    fn requeue_under_fresh_name(&self, from: &Path, entry: &Entry) -> io::Result<EntryName> {
+        let mut time = entry.name.time;
+        if !time.is_finite() {
+            time = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        }
+        loop {
+            time = time.next_up();
+            let name = EntryName::parse(&format!("{time}+{}.pck", entry.name.digest.to_hex())).map_err(io::Error::other)?;
+            let to = self.dir.join(format!("{}.pck", name.filebase));
+            let taken = |filebase: &str| ["pck", "bak"].iter().any(|ext| fs::symlink_metadata(self.dir.join(format!("{filebase}.{ext}"))).is_ok());
+            if taken(&name.filebase) {
+                continue;
+            }
+            fs::rename(from, &to)?;
+            for dir in [&self.recovery_dir, &self.stopped_dir] {
+                let _ = fs::rename(dir.join(&entry.name.filebase), dir.join(&name.filebase));
+            }
+            return Ok(name);
+        }
     }
 
     /// Finishes an entry: unlinks its `.bak`.
@@ -395,10 +469,30 @@ impl QueueDir {
         Ok(psv)
     }
 
-    /// Puts a taken entry back as `.pck` (for a temporary failure).
+    /// Puts a taken entry back as `.pck` (for a temporary failure), under a fresh name if
+    /// a `.pck` of the same name appeared meanwhile.
     pub fn requeue(&self, taken: &InFlight) -> Result<(), SpoolError> {
         let pck = self.pck_path(&taken.entry);
-        fs::rename(&taken.path, pck).map_err(|source| SpoolError::Requeue { path: taken.path.clone(), source })
+        let err = |source| SpoolError::Requeue { path: taken.path.clone(), source };
+        if fs::symlink_metadata(&pck).is_ok() {
+            return self.requeue_under_fresh_name(&taken.path, &taken.entry).map(drop).map_err(err);
+        }
+        fs::rename(&taken.path, pck).map_err(err)
+    }
+
+    /// Marks an in-flight entry as stopped by qslice (a fence, a drain timeout) rather than
+    /// crashed: its next recovery does not count toward the third that moves it to `bad/`.
+    /// Write it before the handler is killed, while the claim still holds.
+    pub fn mark_stopped(&self, entry: &Entry) -> Result<(), SpoolError> {
+        let path = self.stopped_dir.join(&entry.name.filebase);
+        let err = |source| SpoolError::StopMark { path: path.clone(), source };
+        fs::create_dir_all(&self.stopped_dir).map_err(err)?;
+        File::create(&path).map(drop).map_err(err)
+    }
+
+    /// Whether the entry carries a stop mark.
+    pub fn is_marked_stopped(&self, filebase: &str) -> bool {
+        fs::symlink_metadata(self.stopped_dir.join(filebase)).is_ok()
     }
 
     /// Moves a problem file into quarantine, keeping its name (a numbered suffix is added
@@ -447,8 +541,21 @@ impl QueueDir {
                 if !go_on() {
                     return Ok(report);
                 }
-                let count = self.bump_recovery_count(entry)?;
                 let bak = self.bak_path(entry);
+                let stopped = self.is_marked_stopped(&entry.name.filebase);
+                let count = if stopped { self.recovery_count(&entry.name.filebase)? } else { self.bump_recovery_count(entry)? };
+                if stopped {
+                    report.uncounted += 1;
+                    let _ = fs::remove_file(self.stopped_dir.join(&entry.name.filebase));
+                }
+                if fs::symlink_metadata(self.pck_path(entry)).is_ok() {
+                    match self.requeue_under_fresh_name(&bak, entry) {
+                        Ok(name) => report.renamed.push((entry.clone(), name)),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(source) => return Err(SpoolError::Requeue { path: bak, source }),
+                    }
+                    continue;
+                }
                 if count >= MAX_RECOVERIES {
                     match self.preserve_path(&bak, &entry.name.filebase) {
                         Ok(_) => {
@@ -467,7 +574,12 @@ impl QueueDir {
                 }
             }
         }
+        // The twins put back under fresh names are live too: keep their counts.
+        for (entry, name) in &report.renamed {
+            scan.pending.entry(entry.slice).or_default().push(Entry { name: name.clone(), slice: entry.slice });
+        }
         self.sweep_recovery_counts(&scan, &owned)?;
+        self.sweep_stop_marks(&scan, &owned);
         Ok(report)
     }
 
@@ -525,6 +637,21 @@ impl QueueDir {
             }
         }
         Ok(())
+    }
+
+    /// Removes the stop marks of owned slices' entries that are no longer in flight.
+    fn sweep_stop_marks(&self, scan: &Scan, owned: &impl Fn(u32) -> bool) {
+        let Ok(listing) = fs::read_dir(&self.stopped_dir) else { return };
+        for dirent in listing.flatten() {
+            let file_name = dirent.file_name();
+            let Some(filebase) = file_name.to_str() else { continue };
+            let Ok(name) = EntryName::parse(&format!("{filebase}.bak")) else { continue };
+            let slice = slice_of(&name.digest, scan.slices_total);
+            let in_flight = scan.in_flight.get(&slice).is_some_and(|v| v.iter().any(|e| e.name.filebase == filebase));
+            if owned(slice) && !in_flight {
+                let _ = fs::remove_file(dirent.path());
+            }
+        }
     }
 
     /// Writes a new entry with a Mailman-style name (`<time>+<sha1>.pck`, written as

@@ -221,28 +221,88 @@ fn as_unprivileged<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
 }
 
 #[test]
-fn dequeue_quarantines_an_unreadable_entry() {
+fn an_entry_that_cannot_be_opened_is_put_back_and_retried_not_quarantined() {
     let f = fixture();
     let name = f.q.enqueue_as(1.0, &digest("1"), b"secret").expect("enqueue");
     for dir in [f._tmp.path(), f.root.as_path(), f.q.dir()] {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).expect("chmod");
     }
-    fs::create_dir_all(f.q.quarantine_dir()).expect("mkdir");
-    fs::set_permissions(f.q.quarantine_dir(), fs::Permissions::from_mode(0o777)).expect("chmod");
     let pck = f.q.dir().join(format!("{}.pck", name.filebase));
     fs::set_permissions(&pck, fs::Permissions::from_mode(0o000)).expect("chmod");
     let q = f.q.clone();
     let outcome = as_unprivileged(move || {
         let scan = q.scan(1).expect("scan");
-        q.dequeue(&scan.pending[&0][0]).expect("dequeue")
+        q.dequeue(&scan.pending[&0][0])
     });
-    match outcome {
-        Dequeued::Quarantined(q) => {
-            assert!(matches!(q.reason, ProblemReason::Unreadable(_)), "{:?}", q.reason);
-            assert!(q.to.exists());
-        }
-        other => panic!("expected Quarantined, got {other:?}"),
+    // EACCES is a fault of the moment (a wrong mode or owner that a person fixes).
+    let err = outcome.expect_err("cannot be opened");
+    assert!(matches!(&err, SpoolError::OpenEntry { source, .. } if source.kind() == io::ErrorKind::PermissionDenied), "{err}");
+    assert!(err.to_string().contains(&name.filebase) && err.to_string().contains("retried"), "{err}");
+    assert_eq!(names_in(f.q.dir()), vec![format!("{}.pck", name.filebase)], "put back as it was");
+    assert!(names_in(f.q.quarantine_dir()).is_empty(), "nothing quarantined");
+    fs::set_permissions(&pck, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let taken = take(&f.q, 1, 0);
+    assert_eq!(fs::read(&taken.path).expect("read"), b"secret", "taken once the fault is gone");
+}
+
+#[test]
+fn a_leftover_bak_is_not_overwritten_when_its_pck_twin_is_taken() {
+    let f = fixture();
+    let name = f.q.enqueue_as(5.0, &digest("1"), b"first").expect("enqueue");
+    take(&f.q, 1, 0);
+    // The same name again, beside the .bak (a late NFS rename retransmit, a crash).
+    f.q.enqueue_as(5.0, &digest("1"), b"second").expect("enqueue");
+    let entry = f.q.scan(1).expect("scan").pending[&0][0].clone();
+    let err = f.q.dequeue(&entry).expect_err("a take would overwrite the .bak");
+    assert!(matches!(&err, SpoolError::Dequeue { source, .. } if source.kind() == io::ErrorKind::AlreadyExists), "{err}");
+    assert_eq!(fs::read(f.q.bak_path(&entry)).expect("read"), b"first", "the .bak is intact");
+    // The owner's recovery resolves the pair; then both are taken in turn.
+    f.q.recover(1, |_| true).expect("recover");
+    let taken = take(&f.q, 1, 0);
+    assert_eq!(fs::read(&taken.path).expect("read"), b"second");
+    let scan = f.q.scan(1).expect("scan");
+    let back = &scan.pending[&0];
+    assert_eq!(back.len(), 1, "the older .bak went back to the queue");
+    assert_ne!(back[0].name.filebase, name.filebase, "under a fresh name");
+    assert_eq!(back[0].name.digest, name.digest, "of the same slice");
+    assert!(back[0].name.time > 5.0 && back[0].name.time < 5.001);
+    assert_eq!(fs::read(f.q.pck_path(&back[0])).expect("read"), b"first", "nothing lost");
+}
+
+#[test]
+fn recovery_never_renames_a_bak_over_its_pck_twin() {
+    let f = fixture();
+    let name = f.q.enqueue_as(5.0, &digest("1"), b"in flight").expect("enqueue");
+    take(&f.q, 1, 0);
+    f.q.enqueue_as(5.0, &digest("1"), b"waiting").expect("enqueue");
+    let rec = f.q.recover(1, |_| true).expect("recover");
+    assert_eq!(rec.renamed.len(), 1, "{rec:?}");
+    let contents: Vec<Vec<u8>> = f.q.scan(1).expect("scan").pending[&0].iter().map(|e| fs::read(f.q.pck_path(e)).expect("read")).collect();
+    assert_eq!(contents, vec![b"waiting".to_vec(), b"in flight".to_vec()], "both kept, the twin just after");
+    assert_eq!(f.q.recovery_count(&rec.renamed[0].1.filebase).expect("count"), 1, "the count moved with it");
+    assert_eq!(f.q.recovery_count(&name.filebase).expect("count"), 0);
+}
+
+#[test]
+fn a_stop_by_qslice_does_not_count_toward_bad() {
+    let f = fixture();
+    let name = f.q.enqueue_as(1.0, &digest("1"), b"good mail").expect("enqueue");
+    // Three fences in a row: each time the handler is stopped and the entry left .bak.
+    for _ in 0..3 {
+        let taken = take(&f.q, 1, 0);
+        f.q.mark_stopped(&taken.entry).expect("mark");
+        let rec = f.q.recover(1, |_| true).expect("recover");
+        assert_eq!((rec.requeued.len(), rec.uncounted, rec.preserved.len()), (1, 1, 0), "{rec:?}");
     }
+    assert_eq!(f.q.recovery_count(&name.filebase).expect("count"), 0);
+    assert!(!f.q.is_marked_stopped(&name.filebase), "each mark is used once");
+    // Crashes still count.
+    for round in 1..=2 {
+        take(&f.q, 1, 0);
+        assert_eq!(f.q.recover(1, |_| true).expect("recover").requeued[0].1, round);
+    }
+    take(&f.q, 1, 0);
+    assert_eq!(f.q.recover(1, |_| true).expect("recover").preserved.len(), 1);
 }
 
 #[test]
