@@ -3,12 +3,22 @@
 //! # Layout
 //! - [`config`]: configuration from file, flags and environment.
 //! - [`cache`]: the instance's copy of the cluster, and the event stream.
-//! - [`admin`]: the admin API's decisions; [`service`] is its thin gRPC face.
-//! - [`leader`]: election and the level-triggered reconcile loop (the daemon).
-//! - [`view`]: a decoded snapshot of the cluster, and the writes that reach a plan.
-//! - [`health`]: the alerts and queue states derived from a snapshot (pure).
+//! - [`view`]: a decoded snapshot of the cluster, the planner's input built from it
+//!   ([`view::planner_input`], one builder for the leader and the rebalance dry run), and
+//!   the writes that reach a plan (pure).
 //! - [`planner`]: the pure assignment planner.
+//! - [`leader`]: election and the level-triggered reconcile loop (the daemon).
+//! - [`health`]: the alerts and queue states derived from a snapshot (pure).
+//! - [`admin`]: the admin API's decisions; [`service`] is its thin gRPC face.
+//! - [`status_rows`]: the cluster status as rows, built from the admin API's status
+//!   reply, for qslicectl's output (pure).
+//! - [`dashboard`]: the HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, and the live
+//!   dashboard with its `/api/status`.
+//! - [`ctl`]: qslicectl's admin client ([`ctl::client`]), its reply rows ([`ctl::rows`])
+//!   and text output ([`ctl::render`]).
 //! - [`offline`]: qslicectl's tools that need no coordinator (`slice-of`, `spool stats`).
+//!
+//! The binaries in `src/bin/` parse flags, wire these together and print.
 
 pub mod admin;
 pub mod cache;
@@ -20,4 +30,5 @@ pub mod leader;
 pub mod offline;
 pub mod planner;
 pub mod service;
+pub mod status_rows;
 pub mod view;

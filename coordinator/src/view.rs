@@ -1,5 +1,6 @@
-//! A snapshot of the cluster as read from etcd, turned into the planner's input, and the
-//! planner's assignment turned into the etcd writes that reach it. Pure: no I/O.
+//! A snapshot of the cluster as read from etcd, turned into the planner's input
+//! ([`planner_input`], the one builder the leader and the rebalance dry run share), and
+//! the planner's assignment turned into the etcd writes that reach it. Pure: no I/O.
 
 use std::collections::{BTreeMap, BTreeSet};
 

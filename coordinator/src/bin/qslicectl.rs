@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use qslice_coordinator::ctl::{self, Admin, ClientOptions, QueueChange, TlsFiles};
+use qslice_coordinator::ctl::client::{self, Admin, ClientOptions, QueueChange, TlsFiles};
+use qslice_coordinator::ctl::{render, rows};
+use qslice_coordinator::status_rows;
 use qslice_coordinator::offline;
 use serde::Serialize;
 
@@ -26,7 +28,7 @@ struct Cli {
 #[derive(Args)]
 struct ConnArgs {
     /// Admin API addresses, comma-separated, tried in order; host:port means http://.
-    #[arg(long, global = true, env = "QSLICE_COORDINATOR", default_value = ctl::DEFAULT_COORDINATOR, value_name = "ADDR[,ADDR...]")]
+    #[arg(long, global = true, env = "QSLICE_COORDINATOR", default_value = client::DEFAULT_COORDINATOR, value_name = "ADDR[,ADDR...]")]
     coordinator: String,
     /// Bearer token sent with every call.
     #[arg(long, global = true, env = "QSLICE_TOKEN", hide_env_values = true)]
@@ -226,7 +228,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         }
         command => {
             let options = ClientOptions {
-                addresses: ctl::parse_addresses(&cli.conn.coordinator)?,
+                addresses: client::parse_addresses(&cli.conn.coordinator)?,
                 token: cli.conn.token.clone(),
                 tls: TlsFiles { ca: cli.conn.ca.clone(), cert: cli.conn.cert.clone(), key: cli.conn.key.clone() },
                 timeout: cli.conn.timeout,
@@ -254,11 +256,11 @@ async fn online(admin: &Admin, command: &Command, json: bool) -> anyhow::Result<
     match command {
         Command::SliceOf { .. } | Command::Spool { .. } => unreachable!("offline subcommands are run by run()"),
         Command::Status { slices } => {
-            let view = ctl::status_view(&admin.status(*slices).await?, *slices);
-            emit(json, &view, ctl::render_status)
+            let view = status_rows::status_view(&admin.status(*slices).await?, *slices);
+            emit(json, &view, render::render_status)
         }
-        Command::Nodes => emit(json, &ctl::node_rows(&admin.nodes().await?), |r| ctl::render_nodes(r)),
-        Command::Queues => emit(json, &ctl::queue_rows(&admin.queues().await?), |r| ctl::render_queues(r)),
+        Command::Nodes => emit(json, &status_rows::node_rows(&admin.nodes().await?), |r| render::render_nodes(r)),
+        Command::Queues => emit(json, &status_rows::queue_rows(&admin.queues().await?), |r| render::render_queues(r)),
         Command::Queue { command } => {
             let (verb, name, queue) = match command {
                 QueueCommand::Set { name, slices, mailman3 } => {
@@ -268,35 +270,35 @@ async fn online(admin: &Admin, command: &Command, json: bool) -> anyhow::Result<
                 QueueCommand::Pause { name } => queue_change(admin, QueueChange::Pause, name).await?,
                 QueueCommand::Resume { name } => queue_change(admin, QueueChange::Resume, name).await?,
             };
-            let row = queue.as_ref().map(ctl::queue_row);
-            emit(json, &row, |r| ctl::render_queue_reply(verb, name, r.as_ref()))
+            let row = queue.as_ref().map(status_rows::queue_row);
+            emit(json, &row, |r| render::render_queue_reply(verb, name, r.as_ref()))
         }
         Command::Cordon { node } | Command::Uncordon { node } => {
             let cordon = matches!(command, Command::Cordon { .. });
-            let row = admin.cordon(node, cordon).await?.as_ref().map(ctl::node_row);
+            let row = admin.cordon(node, cordon).await?.as_ref().map(status_rows::node_row);
             let verb = if cordon { "cordoned" } else { "uncordoned" };
-            emit(json, &row, |r| ctl::render_node_reply(verb, node, r.as_ref()))
+            emit(json, &row, |r| render::render_node_reply(verb, node, r.as_ref()))
         }
         Command::Drain { node, timeout_seconds } => {
-            Ok(admin.drain(node, *timeout_seconds, |p| println!("{}", ctl::drain_line(p, json))).await?)
+            Ok(admin.drain(node, *timeout_seconds, |p| println!("{}", render::drain_line(p, json))).await?)
         }
         Command::Move { queue, slice, node } => {
-            emit(json, &admin.move_slice(queue, *slice, node).await?, ctl::render_move)
+            emit(json, &admin.move_slice(queue, *slice, node).await?, render::render_move)
         }
         Command::Pin { queue, slice, node } => {
-            emit(json, &admin.pin(queue, *slice, Some(node)).await?, ctl::render_pin)
+            emit(json, &admin.pin(queue, *slice, Some(node)).await?, render::render_pin)
         }
-        Command::Unpin { queue, slice } => emit(json, &admin.pin(queue, *slice, None).await?, ctl::render_pin),
+        Command::Unpin { queue, slice } => emit(json, &admin.pin(queue, *slice, None).await?, render::render_pin),
         Command::Rebalance { dry_run } => {
-            emit(json, &ctl::rebalance_view(&admin.rebalance(*dry_run).await?), ctl::render_rebalance)
+            emit(json, &rows::rebalance_view(&admin.rebalance(*dry_run).await?), render::render_rebalance)
         }
         Command::Maintenance { mode } => {
             let on = admin.set_maintenance(matches!(mode, OnOff::On)).await?;
-            emit(json, &serde_json::json!({ "maintenance": on }), |_| ctl::render_maintenance(on))
+            emit(json, &serde_json::json!({ "maintenance": on }), |_| render::render_maintenance(on))
         }
         Command::Events { follow } => {
-            let window = if *follow { None } else { Some(ctl::EVENTS_WINDOW) };
-            Ok(admin.watch_events(window, |e| println!("{}", ctl::event_line(e, json))).await?)
+            let window = if *follow { None } else { Some(client::EVENTS_WINDOW) };
+            Ok(admin.watch_events(window, |e| println!("{}", render::event_line(e, json))).await?)
         }
     }
 }
