@@ -6,8 +6,9 @@
 //!   with unowned slices marked, depth and oldest-entry age per slice, slices with a
 //!   message in flight for too long outlined, queues no node may take badged, and a timeline of
 //!   failovers (how long each slice was unowned) and recent events.
-//! - `/api/status`: the JSON the page draws: [`Admin::status`] with every slice, plus the
-//!   failovers and events this instance saw since it started ([`History`]).
+//! - `/api/status`: the JSON the page draws: [`Admin::status`] with every slice, taken
+//!   through the status rows qslicectl prints ([`crate::status_rows`]), plus the failovers
+//!   and events this instance saw since it started ([`History`]).
 //!
 //! Any instance, leader or standby, serves the same picture: it comes from the instance's
 //! own cluster cache. `/readyz` answers 200 only on the leader.
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin::Admin;
 use crate::cache::now_ms;
 use crate::leader::LeaderState;
+use crate::status_rows::{status_view, StatusView};
 
 /// Events kept for the timeline (newest win).
 pub const KEEP_EVENTS: usize = 200;
@@ -116,7 +118,7 @@ async fn api_status(State(d): State<Dashboard>) -> Response {
     match admin.status(true) {
         Ok(status) => {
             let history = d.inner.history.lock().expect("history lock").clone();
-            json(StatusCode::OK, &StatusBody::new(status, &history, now_ms()))
+            json(StatusCode::OK, &StatusBody::new(&status, &history, now_ms()))
         }
         Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody { error: e.to_string() }),
     }
@@ -234,13 +236,19 @@ fn non_empty(s: String) -> Option<String> {
 
 impl StatusBody {
     /// The page's data from an admin status (with slices) and the recorded history.
-    pub fn new(status: GetStatusResponse, history: &History, now_ms: i64) -> StatusBody {
+    pub fn new(status: &GetStatusResponse, history: &History, now_ms: i64) -> StatusBody {
+        StatusBody::from_rows(status_view(status, true), history, now_ms)
+    }
+
+    /// The page's data from the status rows qslicectl prints too ([`crate::status_rows`]):
+    /// the same rows, fewer fields, and each queue's slices as its cells.
+    pub fn from_rows(rows: StatusView, history: &History, now_ms: i64) -> StatusBody {
         let mut cells: BTreeMap<String, Vec<Cell>> = BTreeMap::new();
-        for s in status.slices {
-            cells.entry(s.queue.clone()).or_default().push(Cell {
+        for s in rows.slices.unwrap_or_default() {
+            cells.entry(s.queue).or_default().push(Cell {
                 slice: s.slice,
-                owner: non_empty(s.claim_holder),
-                desired_owner: non_empty(s.desired_owner),
+                owner: s.claim_holder,
+                desired_owner: s.desired_owner,
                 epoch: s.epoch,
                 depth: s.depth,
                 oldest_entry_age_seconds: s.oldest_entry_age_seconds,
@@ -252,17 +260,17 @@ impl StatusBody {
             });
         }
         StatusBody {
-            cluster: status.cluster,
-            leader: status.leader.map(|l| l.id),
-            standbys: status.standbys.into_iter().map(|s| s.id).collect(),
-            maintenance: status.maintenance,
-            alerts: status.alerts,
-            nodes: status
+            cluster: rows.cluster,
+            leader: rows.leader.map(|l| l.id),
+            standbys: rows.standbys.into_iter().map(|s| s.id).collect(),
+            maintenance: rows.maintenance,
+            alerts: rows.alerts,
+            nodes: rows
                 .nodes
                 .into_iter()
                 .map(|n| NodeBody { id: n.id, host: n.host, weight: n.weight, cordoned: n.cordoned, slices_held: n.slices_held, age_seconds: n.age_seconds })
                 .collect(),
-            queues: status
+            queues: rows
                 .queues
                 .into_iter()
                 .map(|q| {
@@ -406,172 +414,9 @@ fn push_capped<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
 
 /// The dashboard page: inline CSS and JavaScript only, so it works on a machine with no
 /// way out. Cells carry `data-queue`, `data-slice` and `data-owner` (empty when unowned),
-/// and `data-in-flight-too-long` when flagged, for tests and scripts.
-const PAGE: &str = r##"<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>qslice</title>
-<style>
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
-header{background:#1d2330;color:#fff;padding:10px 16px;display:flex;gap:18px;align-items:baseline;flex-wrap:wrap}
-header h1{font-size:18px;margin:0}
-header .dim{color:#aab3c2}
-main{padding:12px 16px;display:grid;grid-template-columns:minmax(0,3fr) minmax(280px,1fr);gap:16px}
-@media (max-width:900px){main{grid-template-columns:1fr}}
-section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:10px 12px;margin-bottom:12px}
-h2{font-size:15px;margin:0 0 8px}
-h2 .dim,.dim{color:#6b7588;font-weight:normal;font-size:12px}
-.legend{display:flex;flex-wrap:wrap;gap:6px 16px}
-.legend .node{display:inline-flex;align-items:center;gap:6px}
-.sw{width:14px;height:14px;border-radius:3px;display:inline-block}
-.sw.none{background:repeating-linear-gradient(45deg,#b03a2e,#b03a2e 3px,#e8a49c 3px,#e8a49c 6px)}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(64px,1fr));gap:4px}
-.cell{border-radius:4px;padding:3px 5px;color:#fff;font-size:12px;min-height:40px;cursor:default;overflow:hidden}
-.cell .n{font-weight:600}
-.cell small{display:block;font-size:10px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;opacity:.92}
-.cell.unowned{background:repeating-linear-gradient(45deg,#b03a2e,#b03a2e 6px,#d9685c 6px,#d9685c 12px)}
-.cell.moving{outline:2px dashed #1d2330;outline-offset:-2px}
-.cell.pinned .n::after{content:" \2022 pinned";font-size:9px;font-weight:normal}
-.cell.stuck{box-shadow:inset 0 0 0 3px #f4d03f}
-.alerts{background:#fdecea;border-color:#f5b7b1;color:#8e2a20}
-.timeline{list-style:none;padding:0;margin:0;max-height:40vh;overflow:auto;font-size:12px}
-.timeline li{border-left:3px solid #c9ced6;padding:2px 6px;margin-bottom:3px}
-.timeline li.failover,.timeline li.slice_orphaned,.timeline li.node_left,.timeline li.node_fenced,.timeline li.alert{border-color:#b03a2e}
-.timeline li.handoff,.timeline li.slice_released{border-color:#d68910}
-.timeline li.slice_claimed,.timeline li.node_joined,.timeline li.alert_cleared{border-color:#1e8449}
-.timeline time{color:#6b7588;margin-right:6px}
-.badge{display:inline-block;border-radius:3px;padding:0 5px;font-size:11px;background:#e5e8ec;color:#1d2330;margin-left:6px}
-.badge.warn{background:#f9e79f}
-.badge.bad{background:#b03a2e;color:#fff}
-</style>
-</head>
-<body data-state="loading">
-<header>
-<h1>qslice</h1>
-<span>cluster <b id="cluster">…</b></span>
-<span>leader <b id="leader">…</b> <span id="standbys" class="dim"></span></span>
-<span id="mode"></span>
-<span id="updated" class="dim">connecting…</span>
-</header>
-<main>
-<div>
-<section id="alerts" class="alerts" hidden></section>
-<section><h2>Runners <span class="dim">(color = owner)</span></h2><div id="nodes" class="legend"></div></section>
-<div id="queues"></div>
-</div>
-<aside>
-<section><h2>Failovers and hand-offs <span class="dim">(time with no claim)</span></h2><ul id="failovers" class="timeline"></ul></section>
-<section><h2>Recent events</h2><ul id="events" class="timeline"></ul></section>
-</aside>
-</main>
-<script>
-"use strict";
-function color(node) {
-  let h = 0;
-  for (const c of node) h = (h * 31 + c.charCodeAt(0)) >>> 0;
-  return "hsl(" + (h * 47 % 360) + ",58%,38%)";
-}
-function el(tag, attrs, ...kids) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (v === undefined || v === null) continue;
-    if (k === "class") e.className = v;
-    else if (k === "style") e.style.cssText = v;
-    else e.setAttribute(k, v);
-  }
-  for (const k of kids) if (k !== null && k !== undefined) e.append(k);
-  return e;
-}
-function dur(s) {
-  if (s < 1) return Math.round(s * 1000) + " ms";
-  if (s < 120) return s.toFixed(1) + " s";
-  if (s < 7200) return (s / 60).toFixed(1) + " min";
-  return (s / 3600).toFixed(1) + " h";
-}
-function clock(ms) { return new Date(ms).toLocaleTimeString(); }
-function replace(id, ...kids) { const e = document.getElementById(id); e.replaceChildren(...kids); return e; }
-
-function render(st) {
-  document.getElementById("cluster").textContent = st.cluster;
-  document.getElementById("leader").textContent = st.leader || "none";
-  document.getElementById("standbys").textContent = st.standbys.length ? "standbys: " + st.standbys.join(", ") : "";
-  document.getElementById("mode").textContent = st.maintenance ? "MAINTENANCE: only orphaned slices move" : "";
-  const alerts = document.getElementById("alerts");
-  alerts.hidden = st.alerts.length === 0;
-  alerts.replaceChildren(...st.alerts.map(a => el("div", {}, a)));
-
-  replace("nodes", ...st.nodes.map(n => el("span", {class: "node", "data-node": n.id,
-      title: n.host + ", weight " + n.weight + ", up " + dur(n.age_seconds)},
-    el("span", {class: "sw", style: "background:" + color(n.id)}),
-    n.id, el("span", {class: "dim"}, n.slices_held + " slices"),
-    n.cordoned ? el("span", {class: "badge warn"}, "cordoned") : null)),
-    el("span", {class: "node"}, el("span", {class: "sw none"}), el("span", {class: "dim"}, "unowned")));
-
-  replace("queues", ...st.queues.map(q => {
-    const depth = q.cells.reduce((a, c) => a + c.depth, 0);
-    const unowned = q.cells.filter(c => !c.owner).length;
-    const head = el("h2", {}, "queue " + q.name + " ",
-      el("span", {class: "dim"}, q.slices + " slices, " + depth + " waiting" + (unowned ? ", " + unowned + " unowned" : "")),
-      q.paused ? el("span", {class: "badge warn"}, "paused") : null,
-      q.no_eligible_node ? el("span", {class: "badge bad", "data-state": "no-eligible-node"}, q.state) :
-        (q.refused_by.length ? el("span", {class: "badge warn"}, "refused by " + q.refused_by.join(", ")) : null),
-      q.mailman3 ? el("span", {class: "badge"}, "mailman3") : null);
-    const grid = el("div", {class: "grid"}, ...q.cells.map(c => {
-      const moving = c.owner && c.desired_owner && c.desired_owner !== c.owner;
-      const tip = q.name + "/" + c.slice + "\nowner: " + (c.owner || "none (unowned " + dur(c.unowned_seconds) + ")") +
-        (moving ? "\nmoving to: " + c.desired_owner : "") + (c.epoch ? "\nepoch: " + c.epoch : "") +
-        "\ndepth: " + c.depth + "\noldest entry: " + (c.depth ? dur(c.oldest_entry_age_seconds) : "-") +
-        "\nin flight: " + (c.in_flight ? c.in_flight + ", oldest " + dur(c.oldest_in_flight_age_seconds) + (c.in_flight_too_long ? " (too long)" : "") : "-") +
-        (c.pinned ? "\npinned" : "") + (!c.owner && q.no_eligible_node ? "\nno eligible node" : "");
-      const cls = "cell" + (c.owner ? "" : " unowned") + (moving ? " moving" : "") + (c.pinned ? " pinned" : "") + (c.in_flight_too_long ? " stuck" : "");
-      return el("div", {class: cls, "data-queue": q.name, "data-slice": c.slice, "data-owner": c.owner || "",
-          "data-in-flight-too-long": c.in_flight_too_long ? "1" : null,
-          style: c.owner ? "background:" + color(c.owner) : null, title: tip},
-        el("span", {class: "n"}, String(c.slice)),
-        el("small", {}, c.owner || "unowned " + dur(c.unowned_seconds)),
-        el("small", {}, c.depth ? c.depth + " · " + dur(c.oldest_entry_age_seconds) : "empty"),
-        c.in_flight_too_long ? el("small", {}, "in flight " + dur(c.oldest_in_flight_age_seconds)) : null);
-    }));
-    return el("section", {"data-queue": q.name}, head, grid);
-  }));
-  if (st.queues.length === 0) replace("queues", el("section", {}, "No queues yet: qslicectl queue set <name> --slices <n>"));
-
-  replace("failovers", ...(st.failovers.length ? st.failovers.map(f => el("li", {class: f.cause, "data-cause": f.cause},
-      el("time", {}, clock(f.claimed_unix_ms)),
-      f.queue + "/" + f.slice + " " + f.from + " → " + f.to + ": unowned ",
-      el("b", {}, dur(f.unowned_ms / 1000)),
-      el("span", {class: "badge"}, f.cause === "failover" ? "failover" : "hand-off")))
-    : [el("li", {class: "dim"}, "none since this coordinator started")]));
-
-  replace("events", ...st.events.slice(0, 80).map(e => el("li", {class: e.kind},
-      el("time", {}, clock(e.time_unix_ms)),
-      e.kind.replace(/_/g, " ") + (e.queue !== null && e.queue !== undefined ? " " + e.queue + (e.slice !== null && e.slice !== undefined ? "/" + e.slice : "") : "") +
-      (e.node ? " " + e.node : "") + (e.epoch ? " (epoch " + e.epoch + ")" : "") + (e.message ? ": " + e.message : ""))));
-
-  document.getElementById("updated").textContent = "updated " + clock(st.generated_unix_ms);
-  document.body.dataset.state = "live";
-}
-
-async function poll() {
-  try {
-    const r = await fetch("/api/status", {cache: "no-store"});
-    const body = await r.json();
-    if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
-    render(body);
-  } catch (e) {
-    document.getElementById("updated").textContent = "not live: " + e.message;
-    document.body.dataset.state = "error";
-  } finally {
-    setTimeout(poll, 1000);
-  }
-}
-poll();
-</script>
-</body>
-</html>
-"##;
+/// and `data-in-flight-too-long` when flagged, for tests and scripts. Kept in a file of
+/// its own (`dashboard/page.html`) and built into the binary.
+const PAGE: &str = include_str!("dashboard/page.html");
 
 #[cfg(test)]
 mod tests {
@@ -630,7 +475,7 @@ mod tests {
         };
         let mut h = History::default();
         h.record(&ev(Kind::SliceOrphaned, 10, "r2", "in", 1));
-        let body = StatusBody::new(status, &h, 42);
+        let body = StatusBody::new(&status, &h, 42);
         assert_eq!(body.leader.as_deref(), Some("c1"));
         let cells: Vec<(String, u32, Option<String>, Option<String>)> = body
             .queues
@@ -649,5 +494,15 @@ mod tests {
         assert_eq!(json["queues"][0]["cells"][1]["owner"], serde_json::Value::Null);
         assert_eq!(json["queues"][0]["cells"][1]["unowned_seconds"], 1.5);
         assert_eq!(json["events"][0]["kind"], "slice_orphaned");
+    }
+
+    #[test]
+    fn api_status_json_keeps_the_fields_the_page_draws() {
+        // The page's script and outside scripts read these names: the JSON is a contract.
+        let mut h = History::default();
+        h.record(&ev(Kind::SliceOrphaned, 10, "n1", "in", 1));
+        let body = StatusBody::new(&crate::status_rows::fixtures::status_reply(), &h, 42);
+        let expected = r#"{"cluster":"prod","leader":"coord-a","standbys":["coord-b"],"maintenance":true,"alerts":["slice in/1 unowned for 12s"],"nodes":[{"id":"n1","host":"n1.example","weight":1,"cordoned":false,"slices_held":4,"age_seconds":185},{"id":"node-two","host":"node-two.example","weight":1,"cordoned":true,"slices_held":4,"age_seconds":185}],"queues":[{"name":"in","slices":4,"paused":false,"mailman3":false,"state":"active","no_eligible_node":false,"refused_by":[],"cells":[{"slice":0,"owner":"n1","desired_owner":"n1","epoch":42,"depth":3,"oldest_entry_age_seconds":185.0,"unowned_seconds":0.0,"pinned":true,"in_flight":1,"oldest_in_flight_age_seconds":725.0,"in_flight_too_long":true},{"slice":1,"owner":null,"desired_owner":"n1","epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":12.0,"pinned":false,"in_flight":2,"oldest_in_flight_age_seconds":4.0,"in_flight_too_long":false}]},{"name":"out","slices":8,"paused":true,"mailman3":true,"state":"paused","no_eligible_node":false,"refused_by":[],"cells":[]},{"name":"bounces","slices":1,"paused":false,"mailman3":false,"state":"no eligible node (refused by n1; cordoned: node-two)","no_eligible_node":true,"refused_by":["n1"],"cells":[{"slice":0,"owner":null,"desired_owner":null,"epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":30.0,"pinned":false,"in_flight":0,"oldest_in_flight_age_seconds":0.0,"in_flight_too_long":false}]}],"failovers":[],"events":[{"time_unix_ms":10,"kind":"slice_orphaned","node":"n1","queue":"in","slice":1,"epoch":null,"message":null}],"generated_unix_ms":42}"#;
+        assert_eq!(serde_json::to_string(&body).expect("json"), expected);
     }
 }

@@ -11,9 +11,9 @@
 //! - [`health`]: the alerts and queue states derived from a snapshot (pure).
 //! - [`admin`]: the admin API's decisions; [`service`] is its thin gRPC face.
 //! - [`status_rows`]: the cluster status as rows, built from the admin API's status
-//!   reply, for qslicectl's output (pure).
+//!   reply; qslicectl prints them and the dashboard draws them (pure).
 //! - [`dashboard`]: the HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, and the live
-//!   dashboard with its `/api/status`.
+//!   dashboard page (`dashboard/page.html`) with its `/api/status`.
 //! - [`ctl`]: qslicectl's admin client ([`ctl::client`]), its reply rows ([`ctl::rows`])
 //!   and text output ([`ctl::render`]).
 //! - [`offline`]: qslicectl's tools that need no coordinator (`slice-of`, `spool stats`).

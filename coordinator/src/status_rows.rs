@@ -1,5 +1,6 @@
 //! The status of a cluster as rows: what qslicectl prints (`status`, `nodes`, `queues`,
-//! as tables or `--json`), built from the admin API's status messages.
+//! as tables or `--json`) and what the dashboard's `/api/status` draws, both built here
+//! from the admin API's status messages, so the two cannot tell a different story.
 //!
 //! Contract: pure. A row field is the message field, with the admin API's "empty string
 //! means none" turned into `None`; a queue state missing from an older coordinator's reply
