@@ -76,6 +76,17 @@ pub enum Access {
     Mutate,
 }
 
+impl Access {
+    /// What a rebalance needs: a dry run only reads.
+    pub fn rebalance(dry_run: bool) -> Access {
+        if dry_run {
+            Access::Read
+        } else {
+            Access::Mutate
+        }
+    }
+}
+
 /// The admin API's state, shared by every call.
 pub struct Admin {
     client: Client,

@@ -121,8 +121,7 @@ impl AdminApi for AdminService {
     }
 
     async fn rebalance(&self, request: Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
-        let access = if request.get_ref().dry_run { Access::Read } else { Access::Mutate };
-        self.check(&request, access)?;
+        self.check(&request, Access::rebalance(request.get_ref().dry_run))?;
         Ok(Response::new(self.admin.rebalance(request.get_ref().dry_run).await?))
     }
 
