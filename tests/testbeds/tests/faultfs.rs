@@ -135,6 +135,9 @@ fn a_cached_listing_hides_a_new_backing_file_until_the_ttl_passes() -> Result<()
             listing(&fs.path(&dir)).is_ok_and(|names| names == ["new.pck"])
         })?;
         assert!(fs.counters()?.cached_listings >= 1);
+        // A change made through the mount is seen at once, as an NFS client sees its own.
+        fs::write(fs.path(&dir).join("mine.pck"), b"x")?;
+        assert_eq!(listing(&fs.path(&dir))?, ["mine.pck", "new.pck"]);
         return Ok(());
     }
     anyhow::bail!("the machine was too slow: no attempt listed twice within {ttl:?}")

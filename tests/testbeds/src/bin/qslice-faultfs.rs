@@ -3,6 +3,7 @@
 //! or SIGHUP (or, with `--exit-with-stdin`, the end of standard input).
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::Parser;
 use qslice_testbeds::faultfs::{serve, ServeArgs};
@@ -29,15 +30,22 @@ struct Args {
     threads: usize,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let args = Args::parse();
-    serve(&ServeArgs {
+    let served = serve(&ServeArgs {
         backing: args.backing,
         mountpoint: args.mountpoint,
         control: args.control,
         exit_with_stdin: args.exit_with_stdin,
         owner_dir: args.owner_dir,
         threads: args.threads,
-    })?;
-    Ok(())
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, no backtrace: the owner shows the last lines of this log.
+            eprintln!("qslice-faultfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

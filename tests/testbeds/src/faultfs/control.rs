@@ -2,7 +2,17 @@
 //!
 //! Contract: a unix stream socket; each request is one JSON line ([`Request`]) answered
 //! by one JSON line ([`Response`]). A connection may carry any number of requests.
-//! Changes take effect for operations that start after the answer.
+//! Changes take effect for operations that start after the answer. By hand:
+//!
+//! ```text
+//! "Ping"                                             -> "Ok"
+//! {"Set":{"RenameThenEnoent":{"suffix":".pck","times":1}}}
+//! {"Set":{"OpenError":{"errno":"Estale","matching":{"suffix":null,"times":3}}}}
+//! {"Set":{"Block":{"op":"Rename","duration":{"secs":5,"nanos":0},"matching":{"suffix":null,"times":null}}}}
+//! {"Set":{"CachedListings":{"ttl":{"secs":3,"nanos":0}}}}
+//! "Clear"                                            -> "Ok"
+//! "Counters"                                         -> {"Counters":{"renames_then_enoent":1,...}}
+//! ```
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

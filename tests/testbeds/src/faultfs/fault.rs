@@ -87,7 +87,9 @@ pub enum Fault {
     RenameThenEnoent(Match),
     /// Directory listings come from a snapshot up to `ttl` old, and the kernel is told it
     /// may cache names (also missing ones) and attributes for `ttl` (NFS's attribute
-    /// cache, `acdirmax`).
+    /// cache, `acdirmax`). Changes made through the mount drop the snapshot of their
+    /// directory, as an NFS client sees its own changes; changes made in the backing
+    /// directory (another host) stay hidden until the snapshot or cache entry expires.
     CachedListings {
         /// How old a listing or cached attribute may be.
         ttl: Duration,

@@ -207,6 +207,13 @@ impl Inner {
         }
     }
 
+    /// After a change made through the mount in directory `parent`: its snapshot is
+    /// dropped, since a client sees its own changes (an NFS client updates its cache of a
+    /// directory it changed; only changes from elsewhere stay hidden).
+    fn changed(&self, parent: u64) {
+        lock(&self.snapshots).remove(&parent);
+    }
+
     fn entry(&self, rel: &Path, meta: &Metadata) -> FileAttr {
         let ino = self.register(rel, meta.dev(), meta.ino());
         attr(ino, meta)
@@ -306,6 +313,7 @@ impl Inner {
         });
         match made {
             Ok((file, meta)) => {
+                self.changed(parent);
                 self.own(&path, owner.0, owner.1);
                 let meta = fs::symlink_metadata(&path).unwrap_or(meta);
                 let attr = self.entry(&rel, &meta);
@@ -332,7 +340,8 @@ impl Inner {
             return reply.error(errno(&e));
         }
         self.moved(&from_rel, &to_rel);
-        lock(&self.snapshots).clear();
+        self.changed(parent);
+        self.changed(newparent);
         if lock(&self.board).rename_then_enoent(&name_str(name)) {
             return reply.error(Errno::ENOENT);
         }
@@ -342,7 +351,10 @@ impl Inner {
     fn unlink(&self, parent: u64, name: &OsStr, reply: ReplyEmpty) {
         match self.child(parent, name) {
             Ok((path, _)) => match fs::remove_file(path) {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    self.changed(parent);
+                    reply.ok();
+                }
                 Err(e) => reply.error(errno(&e)),
             },
             Err(e) => reply.error(e),
@@ -487,6 +499,7 @@ impl Filesystem for FaultFilesystem {
             Err(e) => return reply.error(e),
         };
         let made = fs::DirBuilder::new().mode(mode & !umask & 0o7777).create(&path).and_then(|()| {
+            inner.changed(parent.0);
             inner.own(&path, req.uid(), req.gid());
             fs::symlink_metadata(&path)
         });
@@ -504,7 +517,10 @@ impl Filesystem for FaultFilesystem {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         match self.inner.child(parent.0, name) {
             Ok((path, _)) => match fs::remove_dir(path) {
-                Ok(()) => reply.ok(),
+                Ok(()) => {
+                    self.inner.changed(parent.0);
+                    reply.ok();
+                }
                 Err(e) => reply.error(errno(&e)),
             },
             Err(e) => reply.error(e),

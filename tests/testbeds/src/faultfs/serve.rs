@@ -52,6 +52,15 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    /// The mount point cannot be used.
+    #[error("mount point {path}: {source}")]
+    MountPoint {
+        /// The mount point.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
     /// The FUSE mount failed.
     #[error(
         "mount FUSE on {path}: {source} (a direct mount needs root, CAP_SYS_ADMIN and /dev/fuse; \
@@ -141,7 +150,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     let mountpoint = args
         .mountpoint
         .canonicalize()
-        .map_err(|source| ServeError::Mount { path: args.mountpoint.clone(), source })?;
+        .map_err(|source| ServeError::MountPoint { path: args.mountpoint.clone(), source })?;
 
     let mut config = Config::default();
     config.mount_options = vec![
