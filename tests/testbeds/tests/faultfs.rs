@@ -76,6 +76,15 @@ fn a_spool_written_through_the_mount_lands_in_the_backing_dir() -> Result<()> {
     assert!(listing(&queue)?.contains(&"behind.pck".to_owned()));
     assert_eq!(fs::read(queue.join("behind.pck"))?, b"x");
 
+    // A lock made as flufl.lock makes it: a unique file hard-linked to the lock's name.
+    let claim = queue.join("in.lck.host.1234");
+    fs::write(&claim, b"host")?;
+    fs::hard_link(&claim, queue.join("in.lck"))?;
+    assert_eq!(std::os::unix::fs::MetadataExt::nlink(&fs::metadata(&claim)?), 2);
+    fs::remove_file(&claim)?;
+    assert_eq!(fs::read(queue.join("in.lck"))?, b"host");
+    fs::remove_file(queue.join("in.lck"))?;
+
     fs::remove_file(&bak)?;
     fs::remove_file(queue.join("behind.pck"))?;
     fs::remove_dir(&queue)?;

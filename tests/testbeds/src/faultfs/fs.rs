@@ -2,7 +2,8 @@
 //! the [`Switchboard`] has had its say.
 //!
 //! Contract: with no fault set it behaves like the backing directory (names, data,
-//! modes, sizes, renames within the mount), with attribute and entry lifetimes of zero so
+//! modes, sizes, times, renames and hard links within the mount; no symlinks, xattrs or
+//! FUSE locks, so the kernel keeps POSIX locks locally), with attribute and entry lifetimes of zero so
 //! changes made in the backing directory behind its back are seen at once. Inode numbers
 //! are its own, one per backing (device, inode) pair, mapped to the last path it saw for
 //! them. A blocked operation waits on a thread of its own, so the FUSE event loops keep
@@ -505,6 +506,23 @@ impl Filesystem for FaultFilesystem {
         });
         match made {
             Ok(meta) => reply.entry(&inner.ttl(), &inner.entry(&rel, &meta), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        // Mailman's lock files (flufl.lock) are made with link(2). An inode keeps one
+        // path, the newest name it was given.
+        let inner = &self.inner;
+        let (from, (to, to_rel)) = match (inner.path(ino.0), inner.child(newparent.0, newname)) {
+            (Ok(from), Ok(to)) => (from, to),
+            (Err(e), _) | (_, Err(e)) => return reply.error(e),
+        };
+        match fs::hard_link(&from, &to).and_then(|()| fs::symlink_metadata(&to)) {
+            Ok(meta) => {
+                inner.changed(newparent.0);
+                reply.entry(&inner.ttl(), &inner.entry(&to_rel, &meta), Generation(0));
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
