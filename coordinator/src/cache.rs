@@ -38,6 +38,8 @@ pub const FIGURES_CHECK: Duration = Duration::from_secs(5);
 pub struct ClusterCache {
     keys: Keys,
     store: RwLock<BTreeMap<Vec<u8>, Stored>>,
+    /// The highest mod revision applied to `store` (written under its lock).
+    revision: std::sync::atomic::AtomicI64,
     /// Bumped on every change that can alter the plan (not on runners' figures).
     version: watch::Sender<u64>,
     events: broadcast::Sender<Event>,
@@ -74,6 +76,7 @@ impl ClusterCache {
         ClusterCache {
             keys,
             store: RwLock::new(BTreeMap::new()),
+            revision: std::sync::atomic::AtomicI64::new(0),
             version: watch::channel(0).0,
             events: broadcast::channel(4096).0,
             unowned_since: Mutex::new(BTreeMap::new()),
@@ -133,7 +136,9 @@ impl ClusterCache {
     /// A decoded snapshot.
     pub fn view(&self) -> ClusterView {
         let store = self.store.read().expect("store lock");
-        ClusterView::from_store(&self.keys, store.iter())
+        let mut view = ClusterView::from_store(&self.keys, store.iter());
+        view.revision = self.revision.load(Ordering::SeqCst);
+        view
     }
 
     /// The current leader's id, if any.
@@ -153,7 +158,12 @@ impl ClusterCache {
             PrefixUpdate::Snapshot(kvs) => {
                 let new: BTreeMap<Vec<u8>, Stored> = kvs.iter().map(|kv| (kv.key().to_vec(), stored(kv))).collect();
                 // Slices of known queues without a claim count as unowned from now on.
-                *self.store.write().expect("store lock") = new;
+                {
+                    let mut store = self.store.write().expect("store lock");
+                    *store = new;
+                    let newest = kvs.iter().map(KeyValue::mod_revision).max().unwrap_or(0);
+                    self.revision.fetch_max(newest, Ordering::SeqCst);
+                }
                 let view = self.view();
                 let mut unowned = self.unowned_since.lock().expect("unowned lock");
                 unowned.retain(|k, _| !view.claims.contains_key(k));
@@ -170,11 +180,19 @@ impl ClusterCache {
                 true
             }
             PrefixUpdate::Put(kv) => {
-                let old = self.store.write().expect("store lock").insert(kv.key().to_vec(), stored(&kv));
+                let old = {
+                    let mut store = self.store.write().expect("store lock");
+                    self.revision.fetch_max(kv.mod_revision(), Ordering::SeqCst);
+                    store.insert(kv.key().to_vec(), stored(&kv))
+                };
                 self.derive(&kv, old.as_ref(), true)
             }
             PrefixUpdate::Delete(kv) => {
-                let old = self.store.write().expect("store lock").remove(kv.key());
+                let old = {
+                    let mut store = self.store.write().expect("store lock");
+                    self.revision.fetch_max(kv.mod_revision(), Ordering::SeqCst);
+                    store.remove(kv.key())
+                };
                 self.derive(&kv, old.as_ref(), false)
             }
         };

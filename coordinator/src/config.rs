@@ -13,6 +13,10 @@ use serde::Deserialize;
 use crate::health::{AlertSettings, DEFAULT_IN_FLIGHT_ALERT_AFTER};
 use crate::planner::{DEFAULT_CHURN_BUDGET, DEFAULT_MAX_VANISHED_FRACTION};
 
+/// The default claim deadline: a claim is one etcd round trip (milliseconds), so a second
+/// without one means the owner is gone or stuck, and far less than a lease TTL.
+pub const DEFAULT_CLAIM_DEADLINE: Duration = Duration::from_secs(1);
+
 /// Command-line flags and environment variables.
 #[derive(Debug, Default, Parser)]
 #[command(name = "qslice-coordinator", version, about = "Assign the slices of a shared Mailman spool to live qslice runners (one leader among several coordinators)")]
@@ -47,6 +51,9 @@ pub struct Args {
     /// How long an old owner may hold a moved slice before its lease is revoked; keep it above the runners' drain timeout [default: 60s].
     #[arg(long, env = "QSLICE_REVOKE_DEADLINE", value_parser = humantime::parse_duration)]
     pub revoke_deadline: Option<Duration>,
+    /// How long an assigned slice may stay without any claim before it goes to another live node (claims take milliseconds; a node that does not claim is likely dying) [default: 1s].
+    #[arg(long, env = "QSLICE_CLAIM_DEADLINE", value_parser = humantime::parse_duration)]
+    pub claim_deadline: Option<Duration>,
     /// How long balancing stays paused after the safety valve trips [default: 2m].
     #[arg(long, env = "QSLICE_SAFETY_VALVE_HOLD", value_parser = humantime::parse_duration)]
     pub safety_valve_hold: Option<Duration>,
@@ -94,6 +101,8 @@ struct FileConfig {
     max_vanished_fraction: Option<f64>,
     #[serde(default, with = "humantime_serde_opt")]
     revoke_deadline: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    claim_deadline: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     safety_valve_hold: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
@@ -158,6 +167,9 @@ pub struct Config {
     /// Fence deadline for an owner that does not release a moved slice.
     #[serde(with = "humantime_serialize")]
     pub revoke_deadline: Duration,
+    /// How long an assigned slice may have no claim at all before it is assigned elsewhere.
+    #[serde(with = "humantime_serialize")]
+    pub claim_deadline: Duration,
     /// How long the safety valve holds.
     #[serde(with = "humantime_serialize")]
     pub safety_valve_hold: Duration,
@@ -204,6 +216,10 @@ impl Config {
         if in_flight_alert_after.is_zero() {
             return Err(invalid("in_flight_alert_after", "must be more than 0 (every message is in flight for a moment)"));
         }
+        let claim_deadline = args.claim_deadline.or(file.claim_deadline).unwrap_or(DEFAULT_CLAIM_DEADLINE);
+        if claim_deadline.is_zero() {
+            return Err(invalid("claim_deadline", "must be more than 0 (a claim takes a round trip to etcd)"));
+        }
         let admin = file.admin.unwrap_or_default();
         let token_file = args.admin_token_file.clone().or(admin.token_file);
         let token = match (&args.admin_token, &token_file) {
@@ -244,6 +260,7 @@ impl Config {
             churn_budget: args.churn_budget.or(file.churn_budget).unwrap_or(DEFAULT_CHURN_BUDGET),
             max_vanished_fraction,
             revoke_deadline: args.revoke_deadline.or(file.revoke_deadline).unwrap_or(Duration::from_secs(60)),
+            claim_deadline,
             safety_valve_hold: args.safety_valve_hold.or(file.safety_valve_hold).unwrap_or(Duration::from_secs(120)),
             in_flight_alert_after,
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
@@ -309,5 +326,20 @@ mod tests {
         assert!(Config::resolve(&args).expect_err("pair").to_string().starts_with("admin.tls_cert"));
         let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--admin-client-ca", "/ca.pem"]).expect("flags");
         assert!(Config::resolve(&args).expect_err("needs tls").to_string().starts_with("admin.client_ca"));
+    }
+
+    #[test]
+    fn the_claim_deadline_comes_from_file_flag_or_environment_and_is_not_zero() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "id = \"c1\"\nclaim_deadline = \"750ms\"\n").expect("write");
+        let args = Args::try_parse_from(["qslice-coordinator", "--config", path.to_str().expect("utf8")]).expect("flags");
+        assert_eq!(Config::resolve(&args).expect("valid").claim_deadline, Duration::from_millis(750));
+        let args = Args::try_parse_from(["qslice-coordinator", "--config", path.to_str().expect("utf8"), "--claim-deadline", "2s"]).expect("flags");
+        assert_eq!(Config::resolve(&args).expect("valid").claim_deadline, Duration::from_secs(2));
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1"]).expect("flags");
+        assert_eq!(Config::resolve(&args).expect("valid").claim_deadline, DEFAULT_CLAIM_DEADLINE);
+        let args = Args::try_parse_from(["qslice-coordinator", "--id", "c1", "--claim-deadline", "0s"]).expect("flags");
+        assert!(Config::resolve(&args).expect_err("zero").to_string().starts_with("claim_deadline"));
     }
 }

@@ -8,6 +8,8 @@
 //!   the writes that reach a plan (pure).
 //! - [`planner`]: the pure assignment planner.
 //! - [`leader`]: election and the level-triggered reconcile loop (the daemon).
+//! - [`claim_checks`]: the leader's checks of claims against the assignment (claim
+//!   deadline, unexplained claims, the reslice barrier) and its pause-proof clock (pure).
 //! - [`health`]: the alerts and queue states derived from a snapshot (pure).
 //! - [`admin`]: the admin API's decisions; [`service`] is its thin gRPC face.
 //! - [`status_rows`]: the cluster status as rows, built from the admin API's status
@@ -22,6 +24,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod claim_checks;
 pub mod config;
 pub mod ctl;
 pub mod dashboard;

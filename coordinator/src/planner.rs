@@ -32,6 +32,11 @@
 //!   slices beyond a queue's count, get no owner ([`Plan::released`]).
 //! - Takeovers always happen, in maintenance and when the safety valve trips too. An
 //!   orphan goes to the eligible node furthest below its target (ties: lowest node id).
+//!   A slice in [`PlanInput::stalled`] (its live owner did not claim it in time) is taken
+//!   over like an orphan ([`MoveReason::Unclaimed`]).
+//! - Nodes in [`PlanInput::avoid`] come last: they get a takeover or a drain only when no
+//!   other eligible node exists, and never a balance move (so the balance bounds below
+//!   can leave them under their target while they are avoided).
 //! - Planned moves are limited: at most [`PlanOptions::churn_budget`] per plan (pins first,
 //!   then drains off ineligible nodes, then balance); none at all in maintenance, or when
 //!   more than [`PlanOptions::max_vanished_fraction`] of [`PlanInput::previous_nodes`] have
@@ -169,6 +174,14 @@ pub struct PlanInput {
     pub previous_nodes: BTreeSet<String>,
     /// The knobs.
     pub options: PlanOptions,
+    /// Slices whose live owner did not claim them within the claim deadline (the leader's
+    /// `claim_deadline`): planned like orphans, so that another node takes them over.
+    pub stalled: BTreeSet<SliceKey>,
+    /// Live nodes that get new slices (takeovers, drains, balance) only when no other
+    /// eligible node can take them: nodes that did not claim in time, or whose lease
+    /// missed a keepalive (likely dying). They keep what they hold, and may stay below
+    /// their target meanwhile.
+    pub avoid: BTreeSet<String>,
 }
 
 /// Why a slice gets a new owner.
@@ -178,6 +191,8 @@ pub enum MoveReason {
     Orphaned,
     /// It had no owner: a new or resumed queue, or a grown slice count (takeover).
     NewQueueSlice,
+    /// Its live owner did not claim it within the claim deadline (takeover).
+    Unclaimed,
     /// Its owner holds more than its target (planned move).
     Balance,
     /// Its owner is cordoned, has weight 0 or no longer serves the queue (planned move).
@@ -192,6 +207,7 @@ impl MoveReason {
         match self {
             MoveReason::Orphaned => "orphaned",
             MoveReason::NewQueueSlice => "new-queue-slice",
+            MoveReason::Unclaimed => "unclaimed",
             MoveReason::Balance => "balance",
             MoveReason::NodeIneligible => "node-ineligible",
             MoveReason::Pinned => "pinned",
@@ -348,7 +364,12 @@ pub fn plan(input: &PlanInput) -> Plan {
             Some(&qi) if *slice < queues[qi].slices => {
                 let q = &mut queues[qi];
                 q.orig[*slice as usize] = Some(owner.as_str());
-                q.owner[*slice as usize] = node_index.get(owner.as_str()).copied();
+                // A stalled slice's owner is planned as gone, for this slice only.
+                let stalled = input.stalled.contains(&(queue.clone(), *slice));
+                q.owner[*slice as usize] = if stalled { None } else { node_index.get(owner.as_str()).copied() };
+                if stalled {
+                    q.stalled[*slice as usize] = true;
+                }
             }
             _ => out.released.push((queue.clone(), *slice)),
         }
@@ -363,6 +384,11 @@ pub fn plan(input: &PlanInput) -> Plan {
 
     for q in queues.iter_mut() {
         q.resolve_pins_and_share();
+        for (e, entry) in q.entries.iter().enumerate() {
+            if input.avoid.contains(&nodes[entry.node].id) {
+                q.avoided.push(e);
+            }
+        }
     }
     choose_targets(&mut queues, nodes.len());
 
@@ -478,6 +504,10 @@ struct QueueWork<'a> {
     entry_of: Vec<u32>,
     /// How many entries get `ceil(x)` rather than `floor(x)`.
     slots: usize,
+    /// Slices whose owner did not claim them in time ([`PlanInput::stalled`]).
+    stalled: Vec<bool>,
+    /// Entries of nodes in [`PlanInput::avoid`], sorted.
+    avoided: Vec<usize>,
 }
 
 /// A move before names are filled in.
@@ -524,6 +554,8 @@ impl<'a> QueueWork<'a> {
             entries: Vec::new(),
             entry_of: vec![NO_ENTRY; node_count],
             slots: 0,
+            stalled: vec![false; n],
+            avoided: Vec::new(),
         }
     }
 
@@ -626,8 +658,9 @@ impl<'a> QueueWork<'a> {
     }
 
     /// Heap of entries by how far they are below target; ties go to the lowest node id.
-    fn deficit_heap(&self) -> BinaryHeap<(i64, Reverse<usize>)> {
-        self.entries.iter().enumerate().map(|(i, e)| (e.target() - e.held, Reverse(i))).collect()
+    /// Avoided nodes come after every other node, whatever their deficit.
+    fn deficit_heap(&self) -> BinaryHeap<(bool, i64, Reverse<usize>)> {
+        self.entries.iter().enumerate().map(|(i, e)| (self.avoided.binary_search(&i).is_err(), e.target() - e.held, Reverse(i))).collect()
     }
 
     fn give(&mut self, s: usize, to_entry: usize) {
@@ -678,14 +711,18 @@ impl<'a> QueueWork<'a> {
             if self.new_owner[s].is_some() {
                 continue;
             }
-            let Some((deficit, Reverse(e))) = heap.pop() else {
+            let Some((preferred, deficit, Reverse(e))) = heap.pop() else {
                 uncovered.push((self.name.to_owned(), s as u32));
                 continue;
             };
-            let reason = if self.orig[s].is_some() { MoveReason::Orphaned } else { MoveReason::NewQueueSlice };
+            let reason = match self.orig[s] {
+                Some(_) if self.stalled[s] => MoveReason::Unclaimed,
+                Some(_) => MoveReason::Orphaned,
+                None => MoveReason::NewQueueSlice,
+            };
             self.give(s, e);
             self.push_move(s, e, reason, moves);
-            heap.push((deficit - 1, Reverse(e)));
+            heap.push((preferred, deficit - 1, Reverse(e)));
         }
     }
 
@@ -701,10 +738,10 @@ impl<'a> QueueWork<'a> {
             if self.entry(o).is_some() || self.pinned[s].is_some() || !gate.allow() {
                 continue;
             }
-            let Some((deficit, Reverse(e))) = heap.pop() else { continue };
+            let Some((preferred, deficit, Reverse(e))) = heap.pop() else { continue };
             self.give(s, e);
             self.push_move(s, e, MoveReason::NodeIneligible, moves);
-            heap.push((deficit - 1, Reverse(e)));
+            heap.push((preferred, deficit - 1, Reverse(e)));
         }
     }
 
@@ -728,13 +765,14 @@ impl<'a> QueueWork<'a> {
         let mut heap = self.deficit_heap();
         for d in donors {
             for &s in &give[d] {
-                if heap.peek().is_none_or(|&(deficit, _)| deficit <= 0) || !gate.allow() {
+                // Balance never gives an avoided node anything: it may be dying.
+                if heap.peek().is_none_or(|&(preferred, deficit, _)| !preferred || deficit <= 0) || !gate.allow() {
                     continue;
                 }
-                let Some((deficit, Reverse(e))) = heap.pop() else { continue };
+                let Some((preferred, deficit, Reverse(e))) = heap.pop() else { continue };
                 self.give(s, e);
                 self.push_move(s, e, MoveReason::Balance, moves);
-                heap.push((deficit - 1, Reverse(e)));
+                heap.push((preferred, deficit - 1, Reverse(e)));
             }
         }
     }
@@ -1147,7 +1185,7 @@ mod tests {
                         .into_iter()
                         .map(|(qi, s, ni)| (key(&queues[qi].name, s % queues[qi].slices), name(ni)))
                         .collect();
-                    PlanInput { queues, nodes, current, pins, previous_nodes: BTreeSet::new(), options: unlimited() }
+                    PlanInput { queues, nodes, current, pins, options: unlimited(), ..PlanInput::default() }
                 })
         })
     }
@@ -1618,5 +1656,48 @@ mod tests {
         assert!(next.assignment.iter().filter(|((q, _), _)| q == "in").all(|(_, n)| n == "b"), "{:?}", next.assignment);
         assert_eq!(next.assignment.iter().filter(|((q, _), n)| q == "out" && *n == "a").count(), 2);
         assert!(next.moves.iter().all(|m| m.reason == MoveReason::NodeIneligible), "{:?}", next.moves);
+    }
+
+    #[test]
+    fn a_stalled_slice_goes_to_another_node_and_an_avoided_node_gets_nothing_new() {
+        let mut input = cluster(vec![queue("in", 6)], vec![node("a", 1), node("b", 1), node("c", 1)]);
+        input.current = plan(&input).assignment;
+        let of_b: Vec<SliceKey> = input.current.iter().filter(|(_, o)| *o == "b").map(|(k, _)| k.clone()).collect();
+        assert_eq!(of_b.len(), 2);
+        // b was given two slices and claimed neither in time; c's lease missed a keepalive.
+        input.stalled = of_b.iter().cloned().collect();
+        input.avoid = BTreeSet::from(["b".to_owned(), "c".to_owned()]);
+        let next = plan(&input);
+        for k in &of_b {
+            assert_eq!(next.assignment[k], "a", "a stalled slice goes to the one node not avoided");
+        }
+        assert!(next.moves.iter().all(|m| m.reason == MoveReason::Unclaimed && m.from.as_deref() == Some("b")), "{:?}", next.moves);
+        assert_eq!(next.moves.len(), 2, "nothing else moves: {:?}", next.moves);
+        // The round after: avoided nodes get no balance moves while avoided.
+        input.current = next.assignment.clone();
+        input.stalled.clear();
+        let after = plan(&input);
+        assert!(after.moves.is_empty(), "no balance towards avoided nodes: {:?}", after.moves);
+        // Once no longer avoided, balance resumes.
+        input.avoid.clear();
+        let healed = plan(&input);
+        assert_eq!(held(&healed.assignment, "in"), BTreeMap::from([("a".into(), 2), ("b".into(), 2), ("c".into(), 2)]));
+    }
+
+    #[test]
+    fn an_avoided_node_still_takes_orphans_nobody_else_can() {
+        let mut input = cluster(vec![queue("in", 4)], vec![node("a", 1), node("b", 1)]);
+        input.current = plan(&input).assignment;
+        input.nodes.retain(|n| n.id != "a");
+        input.avoid = BTreeSet::from(["b".to_owned()]);
+        let next = plan(&input);
+        assert!(next.assignment.values().all(|o| o == "b") && next.assignment.len() == 4, "{:?}", next.assignment);
+        // A dead node's orphans prefer the fresh node.
+        let mut input = cluster(vec![queue("in", 6)], vec![node("a", 1), node("b", 1), node("c", 1)]);
+        input.current = plan(&input).assignment;
+        input.nodes.retain(|n| n.id != "a");
+        input.avoid = BTreeSet::from(["b".to_owned()]);
+        let next = plan(&input);
+        assert_eq!(held(&next.assignment, "in"), BTreeMap::from([("b".into(), 2), ("c".into(), 4)]));
     }
 }

@@ -64,6 +64,10 @@ pub struct ClusterView {
     pub status: BTreeMap<(String, String), SliceStatus>,
     /// Keys whose values could not be read, with why.
     pub problems: Vec<String>,
+    /// The etcd revision the snapshot is at least as new as: the highest mod revision of
+    /// any change the cache applied (0 for a view not read from etcd). Every claim in
+    /// `claims` was written at or before it.
+    pub revision: i64,
 }
 
 impl ClusterView {
@@ -269,6 +273,10 @@ pub fn planner_input(view: &ClusterView, previous_nodes: BTreeSet<String>, mut o
         pins,
         previous_nodes,
         options,
+        // Only the leader knows which owners stall (it adds them itself); a dry run shows
+        // the plan without them.
+        stalled: BTreeSet::new(),
+        avoid: BTreeSet::new(),
     };
     PlannerInput { input, settled_moves }
 }
