@@ -6,14 +6,16 @@
 //! The transactions are public so that other programs (the scale benchmark) claim and
 //! release exactly as the runner does.
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
 use qslice_common::etcd::REQUEST_TIMEOUT;
+use qslice_common::lease::Fence;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Claim, Record};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::ownership::SliceId;
+use crate::retry::{Backoff, RELEASE_BACKOFF};
 
 /// A claim or release that did not go through.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,16 @@ pub enum RequestError {
     TimedOut(std::time::Duration),
 }
 
+/// The queue configuration a claim is made under, compared by the claim transaction: a
+/// claim made under a slice count the queue no longer has fails (the reslice barrier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueRevision {
+    /// The queue has no configuration record (its key's create revision must be 0).
+    Absent,
+    /// The queue's configuration record as last read: its key's mod revision.
+    At(i64),
+}
+
 /// What a claim attempt found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClaimOutcome {
@@ -70,19 +82,43 @@ pub enum ClaimOutcome {
         /// The new epoch.
         epoch: i64,
     },
+    /// The claim exists on this lease already: an earlier claim committed though its
+    /// answer was lost (etcd: a request that timed out may still have committed). It is
+    /// ours, made under `slices_total`.
+    Adopted {
+        /// The claim's create revision: the slice's epoch.
+        epoch: i64,
+        /// The slice count written in the claim.
+        slices_total: u32,
+    },
     /// Another holder still has the slice.
     HeldByOther {
         /// The store's revision when the claim was refused (watch its deletion after it).
         revision: i64,
     },
+    /// The slice is free but the queue's configuration changed since it was read (a
+    /// reslice): not claimed; claim again under the configuration now in force.
+    QueueChanged {
+        /// The store's revision when the claim was refused.
+        revision: i64,
+    },
 }
 
-/// The transaction that creates `queue`'s `slice` claim with `record`, attached to `lease_id`, only if no claim exists.
-pub fn claim_txn(keys: &Keys, queue: &str, slice: u32, record: &Claim, lease_id: i64) -> Txn {
+/// The transaction that creates `queue`'s `slice` claim with `record`, attached to
+/// `lease_id`, only if no claim exists and the queue's configuration is still the one
+/// read at `queue_revision`. When it fails, its responses are the claim (if any) and
+/// the queue's record (if any), in that order.
+pub fn claim_txn(keys: &Keys, queue: &str, slice: u32, record: &Claim, lease_id: i64, queue_revision: QueueRevision) -> Txn {
     let key = keys.claim(queue, slice);
+    let queue_key = keys.queue(queue);
+    let barrier = match queue_revision {
+        QueueRevision::Absent => Compare::create_revision(queue_key.as_str(), CompareOp::Equal, 0),
+        QueueRevision::At(revision) => Compare::mod_revision(queue_key.as_str(), CompareOp::Equal, revision),
+    };
     Txn::new()
-        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0), barrier])
         .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(lease_id)))])
+        .or_else([TxnOp::get(key.as_str(), None), TxnOp::get(queue_key.as_str(), None)])
 }
 
 /// The transaction that deletes `queue`'s `slice` claim only if it is still the claim of epoch `epoch`.
@@ -93,16 +129,48 @@ pub fn release_txn(keys: &Keys, queue: &str, slice: u32, epoch: i64) -> Txn {
         .and_then([TxnOp::delete(key.as_str(), None)])
 }
 
-/// Runs [`claim_txn`] within [`REQUEST_TIMEOUT`]: the epoch if the claim is ours, else the revision another holder's claim was seen at.
-pub async fn claim_slice(client: &mut Client, keys: &Keys, queue: &str, slice: u32, record: &Claim, lease_id: i64) -> Result<ClaimOutcome, Error> {
+/// The claim `kv` as this lease's: adopted when it hangs on `lease_id`.
+fn adopt(kv: &KeyValue, lease_id: i64) -> Option<ClaimOutcome> {
+    if kv.lease() != lease_id {
+        return None;
+    }
+    // A claim on this lease was written by this incarnation, with its record; an
+    // unreadable one counts as made under no count, so that it is released.
+    let slices_total = Claim::decode(kv.value()).map(|c| c.slices_total).unwrap_or(0);
+    Some(ClaimOutcome::Adopted { epoch: kv.create_revision(), slices_total })
+}
+
+/// Runs [`claim_txn`] within [`REQUEST_TIMEOUT`]: the epoch if the claim is ours (new,
+/// or adopted: already on `lease_id`), else why not. A request that failed or timed out
+/// may have committed: the claim is read back and adopted if it is on `lease_id`.
+pub async fn claim_slice(client: &mut Client, keys: &Keys, queue: &str, slice: u32, record: &Claim, lease_id: i64, queue_revision: QueueRevision) -> Result<ClaimOutcome, Error> {
     let failed = |source| Error::ClaimSlice { queue: queue.to_owned(), slice, source };
-    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(claim_txn(keys, queue, slice, record, lease_id))).await {
+    let txn = claim_txn(keys, queue, slice, record, lease_id, queue_revision);
+    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return Err(failed(e.into())),
-        Err(_) => return Err(failed(RequestError::TimedOut(REQUEST_TIMEOUT))),
+        Ok(Err(e)) => return read_back(client, keys, queue, slice, lease_id).await.ok_or_else(|| failed(e.into())),
+        Err(_) => return read_back(client, keys, queue, slice, lease_id).await.ok_or_else(|| failed(RequestError::TimedOut(REQUEST_TIMEOUT))),
     };
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    Ok(if resp.succeeded() { ClaimOutcome::Claimed { epoch: revision } } else { ClaimOutcome::HeldByOther { revision } })
+    if resp.succeeded() {
+        return Ok(ClaimOutcome::Claimed { epoch: revision });
+    }
+    let claim = resp.op_responses().into_iter().next().and_then(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+        _ => None,
+    });
+    Ok(match claim {
+        Some(kv) => adopt(&kv, lease_id).unwrap_or(ClaimOutcome::HeldByOther { revision }),
+        None => ClaimOutcome::QueueChanged { revision },
+    })
+}
+
+/// After a claim request without an answer: the claim, adopted, if it is on `lease_id`.
+/// `None` if it is not, or if etcd does not answer this either (the next try reads it).
+async fn read_back(client: &mut Client, keys: &Keys, queue: &str, slice: u32, lease_id: i64) -> Option<ClaimOutcome> {
+    let key = keys.claim(queue, slice);
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None)).await.ok()?.ok()?;
+    resp.kvs().first().and_then(|kv| adopt(kv, lease_id))
 }
 
 /// Runs [`release_txn`] within [`REQUEST_TIMEOUT`]; a claim that is no longer ours is left alone and is no error.
@@ -113,6 +181,30 @@ pub async fn release_claim(client: &mut Client, keys: &Keys, queue: &str, slice:
         Ok(Err(e)) => Err(failed(e.into())),
         // Logged as it always was, as etcd-client's own error.
         Err(_) => Err(failed(etcd_client::Error::InvalidArgs("delete claim timed out".into()).into())),
+    }
+}
+
+/// Runs [`release_claim`] until it succeeds, waiting [`RELEASE_BACKOFF`] between tries,
+/// for as long as `fence` is valid: a claim left behind would keep the slice from its
+/// next owner for as long as this lease lives (until the revoke deadline of a move,
+/// forever for a paused or resliced queue). The last error once the fence is no longer
+/// valid (the lease, and with it the claim, is ending anyway).
+pub async fn release_claim_retrying(client: &mut Client, keys: &Keys, queue: &str, slice: u32, epoch: i64, fence: &Fence) -> Result<(), Error> {
+    let mut backoff = Backoff::new(RELEASE_BACKOFF);
+    loop {
+        let error = match release_claim(client, keys, queue, slice, epoch).await {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if !fence.is_valid() {
+            return Err(error);
+        }
+        let delay = backoff.next_delay();
+        tracing::warn!(%queue, slice, epoch, error = %error.cause(), retry_in = ?delay, "deleting the claim failed; retrying while the lease lasts");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = fence.lost().cancelled() => return Err(error),
+        }
     }
 }
 

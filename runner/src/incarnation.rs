@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, PutOptions};
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch, REQUEST_TIMEOUT};
-use qslice_common::lease::{unix_ms, Fence, Incarnation};
+use qslice_common::lease::{fence_margin, unix_ms, Fence, Incarnation};
 use qslice_common::spool::QueueDir;
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{Assignment, Claim, NodeRecord, QueueConfig, Record, RECORD_VERSION};
@@ -25,13 +25,13 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::claims::{self, ClaimOutcome, RequestError};
+use crate::claims::{self, ClaimOutcome, QueueRevision, RequestError};
 use crate::config::Config;
 use crate::figures::supervised_figures;
 use crate::handler::Handler;
 use crate::mailman3::WarmPool;
 use crate::ownership::{self, Action, ClaimedSlice, Desired, Held, HeldClaim, QueueSlices, Refusal, SliceId, SlicedQueue};
-use crate::processor::{drain_slice, queue_loop, QueueState, SliceState};
+use crate::processor::{drain_slice, queue_loop, QueueState, SliceState, SpoolFaults};
 use crate::supervise::SuperviseConfig;
 use crate::supervised_slices::{GaveUp, SupervisedSlices};
 
@@ -74,6 +74,7 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         client: client.clone(),
         shared: shared.clone(),
         lease_id: inc.lease_id,
+        ttl: inc.ttl,
         incarnation: inc.incarnation,
         fence: inc.fence.clone(),
         desired: Desired::new(),
@@ -84,6 +85,8 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         supervised: SupervisedSlices::new(gave_up_tx),
         refused: BTreeMap::new(),
         queue_slices: BTreeMap::new(),
+        queue_revisions: BTreeMap::new(),
+        queue_configs_listed: false,
         release_watches: BTreeMap::new(),
         freed_tx,
         record: inc.record.clone(),
@@ -168,6 +171,8 @@ struct IncarnationRun {
     shared: Arc<Shared>,
     /// This incarnation's lease; claims and published records hang on it.
     lease_id: i64,
+    /// The lease's TTL as etcd granted it.
+    ttl: Duration,
     /// This incarnation's id, written in its claims.
     incarnation: uuid::Uuid,
     /// This incarnation's fence.
@@ -188,6 +193,11 @@ struct IncarnationRun {
     refused: BTreeMap<String, Refusal>,
     /// Each queue's slice count, from its configuration record.
     queue_slices: BTreeMap<String, u32>,
+    /// The mod revision of each queue's configuration key (readable or not), as the
+    /// claim transaction compares it (the reslice barrier).
+    queue_revisions: BTreeMap<String, i64>,
+    /// Whether the queue configurations were listed: claims wait for that.
+    queue_configs_listed: bool,
     /// Watches of claims held by others on slices assigned here: the slice is claimed the
     /// moment its claim is deleted (the retry tick is the fallback).
     release_watches: BTreeMap<SliceId, CancellationToken>,
@@ -265,9 +275,12 @@ impl IncarnationRun {
         match update {
             PrefixUpdate::Snapshot(kvs) => {
                 self.queue_slices = kvs.iter().filter_map(parse).filter_map(|(q, n)| Some((q, n?))).collect();
+                self.queue_revisions = kvs.iter().filter_map(|kv| Some((parse(kv)?.0, kv.mod_revision()))).collect();
+                self.queue_configs_listed = true;
             }
             PrefixUpdate::Put(kv) => {
                 if let Some((queue, slices)) = parse(&kv) {
+                    self.queue_revisions.insert(queue.clone(), kv.mod_revision());
                     match slices {
                         Some(n) => self.queue_slices.insert(queue, n),
                         None => self.queue_slices.remove(&queue),
@@ -277,6 +290,7 @@ impl IncarnationRun {
             PrefixUpdate::Delete(kv) => {
                 if let Some((queue, _)) = parse(&kv) {
                     self.queue_slices.remove(&queue);
+                    self.queue_revisions.remove(&queue);
                 }
             }
         }
@@ -284,7 +298,17 @@ impl IncarnationRun {
 
     /// Whether some assigned slice waits for its claim (drives the retry tick).
     fn has_pending(&self) -> bool {
-        ownership::has_pending(&self.desired, &self.held, &self.refused, Instant::now())
+        ownership::has_pending(&self.desired, &self.held, &self.refused, self.queue_counts(), Instant::now())
+    }
+
+    /// The queues' configured slice counts, once listed (the reslice barrier).
+    fn queue_counts(&self) -> ownership::QueueCounts<'_> {
+        self.queue_configs_listed.then_some(&self.queue_slices)
+    }
+
+    /// The revision of `queue`'s configuration that a claim is made under.
+    fn queue_revision(&self, queue: &str) -> QueueRevision {
+        self.queue_revisions.get(queue).map_or(QueueRevision::Absent, |r| QueueRevision::At(*r))
     }
 
     /// Gives up a queue: publishes it in the node record so that the leader moves its
@@ -344,13 +368,26 @@ impl IncarnationRun {
         });
         self.supervised.forget(&slice, &self.held);
         self.refuse(&slice.queue, &reason, until).await;
-        // The child has exited: the claim can go now.
-        if let Err(e) = claims::release_claim(&mut self.client, &self.shared.keys, &slice.queue, slice.slice, epoch).await {
-            tracing::warn!(queue = %slice.queue, slice = slice.slice, error = %e.cause(), "deleting the claim failed; it ends with the lease");
-        }
-        self.releasing.remove(&slice);
-        self.held.remove(&slice);
+        // The child has exited: the claim can go now (held until its delete went through).
+        let total = self.held.get(&slice).map_or(0, |h| h.slices_total);
+        self.release_claim_in_background(slice, total, epoch);
+    }
+
+    /// Deletes a held claim (no work runs under it), retrying while the lease lasts; the
+    /// slice stays held and being released until then, and `released_tx` hears of it.
+    fn release_claim_in_background(&mut self, id: SliceId, total: u32, epoch: i64) {
+        self.held.insert(id.clone(), HeldClaim { slices_total: total, epoch });
+        self.releasing.insert(id.clone());
         metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
+        let (mut client, keys, fence, released) = (self.client.clone(), self.shared.keys.clone(), self.fence.clone(), self.released_tx.clone());
+        tokio::spawn(async move {
+            let SliceId { queue, slice } = &id;
+            match claims::release_claim_retrying(&mut client, &keys, queue, *slice, epoch, &fence).await {
+                Ok(()) => tracing::info!(%queue, slice, epoch, "deleted the claim"),
+                Err(e) => tracing::warn!(%queue, slice, error = %e.cause(), "deleting the claim failed and the fence tripped; it ends with the lease"),
+            }
+            let _ = released.send(id);
+        });
     }
 
     /// Lifts and imposes refusals, then executes the ownership plan: releases what moved
@@ -389,7 +426,7 @@ impl IncarnationRun {
         }
         let now = Instant::now();
         let mut pending: Vec<(SliceId, u32)> = Vec::new();
-        for action in ownership::plan(&self.desired, &self.held, &self.releasing, &self.refused, now) {
+        for action in ownership::plan(&self.desired, &self.held, &self.releasing, &self.refused, self.queue_counts(), now) {
             match action {
                 Action::Release { slice, slices_total } => self.start_release(slice, slices_total),
                 Action::Claim { slice, slices_total } => pending.push((slice, slices_total)),
@@ -435,12 +472,31 @@ impl IncarnationRun {
             slices_total: total,
             claimed_unix_ms: unix_ms(),
         };
-        let revision = match claims::claim_slice(&mut self.client, &self.shared.keys, queue, slice, &record, self.lease_id).await {
+        let queue_revision = self.queue_revision(queue);
+        let revision = match claims::claim_slice(&mut self.client, &self.shared.keys, queue, slice, &record, self.lease_id, queue_revision).await {
             Ok(ClaimOutcome::Claimed { epoch }) => {
                 if let Some(cancel) = self.release_watches.remove(id) {
                     cancel.cancel();
                 }
                 return Some(epoch);
+            }
+            Ok(ClaimOutcome::Adopted { epoch, slices_total }) => {
+                if let Some(cancel) = self.release_watches.remove(id) {
+                    cancel.cancel();
+                }
+                if slices_total == total {
+                    tracing::info!(%queue, slice, epoch, "adopted this incarnation's own claim (an earlier claim request committed though its answer was lost)");
+                    return Some(epoch);
+                }
+                // Made under another slice count (the queue was resliced since): ours to delete.
+                tracing::warn!(%queue, slice, epoch, claimed_under = slices_total, assigned_under = total, "found this incarnation's own claim under another slice count; deleting it");
+                self.release_claim_in_background(id.clone(), slices_total, epoch);
+                return None;
+            }
+            Ok(ClaimOutcome::QueueChanged { .. }) => {
+                // The queue's configuration watch brings the new count; the plan waits for it.
+                tracing::debug!(%queue, slice, "the queue's configuration changed since it was read; claiming again under the new one");
+                return None;
             }
             Ok(ClaimOutcome::HeldByOther { revision }) => revision,
             Err(e) => {
@@ -499,7 +555,7 @@ impl IncarnationRun {
         if let Some(error) = failure {
             tracing::error!(%queue, %error, "recovery of the claimed slices' .bak entries failed; releasing the claims to retry");
             for ClaimedSlice { slice, epoch } in slices {
-                let _ = claims::release_claim(&mut self.client, &self.shared.keys, queue, slice, epoch).await;
+                self.release_claim_in_background(SliceId::new(queue, slice), total, epoch);
             }
             self.drop_idle_queues();
             return;
@@ -528,6 +584,9 @@ impl IncarnationRun {
             dir: QueueDir::new(&self.shared.cfg.spool, &sliced.queue),
             owned: std::sync::Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
+            faults: std::sync::Mutex::new(SpoolFaults::default()),
+            taken: std::sync::Mutex::new(BTreeSet::new()),
+            lease_margin: fence_margin(self.ttl),
         });
         let task = tokio::spawn(queue_loop(state.clone(), self.shared.clone(), self.fence.clone(), self.client.clone(), self.lease_id));
         self.queues.insert(sliced.clone(), (state.clone(), task));
@@ -545,7 +604,7 @@ impl IncarnationRun {
     /// Starts the release of a held slice; `released_tx` hears of it once its claim is
     /// deleted (or left to the lease).
     fn start_release(&mut self, id: SliceId, total: u32) {
-        if self.supervised.release(&id, &self.held, &self.client, &self.shared.keys, &self.released_tx) {
+        if self.supervised.release(&id, &self.held, &self.client, &self.shared.keys, &self.fence, &self.released_tx) {
             self.releasing.insert(id);
             return;
         }
@@ -559,6 +618,7 @@ impl IncarnationRun {
             self.shared.handler.clone(),
             self.client.clone(),
             self.shared.keys.clone(),
+            self.fence.clone(),
             self.released_tx.clone(),
         ));
     }
@@ -601,16 +661,18 @@ impl IncarnationRun {
 }
 
 /// Releases a handled slice: drains it, stops its worker coprocess (which must be gone
-/// before the claim is), deletes the claim, and tells `released`.
-async fn release_handled(state: Arc<QueueState>, id: SliceId, drain: Duration, handler: Handler, mut client: Client, keys: Keys, released: mpsc::UnboundedSender<SliceId>) {
+/// before the claim is), deletes the claim (retrying while the lease lasts), and tells
+/// `released`.
+#[allow(clippy::too_many_arguments)]
+async fn release_handled(state: Arc<QueueState>, id: SliceId, drain: Duration, handler: Handler, mut client: Client, keys: Keys, fence: Arc<Fence>, released: mpsc::UnboundedSender<SliceId>) {
     let SliceId { queue, slice } = &id;
     let epoch = drain_slice(&state, *slice, drain).await;
     // A worker coprocess of the slice must be gone before the claim is.
     handler.slice_released(queue, *slice, WORKER_STOP_GRACE).await;
     if let Some(epoch) = epoch {
-        match claims::release_claim(&mut client, &keys, queue, *slice, epoch).await {
+        match claims::release_claim_retrying(&mut client, &keys, queue, *slice, epoch, &fence).await {
             Ok(()) => tracing::info!(%queue, slice, epoch, "released slice"),
-            Err(e) => tracing::warn!(%queue, slice, error = %e.cause(), "deleting the claim failed; it ends with the lease"),
+            Err(e) => tracing::warn!(%queue, slice, error = %e.cause(), "deleting the claim failed and the fence tripped; it ends with the lease"),
         }
     }
     let _ = released.send(id);

@@ -7,9 +7,11 @@
 //!   recover, start, release) and gives up queues that cannot run here.
 //! - [`ownership`]: the ownership state machine as plain data: desired against held, the
 //!   pure plan of claims and releases, refusals.
-//! - [`claims`]: the claim protocol in etcd: the claim and release transactions.
+//! - [`claims`]: the claim protocol in etcd: the claim and release transactions, adoption
+//!   of a claim whose answer was lost, releases retried while the lease lasts.
 //! - [`processor`]: handled queues: one loop per queue, entries in flight, handler outcomes.
 //! - [`supervised_slices`]: the lifecycle of slices run by supervised Mailman runners.
+//! - [`retry`]: backoff, per-key deferral and alert rate limits for faults of the moment.
 //! - [`figures`]: the slice figures published as metrics and to etcd.
 //! - [`handler`]: the built-in handlers (exec, move).
 //! - [`supervise`]: real Mailman runners, one child process per claimed slice.
@@ -33,5 +35,6 @@ pub mod mailman3;
 pub mod membership;
 pub mod ownership;
 pub mod processor;
+pub mod retry;
 pub mod supervise;
 pub mod supervised_slices;

@@ -3,8 +3,13 @@
 //! [`plan`], the pure diff of desired against held that says what to claim and what to
 //! release. The incarnation's watch loop executes the actions; nothing here does I/O.
 //!
-//! There is no adoption: a claim this node held in an earlier incarnation is another
+//! Only this incarnation's own claims are adopted (a claim request whose answer was lost,
+//! see [`crate::claims`]): a claim this node held in an earlier incarnation is another
 //! holder's, and is claimed again only once etcd deletes it (release or lease expiry).
+//!
+//! The reslice barrier, runner side: a slice is claimed only under the slice count of its
+//! queue's configuration record (or when the queue has none), and only once the records
+//! were listed; the claim transaction checks that the record did not change since.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -112,6 +117,16 @@ pub fn crash_cooldown(earlier: u32) -> Duration {
     (REFUSE_COOLDOWN * 2u32.saturating_pow(earlier)).min(REFUSE_COOLDOWN_MAX)
 }
 
+/// The slice counts of the queues' configuration records, once they were listed (`None`
+/// before: nothing is claimed until the counts are known).
+pub type QueueCounts<'a> = Option<&'a BTreeMap<String, u32>>;
+
+/// Whether a slice of `queue` may be claimed under `slices_total`: the queues'
+/// configurations were listed, and `queue`'s has this count (or `queue` has none).
+pub fn count_agrees(counts: QueueCounts<'_>, queue: &str, slices_total: u32) -> bool {
+    counts.is_some_and(|c| c.get(queue).is_none_or(|n| *n == slices_total))
+}
+
 /// Whether `queue` is refused at `now`.
 pub fn is_refused(refused: &BTreeMap<String, Refusal>, queue: &str, now: Instant) -> bool {
     refused.get(queue).is_some_and(|r| r.in_force(now))
@@ -143,29 +158,30 @@ pub enum Action {
 ///   for (moved away, unassigned, or resliced), or when its queue is refused; a slice
 ///   already being released is left alone.
 /// - A desired slice is claimed when no claim of that slice number is held (whatever its
-///   slice count: a resliced slice is claimed again once its old claim is released) and
-///   its queue is not refused.
-pub fn plan(desired: &Desired, held: &Held, releasing: &BTreeSet<SliceId>, refused: &BTreeMap<String, Refusal>, now: Instant) -> Vec<Action> {
+///   slice count: a resliced slice is claimed again once its old claim is released), its
+///   queue is not refused, and the assignment's slice count agrees with the queue's
+///   configuration ([`count_agrees`]).
+pub fn plan(desired: &Desired, held: &Held, releasing: &BTreeSet<SliceId>, refused: &BTreeMap<String, Refusal>, counts: QueueCounts<'_>, now: Instant) -> Vec<Action> {
     let wants = |id: &SliceId, total: u32| desired.get(&id.queue).is_some_and(|d| d.slices_total == total && d.slices.contains(&id.slice));
     let releases = held
         .iter()
         .filter(|(id, h)| !releasing.contains(*id) && (!wants(id, h.slices_total) || is_refused(refused, &id.queue, now)))
         .map(|(id, h)| Action::Release { slice: id.clone(), slices_total: h.slices_total });
-    let claims = pending(desired, held, refused, now).map(|(slice, slices_total)| Action::Claim { slice, slices_total });
+    let claims = pending(desired, held, refused, counts, now).map(|(slice, slices_total)| Action::Claim { slice, slices_total });
     releases.chain(claims).collect()
 }
 
 /// Whether [`plan`] would claim anything: some desired slice of a queue that is not
-/// refused is not held.
-pub fn has_pending(desired: &Desired, held: &Held, refused: &BTreeMap<String, Refusal>, now: Instant) -> bool {
-    pending(desired, held, refused, now).next().is_some()
+/// refused, whose count agrees with the queue's configuration, is not held.
+pub fn has_pending(desired: &Desired, held: &Held, refused: &BTreeMap<String, Refusal>, counts: QueueCounts<'_>, now: Instant) -> bool {
+    pending(desired, held, refused, counts, now).next().is_some()
 }
 
 /// The desired slices to claim, with their slice counts.
-fn pending<'a>(desired: &'a Desired, held: &'a Held, refused: &'a BTreeMap<String, Refusal>, now: Instant) -> impl Iterator<Item = (SliceId, u32)> + 'a {
+fn pending<'a>(desired: &'a Desired, held: &'a Held, refused: &'a BTreeMap<String, Refusal>, counts: QueueCounts<'a>, now: Instant) -> impl Iterator<Item = (SliceId, u32)> + 'a {
     desired
         .iter()
-        .filter(move |(queue, _)| !is_refused(refused, queue, now))
+        .filter(move |(queue, d)| !is_refused(refused, queue, now) && count_agrees(counts, queue, d.slices_total))
         .flat_map(|(queue, d)| d.slices.iter().map(move |s| (SliceId::new(queue, *s), d.slices_total)))
         .filter(|(id, _)| !held.contains_key(id))
 }
@@ -201,13 +217,35 @@ mod tests {
         BTreeMap::new()
     }
 
+    /// Queue configurations listed, none of these queues has a record.
+    const NO_RECORDS: QueueCounts<'static> = Some(&BTreeMap::new());
+
+    #[test]
+    fn a_slice_is_claimed_only_under_its_queues_configured_count_once_the_configurations_are_listed() {
+        let now = Instant::now();
+        let desired = assigned(&[("in", 4, &[1]), ("out", 8, &[2])]);
+        let records: BTreeMap<String, u32> = [("in".to_string(), 8), ("out".to_string(), 8)].into();
+        // `in` is assigned under 4 while its record says 8 (a reslice the assignment has not caught up with).
+        assert_eq!(plan(&desired, &Held::new(), &BTreeSet::new(), &none(), Some(&records), now), vec![claim("out", 2, 8)]);
+        let out_held = holding(&[("out", 2, 8)]);
+        assert!(!has_pending(&desired, &out_held, &none(), Some(&records), now), "a slice under another count is not pending");
+        // Before the configurations are listed nothing is claimed; without a record, any count.
+        assert_eq!(plan(&desired, &Held::new(), &BTreeSet::new(), &none(), None, now), vec![]);
+        assert!(!has_pending(&desired, &Held::new(), &none(), None, now));
+        assert_eq!(plan(&desired, &Held::new(), &BTreeSet::new(), &none(), NO_RECORDS, now), vec![claim("in", 1, 4), claim("out", 2, 8)]);
+        // Held slices are still released as before, whatever the records say.
+        let held = holding(&[("in", 3, 4)]);
+        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &none(), Some(&records), now), vec![release("in", 3, 4), claim("out", 2, 8)]);
+        assert!(count_agrees(Some(&records), "in", 8) && !count_agrees(Some(&records), "in", 4) && !count_agrees(None, "x", 1));
+    }
+
     #[test]
     fn newly_desired_slices_are_claimed_in_queue_and_slice_order() {
         let now = Instant::now();
         let desired = assigned(&[("out", 4, &[3, 1]), ("in", 8, &[5])]);
-        let actions = plan(&desired, &Held::new(), &BTreeSet::new(), &none(), now);
+        let actions = plan(&desired, &Held::new(), &BTreeSet::new(), &none(), NO_RECORDS, now);
         assert_eq!(actions, vec![claim("in", 5, 8), claim("out", 1, 4), claim("out", 3, 4)]);
-        assert!(has_pending(&desired, &Held::new(), &none(), now));
+        assert!(has_pending(&desired, &Held::new(), &none(), NO_RECORDS, now));
     }
 
     #[test]
@@ -215,8 +253,8 @@ mod tests {
         let now = Instant::now();
         let desired = assigned(&[("in", 4, &[0, 2])]);
         let held = holding(&[("in", 0, 4), ("in", 2, 4)]);
-        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &none(), now), vec![]);
-        assert!(!has_pending(&desired, &held, &none(), now));
+        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &none(), NO_RECORDS, now), vec![]);
+        assert!(!has_pending(&desired, &held, &none(), NO_RECORDS, now));
     }
 
     #[test]
@@ -224,7 +262,7 @@ mod tests {
         let now = Instant::now();
         let desired = assigned(&[("in", 4, &[0, 3])]);
         let held = holding(&[("in", 0, 4), ("in", 1, 4), ("out", 2, 4)]);
-        let actions = plan(&desired, &held, &BTreeSet::new(), &none(), now);
+        let actions = plan(&desired, &held, &BTreeSet::new(), &none(), NO_RECORDS, now);
         // `out` has no assignment left (unassigned, or paused: a paused queue is assigned nothing).
         assert_eq!(actions, vec![release("in", 1, 4), release("out", 2, 4), claim("in", 3, 4)]);
     }
@@ -234,8 +272,8 @@ mod tests {
         let now = Instant::now();
         let desired = assigned(&[("in", 4, &[])]);
         let held = holding(&[("in", 0, 4), ("in", 1, 4)]);
-        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &none(), now), vec![release("in", 0, 4), release("in", 1, 4)]);
-        assert!(!has_pending(&desired, &held, &none(), now));
+        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &none(), NO_RECORDS, now), vec![release("in", 0, 4), release("in", 1, 4)]);
+        assert!(!has_pending(&desired, &held, &none(), NO_RECORDS, now));
     }
 
     #[test]
@@ -243,12 +281,12 @@ mod tests {
         let now = Instant::now();
         let held = holding(&[("in", 1, 4)]);
         let releasing: BTreeSet<SliceId> = [SliceId::new("in", 1)].into();
-        assert_eq!(plan(&Desired::new(), &held, &releasing, &none(), now), vec![]);
+        assert_eq!(plan(&Desired::new(), &held, &releasing, &none(), NO_RECORDS, now), vec![]);
         // Assigned here again while the release runs: claimed only once the release ended.
         let desired = assigned(&[("in", 4, &[1])]);
-        assert_eq!(plan(&desired, &held, &releasing, &none(), now), vec![]);
-        assert!(!has_pending(&desired, &held, &none(), now));
-        assert_eq!(plan(&desired, &Held::new(), &BTreeSet::new(), &none(), now), vec![claim("in", 1, 4)]);
+        assert_eq!(plan(&desired, &held, &releasing, &none(), NO_RECORDS, now), vec![]);
+        assert!(!has_pending(&desired, &held, &none(), NO_RECORDS, now));
+        assert_eq!(plan(&desired, &Held::new(), &BTreeSet::new(), &none(), NO_RECORDS, now), vec![claim("in", 1, 4)]);
     }
 
     #[test]
@@ -257,11 +295,11 @@ mod tests {
         let desired = assigned(&[("in", 8, &[3, 7])]);
         let held = holding(&[("in", 3, 4)]);
         // Slice 3 of 4 is held: it is released, and slice 3 of 8 waits for that.
-        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &none(), now), vec![release("in", 3, 4), claim("in", 7, 8)]);
+        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &none(), NO_RECORDS, now), vec![release("in", 3, 4), claim("in", 7, 8)]);
         let releasing: BTreeSet<SliceId> = [SliceId::new("in", 3)].into();
-        assert_eq!(plan(&desired, &held, &releasing, &none(), now), vec![claim("in", 7, 8)]);
+        assert_eq!(plan(&desired, &held, &releasing, &none(), NO_RECORDS, now), vec![claim("in", 7, 8)]);
         let after = holding(&[("in", 7, 8)]);
-        assert_eq!(plan(&desired, &after, &BTreeSet::new(), &none(), now), vec![claim("in", 3, 8)]);
+        assert_eq!(plan(&desired, &after, &BTreeSet::new(), &none(), NO_RECORDS, now), vec![claim("in", 3, 8)]);
     }
 
     #[test]
@@ -271,9 +309,9 @@ mod tests {
         let held = holding(&[("in", 0, 4)]);
         for until in [None, Some(now + Duration::from_secs(30))] {
             let refused: BTreeMap<String, Refusal> = [("in".to_string(), refusal(until))].into();
-            assert_eq!(plan(&desired, &held, &BTreeSet::new(), &refused, now), vec![release("in", 0, 4), claim("out", 2, 4)]);
+            assert_eq!(plan(&desired, &held, &BTreeSet::new(), &refused, NO_RECORDS, now), vec![release("in", 0, 4), claim("out", 2, 4)]);
             let out_held = holding(&[("out", 2, 4)]);
-            assert!(!has_pending(&desired, &out_held, &refused, now), "a refused queue's slices are not pending");
+            assert!(!has_pending(&desired, &out_held, &refused, NO_RECORDS, now), "a refused queue's slices are not pending");
         }
     }
 
@@ -283,7 +321,7 @@ mod tests {
         let desired = assigned(&[("in", 4, &[0, 1])]);
         let held = holding(&[("in", 0, 4)]);
         let refused: BTreeMap<String, Refusal> = [("in".to_string(), refusal(Some(now)))].into();
-        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &refused, now), vec![claim("in", 1, 4)]);
+        assert_eq!(plan(&desired, &held, &BTreeSet::new(), &refused, NO_RECORDS, now), vec![claim("in", 1, 4)]);
         assert!(is_refused(&refused, "in", now - Duration::from_millis(1)));
         assert!(!is_refused(&refused, "in", now));
     }

@@ -8,21 +8,37 @@
 //!   ([`InFlightCount::enter`]), so a release that sees no work in flight knows none can start;
 //! - [`drain_slice`] stops a slice taking entries and returns only once its in-flight work
 //!   ended (or was killed at the drain timeout, leaving `.bak` files for the next owner);
-//! - when the fence trips, every handler is killed at once and nothing more is touched.
+//! - when the fence trips, every handler is killed at once and nothing more is touched;
+//!   a handler qslice kills (fence, drain timeout) gets a stop mark first, so that its
+//!   entry's next recovery does not count toward `bad/` (crashes and poison mail do).
+//!
+//! Faults of the moment never quarantine mail: an entry that cannot be opened, a listing
+//! that fails, a finish, preserve or requeue that fails are retried with backoff (per
+//! entry, per queue, per entry in flight), alerted (`alert:` log lines, rate-limited) and
+//! counted (`qslice_runner_spool_errors_total{queue,op}`). A `.bak` of an owned slice that
+//! this node does not have in flight and that is older than the handler timeout (a late
+//! NFS rename, a stale listing, a failed finish of an earlier incarnation) is stranded:
+//! the loop recovers it as a new owner would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::Client;
 use qslice_common::lease::Fence;
-use qslice_common::spool::{Dequeued, Entry, InFlight, QueueDir, Scan};
+use qslice_common::spool::{Dequeued, Entry, InFlight, QueueDir, Scan, SpoolError};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::figures::{publish_figures, publish_status, STATUS_INTERVAL};
 use crate::handler::{Handler, Job, Outcome};
 use crate::incarnation::Shared;
+use crate::retry::{errno_name, AlertGate, Backoff, Deferred, ALERT_INTERVAL, SPOOL_BACKOFF};
+
+/// How often the loop looks for stranded `.bak` entries of its slices (it stats only the
+/// `.bak` files it has not in flight).
+const STRANDED_CHECK: Duration = Duration::from_secs(1);
 
 /// One claimed slice of a handled queue.
 pub(crate) struct SliceState {
@@ -49,6 +65,63 @@ pub(crate) struct QueueState {
     pub(crate) owned: Mutex<BTreeMap<u32, SliceState>>,
     /// Wakes the loop (slices added) and a release (in-flight work ended).
     pub(crate) changed: Notify,
+    /// Entries whose take failed and when to try them again, and the alert rate limit.
+    pub(crate) faults: Mutex<SpoolFaults>,
+    /// File bases of the entries this node is taking or has in flight (until settled):
+    /// any other `.bak` of an owned slice is someone else's, or stranded.
+    pub(crate) taken: Mutex<BTreeSet<String>>,
+    /// How long after the fence deadline the lease (and the claim) can still be alive:
+    /// a stop mark is written only while the claim may still hold.
+    pub(crate) lease_margin: Duration,
+}
+
+/// The spool faults of one queue's loop.
+#[derive(Debug)]
+pub(crate) struct SpoolFaults {
+    /// Entries (file bases) whose take failed, backing off.
+    entries: Deferred<String>,
+    /// At most one alert line per operation and interval.
+    alerts: AlertGate<&'static str>,
+}
+
+impl Default for SpoolFaults {
+    fn default() -> SpoolFaults {
+        SpoolFaults { entries: Deferred::new(SPOOL_BACKOFF), alerts: AlertGate::new(ALERT_INTERVAL) }
+    }
+}
+
+impl QueueState {
+    /// Counts a failed spool operation `op` and says whether to write its alert line now
+    /// (`Some` with the alerts held back since the last one).
+    fn spool_error(&self, op: &'static str) -> Option<u64> {
+        metrics::counter!("qslice_runner_spool_errors_total", "queue" => self.queue.clone(), "op" => op).increment(1);
+        self.faults.lock().expect("faults lock").alerts.admit(op, Instant::now())
+    }
+
+    /// Writes the stop mark of `entry` if the claim may still hold (see `lease_margin`):
+    /// qslice stops the handler, so the next recovery of the entry does not count.
+    fn mark_stopped(&self, entry: &Entry, fence: &Fence) {
+        if Instant::now() >= fence.deadline() + self.lease_margin {
+            return;
+        }
+        if let Err(e) = self.dir.mark_stopped(entry) {
+            tracing::warn!(queue = %self.queue, entry = %entry.name.filebase, error = %e, "cannot write the stop mark; the next recovery of this entry counts");
+        }
+    }
+}
+
+/// The `.bak` entries of `owned` slices in `in_flight` that this node does not have in
+/// flight (`taken`) and whose age (`age_of`, seconds since the rename to `.bak`) is above
+/// `timeout`: no handler of this or an earlier owner can still run on them.
+pub(crate) fn stranded(in_flight: &BTreeMap<u32, Vec<Entry>>, owned: &[u32], taken: &BTreeSet<String>, timeout: Duration, mut age_of: impl FnMut(&Entry) -> Option<f64>) -> Vec<Entry> {
+    owned
+        .iter()
+        .filter_map(|s| in_flight.get(s))
+        .flatten()
+        .filter(|e| !taken.contains(&e.name.filebase))
+        .filter(|e| age_of(e).is_some_and(|age| age > timeout.as_secs_f64()))
+        .cloned()
+        .collect()
 }
 
 /// One entry in flight on a slice: counted in the slice's `in_flight` from
@@ -65,19 +138,24 @@ struct InFlightCount {
     kill: CancellationToken,
     /// Whether the entry was taken and counted in the gauge.
     gauged: bool,
+    /// The entry's file base, in the queue's `taken` set while this lives.
+    filebase: String,
 }
 
 impl InFlightCount {
     /// Counts an entry of `slice` in, if the slice is still claimed and accepting and the
     /// fence is valid (checked and counted under the one lock a release looks at).
-    fn enter(state: &Arc<QueueState>, slice: u32, fence: &Fence) -> Option<InFlightCount> {
+    fn enter(state: &Arc<QueueState>, entry: &Entry, fence: &Fence) -> Option<InFlightCount> {
         let mut owned = state.owned.lock().expect("owned lock");
-        let s = owned.get_mut(&slice)?;
+        let s = owned.get_mut(&entry.slice)?;
         if !s.accepting || !fence.is_valid() {
             return None;
         }
         s.in_flight += 1;
-        Some(InFlightCount { state: state.clone(), slice, epoch: s.epoch, kill: s.kill.clone(), gauged: false })
+        // Known as ours before the rename makes it a .bak: never mistaken for stranded.
+        state.taken.lock().expect("taken lock").insert(entry.name.filebase.clone());
+        let filebase = entry.name.filebase.clone();
+        Some(InFlightCount { state: state.clone(), slice: entry.slice, epoch: s.epoch, kill: s.kill.clone(), gauged: false, filebase })
     }
 
     /// The entry was taken: count it in the node's in-flight gauge too.
@@ -92,6 +170,7 @@ impl Drop for InFlightCount {
         if self.gauged {
             metrics::gauge!("qslice_runner_in_flight").decrement(1.0);
         }
+        self.state.taken.lock().expect("taken lock").remove(&self.filebase);
         if let Some(s) = self.state.owned.lock().expect("owned lock").get_mut(&self.slice) {
             s.in_flight -= 1;
         }
@@ -135,8 +214,9 @@ pub(crate) async fn drain_slice(state: &QueueState, slice: u32, drain: Duration)
 /// Lists the queue once per pass and processes the claimed slices' entries FIFO.
 pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<Fence>, mut client: Client, lease_id: i64) {
     let poll = shared.cfg.poll_interval;
-    let mut last_error = None::<tokio::time::Instant>;
+    let mut list_backoff = Backoff::new((poll, SPOOL_BACKOFF.1.max(poll)));
     let mut last_status = None::<tokio::time::Instant>;
+    let mut last_stranded_check = None::<tokio::time::Instant>;
     loop {
         if fence.lost().is_cancelled() {
             return;
@@ -156,20 +236,32 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         let scan = match tokio::task::spawn_blocking(move || dir.scan(total)).await {
             Ok(Ok(scan)) => scan,
             Ok(Err(e)) => {
-                if last_error.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                    tracing::error!(queue = %state.queue, error = %e, "cannot list the queue; retrying");
-                    last_error = Some(tokio::time::Instant::now());
+                let delay = list_backoff.next_delay();
+                if let Some(held_back) = state.spool_error("list") {
+                    let errno = match &e {
+                        SpoolError::ListQueue { source, .. } => errno_name(source),
+                        _ => String::new(),
+                    };
+                    tracing::error!(queue = %state.queue, file = %state.dir.dir().display(), %errno, error = %e, retry_in = ?delay, alerts_held_back = held_back, "alert: cannot list the queue; retrying");
                 }
-                tokio::time::sleep(poll).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = fence.lost().cancelled() => return,
+                }
                 continue;
             }
             Err(_) => return,
         };
+        list_backoff.reset();
         let owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
         publish_figures(&state.queue, state.slices_total, &scan);
         if last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL) {
             publish_status(&mut client, &shared, &state.dir, &scan, &owned, lease_id).await;
             last_status = Some(tokio::time::Instant::now());
+        }
+        if last_stranded_check.is_none_or(|t| t.elapsed() >= STRANDED_CHECK) {
+            last_stranded_check = Some(tokio::time::Instant::now());
+            recover_stranded(&state, &shared, &fence, &scan, &owned).await;
         }
         let Scan { mut pending, problems, .. } = scan;
         if !problems.is_empty() {
@@ -188,7 +280,17 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
             })
             .await;
         }
-        // Round-robin over the claimed slices, FIFO within each.
+        // Round-robin over the claimed slices, FIFO within each; an entry whose take failed
+        // waits for its backoff, and one no longer listed is forgotten.
+        let now = Instant::now();
+        {
+            let mut faults = state.faults.lock().expect("faults lock");
+            let listed: BTreeSet<&str> = pending.values().flatten().map(|e| e.name.filebase.as_str()).collect();
+            faults.entries.retain(|f| listed.contains(f.as_str()));
+            for list in pending.values_mut() {
+                list.retain(|e| faults.entries.ready(&e.name.filebase, now));
+            }
+        }
         let mut lists: Vec<std::vec::IntoIter<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(|v| v.into_iter()).collect();
         let mut started = 0usize;
         loop {
@@ -218,10 +320,63 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
     }
 }
 
+/// Recovers the stranded `.bak` entries of the owned slices in `scan` (see [`stranded`]),
+/// while their slices are still claimed and accepting and the fence is valid.
+async fn recover_stranded(state: &Arc<QueueState>, shared: &Shared, fence: &Arc<Fence>, scan: &Scan, owned: &[u32]) {
+    let candidates: Vec<Entry> = {
+        let taken = state.taken.lock().expect("taken lock");
+        stranded(&scan.in_flight, owned, &taken, Duration::ZERO, |_| Some(f64::INFINITY))
+    };
+    if candidates.is_empty() {
+        return;
+    }
+    let timeout = shared.cfg.handler.timeout;
+    let (st, fence) = (state.clone(), fence.clone());
+    let recovered = tokio::task::spawn_blocking(move || {
+        let taken = st.taken.lock().expect("taken lock").clone();
+        let in_flight: BTreeMap<u32, Vec<Entry>> = candidates.iter().fold(BTreeMap::new(), |mut m, e| {
+            m.entry(e.slice).or_insert_with(Vec::new).push(e.clone());
+            m
+        });
+        let slices: Vec<u32> = in_flight.keys().copied().collect();
+        let old = stranded(&in_flight, &slices, &taken, timeout, |e| st.dir.oldest_in_flight_age(std::slice::from_ref(e)));
+        if old.is_empty() {
+            return Ok(Default::default());
+        }
+        let accepting = |slice: u32| st.owned.lock().expect("owned lock").get(&slice).is_some_and(|s| s.accepting);
+        let old: Vec<Entry> = old.into_iter().filter(|e| accepting(e.slice)).collect();
+        st.dir.recover_entries(&old, || fence.is_valid())
+    })
+    .await;
+    let queue = &state.queue;
+    match recovered {
+        Ok(Ok(report)) => {
+            for (entry, count) in &report.requeued {
+                tracing::warn!(%queue, slice = entry.slice, entry = %entry.name.filebase, recoveries = count, "recovered a stranded .bak (not in flight here, older than the handler timeout)");
+            }
+            for (entry, name) in &report.renamed {
+                tracing::warn!(%queue, slice = entry.slice, entry = %entry.name.filebase, new_name = %name.filebase, "recovered a stranded .bak whose .pck twin was waiting, under a fresh name");
+            }
+            for entry in &report.preserved {
+                tracing::warn!(%queue, slice = entry.slice, entry = %entry.name.filebase, "stranded entry recovered three times; preserved in bad/");
+            }
+            if !(report.requeued.is_empty() && report.renamed.is_empty()) {
+                state.changed.notify_waiters();
+            }
+        }
+        Ok(Err(e)) => {
+            if let Some(held_back) = state.spool_error("recover") {
+                tracing::error!(%queue, error = %e, alerts_held_back = held_back, "alert: recovering stranded .bak entries failed; retrying");
+            }
+        }
+        Err(_) => {}
+    }
+}
+
 /// Takes one entry if its slice is still claimed and accepting and the fence is valid,
 /// and runs the handler on it in a task of its own.
 fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>, entry: Entry, permit: OwnedSemaphorePermit) -> bool {
-    let Some(mut in_flight) = InFlightCount::enter(state, entry.slice, fence) else { return false };
+    let Some(mut in_flight) = InFlightCount::enter(state, &entry, fence) else { return false };
     let taken = match state.dir.dequeue(&entry) {
         // The rename can block (NFS) while the lease runs out: look at the fence again
         // before anything starts. The entry stays .bak for the next owner.
@@ -229,14 +384,28 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
             tracing::warn!(queue = %state.queue, slice = entry.slice, entry = %entry.name.filebase, "the fence tripped while the entry was being taken; it stays .bak for the next owner");
             return false;
         }
-        Ok(Dequeued::Taken(t)) => t,
+        Ok(Dequeued::Taken(t)) => {
+            state.faults.lock().expect("faults lock").entries.succeeded(&entry.name.filebase);
+            t
+        }
         Ok(Dequeued::Gone) => return false,
         Ok(Dequeued::Quarantined(q)) => {
             tracing::warn!(queue = %state.queue, from = %q.from.display(), to = %q.to.display(), reason = %q.reason, "entry quarantined");
             metrics::counter!("qslice_runner_entries_total", "queue" => state.queue.clone(), "outcome" => "quarantined").increment(1);
             return false;
         }
+        Err(SpoolError::OpenEntry { path, source }) => {
+            // A fault of the moment (EMFILE, EIO, ESTALE, EACCES...): the entry was put back
+            // (or stays .bak, for the stranded recovery); tried again after its backoff.
+            let delay = state.faults.lock().expect("faults lock").entries.failed(entry.name.filebase.clone(), Instant::now());
+            if let Some(held_back) = state.spool_error("open") {
+                tracing::error!(queue = %state.queue, file = %path.display(), errno = %errno_name(&source), error = %source, retry_in = ?delay, alerts_held_back = held_back, "alert: cannot open a queue entry; it stays queued and is retried");
+            }
+            return false;
+        }
         Err(e) => {
+            state.faults.lock().expect("faults lock").entries.failed(entry.name.filebase.clone(), Instant::now());
+            metrics::counter!("qslice_runner_spool_errors_total", "queue" => state.queue.clone(), "op" => "dequeue").increment(1);
             tracing::error!(queue = %state.queue, error = %e, "dequeue failed");
             return false;
         }
@@ -257,35 +426,74 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
     tokio::spawn(async move {
         let _permit = permit;
         let kill = in_flight.kill.clone();
+        // Boxed, so that dropping it below really drops (kills) the handler.
+        let mut handling = Box::pin(handler.handle(&job));
         let outcome = tokio::select! {
             biased;
             _ = kill.cancelled() => None,
-            o = handler.handle(&job) => Some(o),
+            o = &mut handling => Some(o),
         };
         // A handler killed by the leash at the fence deadline (this runner was frozen or
         // hung) looks like a failure: it is a kill, and the entry stays .bak.
         let fenced = kill.is_cancelled() || !fence.is_valid();
         let outcome = outcome.filter(|o| !(fenced && matches!(o, Outcome::Failed(_) | Outcome::Retry)));
-        let label = settle(&state, &handler, &job, &taken, &kill, outcome).await;
+        if outcome.is_none() {
+            // qslice stops it (fence, drain timeout): the mark goes first, the handler's
+            // process group after (dropping its future kills it).
+            state.mark_stopped(&taken.entry, &fence);
+        }
+        drop(handling);
+        let label = settle(&state, &handler, &job, &taken, &kill, &fence, outcome).await;
         metrics::counter!("qslice_runner_entries_total", "queue" => state.queue.clone(), "outcome" => label).increment(1);
         drop(in_flight);
     });
     true
 }
 
+/// Runs a spool operation that settles `taken` (`op`: finish, preserve, requeue) until it
+/// succeeds, with backoff, while the fence is valid and the slice's work is not killed;
+/// the entry stays `.bak` meanwhile. `Ok(true)` when done, `Ok(false)` when the `.bak` was
+/// gone when it failed (done by a lost answer, e.g. an NFS rename that reported ENOENT,
+/// or by someone else), `Err` with the last error when it gave up.
+async fn retry_settle(state: &QueueState, taken: &InFlight, kill: &CancellationToken, fence: &Fence, op: &'static str, mut attempt: impl FnMut() -> Result<(), SpoolError>) -> Result<bool, SpoolError> {
+    let mut backoff = Backoff::new(SPOOL_BACKOFF);
+    loop {
+        let error = match attempt() {
+            Ok(()) => return Ok(true),
+            Err(e) => e,
+        };
+        if std::fs::symlink_metadata(&taken.path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+            return Ok(false);
+        }
+        if !fence.is_valid() || kill.is_cancelled() {
+            return Err(error);
+        }
+        let delay = backoff.next_delay();
+        if let Some(held_back) = state.spool_error(op) {
+            tracing::error!(queue = %state.queue, file = %taken.path.display(), error = %error, retry_in = ?delay, alerts_held_back = held_back, "alert: cannot {op} an entry; it stays .bak and is retried");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = kill.cancelled() => {}
+            _ = fence.lost().cancelled() => {}
+        }
+    }
+}
+
 /// Settles a taken entry by its handler's outcome (`None`: the handler was killed) and
-/// returns the outcome label of `qslice_runner_entries_total`.
-async fn settle(state: &QueueState, handler: &Handler, job: &Job, taken: &InFlight, kill: &CancellationToken, outcome: Option<Outcome>) -> &'static str {
+/// returns the outcome label of `qslice_runner_entries_total`. A failed spool operation is
+/// retried while the fence is valid ([`retry_settle`]).
+async fn settle(state: &QueueState, handler: &Handler, job: &Job, taken: &InFlight, kill: &CancellationToken, fence: &Fence, outcome: Option<Outcome>) -> &'static str {
     let queue = &state.queue;
     match outcome {
         None => {
             tracing::warn!(%queue, slice = job.slice, entry = %job.filebase, "handler killed (fence or drain timeout); the entry stays .bak for recovery");
             "killed"
         }
-        Some(Outcome::Finished) => match state.dir.finish(taken) {
-            Ok(()) => "finished",
+        Some(Outcome::Finished) => match retry_settle(state, taken, kill, fence, "finish", || state.dir.finish(taken)).await {
+            Ok(_) => "finished",
             Err(e) => {
-                tracing::error!(%queue, error = %e, "finish failed");
+                tracing::error!(%queue, error = %e, "finish failed; the entry stays .bak for recovery");
                 "finish_failed"
             }
         },
@@ -296,26 +504,58 @@ async fn settle(state: &QueueState, handler: &Handler, job: &Job, taken: &InFlig
                 _ = kill.cancelled() => {}
             }
             if kill.is_cancelled() {
+                state.mark_stopped(&taken.entry, fence);
                 "killed"
             } else {
-                match state.dir.requeue(taken) {
-                    Ok(()) => "retried",
+                match retry_settle(state, taken, kill, fence, "requeue", || state.dir.requeue(taken)).await {
+                    Ok(_) => "retried",
                     Err(e) => {
-                        tracing::error!(%queue, error = %e, "requeue failed");
+                        tracing::error!(%queue, error = %e, "requeue failed; the entry stays .bak for recovery");
                         "requeue_failed"
                     }
                 }
             }
         }
-        Some(Outcome::Failed(reason)) => match state.dir.preserve(taken) {
-            Ok(psv) => {
-                tracing::warn!(%queue, slice = job.slice, entry = %job.filebase, %reason, to = %psv.display(), "handler failed; entry preserved");
-                "preserved"
+        Some(Outcome::Failed(reason)) => {
+            let mut psv = None;
+            match retry_settle(state, taken, kill, fence, "preserve", || state.dir.preserve(taken).map(|p| psv = Some(p))).await {
+                Ok(_) => {
+                    let to = psv.unwrap_or_else(|| state.dir.bad_dir().join(format!("{}.psv", job.filebase)));
+                    tracing::warn!(%queue, slice = job.slice, entry = %job.filebase, %reason, to = %to.display(), "handler failed; entry preserved");
+                    "preserved"
+                }
+                Err(e) => {
+                    tracing::error!(%queue, %reason, error = %e, "handler failed and preserving the entry failed too; it stays .bak");
+                    "preserve_failed"
+                }
             }
-            Err(e) => {
-                tracing::error!(%queue, %reason, error = %e, "handler failed and preserving the entry failed too; it stays .bak");
-                "preserve_failed"
-            }
-        },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qslice_proto::slice::EntryName;
+
+    fn entry(time: u32, slice: u32) -> Entry {
+        let name = EntryName::parse(&format!("{time}+{:040x}.bak", time)).expect("name");
+        Entry { name, slice }
+    }
+
+    #[test]
+    fn a_bak_is_stranded_when_owned_not_in_flight_here_and_older_than_the_handler_timeout() {
+        let (a, b, c, d) = (entry(1, 0), entry(2, 0), entry(3, 1), entry(4, 2));
+        let in_flight: BTreeMap<u32, Vec<Entry>> = [(0, vec![a.clone(), b.clone()]), (1, vec![c.clone()]), (2, vec![d.clone()])].into();
+        let taken: BTreeSet<String> = [b.name.filebase.clone()].into();
+        let ages: BTreeMap<String, f64> = [(&a, 301.0), (&b, 900.0), (&c, 299.0), (&d, 900.0)].iter().map(|(e, age)| (e.name.filebase.clone(), *age)).collect();
+        let age_of = |e: &Entry| ages.get(&e.name.filebase).copied();
+        let timeout = Duration::from_secs(300);
+        // a: stranded. b: in flight here. c: too young (a handler may still run on it).
+        // d: slice 2 is not owned.
+        assert_eq!(stranded(&in_flight, &[0, 1], &taken, timeout, age_of), vec![a.clone()]);
+        // A .bak that cannot be looked at (gone meanwhile) is not stranded.
+        assert_eq!(stranded(&in_flight, &[0, 1], &taken, timeout, |_| None), vec![]);
+        assert_eq!(stranded(&in_flight, &[0, 1, 2], &BTreeSet::new(), timeout, age_of), vec![a, b, d]);
     }
 }

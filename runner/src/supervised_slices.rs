@@ -1,7 +1,7 @@
 //! The lifecycle of the slices this incarnation runs through supervised Mailman runners
 //! (one child process per slice, see [`crate::supervise`]): a child starts when its slice
 //! is claimed; a release asks it for a quiet stop and deletes the claim only after it
-//! exited; a supervisor that gives up (the runner kept crashing, or the configuration does
+//! exited (retrying the delete while the lease lasts); a supervisor that gives up (the runner kept crashing, or the configuration does
 //! not suit) reports it so that the incarnation releases the slice and refuses its queue.
 //! The held supervised slices are mirrored in a view the figures task reads.
 
@@ -15,7 +15,7 @@ use qslice_proto::keys::Keys;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::claims::release_claim;
+use crate::claims::release_claim_retrying;
 use crate::figures::SupervisedView;
 use crate::incarnation::Shared;
 use crate::ownership::{Held, QueueSlices, SliceId};
@@ -103,20 +103,20 @@ impl SupervisedSlices {
     /// Starts the release of `slice` if it is supervised: a quiet stop, then, once the
     /// child stopped, the claim's delete; `released` hears of the slice at the end. False
     /// if `slice` is not supervised here.
-    pub(crate) fn release(&mut self, slice: &SliceId, held: &Held, client: &Client, keys: &Keys, released: &mpsc::UnboundedSender<SliceId>) -> bool {
+    pub(crate) fn release(&mut self, slice: &SliceId, held: &Held, client: &Client, keys: &Keys, fence: &Arc<Fence>, released: &mpsc::UnboundedSender<SliceId>) -> bool {
         let Some(sup) = self.running.remove(slice) else { return false };
         self.sync_view(held);
         let epoch = held.get(slice).map(|h| h.epoch);
-        let (mut client, keys, released, slice) = (client.clone(), keys.clone(), released.clone(), slice.clone());
+        let (mut client, keys, fence, released, slice) = (client.clone(), keys.clone(), fence.clone(), released.clone(), slice.clone());
         tokio::spawn(async move {
             sup.quiet.cancel();
             // The claim goes only after the child has exited.
             let exit = sup.task.await;
             let SliceId { queue, slice: number } = &slice;
             if let (Some(epoch), Ok(SupervisorExit::Stopped)) = (epoch, exit) {
-                match release_claim(&mut client, &keys, queue, *number, epoch).await {
+                match release_claim_retrying(&mut client, &keys, queue, *number, epoch, &fence).await {
                     Ok(()) => tracing::info!(%queue, slice = number, epoch, "released supervised slice"),
-                    Err(e) => tracing::warn!(%queue, slice = number, error = %e.cause(), "deleting the claim failed; it ends with the lease"),
+                    Err(e) => tracing::warn!(%queue, slice = number, error = %e.cause(), "deleting the claim failed and the fence tripped; it ends with the lease"),
                 }
             }
             let _ = released.send(slice);

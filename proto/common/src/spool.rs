@@ -541,37 +541,7 @@ impl QueueDir {
                 if !go_on() {
                     return Ok(report);
                 }
-                let bak = self.bak_path(entry);
-                let stopped = self.is_marked_stopped(&entry.name.filebase);
-                let count = if stopped { self.recovery_count(&entry.name.filebase)? } else { self.bump_recovery_count(entry)? };
-                if stopped {
-                    report.uncounted += 1;
-                    let _ = fs::remove_file(self.stopped_dir.join(&entry.name.filebase));
-                }
-                if fs::symlink_metadata(self.pck_path(entry)).is_ok() {
-                    match self.requeue_under_fresh_name(&bak, entry) {
-                        Ok(name) => report.renamed.push((entry.clone(), name)),
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(source) => return Err(SpoolError::Requeue { path: bak, source }),
-                    }
-                    continue;
-                }
-                if count >= MAX_RECOVERIES {
-                    match self.preserve_path(&bak, &entry.name.filebase) {
-                        Ok(_) => {
-                            self.forget_recovery_count(&entry.name.filebase)?;
-                            report.preserved.push(entry.clone());
-                        }
-                        Err(SpoolError::Preserve { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
-                    continue;
-                }
-                match fs::rename(&bak, self.pck_path(entry)) {
-                    Ok(()) => report.requeued.push((entry.clone(), count)),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(source) => return Err(SpoolError::Requeue { path: bak, source }),
-                }
+                self.recover_one(entry, &mut report)?;
             }
         }
         // The twins put back under fresh names are live too: keep their counts.
@@ -581,6 +551,60 @@ impl QueueDir {
         self.sweep_recovery_counts(&scan, &owned)?;
         self.sweep_stop_marks(&scan, &owned);
         Ok(report)
+    }
+
+    /// Recovers exactly `entries` (`.bak` files listed earlier, e.g. stranded ones the
+    /// owner has not in flight) as [`QueueDir::recover`] recovers a slice's: back to
+    /// `.pck` (under a fresh name if a `.pck` twin waits), or to `bad/` at the third
+    /// recovery. One that is gone meanwhile is skipped. Asks `go_on` before each entry.
+    pub fn recover_entries(&self, entries: &[Entry], go_on: impl Fn() -> bool) -> Result<Recovery, SpoolError> {
+        let mut report = Recovery::default();
+        for entry in entries {
+            if !go_on() {
+                break;
+            }
+            if fs::symlink_metadata(self.bak_path(entry)).is_err() {
+                continue;
+            }
+            self.recover_one(entry, &mut report)?;
+        }
+        Ok(report)
+    }
+
+    /// Recovers one `.bak` entry into `report`.
+    fn recover_one(&self, entry: &Entry, report: &mut Recovery) -> Result<(), SpoolError> {
+        let bak = self.bak_path(entry);
+        let stopped = self.is_marked_stopped(&entry.name.filebase);
+        let count = if stopped { self.recovery_count(&entry.name.filebase)? } else { self.bump_recovery_count(entry)? };
+        if stopped {
+            report.uncounted += 1;
+            let _ = fs::remove_file(self.stopped_dir.join(&entry.name.filebase));
+        }
+        if fs::symlink_metadata(self.pck_path(entry)).is_ok() {
+            match self.requeue_under_fresh_name(&bak, entry) {
+                Ok(name) => report.renamed.push((entry.clone(), name)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(SpoolError::Requeue { path: bak, source }),
+            }
+            return Ok(());
+        }
+        if count >= MAX_RECOVERIES {
+            match self.preserve_path(&bak, &entry.name.filebase) {
+                Ok(_) => {
+                    self.forget_recovery_count(&entry.name.filebase)?;
+                    report.preserved.push(entry.clone());
+                }
+                Err(SpoolError::Preserve { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(());
+        }
+        match fs::rename(&bak, self.pck_path(entry)) {
+            Ok(()) => report.requeued.push((entry.clone(), count)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => return Err(SpoolError::Requeue { path: bak, source }),
+        }
+        Ok(())
     }
 
     fn count_path(&self, filebase: &str) -> PathBuf {

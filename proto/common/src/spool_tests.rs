@@ -476,3 +476,25 @@ fn recovery_stops_before_the_next_entry_once_told_to() {
     let baks = std::fs::read_dir(f.q.dir()).expect("ls").filter(|e| e.as_ref().expect("entry").file_name().to_string_lossy().ends_with(".bak")).count();
     assert_eq!(baks, 1, "the other stays .bak for the next owner");
 }
+
+#[test]
+fn recovering_given_entries_leaves_the_others_in_flight() {
+    let f = fixture();
+    let stranded = f.q.enqueue_as(1.0, &digest("1"), b"stranded").expect("enqueue");
+    let busy = f.q.enqueue_as(2.0, &digest("2"), b"busy").expect("enqueue");
+    let first = take(&f.q, 1, 0);
+    let second = take(&f.q, 1, 0);
+    assert_eq!((first.entry.name.filebase.as_str(), second.entry.name.filebase.as_str()), (stranded.filebase.as_str(), busy.filebase.as_str()));
+    // A stranded .bak is recovered like a dead owner's, counted; the busy one stays.
+    let rec = f.q.recover_entries(std::slice::from_ref(&first.entry), || true).expect("recover");
+    assert_eq!(rec.requeued, vec![(first.entry.clone(), 1)]);
+    assert_eq!(names_in(f.q.dir()), vec![format!("{}.pck", stranded.filebase), format!("{}.bak", busy.filebase)]);
+    // One gone meanwhile is skipped; a stop mark makes it uncounted; go_on is asked.
+    let rec = f.q.recover_entries(std::slice::from_ref(&first.entry), || true).expect("recover again");
+    assert!(rec.requeued.is_empty() && rec.renamed.is_empty(), "{rec:?}");
+    f.q.mark_stopped(&second.entry).expect("mark");
+    assert!(f.q.recover_entries(std::slice::from_ref(&second.entry), || false).expect("told to stop").requeued.is_empty());
+    let rec = f.q.recover_entries(std::slice::from_ref(&second.entry), || true).expect("recover marked");
+    assert_eq!((rec.requeued.len(), rec.uncounted), (1, 1));
+    assert_eq!(f.q.recovery_count(&busy.filebase).expect("count"), 0);
+}
