@@ -88,6 +88,44 @@ struct Registry {
 
 static REGISTRY: Mutex<Registry> = Mutex::new(Registry { leash: None, groups: BTreeSet::new() });
 
+/// The write end of the current leash's stdin, or -1: read by a forked child, which may
+/// take no lock. Set to -1 before the pipe is closed, so a child forked after the close
+/// never writes to whatever file reuses the number.
+static LEASH_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Called in a forked child before exec (see [`crate::child::die_with_parent`]): sends
+/// `add <pid>` for the child's own process group straight to the leash. One short write
+/// to a pipe is atomic, so it never mixes with the runner's own lines. Async-signal-safe:
+/// no allocation, no lock.
+#[allow(unsafe_code)]
+pub fn announce_from_child(pid: libc::pid_t) {
+    let fd = LEASH_FD.load(std::sync::atomic::Ordering::SeqCst);
+    if fd < 0 || pid <= 0 {
+        return;
+    }
+    // SAFETY: fstat and write on a plain fd with stack buffers.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 || st.st_mode & libc::S_IFMT != libc::S_IFIFO {
+            return;
+        }
+        let mut line = [0u8; 24];
+        line[..4].copy_from_slice(b"add ");
+        let mut digits = [0u8; 12];
+        let (mut n, mut len) = (pid as u32, 0);
+        while n > 0 || len == 0 {
+            digits[len] = b'0' + (n % 10) as u8;
+            n /= 10;
+            len += 1;
+        }
+        for i in 0..len {
+            line[4 + i] = digits[len - 1 - i];
+        }
+        line[4 + len] = b'\n';
+        let _ = libc::write(fd, line.as_ptr().cast(), 5 + len);
+    }
+}
+
 impl Leash {
     /// Starts a leash and makes it the one [`Leashed`] registers with; tells it about the
     /// children already running.
@@ -112,6 +150,7 @@ impl Leash {
             leash.send(&format!("add {g}"));
         }
         registry.leash = Some(leash.clone());
+        LEASH_FD.store(fd, std::sync::atomic::Ordering::SeqCst);
         Ok(leash)
     }
 
@@ -127,6 +166,7 @@ impl Leash {
         if let Err(e) = pipe.write_all(format!("{line}\n").as_bytes()) {
             let status = self.child.lock().expect("leash lock").try_wait().ok().flatten();
             tracing::error!(error = %e, ?status, "the leash is gone or stopped reading; fencing: no child process may outlive this runner's fence");
+            let _ = LEASH_FD.compare_exchange(pipe.as_raw_fd(), -1, std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst);
             *stdin = None;
             self.lost.cancel();
         }
@@ -140,7 +180,12 @@ impl Leash {
     /// A clean exit: the runner revoked its lease itself; the leash just ends.
     pub fn bye(&self) {
         self.send("bye");
-        *self.stdin.lock().expect("leash lock") = None;
+        let mut stdin = self.stdin.lock().expect("leash lock");
+        if let Some(pipe) = stdin.as_ref() {
+            let _ = LEASH_FD.compare_exchange(pipe.as_raw_fd(), -1, std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst);
+        }
+        *stdin = None;
+        drop(stdin);
         let _ = self.child.lock().expect("leash lock").wait();
     }
 }
@@ -244,7 +289,13 @@ pub fn main() -> ExitCode {
         }
         let said = match rx.recv_timeout(TICK) {
             Ok(s) => s,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // A child announces its group itself before exec; if the exec then failed,
+                // no `del` follows. Forget groups that no longer exist, so a recycled pid is
+                // never killed.
+                groups.retain(|g| killpg(Pid::from_raw(*g), None).is_ok());
+                continue;
+            }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Said::Closed,
         };
         let line = match said {
