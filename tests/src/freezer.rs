@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::wait::{wait_for, Wait};
+
 const ROOT: &str = "/sys/fs/cgroup/freezer";
 
 /// One freezer cgroup of the test's own.
@@ -77,7 +79,7 @@ impl Freezer {
     fn set_state(&self, state: &str) -> Result<()> {
         let file = self.dir.join("freezer.state");
         std::fs::write(&file, state).with_context(|| format!("write {state} to {}", file.display()))?;
-        crate::wait_for(Duration::from_secs(30), &format!("freezer state {state}"), || {
+        wait_for(Duration::from_secs(30), &format!("freezer state {state}"), || {
             std::fs::read_to_string(&file).map(|s| s.trim() == state).unwrap_or(false)
         })
     }
@@ -93,15 +95,15 @@ impl Drop for Freezer {
         let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
         // Processes still running may start children into the group while it is emptied:
         // empty it until it stays empty (bounded), then remove it.
-        for _ in 0..100 {
+        let _ = Wait::new(Duration::from_secs(1), "the freezer cgroup to stay empty and go").every(Duration::from_millis(10)).until(|| {
             let pids = self.pids();
             if pids.is_empty() && std::fs::remove_dir(&self.dir).is_ok() {
-                return;
+                return true;
             }
             for pid in pids {
                 let _ = std::fs::write(Path::new(ROOT).join("cgroup.procs"), pid.to_string());
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            false
+        });
     }
 }

@@ -13,7 +13,8 @@ use nix::sys::signal::Signal;
 use qslice_proto::keys::{Key, Keys};
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_tests::checker::{check, Disruption, Grant};
-use qslice_tests::cluster::{client, fence_times, put_queue, start_coordinator, start_runner, wait_until, Coordinator, Spool};
+use qslice_tests::cluster::{client, fence_times, put_queue, start_coordinator, start_runner, Coordinator, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::{Etcd, Proc};
 use rand::{Rng, SeedableRng};
 
@@ -153,7 +154,7 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     let total = enqueued.lock().expect("enqueued").len();
     let q = spool.queue("in");
     let bad = spool.root().join("bad");
-    wait_until(Duration::from_secs(120), "every entry finished or preserved", || async {
+    wait_for_async(Duration::from_secs(120), "every entry finished or preserved", || async {
         let finished = spool.finished();
         let preserved = names_in(&bad);
         let quarantined = names_in(q.quarantine_dir());

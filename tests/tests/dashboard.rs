@@ -13,7 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::{free_port, wait_for, Etcd, Proc};
 use serde_json::Value;
 
@@ -79,7 +80,7 @@ async fn demo() -> Demo {
     for r in ["r1", "r2"] {
         runners.insert(r, start_runner(&etcd, &spool, r, "t", &[], &[]).expect("runner"));
     }
-    wait_until(LONG, "4 slices claimed by each runner", || async {
+    wait_for_async(LONG, "4 slices claimed by each runner", || async {
         let h = holdings(&mut c.clone(), "t", "in").await;
         h.len() == 2 && h.values().all(|v| v.len() == 4)
     })
@@ -93,7 +94,7 @@ impl Demo {
     async fn kill_r1(&mut self) {
         self.runners.get_mut("r1").expect("r1").kill();
         let c = client(&self.etcd).await.expect("client");
-        wait_until(LONG, "r2 to hold all 8 slices", || async {
+        wait_for_async(LONG, "r2 to hold all 8 slices", || async {
             holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == SLICES as usize)
         })
         .await

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Assignment, Record, RECORD_VERSION};
-use qslice_tests::cluster::{claims, put_queue, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::cluster::{claims, put_queue, start_coordinator, start_runner, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::Etcd;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -37,13 +38,13 @@ async fn roles_let_each_part_work_and_a_runner_cannot_touch_the_assignment() {
     put_queue(&mut coordinator, "t", "in", 4).await.expect("the coordinator's user writes configuration");
     let _co = start_coordinator(&etcd, &spool, "c1", "t", &["--etcd-user", "qslice-coordinator-t", "--etcd-password", "coordpw"]).expect("coordinator");
     let _r = start_runner(&etcd, &spool, "r1", "t", &["--etcd-user", "qslice-runner-t", "--etcd-password", "runnerpw"], &[]).expect("runner");
-    wait_until(LONG, "the runner claims every slice with its own credentials", || async {
+    wait_for_async(LONG, "the runner claims every slice with its own credentials", || async {
         claims(&mut coordinator.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4)
     })
     .await
     .expect("claimed");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
+    wait_for_async(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 
     let mut runner = login(&etcd, "qslice-runner-t", "runnerpw").await;
     let keys = Keys::new("t").expect("keys");

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qslice_tests::checker::{check, Disruption};
-use qslice_tests::cluster::{claims, client_at, fence_times, put_queue, start_coordinator_at, start_runner_at, wait_until, Spool};
+use qslice_tests::cluster::{claims, client_at, fence_times, put_queue, start_coordinator_at, start_runner_at, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::etcd_cluster::EtcdCluster;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -43,7 +44,7 @@ async fn qslice_rides_out_member_failures_and_fences_on_quorum_loss() {
     let _c2 = start_coordinator_at(&endpoints, &spool, "c2", "t", &ttl).expect("coordinator");
     let delay = [("QSLICE_TEST_DELAY", "0.01")];
     let runners: Vec<_> = ["r1", "r2", "r3"].iter().map(|id| start_runner_at(&endpoints, &spool, id, "t", &ttl, &delay).expect("runner")).collect();
-    wait_until(LONG, "all slices claimed", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == SLICES as usize) }).await.expect("claimed");
+    wait_for_async(LONG, "all slices claimed", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == SLICES as usize) }).await.expect("claimed");
 
     let enqueued = Arc::new(Mutex::new(BTreeMap::<String, (u128, u32)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -61,7 +62,7 @@ async fn qslice_rides_out_member_failures_and_fences_on_quorum_loss() {
         })
     };
     let finished_now = || spool.finished().len();
-    let progress = |before: usize| async move { wait_until(LONG, "entries keep finishing", || async { finished_now() >= before + 50 }).await };
+    let progress = |before: usize| async move { wait_for_async(LONG, "entries keep finishing", || async { finished_now() >= before + 50 }).await };
 
     // 1. The etcd leader dies: processing goes on through the others, and no slice is
     //    reassigned (same claims, same epochs) merely because etcd changed leader.
@@ -89,7 +90,7 @@ async fn qslice_rides_out_member_failures_and_fences_on_quorum_loss() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().expect("writer");
     let total = enqueued.lock().expect("lock").len();
-    wait_until(LONG, "every entry finished", || async { spool.finished().len() >= total }).await.expect("drained");
+    wait_for_async(LONG, "every entry finished", || async { spool.finished().len() >= total }).await.expect("drained");
 
     // A runner's fence kills its in-flight work (the next owner recovers it): each fence is
     // a disruption of that runner.

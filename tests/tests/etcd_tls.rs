@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use qslice_tests::cluster::{claims, put_queue, start_coordinator_at, start_runner_at, wait_until, Spool};
+use qslice_tests::cluster::{claims, put_queue, start_coordinator_at, start_runner_at, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::etcd_cluster::{ClientTls, EtcdCluster};
 use qslice_tests::pki::Pki;
 use qslice_tests::wait_for;
@@ -35,9 +36,9 @@ async fn runner_and_coordinator_speak_tls_with_client_certificates_and_a_wrong_c
     let tls_flags = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
     let _co = start_coordinator_at(&endpoints, &spool, "c1", "t", &tls_flags).expect("coordinator");
     let _r = start_runner_at(&endpoints, &spool, "r1", "t", &tls_flags, &[]).expect("runner");
-    wait_until(LONG, "the runner claims both slices over TLS", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2) }).await.expect("claimed");
+    wait_for_async(LONG, "the runner claims both slices over TLS", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2) }).await.expect("claimed");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
+    wait_for_async(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 
     let wrong_ca = other.path("ca.pem");
     let wrong = ["--etcd-ca", &wrong_ca, "--etcd-cert", &cert, "--etcd-key", &key];

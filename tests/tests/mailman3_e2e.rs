@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, wait_until, Coordinator};
+use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, Coordinator};
+use qslice_tests::wait_for_async;
 use qslice_tests::mailman3::{Report, Site};
 use qslice_tests::{pids_with_env, qslice_bin, Etcd, Proc};
 
@@ -40,7 +41,7 @@ async fn cluster(nodes: &[&str], slices: u32, extra: &str) -> Cluster {
         runners.insert(node.to_string(), start_runner(&etcd, &site.spool, node, "t", &["--config", &cfg], &[]).expect("runner"));
     }
     let n = slices as usize;
-    wait_until(LONG, "every slice claimed", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len()).unwrap_or(0) == n }).await.expect("claimed");
+    wait_for_async(LONG, "every slice claimed", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len()).unwrap_or(0) == n }).await.expect("claimed");
     Cluster { site, runners, coordinator, client: c, _etcd: etcd }
 }
 
@@ -63,7 +64,7 @@ impl Cluster {
     /// Waits until posting is done and every one of `posts` posts was accepted with the
     /// queue empty, then returns the report.
     async fn all_accepted(&mut self, posts: usize) -> Report {
-        wait_until(LONG, "posting done", || {
+        wait_for_async(LONG, "posting done", || {
             let done = self.site.posting_done();
             async move { done }
         })
@@ -75,7 +76,7 @@ impl Cluster {
     /// Waits until every node's log says `n` warm spares got ready (Mailman initialised).
     async fn warm_spares(&self, n: usize) {
         for (node, runner) in &self.runners {
-            wait_until(LONG, &format!("{node}'s {n} warm spares ready"), || {
+            wait_for_async(LONG, &format!("{node}'s {n} warm spares ready"), || {
                 let ready = runner.log().matches("a warm Mailman slice runner is ready").count();
                 async move { ready >= n }
             })
@@ -99,7 +100,7 @@ fn assert_each_post_once(report: &Report, posts: usize) {
 }
 
 async fn wait_for_accepts(site: &Site, at_least: usize) {
-    wait_until(LONG, "posts being accepted", || {
+    wait_for_async(LONG, "posts being accepted", || {
         let n = site.report().map(|r| r.accepts.len()).unwrap_or(0);
         async move { n >= at_least }
     })
@@ -118,7 +119,7 @@ async fn drains_and_rebalances_accept_every_post_once_with_nothing_shunted() {
         c.ctl(&["drain", node]);
         assert!(c.holds(node).await.is_empty(), "{node} drained");
         c.ctl(&["uncordon", node]);
-        wait_until(LONG, "the uncordoned node takes slices again (rebalance)", || {
+        wait_for_async(LONG, "the uncordoned node takes slices again (rebalance)", || {
             let c = &c;
             async move { !c.holds(node).await.is_empty() }
         })
@@ -147,7 +148,7 @@ async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_fl
     c.runners.get_mut(victim).expect("victim").kill();
     // Each orphaned slice's first ACCEPT by another node's slice runner.
     let mut first: BTreeMap<u32, f64> = BTreeMap::new();
-    wait_until(LONG, "every orphaned slice accepting on another node", || {
+    wait_for_async(LONG, "every orphaned slice accepting on another node", || {
         let r = c.site.report().expect("report");
         for accept in r.accepts.values().flatten().filter(|a| a.0 > killed_at) {
             if let Some(runner) = r.runner_of(accept).filter(|run| run.node != victim && orphaned.contains(&run.slice) && run.count == 4) {
@@ -195,7 +196,7 @@ async fn a_live_reslice_to_8_and_back_to_4_accepts_every_post_once_without_a_mai
     for slices in [8u32, 4] {
         c.ctl(&["queue", "set", "in", "--slices", &slices.to_string(), "--mailman3"]);
         let site = &c.site;
-        wait_until(LONG, "every slice running under the new count", || {
+        wait_for_async(LONG, "every slice running under the new count", || {
             let running: BTreeSet<u32> = site
                 .report()
                 .map(|r| r.runners.values().filter(|x| x.count == slices && x.stopped.is_none()).map(|x| x.slice).collect())
@@ -237,7 +238,7 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
     let bad = start_runner(&etcd, &site.spool, "bad", "t", &["--config", bad_cfg.to_str().expect("utf8")], &[]).expect("runner");
     let _good = start_runner(&etcd, &site.spool, "good", "t", &["--config", &good_cfg], &[]).expect("runner");
     site.post(60, 0).expect("post");
-    wait_until(LONG, "the good node holds every slice", || async { holdings(&mut c.clone(), "t", "in").await.get("good").is_some_and(|v| v.len() == 4) })
+    wait_for_async(LONG, "the good node holds every slice", || async { holdings(&mut c.clone(), "t", "in").await.get("good").is_some_and(|v| v.len() == 4) })
         .await
         .expect("moved");
     let keys = qslice_proto::keys::Keys::new("t").expect("keys");
@@ -253,7 +254,7 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
     // The host's mailman.cfg is fixed: the refusal ends at once, not after its cooldown,
     // and the node gets its share again.
     std::fs::copy(&site.config, &broken).expect("fix mailman.cfg");
-    wait_until(LONG, "the fixed node holding slices again", || async { holdings(&mut c.clone(), "t", "in").await.get("bad").is_some_and(|v| !v.is_empty()) })
+    wait_for_async(LONG, "the fixed node holding slices again", || async { holdings(&mut c.clone(), "t", "in").await.get("bad").is_some_and(|v| !v.is_empty()) })
         .await
         .expect("refusal lifted");
     assert!(bad.log().contains("refusal lifted"), "{}", bad.log());
@@ -283,7 +284,7 @@ async fn a_supervised_queues_backlog_and_in_flight_entries_show_in_status() {
         serde_json::from_str::<serde_json::Value>(&out).expect("JSON")
     };
     let mut last = serde_json::Value::Null;
-    let shown = wait_until(LONG, "the backlog and the in-flight entry in qslicectl status", || {
+    let shown = wait_for_async(LONG, "the backlog and the in-flight entry in qslicectl status", || {
         last = status();
         let slices = last["slices"].as_array().cloned().unwrap_or_default();
         let depth: u64 = slices.iter().filter_map(|s| s["depth"].as_u64()).sum();
@@ -308,7 +309,7 @@ async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes
     put_queue(&mut c.client, "t", "in", 3).await.expect("queue");
     let status = |c: &Cluster| serde_json::from_str::<serde_json::Value>(&c.ctl(&["status", "--json"])).expect("JSON");
     let mut last = serde_json::Value::Null;
-    wait_until(LONG, "the no-eligible-node alert in qslicectl status", || {
+    wait_for_async(LONG, "the no-eligible-node alert in qslicectl status", || {
         last = status(&c);
         let alerted = last["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.contains("no eligible node") && s.contains("r1") && s.contains("r2"))));
         async move { alerted }
@@ -325,7 +326,7 @@ async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes
     let fixed = std::time::Instant::now();
     put_queue(&mut c.client, "t", "in", 4).await.expect("queue");
     let site = &c.site;
-    wait_until(LONG, "a post accepted after the fix", || {
+    wait_for_async(LONG, "a post accepted after the fix", || {
         let n = site.report().map(|r| r.accepts.values().flatten().filter(|a| a.0 > fixed_at).count()).unwrap_or(0);
         async move { n > 0 }
     })

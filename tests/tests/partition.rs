@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use qslice_proto::keys::Keys;
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
-use qslice_tests::cluster::{assign, claims, client, wait_until, Spool};
+use qslice_tests::cluster::{assign, claims, client, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::{qslice_bin, wait_for, Etcd, Proc};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -101,7 +102,7 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
         "--handler", "exec", "--handler-command", &handler,
     ];
     let p = Proc::spawn(std::path::Path::new("ip"), &args, &[], &spool.scratch("p.log")).expect("runner in the namespace");
-    wait_until(LONG, "the runner in the namespace holds 4 claims", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4) })
+    wait_for_async(LONG, "the runner in the namespace holds 4 claims", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4) })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
 
@@ -127,7 +128,7 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
     );
     assert!(fenced_at < expired_at, "the runner stopped work before etcd could give its slices to anyone else");
     ns.heal();
-    wait_until(LONG, "the runner re-registers and claims again after the partition", || async {
+    wait_for_async(LONG, "the runner re-registers and claims again after the partition", || async {
         claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4)
     })
     .await

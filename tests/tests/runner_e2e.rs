@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use qslice_tests::cluster::{assign, claims, client, files_in, start_runner, unassign, wait_until, Spool};
+use qslice_tests::cluster::{assign, claims, client, files_in, start_runner, unassign, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::Etcd;
 
 /// Generous bound for things that take a second or two on an idle machine.
@@ -22,7 +23,7 @@ async fn one_runner_claims_and_drains_every_slice_of_a_queue() {
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r1", "in", 8, 0..8).await.expect("assign");
     let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
-    wait_until(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
+    wait_for_async(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
     let held = claims(&mut c, "t", "in").await.expect("claims");
     assert_eq!(held.len(), 8, "every slice claimed: {held:?}");
     assert!(held.values().all(|(n, _)| n == "r1"));
@@ -35,7 +36,7 @@ async fn one_runner_claims_and_drains_every_slice_of_a_queue() {
     for r in spool.records() {
         assert_eq!(held[&r.slice].1, r.epoch, "{r:?}");
     }
-    wait_until(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("empty");
+    wait_for_async(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("empty");
 }
 
 #[tokio::test]
@@ -52,7 +53,7 @@ async fn two_runners_never_hold_one_claim() {
     for i in 0..40u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
+    wait_for_async(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
     let held = claims(&mut c, "t", "in").await.expect("claims");
     assert_eq!(held.len(), 4);
     // Every entry of a slice was processed by the one node holding the slice's claim.
@@ -73,7 +74,7 @@ async fn sigterm_hands_every_slice_over_with_no_entry_lost() {
     for i in 0..30u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "a to start processing", || async { !spool.records().is_empty() }).await.expect("started");
+    wait_for_async(LONG, "a to start processing", || async { !spool.records().is_empty() }).await.expect("started");
     a.signal(Signal::SIGTERM).expect("SIGTERM");
     let status = a.wait_exit(LONG).expect("a exits");
     assert!(status.success(), "graceful stop exits 0: {status}\n{}", a.log());
@@ -84,7 +85,7 @@ async fn sigterm_hands_every_slice_over_with_no_entry_lost() {
     unassign(&mut c, "t", "a", "in").await.expect("unassign");
     assign(&mut c, "t", "b", "in", 4, 0..4).await.expect("assign");
     let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
-    wait_until(LONG, "all 30 entries finished", || async { spool.finished().len() == 30 }).await.expect("drained");
+    wait_for_async(LONG, "all 30 entries finished", || async { spool.finished().len() == 30 }).await.expect("drained");
     assert!(spool.finished().values().all(|n| *n == 1), "no entry twice after a graceful hand-over");
 }
 
@@ -98,14 +99,14 @@ async fn kill_9_leaves_bak_entries_that_the_next_owner_recovers() {
     let mut a = start_runner(&etcd, &spool, "a", "t", &[], &[("QSLICE_TEST_DELAY", "600")]).expect("runner a");
     let e0 = q.enqueue_in_slice(b"zero", 0, 2).expect("enqueue").filebase;
     let e1 = q.enqueue_in_slice(b"one", 1, 2).expect("enqueue").filebase;
-    wait_until(LONG, "both entries in flight", || async { spool.records().len() == 2 }).await.expect("in flight");
+    wait_for_async(LONG, "both entries in flight", || async { spool.records().len() == 2 }).await.expect("in flight");
     a.kill();
     let baks: Vec<String> = files_in(q.dir()).into_iter().filter(|f| f.ends_with(".bak")).collect();
     assert_eq!(baks, { let mut v = vec![format!("{e0}.bak"), format!("{e1}.bak")]; v.sort(); v });
     unassign(&mut c, "t", "a", "in").await.expect("unassign");
     assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign");
     let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
-    wait_until(LONG, "b finishes both recovered entries", || async {
+    wait_for_async(LONG, "b finishes both recovered entries", || async {
         let f = spool.finished();
         f.contains_key(&e0) && f.contains_key(&e1)
     })
@@ -129,8 +130,8 @@ async fn malformed_spool_files_land_in_quarantine() {
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");
     let _r = start_runner(&etcd, &spool, "r", "t", &[], &[]).expect("runner");
-    wait_until(LONG, "the good entry finished", || async { spool.finished().contains_key(&good) }).await.expect("good");
-    wait_until(LONG, "three files quarantined", || async { files_in(q.quarantine_dir()).len() == 3 }).await.expect("quarantined");
+    wait_for_async(LONG, "the good entry finished", || async { spool.finished().contains_key(&good) }).await.expect("good");
+    wait_for_async(LONG, "three files quarantined", || async { files_in(q.quarantine_dir()).len() == 3 }).await.expect("quarantined");
     let quarantined = files_in(q.quarantine_dir());
     assert!(quarantined.contains(&"no-plus.pck".to_owned()) && quarantined.contains(&"subdir".to_owned()), "{quarantined:?}");
     assert!(files_in(q.dir()).is_empty());
@@ -148,7 +149,7 @@ async fn a_runner_started_while_etcd_is_down_waits_and_then_works() {
     qslice_tests::wait_for(LONG, "the runner to say etcd is unreachable", || r.log().contains("etcd is unreachable")).expect("logged");
     assert!(spool.records().is_empty(), "nothing processed without a claim");
     etcd.restart().expect("etcd back");
-    wait_until(LONG, "the entry finished once etcd is up", || async { spool.finished().contains_key(&name) }).await.expect("works");
+    wait_for_async(LONG, "the entry finished once etcd is up", || async { spool.finished().contains_key(&name) }).await.expect("works");
 }
 
 #[tokio::test]
@@ -158,12 +159,12 @@ async fn fast_restart_reclaims_slices_well_under_the_ttl() {
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign");
     let mut r = start_runner(&etcd, &spool, "r", "t", &["--lease-ttl", "30s"], &[]).expect("runner");
-    wait_until(LONG, "4 claims", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4).unwrap_or(false) }).await.expect("claimed");
+    wait_for_async(LONG, "4 claims", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4).unwrap_or(false) }).await.expect("claimed");
     let before = claims(&mut c, "t", "in").await.expect("claims");
     r.kill();
     let killed = Instant::now();
     let _r2 = start_runner(&etcd, &spool, "r", "t", &["--lease-ttl", "30s"], &[]).expect("restart");
-    wait_until(LONG, "4 new claims", || async {
+    wait_for_async(LONG, "4 new claims", || async {
         claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4 && m.iter().all(|(s, (_, e))| *e > before[s].1)).unwrap_or(false)
     })
     .await
@@ -181,21 +182,21 @@ async fn a_runner_paused_beyond_its_ttl_starts_nothing_until_it_has_re_registere
     assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
     let a = start_runner(&etcd, &spool, "a", "t", &[], &[("QSLICE_TEST_DELAY", "0.05")]).expect("runner a");
     q.enqueue_in_slice(b"first", 0, 2).expect("enqueue");
-    wait_until(LONG, "a processes the first entry", || async { spool.finished().len() == 1 }).await.expect("first");
+    wait_for_async(LONG, "a processes the first entry", || async { spool.finished().len() == 1 }).await.expect("first");
     let old_epochs: Vec<i64> = claims(&mut c, "t", "in").await.expect("claims").values().map(|(_, e)| *e).collect();
     a.signal(Signal::SIGSTOP).expect("SIGSTOP");
     // Entries arrive while it is frozen; its 2 s lease lapses and etcd drops its claims.
     for i in 0..10u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "the paused runner's claims to expire", || async {
+    wait_for_async(LONG, "the paused runner's claims to expire", || async {
         claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false)
     })
     .await
     .expect("expired");
     let resumed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos();
     a.signal(Signal::SIGCONT).expect("SIGCONT");
-    wait_until(LONG, "all 11 entries finished", || async { spool.finished().len() == 11 }).await.expect("drained");
+    wait_for_async(LONG, "all 11 entries finished", || async { spool.finished().len() == 11 }).await.expect("drained");
     let after: Vec<_> = spool.records().into_iter().filter(|r| r.what == "start" && r.at_ns > resumed_ns).collect();
     assert!(!after.is_empty());
     for r in &after {
@@ -222,11 +223,11 @@ async fn a_planned_move_releases_before_the_new_owner_claims() {
     for i in 0..16u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "a to be busy", || async { spool.records().iter().any(|r| r.node == "a") }).await.expect("busy");
+    wait_for_async(LONG, "a to be busy", || async { spool.records().iter().any(|r| r.node == "a") }).await.expect("busy");
     // The leader moves both slices: new owner first, then the old owner's assignment goes.
     assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign b");
     unassign(&mut c, "t", "a", "in").await.expect("unassign a");
-    wait_until(LONG, "all 16 entries finished", || async { spool.finished().len() == 16 }).await.expect("drained");
+    wait_for_async(LONG, "all 16 entries finished", || async { spool.finished().len() == 16 }).await.expect("drained");
     let records = spool.records();
     assert!(spool.finished().values().all(|n| *n == 1), "no entry twice in a planned move");
     for slice in 0..2 {
@@ -251,7 +252,7 @@ async fn metrics_and_readiness_are_served() {
     let addr = format!("127.0.0.1:{port}");
     let _r = start_runner(&etcd, &spool, "r", "t", &["--metrics-addr", &addr], &[]).expect("runner");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry finished", || async { spool.finished().contains_key(&name) }).await.expect("done");
+    wait_for_async(LONG, "the entry finished", || async { spool.finished().contains_key(&name) }).await.expect("done");
     let get = |path: &str| -> String {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(&addr) else { return String::new() };
@@ -284,11 +285,11 @@ async fn the_worker_handler_drains_a_queue_with_one_coprocess_per_slice() {
     assign(&mut c, "t", "w", "in", 3, 0..3).await.expect("assign");
     let worker = spool.recording_worker();
     let _w = start_runner(&etcd, &spool, "w", "t", &["--handler", "worker", "--handler-command", &worker], &[]).expect("runner");
-    wait_until(LONG, "all 60 entries finished", || async { spool.finished().len() == 60 }).await.expect("drained");
+    wait_for_async(LONG, "all 60 entries finished", || async { spool.finished().len() == 60 }).await.expect("drained");
     assert!(spool.finished().values().all(|n| *n == 1));
     let coprocesses: Vec<u32> = spool.records().iter().filter(|r| r.what == "worker").map(|r| r.slice).collect();
     assert_eq!(coprocesses.len(), 3, "one coprocess per slice, not per entry: {coprocesses:?}");
-    wait_until(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("finished entries unlinked");
+    wait_for_async(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("finished entries unlinked");
 }
 
 #[tokio::test]
@@ -302,11 +303,11 @@ async fn in_flight_work_beyond_the_drain_timeout_is_killed_and_recovered_by_the_
     let a = start_runner(&etcd, &spool, "a", "t", &["--lease-ttl", "30s", "--drain-timeout", "1s"], &slow).expect("runner a");
     let _b = start_runner(&etcd, &spool, "b", "t", &["--lease-ttl", "30s"], &[]).expect("runner b");
     let name = q.enqueue(b"stuck").expect("enqueue").filebase;
-    wait_until(LONG, "a to start the entry", || async { !spool.records().is_empty() }).await.expect("started");
+    wait_for_async(LONG, "a to start the entry", || async { !spool.records().is_empty() }).await.expect("started");
     let moved = Instant::now();
     assign(&mut c, "t", "b", "in", 1, [0]).await.expect("assign b");
     unassign(&mut c, "t", "a", "in").await.expect("unassign a");
-    wait_until(LONG, "b to finish the entry a was stuck on", || async {
+    wait_for_async(LONG, "b to finish the entry a was stuck on", || async {
         spool.records().iter().any(|r| r.what == "end" && r.node == "b" && r.filebase == name)
     })
     .await
@@ -337,7 +338,7 @@ async fn slice_figures_are_published_to_etcd_and_logs_can_be_json() {
         Some((qslice_proto::records::SliceStatus::decode(kv.value()).expect("valid status"), kv.lease()))
     }
     let key = keys.status("r", "in");
-    wait_until(LONG, "the status record of r/in", || {
+    wait_for_async(LONG, "the status record of r/in", || {
         let (mut c, key) = (c.clone(), key.clone());
         async move { read_status(&mut c, key).await.is_some() }
     })

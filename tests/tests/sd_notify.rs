@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 use qslice_proto::keys::Keys;
-use qslice_tests::cluster::{client, leader, start_runner, wait_until, Spool};
+use qslice_tests::cluster::{client, leader, start_runner, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::{free_port, qslice_bin, Etcd, Proc};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -160,7 +161,7 @@ async fn leader_and_standby_coordinators_report_ready_once_they_serve_the_admin_
         std::net::TcpStream::connect(admin.as_str()).unwrap_or_else(|e| panic!("READY=1 but the admin API at {admin} refuses: {e}"));
     }
     let mut c = client(&etcd).await.expect("client");
-    wait_until(LONG, "a leader", || async { leader(&mut c.clone(), "t").await.is_some() }).await.expect("leader");
+    wait_for_async(LONG, "a leader", || async { leader(&mut c.clone(), "t").await.is_some() }).await.expect("leader");
     // Both are ready, so one of them is a ready standby.
     let lead = leader(&mut c, "t").await.expect("a leader");
     assert!(["c1", "c2"].contains(&lead.as_str()), "unexpected leader {lead}");

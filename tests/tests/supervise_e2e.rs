@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use qslice_tests::cluster::{assign, claims, client, put_queue, start_coordinator, start_runner, unassign, wait_until, Spool};
+use qslice_tests::cluster::{assign, claims, client, put_queue, start_coordinator, start_runner, unassign, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::{process_alive, wait_for, Etcd};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -50,7 +51,7 @@ async fn each_claimed_slice_runs_its_own_mailman_runner_and_its_output_is_logged
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign");
     let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "4 supervised runners booted", || async { pids_of(&spool, "boot").len() == 4 }).await.expect("booted");
+    wait_for_async(LONG, "4 supervised runners booted", || async { pids_of(&spool, "boot").len() == 4 }).await.expect("booted");
     let mut slices: Vec<u32> = pids_of(&spool, "boot").iter().map(|(s, _)| *s).collect();
     slices.sort();
     assert_eq!(slices, vec![0, 1, 2, 3], "one runner per slice");
@@ -58,7 +59,7 @@ async fn each_claimed_slice_runs_its_own_mailman_runner_and_its_output_is_logged
     for i in 0..20u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "20 entries finished", || async { spool.finished().len() == 20 }).await.expect("processed");
+    wait_for_async(LONG, "20 entries finished", || async { spool.finished().len() == 20 }).await.expect("processed");
     assert!(spool.finished().values().all(|n| *n == 1));
     let held = claims(&mut c, "t", "in").await.expect("claims");
     for rec in spool.records().iter().filter(|r| r.what == "start") {
@@ -81,11 +82,11 @@ async fn a_released_slice_stops_its_runner_between_messages_and_nothing_is_shunt
     for i in 0..40u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "a's runners busy", || async { spool.records().iter().any(|r| r.what == "start" && r.node == "a") }).await.expect("busy");
+    wait_for_async(LONG, "a's runners busy", || async { spool.records().iter().any(|r| r.what == "start" && r.node == "a") }).await.expect("busy");
     assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign b");
     unassign(&mut c, "t", "a", "in").await.expect("unassign a");
-    wait_until(LONG, "40 entries finished", || async { spool.finished().len() == 40 }).await.expect("processed");
-    wait_until(LONG, "b holds both slices", || async {
+    wait_for_async(LONG, "40 entries finished", || async { spool.finished().len() == 40 }).await.expect("processed");
+    wait_for_async(LONG, "b holds both slices", || async {
         claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "b"))
     })
     .await
@@ -137,7 +138,7 @@ async fn kill_9_of_the_runner_leaves_no_mailman_process() {
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
     let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    wait_for_async(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
     let pids: Vec<u32> = pids_of(&spool, "boot").into_iter().map(|(_, p)| p).collect();
     assert!(pids.iter().all(|p| process_alive(*p)));
     r.signal(Signal::SIGKILL).expect("kill -9");
@@ -156,13 +157,13 @@ async fn a_runner_that_keeps_crashing_is_given_up_and_another_node_takes_its_sli
     let bad = start_runner(&etcd, &spool, "bad", "t", &["--config", &cfg], &crash).expect("runner bad");
     wait_for(LONG, "bad's runners to crash and be given up", || bad.log().contains("giving this queue up")).expect("gave up");
     let _good = start_runner(&etcd, &spool, "good", "t", &["--config", &cfg], &crash).expect("runner good");
-    wait_until(LONG, "good holds both slices", || async {
+    wait_for_async(LONG, "good holds both slices", || async {
         claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "good"))
     })
     .await
     .expect("moved");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry processed by good", || async { spool.finished().contains_key(&name) }).await.expect("processed");
+    wait_for_async(LONG, "the entry processed by good", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 }
 
 #[tokio::test]
@@ -182,7 +183,7 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
         let node = c.clone().get(keys.node("r"), None).await.expect("get");
         <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record").refused_queues
     };
-    wait_until(LONG, "the refusal published for the coordinator", || async { refused().await == vec!["in".to_owned()] }).await.expect("published");
+    wait_for_async(LONG, "the refusal published for the coordinator", || async { refused().await == vec!["in".to_owned()] }).await.expect("published");
 
     // --check-config refuses an instance count Mailman 3 itself would reject.
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 3\n").expect("write");
@@ -205,7 +206,7 @@ async fn a_fenced_runner_kills_its_mailman_runners_at_once() {
     let mut c = client(&etcd).await.expect("client");
     assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
     let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    wait_for_async(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
     let pids: Vec<u32> = pids_of(&spool, "boot").into_iter().map(|(_, p)| p).collect();
     // etcd freezes: the runner can no longer renew its 2 s lease and fences itself.
     etcd.pause().expect("SIGSTOP etcd");
@@ -216,7 +217,7 @@ async fn a_fenced_runner_kills_its_mailman_runners_at_once() {
     assert!(r.pid().is_some_and(process_alive), "the runner itself lives on and waits for etcd");
     etcd.resume().expect("SIGCONT etcd");
     // Back in touch, it registers anew and starts fresh runners under new claims.
-    wait_until(LONG, "new runners after the fence", || async { pids_of(&spool, "boot").len() >= 4 }).await.expect("restarted");
+    wait_for_async(LONG, "new runners after the fence", || async { pids_of(&spool, "boot").len() >= 4 }).await.expect("restarted");
 }
 
 #[tokio::test]
@@ -233,9 +234,9 @@ async fn a_mailman2_runner_is_stopped_with_sigterm_and_finishes_its_message() {
     let env = [("FAKE_BUSY", "1"), ("FAKE_MAILMAN2", "1")];
     let _a = start_runner(&etcd, &spool, "a", "t", &["--config", &cfg_path, "--lease-ttl", "30s"], &env).expect("runner");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "a's runner busy", || async { spool.records().iter().any(|r| r.what == "start") }).await.expect("busy");
+    wait_for_async(LONG, "a's runner busy", || async { spool.records().iter().any(|r| r.what == "start") }).await.expect("busy");
     unassign(&mut c, "t", "a", "in").await.expect("unassign");
-    wait_until(LONG, "a's claim released", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.is_empty()) }).await.expect("released");
+    wait_for_async(LONG, "a's claim released", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.is_empty()) }).await.expect("released");
     let records = spool.records();
     assert!(records.iter().any(|r| r.what == "term-while-busy"), "Mailman 2.1 is signalled at once, even while busy: {records:?}");
     assert!(records.iter().any(|r| r.what == "end" && r.filebase == name), "the message in hand was finished: {records:?}");
@@ -274,17 +275,17 @@ async fn a_crashed_runner_is_checked_again_before_its_restart_and_the_refusal_en
     put_queue(&mut c, "t", "in", 2).await.expect("queue");
     assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
     let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    wait_for_async(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
     // mailman.cfg changes under the running children; one of them crashes.
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 4\n").expect("write");
     let (_, pid) = pids_of(&spool, "boot")[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the child");
     wait_for(LONG, "the restart refused, naming the mismatch", || r.log().contains("instances = 4") && r.log().contains("2 slices")).expect("refused");
     assert_eq!(pids_of(&spool, "boot").len(), 2, "no child was started again under a slicing Mailman would not use");
-    wait_until(LONG, "the queue's claims released", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false) }).await.expect("released");
+    wait_for_async(LONG, "the queue's claims released", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false) }).await.expect("released");
     // Fixed: the refusal ends at once, not after a cooldown.
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
     put_queue(&mut c, "t", "in", 2).await.expect("queue written again");
-    wait_until(LONG, "both slices claimed again", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 2).unwrap_or(false) }).await.expect("claimed again");
+    wait_for_async(LONG, "both slices claimed again", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 2).unwrap_or(false) }).await.expect("claimed again");
     assert!(r.log().contains("refusal lifted"), "the log says the refusal ended: {}", r.log());
 }
