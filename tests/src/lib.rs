@@ -9,6 +9,8 @@
 //! - [`wait`]: the one bounded wait ([`wait_for`], [`wait_for_async`], [`wait::Wait`]):
 //!   a poll for a condition with a message naming what did not happen; tests use it
 //!   instead of sleeps.
+//! - [`testcluster::TestCluster`]: etcd, coordinators, runners and queues for one test,
+//!   started by a builder, waited for until ready, and stopped on drop.
 
 pub mod checker;
 pub mod benchkit;
@@ -17,6 +19,7 @@ pub mod etcd_cluster;
 pub mod freezer;
 pub mod mailman3;
 pub mod pki;
+pub mod testcluster;
 pub mod wait;
 
 use std::fs::{self, File};
