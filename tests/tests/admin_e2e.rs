@@ -6,9 +6,9 @@ use std::time::Duration;
 use qslice_proto::admin::admin_client::AdminClient;
 use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::*;
-use qslice_tests::cluster::{client, holdings, start_coordinator, start_runner, Spool};
+use qslice_tests::cluster::{admin_client, holdings};
+use qslice_tests::testcluster::TestCluster;
 use qslice_tests::wait_for_async;
-use qslice_tests::Etcd;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -24,15 +24,7 @@ fn req<T>(message: T, token: Option<&str>) -> Request<T> {
 }
 
 async fn connect(url: &str) -> AdminClient<Channel> {
-    let mut last = None;
-    for _ in 0..300 {
-        match AdminClient::connect(url.to_owned()).await {
-            Ok(c) => return c,
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("admin API at {url} never answered: {last:?}");
+    admin_client(url).await.expect("the admin API answers")
 }
 
 fn put(name: &str, slices: u32, mailman3: bool) -> PutQueueRequest {
@@ -45,10 +37,8 @@ fn slice(queue: &str, slice: u32) -> Option<SliceRef> {
 
 #[tokio::test]
 async fn mutations_need_the_token_and_bad_requests_name_the_field() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-token", TOKEN]).expect("coordinator");
-    let mut api = connect(&co.admin).await;
+    let mut tc = TestCluster::builder().spool_queues(&["in"]).coordinators(1).coordinator_args(&["--admin-token", TOKEN]).start().await.expect("cluster");
+    let mut api = connect(&tc.coordinator("c1").admin).await;
     let status = api.put_queue(req(put("in", 4, false), None)).await.expect_err("no token");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     let status = api.put_queue(req(put("in", 4, false), Some("wrong"))).await.expect_err("wrong token");
@@ -60,6 +50,14 @@ async fn mutations_need_the_token_and_bad_requests_name_the_field() {
     .await
     .expect("reads");
     api.put_queue(req(put("in", 4, false), Some(TOKEN))).await.expect("with the token");
+    // The API answers from its cache of etcd, which sees the new queue through its watch
+    // a moment after the write: the checks on slices of "in" below need it there.
+    wait_for_async(LONG, "queue in in the API's view", || {
+        let mut api = api.clone();
+        async move { api.list_queues(req(ListQueuesRequest {}, None)).await.is_ok_and(|r| r.get_ref().queues.iter().any(|q| q.name == "in")) }
+    })
+    .await
+    .expect("queue seen");
 
     let cases: Vec<(PutQueueRequest, &str)> = vec![
         (put("in", 0, false), "slices"),
@@ -90,7 +88,7 @@ async fn mutations_need_the_token_and_bad_requests_name_the_field() {
     nf(api.unpin_slice(req(SliceRef { queue: "in".into(), slice: 0 }, Some(TOKEN))).await.expect_err("no pin"));
 
     // Protected reads: a second coordinator with --admin-protect-reads.
-    let co2 = start_coordinator(&etcd, &spool, "c2", "t", &["--admin-token", TOKEN, "--admin-protect-reads", "true"]).expect("coordinator");
+    let co2 = tc.start_coordinator_with("c2", &["--admin-protect-reads", "true"]).expect("coordinator");
     let mut api2 = connect(&co2.admin).await;
     let status = api2.list_queues(req(ListQueuesRequest {}, None)).await.expect_err("protected read");
     assert_eq!(status.code(), Code::Unauthenticated);
@@ -104,15 +102,11 @@ async fn mutations_need_the_token_and_bad_requests_name_the_field() {
 
 #[tokio::test]
 async fn every_rpc_works_against_a_live_cluster() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    let standby = start_coordinator(&etcd, &spool, "c2", "t", &[]).expect("standby");
-    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &[]).expect("runner");
-    let mut api = connect(&co.admin).await;
-    let mut events = connect(&co.admin).await.watch_events(req(WatchEventsRequest {}, None)).await.expect("events").into_inner();
+    let mut tc = TestCluster::builder().spool_queues(&["in"]).coordinators(2).runners(&["r1", "r2"]).start().await.expect("cluster");
+    let mut c = tc.client();
+    let (admin, standby_admin) = (tc.coordinator("c1").admin.clone(), tc.coordinator("c2").admin.clone());
+    let mut api = connect(&admin).await;
+    let mut events = connect(&admin).await.watch_events(req(WatchEventsRequest {}, None)).await.expect("events").into_inner();
     wait_for_async(LONG, "the API has read the cluster", || {
         let mut api = api.clone();
         async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 2) }
@@ -128,7 +122,7 @@ async fn every_rpc_works_against_a_live_cluster() {
     .expect("balanced");
 
     // GetStatus from the standby too: every instance answers reads.
-    let mut standby_api = connect(&standby.admin).await;
+    let mut standby_api = connect(&standby_admin).await;
     for api in [&mut api, &mut standby_api] {
         // Each instance writes its record when it starts campaigning; wait until this one
         // has seen both.
@@ -206,14 +200,14 @@ async fn every_rpc_works_against_a_live_cluster() {
     wait_for_async(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("deleted");
 
     // A runner comes and goes.
-    let r3 = start_runner(&etcd, &spool, "r3", "t", &[], &[]).expect("runner");
+    tc.start_runner("r3").expect("runner");
     wait_for_async(LONG, "r3 registered", || {
         let mut api = api.clone();
         async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 3) }
     })
     .await
     .expect("r3 joined");
-    drop(r3);
+    tc.stop_runner("r3");
 
     // The event stream saw it all happen.
     let mut kinds = std::collections::BTreeSet::new();
@@ -225,7 +219,7 @@ async fn every_rpc_works_against_a_live_cluster() {
     }
 
     // Health and reflection.
-    let channel = Channel::from_shared(co.admin.clone()).expect("url").connect().await.expect("channel");
+    let channel = Channel::from_shared(admin.clone()).expect("url").connect().await.expect("channel");
     let health = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest { service: "qslice.admin.v1.Admin".into() })
         .await
@@ -234,7 +228,7 @@ async fn every_rpc_works_against_a_live_cluster() {
     assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
     let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let channel = Channel::from_shared(co.admin.clone()).expect("url").connect().await.expect("channel");
+    let channel = Channel::from_shared(admin.clone()).expect("url").connect().await.expect("channel");
     let mut replies = ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::iter([ask])).await.expect("reflection").into_inner();
     let reply = replies.message().await.expect("reply").expect("one reply");
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("unexpected reply {reply:?}") };
@@ -249,37 +243,35 @@ fn total(h: &std::collections::BTreeMap<String, Vec<u32>>) -> usize {
 /// etcd, one coordinator and runners r1 and r2 (handlers taking 50 ms an entry), with the
 /// admin API ready; everything stops when it is dropped.
 struct TwoRunners {
-    _etcd: Etcd,
-    spool: Spool,
-    client: etcd_client::Client,
+    tc: TestCluster,
     api: AdminClient<Channel>,
-    _processes: Vec<qslice_tests::Proc>,
-    _coordinator: qslice_tests::cluster::Coordinator,
 }
 
 impl TwoRunners {
     async fn start() -> TwoRunners {
-        let etcd = Etcd::start().expect("etcd");
-        let spool = Spool::new(&["in"]).expect("spool");
-        let client = client(&etcd).await.expect("client");
-        let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-        let delay = [("QSLICE_TEST_DELAY", "0.05")];
-        let runners = ["r1", "r2"].iter().map(|id| start_runner(&etcd, &spool, id, "t", &[], &delay).expect("runner")).collect();
-        let api = connect(&coordinator.admin).await;
+        let tc = TestCluster::builder()
+            .spool_queues(&["in"])
+            .coordinators(1)
+            .runner_env(&[("QSLICE_TEST_DELAY", "0.05")])
+            .runners(&["r1", "r2"])
+            .start()
+            .await
+            .expect("cluster");
+        let api = connect(&tc.coordinator("c1").admin).await;
         wait_for_async(LONG, "the API has read the cluster", || {
             let mut api = api.clone();
             async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 2) }
         })
         .await
         .expect("ready");
-        TwoRunners { _etcd: etcd, spool, client, api, _processes: runners, _coordinator: coordinator }
+        TwoRunners { tc, api }
     }
 }
 
 #[tokio::test]
 async fn a_drain_with_entries_flowing_loses_nothing() {
     let cluster = TwoRunners::start().await;
-    let (spool, mut c, mut api) = (&cluster.spool, cluster.client.clone(), cluster.api.clone());
+    let (spool, mut c, mut api) = (cluster.tc.spool(), cluster.tc.client(), cluster.api.clone());
     api.put_queue(req(put("in", 8, false), None)).await.expect("queue");
     wait_for_async(LONG, "8 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 8 }).await.expect("claimed");
     let q = spool.queue("in");
@@ -305,7 +297,7 @@ async fn a_drain_with_entries_flowing_loses_nothing() {
 #[tokio::test]
 async fn a_live_reslice_never_processes_under_both_slicings_at_once() {
     let cluster = TwoRunners::start().await;
-    let (spool, mut c, mut api) = (&cluster.spool, cluster.client.clone(), cluster.api.clone());
+    let (spool, mut c, mut api) = (cluster.tc.spool(), cluster.tc.client(), cluster.api.clone());
     api.put_queue(req(put("in", 4, true), None)).await.expect("queue");
     wait_for_async(LONG, "4 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("claimed");
     let q = spool.queue("in");

@@ -4,9 +4,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use qslice_tests::cluster::{client, holdings, start_coordinator, start_runner, Spool};
+use qslice_tests::cluster::{holdings, Spool};
+use qslice_tests::testcluster::TestCluster;
 use qslice_tests::wait_for_async;
-use qslice_tests::{free_port, qslice_bin, Etcd};
+use qslice_tests::{free_port, qslice_bin};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -42,15 +43,18 @@ impl Ctl {
 
 #[tokio::test]
 async fn every_subcommand_works_against_a_live_cluster() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-token", "tok"]).expect("coordinator");
-    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &[]).expect("runner");
+    let tc = TestCluster::builder()
+        .spool_queues(&["in"])
+        .coordinators(1)
+        .coordinator_args(&["--admin-token", "tok"])
+        .runners(&["r1", "r2"])
+        .start()
+        .await
+        .expect("cluster");
+    let mut c = tc.client();
     // The first address has nobody listening: qslicectl tries the next.
     let dead = format!("127.0.0.1:{}", free_port().expect("port"));
-    let ctl = Ctl { coordinator: format!("{dead},{}", co.admin) };
+    let ctl = Ctl { coordinator: format!("{dead},{}", tc.coordinator("c1").admin) };
     wait_for_async(LONG, "qslicectl sees both nodes", || async {
         let (code, out, _) = ctl.run(None, &["--json", "nodes"]);
         code == 0 && serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 2))
@@ -162,13 +166,18 @@ impl Ctl {
 
 #[tokio::test]
 async fn the_admin_api_over_mutual_tls_needs_the_right_ca_and_a_client_certificate() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let pki = qslice_tests::pki::Pki::generate(&spool.scratch("pki"), "qslice-test-ca").expect("certificates");
     let other = qslice_tests::pki::Pki::generate(&spool.scratch("other-pki"), "some-other-ca").expect("certificates");
     let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-tls-cert", &cert, "--admin-tls-key", &key, "--admin-client-ca", &ca]).expect("coordinator");
-    let https = co.admin.replace("http://", "https://");
+    let tc = TestCluster::builder()
+        .spool(spool)
+        .coordinators(1)
+        .coordinator_args(&["--admin-tls-cert", &cert, "--admin-tls-key", &key, "--admin-client-ca", &ca])
+        .start()
+        .await
+        .expect("cluster");
+    let https = tc.coordinator("c1").admin.replace("http://", "https://");
     let ctl = Ctl { coordinator: https };
     let (client_cert, client_key) = (pki.path("client.pem"), pki.path("client.key"));
     wait_for_async(LONG, "queues over mTLS", || async {
