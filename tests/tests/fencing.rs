@@ -7,11 +7,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qslice_tests::cluster::{assign, claims, client, files_in, put_queue, start_coordinator, start_runner, unassign, Spool};
+use qslice_tests::cluster::{claims, files_in};
 use qslice_tests::wait_for_async;
 use qslice_tests::freezer::{process_tree, Freezer};
 use qslice_tests::mailman3::Site;
-use qslice_tests::{pids_with_env, Etcd};
+use qslice_tests::pids_with_env;
+use qslice_tests::testcluster::TestCluster;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -37,13 +38,10 @@ async fn all_held_by(c: &etcd_client::Client, node: &str, slices: usize) -> bool
 
 #[tokio::test]
 async fn a_frozen_runners_handlers_are_killed_before_another_node_claims_its_slices() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", &n1, "in", 2, 0..2).await.expect("assign");
     // Handlers that take 30 s: in flight when the runner freezes.
-    let r1 = start_runner(&etcd, &spool, &n1, "t", &[], &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
+    let mut tc = TestCluster::builder().assign(&n1, "in", 2, 0..2).runner_with(&n1, &[], &[("QSLICE_TEST_DELAY", "30")]).start().await.expect("cluster");
+    let (spool, mut c) = (tc.spool().clone(), tc.client());
     let q = spool.queue("in");
     for i in 0..4u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
@@ -52,11 +50,12 @@ async fn a_frozen_runners_handlers_are_killed_before_another_node_claims_its_sli
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().map(|(_, e)| *e).collect();
     // qslice-runner alone freezes (hung in a stuck call, say); its children run on.
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&[r1.pid().expect("pid")]).expect("add");
+    freezer.add(&[tc.runner(&n1).pid().expect("pid")]).expect("add");
     freezer.freeze().expect("freeze");
-    unassign(&mut c, "t", &n1, "in").await.expect("unassign");
-    assign(&mut c, "t", &n2, "in", 2, 0..2).await.expect("assign");
-    let _r2 = start_runner(&etcd, &spool, &n2, "t", &[], &[]).expect("r2");
+    tc.unassign(&n1, "in").await.expect("unassign");
+    tc.assign(&n2, "in", 2, 0..2).await.expect("assign");
+    tc.start_runner(&n2).expect("r2");
+    let r1 = tc.runner(&n1);
     wait_for_async(LONG, "r2 holding both slices (after r1's lease ran out)", || all_held_by(&c, &n2, 2)).await.expect("taken over");
     let claimed_ns = now_ns();
     let survivors = pids_with_env(&format!("QSLICE_NODE={n1}"));
@@ -77,13 +76,19 @@ async fn a_frozen_runners_handlers_are_killed_before_another_node_claims_its_sli
 
 #[tokio::test]
 async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_claims() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
     let site = Site::new().expect("site");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", &n1, "in", 2, 0..2).await.expect("assign");
     let cfg = site.runner_config("runner.toml", "").expect("config");
-    let r1 = start_runner(&etcd, &site.spool, &n1, "t", &["--config", &cfg], &[]).expect("r1");
+    let mut tc = TestCluster::builder()
+        .spool(site.spool.clone())
+        .assign(&n1, "in", 2, 0..2)
+        .runner_args(&["--config", &cfg])
+        .runners(&[&n1])
+        .ready_timeout(LONG)
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
     site.post(300, 0).expect("post");
     wait_for_async(LONG, "r1 accepting posts", || {
         let n = site.report().map(|r| r.accepts.len()).unwrap_or(0);
@@ -92,12 +97,12 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
     .await
     .expect("accepting");
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&[r1.pid().expect("pid")]).expect("add");
+    freezer.add(&[tc.runner(&n1).pid().expect("pid")]).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_at = now_ns() as f64 / 1e9;
-    unassign(&mut c, "t", &n1, "in").await.expect("unassign");
-    assign(&mut c, "t", &n2, "in", 2, 0..2).await.expect("assign");
-    let _r2 = start_runner(&etcd, &site.spool, &n2, "t", &["--config", &cfg], &[]).expect("r2");
+    tc.unassign(&n1, "in").await.expect("unassign");
+    tc.assign(&n2, "in", 2, 0..2).await.expect("assign");
+    tc.start_runner(&n2).expect("r2");
     wait_for_async(LONG, "r2 holding both slices", || all_held_by(&c, &n2, 2)).await.expect("taken over");
     let claimed_at = now_ns() as f64 / 1e9;
     let survivors = pids_with_env(&format!("QSLICE_NODE={n1}"));
@@ -119,15 +124,16 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
 
 #[tokio::test]
 async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_thaws() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let _coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    let delay = [("QSLICE_TEST_DELAY", "0.3")];
-    let r1 = start_runner(&etcd, &spool, &n1, "t", &[], &delay).expect("r1");
-    let _r2 = start_runner(&etcd, &spool, &n2, "t", &[], &delay).expect("r2");
+    let tc = TestCluster::builder()
+        .queue("in", 4)
+        .coordinators(1)
+        .runner_env(&[("QSLICE_TEST_DELAY", "0.3")])
+        .runners(&[&n1, &n2])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, mut c, r1) = (tc.spool(), tc.client(), tc.runner(&n1));
     wait_for_async(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let q = spool.queue("in");
     let mut enqueued = Vec::new();
@@ -169,16 +175,18 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
 
 #[tokio::test]
 async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_waiting_for_the_ttl() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
     // A 60 s lease: a takeover within the wait below can only come from the revoke.
-    let ttl = ["--lease-ttl", "60s"];
-    let mut r1 = start_runner(&etcd, &spool, &n1, "t", &ttl, &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
-    let _r2 = start_runner(&etcd, &spool, &n2, "t", &ttl, &[]).expect("r2");
+    let mut tc = TestCluster::builder()
+        .queue("in", 4)
+        .coordinators(1)
+        .runner_args(&["--lease-ttl", "60s"])
+        .runner_with(&n1, &[], &[("QSLICE_TEST_DELAY", "30")])
+        .runners(&[&n2])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, c) = (tc.spool().clone(), tc.client());
     wait_for_async(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let q = spool.queue("in");
     for i in 0..8u32 {
@@ -186,27 +194,33 @@ async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_wai
     }
     wait_for_async(LONG, "r1's handlers running", || async { !pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty() }).await.expect("running");
     let killed = std::time::Instant::now();
-    r1.kill();
+    tc.runner_mut(&n1).kill();
+    let r1 = tc.runner(&n1);
     wait_for_async(Duration::from_secs(20), "r2 holding every slice long before r1's 60 s lease could expire", || all_held_by(&c, &n2, 4)).await.expect("moved at once");
     println!("kill -9 of qslice-runner -> r2 holds every slice after {:?} (lease TTL 60 s)", killed.elapsed());
     let leash: Vec<String> = r1.log().lines().filter(|l| l.contains("leash")).map(str::to_owned).collect();
     println!("{}", leash.join("\n"));
-    println!("{}", coordinator.proc.log().lines().rev().take(8).collect::<Vec<_>>().join("\n"));
+    println!("{}", tc.coordinator("c1").proc.log().lines().rev().take(8).collect::<Vec<_>>().join("\n"));
     assert!(pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty(), "r1's handlers are gone");
     wait_for_async(LONG, "every entry finished", || async { spool.finished().len() == 8 }).await.expect("finished");
 }
 
 #[tokio::test]
 async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new_when_it_thaws() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
     let site = Site::new().expect("site");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let _coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[]).expect("coordinator");
     let cfg = site.runner_config("runner.toml", "spares = 2\n").expect("config");
-    let r1 = start_runner(&etcd, &site.spool, &n1, "t", &["--config", &cfg], &[]).expect("r1");
-    let _r2 = start_runner(&etcd, &site.spool, &n2, "t", &["--config", &cfg], &[]).expect("r2");
+    let tc = TestCluster::builder()
+        .spool(site.spool.clone())
+        .queue("in", 4)
+        .coordinators(1)
+        .runner_args(&["--config", &cfg])
+        .runners(&[&n1, &n2])
+        .ready_timeout(LONG)
+        .start()
+        .await
+        .expect("cluster");
+    let (mut c, r1) = (tc.client(), tc.runner(&n1));
     wait_for_async(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| *n == n1).map(|(_, e)| *e).collect();
     let r1_slices = old_epochs.len();
