@@ -13,14 +13,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use etcd_client::{Client, PutOptions};
-use qslice_proto::admin::admin_client::AdminClient;
 use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::{Event, WatchEventsRequest};
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{NodeRecord, Record, SliceFigures, SliceStatus, RECORD_VERSION};
-use qslice_tests::cluster::{client, put_queue, start_coordinator, Coordinator, Spool};
+use qslice_tests::cluster::{admin_client, put_queue, Coordinator};
+use qslice_tests::testcluster::TestCluster;
 use qslice_tests::wait_for_async;
-use qslice_tests::{free_port, qslice_bin, Etcd};
+use qslice_tests::qslice_bin;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -140,15 +140,7 @@ struct Events(Arc<Mutex<Vec<Event>>>);
 
 impl Events {
     async fn watch(admin: &str) -> Events {
-        let mut api = None;
-        for _ in 0..300 {
-            if let Ok(c) = AdminClient::connect(admin.to_owned()).await {
-                api = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut api = api.unwrap_or_else(|| panic!("admin API at {admin} never answered"));
+        let mut api = admin_client(admin).await.expect("the admin API answers");
         let mut stream = api.watch_events(WatchEventsRequest {}).await.expect("watch events").into_inner();
         let events = Events::default();
         let sink = events.clone();
@@ -182,12 +174,15 @@ fn api_status(addr: &str) -> Option<Value> {
     serde_json::from_str(&http_get(addr, "/api/status").ok()?).ok()
 }
 
-/// A coordinator with its dashboard on a free port.
-fn coordinator(etcd: &Etcd, spool: &Spool, id: &str, extra: &[&str]) -> (Coordinator, String) {
-    let http = format!("127.0.0.1:{}", free_port().expect("port"));
-    let mut args = vec!["--http-addr", http.as_str()];
-    args.extend_from_slice(extra);
-    (start_coordinator(etcd, spool, id, CLUSTER, &args).expect("coordinator"), http)
+/// etcd and coordinator c1 (leading) with its dashboard on a free port; `extra` adds flags.
+async fn cluster(extra: &[&str]) -> TestCluster {
+    let builder = TestCluster::builder().cluster_name(CLUSTER).spool_queues(&["in"]).coordinators(1).coordinator_args(extra).dashboards();
+    builder.start().await.expect("cluster")
+}
+
+/// A coordinator's admin API URL and dashboard address.
+fn addresses(coordinator: &Coordinator) -> (String, String) {
+    (coordinator.admin.clone(), coordinator.http.clone().expect("a dashboard"))
 }
 
 /// Waits until the coordinator behind `ctl` has read `n` nodes.
@@ -209,21 +204,20 @@ async fn wait_for_assignment(ctl: &Ctl, queue: &str, owners: &[&str]) {
 
 #[tokio::test]
 async fn a_queue_every_node_refused_shows_no_eligible_node_naming_the_refusers_on_leader_and_standby() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let (leader, http) = coordinator(&etcd, &spool, "c1", &[]);
-    let ctl = Ctl { coordinator: leader.admin.clone() };
-    let events = Events::watch(&leader.admin).await;
+    let mut tc = cluster(&[]).await;
+    let mut c = tc.client();
+    let (admin, http) = addresses(tc.coordinator("c1"));
+    let ctl = Ctl { coordinator: admin.clone() };
+    let events = Events::watch(&admin).await;
     let mut r1 = FakeRunner::register(&mut c, "r1").await.expect("r1");
     let mut r2 = FakeRunner::register(&mut c, "r2").await.expect("r2");
     put_queue(&mut c, CLUSTER, "in", 4).await.expect("queue");
     wait_for_nodes(&ctl, 2).await;
     wait_for_assignment(&ctl, "in", &["r1", "r2"]).await;
     // The standby starts once a leader leads, so that c1 keeps the lead.
-    let (standby, standby_http) = coordinator(&etcd, &spool, "c2", &[]);
-    let standby_ctl = Ctl { coordinator: standby.admin.clone() };
-    let standby_events = Events::watch(&standby.admin).await;
+    let (standby_admin, standby_http) = addresses(tc.start_coordinator("c2").expect("standby"));
+    let standby_ctl = Ctl { coordinator: standby_admin.clone() };
+    let standby_events = Events::watch(&standby_admin).await;
     wait_for_nodes(&standby_ctl, 2).await;
     assert_eq!(ctl.queue("in").expect("queue")["state"], "active", "both nodes may take it");
     assert!(events.of(Kind::Alert, "in", None).is_empty(), "no alert while a node may take the queue");
@@ -282,12 +276,11 @@ async fn a_queue_every_node_refused_shows_no_eligible_node_naming_the_refusers_o
 
 #[tokio::test]
 async fn the_alert_ends_once_a_refusal_is_lifted_and_the_leader_assigns_the_slices() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let (leader, _http) = coordinator(&etcd, &spool, "c1", &[]);
-    let ctl = Ctl { coordinator: leader.admin.clone() };
-    let events = Events::watch(&leader.admin).await;
+    let tc = cluster(&[]).await;
+    let mut c = tc.client();
+    let admin = tc.coordinator("c1").admin.clone();
+    let ctl = Ctl { coordinator: admin.clone() };
+    let events = Events::watch(&admin).await;
     let mut r1 = FakeRunner::register(&mut c, "r1").await.expect("r1");
     let mut r2 = FakeRunner::register(&mut c, "r2").await.expect("r2");
     r1.refuse(&mut c, &["in"]).await.expect("refuse");
@@ -325,12 +318,11 @@ async fn the_alert_ends_once_a_refusal_is_lifted_and_the_leader_assigns_the_slic
 
 #[tokio::test]
 async fn a_message_in_flight_past_the_threshold_is_flagged_and_alerted_once_per_episode() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let (leader, http) = coordinator(&etcd, &spool, "c1", &["--in-flight-alert-after", "2s"]);
-    let ctl = Ctl { coordinator: leader.admin.clone() };
-    let events = Events::watch(&leader.admin).await;
+    let tc = cluster(&["--in-flight-alert-after", "2s"]).await;
+    let mut c = tc.client();
+    let (admin, http) = addresses(tc.coordinator("c1"));
+    let ctl = Ctl { coordinator: admin.clone() };
+    let events = Events::watch(&admin).await;
     let r1 = FakeRunner::register(&mut c, "r1").await.expect("r1");
     put_queue(&mut c, CLUSTER, "in", 4).await.expect("queue");
     wait_for_assignment(&ctl, "in", &["r1"]).await;

@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use qslice_proto::keys::Keys;
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
-use qslice_tests::cluster::{assign, claims, client, Spool};
+use qslice_tests::cluster::claims;
+use qslice_tests::testcluster::TestCluster;
 use qslice_tests::wait_for_async;
 use qslice_tests::{qslice_bin, wait_for, Etcd, Proc};
 
@@ -87,10 +88,10 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
         }
     };
     let etcd = Etcd::start_listening_also_on(Some(&ns.host_ip)).expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "p", "in", 4, 0..4).await.expect("assign");
-    let endpoint = format!("http://{}:{}", ns.host_ip, etcd.client_port());
+    // The runner runs in the namespace, started by hand below.
+    let tc = TestCluster::builder().etcd(etcd).assign("p", "in", 4, 0..4).start().await.expect("cluster");
+    let (spool, c) = (tc.spool(), tc.client());
+    let endpoint = format!("http://{}:{}", ns.host_ip, tc.etcd().client_port());
     let runner = qslice_bin("qslice-runner").expect("built");
     let state = spool.scratch("state-p");
     let handler = spool.recording_handler();
