@@ -66,6 +66,24 @@ impl Freezer {
         Ok(())
     }
 
+    /// Moves `pid` and every descendant of it into the cgroup. `pid` goes first, so that
+    /// whatever it forks from then on starts inside; the tree is then swept until every
+    /// process in it is inside (a child forked before its parent moved is not, and it may
+    /// fork on meanwhile).
+    pub fn add_tree(&self, pid: u32) -> Result<()> {
+        self.add(&[pid])?;
+        Wait::new(Duration::from_secs(10), &format!("every process of {pid}'s tree in {}", self.dir.display())).poll(|| {
+            // Zombies run nothing and cannot be moved: they are left out.
+            let tree: Vec<u32> = process_tree(pid).into_iter().filter(|p| crate::process_alive(*p)).collect();
+            let inside = self.pids();
+            if tree.iter().all(|p| inside.contains(p)) {
+                return Ok(Some(()));
+            }
+            self.add(&tree)?;
+            Ok(None)
+        })
+    }
+
     /// Freezes every process in the cgroup and waits until the kernel says they are.
     pub fn freeze(&self) -> Result<()> {
         self.set_state("FROZEN")

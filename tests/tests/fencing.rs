@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qslice_tests::cluster::{claims, files_in};
 use qslice_tests::wait_for_async;
-use qslice_tests::freezer::{process_tree, Freezer};
+use qslice_tests::freezer::Freezer;
 use qslice_tests::mailman3::Site;
 use qslice_tests::pids_with_env;
 use qslice_tests::testcluster::TestCluster;
@@ -144,7 +144,7 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| *n == n1).map(|(_, e)| *e).collect();
     // The whole host pauses: qslice-runner, its leash and its handlers together.
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&process_tree(r1.pid().expect("pid"))).expect("add");
+    freezer.add_tree(r1.pid().expect("pid")).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_ns = now_ns();
     wait_for_async(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
@@ -233,7 +233,7 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new
     .expect("accepting");
     // The whole host pauses: qslice-runner, its leash, its slice runners and spares.
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&process_tree(r1.pid().expect("pid"))).expect("add");
+    freezer.add_tree(r1.pid().expect("pid")).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_at = now_ns() as f64 / 1e9;
     wait_for_async(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
