@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use crate::{qslice_bin, Etcd, Proc};
 
@@ -316,21 +316,6 @@ pub fn emit_json(summary: &serde_json::Value, out: Option<&Path>) -> Result<()> 
     }
     println!("JSON: {line}");
     Ok(())
-}
-
-/// Polls `cond` every `every` until it holds or `timeout` passes; returns when it held.
-/// The error says `what` did not happen.
-pub fn poll_until(timeout: Duration, every: Duration, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<Instant> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond()? {
-            return Ok(Instant::now());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for: {what}");
-        }
-        std::thread::sleep(every);
-    }
 }
 
 /// Rounds to `digits` decimals, for tables and JSON.

@@ -1,5 +1,7 @@
-//! Fixtures for end-to-end runs: a spool, runners as real processes, a recording
-//! handler, and direct writes of the assignment (what the coordinator leader writes).
+//! Fixtures for end-to-end runs: a spool, runners and coordinators as real processes, a
+//! recording handler, and direct reads and writes of etcd (the assignment the coordinator
+//! leader writes, the claims runners hold). [`crate::testcluster::TestCluster`] puts them
+//! together; the pieces here are for what it does not cover.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +15,15 @@ use qslice_common::spool::QueueDir;
 
 use crate::{qslice_bin, Etcd, Proc};
 
-/// A temporary spool with a recording handler script.
+/// A temporary spool with a recording handler script. Clones share one spool (a test and
+/// its [`crate::testcluster::TestCluster`], say); it goes with the last of them.
+#[derive(Clone)]
 pub struct Spool {
+    inner: std::sync::Arc<SpoolDir>,
+}
+
+/// The spool's directory; dropping it kills what its handlers left running.
+struct SpoolDir {
     dir: tempfile::TempDir,
 }
 
@@ -44,17 +53,21 @@ impl Spool {
         for q in queues {
             std::fs::create_dir_all(dir.path().join("spool").join(q))?;
         }
-        Ok(Spool { dir })
+        Ok(Spool { inner: std::sync::Arc::new(SpoolDir { dir }) })
+    }
+
+    fn dir(&self) -> &Path {
+        self.inner.dir.path()
     }
 
     /// The spool root.
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("spool")
+        self.dir().join("spool")
     }
 
     /// A scratch path for logs and state.
     pub fn scratch(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.dir().join(name)
     }
 
     /// One queue directory.
@@ -64,7 +77,7 @@ impl Spool {
 
     /// Where the recording handler appends its lines.
     pub fn records_path(&self) -> PathBuf {
-        self.dir.path().join("records.log")
+        self.inner.records_path()
     }
 
     /// A worker coprocess command that records each entry like the exec handler and
@@ -99,7 +112,7 @@ impl Spool {
 
     /// Where each handler run records its process group id (it leads its own group).
     fn pgids_path(&self) -> PathBuf {
-        self.dir.path().join("handler-pgids")
+        self.inner.pgids_path()
     }
 
     /// Every line the handler wrote so far.
@@ -131,7 +144,17 @@ impl Spool {
     }
 }
 
-impl Drop for Spool {
+impl SpoolDir {
+    fn pgids_path(&self) -> PathBuf {
+        self.dir.path().join("handler-pgids")
+    }
+
+    fn records_path(&self) -> PathBuf {
+        self.dir.path().join("records.log")
+    }
+}
+
+impl Drop for SpoolDir {
     /// A handler's own children outlive a runner killed with SIGKILL (only the handler
     /// itself dies with the runner): kill every handler process group so that nothing
     /// is left running after a test.
@@ -252,24 +275,6 @@ pub async fn claims(client: &mut Client, cluster: &str, queue: &str) -> Result<B
     Ok(out)
 }
 
-/// Polls an async condition every 50 ms until it holds or `timeout` passes.
-pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Names of the files in a directory.
 pub fn files_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
@@ -285,6 +290,8 @@ pub struct Coordinator {
     pub proc: Proc,
     /// `http://127.0.0.1:<port>` of its admin API.
     pub admin: String,
+    /// `127.0.0.1:<port>` of its dashboard, when it was started with one (`--http-addr`).
+    pub http: Option<String>,
 }
 
 /// Starts a coordinator with a 2 s election lease, a 3 s revoke deadline and its admin
@@ -301,7 +308,7 @@ pub fn start_coordinator_at(endpoints: &str, spool: &Spool, id: &str, cluster: &
     args.extend_from_slice(extra);
     let envs = [("QSLICE_LEASE_TTL", "2s"), ("QSLICE_REVOKE_DEADLINE", "3s")];
     let proc = Proc::spawn(&qslice_bin("qslice-coordinator")?, &args, &envs, &log)?;
-    Ok(Coordinator { proc, admin: format!("http://{admin_addr}") })
+    Ok(Coordinator { proc, admin: format!("http://{admin_addr}"), http: None })
 }
 
 /// Writes a queue's configuration, as the admin API would.
@@ -339,4 +346,28 @@ pub fn fence_times(log: &str) -> Vec<u128> {
         .filter_map(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_nanos())
         .collect()
+}
+
+/// How long a coordinator's admin API may take to answer after its start.
+pub const ADMIN_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A gRPC client of the admin API at `url`, retried until it connects (bounded by
+/// [`ADMIN_CONNECT_TIMEOUT`]); the error names the last connection failure.
+pub async fn admin_client(url: &str) -> Result<qslice_proto::admin::admin_client::AdminClient<tonic::transport::Channel>> {
+    use qslice_proto::admin::admin_client::AdminClient;
+    let last = std::sync::Mutex::new(None);
+    let what = format!("the admin API at {url} to answer");
+    let connected = crate::wait::Wait::new(ADMIN_CONNECT_TIMEOUT, &what)
+        .every(Duration::from_millis(100))
+        .poll_async(|| async {
+            match AdminClient::connect(url.to_owned()).await {
+                Ok(c) => Ok(Some(c)),
+                Err(e) => {
+                    *last.lock().expect("lock") = Some(e);
+                    Ok(None)
+                }
+            }
+        })
+        .await;
+    connected.map_err(|e| anyhow::anyhow!("{e} (last error: {:?})", last.lock().expect("lock").take()))
 }

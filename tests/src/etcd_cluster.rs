@@ -8,13 +8,14 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::{free_port, tail, wait_for};
+use crate::wait::{wait_for, Wait};
+use crate::{free_port, tail};
 
 /// TLS files for the client ports.
 #[derive(Clone, Debug)]
@@ -133,16 +134,7 @@ impl EtcdCluster {
 
     /// Waits until some member leads and returns its index.
     pub fn wait_leader(&self, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(i) = self.leader() {
-                return Ok(i);
-            }
-            if Instant::now() > deadline {
-                bail!("no etcd leader within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        Wait::new(timeout, "an etcd member to lead").poll(|| Ok(self.leader()))
     }
 
     /// Kills member `i` (SIGKILL); its data stays for [`EtcdCluster::restart`].

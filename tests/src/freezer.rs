@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::wait::{wait_for, Wait};
+
 const ROOT: &str = "/sys/fs/cgroup/freezer";
 
 /// One freezer cgroup of the test's own.
@@ -64,6 +66,24 @@ impl Freezer {
         Ok(())
     }
 
+    /// Moves `pid` and every descendant of it into the cgroup. `pid` goes first, so that
+    /// whatever it forks from then on starts inside; the tree is then swept until every
+    /// process in it is inside (a child forked before its parent moved is not, and it may
+    /// fork on meanwhile).
+    pub fn add_tree(&self, pid: u32) -> Result<()> {
+        self.add(&[pid])?;
+        Wait::new(Duration::from_secs(10), &format!("every process of {pid}'s tree in {}", self.dir.display())).poll(|| {
+            // Zombies run nothing and cannot be moved: they are left out.
+            let tree: Vec<u32> = process_tree(pid).into_iter().filter(|p| crate::process_alive(*p)).collect();
+            let inside = self.pids();
+            if tree.iter().all(|p| inside.contains(p)) {
+                return Ok(Some(()));
+            }
+            self.add(&tree)?;
+            Ok(None)
+        })
+    }
+
     /// Freezes every process in the cgroup and waits until the kernel says they are.
     pub fn freeze(&self) -> Result<()> {
         self.set_state("FROZEN")
@@ -77,7 +97,7 @@ impl Freezer {
     fn set_state(&self, state: &str) -> Result<()> {
         let file = self.dir.join("freezer.state");
         std::fs::write(&file, state).with_context(|| format!("write {state} to {}", file.display()))?;
-        crate::wait_for(Duration::from_secs(30), &format!("freezer state {state}"), || {
+        wait_for(Duration::from_secs(30), &format!("freezer state {state}"), || {
             std::fs::read_to_string(&file).map(|s| s.trim() == state).unwrap_or(false)
         })
     }
@@ -93,15 +113,15 @@ impl Drop for Freezer {
         let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
         // Processes still running may start children into the group while it is emptied:
         // empty it until it stays empty (bounded), then remove it.
-        for _ in 0..100 {
+        let _ = Wait::new(Duration::from_secs(1), "the freezer cgroup to stay empty and go").every(Duration::from_millis(10)).until(|| {
             let pids = self.pids();
             if pids.is_empty() && std::fs::remove_dir(&self.dir).is_ok() {
-                return;
+                return true;
             }
             for pid in pids {
                 let _ = std::fs::write(Path::new(ROOT).join("cgroup.procs"), pid.to_string());
             }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            false
+        });
     }
 }

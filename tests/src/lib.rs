@@ -6,8 +6,11 @@
 //!   removed) on drop, also when a test panics.
 //! - [`Proc`]: a qslice binary (or any program) run as a child with its output captured
 //!   to a log file, killed on drop.
-//! - [`wait_for`]: a bounded poll for a condition, with a message naming what did not
-//!   happen; tests use it instead of sleeps.
+//! - [`wait`]: the one bounded wait ([`wait_for`], [`wait_for_async`], [`wait::Wait`]):
+//!   a poll for a condition with a message naming what did not happen; tests use it
+//!   instead of sleeps.
+//! - [`testcluster::TestCluster`]: etcd, coordinators, runners and queues for one test,
+//!   started by a builder, waited for until ready, and stopped on drop.
 
 pub mod checker;
 pub mod benchkit;
@@ -16,6 +19,8 @@ pub mod etcd_cluster;
 pub mod freezer;
 pub mod mailman3;
 pub mod pki;
+pub mod testcluster;
+pub mod wait;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -23,26 +28,13 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes; the error says `what`
-/// did not happen. Limits are generous: tests run on loaded two-core machines.
-pub fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for: {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+pub use wait::{wait_for, wait_for_async};
 
 /// A free TCP port on 127.0.0.1 (free when asked; callers retry if it is taken by then).
 pub fn free_port() -> Result<u16> {
@@ -133,19 +125,20 @@ impl Etcd {
         die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("start {binary} (install etcd-server)"))?;
         self.child = Some(child);
-        let deadline = Instant::now() + ETCD_START_TIMEOUT;
-        while Instant::now() < deadline {
+        let started = wait::Wait::new(ETCD_START_TIMEOUT, "etcd to answer").every(Duration::from_millis(50)).poll(|| {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
                 bail!("etcd exited at start ({status}); log {}:\n{}", log_path.display(), tail(&log_path, 20));
             }
-            if self.is_healthy() {
-                return Ok(());
+            Ok(self.is_healthy().then_some(()))
+        });
+        match started {
+            Err(e) if self.child.is_some() => {
+                self.kill();
+                bail!("{e}; log:\n{}", tail(&log_path, 20))
             }
-            std::thread::sleep(Duration::from_millis(50));
+            other => other,
         }
-        self.kill();
-        bail!("etcd did not answer within {ETCD_START_TIMEOUT:?}; log:\n{}", tail(&log_path, 20))
     }
 
     /// The client URL, e.g. `http://127.0.0.1:40123`.

@@ -14,6 +14,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Deserialize;
 
 use crate::cluster::Spool;
+use crate::wait::Wait;
 
 /// The Mailman release the tests run against.
 pub const MAILMAN_VERSION: &str = "3.3.10";
@@ -227,17 +228,29 @@ impl Site {
     /// Waits (bounded) until `posts` posts were accepted and the queue is empty; the
     /// report then, or an error that says how far it got.
     pub async fn all_accepted(&self, posts: usize, timeout: std::time::Duration) -> Result<Report> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let r = self.report()?;
-            if r.accepts.len() >= posts && r.queue.pck == 0 && r.queue.bak == 0 {
-                return Ok(r);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!("after {timeout:?}, {} of {posts} posts accepted; queue {:?}, {} shunted, {} in bad/", r.accepts.len(), r.queue, r.shunt, r.bad);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
+        let mut last = None;
+        // Each look runs a Python report over the site's logs: not more often than this.
+        let every = std::time::Duration::from_millis(200);
+        let what = format!("{posts} posts accepted with the queue empty");
+        let accepted = Wait::new(timeout, &what)
+            .every(every)
+            .poll_async(|| {
+                let look = self.report().map(|r| {
+                    let done = r.accepts.len() >= posts && r.queue.pck == 0 && r.queue.bak == 0;
+                    if done {
+                        Some(r)
+                    } else {
+                        last = Some(r);
+                        None
+                    }
+                });
+                std::future::ready(look)
+            })
+            .await;
+        accepted.map_err(|e| match last {
+            Some(r) => anyhow::anyhow!("{e}: {} of {posts} posts accepted; queue {:?}, {} shunted, {} in bad/", r.accepts.len(), r.queue, r.shunt, r.bad),
+            None => e,
+        })
     }
 
     /// What the logs and queues say now.

@@ -6,8 +6,9 @@ use std::time::Duration;
 use qslice_proto::admin::admin_client::AdminClient;
 use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::*;
-use qslice_tests::cluster::{client, holdings, start_coordinator, start_runner, wait_until, Spool};
-use qslice_tests::Etcd;
+use qslice_tests::cluster::{admin_client, holdings};
+use qslice_tests::testcluster::TestCluster;
+use qslice_tests::wait_for_async;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 
@@ -23,15 +24,7 @@ fn req<T>(message: T, token: Option<&str>) -> Request<T> {
 }
 
 async fn connect(url: &str) -> AdminClient<Channel> {
-    let mut last = None;
-    for _ in 0..300 {
-        match AdminClient::connect(url.to_owned()).await {
-            Ok(c) => return c,
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("admin API at {url} never answered: {last:?}");
+    admin_client(url).await.expect("the admin API answers")
 }
 
 fn put(name: &str, slices: u32, mailman3: bool) -> PutQueueRequest {
@@ -44,21 +37,27 @@ fn slice(queue: &str, slice: u32) -> Option<SliceRef> {
 
 #[tokio::test]
 async fn mutations_need_the_token_and_bad_requests_name_the_field() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-token", TOKEN]).expect("coordinator");
-    let mut api = connect(&co.admin).await;
+    let mut tc = TestCluster::builder().spool_queues(&["in"]).coordinators(1).coordinator_args(&["--admin-token", TOKEN]).start().await.expect("cluster");
+    let mut api = connect(&tc.coordinator("c1").admin).await;
     let status = api.put_queue(req(put("in", 4, false), None)).await.expect_err("no token");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     let status = api.put_queue(req(put("in", 4, false), Some("wrong"))).await.expect_err("wrong token");
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
-    wait_until(LONG, "reads work without a token", || {
+    wait_for_async(LONG, "reads work without a token", || {
         let mut api = api.clone();
         async move { api.list_queues(req(ListQueuesRequest {}, None)).await.is_ok() }
     })
     .await
     .expect("reads");
     api.put_queue(req(put("in", 4, false), Some(TOKEN))).await.expect("with the token");
+    // The API answers from its cache of etcd, which sees the new queue through its watch
+    // a moment after the write: the checks on slices of "in" below need it there.
+    wait_for_async(LONG, "queue in in the API's view", || {
+        let mut api = api.clone();
+        async move { api.list_queues(req(ListQueuesRequest {}, None)).await.is_ok_and(|r| r.get_ref().queues.iter().any(|q| q.name == "in")) }
+    })
+    .await
+    .expect("queue seen");
 
     let cases: Vec<(PutQueueRequest, &str)> = vec![
         (put("in", 0, false), "slices"),
@@ -89,11 +88,11 @@ async fn mutations_need_the_token_and_bad_requests_name_the_field() {
     nf(api.unpin_slice(req(SliceRef { queue: "in".into(), slice: 0 }, Some(TOKEN))).await.expect_err("no pin"));
 
     // Protected reads: a second coordinator with --admin-protect-reads.
-    let co2 = start_coordinator(&etcd, &spool, "c2", "t", &["--admin-token", TOKEN, "--admin-protect-reads", "true"]).expect("coordinator");
+    let co2 = tc.start_coordinator_with("c2", &["--admin-protect-reads", "true"]).expect("coordinator");
     let mut api2 = connect(&co2.admin).await;
     let status = api2.list_queues(req(ListQueuesRequest {}, None)).await.expect_err("protected read");
     assert_eq!(status.code(), Code::Unauthenticated);
-    wait_until(LONG, "the standby answers reads with the token", || {
+    wait_for_async(LONG, "the standby answers reads with the token", || {
         let mut api2 = api2.clone();
         async move { api2.list_queues(req(ListQueuesRequest {}, Some(TOKEN))).await.is_ok_and(|r| r.get_ref().queues.len() == 2) }
     })
@@ -103,23 +102,19 @@ async fn mutations_need_the_token_and_bad_requests_name_the_field() {
 
 #[tokio::test]
 async fn every_rpc_works_against_a_live_cluster() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    let standby = start_coordinator(&etcd, &spool, "c2", "t", &[]).expect("standby");
-    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &[]).expect("runner");
-    let mut api = connect(&co.admin).await;
-    let mut events = connect(&co.admin).await.watch_events(req(WatchEventsRequest {}, None)).await.expect("events").into_inner();
-    wait_until(LONG, "the API has read the cluster", || {
+    let mut tc = TestCluster::builder().spool_queues(&["in"]).coordinators(2).runners(&["r1", "r2"]).start().await.expect("cluster");
+    let mut c = tc.client();
+    let (admin, standby_admin) = (tc.coordinator("c1").admin.clone(), tc.coordinator("c2").admin.clone());
+    let mut api = connect(&admin).await;
+    let mut events = connect(&admin).await.watch_events(req(WatchEventsRequest {}, None)).await.expect("events").into_inner();
+    wait_for_async(LONG, "the API has read the cluster", || {
         let mut api = api.clone();
         async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 2) }
     })
     .await
     .expect("ready");
     api.put_queue(req(put("in", 4, false), None)).await.expect("put queue");
-    wait_until(LONG, "2 slices each", || async {
+    wait_for_async(LONG, "2 slices each", || async {
         let h = holdings(&mut c.clone(), "t", "in").await;
         h.len() == 2 && h.values().all(|v| v.len() == 2)
     })
@@ -127,11 +122,11 @@ async fn every_rpc_works_against_a_live_cluster() {
     .expect("balanced");
 
     // GetStatus from the standby too: every instance answers reads.
-    let mut standby_api = connect(&standby.admin).await;
+    let mut standby_api = connect(&standby_admin).await;
     for api in [&mut api, &mut standby_api] {
         // Each instance writes its record when it starts campaigning; wait until this one
         // has seen both.
-        wait_until(LONG, "a leader and one standby in the status", || {
+        wait_for_async(LONG, "a leader and one standby in the status", || {
             let mut api = api.clone();
             async move {
                 api.get_status(req(GetStatusRequest::default(), None))
@@ -156,11 +151,11 @@ async fn every_rpc_works_against_a_live_cluster() {
     // Cordon moves r1's slices to r2; uncordon balances them back.
     let node = api.cordon_node(req(NodeRequest { node: "r1".into() }, None)).await.expect("cordon").into_inner().node.expect("node");
     assert!(node.cordoned);
-    wait_until(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon moved");
+    wait_for_async(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon moved");
     let dry = api.rebalance(req(RebalanceRequest { dry_run: true }, None)).await.expect("dry run").into_inner();
     assert!(!dry.applied && dry.moves.is_empty(), "balanced while r1 is cordoned: {dry:?}");
     api.uncordon_node(req(NodeRequest { node: "r1".into() }, None)).await.expect("uncordon");
-    wait_until(LONG, "2 slices each again", || async {
+    wait_for_async(LONG, "2 slices each again", || async {
         let h = holdings(&mut c.clone(), "t", "in").await;
         h.len() == 2 && h.values().all(|v| v.len() == 2)
     })
@@ -171,11 +166,11 @@ async fn every_rpc_works_against_a_live_cluster() {
     let h = holdings(&mut c, "t", "in").await;
     let (holder_of_0, other) = if h["r1"].contains(&0) { ("r1", "r2") } else { ("r2", "r1") };
     api.pin_slice(req(PinSliceRequest { slice: slice("in", 0), node: other.into() }, None)).await.expect("pin");
-    wait_until(LONG, "slice 0 on its pin node", || async { holdings(&mut c.clone(), "t", "in").await.get(other).is_some_and(|v| v.contains(&0)) }).await.expect("pinned");
+    wait_for_async(LONG, "slice 0 on its pin node", || async { holdings(&mut c.clone(), "t", "in").await.get(other).is_some_and(|v| v.contains(&0)) }).await.expect("pinned");
     let moved_slice = holdings(&mut c, "t", "in").await[other].iter().copied().find(|s| *s != 0).expect("another slice");
     let mv = api.move_slice(req(MoveSliceRequest { slice: slice("in", moved_slice), target_node: holder_of_0.into() }, None)).await.expect("move").into_inner();
     assert_eq!((mv.from_node.as_str(), mv.to_node.as_str()), (other, holder_of_0));
-    wait_until(LONG, "the moved slice on its target", || async {
+    wait_for_async(LONG, "the moved slice on its target", || async {
         holdings(&mut c.clone(), "t", "in").await.get(holder_of_0).is_some_and(|v| v.contains(&moved_slice))
     })
     .await
@@ -187,7 +182,7 @@ async fn every_rpc_works_against_a_live_cluster() {
 
     // Maintenance shows in the status.
     api.set_maintenance(req(SetMaintenanceRequest { on: true }, None)).await.expect("maintenance on");
-    wait_until(LONG, "status shows maintenance", || {
+    wait_for_async(LONG, "status shows maintenance", || {
         let mut api = api.clone();
         async move { api.get_status(req(GetStatusRequest::default(), None)).await.is_ok_and(|s| s.get_ref().maintenance) }
     })
@@ -198,21 +193,21 @@ async fn every_rpc_works_against_a_live_cluster() {
     // Pause releases every slice; resume brings them back; delete releases them for good.
     let paused = api.pause_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("pause").into_inner().queue.expect("queue");
     assert!(paused.paused);
-    wait_until(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("released");
+    wait_for_async(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("released");
     api.resume_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("resume");
-    wait_until(LONG, "claims back after resume", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("resumed");
+    wait_for_async(LONG, "claims back after resume", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("resumed");
     api.delete_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("delete");
-    wait_until(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("deleted");
+    wait_for_async(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("deleted");
 
     // A runner comes and goes.
-    let r3 = start_runner(&etcd, &spool, "r3", "t", &[], &[]).expect("runner");
-    wait_until(LONG, "r3 registered", || {
+    tc.start_runner("r3").expect("runner");
+    wait_for_async(LONG, "r3 registered", || {
         let mut api = api.clone();
         async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 3) }
     })
     .await
     .expect("r3 joined");
-    drop(r3);
+    tc.stop_runner("r3");
 
     // The event stream saw it all happen.
     let mut kinds = std::collections::BTreeSet::new();
@@ -224,7 +219,7 @@ async fn every_rpc_works_against_a_live_cluster() {
     }
 
     // Health and reflection.
-    let channel = Channel::from_shared(co.admin.clone()).expect("url").connect().await.expect("channel");
+    let channel = Channel::from_shared(admin.clone()).expect("url").connect().await.expect("channel");
     let health = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest { service: "qslice.admin.v1.Admin".into() })
         .await
@@ -233,7 +228,7 @@ async fn every_rpc_works_against_a_live_cluster() {
     assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
     let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let channel = Channel::from_shared(co.admin.clone()).expect("url").connect().await.expect("channel");
+    let channel = Channel::from_shared(admin.clone()).expect("url").connect().await.expect("channel");
     let mut replies = ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::iter([ask])).await.expect("reflection").into_inner();
     let reply = replies.message().await.expect("reply").expect("one reply");
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("unexpected reply {reply:?}") };
@@ -248,39 +243,37 @@ fn total(h: &std::collections::BTreeMap<String, Vec<u32>>) -> usize {
 /// etcd, one coordinator and runners r1 and r2 (handlers taking 50 ms an entry), with the
 /// admin API ready; everything stops when it is dropped.
 struct TwoRunners {
-    _etcd: Etcd,
-    spool: Spool,
-    client: etcd_client::Client,
+    tc: TestCluster,
     api: AdminClient<Channel>,
-    _processes: Vec<qslice_tests::Proc>,
-    _coordinator: qslice_tests::cluster::Coordinator,
 }
 
 impl TwoRunners {
     async fn start() -> TwoRunners {
-        let etcd = Etcd::start().expect("etcd");
-        let spool = Spool::new(&["in"]).expect("spool");
-        let client = client(&etcd).await.expect("client");
-        let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-        let delay = [("QSLICE_TEST_DELAY", "0.05")];
-        let runners = ["r1", "r2"].iter().map(|id| start_runner(&etcd, &spool, id, "t", &[], &delay).expect("runner")).collect();
-        let api = connect(&coordinator.admin).await;
-        wait_until(LONG, "the API has read the cluster", || {
+        let tc = TestCluster::builder()
+            .spool_queues(&["in"])
+            .coordinators(1)
+            .runner_env(&[("QSLICE_TEST_DELAY", "0.05")])
+            .runners(&["r1", "r2"])
+            .start()
+            .await
+            .expect("cluster");
+        let api = connect(&tc.coordinator("c1").admin).await;
+        wait_for_async(LONG, "the API has read the cluster", || {
             let mut api = api.clone();
             async move { api.list_nodes(req(ListNodesRequest {}, None)).await.is_ok_and(|r| r.get_ref().nodes.len() == 2) }
         })
         .await
         .expect("ready");
-        TwoRunners { _etcd: etcd, spool, client, api, _processes: runners, _coordinator: coordinator }
+        TwoRunners { tc, api }
     }
 }
 
 #[tokio::test]
 async fn a_drain_with_entries_flowing_loses_nothing() {
     let cluster = TwoRunners::start().await;
-    let (spool, mut c, mut api) = (&cluster.spool, cluster.client.clone(), cluster.api.clone());
+    let (spool, mut c, mut api) = (cluster.tc.spool(), cluster.tc.client(), cluster.api.clone());
     api.put_queue(req(put("in", 8, false), None)).await.expect("queue");
-    wait_until(LONG, "8 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 8 }).await.expect("claimed");
+    wait_for_async(LONG, "8 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 8 }).await.expect("claimed");
     let q = spool.queue("in");
     let writer = tokio::task::spawn_blocking(move || {
         for i in 0..80u32 {
@@ -296,7 +289,7 @@ async fn a_drain_with_entries_flowing_loses_nothing() {
     let last = last.expect("at least one report");
     assert!(last.done && last.slices_remaining == 0, "{last:?}");
     writer.await.expect("writer");
-    wait_until(LONG, "all 80 entries finished", || async { spool.finished().len() == 80 }).await.expect("drained");
+    wait_for_async(LONG, "all 80 entries finished", || async { spool.finished().len() == 80 }).await.expect("drained");
     assert!(spool.finished().values().all(|n| *n == 1), "none twice");
     assert_eq!(holdings(&mut c, "t", "in").await.get("r2").map(Vec::len), Some(8));
 }
@@ -304,9 +297,9 @@ async fn a_drain_with_entries_flowing_loses_nothing() {
 #[tokio::test]
 async fn a_live_reslice_never_processes_under_both_slicings_at_once() {
     let cluster = TwoRunners::start().await;
-    let (spool, mut c, mut api) = (&cluster.spool, cluster.client.clone(), cluster.api.clone());
+    let (spool, mut c, mut api) = (cluster.tc.spool(), cluster.tc.client(), cluster.api.clone());
     api.put_queue(req(put("in", 4, true), None)).await.expect("queue");
-    wait_until(LONG, "4 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("claimed");
+    wait_for_async(LONG, "4 claims", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("claimed");
     let q = spool.queue("in");
     let writer = tokio::task::spawn_blocking(move || {
         for i in 0..100u32 {
@@ -314,10 +307,10 @@ async fn a_live_reslice_never_processes_under_both_slicings_at_once() {
             std::thread::sleep(Duration::from_millis(10));
         }
     });
-    wait_until(LONG, "entries flowing under 4 slices", || async { spool.records().iter().any(|r| r.slices == 4) }).await.expect("flowing");
+    wait_for_async(LONG, "entries flowing under 4 slices", || async { spool.records().iter().any(|r| r.slices == 4) }).await.expect("flowing");
     api.put_queue(req(put("in", 8, true), None)).await.expect("reslice to 8");
     writer.await.expect("writer");
-    wait_until(LONG, "all 100 entries finished", || async { spool.finished().len() == 100 }).await.expect("drained");
+    wait_for_async(LONG, "all 100 entries finished", || async { spool.finished().len() == 100 }).await.expect("drained");
     let records = spool.records();
     assert!(spool.finished().values().all(|n| *n == 1), "none twice");
     let old_end = records.iter().filter(|r| r.slices == 4 && r.what == "end").map(|r| r.at_ns).max().expect("some under 4");

@@ -13,8 +13,9 @@ use nix::sys::signal::Signal;
 use qslice_proto::keys::{Key, Keys};
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_tests::checker::{check, Disruption, Grant};
-use qslice_tests::cluster::{client, fence_times, put_queue, start_coordinator, start_runner, wait_until, Coordinator, Spool};
-use qslice_tests::{Etcd, Proc};
+use qslice_tests::cluster::fence_times;
+use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::{wait_for_async, Proc};
 use rand::{Rng, SeedableRng};
 
 const SLICES: u32 = 8;
@@ -43,17 +44,18 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     eprintln!("chaos: {secs} s, seed {seed} (QSLICE_CHAOS_SEED={seed} replays it)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let mut etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", SLICES).await.expect("queue");
-    let delay = [("QSLICE_TEST_DELAY", "0.02")];
-    let mut coordinators: Vec<Option<Coordinator>> = Vec::new();
-    for id in ["c1", "c2"] {
-        coordinators.push(Some(start_coordinator(&etcd, &spool, id, "t", &[]).expect("coordinator")));
-    }
     let node_ids = ["r1", "r2", "r3"];
-    let mut runners: Vec<Option<Proc>> = node_ids.iter().map(|id| Some(start_runner(&etcd, &spool, id, "t", &[], &delay).expect("runner"))).collect();
+    // Not waited for: the observer below is to see the first claims too.
+    let mut tc = TestCluster::builder()
+        .queue("in", SLICES)
+        .coordinators(2)
+        .runner_env(&[("QSLICE_TEST_DELAY", "0.02")])
+        .runners(&node_ids)
+        .ready(Ready::Started)
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, c) = (tc.spool().clone(), tc.client());
 
     // The observer records every claim grant it sees (a claim key created).
     let grants = Arc::new(Mutex::new(Vec::<Grant>::new()));
@@ -104,40 +106,34 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
         let action = rng.gen_range(0..10);
         match action {
             0..=3 => {
-                let i = rng.gen_range(0..runners.len());
-                if let Some(mut r) = runners[i].take() {
-                    fences(&mut disruptions, node_ids[i], &r);
-                    r.kill();
-                    disruptions.push(Disruption { node: node_ids[i].into(), at_ns: now_ns(), what: "kill -9".into() });
-                    eprintln!("chaos: kill -9 {}", node_ids[i]);
-                    tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
-                }
-                runners[i] = Some(start_runner(&etcd, &spool, node_ids[i], "t", &[], &delay).expect("restart runner"));
+                let id = node_ids[rng.gen_range(0..node_ids.len())];
+                fences(&mut disruptions, id, tc.runner(id));
+                tc.runner_mut(id).kill();
+                disruptions.push(Disruption { node: id.into(), at_ns: now_ns(), what: "kill -9".into() });
+                eprintln!("chaos: kill -9 {id}");
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
+                tc.start_runner(id).expect("restart runner");
             }
             4..=5 => {
-                let i = rng.gen_range(0..coordinators.len());
-                let id = ["c1", "c2"][i];
-                if let Some(mut co) = coordinators[i].take() {
-                    co.proc.kill();
-                    eprintln!("chaos: kill -9 {id}");
-                }
+                let id = ["c1", "c2"][rng.gen_range(0..2)];
+                tc.coordinator_mut(id).proc.kill();
+                eprintln!("chaos: kill -9 {id}");
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
-                coordinators[i] = Some(start_coordinator(&etcd, &spool, id, "t", &[]).expect("restart coordinator"));
+                tc.start_coordinator(id).expect("restart coordinator");
             }
             6..=8 => {
-                let i = rng.gen_range(0..runners.len());
-                if let Some(r) = &runners[i] {
-                    r.signal(Signal::SIGSTOP).expect("SIGSTOP");
-                    disruptions.push(Disruption { node: node_ids[i].into(), at_ns: now_ns(), what: "SIGSTOP".into() });
-                    eprintln!("chaos: SIGSTOP {} past its 2 s TTL", node_ids[i]);
-                    tokio::time::sleep(Duration::from_millis(rng.gen_range(2600..4000))).await;
-                    r.signal(Signal::SIGCONT).expect("SIGCONT");
-                }
+                let id = node_ids[rng.gen_range(0..node_ids.len())];
+                let r = tc.runner(id);
+                r.signal(Signal::SIGSTOP).expect("SIGSTOP");
+                disruptions.push(Disruption { node: id.into(), at_ns: now_ns(), what: "SIGSTOP".into() });
+                eprintln!("chaos: SIGSTOP {id} past its 2 s TTL");
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(2600..4000))).await;
+                r.signal(Signal::SIGCONT).expect("SIGCONT");
             }
             _ if etcd_restarts < 2 => {
                 disruptions.push(Disruption { node: "*".into(), at_ns: now_ns(), what: "etcd restart".into() });
                 eprintln!("chaos: etcd restart");
-                etcd.restart().expect("etcd restarts");
+                tc.etcd_mut().restart().expect("etcd restarts");
                 etcd_restarts += 1;
             }
             _ => {}
@@ -145,15 +141,10 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     }
     stop_writing.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().expect("writer");
-    for (i, r) in runners.iter_mut().enumerate() {
-        if r.is_none() {
-            *r = Some(start_runner(&etcd, &spool, node_ids[i], "t", &[], &delay).expect("runner"));
-        }
-    }
     let total = enqueued.lock().expect("enqueued").len();
     let q = spool.queue("in");
     let bad = spool.root().join("bad");
-    wait_until(Duration::from_secs(120), "every entry finished or preserved", || async {
+    wait_for_async(Duration::from_secs(120), "every entry finished or preserved", || async {
         let finished = spool.finished();
         let preserved = names_in(&bad);
         let quarantined = names_in(q.quarantine_dir());
@@ -162,10 +153,8 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     .await
     .unwrap_or_else(|e| panic!("{e}: {total} enqueued, {} finished", spool.finished().len()));
     observer.abort();
-    for (i, r) in runners.iter().enumerate() {
-        if let Some(r) = r {
-            fences(&mut disruptions, node_ids[i], r);
-        }
+    for id in node_ids {
+        fences(&mut disruptions, id, tc.runner(id));
     }
 
     let mut preserved = names_in(&bad);
@@ -186,11 +175,8 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
         for d in &disruptions {
             eprintln!("  disruption {} {} at {}", d.what, d.node, d.at_ns);
         }
-        for (i, r) in runners.iter().enumerate() {
-            if let Some(r) = r {
-                eprintln!("--- {} log ---\n{}", node_ids[i], qslice_tests::tail(&spool.scratch(&format!("{}.log", node_ids[i])), 60));
-                let _ = r;
-            }
+        for id in node_ids {
+            eprintln!("--- {id} log ---\n{}", qslice_tests::tail(&spool.scratch(&format!("{id}.log")), 60));
         }
     }
     assert!(report.unexplained_duplicates.is_empty(), "duplicates with no kill or fence to explain them: {:?}", report.unexplained_duplicates);

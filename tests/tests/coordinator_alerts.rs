@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use etcd_client::{Client, PutOptions};
-use qslice_proto::admin::admin_client::AdminClient;
 use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::{Event, WatchEventsRequest};
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{NodeRecord, Record, SliceFigures, SliceStatus, RECORD_VERSION};
-use qslice_tests::cluster::{client, put_queue, start_coordinator, wait_until, Coordinator, Spool};
-use qslice_tests::{free_port, qslice_bin, Etcd};
+use qslice_tests::cluster::{admin_client, put_queue, Coordinator};
+use qslice_tests::testcluster::TestCluster;
+use qslice_tests::wait_for_async;
+use qslice_tests::qslice_bin;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -139,15 +140,7 @@ struct Events(Arc<Mutex<Vec<Event>>>);
 
 impl Events {
     async fn watch(admin: &str) -> Events {
-        let mut api = None;
-        for _ in 0..300 {
-            if let Ok(c) = AdminClient::connect(admin.to_owned()).await {
-                api = Some(c);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let mut api = api.unwrap_or_else(|| panic!("admin API at {admin} never answered"));
+        let mut api = admin_client(admin).await.expect("the admin API answers");
         let mut stream = api.watch_events(WatchEventsRequest {}).await.expect("watch events").into_inner();
         let events = Events::default();
         let sink = events.clone();
@@ -181,24 +174,27 @@ fn api_status(addr: &str) -> Option<Value> {
     serde_json::from_str(&http_get(addr, "/api/status").ok()?).ok()
 }
 
-/// A coordinator with its dashboard on a free port.
-fn coordinator(etcd: &Etcd, spool: &Spool, id: &str, extra: &[&str]) -> (Coordinator, String) {
-    let http = format!("127.0.0.1:{}", free_port().expect("port"));
-    let mut args = vec!["--http-addr", http.as_str()];
-    args.extend_from_slice(extra);
-    (start_coordinator(etcd, spool, id, CLUSTER, &args).expect("coordinator"), http)
+/// etcd and coordinator c1 (leading) with its dashboard on a free port; `extra` adds flags.
+async fn cluster(extra: &[&str]) -> TestCluster {
+    let builder = TestCluster::builder().cluster_name(CLUSTER).spool_queues(&["in"]).coordinators(1).coordinator_args(extra).dashboards();
+    builder.start().await.expect("cluster")
+}
+
+/// A coordinator's admin API URL and dashboard address.
+fn addresses(coordinator: &Coordinator) -> (String, String) {
+    (coordinator.admin.clone(), coordinator.http.clone().expect("a dashboard"))
 }
 
 /// Waits until the coordinator behind `ctl` has read `n` nodes.
 async fn wait_for_nodes(ctl: &Ctl, n: usize) {
-    wait_until(WAIT, &format!("{} lists {n} nodes", ctl.coordinator), || async { ctl.json(&["nodes"]).is_some_and(|v| v.as_array().is_some_and(|a| a.len() == n)) })
+    wait_for_async(WAIT, &format!("{} lists {n} nodes", ctl.coordinator), || async { ctl.json(&["nodes"]).is_some_and(|v| v.as_array().is_some_and(|a| a.len() == n)) })
         .await
         .expect("nodes");
 }
 
 /// Waits until the leader has assigned every slice of `queue` to one of `owners`.
 async fn wait_for_assignment(ctl: &Ctl, queue: &str, owners: &[&str]) {
-    wait_until(WAIT, &format!("every slice of {queue} assigned to one of {owners:?}"), || async {
+    wait_for_async(WAIT, &format!("every slice of {queue} assigned to one of {owners:?}"), || async {
         let rows = ctl.slices(queue);
         !rows.is_empty() && rows.iter().all(|r| r["desired_owner"].as_str().is_some_and(|o| owners.contains(&o)))
     })
@@ -208,21 +204,20 @@ async fn wait_for_assignment(ctl: &Ctl, queue: &str, owners: &[&str]) {
 
 #[tokio::test]
 async fn a_queue_every_node_refused_shows_no_eligible_node_naming_the_refusers_on_leader_and_standby() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let (leader, http) = coordinator(&etcd, &spool, "c1", &[]);
-    let ctl = Ctl { coordinator: leader.admin.clone() };
-    let events = Events::watch(&leader.admin).await;
+    let mut tc = cluster(&[]).await;
+    let mut c = tc.client();
+    let (admin, http) = addresses(tc.coordinator("c1"));
+    let ctl = Ctl { coordinator: admin.clone() };
+    let events = Events::watch(&admin).await;
     let mut r1 = FakeRunner::register(&mut c, "r1").await.expect("r1");
     let mut r2 = FakeRunner::register(&mut c, "r2").await.expect("r2");
     put_queue(&mut c, CLUSTER, "in", 4).await.expect("queue");
     wait_for_nodes(&ctl, 2).await;
     wait_for_assignment(&ctl, "in", &["r1", "r2"]).await;
     // The standby starts once a leader leads, so that c1 keeps the lead.
-    let (standby, standby_http) = coordinator(&etcd, &spool, "c2", &[]);
-    let standby_ctl = Ctl { coordinator: standby.admin.clone() };
-    let standby_events = Events::watch(&standby.admin).await;
+    let (standby_admin, standby_http) = addresses(tc.start_coordinator("c2").expect("standby"));
+    let standby_ctl = Ctl { coordinator: standby_admin.clone() };
+    let standby_events = Events::watch(&standby_admin).await;
     wait_for_nodes(&standby_ctl, 2).await;
     assert_eq!(ctl.queue("in").expect("queue")["state"], "active", "both nodes may take it");
     assert!(events.of(Kind::Alert, "in", None).is_empty(), "no alert while a node may take the queue");
@@ -233,7 +228,7 @@ async fn a_queue_every_node_refused_shows_no_eligible_node_naming_the_refusers_o
     let refused_at = std::time::Instant::now();
     let state = "no eligible node (refused by r1, r2)";
     for (who, ctl, events) in [("leader", &ctl, &events), ("standby", &standby_ctl, &standby_events)] {
-        wait_until(WAIT, &format!("the {who} raises an alert event naming r1 and r2"), || async {
+        wait_for_async(WAIT, &format!("the {who} raises an alert event naming r1 and r2"), || async {
             events.of(Kind::Alert, "in", None).iter().any(|e| e.whole_queue && e.message.contains("refused by r1, r2"))
         })
         .await
@@ -269,7 +264,7 @@ async fn a_queue_every_node_refused_shows_no_eligible_node_naming_the_refusers_o
     put_queue(&mut c, CLUSTER, "spare", 2).await.expect("queue");
     r1.refuse(&mut c, &["in", "spare"]).await.expect("refuse");
     r2.refuse(&mut c, &["in", "spare"]).await.expect("refuse");
-    wait_until(WAIT, "an alert for queue spare", || async {
+    wait_for_async(WAIT, "an alert for queue spare", || async {
         events.of(Kind::Alert, "spare", None).iter().any(|e| e.message.contains("spare has no eligible node (refused by r1, r2)"))
     })
     .await
@@ -281,12 +276,11 @@ async fn a_queue_every_node_refused_shows_no_eligible_node_naming_the_refusers_o
 
 #[tokio::test]
 async fn the_alert_ends_once_a_refusal_is_lifted_and_the_leader_assigns_the_slices() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let (leader, _http) = coordinator(&etcd, &spool, "c1", &[]);
-    let ctl = Ctl { coordinator: leader.admin.clone() };
-    let events = Events::watch(&leader.admin).await;
+    let tc = cluster(&[]).await;
+    let mut c = tc.client();
+    let admin = tc.coordinator("c1").admin.clone();
+    let ctl = Ctl { coordinator: admin.clone() };
+    let events = Events::watch(&admin).await;
     let mut r1 = FakeRunner::register(&mut c, "r1").await.expect("r1");
     let mut r2 = FakeRunner::register(&mut c, "r2").await.expect("r2");
     r1.refuse(&mut c, &["in"]).await.expect("refuse");
@@ -294,11 +288,11 @@ async fn the_alert_ends_once_a_refusal_is_lifted_and_the_leader_assigns_the_slic
     wait_for_nodes(&ctl, 2).await;
     // A new queue that nobody may take: never assigned at all.
     put_queue(&mut c, CLUSTER, "in", 4).await.expect("queue");
-    wait_until(WAIT, "the alert for queue in", || async { !events.of(Kind::Alert, "in", None).is_empty() }).await.expect("alert");
+    wait_for_async(WAIT, "the alert for queue in", || async { !events.of(Kind::Alert, "in", None).is_empty() }).await.expect("alert");
     assert!(ctl.alerts().iter().any(|a| a.starts_with("queue in has no eligible node (refused by r1, r2)")));
     assert!(ctl.slices("in").iter().all(|r| r["desired_owner"].is_null()), "nobody is assigned a slice nobody may take");
     // A queue created after the coordinator started counts as unowned since it was made.
-    wait_until(WAIT, "every slice of the new queue counts its time unowned", || async {
+    wait_for_async(WAIT, "every slice of the new queue counts its time unowned", || async {
         let rows = ctl.slices("in");
         rows.len() == 4 && rows.iter().all(|r| r["unowned_seconds"].as_f64().is_some_and(|u| u > 0.0))
     })
@@ -308,7 +302,7 @@ async fn the_alert_ends_once_a_refusal_is_lifted_and_the_leader_assigns_the_slic
     // r2 takes the queue again.
     r2.refuse(&mut c, &[]).await.expect("lift");
     let lifted_at = std::time::Instant::now();
-    wait_until(WAIT, "the alert on queue in is cleared", || async { !events.of(Kind::AlertCleared, "in", None).is_empty() }).await.expect("cleared");
+    wait_for_async(WAIT, "the alert on queue in is cleared", || async { !events.of(Kind::AlertCleared, "in", None).is_empty() }).await.expect("cleared");
     println!("cleared event {:?} after the refusal was lifted", lifted_at.elapsed());
     let cleared = &events.of(Kind::AlertCleared, "in", None)[0];
     assert!(cleared.whole_queue && cleared.message.contains("queue in has an eligible node again"), "{cleared:?}");
@@ -324,19 +318,18 @@ async fn the_alert_ends_once_a_refusal_is_lifted_and_the_leader_assigns_the_slic
 
 #[tokio::test]
 async fn a_message_in_flight_past_the_threshold_is_flagged_and_alerted_once_per_episode() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let (leader, http) = coordinator(&etcd, &spool, "c1", &["--in-flight-alert-after", "2s"]);
-    let ctl = Ctl { coordinator: leader.admin.clone() };
-    let events = Events::watch(&leader.admin).await;
+    let tc = cluster(&["--in-flight-alert-after", "2s"]).await;
+    let mut c = tc.client();
+    let (admin, http) = addresses(tc.coordinator("c1"));
+    let ctl = Ctl { coordinator: admin.clone() };
+    let events = Events::watch(&admin).await;
     let r1 = FakeRunner::register(&mut c, "r1").await.expect("r1");
     put_queue(&mut c, CLUSTER, "in", 4).await.expect("queue");
     wait_for_assignment(&ctl, "in", &["r1"]).await;
 
     // Slice 2's oldest .bak is 12 minutes old; slice 1's age is unknown (an older runner).
     r1.figures(&mut c, "in", 4, vec![in_flight(1, 1, 0), in_flight(2, 1, 720_000)]).await.expect("figures");
-    wait_until(WAIT, "GetStatus alerts on in/2's message in flight", || async {
+    wait_for_async(WAIT, "GetStatus alerts on in/2's message in flight", || async {
         ctl.alerts().iter().any(|a| a == "in/2 has a message in flight for 12 min")
     })
     .await
@@ -353,17 +346,17 @@ async fn a_message_in_flight_past_the_threshold_is_flagged_and_alerted_once_per_
     let cell = status["queues"][0]["cells"][2].clone();
     assert_eq!((cell["slice"].as_u64(), cell["in_flight_too_long"].as_bool()), (Some(2), Some(true)), "{status}");
     assert!(status["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x == "in/2 has a message in flight for 12 min")), "{status}");
-    wait_until(WAIT, "an alert event for in/2", || async { !events.of(Kind::Alert, "in", Some(2)).is_empty() }).await.expect("event");
+    wait_for_async(WAIT, "an alert event for in/2", || async { !events.of(Kind::Alert, "in", Some(2)).is_empty() }).await.expect("event");
 
     // The runner republishes (the message is still in flight) and slice 3 gets stuck too:
     // slice 3 is alerted, slice 2 not again.
     r1.figures(&mut c, "in", 4, vec![in_flight(2, 1, 725_000), in_flight(3, 2, 3_000)]).await.expect("figures");
-    wait_until(WAIT, "an alert event for in/3", || async { !events.of(Kind::Alert, "in", Some(3)).is_empty() }).await.expect("event");
+    wait_for_async(WAIT, "an alert event for in/3", || async { !events.of(Kind::Alert, "in", Some(3)).is_empty() }).await.expect("event");
     assert_eq!(events.of(Kind::Alert, "in", Some(2)).len(), 1, "in/2 is alerted once per episode");
 
     // Slice 2's message finishes: its alert is cleared, slice 3's stays.
     r1.figures(&mut c, "in", 4, vec![in_flight(3, 2, 8_000)]).await.expect("figures");
-    wait_until(WAIT, "in/2's alert cleared", || async { !events.of(Kind::AlertCleared, "in", Some(2)).is_empty() }).await.expect("cleared");
+    wait_for_async(WAIT, "in/2's alert cleared", || async { !events.of(Kind::AlertCleared, "in", Some(2)).is_empty() }).await.expect("cleared");
     let alerts = ctl.alerts();
     assert!(!alerts.iter().any(|a| a.starts_with("in/2 ")) && alerts.iter().any(|a| a.starts_with("in/3 has a message in flight")), "{alerts:?}");
     assert!(events.of(Kind::AlertCleared, "in", Some(3)).is_empty());

@@ -10,11 +10,13 @@ use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, wait_until, Spool};
-use qslice_tests::{free_port, wait_for, Etcd, Proc};
+use qslice_tests::cluster::{holdings, Spool};
+use qslice_tests::testcluster::TestCluster;
+use qslice_tests::wait::Wait;
+use qslice_tests::{free_port, wait_for, wait_for_async, Proc};
 use serde_json::Value;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -59,41 +61,31 @@ fn node_ids(status: &Value) -> Vec<String> {
 
 /// A running cluster with the dashboard on `http`.
 struct Demo {
-    etcd: Etcd,
-    _spool: Spool,
-    _coordinator: Proc,
-    runners: BTreeMap<&'static str, Proc>,
+    tc: TestCluster,
     http: String,
 }
 
 /// etcd, a coordinator serving HTTP on a free port, runners r1 and r2, and queue `in`
 /// with 8 slices, balanced 4 and 4.
 async fn demo() -> Demo {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", SLICES).await.expect("queue");
-    let http = format!("127.0.0.1:{}", free_port().expect("port"));
-    let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &["--http-addr", &http]).expect("coordinator").proc;
-    let mut runners = BTreeMap::new();
-    for r in ["r1", "r2"] {
-        runners.insert(r, start_runner(&etcd, &spool, r, "t", &[], &[]).expect("runner"));
-    }
-    wait_until(LONG, "4 slices claimed by each runner", || async {
+    let tc = TestCluster::builder().queue("in", SLICES).coordinators(1).dashboards().runners(&["r1", "r2"]).start().await.expect("cluster");
+    let c = tc.client();
+    wait_for_async(LONG, "4 slices claimed by each runner", || async {
         let h = holdings(&mut c.clone(), "t", "in").await;
         h.len() == 2 && h.values().all(|v| v.len() == 4)
     })
     .await
     .expect("balanced");
-    Demo { etcd, _spool: spool, _coordinator: coordinator, runners, http }
+    let http = tc.coordinator("c1").http.clone().expect("a dashboard");
+    Demo { tc, http }
 }
 
 impl Demo {
     /// Kills r1 with SIGKILL and waits until r2 holds every slice in etcd.
     async fn kill_r1(&mut self) {
-        self.runners.get_mut("r1").expect("r1").kill();
-        let c = client(&self.etcd).await.expect("client");
-        wait_until(LONG, "r2 to hold all 8 slices", || async {
+        self.tc.runner_mut("r1").kill();
+        let c = self.tc.client();
+        wait_for_async(LONG, "r2 to hold all 8 slices", || async {
             holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == SLICES as usize)
         })
         .await
@@ -194,22 +186,20 @@ fn dump_dom(chromium: &Path, url: &str, profile: &Path) -> Result<String> {
         let _ = out.read_to_string(&mut s);
         s
     });
-    let deadline = Instant::now() + LONG;
-    loop {
-        if let Some(status) = child.try_wait()? {
-            let dom = reader.join().unwrap_or_default();
-            if !status.success() {
-                bail!("chromium exited with {status}");
-            }
-            return Ok(dom);
-        }
-        if Instant::now() >= deadline {
+    let exited = Wait::new(LONG, "chromium to finish").every(Duration::from_millis(50)).poll(|| Ok(child.try_wait()?));
+    let status = match exited {
+        Ok(status) => status,
+        Err(e) => {
             let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
             let _ = child.wait();
-            bail!("chromium did not finish within {LONG:?}");
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(50));
+    };
+    let dom = reader.join().unwrap_or_default();
+    if !status.success() {
+        bail!("chromium exited with {status}");
     }
+    Ok(dom)
 }
 
 /// The values of attribute `attr` on every element whose opening tag starts with `open`.

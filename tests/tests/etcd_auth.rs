@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Assignment, Record, RECORD_VERSION};
-use qslice_tests::cluster::{claims, put_queue, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::cluster::{claims, put_queue};
+use qslice_tests::testcluster::TestCluster;
+use qslice_tests::wait_for_async;
 use qslice_tests::Etcd;
 
 const LONG: Duration = Duration::from_secs(60);
@@ -22,7 +24,6 @@ async fn roles_let_each_part_work_and_a_runner_cannot_touch_the_assignment() {
         panic!("etcdctl is missing: install the etcd-client package (tests/run.sh does)");
     }
     let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/etcd/roles.sh");
     let out = Command::new("bash")
         .arg(script)
@@ -35,17 +36,26 @@ async fn roles_let_each_part_work_and_a_runner_cannot_touch_the_assignment() {
 
     let mut coordinator = login(&etcd, "qslice-coordinator-t", "coordpw").await;
     put_queue(&mut coordinator, "t", "in", 4).await.expect("the coordinator's user writes configuration");
-    let _co = start_coordinator(&etcd, &spool, "c1", "t", &["--etcd-user", "qslice-coordinator-t", "--etcd-password", "coordpw"]).expect("coordinator");
-    let _r = start_runner(&etcd, &spool, "r1", "t", &["--etcd-user", "qslice-runner-t", "--etcd-password", "runnerpw"], &[]).expect("runner");
-    wait_until(LONG, "the runner claims every slice with its own credentials", || async {
+    let tc = TestCluster::builder()
+        .etcd(etcd)
+        .client(coordinator.clone())
+        .spool_queues(&["in"])
+        .coordinators(1)
+        .coordinator_args(&["--etcd-user", "qslice-coordinator-t", "--etcd-password", "coordpw"])
+        .runner_with("r1", &["--etcd-user", "qslice-runner-t", "--etcd-password", "runnerpw"], &[])
+        .start()
+        .await
+        .expect("cluster");
+    let spool = tc.spool();
+    wait_for_async(LONG, "the runner claims every slice with its own credentials", || async {
         claims(&mut coordinator.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4)
     })
     .await
     .expect("claimed");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
+    wait_for_async(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 
-    let mut runner = login(&etcd, "qslice-runner-t", "runnerpw").await;
+    let mut runner = login(tc.etcd(), "qslice-runner-t", "runnerpw").await;
     let keys = Keys::new("t").expect("keys");
     let grab = Assignment { v: RECORD_VERSION, queue: "in".into(), slices_total: 4, slices: (0..4).collect() };
     let err = runner.put(keys.assignment("intruder", "in"), grab.encode(), None).await.expect_err("a runner cannot write the assignment");

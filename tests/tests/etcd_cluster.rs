@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qslice_tests::checker::{check, Disruption};
-use qslice_tests::cluster::{claims, client_at, fence_times, put_queue, start_coordinator_at, start_runner_at, wait_until, Spool};
+use qslice_tests::cluster::{claims, client_at, fence_times};
+use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::wait_for_async;
 use qslice_tests::etcd_cluster::EtcdCluster;
 
 const LONG: Duration = Duration::from_secs(90);
@@ -35,15 +37,22 @@ fn the_cluster_harness_elects_a_leader_again_after_a_member_dies() {
 async fn qslice_rides_out_member_failures_and_fences_on_quorum_loss() {
     let mut etcd = EtcdCluster::start(3, None).expect("3 members");
     let endpoints = etcd.endpoints_flag();
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client_at(&etcd.endpoints()).await.expect("client");
-    put_queue(&mut c, "t", "in", SLICES).await.expect("queue");
     let ttl = ["--lease-ttl", "3s"];
-    let _c1 = start_coordinator_at(&endpoints, &spool, "c1", "t", &ttl).expect("coordinator");
-    let _c2 = start_coordinator_at(&endpoints, &spool, "c2", "t", &ttl).expect("coordinator");
-    let delay = [("QSLICE_TEST_DELAY", "0.01")];
-    let runners: Vec<_> = ["r1", "r2", "r3"].iter().map(|id| start_runner_at(&endpoints, &spool, id, "t", &ttl, &delay).expect("runner")).collect();
-    wait_until(LONG, "all slices claimed", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == SLICES as usize) }).await.expect("claimed");
+    let tc = TestCluster::builder()
+        .etcd_endpoints(&endpoints)
+        .queue("in", SLICES)
+        .coordinators(2)
+        .coordinator_args(&ttl)
+        .runner_args(&ttl)
+        .runner_env(&[("QSLICE_TEST_DELAY", "0.01")])
+        .runners(&["r1", "r2", "r3"])
+        .ready(Ready::Claimed)
+        .ready_timeout(LONG)
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, mut c, runners) = (tc.spool(), tc.client(), tc.runners());
+    wait_for_async(LONG, "all slices claimed", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == SLICES as usize) }).await.expect("claimed");
 
     let enqueued = Arc::new(Mutex::new(BTreeMap::<String, (u128, u32)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -61,7 +70,7 @@ async fn qslice_rides_out_member_failures_and_fences_on_quorum_loss() {
         })
     };
     let finished_now = || spool.finished().len();
-    let progress = |before: usize| async move { wait_until(LONG, "entries keep finishing", || async { finished_now() >= before + 50 }).await };
+    let progress = |before: usize| async move { wait_for_async(LONG, "entries keep finishing", || async { finished_now() >= before + 50 }).await };
 
     // 1. The etcd leader dies: processing goes on through the others, and no slice is
     //    reassigned (same claims, same epochs) merely because etcd changed leader.
@@ -79,7 +88,7 @@ async fn qslice_rides_out_member_failures_and_fences_on_quorum_loss() {
     let follower = (0..3).find(|i| *i != leader && etcd.leader() != Some(*i)).expect("a follower");
     let quorum_lost_ns = now_ns();
     etcd.stop(follower);
-    qslice_tests::wait_for(LONG, "every runner to fence itself without quorum", || runners.iter().all(|r| r.log().contains("fenced"))).expect("fenced");
+    qslice_tests::wait_for(LONG, "every runner to fence itself without quorum", || runners.values().all(|r| r.log().contains("fenced"))).expect("fenced");
 
     // 3. Both come back: everything resumes.
     etcd.restart(leader).expect("member back");
@@ -89,14 +98,14 @@ async fn qslice_rides_out_member_failures_and_fences_on_quorum_loss() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().expect("writer");
     let total = enqueued.lock().expect("lock").len();
-    wait_until(LONG, "every entry finished", || async { spool.finished().len() >= total }).await.expect("drained");
+    wait_for_async(LONG, "every entry finished", || async { spool.finished().len() >= total }).await.expect("drained");
 
     // A runner's fence kills its in-flight work (the next owner recovers it): each fence is
     // a disruption of that runner.
     let mut disruptions = vec![Disruption { node: "*".into(), at_ns: quorum_lost_ns, what: "quorum lost".into() }];
-    for (id, r) in ["r1", "r2", "r3"].iter().zip(&runners) {
+    for (id, r) in runners {
         for at_ns in fence_times(&r.log()) {
-            disruptions.push(Disruption { node: (*id).into(), at_ns, what: "fence".into() });
+            disruptions.push(Disruption { node: id.clone(), at_ns, what: "fence".into() });
         }
     }
     let report = check(&enqueued.lock().expect("lock"), &spool.records(), &BTreeSet::new(), &[], &disruptions);

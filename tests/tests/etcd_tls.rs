@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use qslice_tests::cluster::{claims, put_queue, start_coordinator_at, start_runner_at, wait_until, Spool};
+use qslice_tests::cluster::{claims, Spool};
+use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::wait_for_async;
 use qslice_tests::etcd_cluster::{ClientTls, EtcdCluster};
 use qslice_tests::pki::Pki;
 use qslice_tests::wait_for;
@@ -29,21 +31,31 @@ async fn runner_and_coordinator_speak_tls_with_client_certificates_and_a_wrong_c
     let etcd = EtcdCluster::start(1, Some(tls)).expect("etcd with TLS");
     let endpoints = etcd.endpoints_flag();
     assert!(endpoints.starts_with("https://"));
-    let mut c = tls_client(etcd.endpoints(), &pki).await;
-    put_queue(&mut c, "t", "in", 2).await.expect("queue over TLS");
     let (ca, cert, key) = (pki.path("ca.pem"), pki.path("client.pem"), pki.path("client.key"));
     let tls_flags = ["--etcd-ca", &ca, "--etcd-cert", &cert, "--etcd-key", &key];
-    let _co = start_coordinator_at(&endpoints, &spool, "c1", "t", &tls_flags).expect("coordinator");
-    let _r = start_runner_at(&endpoints, &spool, "r1", "t", &tls_flags, &[]).expect("runner");
-    wait_until(LONG, "the runner claims both slices over TLS", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2) }).await.expect("claimed");
+    // The queue is written over TLS; the runners below bring their own flags.
+    let mut tc = TestCluster::builder()
+        .etcd_endpoints(&endpoints)
+        .client(tls_client(etcd.endpoints(), &pki).await)
+        .spool(spool.clone())
+        .queue("in", 2)
+        .coordinators(1)
+        .coordinator_args(&tls_flags)
+        .runner_with("r1", &tls_flags, &[])
+        .ready(Ready::Claimed)
+        .start()
+        .await
+        .expect("cluster over TLS");
+    let mut c = tc.client();
+    wait_for_async(LONG, "the runner claims both slices over TLS", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2) }).await.expect("claimed");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
+    wait_for_async(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 
     let wrong_ca = other.path("ca.pem");
     let wrong = ["--etcd-ca", &wrong_ca, "--etcd-cert", &cert, "--etcd-key", &key];
-    let bad = start_runner_at(&endpoints, &spool, "r2", "t", &wrong, &[]).expect("runner with the wrong CA");
+    let bad = tc.start_runner_with("r2", &wrong, &[]).expect("runner with the wrong CA");
     wait_for(LONG, "the runner to name the certificate problem", || bad.log().contains("not signed by the CA")).unwrap_or_else(|e| panic!("{e}:\n{}", bad.log()));
-    let no_cert = start_runner_at(&endpoints, &spool, "r3", "t", &["--etcd-ca", &ca], &[]).expect("runner without a client certificate");
+    let no_cert = tc.start_runner_with("r3", &["--etcd-ca", &ca], &[]).expect("runner without a client certificate");
     wait_for(LONG, "the runner without a client certificate to report etcd unreachable", || no_cert.log().contains("etcd is unreachable")).expect("refused");
     assert!(!claims(&mut c, "t", "in").await.expect("claims").values().any(|(n, _)| n == "r2" || n == "r3"));
 }

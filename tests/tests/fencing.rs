@@ -7,10 +7,12 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use qslice_tests::cluster::{assign, claims, client, files_in, put_queue, start_coordinator, start_runner, unassign, wait_until, Spool};
-use qslice_tests::freezer::{process_tree, Freezer};
+use qslice_tests::cluster::{claims, files_in};
+use qslice_tests::wait_for_async;
+use qslice_tests::freezer::Freezer;
 use qslice_tests::mailman3::Site;
-use qslice_tests::{pids_with_env, Etcd};
+use qslice_tests::pids_with_env;
+use qslice_tests::testcluster::TestCluster;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -36,31 +38,29 @@ async fn all_held_by(c: &etcd_client::Client, node: &str, slices: usize) -> bool
 
 #[tokio::test]
 async fn a_frozen_runners_handlers_are_killed_before_another_node_claims_its_slices() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", &n1, "in", 2, 0..2).await.expect("assign");
     // Handlers that take 30 s: in flight when the runner freezes.
-    let r1 = start_runner(&etcd, &spool, &n1, "t", &[], &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
+    let mut tc = TestCluster::builder().assign(&n1, "in", 2, 0..2).runner_with(&n1, &[], &[("QSLICE_TEST_DELAY", "30")]).start().await.expect("cluster");
+    let (spool, mut c) = (tc.spool().clone(), tc.client());
     let q = spool.queue("in");
     for i in 0..4u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "r1's handlers running", || async { pids_with_env(&format!("QSLICE_NODE={n1}")).len() >= 2 }).await.expect("running");
+    wait_for_async(LONG, "r1's handlers running", || async { pids_with_env(&format!("QSLICE_NODE={n1}")).len() >= 2 }).await.expect("running");
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().map(|(_, e)| *e).collect();
     // qslice-runner alone freezes (hung in a stuck call, say); its children run on.
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&[r1.pid().expect("pid")]).expect("add");
+    freezer.add(&[tc.runner(&n1).pid().expect("pid")]).expect("add");
     freezer.freeze().expect("freeze");
-    unassign(&mut c, "t", &n1, "in").await.expect("unassign");
-    assign(&mut c, "t", &n2, "in", 2, 0..2).await.expect("assign");
-    let _r2 = start_runner(&etcd, &spool, &n2, "t", &[], &[]).expect("r2");
-    wait_until(LONG, "r2 holding both slices (after r1's lease ran out)", || all_held_by(&c, &n2, 2)).await.expect("taken over");
+    tc.unassign(&n1, "in").await.expect("unassign");
+    tc.assign(&n2, "in", 2, 0..2).await.expect("assign");
+    tc.start_runner(&n2).expect("r2");
+    let r1 = tc.runner(&n1);
+    wait_for_async(LONG, "r2 holding both slices (after r1's lease ran out)", || all_held_by(&c, &n2, 2)).await.expect("taken over");
     let claimed_ns = now_ns();
     let survivors = pids_with_env(&format!("QSLICE_NODE={n1}"));
     assert!(survivors.is_empty(), "processes of the frozen runner still alive when another node holds its slices: {survivors:?}");
-    wait_until(LONG, "every entry finished by r2", || async { spool.finished().len() == 4 }).await.expect("finished");
+    wait_for_async(LONG, "every entry finished by r2", || async { spool.finished().len() == 4 }).await.expect("finished");
     for rec in spool.records() {
         assert!(rec.node != n1 || rec.at_ns < claimed_ns, "the frozen runner's handler recorded after the new owner's claim: {rec:?}");
         assert!(rec.node != n1 || rec.what != "end", "a handler of the frozen runner ran to its end: {rec:?}");
@@ -70,34 +70,40 @@ async fn a_frozen_runners_handlers_are_killed_before_another_node_claims_its_sli
     // Thawed, r1 fences itself and starts nothing under its old epochs.
     let thawed_ns = now_ns();
     freezer.thaw().expect("thaw");
-    wait_until(LONG, "r1 fenced and registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
+    wait_for_async(LONG, "r1 fenced and registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
     assert!(!spool.records().iter().any(|r| r.node == n1 && r.at_ns > thawed_ns && old_epochs.contains(&r.epoch)), "a start under an old epoch after the thaw");
 }
 
 #[tokio::test]
 async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_claims() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
     let site = Site::new().expect("site");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", &n1, "in", 2, 0..2).await.expect("assign");
     let cfg = site.runner_config("runner.toml", "").expect("config");
-    let r1 = start_runner(&etcd, &site.spool, &n1, "t", &["--config", &cfg], &[]).expect("r1");
+    let mut tc = TestCluster::builder()
+        .spool(site.spool.clone())
+        .assign(&n1, "in", 2, 0..2)
+        .runner_args(&["--config", &cfg])
+        .runners(&[&n1])
+        .ready_timeout(LONG)
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
     site.post(300, 0).expect("post");
-    wait_until(LONG, "r1 accepting posts", || {
+    wait_for_async(LONG, "r1 accepting posts", || {
         let n = site.report().map(|r| r.accepts.len()).unwrap_or(0);
         async move { n >= 10 }
     })
     .await
     .expect("accepting");
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&[r1.pid().expect("pid")]).expect("add");
+    freezer.add(&[tc.runner(&n1).pid().expect("pid")]).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_at = now_ns() as f64 / 1e9;
-    unassign(&mut c, "t", &n1, "in").await.expect("unassign");
-    assign(&mut c, "t", &n2, "in", 2, 0..2).await.expect("assign");
-    let _r2 = start_runner(&etcd, &site.spool, &n2, "t", &["--config", &cfg], &[]).expect("r2");
-    wait_until(LONG, "r2 holding both slices", || all_held_by(&c, &n2, 2)).await.expect("taken over");
+    tc.unassign(&n1, "in").await.expect("unassign");
+    tc.assign(&n2, "in", 2, 0..2).await.expect("assign");
+    tc.start_runner(&n2).expect("r2");
+    wait_for_async(LONG, "r2 holding both slices", || all_held_by(&c, &n2, 2)).await.expect("taken over");
     let claimed_at = now_ns() as f64 / 1e9;
     let survivors = pids_with_env(&format!("QSLICE_NODE={n1}"));
     assert!(survivors.is_empty(), "Mailman processes of the frozen runner alive when another node holds its slices: {survivors:?}");
@@ -118,41 +124,42 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
 
 #[tokio::test]
 async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_thaws() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let _coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    let delay = [("QSLICE_TEST_DELAY", "0.3")];
-    let r1 = start_runner(&etcd, &spool, &n1, "t", &[], &delay).expect("r1");
-    let _r2 = start_runner(&etcd, &spool, &n2, "t", &[], &delay).expect("r2");
-    wait_until(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
+    let tc = TestCluster::builder()
+        .queue("in", 4)
+        .coordinators(1)
+        .runner_env(&[("QSLICE_TEST_DELAY", "0.3")])
+        .runners(&[&n1, &n2])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, mut c, r1) = (tc.spool(), tc.client(), tc.runner(&n1));
+    wait_for_async(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let q = spool.queue("in");
     let mut enqueued = Vec::new();
     for i in 0..40u32 {
         enqueued.push(q.enqueue_in_slice(format!("a{i}").as_bytes(), i % 4, 4).expect("enqueue").filebase);
     }
-    wait_until(LONG, "r1 working", || async { spool.records().iter().any(|r| r.node == n1 && r.what == "start") }).await.expect("working");
+    wait_for_async(LONG, "r1 working", || async { spool.records().iter().any(|r| r.node == n1 && r.what == "start") }).await.expect("working");
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| *n == n1).map(|(_, e)| *e).collect();
     // The whole host pauses: qslice-runner, its leash and its handlers together.
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&process_tree(r1.pid().expect("pid"))).expect("add");
+    freezer.add_tree(r1.pid().expect("pid")).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_ns = now_ns();
-    wait_until(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
+    wait_for_async(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
     for i in 0..20u32 {
         enqueued.push(q.enqueue_in_slice(format!("b{i}").as_bytes(), i % 4, 4).expect("enqueue").filebase);
     }
     let thawed_ns = now_ns();
     freezer.thaw().expect("thaw");
-    wait_until(LONG, "every entry finished", || async {
+    wait_for_async(LONG, "every entry finished", || async {
         let finished = spool.finished();
         enqueued.iter().all(|e| finished.contains_key(e))
     })
     .await
     .expect("finished");
-    wait_until(LONG, "r1 registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
+    wait_for_async(LONG, "r1 registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
     let records = spool.records();
     assert!(files_in(&spool.root().join("bad")).is_empty(), "work killed by the pause is recovered, never put in bad/");
     let stale: Vec<_> = records.iter().filter(|r| r.what == "start" && r.node == n1 && r.at_ns > thawed_ns && old_epochs.contains(&r.epoch)).collect();
@@ -168,49 +175,57 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
 
 #[tokio::test]
 async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_waiting_for_the_ttl() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
     // A 60 s lease: a takeover within the wait below can only come from the revoke.
-    let ttl = ["--lease-ttl", "60s"];
-    let mut r1 = start_runner(&etcd, &spool, &n1, "t", &ttl, &[("QSLICE_TEST_DELAY", "30")]).expect("r1");
-    let _r2 = start_runner(&etcd, &spool, &n2, "t", &ttl, &[]).expect("r2");
-    wait_until(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
+    let mut tc = TestCluster::builder()
+        .queue("in", 4)
+        .coordinators(1)
+        .runner_args(&["--lease-ttl", "60s"])
+        .runner_with(&n1, &[], &[("QSLICE_TEST_DELAY", "30")])
+        .runners(&[&n2])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, c) = (tc.spool().clone(), tc.client());
+    wait_for_async(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let q = spool.queue("in");
     for i in 0..8u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "r1's handlers running", || async { !pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty() }).await.expect("running");
+    wait_for_async(LONG, "r1's handlers running", || async { !pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty() }).await.expect("running");
     let killed = std::time::Instant::now();
-    r1.kill();
-    wait_until(Duration::from_secs(20), "r2 holding every slice long before r1's 60 s lease could expire", || all_held_by(&c, &n2, 4)).await.expect("moved at once");
+    tc.runner_mut(&n1).kill();
+    let r1 = tc.runner(&n1);
+    wait_for_async(Duration::from_secs(20), "r2 holding every slice long before r1's 60 s lease could expire", || all_held_by(&c, &n2, 4)).await.expect("moved at once");
     println!("kill -9 of qslice-runner -> r2 holds every slice after {:?} (lease TTL 60 s)", killed.elapsed());
     let leash: Vec<String> = r1.log().lines().filter(|l| l.contains("leash")).map(str::to_owned).collect();
     println!("{}", leash.join("\n"));
-    println!("{}", coordinator.proc.log().lines().rev().take(8).collect::<Vec<_>>().join("\n"));
+    println!("{}", tc.coordinator("c1").proc.log().lines().rev().take(8).collect::<Vec<_>>().join("\n"));
     assert!(pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty(), "r1's handlers are gone");
-    wait_until(LONG, "every entry finished", || async { spool.finished().len() == 8 }).await.expect("finished");
+    wait_for_async(LONG, "every entry finished", || async { spool.finished().len() == 8 }).await.expect("finished");
 }
 
 #[tokio::test]
 async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new_when_it_thaws() {
-    let etcd = Etcd::start().expect("etcd");
     let (n1, n2) = (node("r1"), node("r2"));
     let site = Site::new().expect("site");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let _coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[]).expect("coordinator");
     let cfg = site.runner_config("runner.toml", "spares = 2\n").expect("config");
-    let r1 = start_runner(&etcd, &site.spool, &n1, "t", &["--config", &cfg], &[]).expect("r1");
-    let _r2 = start_runner(&etcd, &site.spool, &n2, "t", &["--config", &cfg], &[]).expect("r2");
-    wait_until(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
+    let tc = TestCluster::builder()
+        .spool(site.spool.clone())
+        .queue("in", 4)
+        .coordinators(1)
+        .runner_args(&["--config", &cfg])
+        .runners(&[&n1, &n2])
+        .ready_timeout(LONG)
+        .start()
+        .await
+        .expect("cluster");
+    let (mut c, r1) = (tc.client(), tc.runner(&n1));
+    wait_for_async(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let old_epochs: BTreeSet<i64> = claims(&mut c, "t", "in").await.expect("claims").values().filter(|(n, _)| *n == n1).map(|(_, e)| *e).collect();
     let r1_slices = old_epochs.len();
     site.post(300, 0).expect("post");
-    wait_until(LONG, "r1 accepting posts", || {
+    wait_for_async(LONG, "r1 accepting posts", || {
         let n = site.report().map(|r| r.accepts.values().flatten().filter(|a| r.runner_of(a).is_some_and(|x| x.node == n1)).count()).unwrap_or(0);
         async move { n >= 5 }
     })
@@ -218,10 +233,10 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new
     .expect("accepting");
     // The whole host pauses: qslice-runner, its leash, its slice runners and spares.
     let freezer = Freezer::new().expect("freezer");
-    freezer.add(&process_tree(r1.pid().expect("pid"))).expect("add");
+    freezer.add_tree(r1.pid().expect("pid")).expect("add");
     freezer.freeze().expect("freeze");
     let frozen_at = now_ns() as f64 / 1e9;
-    wait_until(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
+    wait_for_async(LONG, "r2 holding every slice", || all_held_by(&c, &n2, 4)).await.expect("taken over");
     site.post(100, 300).expect("post more");
     let thawed_at = now_ns() as f64 / 1e9;
     freezer.thaw().expect("thaw");

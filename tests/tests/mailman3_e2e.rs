@@ -8,9 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, wait_until, Coordinator};
+use qslice_tests::cluster::holdings;
+use qslice_tests::wait_for_async;
 use qslice_tests::mailman3::{Report, Site};
-use qslice_tests::{pids_with_env, qslice_bin, Etcd, Proc};
+use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::{pids_with_env, qslice_bin};
 
 /// Generous bound for anything a loaded two-core machine does in seconds normally.
 const LONG: Duration = Duration::from_secs(120);
@@ -18,37 +20,30 @@ const LONG: Duration = Duration::from_secs(120);
 const TTL: f64 = 2.0;
 
 struct Cluster {
+    // Field order is drop order: the posters stop, then the cluster.
     site: Site,
-    // Field order is drop order: runners and coordinator stop before etcd.
-    runners: BTreeMap<String, Proc>,
-    coordinator: Coordinator,
-    client: etcd_client::Client,
-    _etcd: Etcd,
+    tc: TestCluster,
 }
 
 /// etcd, a coordinator, queue `in` with `slices` slices, and one qslice-runner per node
 /// supervising `in` on a fresh site; `extra` is added to every runner's `[supervise.in]`.
+/// Returns once every slice is claimed.
 async fn cluster(nodes: &[&str], slices: u32, extra: &str) -> Cluster {
-    let etcd = Etcd::start().expect("etcd");
     let site = Site::new().expect("a Mailman 3 site");
-    let coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[]).expect("coordinator");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", slices).await.expect("queue");
-    let mut runners = BTreeMap::new();
+    let mut builder = TestCluster::builder().spool(site.spool.clone()).queue("in", slices).coordinators(1);
     for node in nodes {
         let cfg = site.runner_config(&format!("{node}.toml"), extra).expect("config");
-        runners.insert(node.to_string(), start_runner(&etcd, &site.spool, node, "t", &["--config", &cfg], &[]).expect("runner"));
+        builder = builder.runner_with(node, &["--config", &cfg], &[]);
     }
-    let n = slices as usize;
-    wait_until(LONG, "every slice claimed", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len()).unwrap_or(0) == n }).await.expect("claimed");
-    Cluster { site, runners, coordinator, client: c, _etcd: etcd }
+    let tc = builder.ready(Ready::Claimed).ready_timeout(LONG).start().await.expect("cluster");
+    Cluster { site, tc }
 }
 
 impl Cluster {
     /// Runs qslicectl against the coordinator; it must succeed.
     fn ctl(&self, args: &[&str]) -> String {
         let out = Command::new(qslice_bin("qslicectl").expect("built"))
-            .args(["--coordinator", &self.coordinator.admin, "--timeout", "60s"])
+            .args(["--coordinator", &self.tc.coordinator("c1").admin, "--timeout", "60s"])
             .args(args)
             .output()
             .expect("run qslicectl");
@@ -57,13 +52,13 @@ impl Cluster {
     }
 
     async fn holds(&self, node: &str) -> Vec<u32> {
-        holdings(&mut self.client.clone(), "t", "in").await.remove(node).unwrap_or_default()
+        self.tc.holdings("in").await.remove(node).unwrap_or_default()
     }
 
     /// Waits until posting is done and every one of `posts` posts was accepted with the
     /// queue empty, then returns the report.
     async fn all_accepted(&mut self, posts: usize) -> Report {
-        wait_until(LONG, "posting done", || {
+        wait_for_async(LONG, "posting done", || {
             let done = self.site.posting_done();
             async move { done }
         })
@@ -74,8 +69,8 @@ impl Cluster {
 
     /// Waits until every node's log says `n` warm spares got ready (Mailman initialised).
     async fn warm_spares(&self, n: usize) {
-        for (node, runner) in &self.runners {
-            wait_until(LONG, &format!("{node}'s {n} warm spares ready"), || {
+        for (node, runner) in self.tc.runners() {
+            wait_for_async(LONG, &format!("{node}'s {n} warm spares ready"), || {
                 let ready = runner.log().matches("a warm Mailman slice runner is ready").count();
                 async move { ready >= n }
             })
@@ -85,7 +80,7 @@ impl Cluster {
     }
 
     fn logs(&self) -> String {
-        self.runners.keys().map(|n| format!("--- {n}\n{}\n", qslice_tests::tail(&self.site.spool.scratch(&format!("{n}.log")), 40))).collect()
+        self.tc.runners().keys().map(|n| format!("--- {n}\n{}\n", qslice_tests::tail(&self.site.spool.scratch(&format!("{n}.log")), 40))).collect()
     }
 }
 
@@ -99,7 +94,7 @@ fn assert_each_post_once(report: &Report, posts: usize) {
 }
 
 async fn wait_for_accepts(site: &Site, at_least: usize) {
-    wait_until(LONG, "posts being accepted", || {
+    wait_for_async(LONG, "posts being accepted", || {
         let n = site.report().map(|r| r.accepts.len()).unwrap_or(0);
         async move { n >= at_least }
     })
@@ -118,7 +113,7 @@ async fn drains_and_rebalances_accept_every_post_once_with_nothing_shunted() {
         c.ctl(&["drain", node]);
         assert!(c.holds(node).await.is_empty(), "{node} drained");
         c.ctl(&["uncordon", node]);
-        wait_until(LONG, "the uncordoned node takes slices again (rebalance)", || {
+        wait_for_async(LONG, "the uncordoned node takes slices again (rebalance)", || {
             let c = &c;
             async move { !c.holds(node).await.is_empty() }
         })
@@ -139,15 +134,15 @@ async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_fl
     c.site.post_in_background(300, 100, 40.0).expect("post");
     wait_for_accepts(&c.site, 20).await;
     // The victim is the node holding the most slices.
-    let held = holdings(&mut c.client.clone(), "t", "in").await;
+    let held = holdings(&mut c.tc.client(), "t", "in").await;
     let (victim, orphaned) = held.iter().max_by_key(|(_, s)| s.len()).map(|(n, s)| (n.clone(), s.iter().copied().collect::<BTreeSet<u32>>())).expect("a holder");
     let victim = victim.as_str();
     assert!(!orphaned.is_empty(), "{victim} holds slices");
     let killed_at = unix_now();
-    c.runners.get_mut(victim).expect("victim").kill();
+    c.tc.runner_mut(victim).kill();
     // Each orphaned slice's first ACCEPT by another node's slice runner.
     let mut first: BTreeMap<u32, f64> = BTreeMap::new();
-    wait_until(LONG, "every orphaned slice accepting on another node", || {
+    wait_for_async(LONG, "every orphaned slice accepting on another node", || {
         let r = c.site.report().expect("report");
         for accept in r.accepts.values().flatten().filter(|a| a.0 > killed_at) {
             if let Some(runner) = r.runner_of(accept).filter(|run| run.node != victim && orphaned.contains(&run.slice) && run.count == 4) {
@@ -162,7 +157,7 @@ async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_fl
     .expect("taken over");
     let delays: Vec<f64> = first.values().map(|t| t - killed_at).collect();
     println!("kill -9 of {victim} at {killed_at:.3} -> first ACCEPT of each orphaned slice on another node (TTL {TTL} s): {delays:.3?} s");
-    for (node, p) in &c.runners {
+    for (node, p) in c.tc.runners() {
         let log = p.log();
         let takeover: Vec<&str> = log.lines().filter(|l| l.contains("claimed slice") || l.contains("handed the slice") || l.contains("is running the slice")).collect();
         println!("--- {node}\n{}", takeover.join("\n"));
@@ -195,7 +190,7 @@ async fn a_live_reslice_to_8_and_back_to_4_accepts_every_post_once_without_a_mai
     for slices in [8u32, 4] {
         c.ctl(&["queue", "set", "in", "--slices", &slices.to_string(), "--mailman3"]);
         let site = &c.site;
-        wait_until(LONG, "every slice running under the new count", || {
+        wait_for_async(LONG, "every slice running under the new count", || {
             let running: BTreeSet<u32> = site
                 .report()
                 .map(|r| r.runners.values().filter(|x| x.count == slices && x.stopped.is_none()).map(|x| x.slice).collect())
@@ -222,7 +217,6 @@ async fn a_live_reslice_to_8_and_back_to_4_accepts_every_post_once_without_a_mai
 
 #[tokio::test]
 async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
-    let etcd = Etcd::start().expect("etcd");
     let site = Site::new().expect("site");
     // One host's mailman.cfg is broken: every start of Mailman there fails.
     let broken = site.spool.scratch("broken.cfg");
@@ -231,13 +225,21 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
     let bad_cfg = site.spool.scratch("bad.toml");
     std::fs::write(&bad_cfg, bad_toml).expect("write");
     let good_cfg = site.runner_config("good.toml", "").expect("config");
-    let _coordinator = start_coordinator(&etcd, &site.spool, "c1", "t", &[]).expect("coordinator");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 4).await.expect("queue");
-    let bad = start_runner(&etcd, &site.spool, "bad", "t", &["--config", bad_cfg.to_str().expect("utf8")], &[]).expect("runner");
-    let _good = start_runner(&etcd, &site.spool, "good", "t", &["--config", &good_cfg], &[]).expect("runner");
+    // The bad node never holds its share: wait only until both have registered.
+    let tc = TestCluster::builder()
+        .spool(site.spool.clone())
+        .queue("in", 4)
+        .coordinators(1)
+        .runner_with("bad", &["--config", bad_cfg.to_str().expect("utf8")], &[])
+        .runner_with("good", &["--config", &good_cfg], &[])
+        .ready(Ready::Registered)
+        .ready_timeout(LONG)
+        .start()
+        .await
+        .expect("cluster");
+    let (mut c, bad) = (tc.client(), tc.runner("bad"));
     site.post(60, 0).expect("post");
-    wait_until(LONG, "the good node holds every slice", || async { holdings(&mut c.clone(), "t", "in").await.get("good").is_some_and(|v| v.len() == 4) })
+    wait_for_async(LONG, "the good node holds every slice", || async { holdings(&mut c.clone(), "t", "in").await.get("good").is_some_and(|v| v.len() == 4) })
         .await
         .expect("moved");
     let keys = qslice_proto::keys::Keys::new("t").expect("keys");
@@ -253,7 +255,7 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
     // The host's mailman.cfg is fixed: the refusal ends at once, not after its cooldown,
     // and the node gets its share again.
     std::fs::copy(&site.config, &broken).expect("fix mailman.cfg");
-    wait_until(LONG, "the fixed node holding slices again", || async { holdings(&mut c.clone(), "t", "in").await.get("bad").is_some_and(|v| !v.is_empty()) })
+    wait_for_async(LONG, "the fixed node holding slices again", || async { holdings(&mut c.clone(), "t", "in").await.get("bad").is_some_and(|v| !v.is_empty()) })
         .await
         .expect("refusal lifted");
     assert!(bad.log().contains("refusal lifted"), "{}", bad.log());
@@ -283,7 +285,7 @@ async fn a_supervised_queues_backlog_and_in_flight_entries_show_in_status() {
         serde_json::from_str::<serde_json::Value>(&out).expect("JSON")
     };
     let mut last = serde_json::Value::Null;
-    let shown = wait_until(LONG, "the backlog and the in-flight entry in qslicectl status", || {
+    let shown = wait_for_async(LONG, "the backlog and the in-flight entry in qslicectl status", || {
         last = status();
         let slices = last["slices"].as_array().cloned().unwrap_or_default();
         let depth: u64 = slices.iter().filter_map(|s| s["depth"].as_u64()).sum();
@@ -305,10 +307,10 @@ async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes
     let mut c = cluster(&["r1", "r2"], 4, "spares = 2\n").await;
     // 3 slices: Mailman 3 only slices by powers of two; every node refuses the queue.
     let written = std::time::Instant::now();
-    put_queue(&mut c.client, "t", "in", 3).await.expect("queue");
+    c.tc.put_queue("in", 3).await.expect("queue");
     let status = |c: &Cluster| serde_json::from_str::<serde_json::Value>(&c.ctl(&["status", "--json"])).expect("JSON");
     let mut last = serde_json::Value::Null;
-    wait_until(LONG, "the no-eligible-node alert in qslicectl status", || {
+    wait_for_async(LONG, "the no-eligible-node alert in qslicectl status", || {
         last = status(&c);
         let alerted = last["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.contains("no eligible node") && s.contains("r1") && s.contains("r2"))));
         async move { alerted }
@@ -323,9 +325,9 @@ async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes
     // The fix: a power of two. The refusals end at once and the posts flow again.
     let fixed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs_f64();
     let fixed = std::time::Instant::now();
-    put_queue(&mut c.client, "t", "in", 4).await.expect("queue");
+    c.tc.put_queue("in", 4).await.expect("queue");
     let site = &c.site;
-    wait_until(LONG, "a post accepted after the fix", || {
+    wait_for_async(LONG, "a post accepted after the fix", || {
         let n = site.report().map(|r| r.accepts.values().flatten().filter(|a| a.0 > fixed_at).count()).unwrap_or(0);
         async move { n > 0 }
     })

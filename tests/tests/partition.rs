@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 
 use qslice_proto::keys::Keys;
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
-use qslice_tests::cluster::{assign, claims, client, wait_until, Spool};
+use qslice_tests::cluster::claims;
+use qslice_tests::testcluster::TestCluster;
+use qslice_tests::wait_for_async;
 use qslice_tests::{qslice_bin, wait_for, Etcd, Proc};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -86,10 +88,10 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
         }
     };
     let etcd = Etcd::start_listening_also_on(Some(&ns.host_ip)).expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "p", "in", 4, 0..4).await.expect("assign");
-    let endpoint = format!("http://{}:{}", ns.host_ip, etcd.client_port());
+    // The runner runs in the namespace, started by hand below.
+    let tc = TestCluster::builder().etcd(etcd).assign("p", "in", 4, 0..4).start().await.expect("cluster");
+    let (spool, c) = (tc.spool(), tc.client());
+    let endpoint = format!("http://{}:{}", ns.host_ip, tc.etcd().client_port());
     let runner = qslice_bin("qslice-runner").expect("built");
     let state = spool.scratch("state-p");
     let handler = spool.recording_handler();
@@ -101,7 +103,7 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
         "--handler", "exec", "--handler-command", &handler,
     ];
     let p = Proc::spawn(std::path::Path::new("ip"), &args, &[], &spool.scratch("p.log")).expect("runner in the namespace");
-    wait_until(LONG, "the runner in the namespace holds 4 claims", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4) })
+    wait_for_async(LONG, "the runner in the namespace holds 4 claims", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4) })
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
 
@@ -127,7 +129,7 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
     );
     assert!(fenced_at < expired_at, "the runner stopped work before etcd could give its slices to anyone else");
     ns.heal();
-    wait_until(LONG, "the runner re-registers and claims again after the partition", || async {
+    wait_for_async(LONG, "the runner re-registers and claims again after the partition", || async {
         claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4)
     })
     .await

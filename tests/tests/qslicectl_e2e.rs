@@ -4,8 +4,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use qslice_tests::cluster::{client, holdings, start_coordinator, start_runner, wait_until, Spool};
-use qslice_tests::{free_port, qslice_bin, Etcd};
+use qslice_tests::cluster::{holdings, Spool};
+use qslice_tests::testcluster::TestCluster;
+use qslice_tests::wait_for_async;
+use qslice_tests::{free_port, qslice_bin};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -41,16 +43,19 @@ impl Ctl {
 
 #[tokio::test]
 async fn every_subcommand_works_against_a_live_cluster() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-token", "tok"]).expect("coordinator");
-    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
-    let _r2 = start_runner(&etcd, &spool, "r2", "t", &[], &[]).expect("runner");
+    let tc = TestCluster::builder()
+        .spool_queues(&["in"])
+        .coordinators(1)
+        .coordinator_args(&["--admin-token", "tok"])
+        .runners(&["r1", "r2"])
+        .start()
+        .await
+        .expect("cluster");
+    let mut c = tc.client();
     // The first address has nobody listening: qslicectl tries the next.
     let dead = format!("127.0.0.1:{}", free_port().expect("port"));
-    let ctl = Ctl { coordinator: format!("{dead},{}", co.admin) };
-    wait_until(LONG, "qslicectl sees both nodes", || async {
+    let ctl = Ctl { coordinator: format!("{dead},{}", tc.coordinator("c1").admin) };
+    wait_for_async(LONG, "qslicectl sees both nodes", || async {
         let (code, out, _) = ctl.run(None, &["--json", "nodes"]);
         code == 0 && serde_json::from_str::<serde_json::Value>(&out).is_ok_and(|v| v.as_array().is_some_and(|a| a.len() == 2))
     })
@@ -74,7 +79,7 @@ async fn every_subcommand_works_against_a_live_cluster() {
     assert_eq!(code, 2, "a usage error exits 2");
 
     ctl.ok(&["queue", "set", "in", "--slices", "4"]);
-    wait_until(LONG, "2 slices each", || async {
+    wait_for_async(LONG, "2 slices each", || async {
         let h = holdings(&mut c.clone(), "t", "in").await;
         h.len() == 2 && h.values().all(|v| v.len() == 2)
     })
@@ -89,9 +94,9 @@ async fn every_subcommand_works_against_a_live_cluster() {
     assert!(ctl.ok(&["queues"]).contains("in"));
 
     ctl.ok(&["cordon", "r1"]);
-    wait_until(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
+    wait_for_async(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
     ctl.ok(&["uncordon", "r1"]);
-    wait_until(LONG, "balanced again", || async {
+    wait_for_async(LONG, "balanced again", || async {
         let h = holdings(&mut c.clone(), "t", "in").await;
         h.len() == 2 && h.values().all(|v| v.len() == 2)
     })
@@ -100,21 +105,21 @@ async fn every_subcommand_works_against_a_live_cluster() {
     let h = holdings(&mut c, "t", "in").await;
     let s = h["r1"][0].to_string();
     ctl.ok(&["pin", "in", &s, "r2"]);
-    wait_until(LONG, "the pinned slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][0])) })
+    wait_for_async(LONG, "the pinned slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][0])) })
         .await
         .expect("pin");
     ctl.ok(&["unpin", "in", &s]);
     let other = h["r1"][1].to_string();
     ctl.ok(&["move", "in", &other, "r2"]);
-    wait_until(LONG, "the moved slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][1])) })
+    wait_for_async(LONG, "the moved slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][1])) })
         .await
         .expect("move");
     // Freeze an imbalance under maintenance: the dry run shows what would move, and an
     // applied rebalance is refused until maintenance is off.
     ctl.ok(&["cordon", "r1"]);
-    wait_until(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
+    wait_for_async(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
     ctl.ok(&["maintenance", "on"]);
-    wait_until(LONG, "status says maintenance", || async { ctl.json(&["status"])["maintenance"] == true }).await.expect("maintenance");
+    wait_for_async(LONG, "status says maintenance", || async { ctl.json(&["status"])["maintenance"] == true }).await.expect("maintenance");
     ctl.ok(&["uncordon", "r1"]);
     let dry = ctl.json(&["rebalance", "--dry-run"]);
     assert_eq!(dry["moves"].as_array().map(Vec::len), Some(2), "two slices would move back to r1: {dry}");
@@ -125,16 +130,16 @@ async fn every_subcommand_works_against_a_live_cluster() {
     assert_eq!(holdings(&mut c, "t", "in").await.get("r2").map(Vec::len), Some(4), "nothing moved in maintenance");
     ctl.ok(&["maintenance", "off"]);
     ctl.ok(&["rebalance"]);
-    wait_until(LONG, "rebalanced", || async {
+    wait_for_async(LONG, "rebalanced", || async {
         let h = holdings(&mut c.clone(), "t", "in").await;
         h.len() == 2 && h.values().all(|v| v.len() == 2)
     })
     .await
     .expect("rebalance");
     ctl.ok(&["queue", "pause", "in"]);
-    wait_until(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("pause");
+    wait_for_async(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("pause");
     ctl.ok(&["queue", "resume", "in"]);
-    wait_until(LONG, "claims back", || async { holdings(&mut c.clone(), "t", "in").await.values().map(Vec::len).sum::<usize>() == 4 }).await.expect("resume");
+    wait_for_async(LONG, "claims back", || async { holdings(&mut c.clone(), "t", "in").await.values().map(Vec::len).sum::<usize>() == 4 }).await.expect("resume");
 
     // drain streams progress and ends done; events prints what happens.
     let out = ctl.ok(&["drain", "r1", "--timeout-seconds", "60"]);
@@ -148,7 +153,7 @@ async fn every_subcommand_works_against_a_live_cluster() {
     let lines = events.join().expect("events thread");
     assert!(lines.iter().all(|l| l.get("kind").is_some()), "{lines:?}");
     ctl.ok(&["queue", "delete", "in"]);
-    wait_until(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("delete");
+    wait_for_async(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("delete");
 }
 
 impl Ctl {
@@ -161,16 +166,21 @@ impl Ctl {
 
 #[tokio::test]
 async fn the_admin_api_over_mutual_tls_needs_the_right_ca_and_a_client_certificate() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let pki = qslice_tests::pki::Pki::generate(&spool.scratch("pki"), "qslice-test-ca").expect("certificates");
     let other = qslice_tests::pki::Pki::generate(&spool.scratch("other-pki"), "some-other-ca").expect("certificates");
     let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
-    let co = start_coordinator(&etcd, &spool, "c1", "t", &["--admin-tls-cert", &cert, "--admin-tls-key", &key, "--admin-client-ca", &ca]).expect("coordinator");
-    let https = co.admin.replace("http://", "https://");
+    let tc = TestCluster::builder()
+        .spool(spool)
+        .coordinators(1)
+        .coordinator_args(&["--admin-tls-cert", &cert, "--admin-tls-key", &key, "--admin-client-ca", &ca])
+        .start()
+        .await
+        .expect("cluster");
+    let https = tc.coordinator("c1").admin.replace("http://", "https://");
     let ctl = Ctl { coordinator: https };
     let (client_cert, client_key) = (pki.path("client.pem"), pki.path("client.key"));
-    wait_until(LONG, "queues over mTLS", || async {
+    wait_for_async(LONG, "queues over mTLS", || async {
         ctl.run(None, &["--ca", &ca, "--cert", &client_cert, "--key", &client_key, "queues"]).0 == 0
     })
     .await

@@ -4,25 +4,25 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use qslice_tests::cluster::{assign, claims, client, files_in, start_runner, unassign, wait_until, Spool};
-use qslice_tests::Etcd;
+use qslice_tests::cluster::{claims, files_in};
+use qslice_tests::testcluster::TestCluster;
+use qslice_tests::{wait_for, wait_for_async};
 
 /// Generous bound for things that take a second or two on an idle machine.
 const LONG: Duration = Duration::from_secs(60);
 
 #[tokio::test]
 async fn one_runner_claims_and_drains_every_slice_of_a_queue() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let mut tc = TestCluster::builder().assign("r1", "in", 8, 0..8).start().await.expect("cluster");
+    let spool = tc.spool().clone();
     let q = spool.queue("in");
     let mut names = Vec::new();
     for i in 0..40u32 {
         names.push(q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 8, 8).expect("enqueue").filebase);
     }
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r1", "in", 8, 0..8).await.expect("assign");
-    let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
-    wait_until(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
+    let mut c = tc.client();
+    tc.start_runner("r1").expect("runner");
+    wait_for_async(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
     let held = claims(&mut c, "t", "in").await.expect("claims");
     assert_eq!(held.len(), 8, "every slice claimed: {held:?}");
     assert!(held.values().all(|(n, _)| n == "r1"));
@@ -35,24 +35,19 @@ async fn one_runner_claims_and_drains_every_slice_of_a_queue() {
     for r in spool.records() {
         assert_eq!(held[&r.slice].1, r.epoch, "{r:?}");
     }
-    wait_until(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("empty");
+    wait_for_async(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("empty");
 }
 
 #[tokio::test]
 async fn two_runners_never_hold_one_claim() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
     // A faulty leader assigns the same slices to both.
-    assign(&mut c, "t", "a", "in", 4, 0..4).await.expect("assign");
-    assign(&mut c, "t", "b", "in", 4, 0..4).await.expect("assign");
-    let _a = start_runner(&etcd, &spool, "a", "t", &[], &[]).expect("runner a");
-    let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
+    let tc = TestCluster::builder().assign("a", "in", 4, 0..4).assign("b", "in", 4, 0..4).runners(&["a", "b"]).start().await.expect("cluster");
+    let (spool, mut c) = (tc.spool(), tc.client());
     let q = spool.queue("in");
     for i in 0..40u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
+    wait_for_async(LONG, "all 40 entries finished", || async { spool.finished().len() == 40 }).await.expect("drained");
     let held = claims(&mut c, "t", "in").await.expect("claims");
     assert_eq!(held.len(), 4);
     // Every entry of a slice was processed by the one node holding the slice's claim.
@@ -64,16 +59,19 @@ async fn two_runners_never_hold_one_claim() {
 
 #[tokio::test]
 async fn sigterm_hands_every_slice_over_with_no_entry_lost() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let mut tc = TestCluster::builder()
+        .assign("a", "in", 4, 0..4)
+        .runner_with("a", &["--lease-ttl", "10s"], &[("QSLICE_TEST_DELAY", "0.2")])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, mut c) = (tc.spool().clone(), tc.client());
     let q = spool.queue("in");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "a", "in", 4, 0..4).await.expect("assign");
-    let mut a = start_runner(&etcd, &spool, "a", "t", &["--lease-ttl", "10s"], &[("QSLICE_TEST_DELAY", "0.2")]).expect("runner a");
     for i in 0..30u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "a to start processing", || async { !spool.records().is_empty() }).await.expect("started");
+    wait_for_async(LONG, "a to start processing", || async { !spool.records().is_empty() }).await.expect("started");
+    let a = tc.runner_mut("a");
     a.signal(Signal::SIGTERM).expect("SIGTERM");
     let status = a.wait_exit(LONG).expect("a exits");
     assert!(status.success(), "graceful stop exits 0: {status}\n{}", a.log());
@@ -81,31 +79,28 @@ async fn sigterm_hands_every_slice_over_with_no_entry_lost() {
     assert!(claims(&mut c, "t", "in").await.expect("claims").is_empty());
     let starts = spool.records().iter().filter(|r| r.what == "start").count();
     assert_eq!(spool.finished().len(), starts, "in-flight work finished before exit");
-    unassign(&mut c, "t", "a", "in").await.expect("unassign");
-    assign(&mut c, "t", "b", "in", 4, 0..4).await.expect("assign");
-    let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
-    wait_until(LONG, "all 30 entries finished", || async { spool.finished().len() == 30 }).await.expect("drained");
+    tc.unassign("a", "in").await.expect("unassign");
+    tc.assign("b", "in", 4, 0..4).await.expect("assign");
+    tc.start_runner("b").expect("runner b");
+    wait_for_async(LONG, "all 30 entries finished", || async { spool.finished().len() == 30 }).await.expect("drained");
     assert!(spool.finished().values().all(|n| *n == 1), "no entry twice after a graceful hand-over");
 }
 
 #[tokio::test]
 async fn kill_9_leaves_bak_entries_that_the_next_owner_recovers() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let mut tc = TestCluster::builder().assign("a", "in", 2, 0..2).runner_with("a", &[], &[("QSLICE_TEST_DELAY", "600")]).start().await.expect("cluster");
+    let spool = tc.spool().clone();
     let q = spool.queue("in");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
-    let mut a = start_runner(&etcd, &spool, "a", "t", &[], &[("QSLICE_TEST_DELAY", "600")]).expect("runner a");
     let e0 = q.enqueue_in_slice(b"zero", 0, 2).expect("enqueue").filebase;
     let e1 = q.enqueue_in_slice(b"one", 1, 2).expect("enqueue").filebase;
-    wait_until(LONG, "both entries in flight", || async { spool.records().len() == 2 }).await.expect("in flight");
-    a.kill();
+    wait_for_async(LONG, "both entries in flight", || async { spool.records().len() == 2 }).await.expect("in flight");
+    tc.runner_mut("a").kill();
     let baks: Vec<String> = files_in(q.dir()).into_iter().filter(|f| f.ends_with(".bak")).collect();
     assert_eq!(baks, { let mut v = vec![format!("{e0}.bak"), format!("{e1}.bak")]; v.sort(); v });
-    unassign(&mut c, "t", "a", "in").await.expect("unassign");
-    assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign");
-    let _b = start_runner(&etcd, &spool, "b", "t", &[], &[]).expect("runner b");
-    wait_until(LONG, "b finishes both recovered entries", || async {
+    tc.unassign("a", "in").await.expect("unassign");
+    tc.assign("b", "in", 2, 0..2).await.expect("assign");
+    tc.start_runner("b").expect("runner b");
+    wait_for_async(LONG, "b finishes both recovered entries", || async {
         let f = spool.finished();
         f.contains_key(&e0) && f.contains_key(&e1)
     })
@@ -119,18 +114,16 @@ async fn kill_9_leaves_bak_entries_that_the_next_owner_recovers() {
 
 #[tokio::test]
 async fn malformed_spool_files_land_in_quarantine() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let mut tc = TestCluster::builder().assign("r", "in", 1, [0]).start().await.expect("cluster");
+    let spool = tc.spool().clone();
     let q = spool.queue("in");
     std::fs::write(q.dir().join("no-plus.pck"), b"x").expect("write");
     std::fs::create_dir(q.dir().join("subdir")).expect("mkdir");
     q.enqueue_as(1.0, &"0".repeat(40).parse().expect("digest"), b"").expect("empty entry");
     let good = q.enqueue(b"fine").expect("enqueue").filebase;
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");
-    let _r = start_runner(&etcd, &spool, "r", "t", &[], &[]).expect("runner");
-    wait_until(LONG, "the good entry finished", || async { spool.finished().contains_key(&good) }).await.expect("good");
-    wait_until(LONG, "three files quarantined", || async { files_in(q.quarantine_dir()).len() == 3 }).await.expect("quarantined");
+    tc.start_runner("r").expect("runner");
+    wait_for_async(LONG, "the good entry finished", || async { spool.finished().contains_key(&good) }).await.expect("good");
+    wait_for_async(LONG, "three files quarantined", || async { files_in(q.quarantine_dir()).len() == 3 }).await.expect("quarantined");
     let quarantined = files_in(q.quarantine_dir());
     assert!(quarantined.contains(&"no-plus.pck".to_owned()) && quarantined.contains(&"subdir".to_owned()), "{quarantined:?}");
     assert!(files_in(q.dir()).is_empty());
@@ -138,32 +131,28 @@ async fn malformed_spool_files_land_in_quarantine() {
 
 #[tokio::test]
 async fn a_runner_started_while_etcd_is_down_waits_and_then_works() {
-    let mut etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");
-    etcd.stop();
-    let r = start_runner(&etcd, &spool, "r", "t", &[], &[]).expect("runner");
+    let mut tc = TestCluster::builder().assign("r", "in", 1, [0]).start().await.expect("cluster");
+    let spool = tc.spool().clone();
+    tc.etcd_mut().stop();
+    tc.start_runner("r").expect("runner");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    qslice_tests::wait_for(LONG, "the runner to say etcd is unreachable", || r.log().contains("etcd is unreachable")).expect("logged");
+    wait_for(LONG, "the runner to say etcd is unreachable", || tc.runner("r").log().contains("etcd is unreachable")).expect("logged");
     assert!(spool.records().is_empty(), "nothing processed without a claim");
-    etcd.restart().expect("etcd back");
-    wait_until(LONG, "the entry finished once etcd is up", || async { spool.finished().contains_key(&name) }).await.expect("works");
+    tc.etcd_mut().restart().expect("etcd back");
+    wait_for_async(LONG, "the entry finished once etcd is up", || async { spool.finished().contains_key(&name) }).await.expect("works");
 }
 
 #[tokio::test]
 async fn fast_restart_reclaims_slices_well_under_the_ttl() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign");
-    let mut r = start_runner(&etcd, &spool, "r", "t", &["--lease-ttl", "30s"], &[]).expect("runner");
-    wait_until(LONG, "4 claims", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4).unwrap_or(false) }).await.expect("claimed");
+    let ttl = ["--lease-ttl", "30s"];
+    let mut tc = TestCluster::builder().assign("r", "in", 4, 0..4).runner_with("r", &ttl, &[]).start().await.expect("cluster");
+    let mut c = tc.client();
+    wait_for_async(LONG, "4 claims", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4).unwrap_or(false) }).await.expect("claimed");
     let before = claims(&mut c, "t", "in").await.expect("claims");
-    r.kill();
+    tc.runner_mut("r").kill();
     let killed = Instant::now();
-    let _r2 = start_runner(&etcd, &spool, "r", "t", &["--lease-ttl", "30s"], &[]).expect("restart");
-    wait_until(LONG, "4 new claims", || async {
+    tc.start_runner_with("r", &ttl, &[]).expect("restart");
+    wait_for_async(LONG, "4 new claims", || async {
         claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 4 && m.iter().all(|(s, (_, e))| *e > before[s].1)).unwrap_or(false)
     })
     .await
@@ -174,28 +163,25 @@ async fn fast_restart_reclaims_slices_well_under_the_ttl() {
 
 #[tokio::test]
 async fn a_runner_paused_beyond_its_ttl_starts_nothing_until_it_has_re_registered() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let tc = TestCluster::builder().assign("a", "in", 2, 0..2).runner_with("a", &[], &[("QSLICE_TEST_DELAY", "0.05")]).start().await.expect("cluster");
+    let (spool, mut c, a) = (tc.spool(), tc.client(), tc.runner("a"));
     let q = spool.queue("in");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
-    let a = start_runner(&etcd, &spool, "a", "t", &[], &[("QSLICE_TEST_DELAY", "0.05")]).expect("runner a");
     q.enqueue_in_slice(b"first", 0, 2).expect("enqueue");
-    wait_until(LONG, "a processes the first entry", || async { spool.finished().len() == 1 }).await.expect("first");
+    wait_for_async(LONG, "a processes the first entry", || async { spool.finished().len() == 1 }).await.expect("first");
     let old_epochs: Vec<i64> = claims(&mut c, "t", "in").await.expect("claims").values().map(|(_, e)| *e).collect();
     a.signal(Signal::SIGSTOP).expect("SIGSTOP");
     // Entries arrive while it is frozen; its 2 s lease lapses and etcd drops its claims.
     for i in 0..10u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "the paused runner's claims to expire", || async {
+    wait_for_async(LONG, "the paused runner's claims to expire", || async {
         claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false)
     })
     .await
     .expect("expired");
     let resumed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos();
     a.signal(Signal::SIGCONT).expect("SIGCONT");
-    wait_until(LONG, "all 11 entries finished", || async { spool.finished().len() == 11 }).await.expect("drained");
+    wait_for_async(LONG, "all 11 entries finished", || async { spool.finished().len() == 11 }).await.expect("drained");
     let after: Vec<_> = spool.records().into_iter().filter(|r| r.what == "start" && r.at_ns > resumed_ns).collect();
     assert!(!after.is_empty());
     for r in &after {
@@ -211,22 +197,24 @@ async fn a_runner_paused_beyond_its_ttl_starts_nothing_until_it_has_re_registere
 
 #[tokio::test]
 async fn a_planned_move_releases_before_the_new_owner_claims() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let tc = TestCluster::builder()
+        .assign("a", "in", 2, 0..2)
+        .runner_args(&["--lease-ttl", "30s"])
+        .runner_env(&[("QSLICE_TEST_DELAY", "0.3")])
+        .runners(&["a", "b"])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, mut c) = (tc.spool(), tc.client());
     let q = spool.queue("in");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
-    let delay = [("QSLICE_TEST_DELAY", "0.3")];
-    let _a = start_runner(&etcd, &spool, "a", "t", &["--lease-ttl", "30s"], &delay).expect("runner a");
-    let _b = start_runner(&etcd, &spool, "b", "t", &["--lease-ttl", "30s"], &delay).expect("runner b");
     for i in 0..16u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "a to be busy", || async { spool.records().iter().any(|r| r.node == "a") }).await.expect("busy");
+    wait_for_async(LONG, "a to be busy", || async { spool.records().iter().any(|r| r.node == "a") }).await.expect("busy");
     // The leader moves both slices: new owner first, then the old owner's assignment goes.
-    assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign b");
-    unassign(&mut c, "t", "a", "in").await.expect("unassign a");
-    wait_until(LONG, "all 16 entries finished", || async { spool.finished().len() == 16 }).await.expect("drained");
+    tc.assign("b", "in", 2, 0..2).await.expect("assign b");
+    tc.unassign("a", "in").await.expect("unassign a");
+    wait_for_async(LONG, "all 16 entries finished", || async { spool.finished().len() == 16 }).await.expect("drained");
     let records = spool.records();
     assert!(spool.finished().values().all(|n| *n == 1), "no entry twice in a planned move");
     for slice in 0..2 {
@@ -243,15 +231,12 @@ async fn a_planned_move_releases_before_the_new_owner_claims() {
 
 #[tokio::test]
 async fn metrics_and_readiness_are_served() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
     let port = qslice_tests::free_port().expect("port");
     let addr = format!("127.0.0.1:{port}");
-    let _r = start_runner(&etcd, &spool, "r", "t", &["--metrics-addr", &addr], &[]).expect("runner");
+    let tc = TestCluster::builder().assign("r", "in", 2, 0..2).runner_with("r", &["--metrics-addr", &addr], &[]).start().await.expect("cluster");
+    let spool = tc.spool();
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry finished", || async { spool.finished().contains_key(&name) }).await.expect("done");
+    wait_for_async(LONG, "the entry finished", || async { spool.finished().contains_key(&name) }).await.expect("done");
     let get = |path: &str| -> String {
         use std::io::{Read, Write};
         let Ok(mut s) = std::net::TcpStream::connect(&addr) else { return String::new() };
@@ -261,8 +246,8 @@ async fn metrics_and_readiness_are_served() {
         let _ = s.read_to_string(&mut out);
         out
     };
-    qslice_tests::wait_for(LONG, "/readyz to answer 200", || get("/readyz").starts_with("HTTP/1.0 200")).expect("ready");
-    qslice_tests::wait_for(LONG, "the finished entry in /metrics", || {
+    wait_for(LONG, "/readyz to answer 200", || get("/readyz").starts_with("HTTP/1.0 200")).expect("ready");
+    wait_for(LONG, "the finished entry in /metrics", || {
         get("/metrics").contains("qslice_runner_entries_total{queue=\"in\",outcome=\"finished\"} 1")
     })
     .expect("metrics");
@@ -274,39 +259,39 @@ async fn metrics_and_readiness_are_served() {
 
 #[tokio::test]
 async fn the_worker_handler_drains_a_queue_with_one_coprocess_per_slice() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let mut tc = TestCluster::builder().assign("w", "in", 3, 0..3).start().await.expect("cluster");
+    let spool = tc.spool().clone();
     let q = spool.queue("in");
     for i in 0..60u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 3, 3).expect("enqueue");
     }
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "w", "in", 3, 0..3).await.expect("assign");
     let worker = spool.recording_worker();
-    let _w = start_runner(&etcd, &spool, "w", "t", &["--handler", "worker", "--handler-command", &worker], &[]).expect("runner");
-    wait_until(LONG, "all 60 entries finished", || async { spool.finished().len() == 60 }).await.expect("drained");
+    tc.start_runner_with("w", &["--handler", "worker", "--handler-command", &worker], &[]).expect("runner");
+    wait_for_async(LONG, "all 60 entries finished", || async { spool.finished().len() == 60 }).await.expect("drained");
     assert!(spool.finished().values().all(|n| *n == 1));
     let coprocesses: Vec<u32> = spool.records().iter().filter(|r| r.what == "worker").map(|r| r.slice).collect();
     assert_eq!(coprocesses.len(), 3, "one coprocess per slice, not per entry: {coprocesses:?}");
-    wait_until(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("finished entries unlinked");
+    wait_for_async(LONG, "queue dir empty", || async { files_in(q.dir()).is_empty() }).await.expect("finished entries unlinked");
 }
 
 #[tokio::test]
 async fn in_flight_work_beyond_the_drain_timeout_is_killed_and_recovered_by_the_next_owner() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    let tc = TestCluster::builder()
+        .assign("a", "in", 1, [0])
+        .runner_args(&["--lease-ttl", "30s"])
+        .runner_with("a", &["--drain-timeout", "1s"], &[("QSLICE_TEST_DELAY", "600")])
+        .runners(&["b"])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, a) = (tc.spool(), tc.runner("a"));
     let q = spool.queue("in");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "a", "in", 1, [0]).await.expect("assign");
-    let slow = [("QSLICE_TEST_DELAY", "600")];
-    let a = start_runner(&etcd, &spool, "a", "t", &["--lease-ttl", "30s", "--drain-timeout", "1s"], &slow).expect("runner a");
-    let _b = start_runner(&etcd, &spool, "b", "t", &["--lease-ttl", "30s"], &[]).expect("runner b");
     let name = q.enqueue(b"stuck").expect("enqueue").filebase;
-    wait_until(LONG, "a to start the entry", || async { !spool.records().is_empty() }).await.expect("started");
+    wait_for_async(LONG, "a to start the entry", || async { !spool.records().is_empty() }).await.expect("started");
     let moved = Instant::now();
-    assign(&mut c, "t", "b", "in", 1, [0]).await.expect("assign b");
-    unassign(&mut c, "t", "a", "in").await.expect("unassign a");
-    wait_until(LONG, "b to finish the entry a was stuck on", || async {
+    tc.assign("b", "in", 1, [0]).await.expect("assign b");
+    tc.unassign("a", "in").await.expect("unassign a");
+    wait_for_async(LONG, "b to finish the entry a was stuck on", || async {
         spool.records().iter().any(|r| r.what == "end" && r.node == "b" && r.filebase == name)
     })
     .await
@@ -319,16 +304,14 @@ async fn in_flight_work_beyond_the_drain_timeout_is_killed_and_recovered_by_the_
 
 #[tokio::test]
 async fn slice_figures_are_published_to_etcd_and_logs_can_be_json() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    // Slice 1 has entries and no owner; the holder of slice 0 reports it.
+    let mut tc = TestCluster::builder().assign("r", "in", 2, [0]).start().await.expect("cluster");
+    let (spool, mut c) = (tc.spool().clone(), tc.client());
     let q = spool.queue("in");
     for i in 0..3u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), 1, 2).expect("enqueue");
     }
-    let mut c = client(&etcd).await.expect("client");
-    // Slice 1 has entries and no owner; the holder of slice 0 reports it.
-    assign(&mut c, "t", "r", "in", 2, [0]).await.expect("assign");
-    let r = start_runner(&etcd, &spool, "r", "t", &["--log-format", "json"], &[]).expect("runner");
+    let r = tc.start_runner_with("r", &["--log-format", "json"], &[]).expect("runner");
     let keys = qslice_proto::keys::Keys::new("t").expect("keys");
     async fn read_status(c: &mut etcd_client::Client, key: String) -> Option<(qslice_proto::records::SliceStatus, i64)> {
         use qslice_proto::records::Record;
@@ -337,7 +320,7 @@ async fn slice_figures_are_published_to_etcd_and_logs_can_be_json() {
         Some((qslice_proto::records::SliceStatus::decode(kv.value()).expect("valid status"), kv.lease()))
     }
     let key = keys.status("r", "in");
-    wait_until(LONG, "the status record of r/in", || {
+    wait_for_async(LONG, "the status record of r/in", || {
         let (mut c, key) = (c.clone(), key.clone());
         async move { read_status(&mut c, key).await.is_some() }
     })

@@ -7,11 +7,12 @@ use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use nix::sys::signal::Signal;
-use qslice_proto::keys::Keys;
-use qslice_tests::cluster::{client, leader, start_runner, wait_until, Spool};
-use qslice_tests::{free_port, qslice_bin, Etcd, Proc};
+use qslice_tests::cluster::{leader, Spool};
+use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::wait::Wait;
+use qslice_tests::{free_port, qslice_bin, wait_for_async, Etcd, Proc};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -40,21 +41,21 @@ impl NotifySocket {
     /// Receives until a message has a line equal to `line`; returns how many messages had
     /// arrived before it.
     fn wait_for_line(&mut self, line: &str, timeout: Duration) -> Result<usize> {
-        let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
-        loop {
-            if let Some(i) = self.seen.iter().position(|m| m.lines().any(|l| l == line)) {
-                return Ok(i);
+        // Each look blocks in recv for up to the socket's 100 ms read timeout: no pause.
+        let (sock, seen) = (&self.sock, &mut self.seen);
+        let found = Wait::new(timeout, &format!("{line:?}")).every(Duration::ZERO).poll(|| {
+            if let Some(i) = seen.iter().position(|m| m.lines().any(|l| l == line)) {
+                return Ok(Some(i));
             }
-            if Instant::now() >= deadline {
-                bail!("timed out after {timeout:?} waiting for {line:?}; received {:?}", self.seen);
-            }
-            match self.sock.recv(&mut buf) {
-                Ok(n) => self.seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            match sock.recv(&mut buf) {
+                Ok(n) => seen.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(e) => return Err(e.into()),
             }
-        }
+            Ok(None)
+        });
+        found.map_err(|e| anyhow!("{e}; received {:?}", self.seen))
     }
 
     /// How many received messages have a line equal to `line`.
@@ -63,22 +64,22 @@ impl NotifySocket {
     }
 }
 
-async fn node_registered(etcd: &Etcd, cluster: &str, node: &str) -> Result<bool> {
-    let keys = Keys::new(cluster)?;
-    let mut c = client(etcd).await?;
-    Ok(c.get(keys.node(node), None).await?.count() == 1)
-}
-
 #[tokio::test]
 async fn runner_reports_ready_once_registered_and_stopping_on_sigterm() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
     let mut notify = NotifySocket::bind().expect("socket");
     let socket = notify.env();
-    let mut runner = start_runner(&etcd, &spool, "r1", "t", &[], &[("NOTIFY_SOCKET", socket.as_str())]).expect("runner");
+    // Not waited for: READY=1 is to say when the runner is ready.
+    let mut tc = TestCluster::builder()
+        .spool_queues(&["in"])
+        .runner_with("r1", &[], &[("NOTIFY_SOCKET", socket.as_str())])
+        .ready(Ready::Started)
+        .start()
+        .await
+        .expect("cluster");
     notify.wait_for_line("READY=1", LONG).expect("READY=1");
     // Ready means registered (the node record is in etcd) with the assignment read.
-    assert!(node_registered(&etcd, "t", "r1").await.expect("etcd"), "READY=1 came before the node registered");
+    assert!(tc.is_registered("r1").await, "READY=1 came before the node registered");
+    let runner = tc.runner_mut("r1");
     assert_eq!(notify.count("STOPPING=1"), 0, "STOPPING=1 before any stop: {:?}", notify.seen);
     assert_eq!(notify.count("WATCHDOG=1"), 0, "watchdog pings without WATCHDOG_USEC: {:?}", notify.seen);
 
@@ -92,13 +93,14 @@ async fn runner_reports_ready_once_registered_and_stopping_on_sigterm() {
 
 #[tokio::test]
 async fn runner_pings_the_watchdog_at_half_its_interval() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    // The runner is started by hand below (under a shell that sets WATCHDOG_PID).
+    let tc = TestCluster::builder().spool_queues(&["in"]).start().await.expect("cluster");
+    let spool = tc.spool();
     let mut notify = NotifySocket::bind().expect("socket");
     let runner = qslice_bin("qslice-runner").expect("binary");
     let root = spool.root();
     let state = spool.scratch("state-w");
-    let endpoint = etcd.endpoint();
+    let endpoint = tc.endpoints();
     let args = [
         "-c",
         // systemd sets WATCHDOG_PID to the main process: the shell's pid is the runner's after exec.
@@ -113,7 +115,7 @@ async fn runner_pings_the_watchdog_at_half_its_interval() {
         "--state-dir",
         state.to_str().expect("utf8"),
         "--etcd-endpoints",
-        &endpoint,
+        endpoint,
         "--lease-ttl",
         "2s",
         "--handler-command",
@@ -148,19 +150,20 @@ fn start_coordinator_notifying(etcd: &Etcd, spool: &Spool, id: &str, socket: &st
 
 #[tokio::test]
 async fn leader_and_standby_coordinators_report_ready_once_they_serve_the_admin_api() {
-    let etcd = Etcd::start().expect("etcd");
-    let spool = Spool::new(&["in"]).expect("spool");
+    // The coordinators are started by hand below (with NOTIFY_SOCKET).
+    let tc = TestCluster::builder().spool_queues(&["in"]).start().await.expect("cluster");
+    let (etcd, spool) = (tc.etcd(), tc.spool());
     let mut n1 = NotifySocket::bind().expect("socket");
     let mut n2 = NotifySocket::bind().expect("socket");
-    let (_c1, admin1) = start_coordinator_notifying(&etcd, &spool, "c1", &n1.env()).expect("c1");
-    let (mut c2, admin2) = start_coordinator_notifying(&etcd, &spool, "c2", &n2.env()).expect("c2");
+    let (_c1, admin1) = start_coordinator_notifying(etcd, spool, "c1", &n1.env()).expect("c1");
+    let (mut c2, admin2) = start_coordinator_notifying(etcd, spool, "c2", &n2.env()).expect("c2");
     n1.wait_for_line("READY=1", LONG).expect("c1 READY=1");
     n2.wait_for_line("READY=1", LONG).expect("c2 READY=1");
     for admin in [&admin1, &admin2] {
         std::net::TcpStream::connect(admin.as_str()).unwrap_or_else(|e| panic!("READY=1 but the admin API at {admin} refuses: {e}"));
     }
-    let mut c = client(&etcd).await.expect("client");
-    wait_until(LONG, "a leader", || async { leader(&mut c.clone(), "t").await.is_some() }).await.expect("leader");
+    let mut c = tc.client();
+    wait_for_async(LONG, "a leader", || async { leader(&mut c.clone(), "t").await.is_some() }).await.expect("leader");
     // Both are ready, so one of them is a ready standby.
     let lead = leader(&mut c, "t").await.expect("a leader");
     assert!(["c1", "c2"].contains(&lead.as_str()), "unexpected leader {lead}");

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use qslice_tests::cluster::{assign, claims, client, put_queue, start_coordinator, start_runner, unassign, wait_until, Spool};
-use qslice_tests::{process_alive, wait_for, Etcd};
+use qslice_tests::cluster::{assign, claims, put_queue, unassign, Spool};
+use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::{process_alive, wait_for, wait_for_async};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -44,13 +45,11 @@ fn pids_of(spool: &Spool, what: &str) -> Vec<(u32, u32)> {
 
 #[tokio::test]
 async fn each_claimed_slice_runs_its_own_mailman_runner_and_its_output_is_logged() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = supervise_config(&spool, "runner.toml", "");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign");
-    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "4 supervised runners booted", || async { pids_of(&spool, "boot").len() == 4 }).await.expect("booted");
+    let tc = TestCluster::builder().spool(spool.clone()).assign("r", "in", 4, 0..4).runner_with("r", &["--config", &cfg], &[]).start().await.expect("cluster");
+    let (mut c, r) = (tc.client(), tc.runner("r"));
+    wait_for_async(LONG, "4 supervised runners booted", || async { pids_of(&spool, "boot").len() == 4 }).await.expect("booted");
     let mut slices: Vec<u32> = pids_of(&spool, "boot").iter().map(|(s, _)| *s).collect();
     slices.sort();
     assert_eq!(slices, vec![0, 1, 2, 3], "one runner per slice");
@@ -58,7 +57,7 @@ async fn each_claimed_slice_runs_its_own_mailman_runner_and_its_output_is_logged
     for i in 0..20u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
     }
-    wait_until(LONG, "20 entries finished", || async { spool.finished().len() == 20 }).await.expect("processed");
+    wait_for_async(LONG, "20 entries finished", || async { spool.finished().len() == 20 }).await.expect("processed");
     assert!(spool.finished().values().all(|n| *n == 1));
     let held = claims(&mut c, "t", "in").await.expect("claims");
     for rec in spool.records().iter().filter(|r| r.what == "start") {
@@ -69,23 +68,26 @@ async fn each_claimed_slice_runs_its_own_mailman_runner_and_its_output_is_logged
 
 #[tokio::test]
 async fn a_released_slice_stops_its_runner_between_messages_and_nothing_is_shunted() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = supervise_config(&spool, "runner.toml", "");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "a", "in", 2, 0..2).await.expect("assign");
-    let busy = [("FAKE_BUSY", "0.2")];
-    let _a = start_runner(&etcd, &spool, "a", "t", &["--config", &cfg, "--lease-ttl", "30s"], &busy).expect("runner a");
-    let _b = start_runner(&etcd, &spool, "b", "t", &["--config", &cfg, "--lease-ttl", "30s"], &busy).expect("runner b");
+    let tc = TestCluster::builder().spool(spool.clone())
+        .assign("a", "in", 2, 0..2)
+        .runner_args(&["--config", &cfg, "--lease-ttl", "30s"])
+        .runner_env(&[("FAKE_BUSY", "0.2")])
+        .runners(&["a", "b"])
+        .start()
+        .await
+        .expect("cluster");
+    let mut c = tc.client();
     let q = spool.queue("in");
     for i in 0..40u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_until(LONG, "a's runners busy", || async { spool.records().iter().any(|r| r.what == "start" && r.node == "a") }).await.expect("busy");
+    wait_for_async(LONG, "a's runners busy", || async { spool.records().iter().any(|r| r.what == "start" && r.node == "a") }).await.expect("busy");
     assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign b");
     unassign(&mut c, "t", "a", "in").await.expect("unassign a");
-    wait_until(LONG, "40 entries finished", || async { spool.finished().len() == 40 }).await.expect("processed");
-    wait_until(LONG, "b holds both slices", || async {
+    wait_for_async(LONG, "40 entries finished", || async { spool.finished().len() == 40 }).await.expect("processed");
+    wait_for_async(LONG, "b holds both slices", || async {
         claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "b"))
     })
     .await
@@ -131,13 +133,11 @@ async fn a_released_slice_stops_its_runner_between_messages_and_nothing_is_shunt
 
 #[tokio::test]
 async fn kill_9_of_the_runner_leaves_no_mailman_process() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = supervise_config(&spool, "runner.toml", "");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
-    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    let tc = TestCluster::builder().spool(spool.clone()).assign("r", "in", 2, 0..2).runner_with("r", &["--config", &cfg], &[]).start().await.expect("cluster");
+    let r = tc.runner("r");
+    wait_for_async(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
     let pids: Vec<u32> = pids_of(&spool, "boot").into_iter().map(|(_, p)| p).collect();
     assert!(pids.iter().all(|p| process_alive(*p)));
     r.signal(Signal::SIGKILL).expect("kill -9");
@@ -146,35 +146,41 @@ async fn kill_9_of_the_runner_leaves_no_mailman_process() {
 
 #[tokio::test]
 async fn a_runner_that_keeps_crashing_is_given_up_and_another_node_takes_its_slices() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = supervise_config(&spool, "runner.toml", "max_restarts = 2\nrestart_window = \"60s\"\n");
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 2).await.expect("queue");
-    let _co = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    let crash = [("FAKE_CRASH_ON_NODE", "bad")];
-    let bad = start_runner(&etcd, &spool, "bad", "t", &["--config", &cfg], &crash).expect("runner bad");
+    // bad never holds its share: wait only until it has registered.
+    let mut tc = TestCluster::builder().spool(spool.clone())
+        .queue("in", 2)
+        .coordinators(1)
+        .runner_args(&["--config", &cfg])
+        .runner_env(&[("FAKE_CRASH_ON_NODE", "bad")])
+        .runners(&["bad"])
+        .ready(Ready::Registered)
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
+    let bad = tc.runner("bad");
     wait_for(LONG, "bad's runners to crash and be given up", || bad.log().contains("giving this queue up")).expect("gave up");
-    let _good = start_runner(&etcd, &spool, "good", "t", &["--config", &cfg], &crash).expect("runner good");
-    wait_until(LONG, "good holds both slices", || async {
+    tc.start_runner("good").expect("runner good");
+    wait_for_async(LONG, "good holds both slices", || async {
         claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "good"))
     })
     .await
     .expect("moved");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "the entry processed by good", || async { spool.finished().contains_key(&name) }).await.expect("processed");
+    wait_for_async(LONG, "the entry processed by good", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 }
 
 #[tokio::test]
 async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let mailman_cfg = spool.scratch("mailman.cfg");
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
     let cfg = runner_command_config(&spool, &mailman_cfg);
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 4, 0..4).await.expect("assign 4 slices");
-    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    // The runner refuses the queue: it claims nothing to wait for.
+    let tc = TestCluster::builder().spool(spool.clone()).assign("r", "in", 4, 0..4).runner_with("r", &["--config", &cfg], &[]).ready(Ready::Registered).start().await.expect("cluster");
+    let (mut c, r) = (tc.client(), tc.runner("r"));
     wait_for(LONG, "the mismatch named in the log", || r.log().contains("instances = 2") && r.log().contains("4 slices")).expect("refused");
     assert!(claims(&mut c, "t", "in").await.expect("claims").is_empty(), "nothing claimed under a slicing Mailman would not use");
     let keys = qslice_proto::keys::Keys::new("t").expect("keys");
@@ -182,7 +188,7 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
         let node = c.clone().get(keys.node("r"), None).await.expect("get");
         <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record").refused_queues
     };
-    wait_until(LONG, "the refusal published for the coordinator", || async { refused().await == vec!["in".to_owned()] }).await.expect("published");
+    wait_for_async(LONG, "the refusal published for the coordinator", || async { refused().await == vec!["in".to_owned()] }).await.expect("published");
 
     // --check-config refuses an instance count Mailman 3 itself would reject.
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 3\n").expect("write");
@@ -199,13 +205,11 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
 
 #[tokio::test]
 async fn a_fenced_runner_kills_its_mailman_runners_at_once() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = supervise_config(&spool, "runner.toml", "");
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
-    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    let tc = TestCluster::builder().spool(spool.clone()).assign("r", "in", 2, 0..2).runner_with("r", &["--config", &cfg], &[]).start().await.expect("cluster");
+    let (etcd, r) = (tc.etcd(), tc.runner("r"));
+    wait_for_async(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
     let pids: Vec<u32> = pids_of(&spool, "boot").into_iter().map(|(_, p)| p).collect();
     // etcd freezes: the runner can no longer renew its 2 s lease and fences itself.
     etcd.pause().expect("SIGSTOP etcd");
@@ -216,26 +220,24 @@ async fn a_fenced_runner_kills_its_mailman_runners_at_once() {
     assert!(r.pid().is_some_and(process_alive), "the runner itself lives on and waits for etcd");
     etcd.resume().expect("SIGCONT etcd");
     // Back in touch, it registers anew and starts fresh runners under new claims.
-    wait_until(LONG, "new runners after the fence", || async { pids_of(&spool, "boot").len() >= 4 }).await.expect("restarted");
+    wait_for_async(LONG, "new runners after the fence", || async { pids_of(&spool, "boot").len() >= 4 }).await.expect("restarted");
 }
 
 #[tokio::test]
 async fn a_mailman2_runner_is_stopped_with_sigterm_and_finishes_its_message() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let mailman3 = supervise_config(&spool, "runner.toml", "");
     let cfg_path = spool.scratch("runner2.toml");
     let cfg = std::fs::read_to_string(&mailman3).expect("read").replace("flavour = \"mailman3-runner\"", "flavour = \"mailman2\"");
     std::fs::write(&cfg_path, cfg).expect("write");
     let cfg_path = cfg_path.to_string_lossy().into_owned();
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "a", "in", 1, [0]).await.expect("assign");
     let env = [("FAKE_BUSY", "1"), ("FAKE_MAILMAN2", "1")];
-    let _a = start_runner(&etcd, &spool, "a", "t", &["--config", &cfg_path, "--lease-ttl", "30s"], &env).expect("runner");
+    let tc = TestCluster::builder().spool(spool.clone()).assign("a", "in", 1, [0]).runner_with("a", &["--config", &cfg_path, "--lease-ttl", "30s"], &env).start().await.expect("cluster");
+    let mut c = tc.client();
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
-    wait_until(LONG, "a's runner busy", || async { spool.records().iter().any(|r| r.what == "start") }).await.expect("busy");
+    wait_for_async(LONG, "a's runner busy", || async { spool.records().iter().any(|r| r.what == "start") }).await.expect("busy");
     unassign(&mut c, "t", "a", "in").await.expect("unassign");
-    wait_until(LONG, "a's claim released", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.is_empty()) }).await.expect("released");
+    wait_for_async(LONG, "a's claim released", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.is_empty()) }).await.expect("released");
     let records = spool.records();
     assert!(records.iter().any(|r| r.what == "term-while-busy"), "Mailman 2.1 is signalled at once, even while busy: {records:?}");
     assert!(records.iter().any(|r| r.what == "end" && r.filebase == name), "the message in hand was finished: {records:?}");
@@ -249,14 +251,12 @@ async fn supervised_runners_run_as_the_configured_user() {
         eprintln!("skipped: switching users needs the tests to run as root");
         return;
     }
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = spool.scratch("runner.toml");
     std::fs::write(&cfg, "[supervise.in]\nflavour = \"mailman2\"\ncommand = [\"/bin/sh\", \"-c\", \"echo uid=$(id -u) gid=$(id -g) in $(pwd); exec sleep 600\"]\nuser = \"nobody\"\ngroup = \"nogroup\"\nworkdir = \"/\"\n").expect("write");
     let cfg = cfg.to_string_lossy().into_owned();
-    let mut c = client(&etcd).await.expect("client");
-    assign(&mut c, "t", "r", "in", 1, [0]).await.expect("assign");
-    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
+    let tc = TestCluster::builder().spool(spool.clone()).assign("r", "in", 1, [0]).runner_with("r", &["--config", &cfg], &[]).start().await.expect("cluster");
+    let r = tc.runner("r");
     let nobody = nix::unistd::User::from_name("nobody").expect("lookup").expect("nobody exists");
     let nogroup = nix::unistd::Group::from_name("nogroup").expect("lookup").expect("nogroup exists");
     let want = format!("uid={} gid={} in /", nobody.uid, nogroup.gid);
@@ -265,26 +265,23 @@ async fn supervised_runners_run_as_the_configured_user() {
 
 #[tokio::test]
 async fn a_crashed_runner_is_checked_again_before_its_restart_and_the_refusal_ends_with_the_fix() {
-    let etcd = Etcd::start().expect("etcd");
     let spool = Spool::new(&["in"]).expect("spool");
     let mailman_cfg = spool.scratch("mailman.cfg");
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
     let cfg = runner_command_config(&spool, &mailman_cfg);
-    let mut c = client(&etcd).await.expect("client");
-    put_queue(&mut c, "t", "in", 2).await.expect("queue");
-    assign(&mut c, "t", "r", "in", 2, 0..2).await.expect("assign");
-    let r = start_runner(&etcd, &spool, "r", "t", &["--config", &cfg], &[]).expect("runner");
-    wait_until(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
+    let tc = TestCluster::builder().spool(spool.clone()).queue("in", 2).assign("r", "in", 2, 0..2).runner_with("r", &["--config", &cfg], &[]).start().await.expect("cluster");
+    let (mut c, r) = (tc.client(), tc.runner("r"));
+    wait_for_async(LONG, "2 supervised runners booted", || async { pids_of(&spool, "boot").len() == 2 }).await.expect("booted");
     // mailman.cfg changes under the running children; one of them crashes.
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 4\n").expect("write");
     let (_, pid) = pids_of(&spool, "boot")[0];
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill the child");
     wait_for(LONG, "the restart refused, naming the mismatch", || r.log().contains("instances = 4") && r.log().contains("2 slices")).expect("refused");
     assert_eq!(pids_of(&spool, "boot").len(), 2, "no child was started again under a slicing Mailman would not use");
-    wait_until(LONG, "the queue's claims released", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false) }).await.expect("released");
+    wait_for_async(LONG, "the queue's claims released", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false) }).await.expect("released");
     // Fixed: the refusal ends at once, not after a cooldown.
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
     put_queue(&mut c, "t", "in", 2).await.expect("queue written again");
-    wait_until(LONG, "both slices claimed again", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 2).unwrap_or(false) }).await.expect("claimed again");
+    wait_for_async(LONG, "both slices claimed again", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.len() == 2).unwrap_or(false) }).await.expect("claimed again");
     assert!(r.log().contains("refusal lifted"), "the log says the refusal ended: {}", r.log());
 }

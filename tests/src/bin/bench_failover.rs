@@ -18,7 +18,8 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
-use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, Spool};
+use qslice_tests::wait_for_async;
 use qslice_tests::{Etcd, Proc};
 
 /// Measure failover and drain gaps.
@@ -119,7 +120,7 @@ impl Cluster {
     async fn wait_balanced(&self) -> Result<()> {
         let c = client(&self.etcd).await?;
         let keys = Keys::new("t")?;
-        wait_until(LONG, "4 slices on each of the 3 runners, held by their assigned owners", || async {
+        wait_for_async(LONG, "4 slices on each of the 3 runners, held by their assigned owners", || async {
             let h = holdings(&mut c.clone(), "t", "in").await;
             let balanced = h.len() == 3 && h.values().all(|v| v.len() == 4);
             let Ok(resp) = c.clone().get(keys.assignments_prefix(), Some(etcd_client::GetOptions::new().with_prefix())).await else { return false };
@@ -156,7 +157,7 @@ impl Cluster {
         }
         proc.kill();
         let spool = &self.spool;
-        wait_until(LONG, "each orphaned slice started by a new owner and its backlog finished", || async {
+        wait_for_async(LONG, "each orphaned slice started by a new owner and its backlog finished", || async {
             let records = spool.records();
             let finished = spool.finished();
             slices.iter().all(|s| records.iter().any(|r| r.slice == *s && r.what == "start" && r.node != victim && r.at_ns > killed_ns))
@@ -190,7 +191,7 @@ impl Cluster {
         let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
         let cordoned_ns = now_ns();
         c.put(keys.cordon(node), cordon.encode(), None).await?;
-        wait_until(LONG, "the drained node holds nothing and its slices process elsewhere", || async {
+        wait_for_async(LONG, "the drained node holds nothing and its slices process elsewhere", || async {
             let records = self.spool.records();
             !holdings(&mut c.clone(), "t", "in").await.contains_key(node)
                 && slices.iter().all(|s| records.iter().any(|r| r.slice == *s && r.what == "start" && r.node != node && r.at_ns > cordoned_ns))

@@ -17,6 +17,7 @@ use anyhow::{bail, Result};
 use clap::Parser;
 use qslice_tests::benchkit::{self, round, ProcSample, Table};
 use qslice_tests::cluster::{client, holdings, put_queue};
+use qslice_tests::wait::Wait;
 use qslice_tests::Etcd;
 
 /// Measure the idle footprint of a runner and a coordinator.
@@ -78,16 +79,15 @@ async fn main() -> Result<()> {
         &["--handler", "exec", "--handler-command", &handler],
     )?;
     let started = Instant::now();
-    loop {
-        let h = holdings(&mut c, CLUSTER, QUEUE).await;
-        if h.get("r1").is_some_and(|v| v.len() == args.slices as usize) {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            bail!("the runner did not claim all {} slices within 60 s: {h:?}\nrunner log:\n{}", args.slices, runner.log());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("the runner to claim all {} slices", args.slices);
+    let slices = args.slices as usize;
+    Wait::new(Duration::from_secs(60), &what)
+        .until_async(|| {
+            let mut c = c.clone();
+            async move { holdings(&mut c, CLUSTER, QUEUE).await.get("r1").is_some_and(|v| v.len() == slices) }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}\nrunner log:\n{}", runner.log()))?;
     let ready_ms = started.elapsed().as_secs_f64() * 1000.0;
     println!("runner holds all {} slices {ready_ms:.0} ms after start; settling {SETTLE:?}, then idling {idle:?}", args.slices);
     tokio::time::sleep(SETTLE).await;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use qslice_tests::benchkit::{emit_json, machine, machine_line, round, Table};
+use qslice_tests::wait::Wait;
 use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, Coordinator};
 use qslice_tests::mailman3::{Report, Site};
 use qslice_tests::{qslice_bin, Etcd, Proc};
@@ -51,21 +52,15 @@ fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64()
 }
 
-/// Like `wait_until`, but every 300 ms: each look runs a Python report over Mailman's
-/// logs, and looking more often would load the two cores the hand-offs are measured on.
-async fn poll<F, Fut>(timeout: Duration, what: &str, mut cond: F) -> Result<()>
+/// Waits like the tests, but looks every 300 ms: each look runs a Python report over
+/// Mailman's logs, and looking more often would load the two cores the hand-offs are
+/// measured on.
+async fn poll<F, Fut>(timeout: Duration, what: &str, cond: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !cond().await {
-        if tokio::time::Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    Ok(())
+    Wait::new(timeout, what).every(Duration::from_millis(300)).until_async(cond).await
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
