@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, GetOptions};
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Claim, Cordon, NodeRecord, QueueConfig, Record, RECORD_VERSION};
-use qslice_tests::cluster::{client, holdings, leader, put_queue, start_coordinator, start_runner, wait_until, Spool};
+use qslice_tests::cluster::{client, holdings, leader, put_queue, start_coordinator, start_runner, Spool};
 use qslice_tests::freezer::{process_tree, Freezer};
-use qslice_tests::{free_port, Etcd};
+use qslice_tests::{free_port, wait_for_async, Etcd};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -123,14 +123,14 @@ async fn slices_assigned_to_a_node_that_never_claims_go_to_a_live_runner_within_
     let ghost = Ghost::register(&mut c, "t", "ghost").await;
     let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
     let keys = Keys::new("t").expect("keys");
-    wait_until(LONG, "r1 registered", || async { c.clone().get(keys.node("r1"), None).await.is_ok_and(|r| r.count() == 1) }).await.expect("r1 up");
+    wait_for_async(LONG, "r1 registered", || async { c.clone().get(keys.node("r1"), None).await.is_ok_and(|r| r.count() == 1) }).await.expect("r1 up");
     // The first plan sees both nodes: two slices each.
     let co = start_coordinator(&etcd, &spool, "c1", "t", &[]).expect("coordinator");
-    wait_until(LONG, "the ghost to be assigned slices", || async { !assigned(&mut c.clone(), "t", "ghost", "in").await.is_empty() }).await.expect("ghost assigned");
+    wait_for_async(LONG, "the ghost to be assigned slices", || async { !assigned(&mut c.clone(), "t", "ghost", "in").await.is_empty() }).await.expect("ghost assigned");
     let given = Instant::now();
     // Before the claim deadline, the ghost's slices waited for its lease to end, which
     // the test never lets happen.
-    wait_until(LONG, "r1 to hold all 4 slices while the ghost lives", || async { holdings(&mut c.clone(), "t", "in").await.get("r1").is_some_and(|v| v.len() == 4) })
+    wait_for_async(LONG, "r1 to hold all 4 slices while the ghost lives", || async { holdings(&mut c.clone(), "t", "in").await.get("r1").is_some_and(|v| v.len() == 4) })
         .await
         .expect("the ghost's slices moved to r1");
     eprintln!("slices given to a node that never claims were claimed by r1 {:?} after they were assigned (claim deadline 1 s)", given.elapsed());
@@ -160,13 +160,13 @@ async fn a_claim_no_assignment_gives_its_live_holder_is_fenced_and_one_of_an_unk
     let http = format!("127.0.0.1:{}", free_port().expect("port"));
     let co = start_coordinator(&etcd, &spool, "c1", "t", &["--http-addr", &http]).expect("coordinator");
     // The revoke deadline is 3 s (start_coordinator).
-    wait_until(LONG, "the ghost's lease revoked", || async { !lease_alive(&mut c.clone(), ghost.lease).await }).await.expect("ghost fenced");
+    wait_for_async(LONG, "the ghost's lease revoked", || async { !lease_alive(&mut c.clone(), ghost.lease).await }).await.expect("ghost fenced");
     assert_eq!(c.get(keys.claim("in", 0), None).await.expect("get").count(), 0, "the unexplained claim went with the lease");
-    wait_until(LONG, "the unknown holder's claim alerted", || async { co.proc.log().contains("stranger on lease") }).await.expect("alerted");
+    wait_for_async(LONG, "the unknown holder's claim alerted", || async { co.proc.log().contains("stranger on lease") }).await.expect("alerted");
     let log = co.proc.log();
     assert!(log.contains("alert: ghost holds in/0, which no assignment gives it"), "{log}");
     assert!(lease_alive(&mut c, stranger).await, "a lease the leader cannot explain is alerted on, never revoked");
-    wait_until(LONG, "the metric counts both", || async {
+    wait_for_async(LONG, "the metric counts both", || async {
         let m = metrics(&http);
         m.contains("qslice_coordinator_unexplained_claims_total{action=\"revoked\"} 1") && m.contains("qslice_coordinator_unexplained_claims_total{action=\"alerted\"} 1")
     })
@@ -202,17 +202,17 @@ async fn a_deposed_leader_does_not_revoke_a_lease() {
     let ghost = ghost_holding_a_moved_slice(&mut c).await;
     let _r1 = start_runner(&etcd, &spool, "r1", "t", &[], &[]).expect("runner");
     let c1 = start_coordinator(&etcd, &spool, "c1", "t", &["--revoke-deadline", "4s"]).expect("coordinator");
-    wait_until(LONG, "c1 to lead", || async { leader(&mut c.clone(), "t").await.as_deref() == Some("c1") }).await.expect("c1 leads");
+    wait_for_async(LONG, "c1 to lead", || async { leader(&mut c.clone(), "t").await.as_deref() == Some("c1") }).await.expect("c1 leads");
     let _c2 = start_coordinator(&etcd, &spool, "c2", "t", &["--revoke-deadline", "10m"]).expect("standby");
-    wait_until(LONG, "c1 to move in/0 to r1", || async { assigned(&mut c.clone(), "t", "r1", "in").await == vec![0] }).await.expect("moved");
+    wait_for_async(LONG, "c1 to move in/0 to r1", || async { assigned(&mut c.clone(), "t", "r1", "in").await == vec![0] }).await.expect("moved");
     // c1 loses its election key without noticing (its lease and fence are fine): c2 leads,
     // and c1's rounds write nothing, since the assignment already is what it plans.
     let election = c.get(keys.election(), Some(GetOptions::new().with_prefix())).await.expect("election keys");
     let mine = election.kvs().iter().find(|kv| kv.value() == b"c1").map(|kv| kv.key().to_vec()).expect("c1's election key");
     c.delete(mine, None).await.expect("delete c1's election key");
-    wait_until(LONG, "c2 to lead", || async { leader(&mut c.clone(), "t").await.as_deref() == Some("c2") }).await.expect("c2 leads");
+    wait_for_async(LONG, "c2 to lead", || async { leader(&mut c.clone(), "t").await.as_deref() == Some("c2") }).await.expect("c2 leads");
     // At its revoke deadline c1 confirms leadership first, finds it gone and steps down.
-    wait_until(LONG, "c1 to step down at its revoke deadline", || async { c1.proc.log().contains("stepped down as leader") }).await.expect("c1 stepped down");
+    wait_for_async(LONG, "c1 to step down at its revoke deadline", || async { c1.proc.log().contains("stepped down as leader") }).await.expect("c1 stepped down");
     assert!(lease_alive(&mut c, ghost.lease).await, "the deposed leader revoked a lease:\n{}", c1.proc.log());
     assert!(!c1.proc.log().contains("revoking its lease"), "{}", c1.proc.log());
 }
@@ -227,7 +227,7 @@ async fn a_pause_of_the_leader_does_not_count_toward_the_revoke_deadline() {
     // A 20 s election lease outlives the pause (renewed every 6.7 s, fenced 2 s early),
     // so c1 still leads when it resumes; the revoke deadline is shorter than the pause.
     let c1 = start_coordinator(&etcd, &spool, "c1", "t", &["--lease-ttl", "20s", "--revoke-deadline", "8s"]).expect("coordinator");
-    wait_until(LONG, "c1 to move in/0 to r1", || async { assigned(&mut c.clone(), "t", "r1", "in").await == vec![0] }).await.expect("moved");
+    wait_for_async(LONG, "c1 to move in/0 to r1", || async { assigned(&mut c.clone(), "t", "r1", "in").await == vec![0] }).await.expect("moved");
     let freezer = Freezer::new().expect("freezer");
     freezer.add(&process_tree(c1.proc.pid().expect("pid"))).expect("add");
     freezer.freeze().expect("freeze");
@@ -244,7 +244,7 @@ async fn a_pause_of_the_leader_does_not_count_toward_the_revoke_deadline() {
     }
     assert_eq!(leader(&mut c, "t").await.as_deref(), Some("c1"), "c1 still leads after the pause");
     // The deadline still holds once the leader runs: the ghost is fenced in the end.
-    wait_until(LONG, "the ghost fenced once the leader ran long enough", || async { !lease_alive(&mut c.clone(), ghost.lease).await }).await.expect("fenced");
+    wait_for_async(LONG, "the ghost fenced once the leader ran long enough", || async { !lease_alive(&mut c.clone(), ghost.lease).await }).await.expect("fenced");
     eprintln!("ghost fenced {:?} after the leader's pause ended (revoke deadline 8 s)", thawed.elapsed());
     assert!(thawed.elapsed() >= Duration::from_secs(1));
 }
