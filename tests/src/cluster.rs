@@ -25,6 +25,9 @@ pub struct Spool {
 /// The spool's directory; dropping it kills what its handlers left running.
 struct SpoolDir {
     dir: tempfile::TempDir,
+    /// Where runners find the spool when not at its root: a mount of it (a faulty file
+    /// system); the test itself keeps working on the root.
+    runner_root: std::sync::OnceLock<PathBuf>,
 }
 
 /// One line the recording handler wrote.
@@ -53,7 +56,7 @@ impl Spool {
         for q in queues {
             std::fs::create_dir_all(dir.path().join("spool").join(q))?;
         }
-        Ok(Spool { inner: std::sync::Arc::new(SpoolDir { dir }) })
+        Ok(Spool { inner: std::sync::Arc::new(SpoolDir { dir, runner_root: std::sync::OnceLock::new() }) })
     }
 
     fn dir(&self) -> &Path {
@@ -63,6 +66,16 @@ impl Spool {
     /// The spool root.
     pub fn root(&self) -> PathBuf {
         self.dir().join("spool")
+    }
+
+    /// Runners started from now on see the spool at `path` (a mount of [`Spool::root`]).
+    pub fn serve_runners_from(&self, path: &Path) -> Result<()> {
+        self.inner.runner_root.set(path.to_owned()).map_err(|p| anyhow::anyhow!("runners already see the spool at {}", p.display()))
+    }
+
+    /// Where runners see the spool: its root, or the mount given to [`Spool::serve_runners_from`].
+    pub fn runner_root(&self) -> PathBuf {
+        self.inner.runner_root.get().cloned().unwrap_or_else(|| self.root())
     }
 
     /// A scratch path for logs and state.
@@ -194,7 +207,7 @@ pub fn start_runner_at(endpoints: &str, spool: &Spool, node: &str, cluster: &str
     let state = spool.scratch(&format!("state-{node}"));
     let log = spool.scratch(&format!("{node}.log"));
     let handler = spool.recording_handler();
-    let root = spool.root();
+    let root = spool.runner_root();
     let mut args = vec![
         "--node-id",
         node,

@@ -2,6 +2,11 @@
 //! runners and coordinators are killed with SIGKILL and restarted, a runner is frozen past
 //! its lease TTL, and etcd restarts. At the end the invariant checker must pass.
 //!
+//! The second run does the same with the runners on a faulty file system (a FUSE mount of
+//! the spool, `qslice_testbeds::faultfs`): renames that are done but report ENOENT, stale
+//! listings, EMFILE/EIO/ESTALE on open, renames held for a second. Nothing may be lost or
+//! quarantined, and once it is quiet no `.bak` may be left.
+//!
 //! QSLICE_CHAOS_SECS sets the chaos duration (default 60, which keeps the test under three
 //! minutes); QSLICE_CHAOS_SEED replays a run (the seed is printed).
 
@@ -15,6 +20,8 @@ use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_tests::checker::{check, Disruption, Grant};
 use qslice_tests::cluster::fence_times;
 use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_testbeds::faultfs::{Fault, FaultFs, Match, Op, OpenErrno};
+use qslice_tests::cluster::Spool;
 use qslice_tests::{wait_for_async, Proc};
 use rand::{Rng, SeedableRng};
 
@@ -37,25 +44,61 @@ fn fences(disruptions: &mut Vec<Disruption>, node: &str, runner: &Proc) {
     }
 }
 
+/// The faults of the faulty-spool run, one of each kind first, then at random.
+fn a_fault(rng: &mut impl Rng, round: usize) -> Fault {
+    let errno = [OpenErrno::Emfile, OpenErrno::Eio, OpenErrno::Estale][rng.gen_range(0..3)];
+    match if round < 4 { round } else { rng.gen_range(0..4) } {
+        // A dequeue's rename done but reported ENOENT: the runner thinks another took it,
+        // and the .bak is stranded until the owner's periodic recovery.
+        0 => Fault::RenameThenEnoent(Match::suffix(".pck").times(3)),
+        1 => Fault::OpenError { errno, matching: Match::suffix(".bak").times(4) },
+        2 => Fault::CachedListings { ttl: Duration::from_millis(rng.gen_range(300..1500)) },
+        _ => Fault::Block { op: Op::Rename, duration: Duration::from_millis(rng.gen_range(300..1200)), matching: Match::suffix(".pck").times(1) },
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
+    chaos(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invariants_hold_on_a_faulty_spool_under_kills_pauses_and_etcd_restarts() {
+    chaos(true).await;
+}
+
+async fn chaos(faulty: bool) {
     let secs: u64 = std::env::var("QSLICE_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let seed: u64 = std::env::var("QSLICE_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("chaos: {secs} s, seed {seed} (QSLICE_CHAOS_SEED={seed} replays it)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
     let node_ids = ["r1", "r2", "r3"];
+    let spool = Spool::new(&["in"]).expect("spool");
+    // Declared before the cluster, so it is unmounted after the runners stop.
+    let faultfs = if faulty {
+        let mnt = spool.scratch("mnt");
+        std::fs::create_dir_all(&mnt).expect("mount point");
+        let fs = FaultFs::mount(&spool.root(), &mnt).expect("mount the faulty file system");
+        spool.serve_runners_from(fs.mountpoint()).expect("runners on the mount");
+        Some(fs)
+    } else {
+        None
+    };
+    // A stranded .bak is recovered once older than the handler timeout.
+    let handler_timeout = if faulty { "5s" } else { "300s" };
     // Not waited for: the observer below is to see the first claims too.
     let mut tc = TestCluster::builder()
+        .spool(spool.clone())
         .queue("in", SLICES)
         .coordinators(2)
-        .runner_env(&[("QSLICE_TEST_DELAY", "0.02")])
+        .runner_env(&[("QSLICE_TEST_DELAY", "0.02"), ("QSLICE_HANDLER_TIMEOUT", handler_timeout)])
         .runners(&node_ids)
         .ready(Ready::Started)
         .start()
         .await
         .expect("cluster");
-    let (spool, c) = (tc.spool().clone(), tc.client());
+    let c = tc.client();
 
     // The observer records every claim grant it sees (a claim key created).
     let grants = Arc::new(Mutex::new(Vec::<Grant>::new()));
@@ -101,8 +144,20 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     let mut disruptions: Vec<Disruption> = Vec::new();
     let mut etcd_restarts = 0;
     let started = Instant::now();
+    let mut round = 0;
     while started.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1500..3500))).await;
+        if let Some(fs) = &faultfs {
+            if round >= 4 && rng.gen_range(0..4) == 0 {
+                fs.clear().expect("clear faults");
+                eprintln!("chaos: faults cleared");
+            } else {
+                let fault = a_fault(&mut rng, round);
+                eprintln!("chaos: fault {fault:?}");
+                fs.set(fault).expect("set a fault");
+            }
+        }
+        round += 1;
         let action = rng.gen_range(0..10);
         match action {
             0..=3 => {
@@ -141,6 +196,10 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
     }
     stop_writing.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().expect("writer");
+    let fired = faultfs.as_ref().map(|fs| fs.counters().expect("fault counters"));
+    if let Some(fs) = &faultfs {
+        fs.clear().expect("clear faults");
+    }
     let total = enqueued.lock().expect("enqueued").len();
     let q = spool.queue("in");
     let bad = spool.root().join("bad");
@@ -157,8 +216,21 @@ async fn invariants_hold_under_kills_pauses_and_etcd_restarts() {
         fences(&mut disruptions, id, tc.runner(id));
     }
 
+    // Once quiet, nothing is left in flight: stranded .bak files were recovered too.
+    wait_for_async(Duration::from_secs(60), "no .bak left in the queue", || async {
+        std::fs::read_dir(q.dir()).map(|rd| rd.flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".bak"))).unwrap_or(false)
+    })
+    .await
+    .expect("no .bak left");
+    let quarantined = names_in(q.quarantine_dir());
+    assert!(quarantined.is_empty(), "every entry was good mail; a fault of the moment must not quarantine it: {quarantined:?}");
+    if let Some(fired) = fired {
+        eprintln!("faults fired: {fired:?}");
+        assert!(fired.renames_then_enoent > 0 && fired.open_errors > 0, "the faults reached the runners: {fired:?}");
+    }
+
     let mut preserved = names_in(&bad);
-    preserved.extend(names_in(q.quarantine_dir()));
+    preserved.extend(quarantined);
     let report = check(&enqueued.lock().expect("enqueued"), &spool.records(), &preserved, &grants.lock().expect("grants"), &disruptions);
     eprintln!("chaos report: {}", report.summary());
     eprintln!("disruptions: {}", disruptions.iter().map(|d| format!("{} {}", d.what, d.node)).collect::<Vec<_>>().join(", "));
