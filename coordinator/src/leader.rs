@@ -677,7 +677,7 @@ mod tests {
         let barrier = BTreeSet::from(["in".to_owned()]);
         // The snapshot saw claim in/0; nothing changed since: the write goes through.
         let seen = client.put(keys.claim("in", 0), "c", None).await.expect("put").header().expect("header").revision();
-        assert_eq!(guarded_write(&mut client, &keys, &leader, &[assignment.clone()], &barrier, seen).await, WriteOutcome::Written);
+        assert_eq!(guarded_write(&mut client, &keys, &leader, std::slice::from_ref(&assignment), &barrier, seen).await, WriteOutcome::Written);
         // A claim the snapshot did not see fails it, and nothing is written.
         client.put(keys.claim("in", 1), "c", None).await.expect("put");
         let late = Write::Put(keys.assignment("n1", "in"), b"b".to_vec());
