@@ -681,14 +681,14 @@ mod tests {
         // A claim the snapshot did not see fails it, and nothing is written.
         client.put(keys.claim("in", 1), "c", None).await.expect("put");
         let late = Write::Put(keys.assignment("n1", "in"), b"b".to_vec());
-        assert_eq!(guarded_write(&mut client, &keys, &leader, &[late.clone()], &barrier, seen).await, WriteOutcome::Stale);
+        assert_eq!(guarded_write(&mut client, &keys, &leader, std::slice::from_ref(&late), &barrier, seen).await, WriteOutcome::Stale);
         let stored = client.get(keys.assignment("n1", "in"), None).await.expect("get");
         assert_eq!(stored.kvs().first().map(|kv| kv.value().to_vec()), Some(b"a".to_vec()), "the stale write left the key alone");
         // Without the barrier the same write goes through (what the leader did before).
-        assert_eq!(guarded_write(&mut client, &keys, &leader, &[late.clone()], &BTreeSet::new(), seen).await, WriteOutcome::Written);
+        assert_eq!(guarded_write(&mut client, &keys, &leader, std::slice::from_ref(&late), &BTreeSet::new(), seen).await, WriteOutcome::Written);
         // A queue with no claims at all passes (an empty range compares as revision 0).
         let other = Write::Put(keys.assignment("n1", "other"), b"o".to_vec());
-        assert_eq!(guarded_write(&mut client, &keys, &leader, &[other.clone()], &BTreeSet::from(["other".to_owned()]), 1).await, WriteOutcome::Written);
+        assert_eq!(guarded_write(&mut client, &keys, &leader, std::slice::from_ref(&other), &BTreeSet::from(["other".to_owned()]), 1).await, WriteOutcome::Written);
         assert_eq!(confirm_leadership(&mut client, &leader).await, Ok(true));
         // The election key gone: every write and the confirmation say deposed.
         client.delete(leader.key(), None).await.expect("delete");
