@@ -324,12 +324,12 @@ pub fn start_coordinator_at(endpoints: &str, spool: &Spool, id: &str, cluster: &
     Ok(Coordinator { proc, admin: format!("http://{admin_addr}"), http: None })
 }
 
-/// Writes a queue's configuration, as the admin API would.
-pub async fn put_queue(client: &mut Client, cluster: &str, queue: &str, slices: u32) -> Result<()> {
+/// Writes a queue's configuration; returns the revision it was written at (the key's mod revision), as the admin API would.
+pub async fn put_queue(client: &mut Client, cluster: &str, queue: &str, slices: u32) -> Result<i64> {
     let keys = Keys::new(cluster)?;
     let record = qslice_proto::records::QueueConfig { v: RECORD_VERSION, name: queue.into(), slices, paused: false, mailman3: false };
-    client.put(keys.queue(queue), record.encode(), None).await?;
-    Ok(())
+    let resp = client.put(keys.queue(queue), record.encode(), None).await?;
+    Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
 }
 
 /// The id of the current coordinator leader, if any.

@@ -489,7 +489,7 @@ impl TestCluster {
 
     /// Writes a queue's configuration, as the admin API would.
     pub async fn put_queue(&self, queue: &str, slices: u32) -> Result<()> {
-        cluster::put_queue(&mut self.client(), &self.cluster, queue, slices).await
+        cluster::put_queue(&mut self.client(), &self.cluster, queue, slices).await.map(drop)
     }
 
     /// Writes the assignment of `slices` of `queue` (of `total`) to `node`, as a leader would.

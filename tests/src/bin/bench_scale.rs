@@ -12,9 +12,9 @@
 //! each, kept alive every TTL/3 on its own keepalive stream, and a node record on it),
 //! watches the assignment (one watch on `assign/`, dispatched to the members by key;
 //! a real runner watches its own `assign/<node>/`) and claims each assigned slice with a
-//! create-if-absent transaction on the member's lease, one slice per request, as
-//! `runner/src/owner.rs` does (released slices' claims are deleted the same way, failed
-//! claims retried every 100 ms). Members publish no slice figures and process no entries.
+//! create-if-absent transaction on the member's lease, one slice per request, with the
+//! runner's own claim and release transactions (`qslice_runner::claims`; failed claims
+//! retried every 100 ms). Members publish no slice figures and process no entries.
 //! Then one member "dies" (its lease is revoked), and the benchmark measures the time
 //! until all its slices are claimed by others, the etcd requests that took (etcd's own
 //! Prometheus counters), and the coordinator's memory and CPU; then one member joins.
@@ -36,6 +36,7 @@ use qslice_coordinator::planner::{plan, NodeSpec, Plan, PlanInput, PlanOptions, 
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{Assignment, Claim, NodeRecord, Record, RECORD_VERSION};
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_runner::claims::{claim_txn, release_txn, QueueRevision};
 use qslice_tests::benchkit::{self, round, EtcdLoad, Metrics, ProcSample, Table};
 use qslice_tests::cluster::{client, leader, put_queue};
 use qslice_tests::Etcd;
@@ -279,6 +280,8 @@ struct Shared {
     keepalives_sent: AtomicU64,
     /// Keepalive failures (a member whose lease lapsed would spoil the figures).
     keepalive_failures: AtomicU64,
+    /// The queue record's revision, which every claim compares (the reslice barrier).
+    queue_revision: Mutex<QueueRevision>,
 }
 
 impl Shared {
@@ -454,10 +457,7 @@ impl MemberLoop {
             if cancel.is_cancelled() {
                 return;
             }
-            let key = self.shared.keys.claim(&queue, slice);
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, epoch)])
-                .and_then([TxnOp::delete(key.as_str(), None)]);
+            let txn = release_txn(&self.shared.keys, &queue, slice, epoch);
             self.shared.release_txns.fetch_add(1, Ordering::Relaxed);
             if self.client.txn(txn).await.is_ok() {
                 self.held.remove(&(queue, slice));
@@ -480,11 +480,9 @@ impl MemberLoop {
             if cancel.is_cancelled() {
                 return;
             }
-            let key = self.shared.keys.claim(&queue, slice);
             let record = Claim { v: RECORD_VERSION, node_id: self.id.clone(), incarnation: self.incarnation, slices_total: total, claimed_unix_ms: unix_ms() };
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(self.lease)))]);
+            let revision = *self.shared.queue_revision.lock().expect("lock");
+            let txn = claim_txn(&self.shared.keys, &queue, slice, &record, self.lease, revision);
             self.shared.claim_txns.fetch_add(1, Ordering::Relaxed);
             match self.client.txn(txn).await {
                 Ok(resp) if resp.succeeded() => {
@@ -630,6 +628,7 @@ async fn cluster_run(members: usize, slices: u32) -> Result<serde_json::Value> {
         release_txns: AtomicU64::new(0),
         keepalives_sent: AtomicU64::new(0),
         keepalive_failures: AtomicU64::new(0),
+        queue_revision: Mutex::new(QueueRevision::Absent),
     });
     let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
     let coordinator_empty = ProcSample::take(coordinator_pid)?;
@@ -647,7 +646,8 @@ async fn cluster_run(members: usize, slices: u32) -> Result<serde_json::Value> {
     println!("  registered {members} members in {register_s:.2} s");
 
     let put_at = Instant::now();
-    put_queue(&mut c, CLUSTER, QUEUE, slices).await?;
+    let revision = put_queue(&mut c, CLUSTER, QUEUE, slices).await?;
+    *shared.queue_revision.lock().expect("lock") = QueueRevision::At(revision);
     while shared.held_total() < slices as usize {
         if put_at.elapsed() > LONG {
             bail!("only {} of {slices} slices were claimed within {LONG:?}", shared.held_total());
