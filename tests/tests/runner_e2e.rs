@@ -342,3 +342,17 @@ async fn slice_figures_are_published_to_etcd_and_logs_can_be_json() {
         assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
     }
 }
+
+#[tokio::test]
+async fn both_daemons_warn_when_etcd_can_revoke_leases_early() {
+    let out = std::process::Command::new("/usr/bin/etcd").arg("--version").output().expect("etcd --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.lines().find_map(|l| l.strip_prefix("etcd Version: ")).expect("etcd prints its version").trim().to_owned();
+    let tc = TestCluster::builder().queue("in", 2).coordinators(1).runners(&["r1"]).start().await.expect("cluster");
+    let logs = [tc.runner("r1").log(), tc.coordinator("c1").proc.log()];
+    let warned = |log: &str| log.contains("older than 3.4.31 / 3.5.13") && log.contains(&version);
+    match qslice_common::etcd::version_warning(&version) {
+        Some(_) => assert!(logs.iter().all(|l| warned(l)), "etcd {version} is old: both daemons say so\n{}", logs.join("\n---\n")),
+        None => assert!(!logs.iter().any(|l| warned(l)), "etcd {version} is safe: no warning"),
+    }
+}
