@@ -9,6 +9,11 @@
 //! ends. Alerts are checked within [`ALERT_CHECK`] of a change of nodes, queues, claims
 //! or cordons (a refusal shows at once), and every [`FIGURES_CHECK`] for the runners'
 //! figures (which they republish every 5 s).
+//!
+//! For the failover timeline it also remembers how each slice's last claim ended
+//! ([`ClaimEnd`]): whether the holder's lease ended with it (the claim and the node record
+//! went in one etcd revision) and that lease's granted TTL, asked of etcd when the node
+//! joined, so the idle time can be counted from the dead node's last keepalive.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +58,30 @@ pub struct ClusterCache {
     alerted: Mutex<BTreeSet<AlertKey>>,
     /// Something changed that can start or end an alert since the last check.
     alerts_dirty: AtomicBool,
+    /// How each slice's last claim ended, for the failover timeline.
+    claim_ends: Mutex<BTreeMap<SliceKey, ClaimEnd>>,
+    /// Granted TTL (seconds) of each live node's lease, as etcd reported it.
+    lease_ttls: Mutex<BTreeMap<i64, i64>>,
+    /// Leases of nodes that joined whose TTL `run` has yet to ask etcd for.
+    leases_to_ask: Mutex<Vec<i64>>,
+}
+
+/// How a slice's claim ended, as this instance saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClaimEnd {
+    /// The ended claim's epoch (its create revision).
+    pub epoch: i64,
+    /// The etcd revision of the deletion.
+    pub revision: i64,
+    /// When this instance saw the deletion (ms since the Unix epoch).
+    pub at_unix_ms: i64,
+    /// The lease the claim was attached to.
+    pub lease: i64,
+    /// Whether the holder's lease ended in the same revision (expired or revoked): the
+    /// claim was not released by its owner.
+    pub lease_ended: bool,
+    /// The lease's granted TTL in ms, if etcd told it while the node was alive.
+    pub lease_ttl_ms: Option<i64>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -84,20 +113,43 @@ impl ClusterCache {
             settings,
             alerted: Mutex::new(BTreeSet::new()),
             alerts_dirty: AtomicBool::new(false),
+            claim_ends: Mutex::new(BTreeMap::new()),
+            lease_ttls: Mutex::new(BTreeMap::new()),
+            leases_to_ask: Mutex::new(Vec::new()),
         }
     }
 
     /// Keeps the cache current until `shutdown`, and raises and clears alerts.
     pub async fn run(&self, client: Client, shutdown: CancellationToken) {
-        let mut watch = PrefixWatch::new(client, self.keys.root().to_owned());
+        let mut watch = PrefixWatch::new(client.clone(), self.keys.root().to_owned());
         let mut soon = tokio::time::interval(ALERT_CHECK);
         soon.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut figures = tokio::time::interval(FIGURES_CHECK);
         figures.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Lease TTL answers come back here from tasks of their own, so a slow etcd never
+        // holds up the watch.
+        let (ttl_tx, mut ttl_rx) = tokio::sync::mpsc::unbounded_channel::<(i64, i64)>();
         loop {
+            let asks: Vec<i64> = std::mem::take(&mut *self.leases_to_ask.lock().expect("ask lock"));
+            for lease in asks {
+                let (mut client, tx) = (client.clone(), ttl_tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(qslice_common::etcd::REQUEST_TIMEOUT, client.lease_time_to_live(lease, None)).await {
+                        Ok(Ok(r)) if r.granted_ttl() > 0 => {
+                            let _ = tx.send((lease, r.granted_ttl()));
+                        }
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::debug!(lease, error = %e, "cannot read a node's lease TTL; its failovers show the time unowned only"),
+                        Err(_) => tracing::debug!(lease, "reading a node's lease TTL timed out"),
+                    }
+                });
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 update = watch.next() => self.apply(update),
+                Some((lease, ttl)) = ttl_rx.recv() => {
+                    self.lease_ttls.lock().expect("ttl lock").insert(lease, ttl);
+                }
                 _ = soon.tick() => {
                     if self.alerts_dirty.swap(false, Ordering::SeqCst) {
                         self.check_alerts();
@@ -146,6 +198,11 @@ impl ClusterCache {
         self.leader.lock().expect("leader lock").clone()
     }
 
+    /// How the claim of `slice` with `epoch` ended, if this instance saw it end.
+    pub fn claim_end(&self, slice: &SliceKey, epoch: i64) -> Option<ClaimEnd> {
+        self.claim_ends.lock().expect("claim end lock").get(slice).filter(|c| c.epoch == epoch).copied()
+    }
+
     /// Seconds since `slice` lost its claim, if it has none now.
     pub fn unowned_for(&self, slice: &SliceKey) -> Option<f64> {
         let since = *self.unowned_since.lock().expect("unowned lock").get(slice)?;
@@ -176,6 +233,7 @@ impl ClusterCache {
                     }
                 }
                 drop(unowned);
+                self.leases_to_ask.lock().expect("ask lock").extend(view.nodes.values().map(|n| n.lease_id).filter(|l| *l != 0));
                 self.update_leader();
                 true
             }
@@ -207,9 +265,22 @@ impl ClusterCache {
         let Some(key) = self.keys.parse(kv.key()) else { return false };
         match key {
             Key::Node { node } => {
+                if put && old.is_none_or(|o| o.lease != kv.lease()) && kv.lease() != 0 {
+                    self.leases_to_ask.lock().expect("ask lock").push(kv.lease());
+                }
                 if put && old.is_none() {
                     self.emit(Event { node, ..event(Kind::NodeJoined) });
                 } else if !put {
+                    if let Some(lease) = old.map(|o| o.lease).filter(|l| *l != 0) {
+                        // A lease's keys all go in one revision (etcd deletes them in key
+                        // order, claims before nodes): those claims ended with the lease.
+                        for end in self.claim_ends.lock().expect("claim end lock").values_mut() {
+                            if end.lease == lease && end.revision == kv.mod_revision() {
+                                end.lease_ended = true;
+                            }
+                        }
+                        self.lease_ttls.lock().expect("ttl lock").remove(&lease);
+                    }
                     self.emit(Event { node, message: "its lease ended (stopped, crashed or fenced)".into(), ..event(Kind::NodeLeft) });
                 }
             }
@@ -230,9 +301,19 @@ impl ClusterCache {
                     let node = Claim::decode(kv.value()).map(|c| c.node_id).unwrap_or_default();
                     self.emit(Event { node, queue, slice, epoch: kv.create_revision(), ..event(Kind::SliceClaimed) });
                 } else {
-                    self.unowned_since.lock().expect("unowned lock").insert(k, SystemTime::now());
+                    self.unowned_since.lock().expect("unowned lock").insert(k.clone(), SystemTime::now());
                     let holder = old.and_then(|o| Claim::decode(&o.value).ok()).map(|c| c.node_id).unwrap_or_default();
                     let epoch = old.map(|o| o.create_revision).unwrap_or(0);
+                    let lease = old.map(|o| o.lease).unwrap_or(0);
+                    let end = ClaimEnd {
+                        epoch,
+                        revision: kv.mod_revision(),
+                        at_unix_ms: now_ms(),
+                        lease,
+                        lease_ended: false,
+                        lease_ttl_ms: self.lease_ttls.lock().expect("ttl lock").get(&lease).map(|s| s * 1000),
+                    };
+                    self.claim_ends.lock().expect("claim end lock").insert(k, end);
                     // Still assigned to the holder: it did not let go by itself.
                     let still_assigned = {
                         let store = self.store.read().expect("store lock");

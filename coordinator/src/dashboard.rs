@@ -5,7 +5,7 @@
 //!   `/api/status` every second and draws each queue's slices as a grid colored by owner,
 //!   with unowned slices marked, depth and oldest-entry age per slice, slices with a
 //!   message in flight for too long outlined, queues no node may take badged, and a timeline of
-//!   failovers (how long each slice was unowned) and recent events.
+//!   failovers (how long each slice processed nothing, [`idle_time`]) and recent events.
 //! - `/api/status`: the JSON the page draws: [`Admin::status`] with every slice, taken
 //!   through the status rows qslicectl prints ([`crate::status_rows`]), plus the failovers
 //!   and events this instance saw since it started ([`History`]).
@@ -32,7 +32,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::cache::now_ms;
+use crate::cache::{now_ms, ClaimEnd, ClusterCache};
 use crate::leader::LeaderState;
 use crate::status_rows::{status_view, StatusView};
 
@@ -65,8 +65,9 @@ impl Dashboard {
         Dashboard { inner: Arc::new(Inner { admin: OnceLock::new(), leader, metrics, history: Mutex::new(History::default()) }) }
     }
 
-    /// Attaches the admin API's state and records its events until `shutdown`.
-    pub fn attach(&self, admin: Arc<Admin>, shutdown: CancellationToken) {
+    /// Attaches the admin API's state and records its events until `shutdown`; `cache`
+    /// tells how each lost claim ended ([`ClusterCache::claim_end`]).
+    pub fn attach(&self, admin: Arc<Admin>, cache: Arc<ClusterCache>, shutdown: CancellationToken) {
         let mut events = admin.events();
         if self.inner.admin.set(admin).is_err() {
             tracing::warn!("the dashboard is already attached to a cluster");
@@ -80,7 +81,15 @@ impl Dashboard {
                     e = events.recv() => e,
                 };
                 match event {
-                    Ok(e) => inner.history.lock().expect("history lock").record(&e),
+                    Ok(e) => {
+                        let mut history = inner.history.lock().expect("history lock");
+                        // The cache noted how the lost claim ended before it emitted its loss.
+                        let end = match e.kind() {
+                            Kind::SliceClaimed => history.lost_epoch(&e.queue, e.slice).and_then(|epoch| cache.claim_end(&(e.queue.clone(), e.slice), epoch)),
+                            _ => None,
+                        };
+                        history.record_with(&e, end);
+                    }
                     Err(RecvError::Lagged(n)) => tracing::warn!(missed = n, "the dashboard fell behind the event stream; its timeline misses events"),
                     Err(RecvError::Closed) => return,
                 }
@@ -334,7 +343,58 @@ pub struct Failover {
     pub claimed_unix_ms: i64,
     /// How long the slice had no owner.
     pub unowned_ms: i64,
+    /// How long the slice processed nothing: from [`Failover::stopped_unix_ms`] to the new
+    /// claim ([`idle_time`]).
+    pub idle_ms: i64,
+    /// When the slice stopped processing, as well as this instance can tell.
+    pub stopped_unix_ms: i64,
+    /// Where the idle time counts from: `last_keepalive` (the lease expired: its expiry
+    /// minus its TTL), `lease_revoked` (the leader fenced the node), `release` (the owner
+    /// deleted its claim) or `claim_deleted` (how it ended is unknown: the idle time is at least this).
+    pub idle_from: String,
+    /// The same in words, e.g. `lease expired; from last keepalive to new claim`.
+    pub idle_basis: String,
+    /// The old owner's lease TTL, when known.
+    pub lease_ttl_ms: Option<i64>,
 }
+
+/// How long a failed-over slice processed nothing, and from when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Idle {
+    /// When the slice stopped processing (ms since the Unix epoch).
+    pub stopped_unix_ms: i64,
+    /// From then to the new claim.
+    pub idle_ms: i64,
+    /// Where it counts from ([`Failover::idle_from`]).
+    pub from: &'static str,
+    /// The same in words.
+    pub basis: &'static str,
+}
+
+/// The idle time of a slice whose claim went at `lost_ms` and came back at `claimed_ms`,
+/// given how the claim ended (`end`, if this instance saw it) and whether the leader had
+/// just fenced the old owner. A claim that went with its expired lease stopped being worked
+/// no later than the lease's last keepalive (etcd expires a lease TTL after the last one
+/// it got, checking about every 500 ms), so the count starts TTL before the claim went; a
+/// claim released by its owner, or revoked by the leader, was worked until it went. The
+/// runner's keepalive comes every TTL/3, so a node killed between two keepalives did work
+/// up to TTL/3 past the start: the figure is an upper bound by that much, and a lower bound
+/// when nothing is known of how the claim ended.
+pub fn idle_time(lost_ms: i64, claimed_ms: i64, end: Option<&ClaimEnd>, fenced: bool) -> Idle {
+    let (stopped, from, basis) = match end {
+        Some(e) if e.lease_ended && fenced => (lost_ms, "lease_revoked", "lease revoked by the leader; from the revoke to new claim"),
+        Some(ClaimEnd { lease_ended: true, lease_ttl_ms: Some(ttl), .. }) => (lost_ms - ttl, "last_keepalive", "lease expired; from last keepalive to new claim"),
+        Some(e) if e.lease_ended => (lost_ms, "claim_deleted", "lease ended, TTL unknown; at least, from the claim's end to new claim"),
+        Some(_) => (lost_ms, "release", "released by its owner; from the release to new claim"),
+        None => (lost_ms, "claim_deleted", "how the claim ended is unknown; at least, from the claim's end to new claim"),
+    };
+    Idle { stopped_unix_ms: stopped, idle_ms: (claimed_ms - stopped).max(0), from, basis }
+}
+
+/// How close to a lost claim a fence of its holder must be to have caused it: the leader
+/// emits `NODE_FENCED` right after its revoke returns, the cache sees the deletion about
+/// as soon.
+const FENCE_WINDOW_MS: i64 = 5_000;
 
 /// What the timeline remembers: the last [`KEEP_EVENTS`] events and the last
 /// [`KEEP_FAILOVERS`] failovers and hand-offs. Pure: fed one event at a time.
@@ -344,13 +404,27 @@ pub struct History {
     events: VecDeque<EventRow>,
     /// Oldest first.
     failovers: VecDeque<Failover>,
-    /// Slices whose claim went and is not back yet: when, from whom, and whether released.
-    lost: BTreeMap<(String, u32), (i64, String, &'static str)>,
+    /// Slices whose claim went and is not back yet: when, from whom, whether released, and
+    /// the lost claim's epoch.
+    lost: BTreeMap<(String, u32), (i64, String, &'static str, i64)>,
+    /// When the leader last fenced each node (a `NODE_FENCED` event).
+    fenced: BTreeMap<String, i64>,
 }
 
 impl History {
-    /// Records one event; a claim that follows a lost claim of the same slice makes a failover.
+    /// Records one event, knowing nothing of how lost claims ended.
     pub fn record(&mut self, e: &Event) {
+        self.record_with(e, None);
+    }
+
+    /// The epoch of the lost claim of `queue`/`slice`, while it is not claimed again.
+    pub fn lost_epoch(&self, queue: &str, slice: u32) -> Option<i64> {
+        self.lost.get(&(queue.to_owned(), slice)).map(|l| l.3)
+    }
+
+    /// Records one event; a claim that follows a lost claim of the same slice makes a
+    /// failover, with `end` telling how the lost claim ended (for its idle time).
+    pub fn record_with(&mut self, e: &Event, end: Option<ClaimEnd>) {
         let kind = e.kind();
         let is_alert = matches!(kind, Kind::Alert | Kind::AlertCleared) && !e.queue.is_empty();
         let is_slice = matches!(kind, Kind::SliceAssigned | Kind::SliceClaimed | Kind::SliceReleased | Kind::SliceOrphaned) || (is_alert && !e.whole_queue);
@@ -370,13 +444,18 @@ impl History {
         let key = (e.queue.clone(), e.slice);
         match kind {
             Kind::SliceOrphaned => {
-                self.lost.insert(key, (e.time_unix_ms, e.node.clone(), "failover"));
+                self.lost.insert(key, (e.time_unix_ms, e.node.clone(), "failover", e.epoch));
             }
             Kind::SliceReleased => {
-                self.lost.insert(key, (e.time_unix_ms, e.node.clone(), "handoff"));
+                self.lost.insert(key, (e.time_unix_ms, e.node.clone(), "handoff", e.epoch));
+            }
+            Kind::NodeFenced => {
+                self.fenced.insert(e.node.clone(), e.time_unix_ms);
             }
             Kind::SliceClaimed => {
-                if let Some((lost_at, from, cause)) = self.lost.remove(&key) {
+                if let Some((lost_at, from, cause, _)) = self.lost.remove(&key) {
+                    let fenced = self.fenced.get(&from).is_some_and(|t| (t - lost_at).abs() <= FENCE_WINDOW_MS);
+                    let idle = idle_time(lost_at, e.time_unix_ms, end.as_ref(), fenced);
                     let failover = Failover {
                         queue: key.0,
                         slice: key.1,
@@ -386,6 +465,11 @@ impl History {
                         lost_unix_ms: lost_at,
                         claimed_unix_ms: e.time_unix_ms,
                         unowned_ms: (e.time_unix_ms - lost_at).max(0),
+                        idle_ms: idle.idle_ms,
+                        stopped_unix_ms: idle.stopped_unix_ms,
+                        idle_from: idle.from.to_owned(),
+                        idle_basis: idle.basis.to_owned(),
+                        lease_ttl_ms: end.and_then(|e| e.lease_ttl_ms),
                     };
                     push_capped(&mut self.failovers, failover, KEEP_FAILOVERS);
                 }
@@ -441,6 +525,54 @@ mod tests {
         // The first claim of a slice is no failover, and a node event carries no slice.
         let left = h.events().find(|e| e.kind == "node_left").expect("recorded");
         assert_eq!((left.queue.as_deref(), left.slice, left.node.as_deref()), (None, None, Some("r1")));
+    }
+
+    fn end(epoch: i64, at: i64, lease_ended: bool, ttl_ms: Option<i64>) -> ClaimEnd {
+        ClaimEnd { epoch, revision: 7, at_unix_ms: at, lease: 99, lease_ended, lease_ttl_ms: ttl_ms }
+    }
+
+    #[test]
+    fn idle_time_counts_from_the_last_keepalive_when_the_lease_expired() {
+        // Killed at TTL 3 s: the claim went 3.05 s after the last keepalive and came back
+        // 25 ms later; the slice processed nothing for about 3.2 s, not 25 ms.
+        let idle = idle_time(10_000, 10_025, Some(&end(5, 10_000, true, Some(3_000))), false);
+        assert_eq!((idle.stopped_unix_ms, idle.idle_ms, idle.from), (7_000, 3_025, "last_keepalive"));
+        assert_eq!(idle.basis, "lease expired; from last keepalive to new claim");
+        // A claim its owner deleted was worked until then.
+        let idle = idle_time(10_000, 10_025, Some(&end(5, 10_000, false, Some(3_000))), false);
+        assert_eq!((idle.idle_ms, idle.from), (25, "release"));
+        // A lease the leader revoked ended under a live node.
+        let idle = idle_time(10_000, 10_025, Some(&end(5, 10_000, true, Some(3_000))), true);
+        assert_eq!((idle.idle_ms, idle.from), (25, "lease_revoked"));
+        // Nothing known: the time unowned, which is a lower bound.
+        for e in [None, Some(end(5, 10_000, true, None))] {
+            let idle = idle_time(10_000, 10_025, e.as_ref(), false);
+            assert_eq!((idle.idle_ms, idle.from), (25, "claim_deleted"));
+            assert!(idle.basis.contains("at least"), "{}", idle.basis);
+        }
+        // Clocks of two instances may disagree a little: never negative.
+        assert_eq!(idle_time(10_000, 9_990, None, false).idle_ms, 0);
+    }
+
+    #[test]
+    fn a_failover_takes_its_idle_time_from_how_the_claim_ended() {
+        let mut h = History::default();
+        h.record(&Event { epoch: 5, ..ev(Kind::SliceOrphaned, 10_000, "r1", "in", 3) });
+        h.record(&Event { epoch: 6, ..ev(Kind::SliceOrphaned, 10_000, "r1", "in", 4) });
+        h.record(&ev(Kind::NodeLeft, 10_000, "r1", "", 0));
+        assert_eq!(h.lost_epoch("in", 3), Some(5));
+        h.record_with(&ev(Kind::SliceClaimed, 10_025, "r2", "in", 3), Some(end(5, 10_000, true, Some(3_000))));
+        assert_eq!(h.lost_epoch("in", 3), None, "claimed again");
+        // A fence by the leader just before the loss: the node worked until the revoke.
+        h.record(&Event { epoch: 8, ..ev(Kind::SliceOrphaned, 20_000, "r3", "in", 5) });
+        h.record(&ev(Kind::NodeFenced, 20_001, "r3", "in", 5));
+        h.record_with(&ev(Kind::SliceClaimed, 20_040, "r2", "in", 5), Some(end(8, 20_000, true, Some(2_000))));
+        h.record(&ev(Kind::SliceClaimed, 10_030, "r2", "in", 4));
+        let f: Vec<_> = h.failovers().map(|f| (f.slice, f.unowned_ms, f.idle_ms, f.idle_from.as_str(), f.lease_ttl_ms)).collect();
+        assert_eq!(f, vec![(3, 25, 3_025, "last_keepalive", Some(3_000)), (5, 40, 40, "lease_revoked", Some(2_000)), (4, 30, 30, "claim_deleted", None)]);
+        let json = serde_json::to_value(h.failovers().next().expect("one")).expect("json");
+        assert_eq!((json["idle_ms"].as_i64(), json["stopped_unix_ms"].as_i64(), json["unowned_ms"].as_i64()), (Some(3_025), Some(7_000), Some(25)));
+        assert_eq!(json["idle_basis"], "lease expired; from last keepalive to new claim");
     }
 
     #[test]

@@ -23,6 +23,11 @@ const LONG: Duration = Duration::from_secs(60);
 /// Where Debian's chromium package puts the browser; `QSLICE_TEST_CHROMIUM` overrides it.
 const CHROMIUM: &str = "/usr/bin/chromium";
 const SLICES: u32 = 8;
+/// The runners' lease TTL in the test cluster ([`qslice_tests::cluster::start_runner_at`]).
+const RUNNER_TTL_MS: i64 = 2_000;
+/// How far below the TTL a killed runner's idle time may come out: none is expected (it
+/// is the time unowned plus the TTL), a little for rounding.
+const IDLE_MARGIN_MS: i64 = 100;
 
 /// `GET path` over HTTP/1.0: the status code and the body.
 fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
@@ -134,7 +139,9 @@ async fn api_status_shows_the_owners_and_a_dead_runners_failover() {
     })
     .expect("map follows the takeover");
     let after = after.expect("set");
-    // Each of r1's slices is on the timeline as a failover to r2 with its time unowned.
+    // Each of r1's slices is on the timeline as a failover to r2 with its time unowned and
+    // the time it processed nothing: from r1's last keepalive (its lease expired), so at
+    // least the TTL.
     let failovers = after["failovers"].as_array().expect("failovers");
     for s in &r1_slices {
         let f = failovers
@@ -144,6 +151,12 @@ async fn api_status_shows_the_owners_and_a_dead_runners_failover() {
         assert_eq!((f["to"].as_str(), f["cause"].as_str()), (Some("r2"), Some("failover")), "{f}");
         let unowned = f["unowned_ms"].as_i64().expect("unowned_ms");
         assert!((0..LONG.as_millis() as i64).contains(&unowned), "{f}");
+        assert_eq!(f["idle_from"], "last_keepalive", "a kill -9 ends the claim with the lease: {f}");
+        assert_eq!(f["idle_basis"], "lease expired; from last keepalive to new claim", "{f}");
+        assert!(f["lease_ttl_ms"].as_i64().is_some_and(|t| t >= RUNNER_TTL_MS), "r1's lease TTL: {f}");
+        let idle = f["idle_ms"].as_i64().expect("idle_ms");
+        assert!(idle >= RUNNER_TTL_MS - IDLE_MARGIN_MS && idle >= unowned && idle < LONG.as_millis() as i64, "idle time of a kill -9 at TTL 2 s: {f}");
+        assert_eq!(f["stopped_unix_ms"].as_i64().map(|s| f["claimed_unix_ms"].as_i64().unwrap_or(0) - s), Some(idle), "{f}");
     }
     let events = after["events"].as_array().expect("events");
     assert!(events.iter().any(|e| e["kind"] == "node_left" && e["node"] == "r1"), "no node_left for r1: {events:?}");
@@ -245,5 +258,8 @@ async fn chromium_draws_the_slice_map_and_follows_a_takeover() {
             && attrs(&dom, "<li class=\"failover\"", "data-cause").len() == 4
     })
     .unwrap_or_else(|e| panic!("{e}; last DOM:\n{dom}"));
-    assert!(dom.contains("r1 → r2: unowned"), "the failover line names both nodes");
+    assert!(dom.contains("r1 → r2: idle "), "the failover line names both nodes and the idle time");
+    assert!(dom.contains("(lease expired; from last keepalive to new claim; unowned "), "the idle time says what it counts");
+    let idle: Vec<i64> = attrs(&dom, "<b data-idle-ms", "data-idle-ms").iter().filter_map(|v| v.parse().ok()).collect();
+    assert!(idle.len() >= 4 && idle.iter().all(|i| *i >= RUNNER_TTL_MS - IDLE_MARGIN_MS), "idle times on the page: {idle:?}");
 }

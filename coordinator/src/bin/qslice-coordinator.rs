@@ -86,7 +86,7 @@ async fn async_main(cfg: Config) -> ExitCode {
         tokio::spawn(async move { cache.run(client, shutdown).await });
     }
     let admin = Arc::new(Admin::new(client.clone(), keys, cache.clone(), cfg.admin.clone()));
-    dashboard.attach(admin.clone(), shutdown.clone());
+    dashboard.attach(admin.clone(), cache.clone(), shutdown.clone());
     let server = {
         let (admin_cfg, shutdown) = (cfg.admin.clone(), shutdown.clone());
         tokio::spawn(async move {
