@@ -87,6 +87,25 @@ async fn every_subcommand_works_against_a_live_cluster() {
     .expect("balanced");
     let table = ctl.ok(&["status", "--slices"]);
     assert!(table.contains("c1") && table.contains("r1") && table.contains("r2"), "{table}");
+    // The columns say what they are, and `status --help` explains each of them.
+    let header = |first: &str, has: &str| {
+        table.lines().find(|l| l.starts_with(first) && l.contains(has)).unwrap_or_else(|| panic!("no {first}..{has} table:\n{table}")).to_owned()
+    };
+    let columns = |line: String| line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect::<Vec<_>>();
+    assert_eq!(columns(header("NODE ", "HOST")), ["NODE", "HOST", "STATE", "WEIGHT", "SLICES HELD", "QUEUES", "UP", "VERSION"], "{table}");
+    assert_eq!(columns(header("QUEUE ", "SLICES ")), ["QUEUE", "SLICES", "FLAVOUR", "STATE"], "{table}");
+    assert_eq!(
+        columns(header("QUEUE ", "ASSIGNED TO")),
+        ["QUEUE", "SLICE", "ASSIGNED TO", "CLAIMED BY", "EPOCH", "WAITING", "OLDEST WAITING", "OLDEST IN FLIGHT", "UNOWNED FOR"],
+        "{table}"
+    );
+    let queue_row = table.lines().find(|l| l.starts_with("in ")).unwrap_or_else(|| panic!("no row of queue in:\n{table}"));
+    assert!(queue_row.contains("Mailman 2.1"), "the flavour in words: {queue_row}");
+    assert!(table.lines().any(|l| l.starts_with("r1 ") && l.contains(" all ")), "r1 serves all queues: {table}");
+    let help = ctl.ok(&["status", "--help"]);
+    for column in ["SLICES HELD", "FLAVOUR", "Mailman 3", "ASSIGNED TO", "CLAIMED BY", "EPOCH", "OLDEST IN FLIGHT", "UNOWNED FOR", "[desired_owner, pinned]"] {
+        assert!(help.contains(column), "status --help does not explain {column}:\n{help}");
+    }
     let status = ctl.json(&["status", "--slices"]);
     assert_eq!(status["slices"].as_array().map(Vec::len), Some(4), "{status}");
     let queues = ctl.json(&["queues"]);

@@ -64,6 +64,7 @@ enum Command {
         command: SpoolCommand,
     },
     /// Leader and standbys, nodes and queues (and each slice's ownership with --slices).
+    #[command(after_help = render::STATUS_COLUMNS_HELP)]
     Status {
         /// Add a row per slice: owners, epoch, depth, ages.
         #[arg(long)]

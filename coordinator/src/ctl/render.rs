@@ -38,6 +38,48 @@ pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// What every column of `qslicectl status` (and of `nodes` and `queues`) means: the
+/// status subcommand's `--help` prints it, and docs/OPERATIONS.md says the same.
+pub const STATUS_COLUMNS_HELP: &str = "\
+The summary names the cluster, the leading coordinator and the standbys (with their admin
+API addresses), whether maintenance mode is on (only orphaned slices move), and each
+active alert. Then three tables; `-` means none. --json prints the same rows (and a few
+more fields); the names in brackets are its field names, which stay stable.
+
+Runners (also `qslicectl nodes`):
+  NODE              node id [id]
+  HOST              host the runner runs on [host]
+  STATE             ready, or cordoned: takes no new slices [cordoned]
+  WEIGHT            relative share of slices it should get [weight]
+  SLICES HELD       slices it holds claims on now [slices_held]
+  QUEUES            queues it may serve: all, or a list [queues, empty for all]
+  UP                time since this incarnation registered [age_seconds]
+  VERSION           qslice version of the runner [version]
+
+Queues (also `qslicectl queues`):
+  QUEUE             queue name [name]
+  SLICES            slice count [slices]
+  FLAVOUR           whose slicing the queue follows: Mailman 2.1 (any slice count) or
+                    Mailman 3 (a power of two, as in mailman.cfg) [mailman3]
+  STATE             active, paused, reslicing (old claims left), or no eligible node
+                    (refused by / cordoned: who) [state, paused, no_eligible_node, refused_by]
+
+Slices (with --slices):
+  QUEUE             queue name [queue]
+  SLICE             slice number [slice]
+  ASSIGNED TO       node the leader assigned it to, `(pinned)` if pinned [desired_owner, pinned]
+  CLAIMED BY        node that holds its claim now; differs from ASSIGNED TO during a move
+                    [claim_holder]
+  EPOCH             the claim's epoch (etcd create revision), fences older owners [epoch]
+  WAITING           entries waiting in the slice [depth]
+  OLDEST WAITING    age of the oldest waiting entry [oldest_entry_age_seconds]
+  OLDEST IN FLIGHT  age of the oldest entry being handled (a .bak file), `(too long)` past
+                    the coordinator's in_flight_alert_after [in_flight,
+                    oldest_in_flight_age_seconds, in_flight_too_long]
+  UNOWNED FOR       time with no claim holder, `(no eligible node)` if no node may take it
+                    [unowned_seconds, no_eligible_node]
+";
+
 fn dash(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "-".to_owned())
 }
@@ -53,27 +95,27 @@ pub fn render_nodes(nodes: &[NodeRow]) -> String {
                 if n.cordoned { "cordoned" } else { "ready" }.to_owned(),
                 n.weight.to_string(),
                 n.slices_held.to_string(),
-                if n.queues.is_empty() { "*".to_owned() } else { n.queues.join(",") },
+                if n.queues.is_empty() { "all".to_owned() } else { n.queues.join(",") },
                 format_age(n.age_seconds as f64),
                 n.version.clone(),
             ]
         })
         .collect();
-    render_table(&["NODE", "HOST", "STATE", "WEIGHT", "SLICES", "QUEUES", "AGE", "VERSION"], &rows)
+    render_table(&["NODE", "HOST", "STATE", "WEIGHT", "SLICES HELD", "QUEUES", "UP", "VERSION"], &rows)
 }
 
-/// The queues table. MAILMAN says which Mailman's slicing rules the queue follows: `2.1`
-/// (any slice count) or `3` (a power of two, read from mailman.cfg).
+/// The queues table. FLAVOUR says which Mailman's slicing rules the queue follows:
+/// `Mailman 2.1` (any slice count) or `Mailman 3` (a power of two, read from mailman.cfg).
 pub fn render_queues(queues: &[QueueRow]) -> String {
     let rows: Vec<Vec<String>> = queues
         .iter()
-        .map(|q| vec![q.name.clone(), q.slices.to_string(), if q.mailman3 { "3" } else { "2.1" }.to_owned(), q.state.clone()])
+        .map(|q| vec![q.name.clone(), q.slices.to_string(), if q.mailman3 { "Mailman 3" } else { "Mailman 2.1" }.to_owned(), q.state.clone()])
         .collect();
-    render_table(&["QUEUE", "SLICES", "MAILMAN", "STATE"], &rows)
+    render_table(&["QUEUE", "SLICES", "FLAVOUR", "STATE"], &rows)
 }
 
-/// The per-slice table of `status --slices`. IN FLIGHT is the age of the slice's oldest
-/// in-flight entry, marked `(too long)` past the coordinator's `in_flight_alert_after`.
+/// The per-slice table of `status --slices`. OLDEST IN FLIGHT is the age of the slice's
+/// oldest in-flight entry, marked `(too long)` past the coordinator's `in_flight_alert_after`.
 pub fn render_slices(slices: &[SliceRow]) -> String {
     let rows: Vec<Vec<String>> = slices
         .iter()
@@ -106,7 +148,7 @@ pub fn render_slices(slices: &[SliceRow]) -> String {
             ]
         })
         .collect();
-    render_table(&["QUEUE", "SLICE", "DESIRED", "HOLDER", "EPOCH", "DEPTH", "OLDEST", "IN FLIGHT", "UNOWNED"], &rows)
+    render_table(&["QUEUE", "SLICE", "ASSIGNED TO", "CLAIMED BY", "EPOCH", "WAITING", "OLDEST WAITING", "OLDEST IN FLIGHT", "UNOWNED FOR"], &rows)
 }
 
 /// The status as text: a summary, then the nodes, queues and (if asked) slices tables.
@@ -264,23 +306,37 @@ standbys:    coord-b (http://b:7700)
 maintenance: on
 alert:       slice in/1 unowned for 12s
 
-NODE      HOST              STATE     WEIGHT  SLICES  QUEUES  AGE    VERSION
-n1        n1.example        ready     1       4       *       3m05s  0.1.0
-node-two  node-two.example  cordoned  1       4       in,out  3m05s  0.1.0
+NODE      HOST              STATE     WEIGHT  SLICES HELD  QUEUES  UP     VERSION
+n1        n1.example        ready     1       4            all     3m05s  0.1.0
+node-two  node-two.example  cordoned  1       4            in,out  3m05s  0.1.0
 
-QUEUE    SLICES  MAILMAN  STATE
-in       4       2.1      active
-out      8       3        paused
-bounces  1       2.1      no eligible node (refused by n1; cordoned: node-two)
+QUEUE    SLICES  FLAVOUR      STATE
+in       4       Mailman 2.1  active
+out      8       Mailman 3    paused
+bounces  1       Mailman 2.1  no eligible node (refused by n1; cordoned: node-two)
 
-QUEUE    SLICE  DESIRED      HOLDER  EPOCH  DEPTH  OLDEST  IN FLIGHT          UNOWNED
-in       0      n1 (pinned)  n1      42     3      3m05s   12m05s (too long)  -
-in       1      n1           -       -      0      -       4s                 12s
-bounces  0      -            -       -      0      -       -                  30s (no eligible node)
+QUEUE    SLICE  ASSIGNED TO  CLAIMED BY  EPOCH  WAITING  OLDEST WAITING  OLDEST IN FLIGHT   UNOWNED FOR
+in       0      n1 (pinned)  n1          42     3        3m05s           12m05s (too long)  -
+in       1      n1           -           -      0        -               4s                 12s
+bounces  0      -            -           -      0        -               -                  30s (no eligible node)
 ";
         assert_eq!(text, expected);
         let without = render_status(&status_view(&status_reply(), false));
-        assert!(!without.contains("DESIRED"), "no slice table unless asked for:\n{without}");
+        assert!(!without.contains("ASSIGNED TO"), "no slice table unless asked for:\n{without}");
+    }
+
+    #[test]
+    fn the_status_help_explains_every_column_it_prints() {
+        let text = render_status(&status_view(&status_reply(), true));
+        for header in text.lines().filter(|l| l.starts_with("NODE ") || l.starts_with("QUEUE ")) {
+            // Headers are split on two or more blanks: a header may have a blank inside.
+            for column in header.split("  ").map(str::trim).filter(|c| !c.is_empty()) {
+                assert!(STATUS_COLUMNS_HELP.contains(&format!("  {column} ")), "column {column} is not in the help");
+            }
+        }
+        for (field, _) in serde_json::to_value(status_view(&status_reply(), true)).expect("json")["slices"][0].as_object().expect("row") {
+            assert!(STATUS_COLUMNS_HELP.contains(field.as_str()), "JSON field {field} is not in the help");
+        }
     }
 
 
