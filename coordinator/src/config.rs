@@ -39,7 +39,7 @@ pub struct Args {
     /// Lease time to live of the election; a standby takes over about this long after the leader dies [default: 5s].
     #[arg(long, env = "QSLICE_LEASE_TTL", value_parser = humantime::parse_duration)]
     pub lease_ttl: Option<Duration>,
-    /// Address for /metrics, /healthz and /readyz, e.g. 127.0.0.1:9465 [default: none].
+    /// Address for the dashboard, /api/status, /metrics, /healthz and /readyz, e.g. 127.0.0.1:9465; it takes the admin API's token (with protect_reads) and TLS [default: none].
     #[arg(long, env = "QSLICE_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
     /// Planned moves (hand-offs) per reconcile round [default: 128].

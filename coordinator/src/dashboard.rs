@@ -12,14 +12,23 @@
 //!
 //! Any instance, leader or standby, serves the same picture: it comes from the instance's
 //! own cluster cache. `/readyz` answers 200 only on the leader.
+//!
+//! Protections follow the admin API's ([`HttpProtection::of_admin`]): with a token and
+//! `protect_reads`, `/api/status` answers 401 unless the request carries
+//! `Authorization: Bearer <token>`; the page asks for the token and sends it on its
+//! fetches (it holds no data itself, so it is served to anyone). With the admin API's TLS
+//! certificate and key the whole endpoint is served over TLS only. `/metrics`, `/healthz`
+//! and `/readyz` stay open to whoever reaches the address, for Prometheus and probes.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -28,11 +37,17 @@ use qslice_common::health::{self, Readiness};
 use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::{Event, GetStatusResponse};
 use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::cache::{now_ms, ClaimEnd, ClusterCache};
+use crate::config::AdminConfig;
 use crate::leader::LeaderState;
 use crate::status_rows::{status_view, StatusView};
 
@@ -40,6 +55,142 @@ use crate::status_rows::{status_view, StatusView};
 pub const KEEP_EVENTS: usize = 200;
 /// Failovers and hand-offs kept for the timeline (newest win).
 pub const KEEP_FAILOVERS: usize = 100;
+
+/// How long a client may take over its TLS handshake before it is dropped (a stalled
+/// client must not hold a task forever; a real handshake takes milliseconds).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the HTTP endpoint cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// A TLS certificate or key file cannot be read or parsed.
+    #[error("cannot read the HTTP endpoint's TLS file {path}: {source}")]
+    ReadTlsFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// rustls refuses the certificate and key.
+    #[error("the HTTP endpoint's TLS certificate and key are not usable: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    /// The address cannot be bound, or serving failed.
+    #[error("cannot serve HTTP on {addr}: {source}")]
+    Serve {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What guards the endpoint: the admin API's protections, applied to HTTP.
+#[derive(Clone, Default)]
+pub struct HttpProtection {
+    /// The token `/api/status` needs (`Authorization: Bearer`); `None` leaves it open.
+    pub read_token: Option<String>,
+    /// PEM certificate chain and key: serve over TLS only.
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+impl HttpProtection {
+    /// The admin API's protections: its token when it protects reads, its TLS files.
+    /// (Client certificates, `client_ca`, guard the admin API only: browsers and
+    /// Prometheus do not carry them, and the token guards the data.)
+    pub fn of_admin(admin: &AdminConfig) -> HttpProtection {
+        HttpProtection {
+            read_token: admin.token.clone().filter(|_| admin.protect_reads),
+            tls: admin.tls_cert.clone().zip(admin.tls_key.clone()),
+        }
+    }
+}
+
+/// The TLS configuration of certificate chain `cert` and key `key` (PEM files), HTTP/1.1.
+pub fn tls_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, HttpError> {
+    fn read_err(path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> HttpError + '_ {
+        move |source| HttpError::ReadTlsFile { path: path.to_owned(), source }
+    }
+    let certs = CertificateDer::pem_file_iter(cert).map_err(read_err(cert))?.collect::<Result<Vec<_>, _>>().map_err(read_err(cert))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(read_err(key))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(HttpError::TlsConfig)?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(HttpError::TlsConfig)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Connections that finished their TLS handshake, for `axum::serve`. A task accepts TCP
+/// connections and shakes hands with each in a task of its own, so one slow client holds
+/// up no other.
+struct TlsListener {
+    /// Handshaken connections.
+    ready: tokio::sync::mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    /// The bound address.
+    local: SocketAddr,
+}
+
+impl TlsListener {
+    fn start(tcp: TcpListener, acceptor: TlsAcceptor, shutdown: CancellationToken) -> std::io::Result<TlsListener> {
+        let local = tcp.local_addr()?;
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    a = tcp.accept() => a,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(tls)) => {
+                                    let _ = tx.send((tls, peer)).await;
+                                }
+                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake on the HTTP endpoint failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake on the HTTP endpoint timed out"),
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(TlsListener { ready, local })
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(conn) => conn,
+            // The accept task stopped (shutdown): axum stops asking soon.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+    sent.is_some_and(|sent| constant_time_eq::constant_time_eq(sent.trim().as_bytes(), token.as_bytes()))
+}
 
 /// What the endpoint serves from; cheap to clone.
 #[derive(Clone)]
@@ -57,12 +208,14 @@ struct Inner {
     metrics: Option<PrometheusHandle>,
     /// Events and failovers seen since this instance started, fed by a task of `attach`.
     history: Mutex<History>,
+    /// The token `/api/status` needs, if any.
+    read_token: Option<String>,
 }
 
 impl Dashboard {
-    /// A dashboard with no cluster attached yet.
-    pub fn new(leader: Arc<LeaderState>, metrics: Option<PrometheusHandle>) -> Dashboard {
-        Dashboard { inner: Arc::new(Inner { admin: OnceLock::new(), leader, metrics, history: Mutex::new(History::default()) }) }
+    /// A dashboard with no cluster attached yet; `/api/status` needs `read_token` if set.
+    pub fn new(leader: Arc<LeaderState>, metrics: Option<PrometheusHandle>, read_token: Option<String>) -> Dashboard {
+        Dashboard { inner: Arc::new(Inner { admin: OnceLock::new(), leader, metrics, history: Mutex::new(History::default()), read_token }) }
     }
 
     /// Attaches the admin API's state and records its events until `shutdown`; `cache`
@@ -114,13 +267,35 @@ impl Dashboard {
             .merge(health::routes(self.inner.metrics.clone(), readiness))
     }
 
-    /// Serves the routes on `addr` until `shutdown`.
-    pub async fn serve(self, addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
-        health::serve(addr, self.router(), "the dashboard (/), /api/status, /metrics, /healthz and /readyz", shutdown).await
+    /// Serves the routes on `addr` until `shutdown`: over TLS only when `tls` names a
+    /// certificate chain and key, else plain HTTP.
+    pub async fn serve(self, addr: SocketAddr, tls: Option<(PathBuf, PathBuf)>, shutdown: CancellationToken) -> Result<(), HttpError> {
+        let what = if self.inner.read_token.is_some() {
+            "the dashboard (/), /api/status (token required), /metrics, /healthz and /readyz"
+        } else {
+            "the dashboard (/), /api/status, /metrics, /healthz and /readyz"
+        };
+        let serve_err = |source| HttpError::Serve { addr, source };
+        let Some((cert, key)) = tls else {
+            return health::serve(addr, self.router(), what, shutdown).await.map_err(serve_err);
+        };
+        let acceptor = TlsAcceptor::from(Arc::new(tls_config(&cert, &key)?));
+        let tcp = TcpListener::bind(addr).await.map_err(serve_err)?;
+        let listener = TlsListener::start(tcp, acceptor, shutdown.clone()).map_err(serve_err)?;
+        tracing::info!(%addr, "serving {what} over TLS (https)");
+        axum::serve(listener, self.router()).with_graceful_shutdown(async move { shutdown.cancelled().await }).await.map_err(serve_err)
     }
 }
 
-async fn api_status(State(d): State<Dashboard>) -> Response {
+async fn api_status(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
+    if let Some(token) = &d.inner.read_token {
+        if !bearer_matches(&headers, token) {
+            let error = if headers.contains_key(header::AUTHORIZATION) { "the bearer token is not accepted" } else { "this endpoint needs a bearer token (Authorization: Bearer <token>)" };
+            let mut response = json(StatusCode::UNAUTHORIZED, &ErrorBody { error: error.into() });
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"qslice\""));
+            return response;
+        }
+    }
     let Some(admin) = d.inner.admin.get() else {
         return json(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody { error: "this coordinator is not connected to etcd yet".into() });
     };
@@ -573,6 +748,41 @@ mod tests {
         let json = serde_json::to_value(h.failovers().next().expect("one")).expect("json");
         assert_eq!((json["idle_ms"].as_i64(), json["stopped_unix_ms"].as_i64(), json["unowned_ms"].as_i64()), (Some(3_025), Some(7_000), Some(25)));
         assert_eq!(json["idle_basis"], "lease expired; from last keepalive to new claim");
+    }
+
+    #[test]
+    fn the_read_token_guards_the_data_only_when_the_admin_api_protects_reads() {
+        let mut admin = AdminConfig {
+            addr: "127.0.0.1:7700".parse().expect("addr"),
+            token: Some("t0k".into()),
+            protect_reads: false,
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
+            drain_deadline: Duration::from_secs(1),
+        };
+        assert_eq!(HttpProtection::of_admin(&admin).read_token, None, "reads are open on the admin API too");
+        admin.protect_reads = true;
+        admin.tls_cert = Some("/c.pem".into());
+        admin.tls_key = Some("/k.pem".into());
+        let p = HttpProtection::of_admin(&admin);
+        assert_eq!(p.read_token.as_deref(), Some("t0k"));
+        assert_eq!(p.tls, Some(("/c.pem".into(), "/k.pem".into())));
+        let headers = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().expect("header"));
+            h
+        };
+        assert!(bearer_matches(&headers("Bearer t0k"), "t0k"));
+        assert!(!bearer_matches(&headers("Bearer t0k2"), "t0k"));
+        assert!(!bearer_matches(&headers("t0k"), "t0k"), "the scheme is required");
+        assert!(!bearer_matches(&HeaderMap::new(), "t0k"));
+    }
+
+    #[test]
+    fn unreadable_tls_files_name_the_file() {
+        let err = tls_config(Path::new("/nonexistent/c.pem"), Path::new("/nonexistent/k.pem")).expect_err("no such file");
+        assert!(err.to_string().contains("/nonexistent/c.pem"), "{err}");
     }
 
     #[test]

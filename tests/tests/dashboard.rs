@@ -3,6 +3,8 @@
 //! the page itself drawn by headless Chromium (skipped, with a message, when
 //! `/usr/bin/chromium` is not installed). Killing a runner must show in both: its node
 //! leaves the map, its slices turn to the survivor, and the failover is on the timeline.
+//! With the admin API's protections configured the endpoint honours them: the read token
+//! for `/api/status` (the page asks for it), and TLS for all of it.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -31,14 +33,48 @@ const IDLE_MARGIN_MS: i64 = 100;
 
 /// `GET path` over HTTP/1.0: the status code and the body.
 fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    let code = reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("status line")?;
+    http_get_as(addr, path, None)
+}
+
+/// The request of [`http_get`], with `Authorization: Bearer <token>` if given.
+fn request(addr: &str, path: &str, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n")
+}
+
+/// The status code and body of an HTTP reply.
+fn parse_reply(reply: &str) -> Result<(u16, String)> {
+    let code = reply.split_whitespace().nth(1).and_then(|c| c.parse().ok()).with_context(|| format!("no HTTP status line in {reply:?}"))?;
     let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((code, body))
+}
+
+/// [`http_get`] sending a bearer token.
+fn http_get_as(addr: &str, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request(addr, path, token).as_bytes())?;
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes)?;
+    parse_reply(&String::from_utf8_lossy(&bytes))
+}
+
+/// `GET path` over HTTPS with `openssl s_client`, trusting only `ca` and checking that
+/// the certificate is for 127.0.0.1.
+fn https_get(addr: &str, path: &str, ca: &str) -> Result<(u16, String)> {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", addr, "-CAfile", ca, "-verify_return_error", "-verify_ip", "127.0.0.1", "-quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run openssl s_client")?;
+    child.stdin.take().context("stdin")?.write_all(request(addr, path, None).as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() && out.stdout.is_empty() {
+        bail!("openssl s_client failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_reply(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// `/api/status` as JSON, if it answers 200.
@@ -262,4 +298,92 @@ async fn chromium_draws_the_slice_map_and_follows_a_takeover() {
     assert!(dom.contains("(lease expired; from last keepalive to new claim; unowned "), "the idle time says what it counts");
     let idle: Vec<i64> = attrs(&dom, "<b data-idle-ms", "data-idle-ms").iter().filter_map(|v| v.parse().ok()).collect();
     assert!(idle.len() >= 4 && idle.iter().all(|i| *i >= RUNNER_TTL_MS - IDLE_MARGIN_MS), "idle times on the page: {idle:?}");
+}
+
+#[tokio::test]
+async fn with_reads_protected_api_status_needs_the_admin_token_and_the_page_asks_for_it() {
+    let tc = TestCluster::builder()
+        .queue("in", 2)
+        .coordinators(1)
+        .coordinator_args(&["--admin-token", "tok", "--admin-protect-reads", "true"])
+        .dashboards()
+        .runners(&["r1"])
+        .start()
+        .await
+        .expect("cluster");
+    let http = tc.coordinator("c1").http.clone().expect("a dashboard");
+    wait_for(LONG, "/api/status with the token to show both slices owned by r1", || {
+        http_get_as(&http, "/api/status", Some("tok"))
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .is_some_and(|s| owners(&s, "in").values().filter(|o| *o == "r1").count() == 2)
+    })
+    .expect("status with the token");
+    let (code, body) = http_get(&http, "/api/status").expect("no token");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("bearer token") && !body.contains("\"cells\""), "no data without the token: {body}");
+    let (code, body) = http_get_as(&http, "/api/status", Some("nope")).expect("wrong token");
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("not accepted"), "{body}");
+    // Probes and Prometheus need no token; the page holds no data and asks for the token.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(http_get(&http, path).expect(path).0, 200, "{path} stays open");
+    }
+    let (code, page) = http_get(&http, "/").expect("page");
+    assert_eq!(code, 200);
+    assert!(page.contains("id=\"login-token\"") && page.contains("Authorization"), "the page asks for the token and sends it");
+
+    let chromium = std::env::var_os("QSLICE_TEST_CHROMIUM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(CHROMIUM));
+    if !chromium.exists() {
+        eprintln!("SKIPPED (page part): {} is not installed", chromium.display());
+        return;
+    }
+    let profile = tempfile::Builder::new().prefix("qslice-chromium-").tempdir().expect("profile dir");
+    let dom = dump_dom(&chromium, &format!("http://{http}/"), profile.path()).expect("page without the token");
+    assert!(dom.contains("<body data-state=\"login\""), "without the token the page asks for it:\n{dom}");
+    assert!(attrs(&dom, "<div class=\"cell", "data-owner").is_empty(), "no cells without the token");
+    let mut dom = String::new();
+    wait_for(LONG, "the page given the token to draw both slices owned by r1", || {
+        dom = dump_dom(&chromium, &format!("http://{http}/#token=tok"), profile.path()).unwrap_or_default();
+        dom.contains("<body data-state=\"live\"") && attrs(&dom, "<div class=\"cell", "data-owner") == vec!["r1", "r1"]
+    })
+    .unwrap_or_else(|e| panic!("{e}; last DOM:\n{dom}"));
+}
+
+#[tokio::test]
+async fn with_admin_tls_configured_the_endpoint_answers_over_https_only() {
+    let spool = Spool::new(&["in"]).expect("spool");
+    let pki = qslice_tests::pki::Pki::generate(&spool.scratch("pki"), "qslice-test-ca").expect("certificates");
+    let (cert, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
+    let tc = TestCluster::builder()
+        .spool(spool)
+        .queue("in", 2)
+        .coordinators(1)
+        .coordinator_args(&["--admin-tls-cert", &cert, "--admin-tls-key", &key])
+        .dashboards()
+        .runners(&["r1"])
+        .start()
+        .await
+        .expect("cluster");
+    let http = tc.coordinator("c1").http.clone().expect("a dashboard");
+    let mut last = None;
+    wait_for(LONG, "/api/status over HTTPS to show both slices owned by r1", || {
+        last = Some(https_get(&http, "/api/status", &ca));
+        last.as_ref().and_then(|r| r.as_ref().ok()).filter(|(code, _)| *code == 200).and_then(|(_, body)| serde_json::from_str::<Value>(body).ok()).is_some_and(|s| {
+            s["cluster"] == "t" && owners(&s, "in").values().filter(|o| *o == "r1").count() == 2
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}; last answer: {last:?}"));
+    for path in ["/", "/healthz", "/readyz", "/metrics"] {
+        assert_eq!(https_get(&http, path, &ca).expect(path).0, 200, "{path} over HTTPS");
+    }
+    // Plain HTTP gets no answer: the first bytes are no TLS handshake.
+    for path in ["/api/status", "/healthz"] {
+        let plain = http_get(&http, path);
+        assert!(plain.is_err(), "{path} answered over plain HTTP: {plain:?}");
+    }
+    // A client that does not trust the coordinator's CA does not get through.
+    let other = qslice_tests::pki::Pki::generate(&tc.spool().scratch("other-pki"), "some-other-ca").expect("certificates");
+    assert!(https_get(&http, "/healthz", &other.path("ca.pem")).is_err(), "a certificate from an untrusted CA was accepted");
 }

@@ -9,7 +9,7 @@ use clap::Parser;
 use qslice_coordinator::admin::Admin;
 use qslice_coordinator::cache::ClusterCache;
 use qslice_coordinator::config::{Args, Config};
-use qslice_coordinator::dashboard::Dashboard;
+use qslice_coordinator::dashboard::{Dashboard, HttpProtection};
 use qslice_coordinator::leader::LeaderState;
 use tokio_util::sync::CancellationToken;
 
@@ -44,11 +44,13 @@ async fn async_main(cfg: Config) -> ExitCode {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().ok();
     // The HTTP endpoint comes up before etcd answers (/healthz, /metrics); the dashboard's
     // data once the admin state is attached below.
-    let dashboard = Dashboard::new(state.clone(), recorder);
+    // It takes the admin API's token (when reads are protected) and TLS files.
+    let protection = HttpProtection::of_admin(&cfg.admin);
+    let dashboard = Dashboard::new(state.clone(), recorder, protection.read_token.clone());
     if let Some(addr) = cfg.http_addr {
         let (dashboard, shutdown) = (dashboard.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = dashboard.serve(addr, shutdown).await {
+            if let Err(e) = dashboard.serve(addr, protection.tls, shutdown).await {
                 tracing::error!(%addr, error = %e, "cannot serve the dashboard and metrics");
             }
         });
