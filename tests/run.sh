@@ -11,11 +11,30 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 # Headless Chromium drives the dashboard test (it skips, and says so, without it).
 [ -x /usr/bin/chromium ] || need+=(chromium)
+# promtool checks and unit-tests deploy/prometheus/qslice-alerts.yml (the test fails
+# without it); the package is only here for promtool.
+[ -x /usr/bin/promtool ] || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}"
+  # Debian's postinst would start a Prometheus server (and the node exporter it
+  # recommends): a policy-rc.d that denies those two (exit 101) keeps them stopped during
+  # the install, unless the machine has a policy of its own; and they are not enabled for
+  # the next boot either.
+  policy=/usr/sbin/policy-rc.d
+  own_policy=""
+  if [[ " ${need[*]} " == *" prometheus "* ]] && [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# tests/run.sh: no Prometheus server while installing promtool\ncase "$1" in prometheus|prometheus-node-exporter) exit 101 ;; esac\nexit 0\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+    own_policy=$policy
+  fi
+  installed=0
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" && installed=1
+  [ -z "$own_policy" ] || $sudo rm -f "$own_policy"
+  [ $installed -eq 1 ] || { echo "installing ${need[*]} failed" >&2; exit 1; }
+  if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true
+  fi
 fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
