@@ -40,6 +40,7 @@ use qslice_proto::admin::Event;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{CoordinatorRecord, Record, RECORD_VERSION};
 use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
+use qslice_common::retry::{until_ok, Backoff, STARTUP_BACKOFF};
 use qslice_common::lease::{grant_lease, keep_alive, Incarnation, Role};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -92,21 +93,11 @@ pub enum CoordinatorError {
 /// Runs the coordinator until `shutdown`.
 pub async fn run(cfg: Config, mut client: Client, cache: Arc<ClusterCache>, shutdown: CancellationToken, state: Arc<LeaderState>) -> Result<(), CoordinatorError> {
     let keys = Keys::new(&cfg.cluster)?;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(STARTUP_BACKOFF);
     while !shutdown.is_cancelled() {
-        let inc = match grant_lease(&mut client, cfg.lease_ttl).await {
-            Ok(inc) => inc,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot get an election lease");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
+        let Some(inc) = until_ok("cannot get an election lease", &mut backoff, &shutdown, async || grant_lease(&mut client, cfg.lease_ttl).await).await else {
+            return Ok(());
         };
-        backoff = Duration::from_millis(200);
         register(&mut client, &keys, &cfg, inc.lease_id).await;
         let keeper = {
             let (client, inc) = (client.clone(), inc.clone());
@@ -130,7 +121,7 @@ pub async fn run(cfg: Config, mut client: Client, cache: Arc<ClusterCache>, shut
             keeper.abort();
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(inc.lease_id)).await;
             if !shutdown.is_cancelled() {
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(STARTUP_BACKOFF.0).await;
             }
             continue;
         };

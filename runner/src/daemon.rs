@@ -20,6 +20,7 @@ use crate::mailman3::{install_script, WarmPool};
 use crate::supervise::Flavour;
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
 use qslice_common::lease::{fence_margin, keep_alive, Incarnation, Role};
+use qslice_common::retry::{until_ok, Backoff, STARTUP_BACKOFF};
 use crate::membership::register;
 use crate::incarnation::{run_incarnation, Exit, Shared};
 
@@ -157,24 +158,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool
         pools,
         cfg,
     });
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(STARTUP_BACKOFF);
     loop {
-        if shutdown.is_cancelled() {
+        let Some(inc) = until_ok("registration failed", &mut backoff, &shutdown, async || register(&mut client, &keys, &shared.cfg).await).await else {
             return Ok(());
-        }
-        let inc = match register(&mut client, &keys, &shared.cfg).await {
-            Ok(inc) => inc,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "registration failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
         };
-        backoff = Duration::from_millis(200);
         lock.record_lease(Some(inc.lease_id));
         tracing::info!(node = %shared.cfg.node_id, lease = inc.lease_id, incarnation = %inc.incarnation, ttl = ?inc.ttl, "registered");
         let keeper = {

@@ -19,35 +19,7 @@ pub const SPOOL_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Dur
 /// counts every failure.
 pub const ALERT_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Exponential backoff without jitter: `first`, then doubling, up to `max`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Backoff {
-    /// The wait after the first failure.
-    first: Duration,
-    /// The longest wait.
-    max: Duration,
-    /// The wait after the next failure.
-    next: Duration,
-}
-
-impl Backoff {
-    /// A backoff from `first` up to `max`.
-    pub fn new((first, max): (Duration, Duration)) -> Backoff {
-        Backoff { first, max, next: first.min(max) }
-    }
-
-    /// The wait after one more failure.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    /// A success: the next failure waits `first` again.
-    pub fn reset(&mut self) {
-        self.next = self.first.min(self.max);
-    }
-}
+pub use qslice_common::retry::Backoff;
 
 /// Keys (entries, queues) whose last try failed, each with its backoff and the time
 /// before which it is not tried again.

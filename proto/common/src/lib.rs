@@ -7,6 +7,7 @@
 //! - [`daemon`]: logging and stop signals.
 //! - [`notify`]: systemd readiness and watchdog (sd_notify).
 //! - [`health`]: the `/metrics`, `/healthz` and `/readyz` routes.
+//! - [`retry`]: backoff, and the retry loop of start-up steps.
 //! - [`spool`]: the Mailman-compatible queue directory.
 
 pub mod config;
@@ -15,4 +16,5 @@ pub mod etcd;
 pub mod health;
 pub mod lease;
 pub mod notify;
+pub mod retry;
 pub mod spool;
