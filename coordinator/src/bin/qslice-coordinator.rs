@@ -28,14 +28,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     qslice_common::daemon::init_logging(cfg.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("qslice-coordinator: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async_main(cfg))
+    qslice_common::daemon::block_on("qslice-coordinator", async_main(cfg))
 }
 
 async fn async_main(cfg: Config) -> ExitCode {

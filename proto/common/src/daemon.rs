@@ -40,3 +40,15 @@ pub async fn watch_signals(shutdown: CancellationToken, first: &'static str, sec
         }
     }
 }
+
+/// Runs a daemon's async `main` on a multi-threaded runtime; a runtime that cannot start
+/// is an error on stderr, named after the daemon, and exit status 1.
+pub fn block_on(daemon: &str, main: impl std::future::Future<Output = std::process::ExitCode>) -> std::process::ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(main),
+        Err(e) => {
+            eprintln!("{daemon}: cannot start the async runtime: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

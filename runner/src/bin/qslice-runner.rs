@@ -33,14 +33,7 @@ fn main() -> ExitCode {
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("qslice-runner: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async_main(cfg))
+    qslice_common::daemon::block_on("qslice-runner", async_main(cfg))
 }
 
 async fn async_main(cfg: Config) -> ExitCode {
