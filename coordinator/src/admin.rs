@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use etcd_client::{Client, DeleteOptions, Txn, TxnOp};
 use qslice_proto::admin::{
-    CoordinatorInfo, DrainProgress, Event, GetStatusResponse, NodeInfo, PlannedMove, QueueInfo, RebalanceResponse, SliceInfo, SliceRef,
+    CoordinatorInfo, DrainProgress, Event, ExplainNode, ExplainSliceResponse, GetStatusResponse, NodeInfo, PlannedMove, QueueInfo, RebalanceResponse,
+    SliceInfo, SliceMove, SliceRef,
 };
 use qslice_proto::keys::{validate_name, Keys};
-use qslice_proto::records::{Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SliceFigures, RECORD_VERSION};
+use qslice_proto::records::{Claim, Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SliceFigures, RECORD_VERSION};
 use qslice_proto::slice::validate_slice_count;
 use qslice_common::etcd::REQUEST_TIMEOUT;
 use tokio_stream::Stream;
@@ -20,7 +21,8 @@ use tokio_stream::Stream;
 use crate::cache::{now_ms, ClusterCache};
 use crate::health::{active_alerts, in_flight_too_long, no_eligible_node, queue_state, refused_by};
 use crate::config::AdminConfig;
-use crate::planner::{plan, PlanInput, PlanOptions};
+use crate::history::{MoveHistory, SeenMove};
+use crate::planner::{plan, NodeSpec, PlanInput, PlanOptions};
 use crate::view::{planner_input, ClusterView};
 
 /// Why an admin call failed; mapped to a gRPC status in one place (`service.rs`).
@@ -93,6 +95,8 @@ pub struct Admin {
     keys: Keys,
     cache: Arc<ClusterCache>,
     cfg: AdminConfig,
+    /// The slice moves this instance saw, for ExplainSlice.
+    history: Arc<MoveHistory>,
 }
 
 /// A stream of drain progress reports.
@@ -100,8 +104,12 @@ pub type DrainStream = Pin<Box<dyn Stream<Item = Result<DrainProgress, AdminErro
 
 impl Admin {
     /// The admin API over `client`, answering reads from `cache`.
+    /// Starts following the cache's events for ExplainSlice's last move (when called
+    /// inside a tokio runtime).
     pub fn new(client: Client, keys: Keys, cache: Arc<ClusterCache>, cfg: AdminConfig) -> Admin {
-        Admin { client, keys, cache, cfg }
+        let history = Arc::new(MoveHistory::new(now_ms()));
+        crate::history::spawn(history.clone(), &cache);
+        Admin { client, keys, cache, cfg, history }
     }
 
     /// Checks the bearer token (`authorization` metadata value) for a call.
@@ -427,6 +435,38 @@ impl Admin {
         Ok(RebalanceResponse { moves, applied: !dry_run })
     }
 
+    /// Why one slice is (not) being processed ([`explain_slice`]), with what the snapshot
+    /// lacks read from etcd: the claim record (its time and incarnation) and the
+    /// holder's lease time to live. Either read failing only leaves its fields unknown.
+    pub async fn explain(&self, slice: Option<&SliceRef>) -> Result<ExplainSliceResponse, AdminError> {
+        let view = self.view()?;
+        let (q, s) = self.slice_ref(&view, slice)?;
+        let k = (q.name.clone(), s);
+        let mut client = self.client.clone();
+        let mut claim = None;
+        let mut lease = None;
+        if let Some(held) = view.claims.get(&k) {
+            if let Ok(Ok(reply)) = tokio::time::timeout(REQUEST_TIMEOUT, client.get(self.keys.claim(&q.name, s), None)).await {
+                claim = reply.kvs().first().and_then(|kv| Claim::decode(kv.value()).ok());
+            }
+            if held.lease != 0 {
+                if let Ok(Ok(reply)) = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_time_to_live(held.lease, None)).await {
+                    lease = (reply.ttl() >= 0).then(|| (reply.ttl(), reply.granted_ttl()));
+                }
+            }
+        }
+        let facts = ExplainFacts {
+            now_ms: now_ms(),
+            claim,
+            lease,
+            unowned_seconds: if view.claims.contains_key(&k) { 0.0 } else { self.cache.unowned_for(&k).unwrap_or(0.0) },
+            last_move: self.history.last_move(&k),
+            history_since_unix_ms: self.history.since_unix_ms(),
+            alert_settings: self.cache.alert_settings(),
+        };
+        Ok(explain_slice(&view, &q, s, &facts))
+    }
+
     /// Turns maintenance mode on or off.
     pub async fn set_maintenance(&self, on: bool) -> Result<bool, AdminError> {
         let record = Maintenance { v: RECORD_VERSION, on, since_unix_ms: now_ms() };
@@ -469,4 +509,377 @@ fn queue_row(view: &ClusterView, q: &QueueConfig) -> QueueInfo {
 
 fn queue_rows(view: &ClusterView) -> Vec<QueueInfo> {
     view.queues.values().map(|q| queue_row(view, q)).collect()
+}
+
+/// What [`explain_slice`] needs beyond the snapshot, read by [`Admin::explain`].
+#[derive(Clone, Debug, Default)]
+pub struct ExplainFacts {
+    /// Now, ms since the Unix epoch.
+    pub now_ms: i64,
+    /// The slice's claim record as stored, if it has a claim and it could be read.
+    pub claim: Option<Claim>,
+    /// The holder's lease: (seconds left, seconds granted), if etcd said.
+    pub lease: Option<(i64, i64)>,
+    /// Seconds the slice has had no claim holder (0 while held).
+    pub unowned_seconds: f64,
+    /// The last move of the slice this instance saw.
+    pub last_move: Option<SeenMove>,
+    /// When this instance began to watch moves.
+    pub history_since_unix_ms: i64,
+    /// The thresholds of the in-flight alert.
+    pub alert_settings: crate::health::AlertSettings,
+}
+
+fn explain_node(view: &ClusterView, id: &str, queue: &str, now_ms: i64) -> ExplainNode {
+    let cordoned = view.cordons.contains(id);
+    match view.nodes.get(id) {
+        Some(n) => {
+            let spec = NodeSpec::from_record(n, cordoned);
+            ExplainNode {
+                id: id.to_owned(),
+                live: true,
+                cordoned,
+                refuses_queue: spec.refused.iter().any(|q| q == queue),
+                serves_queue: spec.serves(queue),
+                weight: n.weight,
+                incarnation: n.incarnation.to_string(),
+                registered_seconds: (now_ms - n.started_unix_ms).max(0) as f64 / 1000.0,
+                lease_id: format!("{:x}", n.lease_id),
+            }
+        }
+        None => ExplainNode { id: id.to_owned(), cordoned, ..ExplainNode::default() },
+    }
+}
+
+/// Why `node` may not be given slices of `queue`, in words; `None` when it may.
+fn node_obstacle(node: &ExplainNode, queue: &str) -> Option<String> {
+    let id = &node.id;
+    if !node.live {
+        return Some(format!("node {id} is not live: its node record is gone (stopped, crashed or fenced)"));
+    }
+    if node.refuses_queue {
+        return Some(format!("node {id} refused queue {queue} (its supervised runners kept failing; see its log)"));
+    }
+    if node.cordoned {
+        return Some(format!("node {id} is cordoned (qslicectl uncordon {id})"));
+    }
+    if !node.serves_queue {
+        return Some(format!("node {id} serves other queues (its queue list leaves {queue} out)"));
+    }
+    if node.weight == 0 {
+        return Some(format!("node {id} has weight 0"));
+    }
+    None
+}
+
+/// Why one slice is or is not being processed, from one snapshot and `facts`: its owners
+/// and their nodes, everything that keeps it from a node, its figures, its last move, and
+/// the leader's next step for it. The next step is planned from the leader's input for the
+/// same snapshot ([`planner_input`], maintenance mode included) without a churn budget;
+/// the leader alone also steers takeovers away from nodes that stall or missed a
+/// keepalive, so its choice of node can differ. Pure.
+pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &ExplainFacts) -> ExplainSliceResponse {
+    let now = facts.now_ms;
+    let k = (q.name.clone(), slice);
+    let queue = q.name.as_str();
+    let desired = view.current_assignment().get(&k).cloned();
+    let claim = view.claims.get(&k);
+    let desired_node = desired.as_deref().map(|d| explain_node(view, d, queue, now));
+    let holder_node = claim.map(|c| explain_node(view, &c.node, queue, now));
+    let reslicing = view.claims.iter().any(|((name, _), c)| name == queue && c.slices_total != q.slices);
+    let no_eligible = no_eligible_node(view, q);
+    let mut reasons = Vec::new();
+
+    if q.paused {
+        reasons.push(format!("queue {queue} is paused: nobody takes its entries (qslicectl queue resume {queue})"));
+    }
+    if reslicing {
+        let old = view.claims.iter().filter(|((name, _), c)| name == queue && c.slices_total != q.slices).count();
+        reasons.push(format!("queue {queue} is being resliced to {} slices: it is held as paused until its {old} claims under the old count are released", q.slices));
+    }
+    if view.maintenance {
+        reasons.push("maintenance mode is on: no planned moves, only orphans are taken over (qslicectl maintenance off)".to_owned());
+    }
+    if let Some(why) = &no_eligible {
+        reasons.push(format!("queue {queue} has {why}"));
+    }
+    let pinned_to = view.pins.get(&k).cloned();
+    if let Some(p) = &pinned_to {
+        let obstacle = node_obstacle(&explain_node(view, p, queue, now), queue);
+        match obstacle {
+            Some(o) => reasons.push(format!("pinned to {p}, but {o}: the pin is ignored meanwhile")),
+            None => reasons.push(format!("pinned to {p} (qslicectl unpin {queue} {slice})")),
+        }
+    }
+    let move_requested_to = view.moves.get(&k).cloned();
+    if let Some(m) = &move_requested_to {
+        reasons.push(format!("a move to {m} was requested and is not done yet"));
+    }
+    for node in desired_node.iter().chain(holder_node.iter()) {
+        if let Some(o) = node_obstacle(node, queue) {
+            if !reasons.contains(&o) {
+                reasons.push(o);
+            }
+        }
+    }
+    let refused = refused_by(view, queue);
+    if !refused.is_empty() && no_eligible.is_none() {
+        reasons.push(format!("refused by {} (the other nodes take the queue)", refused.join(", ")));
+    }
+    let old_incarnation = match (claim, &facts.claim) {
+        (Some(c), Some(record)) => view.nodes.get(&c.node).is_some_and(|n| n.incarnation != record.incarnation),
+        _ => false,
+    };
+    if old_incarnation {
+        reasons.push("the claim was made by an earlier incarnation of its holder".to_owned());
+    }
+    if let Some(c) = claim.filter(|c| c.slices_total != q.slices) {
+        reasons.push(format!("the claim was made under {} slices, the queue has {}", c.slices_total, q.slices));
+    }
+
+    // The figures runners publish.
+    let figures = view.slice_figures().remove(&k);
+    let publisher = figures.as_ref().and_then(|(listed, _)| {
+        view.status.iter().find(|((_, name), st)| name == queue && st.listed_unix_ms == *listed && st.slices_total == q.slices).map(|((n, _), _)| n.clone())
+    });
+    let (listed, f) = figures.unwrap_or((0, qslice_proto::records::SliceFigures { slice, depth: 0, in_flight: 0, oldest_age_ms: 0, oldest_in_flight_age_ms: 0 }));
+    if in_flight_too_long(f.in_flight, f.oldest_in_flight_age_ms, listed, now, &facts.alert_settings) {
+        reasons.push(format!("{} entries in flight (.bak), the oldest for {}: a handler may be stuck", f.in_flight, crate::health::spoken_age(crate::health::aged(f.oldest_in_flight_age_ms, listed, now))));
+    }
+
+    // What the leader would do next.
+    let live = view.nodes.keys().cloned().collect();
+    let options = PlanOptions { churn_budget: usize::MAX, max_vanished_fraction: 1.0, maintenance: false };
+    let planned = plan(&planner_input(view, live, options).input);
+    let to_move = |m: &crate::planner::Move| PlannedMove {
+        slice: Some(SliceRef { queue: m.queue.clone(), slice: m.slice }),
+        from_node: m.from.clone().unwrap_or_default(),
+        to_node: m.to.clone(),
+        reason: m.reason.to_string(),
+    };
+    let next_move = planned.moves.iter().find(|m| m.queue == queue && m.slice == slice).map(to_move);
+    let next_note = if next_move.is_some() {
+        String::new()
+    } else if planned.uncovered.contains(&k) {
+        "nothing: no node may take it".to_owned()
+    } else if planned.released.contains(&k) || !planned.assignment.contains_key(&k) {
+        "nothing: the slice is not to run now".to_owned()
+    } else if let Some(held_back) = plan(&dry_run_input(view)).moves.iter().find(|m| m.queue == queue && m.slice == slice && view.maintenance) {
+        format!("nothing while maintenance mode is on; once it is off: {} -> {} ({})", held_back.from.as_deref().unwrap_or("-"), held_back.to, held_back.reason)
+    } else {
+        let owner = planned.assignment.get(&k).cloned().unwrap_or_default();
+        match claim {
+            Some(c) if c.node != owner => format!("nothing new: {} is to hand it over to {owner} (the leader revokes {}'s lease after the revoke deadline)", c.node, c.node),
+            Some(_) => format!("nothing: it stays on {owner}"),
+            None => format!("nothing new: {owner} is to claim it; if it does not within the claim deadline the leader gives it to another node"),
+        }
+    };
+
+    let holder = claim.map(|c| c.node.clone());
+    let summary = match (&holder, &desired) {
+        (Some(h), Some(d)) if h == d && reasons.is_empty() => format!("processing on {h} (epoch {})", claim.map_or(0, |c| c.epoch)),
+        (Some(h), Some(d)) if h == d => format!("held by {h} (epoch {}), see the reasons below", claim.map_or(0, |c| c.epoch)),
+        (Some(h), Some(d)) => format!("handing off: {h} holds it, {d} is to take it"),
+        (Some(h), None) => format!("held by {h} without an assignment: it is to let go"),
+        (None, _) if q.paused => "idle: the queue is paused".to_owned(),
+        (None, _) if reslicing => "idle: the queue is being resliced".to_owned(),
+        (None, Some(d)) if desired_node.as_ref().is_some_and(|n| !n.live) => format!("idle: its owner {d} is gone and nothing holds it"),
+        (None, Some(d)) => format!("idle: assigned to {d}, which has not claimed it"),
+        (None, None) if no_eligible.is_some() => "idle: no node may take it".to_owned(),
+        (None, None) => "idle: not assigned to any node".to_owned(),
+    };
+
+    ExplainSliceResponse {
+        slice: Some(SliceRef { queue: queue.to_owned(), slice }),
+        queue_slices: q.slices,
+        summary,
+        reasons,
+        desired_owner: desired.unwrap_or_default(),
+        claim_holder: holder.unwrap_or_default(),
+        epoch: claim.map_or(0, |c| c.epoch),
+        claim_slices_total: claim.map_or(0, |c| c.slices_total),
+        claim_age_seconds: facts.claim.as_ref().filter(|_| claim.is_some()).map_or(-1.0, |c| (now - c.claimed_unix_ms).max(0) as f64 / 1000.0),
+        claim_from_old_incarnation: old_incarnation,
+        desired_node,
+        holder_node,
+        holder_lease_remaining_seconds: facts.lease.map_or(-1, |(left, _)| left),
+        holder_lease_granted_seconds: facts.lease.map_or(-1, |(_, granted)| granted),
+        unowned_seconds: if claim.is_some() { 0.0 } else { facts.unowned_seconds },
+        pinned_to: pinned_to.unwrap_or_default(),
+        move_requested_to: move_requested_to.unwrap_or_default(),
+        queue_paused: q.paused,
+        reslicing,
+        maintenance: view.maintenance,
+        queue_state: queue_state(view, q),
+        no_eligible_node: no_eligible.is_some(),
+        refused_by: refused,
+        figures_known: listed > 0,
+        figures_from_node: publisher.unwrap_or_default(),
+        figures_age_seconds: if listed > 0 { (now - listed).max(0) as f64 / 1000.0 } else { 0.0 },
+        depth: f.depth,
+        oldest_entry_age_seconds: f.oldest_age_ms as f64 / 1000.0,
+        in_flight: f.in_flight,
+        oldest_in_flight_age_seconds: if f.in_flight > 0 { crate::health::aged(f.oldest_in_flight_age_ms, listed, now) as f64 / 1000.0 } else { 0.0 },
+        last_move: facts.last_move.as_ref().map(|m| SliceMove {
+            time_unix_ms: m.time_unix_ms,
+            from_node: m.from.clone().unwrap_or_default(),
+            to_node: m.to.clone(),
+            reason: m.reason.to_string(),
+        }),
+        history_since_unix_ms: facts.history_since_unix_ms,
+        next_move,
+        next_note,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use qslice_proto::records::{Assignment, NodeRecord, SliceSet, SliceStatus};
+
+    use super::*;
+    use crate::view::ClaimView;
+
+    fn node(id: &str) -> NodeRecord {
+        NodeRecord {
+            v: RECORD_VERSION,
+            node_id: id.into(),
+            host: id.into(),
+            pid: 1,
+            incarnation: uuid::Uuid::nil(),
+            weight: 1,
+            queues: Vec::new(),
+            version: "0".into(),
+            started_unix_ms: 1_000,
+            metrics_addr: None,
+            lease_id: 0x2a,
+            refused_queues: Vec::new(),
+        }
+    }
+
+    /// Queue "in" with 4 slices: r1 assigned and holding 0 and 1, r2 2 and 3; r2
+    /// published the figures of slice 2 (5 waiting, 1 in flight).
+    fn view() -> ClusterView {
+        let mut v = ClusterView::default();
+        v.queues.insert("in".into(), QueueConfig { v: 1, name: "in".into(), slices: 4, paused: false, mailman3: false });
+        for (n, slices) in [("r1", [0, 1]), ("r2", [2, 3])] {
+            v.nodes.insert(n.into(), node(n));
+            v.assignments.insert((n.into(), "in".into()), Assignment { v: 1, queue: "in".into(), slices_total: 4, slices: slices.into_iter().collect::<SliceSet>() });
+            for s in slices {
+                v.claims.insert(("in".into(), s), ClaimView { node: n.into(), epoch: 40 + i64::from(s), lease: 0x2a, slices_total: 4 });
+            }
+        }
+        let figures = SliceFigures { slice: 2, depth: 5, in_flight: 1, oldest_age_ms: 9_000, oldest_in_flight_age_ms: 2_000 };
+        v.status.insert(("r2".into(), "in".into()), SliceStatus { v: 1, node_id: "r2".into(), queue: "in".into(), slices_total: 4, listed_unix_ms: 60_000, slices: vec![figures] });
+        v
+    }
+
+    fn facts() -> ExplainFacts {
+        ExplainFacts { now_ms: 61_000, history_since_unix_ms: 500, ..ExplainFacts::default() }
+    }
+
+    fn explain(v: &ClusterView, slice: u32, facts: &ExplainFacts) -> ExplainSliceResponse {
+        let q = v.queues["in"].clone();
+        explain_slice(v, &q, slice, facts)
+    }
+
+    #[test]
+    fn a_held_slice_shows_holder_epoch_lease_and_figures_and_stays() {
+        let v = view();
+        let f = ExplainFacts {
+            claim: Some(Claim { v: 1, node_id: "r2".into(), incarnation: uuid::Uuid::nil(), slices_total: 4, claimed_unix_ms: 31_000 }),
+            lease: Some((1, 2)),
+            ..facts()
+        };
+        let r = explain(&v, 2, &f);
+        assert_eq!(r.summary, "processing on r2 (epoch 42)");
+        assert!(r.reasons.is_empty(), "{:?}", r.reasons);
+        assert_eq!((r.desired_owner.as_str(), r.claim_holder.as_str(), r.epoch), ("r2", "r2", 42));
+        assert_eq!((r.claim_age_seconds, r.holder_lease_remaining_seconds, r.holder_lease_granted_seconds), (30.0, 1, 2));
+        assert_eq!(r.holder_node.as_ref().map(|n| (n.live, n.registered_seconds, n.lease_id.as_str())), Some((true, 60.0, "2a")));
+        assert_eq!((r.figures_known, r.figures_from_node.as_str(), r.depth, r.in_flight), (true, "r2", 5, 1));
+        assert_eq!((r.oldest_entry_age_seconds, r.oldest_in_flight_age_seconds, r.figures_age_seconds), (9.0, 3.0, 1.0));
+        assert!(r.next_move.is_none());
+        assert_eq!(r.next_note, "nothing: it stays on r2");
+    }
+
+    #[test]
+    fn a_paused_queue_is_the_reason_and_nothing_is_to_run() {
+        let mut v = view();
+        v.queues.get_mut("in").expect("in").paused = true;
+        v.assignments.clear();
+        v.claims.clear();
+        let r = explain(&v, 1, &ExplainFacts { unowned_seconds: 7.0, ..facts() });
+        assert_eq!(r.summary, "idle: the queue is paused");
+        assert!(r.queue_paused && r.reasons[0].contains("queue resume in"), "{:?}", r.reasons);
+        assert_eq!((r.desired_owner.as_str(), r.claim_holder.as_str(), r.unowned_seconds), ("", "", 7.0));
+        assert!(r.next_move.is_none());
+        assert_eq!(r.next_note, "nothing: the slice is not to run now");
+    }
+
+    #[test]
+    fn a_cordoned_holder_is_named_and_the_next_move_drains_it() {
+        let mut v = view();
+        v.cordons.insert("r1".into());
+        let r = explain(&v, 0, &facts());
+        assert!(r.holder_node.as_ref().is_some_and(|n| n.cordoned));
+        assert!(r.reasons.iter().any(|x| x.contains("node r1 is cordoned") && x.contains("uncordon r1")), "{:?}", r.reasons);
+        let next = r.next_move.expect("a move");
+        assert_eq!((next.from_node.as_str(), next.to_node.as_str(), next.reason.as_str()), ("r1", "r2", "node-ineligible"));
+        // In maintenance mode the drain waits, and says what it waits for.
+        v.maintenance = true;
+        let r = explain(&v, 0, &facts());
+        assert!(r.next_move.is_none());
+        assert!(r.next_note.starts_with("nothing while maintenance mode is on; once it is off: r1 -> r2 (node-ineligible)"), "{}", r.next_note);
+    }
+
+    #[test]
+    fn a_dead_owners_slice_shows_the_owner_gone_and_the_takeover() {
+        let mut v = view();
+        v.nodes.remove("r1");
+        v.claims.retain(|_, c| c.node != "r1");
+        let f = ExplainFacts {
+            unowned_seconds: 2.5,
+            last_move: Some(SeenMove { time_unix_ms: 700, from: None, to: "r1".into(), reason: crate::planner::MoveReason::NewQueueSlice }),
+            ..facts()
+        };
+        let r = explain(&v, 1, &f);
+        assert_eq!(r.summary, "idle: its owner r1 is gone and nothing holds it");
+        assert_eq!((r.desired_owner.as_str(), r.claim_holder.as_str()), ("r1", ""));
+        assert!(r.desired_node.as_ref().is_some_and(|n| !n.live));
+        assert!(r.reasons.iter().any(|x| x.contains("node r1 is not live")), "{:?}", r.reasons);
+        let next = r.next_move.expect("a takeover");
+        assert_eq!((next.from_node.as_str(), next.to_node.as_str(), next.reason.as_str()), ("r1", "r2", "orphaned"));
+        assert_eq!(r.last_move.map(|m| (m.to_node, m.reason)), Some(("r1".to_owned(), "new-queue-slice".to_owned())));
+    }
+
+    #[test]
+    fn a_queue_every_node_refused_has_no_eligible_node() {
+        let mut v = view();
+        for n in v.nodes.values_mut() {
+            n.refused_queues.push("in".into());
+        }
+        v.assignments.clear();
+        v.claims.clear();
+        let r = explain(&v, 3, &facts());
+        assert_eq!(r.summary, "idle: no node may take it");
+        assert!(r.no_eligible_node);
+        assert_eq!(r.refused_by, vec!["r1", "r2"]);
+        assert!(r.reasons.iter().any(|x| x.contains("no eligible node (refused by r1, r2)")), "{:?}", r.reasons);
+        assert_eq!(r.next_note, "nothing: no node may take it");
+    }
+
+    #[test]
+    fn a_pinned_slice_moves_to_its_pin_and_a_stalled_owner_is_explained() {
+        let mut v = view();
+        v.pins.insert(("in".into(), 0), "r2".into());
+        let r = explain(&v, 0, &facts());
+        assert!(r.reasons.iter().any(|x| x.starts_with("pinned to r2")), "{:?}", r.reasons);
+        assert_eq!(r.next_move.map(|m| (m.to_node, m.reason)), Some(("r2".to_owned(), "pinned".to_owned())));
+        // Assigned, not claimed: the claim deadline decides.
+        let mut v = view();
+        v.claims.remove(&("in".to_owned(), 3));
+        let r = explain(&v, 3, &facts());
+        assert_eq!(r.summary, "idle: assigned to r2, which has not claimed it");
+        assert!(r.next_note.contains("claim deadline"), "{}", r.next_note);
+    }
 }

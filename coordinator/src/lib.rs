@@ -11,7 +11,9 @@
 //! - [`claim_checks`]: the leader's checks of claims against the assignment (claim
 //!   deadline, unexplained claims, the reslice barrier) and its pause-proof clock (pure).
 //! - [`health`]: the alerts and queue states derived from a snapshot (pure).
-//! - [`admin`]: the admin API's decisions; [`service`] is its thin gRPC face.
+//! - [`admin`]: the admin API's decisions (ExplainSlice's included); [`service`] is its
+//!   thin gRPC face.
+//! - [`history`]: the slice moves an instance saw, for ExplainSlice's last move.
 //! - [`status_rows`]: the cluster status as rows, built from the admin API's status
 //!   reply; qslicectl prints them and the dashboard draws them (pure).
 //! - [`dashboard`]: the HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, and the live
@@ -29,6 +31,7 @@ pub mod config;
 pub mod ctl;
 pub mod dashboard;
 pub mod health;
+pub mod history;
 pub mod leader;
 pub mod offline;
 pub mod planner;

@@ -130,6 +130,11 @@ impl AdminApi for AdminService {
         Ok(Response::new(SetMaintenanceResponse { on: self.admin.set_maintenance(request.get_ref().on).await? }))
     }
 
+    async fn explain_slice(&self, request: Request<SliceRef>) -> Result<Response<ExplainSliceResponse>, Status> {
+        self.check(&request, Access::Read)?;
+        Ok(Response::new(self.admin.explain(Some(request.get_ref())).await?))
+    }
+
     type WatchEventsStream = Stream_<Event>;
 
     async fn watch_events(&self, request: Request<WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qslice_coordinator::ctl::client::{self, Admin, ClientOptions, QueueChange, TlsFiles};
-use qslice_coordinator::ctl::{render, rows};
+use qslice_coordinator::ctl::{explain, render, rows};
 use qslice_coordinator::status_rows;
 use qslice_coordinator::offline;
 use serde::Serialize;
@@ -132,6 +132,13 @@ enum Command {
     Maintenance {
         /// on or off.
         mode: OnOff,
+    },
+    /// Why is this slice idle? Its desired owner and holder (epoch, lease), refusals,
+    /// cordons, pins, pause, reslice and maintenance, its entries (waiting, oldest,
+    /// in flight), its last move and what the leader would do next.
+    Explain {
+        /// The slice as QUEUE/SLICE, e.g. in/3 (slices count from 0).
+        slice: String,
     },
     /// Print cluster events (for about a second, or until interrupted with --follow).
     Events {
@@ -297,10 +304,30 @@ async fn online(admin: &Admin, command: &Command, json: bool) -> anyhow::Result<
             let on = admin.set_maintenance(matches!(mode, OnOff::On)).await?;
             emit(json, &serde_json::json!({ "maintenance": on }), |_| render::render_maintenance(on))
         }
+        Command::Explain { slice } => {
+            let (queue, number) = explain::parse_slice_arg(slice)?;
+            let reply = admin.explain(&queue, number).await.map_err(|e| explain_error(e, &queue))?;
+            emit(json, &explain::explain_view(&reply), explain::render_explain)
+        }
         Command::Events { follow } => {
             let window = if *follow { None } else { Some(client::EVENTS_WINDOW) };
             Ok(admin.watch_events(window, |e| println!("{}", render::event_line(e, json))).await?)
         }
+    }
+}
+
+/// An ExplainSlice failure with what to do about it.
+fn explain_error(e: client::CtlError, queue: &str) -> anyhow::Error {
+    match &e {
+        client::CtlError::Rpc(status) if status.code() == tonic::Code::NotFound => {
+            let hint = if status.message().starts_with("queue") {
+                "`qslicectl queues` lists the queues".to_owned()
+            } else {
+                format!("slices of {queue} count from 0; `qslicectl queues` shows its slice count")
+            };
+            anyhow::anyhow!("{e} ({hint})")
+        }
+        _ => e.into(),
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use qslice_proto::admin::admin_client::AdminClient;
 use qslice_proto::admin::{
-    DrainNodeRequest, DrainProgress, Event, GetStatusRequest, GetStatusResponse, ListNodesRequest, ListQueuesRequest,
+    DrainNodeRequest, DrainProgress, Event, ExplainSliceResponse, GetStatusRequest, GetStatusResponse, ListNodesRequest, ListQueuesRequest,
     MoveSliceRequest, NodeInfo, NodeRequest, PinSliceRequest, PinSliceResponse, PutQueueRequest, QueueInfo, QueueRequest,
     RebalanceRequest, RebalanceResponse, SetMaintenanceRequest, SliceRef, WatchEventsRequest,
 };
@@ -454,6 +454,11 @@ impl Admin {
         Ok(self.call(|mut c| async move { c.set_maintenance(SetMaintenanceRequest { on }).await }).await?.on)
     }
 
+    /// ExplainSlice: why one slice is (not) being processed.
+    pub async fn explain(&self, queue: &str, slice: u32) -> Result<ExplainSliceResponse, CtlError> {
+        self.call(|mut c| async move { c.explain_slice(slice_ref(queue, slice)).await }).await
+    }
+
     /// Opens a server stream on the first coordinator that answers.
     async fn open_stream<T, F, Fut>(&self, rpc: F) -> Result<Streaming<T>, CtlError>
     where
@@ -757,6 +762,9 @@ mod tests {
             &self,
             _: tonic::Request<SetMaintenanceRequest>,
         ) -> Result<Response<SetMaintenanceResponse>, Status> {
+            unimplemented()
+        }
+        async fn explain_slice(&self, _: tonic::Request<SliceRef>) -> Result<Response<ExplainSliceResponse>, Status> {
             unimplemented()
         }
         type WatchEventsStream = Boxed<Event>;

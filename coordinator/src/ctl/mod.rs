@@ -5,6 +5,7 @@
 //! - [`rows`]: the replies other than status as serde rows (the `--json` output); the
 //!   status rows are [`crate::status_rows`], shared with the dashboard.
 //! - [`render`]: rows as tables and lines (the default output).
+//! - [`explain`]: `explain QUEUE/SLICE`: its argument, row and labelled lines.
 //!
 //! Contract: a call goes to the first address that answers. A failed connection or an
 //! `UNAVAILABLE` status moves on to the next address (any coordinator instance serves the
@@ -13,5 +14,6 @@
 //! a stream, once open, is not. Rows and rendering are pure.
 
 pub mod client;
+pub mod explain;
 pub mod render;
 pub mod rows;
