@@ -11,10 +11,13 @@
 # and `out` (4 slices), and keeps enqueueing Mailman-style entries. Each entry is handled
 # by a small demo command that sleeps 0.3 s and appends a line to DIR/processed.log.
 # Run it as root or as a user who may sudo (only apt-get runs through sudo).
+#
+# QSLICE_QUICKSTART_BIN=DIR uses the qslice binaries already built in DIR (e.g.
+# target/debug) instead of building the release ones (the tests do this).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN="$ROOT/target/release"
+BIN="${QSLICE_QUICKSTART_BIN:-$ROOT/target/release}"
 CLUSTER=demo
 RUNNERS=(r1 r2 r3)
 QUEUES=("in:8" "out:4")
@@ -22,6 +25,24 @@ LEASE_TTL=3s
 MARKER=.qslice-demo
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+# note FORMAT ARGS...: a message of the shutdown, which must never stop it: to stdout while
+# stdout takes it, else to stderr (the reader of a pipe, `| tee log`, may be gone: a
+# Ctrl-C kills it too), else nowhere; and to NOTES (the demo's log) when set. The
+# shutdown ignores SIGPIPE, so a write to a dead pipe only fails.
+OUT_GONE=0
+NOTES=""
+note() {
+  # shellcheck disable=SC2059
+  [ -z "$NOTES" ] || printf "$@" >>"$NOTES" 2>/dev/null || true
+  if [ $OUT_GONE -eq 0 ]; then
+    # shellcheck disable=SC2059
+    printf "$@" 2>/dev/null && return 0
+    OUT_GONE=1
+  fi
+  # shellcheck disable=SC2059
+  printf "$@" >&2 2>/dev/null || true
+}
 die() { printf 'quickstart: %s\n' "$*" >&2; exit 1; }
 
 # Whether pid $1 is a live (not zombie) process started in demo dir $2: every process
@@ -47,12 +68,12 @@ stop_all() {
     [ -f "$f" ] || continue
     pid=$(cat "$f")
     if ours "$pid" "$dir"; then
-      printf '    stopping %-12s (pid %s)\n' "$name" "$pid"
+      note '    stopping %-12s (pid %s)\n' "$name" "$pid"
       kill -TERM "$pid" 2>/dev/null || true
       deadline=$((SECONDS + 40))
       while ours "$pid" "$dir" && [ $SECONDS -lt $deadline ] && [ $HURRY -eq 0 ]; do sleep 0.1; done
       if ours "$pid" "$dir"; then
-        echo "    $name did not stop in time: SIGKILL"
+        note '    %s did not stop in time: SIGKILL\n' "$name"
         kill -KILL "$pid" 2>/dev/null || true
       fi
     fi
@@ -66,6 +87,8 @@ down() {
   dir=$(cd "$dir" && pwd)
   [ -f "$dir/$MARKER" ] || die "$dir is not a quick-start demo dir (no $MARKER); not touching it"
   say "stopping the demo in $dir"
+  # From here on, as in the quick start's own shutdown, no message may stop us halfway.
+  trap '' PIPE
   # The quick start itself stops what it started, in order, when it gets SIGTERM.
   local pid deadline
   pid=$(cat "$dir/pids/quickstart.pid" 2>/dev/null || true)
@@ -84,7 +107,7 @@ if [ "${1:-}" = "--down" ]; then
   exit 0
 fi
 case "${1:-}" in
-  -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   -*) die "unknown option $1 (use --down or --help)" ;;
 esac
 
@@ -102,11 +125,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
 fi
-if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
-  # shellcheck disable=SC1091
-  . "$HOME/.cargo/env"
+if [ -z "${QSLICE_QUICKSTART_BIN:-}" ]; then
+  if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+  fi
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust 1.85 or later with rustup (https://rustup.rs), then run this again"
 fi
-command -v cargo >/dev/null 2>&1 || die "cargo not found: install Rust 1.85 or later with rustup (https://rustup.rs), then run this again"
 
 # --- the demo dir ----------------------------------------------------------------------
 DEMO=${1:-./demo}
@@ -126,8 +151,10 @@ mkdir -p "$DEMO/pids" "$DEMO/logs" "$DEMO/state"
 for q in "${QUEUES[@]}"; do mkdir -p "$DEMO/spool/${q%%:*}"; done
 
 # --- build -----------------------------------------------------------------------------
-say "building the release binaries (cargo build --release --bins; the first build takes several minutes)"
-(cd "$ROOT" && cargo build --release --bins)
+if [ -z "${QSLICE_QUICKSTART_BIN:-}" ]; then
+  say "building the release binaries (cargo build --release --bins; the first build takes several minutes)"
+  (cd "$ROOT" && cargo build --release --bins)
+fi
 for b in qslice-runner qslice-coordinator qslicectl; do
   [ -x "$BIN/$b" ] || die "$BIN/$b was not built"
 done
@@ -136,22 +163,28 @@ done
 cd "$DEMO"
 echo $$ >"$DEMO/pids/quickstart.pid"
 SLEEPER=""
+# Stops everything, whatever stdout is connected to: no message may kill it (SIGPIPE
+# ignored, errexit off, messages through note) and none may fail it.
 cleanup() {
   local status=$?
-  trap '' TERM
+  set +e
+  trap '' TERM PIPE
   trap 'HURRY=1' INT
-  echo
-  say "stopping everything the quick start started"
-  [ -z "$SLEEPER" ] || kill "$SLEEPER" 2>/dev/null || true
+  NOTES="$DEMO/logs/quickstart.log"
+  note '\n\033[1m==> %s\033[0m\n' "stopping everything the quick start started"
+  [ -z "$SLEEPER" ] || kill "$SLEEPER" 2>/dev/null
   rm -f "$DEMO/pids/quickstart.pid"
   stop_all "$DEMO"
-  wait 2>/dev/null || true
-  echo "stopped. Logs are in $DEMO/logs; remove the demo with: $0 --down $DEMO"
+  wait 2>/dev/null
+  note 'stopped. Logs are in %s/logs; remove the demo with: %s --down %s\n' "$DEMO" "$0" "$DEMO"
   exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+# The reader of our output went away while we still print (`| head`): stop everything
+# rather than die of SIGPIPE halfway and leave it running.
+trap 'exit 141' PIPE
 
 # start NAME COMMAND...: runs COMMAND in the background in a session of its own (so a
 # Ctrl-C reaches only this script, which then stops things in order), output in
