@@ -14,6 +14,8 @@
 //! | `control/maintenance` | [`Maintenance`](crate::records::Maintenance) | none | admin API |
 //! | `control/rebalance` | [`RebalanceRequest`](crate::records::RebalanceRequest) | none | admin API (the leader deletes it) |
 //! | `moves/<queue>/<slice>` | [`MoveRequest`](crate::records::MoveRequest) | none | admin API (the leader deletes it) |
+//! | `singletons/<name>` | [`SingletonClaim`](crate::records::SingletonClaim) | the runner's | runner (the holder of a singleton command) |
+//! | `singleton-runs/<name>` | [`SingletonRun`](crate::records::SingletonRun) | none | runner (the holder, under its claim) |
 //! | `coordinators/<id>` | [`CoordinatorRecord`](crate::records::CoordinatorRecord) | the coordinator's | coordinator |
 //! | `election` | the leader's id (etcd election API) | the coordinator's | coordinator |
 //!
@@ -225,6 +227,29 @@ impl Keys {
     pub fn move_request(&self, queue: &str, slice: u32) -> String {
         format!("{}moves/{queue}/{}", self.root, SliceNo(slice))
     }
+    /// Prefix of all singleton claims.
+    pub fn singletons_prefix(&self) -> String {
+        format!("{}singletons/", self.root)
+    }
+    /// The claim of the singleton command `name`.
+    pub fn singleton(&self, name: &str) -> String {
+        format!("{}singletons/{name}", self.root)
+    }
+    /// Prefix of all periodic singletons' last settled slots.
+    pub fn singleton_runs_prefix(&self) -> String {
+        format!("{}singleton-runs/", self.root)
+    }
+    /// The last settled slot of the periodic singleton `name`.
+    pub fn singleton_run(&self, name: &str) -> String {
+        format!("{}singleton-runs/{name}", self.root)
+    }
+    /// The singleton name of a `singletons/<name>` key of this cluster. (Kept out of
+    /// [`Keys::parse`] so that matches over [`Key`] stay as they are.)
+    pub fn parse_singleton(&self, key: &[u8]) -> Option<String> {
+        let name = std::str::from_utf8(key).ok()?.strip_prefix(&self.root)?.strip_prefix("singletons/")?;
+        validate_name("singleton", name).ok().map(|()| name.to_owned())
+    }
+
     /// Prefix of the coordinator records.
     pub fn coordinators_prefix(&self) -> String {
         format!("{}coordinators/", self.root)
@@ -307,6 +332,18 @@ mod tests {
         assert_eq!(k.parse(b"/qslice/prod/claims/in/notanumber"), None);
         assert_eq!(k.parse(b"/qslice/prod/what/ever"), None);
         assert_eq!(k.parse(b"/qslice/prod/\xff"), None);
+    }
+
+    #[test]
+    fn singleton_keys_parse_back_to_their_name_and_stay_out_of_parse() {
+        let k = Keys::new("prod").expect("valid cluster");
+        assert_eq!(k.parse_singleton(k.singleton("digests").as_bytes()), Some("digests".into()));
+        assert!(k.singleton("digests").starts_with(&k.singletons_prefix()));
+        assert!(k.singleton_run("digests").starts_with(&k.singleton_runs_prefix()));
+        assert!(!k.singleton_run("digests").starts_with(&k.singletons_prefix()), "the runs are not listed with the claims");
+        assert_eq!(k.parse_singleton(k.singleton_run("digests").as_bytes()), None);
+        assert_eq!(k.parse_singleton(b"/qslice/prod/singletons/a/b"), None);
+        assert_eq!(k.parse(k.singleton("digests").as_bytes()), None);
     }
 
     #[test]

@@ -174,6 +174,48 @@ impl Record for Claim {
     const KIND: &'static str = "claim";
 }
 
+/// A runner's claim on a cluster-wide singleton command: `singletons/<name>`, attached to
+/// its lease. Only the holder runs the command; the key's create revision is its epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SingletonClaim {
+    /// Record version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The claiming node.
+    pub node_id: String,
+    /// The claiming incarnation of that node.
+    pub incarnation: Uuid,
+    /// When the claim was made, in milliseconds since the Unix epoch.
+    pub claimed_unix_ms: i64,
+}
+
+impl Record for SingletonClaim {
+    const KIND: &'static str = "singleton claim";
+}
+
+/// The last settled slot of a periodic singleton: `singleton-runs/<name>`, on no lease,
+/// written by the holder only while its claim is the current one. A slot up to and
+/// including `last_slot_unix_ms` is never run again by a later holder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SingletonRun {
+    /// Record version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The scheduled time of the last settled slot, in milliseconds since the Unix epoch.
+    pub last_slot_unix_ms: i64,
+    /// The node that settled it.
+    pub node_id: String,
+    /// When it was settled, in milliseconds since the Unix epoch.
+    pub settled_unix_ms: i64,
+    /// How: `ok`, `failed`, `timeout` (the run ended), `skipped` (missed beyond the
+    /// catch-up), or `baseline` (the schedule's start: slots before it never ran).
+    pub outcome: String,
+}
+
+impl Record for SingletonRun {
+    const KIND: &'static str = "singleton run";
+}
+
 /// Figures of one slice, as the runner that listed its queue saw them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceFigures {
@@ -455,6 +497,10 @@ mod tests {
         let text = String::from_utf8(a.encode()).expect("utf8");
         assert!(text.contains("\"slices\":\"0-3,7,9-10\""), "{text}");
         assert_eq!(Assignment::decode(text.as_bytes()).expect("decodes"), a);
+        let c = SingletonClaim { v: 1, node_id: "n1".into(), incarnation: Uuid::nil(), claimed_unix_ms: 5 };
+        assert_eq!(SingletonClaim::decode(&c.encode()).expect("decodes"), c);
+        let r = SingletonRun { v: 1, last_slot_unix_ms: 60_000, node_id: "n1".into(), settled_unix_ms: 60_010, outcome: "ok".into() };
+        assert_eq!(SingletonRun::decode(&r.encode()).expect("decodes"), r);
     }
 
     #[test]
