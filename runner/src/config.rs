@@ -14,6 +14,7 @@ use serde::Deserialize;
 use qslice_common::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat, ETCD_MIN_TTL};
 
 
+use crate::singleton::SingletonConfig;
 use crate::supervise::SuperviseConfig;
 
 /// Command-line flags and environment variables.
@@ -130,6 +131,9 @@ struct FileConfig {
     /// Queues whose slices run as supervised Mailman runners, by queue name.
     #[serde(default)]
     supervise: BTreeMap<String, SuperviseConfig>,
+    /// Cluster-wide singleton commands, by name.
+    #[serde(default)]
+    singleton: BTreeMap<String, SingletonConfig>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +201,8 @@ pub struct Config {
     pub handler: HandlerConfig,
     /// Queues run by supervised Mailman runners instead of the handler.
     pub supervise: BTreeMap<String, SuperviseConfig>,
+    /// Cluster-wide singleton commands this node competes for, by name.
+    pub singleton: BTreeMap<String, SingletonConfig>,
 }
 
 impl Config {
@@ -273,6 +279,9 @@ impl Config {
             }
             _ => {}
         }
+        for (name, singleton) in &file.singleton {
+            singleton.check(name).map_err(|e| invalid("singleton", e))?;
+        }
         let state_dir = args
             .state_dir
             .clone()
@@ -294,6 +303,7 @@ impl Config {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             handler,
             supervise,
+            singleton: file.singleton,
         })
     }
 

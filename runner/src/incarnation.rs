@@ -31,6 +31,7 @@ use crate::figures::supervised_figures;
 use crate::handler::Handler;
 use crate::mailman3::WarmPool;
 use crate::ownership::{self, Action, ClaimedSlice, Desired, Held, HeldClaim, QueueSlices, Refusal, SliceId, SlicedQueue};
+use crate::singleton::Singletons;
 use crate::processor::{drain_slice, queue_loop, QueueState, SliceState, SpoolFaults};
 use crate::supervise::SuperviseConfig;
 use crate::supervised_slices::{GaveUp, SupervisedSlices};
@@ -96,6 +97,8 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         .then(|| tokio::spawn(supervised_figures(client.clone(), shared.clone(), inc.lease_id, inc.fence.clone(), inc_run.supervised.view())));
     let _figures = AbortOnDrop(figures);
     let node = shared.cfg.node_id.clone();
+    // Singleton commands compete for their own claims on this lease, beside the slices.
+    let mut singletons = Singletons::start(&client, &shared, inc, shutdown);
     let mut watch = PrefixWatch::new(client.clone(), shared.keys.node_assignments_prefix(&node));
     // The node record hangs on the lease: its deletion means the lease was revoked (the
     // leader fenced this node) or expired. Stop at once instead of at the next keepalive.
@@ -115,6 +118,8 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
             _ = hard.cancelled() => {
                 ready.store(false, Ordering::SeqCst);
                 inc_run.stop_all_queues();
+                // Their commands are killed at the fence; wait until they are gone.
+                singletons.join().await;
                 return Exit::Fenced;
             }
             _ = shutdown.cancelled() => {
@@ -123,11 +128,14 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
                 inc_run.reconcile().await;
                 while !inc_run.held.is_empty() {
                     tokio::select! {
-                        _ = hard.cancelled() => { inc_run.stop_all_queues(); return Exit::Fenced; }
+                        _ = hard.cancelled() => { inc_run.stop_all_queues(); singletons.join().await; return Exit::Fenced; }
                         Some(slice) = released_rx.recv() => inc_run.on_released(slice),
                     }
                 }
                 inc_run.stop_all_queues();
+                // Each singleton stops its command (SIGTERM, then SIGKILL after its stop
+                // timeout; at once if the fence trips) and releases its claim.
+                singletons.join().await;
                 return Exit::Shutdown;
             }
             update = watch.next() => {

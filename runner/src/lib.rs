@@ -15,6 +15,8 @@
 //! - [`figures`]: the slice figures published as metrics and to etcd.
 //! - [`handler`]: the built-in handlers (exec, move).
 //! - [`supervise`]: real Mailman runners, one child process per claimed slice.
+//! - [`singleton`]: cluster-wide singleton commands (periodic or long-running), each run by
+//!   the one node that holds its claim, with the same fence, leash and takeover as a slice.
 //! - [`leash`]: the process that kills the children at the fence deadline, whatever the runner does.
 //! - [`mailman3`]: qslice's own Mailman 3 slice runner, its control channel and warm pool.
 //! - [`daemon`]: the top level: state-dir lock, incarnations, shutdown.
@@ -36,5 +38,6 @@ pub mod membership;
 pub mod ownership;
 pub mod processor;
 pub mod retry;
+pub mod singleton;
 pub mod supervise;
 pub mod supervised_slices;

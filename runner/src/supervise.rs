@@ -350,7 +350,7 @@ fn substitute(arg: &str, s: &Supervised) -> String {
     arg.replace("{queue}", &s.queue).replace("{slices}", &s.slices.to_string()).replace("{slice}", &s.slice.to_string())
 }
 
-fn resolve_user(user: &str) -> Option<(u32, u32)> {
+pub(crate) fn resolve_user(user: &str) -> Option<(u32, u32)> {
     if let Ok(uid) = user.parse::<u32>() {
         return Some((uid, uid));
     }

@@ -1,0 +1,902 @@
+//! Cluster-wide singleton commands: a command that must run on exactly one host of the
+//! cluster at a time (Mailman 3's `mailman digests --periodic` and `mailman notify`, which
+//! a single-host site runs from cron), periodic (a cron schedule) or long-running.
+//!
+//! Contract:
+//! - Claim: every runner configured with a `[singleton.<name>]` table competes for the key
+//!   `singletons/<name>`, created only if absent and attached to its lease (the same
+//!   transaction shape as a slice claim; a request without an answer is read back and the
+//!   claim adopted if it is on this lease). The holder runs the command; the others watch
+//!   the key and claim it the moment it is deleted (a release) or its lease expires (a
+//!   dead or fenced holder). No coordinator is involved.
+//! - Fence: the command starts only while the fence is valid; it runs in its own process
+//!   group, dies with the runner and is registered with the leash, so a frozen or dead
+//!   holder's command is killed at the fence deadline, before the lease can expire and
+//!   another runner can claim. A tripped fence kills it at once; the claim goes with the
+//!   lease.
+//! - Periodic: the holder runs the command at each slot (scheduled time) of its cron
+//!   schedule and then records the slot as settled in `singleton-runs/<name>`, in a
+//!   transaction that compares its claim's create revision (only the current holder
+//!   writes). A new holder starts after the last settled slot: a slot is never run twice
+//!   concurrently, never run again once settled, and run again only when its run was cut
+//!   off by the holder's death or fence (at-least-once on a crash). Due slots that were
+//!   missed (no holder, a takeover) are run at once, the most recent `catch_up` of them;
+//!   older ones are skipped and logged.
+//! - Long-running: started when the claim is won and restarted with backoff whenever it
+//!   exits, for as long as the claim is held.
+//! - Shutdown: the command gets SIGTERM, then SIGKILL after `stop_timeout`; the claim is
+//!   deleted so that another runner takes over at once.
+//! - Losing the claim otherwise (its key deleted by hand) kills the command; the runner
+//!   then competes again.
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Local, TimeZone, Utc};
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use qslice_common::config::humantime_serde_opt;
+use qslice_common::etcd::REQUEST_TIMEOUT;
+use qslice_common::lease::{unix_ms, Fence, Incarnation};
+
+use crate::incarnation::Shared;
+use qslice_proto::keys::{validate_name, Keys};
+use qslice_proto::records::{Record, SingletonClaim, SingletonRun, RECORD_VERSION};
+use serde::Deserialize;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// How often a runner that waits for a singleton held by another looks at its claim even
+/// without a watch event (a watch that failed quietly): the watch is the fast path.
+const RECHECK: Duration = Duration::from_secs(5);
+/// Wait after a failed claim request or watch before the next try.
+const RETRY: Duration = Duration::from_millis(500);
+/// First restart delay of a long-running command that exited; it doubles to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest restart delay of a long-running command.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A long-running command that ran this long before it exited starts again without delay
+/// growth: it was not crash-looping.
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// The time zone a schedule is read in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Zone {
+    /// The host's local time zone, as cron reads a crontab.
+    #[default]
+    Local,
+    /// UTC.
+    Utc,
+}
+
+/// One `[singleton.<name>]` table of the runner's configuration.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SingletonConfig {
+    /// The command's argv (never a shell).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// A cron expression (5 fields, or 6 with seconds first); periodic singletons only.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// The command runs all the time instead of on a schedule.
+    #[serde(default)]
+    pub long_running: bool,
+    /// The time zone the schedule is read in [default: local].
+    #[serde(default)]
+    pub timezone: Zone,
+    /// How many missed slots (the most recent ones) a holder runs at once after a
+    /// takeover or a time without holder [default: 1].
+    #[serde(default = "default_catch_up")]
+    pub catch_up: usize,
+    /// Longest run of a periodic command before it is killed [default: none].
+    #[serde(default, deserialize_with = "humantime_serde_opt::deserialize", serialize_with = "serialize_opt_duration")]
+    pub timeout: Option<Duration>,
+    /// How long the command may take to exit after SIGTERM (shutdown) before SIGKILL [default: 30s].
+    #[serde(default, deserialize_with = "humantime_serde_opt::deserialize", serialize_with = "serialize_opt_duration")]
+    pub stop_timeout: Option<Duration>,
+    /// User to run as (name or uid); needs the runner to run as root.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Working directory.
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// Environment variables passed through from the runner's environment.
+    #[serde(default)]
+    pub env: Vec<String>,
+}
+
+fn serialize_opt_duration<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.collect_str(&humantime::format_duration(*d)),
+        None => s.serialize_none(),
+    }
+}
+
+fn default_catch_up() -> usize {
+    1
+}
+
+/// The default of `stop_timeout`.
+const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl SingletonConfig {
+    /// How long the command may take to exit after SIGTERM.
+    pub fn stop_timeout(&self) -> Duration {
+        self.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT)
+    }
+
+    /// Checks the table of singleton `name`; the error names the key.
+    pub fn check(&self, name: &str) -> Result<(), String> {
+        validate_name("singleton", name).map_err(|e| format!("singleton.{name}: {e}"))?;
+        if self.command.is_empty() {
+            return Err(format!("singleton.{name}.command: required, the command's argv as an array, e.g. [\"/opt/mailman/bin/mailman\", \"notify\"]"));
+        }
+        match (&self.schedule, self.long_running) {
+            (Some(_), true) => return Err(format!("singleton.{name}.schedule: a long_running singleton has no schedule; give one or the other")),
+            (None, false) => return Err(format!("singleton.{name}.schedule: required unless long_running = true (a cron expression, e.g. \"0 0 * * *\")")),
+            (Some(expr), false) => {
+                Schedule::parse(expr, self.timezone).map_err(|e| format!("singleton.{name}.schedule: {e}"))?;
+            }
+            (None, true) => {}
+        }
+        if self.long_running && self.timeout.is_some() {
+            return Err(format!("singleton.{name}.timeout: only periodic singletons have a run timeout"));
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(format!("singleton.{name}.timeout: must be above zero"));
+        }
+        if self.catch_up == 0 {
+            return Err(format!("singleton.{name}.catch_up: must be at least 1 (the most recent due slot always runs)"));
+        }
+        if let Some(user) = &self.user {
+            crate::supervise::resolve_user(user).ok_or_else(|| format!("singleton.{name}.user: unknown user {user:?}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A periodic singleton's schedule: a cron expression read in a time zone. Slots are
+/// absolute times in milliseconds since the Unix epoch (whole seconds).
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    cron: croner::Cron,
+    zone: Zone,
+}
+
+impl Schedule {
+    /// Parses a cron expression: 5 fields (minute first) or 6 (seconds first).
+    pub fn parse(expr: &str, zone: Zone) -> Result<Schedule, String> {
+        let parser = croner::parser::CronParser::builder().seconds(croner::parser::Seconds::Optional).build();
+        let cron = parser.parse(expr).map_err(|e| format!("invalid cron expression {expr:?}: {e}"))?;
+        // An expression that never matches (the 30th of February) would leave the holder
+        // waiting forever: refuse it.
+        let schedule = Schedule { cron, zone };
+        if schedule.next_after(unix_ms()).is_none() {
+            return Err(format!("cron expression {expr:?} never matches"));
+        }
+        Ok(schedule)
+    }
+
+    fn at<Tz: TimeZone>(ms: i64, tz: &Tz) -> Option<DateTime<Tz>> {
+        tz.timestamp_millis_opt(ms).single()
+    }
+
+    /// The first slot strictly after `after_ms`.
+    pub fn next_after(&self, after_ms: i64) -> Option<i64> {
+        match self.zone {
+            Zone::Utc => self.cron.find_next_occurrence(&Self::at(after_ms, &Utc)?, false).ok().map(|t| t.timestamp_millis()),
+            Zone::Local => self.cron.find_next_occurrence(&Self::at(after_ms, &Local)?, false).ok().map(|t| t.timestamp_millis()),
+        }
+    }
+
+    /// The last slot at or before `at_ms`.
+    pub fn last_at_or_before(&self, at_ms: i64) -> Option<i64> {
+        match self.zone {
+            Zone::Utc => self.cron.find_previous_occurrence(&Self::at(at_ms, &Utc)?, true).ok().map(|t| t.timestamp_millis()),
+            Zone::Local => self.cron.find_previous_occurrence(&Self::at(at_ms, &Local)?, true).ok().map(|t| t.timestamp_millis()),
+        }
+    }
+
+    /// The last slot strictly before `before_ms`.
+    fn last_before(&self, before_ms: i64) -> Option<i64> {
+        self.last_at_or_before(before_ms - 1)
+    }
+}
+
+/// What a periodic singleton's holder does next, given the last settled slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    /// Due slots not settled yet that are to run now, oldest first (at most `catch_up`).
+    pub run: Vec<i64>,
+    /// Whether older unsettled slots exist beyond those: they are skipped.
+    pub skipped_older: bool,
+    /// The next slot after now, to wait for when nothing is due.
+    pub next: Option<i64>,
+}
+
+/// The slots due at `now_ms` after the last settled slot `settled_ms`: the most recent
+/// `catch_up` slots in (settled, now], oldest first, and the next slot after now.
+pub fn due(schedule: &Schedule, settled_ms: i64, now_ms: i64, catch_up: usize) -> Due {
+    let mut run = Vec::new();
+    let mut cursor = schedule.last_at_or_before(now_ms);
+    while let Some(slot) = cursor {
+        if slot <= settled_ms {
+            break;
+        }
+        if run.len() == catch_up {
+            break;
+        }
+        run.push(slot);
+        cursor = schedule.last_before(slot);
+    }
+    let skipped_older = run.len() == catch_up && cursor.is_some_and(|s| s > settled_ms);
+    run.reverse();
+    Due { run, skipped_older, next: schedule.next_after(now_ms) }
+}
+
+/// Where a singleton starts when no slot was ever settled: the last slot at or before
+/// `now_ms` counts as settled (a schedule starts now, it does not run the past).
+pub fn baseline(schedule: &Schedule, now_ms: i64) -> i64 {
+    schedule.last_at_or_before(now_ms).unwrap_or(now_ms)
+}
+
+/// An etcd request of the singleton protocol that failed or got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Claiming `singletons/<name>` failed.
+    #[error("claiming singleton {name}: {source}")]
+    ClaimSingleton {
+        /// The singleton.
+        name: String,
+        /// What the request ran into.
+        #[source]
+        source: crate::claims::RequestError,
+    },
+    /// Reading or writing the singleton's last settled slot failed.
+    #[error("recording the settled slot of singleton {name}: {source}")]
+    RecordSlot {
+        /// The singleton.
+        name: String,
+        /// What the request ran into.
+        #[source]
+        source: crate::claims::RequestError,
+    },
+}
+
+/// What a claim attempt found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// The claim is ours (new, or adopted: it was already on this lease).
+    Held {
+        /// The claim's create revision.
+        epoch: i64,
+    },
+    /// Another holder has it.
+    HeldByOther {
+        /// The holder's node id, as its record says.
+        holder: String,
+        /// The store's revision when the claim was refused (watch its deletion after it).
+        revision: i64,
+    },
+}
+
+/// The transaction that creates the claim of singleton `name` on `lease_id` only if absent;
+/// when it fails, its response is the claim.
+pub fn claim_txn(keys: &Keys, name: &str, record: &SingletonClaim, lease_id: i64) -> Txn {
+    let key = keys.singleton(name);
+    Txn::new()
+        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(lease_id)))])
+        .or_else([TxnOp::get(key.as_str(), None)])
+}
+
+/// Claims singleton `name` within [`REQUEST_TIMEOUT`]; a request that failed or timed out
+/// may have committed, so the claim is read back and adopted if it is on `lease_id`.
+pub async fn claim(client: &mut Client, keys: &Keys, name: &str, record: &SingletonClaim, lease_id: i64) -> Result<ClaimOutcome, Error> {
+    let failed = |source| Error::ClaimSingleton { name: name.to_owned(), source };
+    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(claim_txn(keys, name, record, lease_id))).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return read_back(client, keys, name, lease_id).await.ok_or_else(|| failed(e.into())),
+        Err(_) => return read_back(client, keys, name, lease_id).await.ok_or_else(|| failed(crate::claims::RequestError::TimedOut(REQUEST_TIMEOUT))),
+    };
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    if resp.succeeded() {
+        return Ok(ClaimOutcome::Held { epoch: revision });
+    }
+    let kv = resp.op_responses().into_iter().next().and_then(|op| match op {
+        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+        _ => None,
+    });
+    Ok(match kv {
+        Some(kv) if kv.lease() == lease_id => ClaimOutcome::Held { epoch: kv.create_revision() },
+        Some(kv) => ClaimOutcome::HeldByOther { holder: SingletonClaim::decode(kv.value()).map(|c| c.node_id).unwrap_or_else(|_| "?".into()), revision },
+        // Deleted between the compare and the get: there is none; the next try claims it.
+        None => ClaimOutcome::HeldByOther { holder: String::new(), revision },
+    })
+}
+
+async fn read_back(client: &mut Client, keys: &Keys, name: &str, lease_id: i64) -> Option<ClaimOutcome> {
+    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(keys.singleton(name), None)).await.ok()?.ok()?;
+    let kv = resp.kvs().first()?;
+    (kv.lease() == lease_id).then(|| ClaimOutcome::Held { epoch: kv.create_revision() })
+}
+
+/// Deletes the claim of singleton `name` if it is still the one of `epoch`.
+pub async fn release(client: &mut Client, keys: &Keys, name: &str, epoch: i64) -> Result<(), etcd_client::Error> {
+    let key = keys.singleton(name);
+    let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, epoch)]).and_then([TxnOp::delete(key.as_str(), None)]);
+    match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
+        Ok(r) => r.map(drop),
+        Err(_) => Err(etcd_client::Error::InvalidArgs("delete singleton claim timed out".into())),
+    }
+}
+
+/// The last settled slot of singleton `name`, if one was ever recorded.
+pub async fn read_settled(client: &mut Client, keys: &Keys, name: &str) -> Result<Option<SingletonRun>, Error> {
+    let failed = |source| Error::RecordSlot { name: name.to_owned(), source };
+    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, client.get(keys.singleton_run(name), None)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(failed(e.into())),
+        Err(_) => return Err(failed(crate::claims::RequestError::TimedOut(REQUEST_TIMEOUT))),
+    };
+    Ok(resp.kvs().first().and_then(|kv| match SingletonRun::decode(kv.value()) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(singleton = %name, error = %e, "unreadable last settled slot; starting the schedule from now");
+            None
+        }
+    }))
+}
+
+/// Records `run` as the last settled slot of singleton `name`, only while the claim of
+/// `epoch` is current. `Ok(false)`: the claim is no longer ours.
+pub async fn record_settled(client: &mut Client, keys: &Keys, name: &str, epoch: i64, run: &SingletonRun) -> Result<bool, Error> {
+    let failed = |source| Error::RecordSlot { name: name.to_owned(), source };
+    let claim = keys.singleton(name);
+    let txn = Txn::new()
+        .when([Compare::create_revision(claim.as_str(), CompareOp::Equal, epoch)])
+        .and_then([TxnOp::put(keys.singleton_run(name), run.encode(), None)]);
+    match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
+        Ok(Ok(r)) => Ok(r.succeeded()),
+        Ok(Err(e)) => Err(failed(e.into())),
+        Err(_) => Err(failed(crate::claims::RequestError::TimedOut(REQUEST_TIMEOUT))),
+    }
+}
+
+/// Returns once `key` is deleted after `revision`; `Err` when the watch fails or ends.
+async fn deleted_after(mut client: Client, key: String, revision: i64) -> Result<(), String> {
+    let options = WatchOptions::new().with_start_revision(revision + 1);
+    let mut stream = client.watch(key.as_str(), Some(options)).await.map_err(|e| e.to_string())?;
+    loop {
+        match stream.message().await {
+            Ok(Some(resp)) => {
+                if resp.canceled() {
+                    return Err(format!("watch cancelled: {}", resp.cancel_reason()));
+                }
+                if resp.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Err("watch ended".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Why a held singleton stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The fence tripped: kill at once; the claim goes with the lease.
+    Fence,
+    /// The runner shuts down: stop gently, then release the claim.
+    Shutdown,
+    /// The claim was deleted by someone else: kill at once and compete again.
+    Lost,
+}
+
+/// What one singleton's task needs of its incarnation.
+#[derive(Clone)]
+struct Ctx {
+    client: Client,
+    keys: Keys,
+    node_id: String,
+    incarnation: Uuid,
+    lease_id: i64,
+    fence: Arc<Fence>,
+    shutdown: CancellationToken,
+}
+
+impl Ctx {
+    /// Resolves when the holder must stop, and why (the fence first).
+    async fn stop(&self, lost: &CancellationToken) -> Stop {
+        tokio::select! {
+            biased;
+            _ = self.fence.lost().cancelled() => Stop::Fence,
+            _ = lost.cancelled() => Stop::Lost,
+            _ = self.shutdown.cancelled() => Stop::Shutdown,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.fence.lost().is_cancelled() || self.shutdown.is_cancelled()
+    }
+}
+
+/// The singleton tasks of one incarnation.
+pub struct Singletons {
+    tasks: JoinSet<()>,
+}
+
+impl Singletons {
+    /// Starts one task per configured singleton; each competes for its claim on this
+    /// incarnation's lease until `shutdown` or the fence.
+    pub fn start(client: &Client, shared: &Shared, inc: &Incarnation, shutdown: &CancellationToken) -> Singletons {
+        let mut tasks = JoinSet::new();
+        for (name, cfg) in &shared.cfg.singleton {
+            let ctx = Ctx {
+                client: client.clone(),
+                keys: shared.keys.clone(),
+                node_id: shared.cfg.node_id.clone(),
+                incarnation: inc.incarnation,
+                lease_id: inc.lease_id,
+                fence: inc.fence.clone(),
+                shutdown: shutdown.clone(),
+            };
+            metrics::gauge!("qslice_runner_singleton_held", "name" => name.clone()).set(0.0);
+            tasks.spawn(compete(ctx, name.clone(), cfg.clone()));
+        }
+        Singletons { tasks }
+    }
+
+    /// Waits until every task ended (each stops its command first: at once on a fence,
+    /// gently on shutdown).
+    pub async fn join(&mut self) {
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// One singleton on one incarnation: claim, hold and run, or watch the holder.
+async fn compete(ctx: Ctx, name: String, cfg: SingletonConfig) {
+    let schedule = cfg.schedule.as_deref().map(|s| Schedule::parse(s, cfg.timezone).expect("checked with the configuration"));
+    let mut waiting_on: Option<String> = None;
+    while !ctx.stopping() {
+        let record = SingletonClaim { v: RECORD_VERSION, node_id: ctx.node_id.clone(), incarnation: ctx.incarnation, claimed_unix_ms: unix_ms() };
+        let key = ctx.keys.singleton(&name);
+        let outcome = if ctx.fence.is_valid() { claim(&mut ctx.client.clone(), &ctx.keys, &name, &record, ctx.lease_id).await } else { return };
+        match outcome {
+            Ok(ClaimOutcome::Held { epoch }) => {
+                match &waiting_on {
+                    Some(holder) => tracing::info!(singleton = %name, epoch, previous = %holder, "took over the singleton: the previous holder released it or its lease ended"),
+                    None => tracing::info!(singleton = %name, epoch, "holding the singleton; this node runs it"),
+                }
+                waiting_on = None;
+                let gauge = metrics::gauge!("qslice_runner_singleton_held", "name" => name.clone());
+                gauge.set(1.0);
+                let stop = hold(&ctx, &name, &cfg, schedule.as_ref(), epoch).await;
+                gauge.set(0.0);
+                match stop {
+                    Stop::Fence => {
+                        tracing::warn!(singleton = %name, epoch, reason = %ctx.fence.reason().unwrap_or_default(), "fenced: the singleton's command is stopped; its claim ends with the lease");
+                        return;
+                    }
+                    Stop::Shutdown => {
+                        match release(&mut ctx.client.clone(), &ctx.keys, &name, epoch).await {
+                            Ok(()) => tracing::info!(singleton = %name, epoch, "released the singleton; another node takes it over now"),
+                            Err(e) => tracing::warn!(singleton = %name, epoch, error = %e, "releasing the singleton failed; it ends with the lease"),
+                        }
+                        return;
+                    }
+                    Stop::Lost => {
+                        tracing::warn!(singleton = %name, epoch, "the singleton's claim was deleted while held; its command was killed; competing again");
+                    }
+                }
+            }
+            Ok(ClaimOutcome::HeldByOther { holder, revision }) => {
+                if waiting_on.as_deref() != Some(holder.as_str()) {
+                    tracing::info!(singleton = %name, %holder, "the singleton is held by another node; watching its claim to take over when it ends");
+                    waiting_on = Some(holder);
+                }
+                tokio::select! {
+                    watched = deleted_after(ctx.client.clone(), key, revision) => {
+                        if let Err(e) = watched {
+                            tracing::debug!(singleton = %name, error = %e, "watching the singleton's claim failed; looking again shortly");
+                            tokio::time::sleep(RETRY).await;
+                        }
+                    }
+                    _ = tokio::time::sleep(RECHECK) => {}
+                    _ = ctx.fence.lost().cancelled() => return,
+                    _ = ctx.shutdown.cancelled() => return,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(singleton = %name, error = %e, "claiming the singleton failed; will retry");
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY) => {}
+                    _ = ctx.fence.lost().cancelled() => return,
+                    _ = ctx.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Holds the claim of `epoch` and runs the command until it must stop.
+async fn hold(ctx: &Ctx, name: &str, cfg: &SingletonConfig, schedule: Option<&Schedule>, epoch: i64) -> Stop {
+    // The claim's deletion by anyone but us means it is no longer ours.
+    let lost = CancellationToken::new();
+    let watcher = {
+        let (client, key, lost, stop) = (ctx.client.clone(), ctx.keys.singleton(name), lost.clone(), ctx.fence.lost().clone());
+        let shutdown = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    watched = deleted_after(client.clone(), key.clone(), epoch - 1) => match watched {
+                        Ok(()) => { lost.cancel(); return; }
+                        Err(_) => tokio::time::sleep(RETRY).await,
+                    },
+                    _ = stop.cancelled() => return,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        })
+    };
+    let stop = match schedule {
+        Some(schedule) => periodic(ctx, name, cfg, schedule, epoch, &lost).await,
+        None => long_running(ctx, name, cfg, epoch, &lost).await,
+    };
+    watcher.abort();
+    stop
+}
+
+/// How one run of the command ended.
+enum RunEnd {
+    /// It exited by itself (or, on shutdown, within the stop timeout).
+    Exited(ExitStatus),
+    /// It did not start.
+    NotStarted(String),
+    /// It was killed after the periodic run timeout.
+    TimedOut,
+    /// It was stopped from outside before it ended.
+    Stopped(Stop),
+}
+
+/// Runs the command once; `slot` is passed as QSLICE_SLOT (periodic runs).
+async fn run_once(ctx: &Ctx, name: &str, cfg: &SingletonConfig, epoch: i64, slot: Option<i64>, lost: &CancellationToken) -> (RunEnd, Option<Stop>) {
+    if !ctx.fence.is_valid() {
+        return (RunEnd::Stopped(Stop::Fence), Some(Stop::Fence));
+    }
+    let mut env = vec![("QSLICE_SINGLETON", name.to_owned()), ("QSLICE_NODE", ctx.node_id.clone()), ("QSLICE_EPOCH", epoch.to_string())];
+    if let Some(slot) = slot {
+        env.push(("QSLICE_SLOT", (slot / 1000).to_string()));
+    }
+    let mut child = match command(cfg, &env).and_then(|mut c| c.spawn()) {
+        Ok(c) => c,
+        Err(e) => return (RunEnd::NotStarted(e.to_string()), None),
+    };
+    let pid = child.id().unwrap_or(0) as i32;
+    let _leashed = crate::leash::Leashed::new(child.id());
+    if let Some(out) = child.stdout.take() {
+        crate::supervise::log_lines(out, format!("singleton {name}"), format!("pid {pid}"), "stdout");
+    }
+    if let Some(err) = child.stderr.take() {
+        crate::supervise::log_lines(err, format!("singleton {name}"), format!("pid {pid}"), "stderr");
+    }
+    tracing::info!(singleton = %name, pid, epoch, slot = ?slot.map(|s| s / 1000), "started the singleton's command");
+    let group = Pid::from_raw(pid);
+    let kill_all = || {
+        let _ = killpg(group, Signal::SIGKILL);
+    };
+    let timeout = async {
+        match cfg.timeout {
+            Some(t) if slot.is_some() => tokio::time::sleep(t).await,
+            _ => std::future::pending().await,
+        }
+    };
+    let end = tokio::select! {
+        biased;
+        stop = ctx.stop(lost) => match stop {
+            Stop::Shutdown => {
+                // Gently: SIGTERM, then SIGKILL after the stop timeout (or at once on a fence).
+                let _ = killpg(group, Signal::SIGTERM);
+                tokio::select! {
+                    biased;
+                    _ = ctx.fence.lost().cancelled() => { kill_all(); let _ = child.wait().await; RunEnd::Stopped(Stop::Fence) }
+                    status = tokio::time::timeout(cfg.stop_timeout(), child.wait()) => match status {
+                        Ok(Ok(status)) => RunEnd::Exited(status),
+                        _ => {
+                            tracing::warn!(singleton = %name, pid, timeout = ?cfg.stop_timeout(), "the singleton's command did not stop in time after SIGTERM; killing it");
+                            kill_all();
+                            let _ = child.wait().await;
+                            RunEnd::Stopped(Stop::Shutdown)
+                        }
+                    },
+                }
+            }
+            other => {
+                kill_all();
+                let _ = child.wait().await;
+                RunEnd::Stopped(other)
+            }
+        },
+        status = child.wait() => match status {
+            Ok(status) => RunEnd::Exited(status),
+            Err(e) => RunEnd::NotStarted(e.to_string()),
+        },
+        _ = timeout => {
+            kill_all();
+            let _ = child.wait().await;
+            RunEnd::TimedOut
+        }
+    };
+    // Whatever it left in its group goes with it.
+    kill_all();
+    let stop = match &end {
+        RunEnd::Stopped(s) => Some(*s),
+        _ if ctx.fence.lost().is_cancelled() => Some(Stop::Fence),
+        _ if lost.is_cancelled() => Some(Stop::Lost),
+        _ if ctx.shutdown.is_cancelled() => Some(Stop::Shutdown),
+        _ => None,
+    };
+    (end, stop)
+}
+
+/// The label of a run's end in `qslice_runner_singleton_runs_total`.
+fn outcome_of(end: &RunEnd) -> &'static str {
+    match end {
+        RunEnd::Exited(s) if s.success() => "ok",
+        RunEnd::Exited(_) => "failed",
+        RunEnd::NotStarted(_) => "not_started",
+        RunEnd::TimedOut => "timeout",
+        RunEnd::Stopped(_) => "interrupted",
+    }
+}
+
+fn count(name: &str, outcome: &'static str) {
+    metrics::counter!("qslice_runner_singleton_runs_total", "name" => name.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// A periodic singleton while held: runs each due slot and settles it.
+async fn periodic(ctx: &Ctx, name: &str, cfg: &SingletonConfig, schedule: &Schedule, epoch: i64, lost: &CancellationToken) -> Stop {
+    let mut client = ctx.client.clone();
+    // Where the schedule stands: the last settled slot, read once per claim.
+    let mut settled = loop {
+        match read_settled(&mut client, &ctx.keys, name).await {
+            Ok(Some(run)) => break run.last_slot_unix_ms,
+            Ok(None) => {
+                let start = baseline(schedule, unix_ms());
+                let run = SingletonRun { v: RECORD_VERSION, last_slot_unix_ms: start, node_id: ctx.node_id.clone(), settled_unix_ms: unix_ms(), outcome: "baseline".into() };
+                match record_settled(&mut client, &ctx.keys, name, epoch, &run).await {
+                    Ok(true) => {
+                        tracing::info!(singleton = %name, "first holder of this singleton: its schedule starts now");
+                        break start;
+                    }
+                    Ok(false) => return Stop::Lost,
+                    Err(e) => tracing::warn!(singleton = %name, error = %e, "cannot record where the schedule starts; retrying"),
+                }
+            }
+            Err(e) => tracing::warn!(singleton = %name, error = %e, "cannot read the last settled slot; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RETRY) => {}
+            stop = ctx.stop(lost) => return stop,
+        }
+    };
+    loop {
+        let now = unix_ms();
+        let plan = due(schedule, settled, now, cfg.catch_up);
+        let Some(&slot) = plan.run.first() else {
+            let Some(next) = plan.next else {
+                tracing::error!(singleton = %name, "the schedule has no further slot; holding without running");
+                return ctx.stop(lost).await;
+            };
+            // Sleep on tokio's clock for the wall-clock distance; looked at again on
+            // waking (the wall clock may have been stepped meanwhile).
+            let wait = Duration::from_millis(u64::try_from(next - now).unwrap_or(0));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => continue,
+                stop = ctx.stop(lost) => return stop,
+            }
+        };
+        if plan.skipped_older && plan.run.len() == cfg.catch_up {
+            tracing::warn!(singleton = %name, catch_up = cfg.catch_up, first_run = slot / 1000, "slots were missed beyond the catch-up (no holder for a while); the older ones are skipped");
+            metrics::counter!("qslice_runner_singleton_skipped_total", "name" => name.to_owned()).increment(1);
+        }
+        if now - slot > 1000 {
+            tracing::info!(singleton = %name, slot = slot / 1000, late_ms = now - slot, "running a missed slot (taken over from a holder that did not settle it, or no holder at its time)");
+        }
+        let (end, stop) = run_once(ctx, name, cfg, epoch, Some(slot), lost).await;
+        let outcome = outcome_of(&end);
+        count(name, outcome);
+        match &end {
+            RunEnd::Exited(status) if status.success() => tracing::info!(singleton = %name, slot = slot / 1000, "the singleton's run ended"),
+            RunEnd::Exited(status) => tracing::warn!(singleton = %name, slot = slot / 1000, %status, "the singleton's run failed; the slot counts as run (a failed run is not retried)"),
+            RunEnd::TimedOut => tracing::warn!(singleton = %name, slot = slot / 1000, timeout = ?cfg.timeout, "the singleton's run took longer than its timeout; killed"),
+            RunEnd::NotStarted(e) => tracing::error!(singleton = %name, slot = slot / 1000, error = %e, "cannot start the singleton's command; the slot counts as run"),
+            RunEnd::Stopped(why) => {
+                tracing::warn!(singleton = %name, slot = slot / 1000, ?why, "the singleton's run was cut off; the slot stays unsettled, so the next holder runs it again");
+                return *why;
+            }
+        }
+        // The run ended (however it went): settle its slot, under our claim.
+        let run = SingletonRun { v: RECORD_VERSION, last_slot_unix_ms: slot, node_id: ctx.node_id.clone(), settled_unix_ms: unix_ms(), outcome: outcome.into() };
+        let mut recorded = false;
+        while ctx.fence.is_valid() {
+            match record_settled(&mut client, &ctx.keys, name, epoch, &run).await {
+                Ok(true) => {
+                    recorded = true;
+                    break;
+                }
+                Ok(false) => return Stop::Lost,
+                Err(e) => {
+                    tracing::warn!(singleton = %name, slot = slot / 1000, error = %e, "recording the settled slot failed; retrying while the lease lasts");
+                    tokio::time::sleep(RETRY).await;
+                }
+            }
+        }
+        if !recorded {
+            tracing::warn!(singleton = %name, slot = slot / 1000, "the slot ran but could not be recorded before the fence; the next holder runs it again");
+            return Stop::Fence;
+        }
+        settled = slot;
+        if let Some(stop) = stop {
+            return stop;
+        }
+    }
+}
+
+/// A long-running singleton while held: started, and restarted with backoff when it exits.
+async fn long_running(ctx: &Ctx, name: &str, cfg: &SingletonConfig, epoch: i64, lost: &CancellationToken) -> Stop {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let started = tokio::time::Instant::now();
+        let (end, stop) = run_once(ctx, name, cfg, epoch, None, lost).await;
+        count(name, outcome_of(&end));
+        if let Some(stop) = stop {
+            tracing::info!(singleton = %name, ?stop, "the singleton's command is stopped");
+            return stop;
+        }
+        if started.elapsed() >= STABLE_RUN {
+            backoff = FIRST_BACKOFF;
+        }
+        match &end {
+            RunEnd::Exited(status) => tracing::warn!(singleton = %name, %status, restart_in = ?backoff, "the long-running singleton's command exited; restarting it"),
+            RunEnd::NotStarted(e) => tracing::error!(singleton = %name, error = %e, restart_in = ?backoff, "cannot start the singleton's command; trying again"),
+            RunEnd::TimedOut | RunEnd::Stopped(_) => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            stop = ctx.stop(lost) => return stop,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// The singleton's command: only the listed environment plus `extra`, its working
+/// directory and user, its own process group, dying with the runner and announced to the
+/// leash; stdin closed, stdout and stderr piped to the runner's log.
+fn command(cfg: &SingletonConfig, extra: &[(&str, String)]) -> std::io::Result<tokio::process::Command> {
+    let (program, args) = cfg.command.split_first().ok_or_else(|| std::io::Error::other("empty command"))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).env_clear();
+    for name in &cfg.env {
+        if let Ok(value) = std::env::var(name) {
+            cmd.env(name, value);
+        }
+    }
+    for (name, value) in extra {
+        cmd.env(name, value);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
+    if let Some(dir) = &cfg.workdir {
+        cmd.current_dir(dir);
+    }
+    if let Some(user) = &cfg.user {
+        let (uid, gid) = crate::supervise::resolve_user(user).ok_or_else(|| std::io::Error::other(format!("unknown user {user:?}")))?;
+        cmd.uid(uid).gid(gid);
+    }
+    crate::child::die_with_parent(&mut cmd);
+    Ok(cmd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(expr: &str) -> Schedule {
+        Schedule::parse(expr, Zone::Utc).expect("valid")
+    }
+
+    /// 2026-12-01T10:00:00Z in ms.
+    const T0: i64 = 1_796_119_200_000;
+
+    #[test]
+    fn five_and_six_field_expressions_give_absolute_slots() {
+        let hourly = utc("0 * * * *");
+        assert_eq!(hourly.next_after(T0), Some(T0 + 3_600_000));
+        assert_eq!(hourly.last_at_or_before(T0), Some(T0));
+        assert_eq!(hourly.last_at_or_before(T0 + 1), Some(T0));
+        let every_second = utc("* * * * * *");
+        assert_eq!(every_second.next_after(T0 + 400), Some(T0 + 1000));
+        let every_ten = utc("*/10 * * * * *");
+        assert_eq!(every_ten.next_after(T0), Some(T0 + 10_000));
+    }
+
+    #[test]
+    fn nothing_is_due_until_the_next_slot_and_then_exactly_that_slot() {
+        let s = utc("*/10 * * * * *");
+        let d = due(&s, T0, T0 + 5_000, 1);
+        assert_eq!(d, Due { run: vec![], skipped_older: false, next: Some(T0 + 10_000) });
+        let d = due(&s, T0, T0 + 10_000, 1);
+        assert_eq!(d.run, vec![T0 + 10_000]);
+        assert!(!d.skipped_older);
+        // Once settled, the same slot is never due again.
+        assert!(due(&s, T0 + 10_000, T0 + 10_500, 1).run.is_empty());
+    }
+
+    #[test]
+    fn a_takeover_runs_the_unsettled_slots_up_to_the_catch_up_newest_first_kept() {
+        let s = utc("*/10 * * * * *");
+        // The previous holder settled T0 and died; the new holder looks 35 s later.
+        let d = due(&s, T0, T0 + 35_000, 10);
+        assert_eq!(d.run, vec![T0 + 10_000, T0 + 20_000, T0 + 30_000]);
+        assert!(!d.skipped_older);
+        let d = due(&s, T0, T0 + 35_000, 1);
+        assert_eq!(d.run, vec![T0 + 30_000], "only the most recent one");
+        assert!(d.skipped_older);
+        let d = due(&s, T0, T0 + 35_000, 2);
+        assert_eq!(d.run, vec![T0 + 20_000, T0 + 30_000]);
+        assert!(d.skipped_older);
+    }
+
+    #[test]
+    fn a_new_schedule_starts_now_and_does_not_run_the_past() {
+        let s = utc("0 * * * *");
+        let start = baseline(&s, T0 + 1_800_000);
+        assert_eq!(start, T0);
+        assert!(due(&s, start, T0 + 1_800_000, 5).run.is_empty());
+        assert_eq!(due(&s, start, T0 + 3_600_000, 5).run, vec![T0 + 3_600_000]);
+    }
+
+    fn table(text: &str) -> Result<SingletonConfig, String> {
+        let cfg: SingletonConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        cfg.check("digests").map(|()| cfg)
+    }
+
+    #[test]
+    fn a_table_needs_a_command_and_exactly_one_of_schedule_and_long_running() {
+        assert!(table("command = [\"/bin/true\"]\nschedule = \"0 0 * * *\"\n").is_ok());
+        assert!(table("command = [\"/bin/true\"]\nlong_running = true\n").is_ok());
+        let err = table("schedule = \"0 0 * * *\"\n").expect_err("no command");
+        assert!(err.contains("singleton.digests.command"), "{err}");
+        let err = table("command = [\"/bin/true\"]\n").expect_err("neither");
+        assert!(err.contains("singleton.digests.schedule") && err.contains("long_running"), "{err}");
+        let err = table("command = [\"/bin/true\"]\nschedule = \"0 0 * * *\"\nlong_running = true\n").expect_err("both");
+        assert!(err.contains("singleton.digests.schedule"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors_that_name_the_key() {
+        let err = table("command = [\"/bin/true\"]\nschedule = \"61 * * * *\"\n").expect_err("bad cron");
+        assert!(err.contains("singleton.digests.schedule") && err.contains("61 * * * *"), "{err}");
+        let err = table("command = [\"/bin/true\"]\nschedule = \"0 0 30 2 *\"\n").expect_err("never");
+        assert!(err.contains("singleton.digests.schedule"), "{err}");
+        let err = table("command = [\"/bin/true\"]\nschedule = \"* * * * *\"\ncatch_up = 0\n").expect_err("catch_up");
+        assert!(err.contains("singleton.digests.catch_up"), "{err}");
+        let err = table("command = [\"/bin/true\"]\nlong_running = true\ntimeout = \"1m\"\n").expect_err("timeout");
+        assert!(err.contains("singleton.digests.timeout"), "{err}");
+        let err = table("command = [\"/bin/true\"]\nlong_running = true\nuser = \"no-such-user-qslice\"\n").expect_err("user");
+        assert!(err.contains("singleton.digests.user"), "{err}");
+        let err = table("command = [\"/bin/true\"]\nlong_runing = true\n").expect_err("typo");
+        assert!(err.contains("long_runing"), "{err}");
+        let err = SingletonConfig { command: vec!["/bin/true".into()], schedule: None, long_running: true, timezone: Zone::Utc, catch_up: 1, timeout: None, stop_timeout: None, user: None, workdir: None, env: vec![] }
+            .check("a/b")
+            .expect_err("name");
+        assert!(err.contains("singleton.a/b"), "{err}");
+    }
+}
