@@ -1,0 +1,278 @@
+//! Cluster-wide singleton commands with the real runner binary and a real etcd: of the
+//! runners configured with a singleton, exactly one runs it at any time; when the holder
+//! dies (kill -9), stops (SIGTERM) or freezes, another takes over within the lease TTL and
+//! the old command is gone first (the leash kills a frozen or dead holder's command at its
+//! fence deadline); a periodic singleton runs each slot once across the runners.
+//!
+//! The commands are shell loops that append what they did to a file, with the time:
+//! these files are what the tests check.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::Signal;
+use qslice_proto::keys::Keys;
+use qslice_proto::records::{Record, SingletonClaim};
+use qslice_tests::cluster::Spool;
+use qslice_tests::freezer::{process_tree, Freezer};
+use qslice_tests::pids_with_env;
+use qslice_tests::testcluster::{TestCluster, CLUSTER};
+use qslice_tests::wait_for_async;
+
+const LONG: Duration = Duration::from_secs(60);
+/// The fixtures' lease TTL (tests/src/cluster.rs `start_runner_at`).
+const TTL: Duration = Duration::from_secs(2);
+
+/// A node id of this test's own: tests run side by side, and processes are found by their
+/// `QSLICE_NODE`.
+fn node(name: &str) -> String {
+    format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
+}
+
+/// Writes a runner configuration file holding one `[singleton.<name>]` table.
+fn config(spool: &Spool, name: &str, table: &str) -> PathBuf {
+    let path = spool.scratch(&format!("singleton-{name}.toml"));
+    std::fs::write(&path, format!("[singleton.{name}]\n{table}")).expect("write config");
+    path
+}
+
+/// A TOML string holding `text` (a JSON string is a TOML basic string).
+fn toml_str(text: &str) -> String {
+    serde_json::to_string(text).expect("json string")
+}
+
+/// The node that holds singleton `name`, if any.
+async fn holder(c: &etcd_client::Client, name: &str) -> Option<String> {
+    let keys = Keys::new(CLUSTER).ok()?;
+    let resp = c.clone().get(keys.singleton(name), None).await.ok()?;
+    let kv = resp.kvs().first()?;
+    SingletonClaim::decode(kv.value()).ok().map(|c| c.node_id)
+}
+
+/// One line a long-running command wrote: `<node> <pid> <ns>`.
+#[derive(Clone, Debug)]
+struct Beat {
+    node: String,
+    pid: u32,
+    at_ns: u128,
+}
+
+fn beats(path: &Path) -> Vec<Beat> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(Beat { node: f.first()?.to_string(), pid: f.get(1)?.parse().ok()?, at_ns: f.get(2)?.parse().ok()? })
+        })
+        .collect()
+}
+
+/// Each writer (node, pid) with the time of its first and last line, in order of first line.
+fn writers(beats: &[Beat]) -> Vec<(String, u32, u128, u128)> {
+    let mut spans: BTreeMap<(String, u32), (u128, u128)> = BTreeMap::new();
+    for b in beats {
+        let span = spans.entry((b.node.clone(), b.pid)).or_insert((b.at_ns, b.at_ns));
+        span.0 = span.0.min(b.at_ns);
+        span.1 = span.1.max(b.at_ns);
+    }
+    let mut out: Vec<_> = spans.into_iter().map(|((n, p), (a, b))| (n, p, a, b)).collect();
+    out.sort_by_key(|w| w.2);
+    out
+}
+
+/// Panics if two writers' spans overlap in time: one runs the singleton at any time.
+fn assert_no_overlap(beats: &[Beat]) {
+    let w = writers(beats);
+    for pair in w.windows(2) {
+        assert!(pair[0].3 < pair[1].2, "two copies of the singleton ran at once: {:?} until {} and {:?} from {}", (&pair[0].0, pair[0].1), pair[0].3, (&pair[1].0, pair[1].1), pair[1].2);
+    }
+}
+
+/// A long-running singleton command: every 50 ms appends `<node> <pid> <ns>` to `out`.
+fn heartbeat_table(out: &Path) -> String {
+    let script = format!("while :; do echo \"$QSLICE_NODE $$ $(date +%s%N)\" >> {}; sleep 0.05; done", out.display());
+    format!("command = [\"/bin/sh\", \"-c\", {}]\nlong_running = true\nstop_timeout = \"2s\"\n", toml_str(&script))
+}
+
+/// Waits until no process of the singleton's commands of `nodes` runs any more.
+async fn nothing_left(nodes: &[&str]) {
+    for n in nodes {
+        let needle = format!("QSLICE_NODE={n}");
+        wait_for_async(Duration::from_secs(10), &format!("no process of {n} left"), || async { pids_with_env(&needle).is_empty() }).await.expect("nothing left running");
+    }
+}
+
+#[tokio::test]
+async fn a_long_running_singleton_runs_once_and_moves_within_the_ttl_when_its_holder_is_killed() {
+    let (n1, n2) = (node("r1"), node("r2"));
+    let spool = Spool::new(&[]).expect("spool");
+    let out = spool.scratch("beats.log");
+    let cfg = config(&spool, "notify", &heartbeat_table(&out));
+    let mut tc = TestCluster::builder()
+        .spool(spool.clone())
+        .runner_args(&["--config", cfg.to_str().expect("utf8")])
+        .runners(&[&n1, &n2])
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
+    wait_for_async(LONG, "the singleton running on one node", || async { beats(&out).len() >= 10 }).await.expect("running");
+    let first = holder(&c, "notify").await.expect("held");
+    let other = if first == n1 { n2.clone() } else { n1.clone() };
+    let w = writers(&beats(&out));
+    assert_eq!(w.len(), 1, "one copy of the singleton, on its holder: {w:?}");
+    assert_eq!(w[0].0, first);
+    let old_pid = w[0].1;
+    // kill -9 of the holder: the other runner takes over once its lease has ended (its
+    // leash revokes it when its children are gone, else after the TTL).
+    let killed_ns = now_ns();
+    tc.runner_mut(&first).kill();
+    wait_for_async(LONG, "the other runner's command writing", || async { beats(&out).iter().any(|b| b.node == other) }).await.expect("taken over");
+    let took_ns = beats(&out).iter().find(|b| b.node == other).expect("a line").at_ns;
+    let took = Duration::from_nanos((took_ns - killed_ns) as u64);
+    assert!(took <= TTL + Duration::from_secs(1), "the singleton was taken over {took:?} after its holder died; TTL {TTL:?} + 1 s allowed");
+    assert!(!qslice_tests::process_alive(old_pid), "the dead holder's command ({old_pid}) still runs");
+    assert!(pids_with_env(&format!("QSLICE_NODE={first}")).is_empty(), "processes of the dead holder are left");
+    assert_eq!(holder(&c, "notify").await.as_deref(), Some(other.as_str()));
+    // The first runner comes back and waits. Then the new holder's host dies: the runner
+    // and its leash together, so no revoke: the lease has to expire.
+    tc.start_runner(&first).expect("restart");
+    wait_for_async(LONG, "the first runner registered again", || tc.is_registered(&first)).await.expect("registered");
+    let pid = tc.runner(&other).pid().expect("pid");
+    let leash: Vec<u32> = process_tree(pid).into_iter().filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--leash"))).collect();
+    assert_eq!(leash.len(), 1, "the runner's leash: {leash:?}");
+    let lines_before = beats(&out).len();
+    let crashed_ns = now_ns();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(leash[0] as i32), Signal::SIGKILL);
+    tc.runner_mut(&other).kill();
+    wait_for_async(LONG, "the first runner's command writing again", || async { beats(&out)[lines_before..].iter().any(|b| b.node == first) }).await.expect("taken over after the TTL");
+    let back_ns = beats(&out)[lines_before..].iter().find(|b| b.node == first).expect("a line").at_ns;
+    let took_ttl = Duration::from_nanos((back_ns - crashed_ns) as u64);
+    assert!(took_ttl <= TTL + Duration::from_secs(1), "after a host crash the singleton was taken over {took_ttl:?} later; TTL {TTL:?} + 1 s allowed");
+    assert!(pids_with_env(&format!("QSLICE_NODE={other}")).is_empty(), "processes of the crashed holder are left");
+    // It keeps running on the new holder alone.
+    let seen = beats(&out).len();
+    wait_for_async(LONG, "the new holder's command writing on", || async { beats(&out).len() >= seen + 10 }).await.expect("running on");
+    let all = beats(&out);
+    assert_no_overlap(&all);
+    println!("kill -9 of the holder -> the other runner's command ran {took:?} later; of the holder and its leash -> {took_ttl:?} later ({} writers, {} lines)", writers(&all).len(), all.len());
+    drop(tc);
+    nothing_left(&[&n1, &n2]).await;
+}
+
+/// One line a periodic command wrote: `<slot> <node> <ns>`.
+fn slots(path: &Path) -> Vec<(u64, String, u128)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.first()?.parse().ok()?, f.get(1)?.to_string(), f.get(2)?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_periodic_singleton_runs_each_slot_once_across_runners_and_stop_signals() {
+    let (n1, n2) = (node("r1"), node("r2"));
+    let spool = Spool::new(&[]).expect("spool");
+    let out = spool.scratch("slots.log");
+    // A run that is under way when its runner is told to stop ends by itself (it ignores
+    // SIGTERM): the slot is settled and must not run again on the next holder.
+    let script = format!("trap '' TERM; echo \"$QSLICE_SLOT $QSLICE_NODE $(date +%s%N)\" >> {}", out.display());
+    let table = format!("command = [\"/bin/sh\", \"-c\", {}]\nschedule = \"* * * * * *\"\ntimezone = \"utc\"\ncatch_up = 30\nstop_timeout = \"5s\"\n", toml_str(&script));
+    let cfg = config(&spool, "digests", &table);
+    let mut tc = TestCluster::builder()
+        .spool(spool.clone())
+        .runner_args(&["--config", cfg.to_str().expect("utf8")])
+        .runners(&[&n1, &n2])
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
+    wait_for_async(LONG, "a few slots run", || async { slots(&out).len() >= 3 }).await.expect("running");
+    // Stop the holder twice, each time with the other runner waiting: the slots go on.
+    for round in 0..2 {
+        let h = holder(&c, "digests").await.expect("held");
+        let other = if h == n1 { n2.clone() } else { n1.clone() };
+        tc.runner(&h).signal(Signal::SIGTERM).expect("SIGTERM");
+        let status = tc.runner_mut(&h).wait_exit(LONG).expect("the holder exits");
+        assert!(status.success(), "round {round}: {h} exited with {status}");
+        let before = slots(&out).iter().filter(|s| s.1 == other).count();
+        wait_for_async(LONG, &format!("round {round}: {other} running the slots"), || async { slots(&out).iter().filter(|s| s.1 == other).count() >= before + 3 }).await.expect("taken over");
+        assert!(tc.runner(&h).log().contains("released the singleton"), "round {round}: the stopped holder says it released the singleton: {}", tc.runner(&h).log());
+        tc.start_runner(&h).expect("restart");
+        wait_for_async(LONG, &format!("round {round}: {h} registered again"), || tc.is_registered(&h)).await.expect("registered");
+    }
+    let seen = slots(&out);
+    let mut by_slot: BTreeMap<u64, Vec<&(u64, String, u128)>> = BTreeMap::new();
+    for s in &seen {
+        by_slot.entry(s.0).or_default().push(s);
+    }
+    let twice: Vec<_> = by_slot.iter().filter(|(_, v)| v.len() > 1).collect();
+    assert!(twice.is_empty(), "slots run more than once: {twice:?}");
+    let (first, last) = (*by_slot.keys().next().expect("slots"), *by_slot.keys().last().expect("slots"));
+    let missing: Vec<u64> = (first..=last).filter(|s| !by_slot.contains_key(s)).collect();
+    assert!(missing.is_empty(), "slots between {first} and {last} that never ran: {missing:?}");
+    for (slot, _, at_ns) in &seen {
+        assert!(*at_ns >= u128::from(*slot) * 1_000_000_000, "slot {slot} ran before its time ({at_ns})");
+    }
+    let nodes: std::collections::BTreeSet<&str> = seen.iter().map(|s| s.1.as_str()).collect();
+    assert_eq!(nodes.len(), 2, "both runners ran slots: {nodes:?}");
+    println!("{} slots from {first} to {last}, each run once, by {nodes:?}", by_slot.len());
+    drop(tc);
+    nothing_left(&[&n1, &n2]).await;
+}
+
+#[tokio::test]
+async fn a_frozen_holders_command_is_killed_at_its_fence_deadline_before_another_runner_takes_over() {
+    let (n1, n2) = (node("r1"), node("r2"));
+    let spool = Spool::new(&[]).expect("spool");
+    let out = spool.scratch("beats.log");
+    let cfg = config(&spool, "notify", &heartbeat_table(&out));
+    // r2 starts once r1 holds the singleton, so r1 is the holder.
+    let mut tc = TestCluster::builder()
+        .spool(spool.clone())
+        .runner_args(&["--config", cfg.to_str().expect("utf8")])
+        .runners(&[&n1])
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
+    wait_for_async(LONG, "r1 running the singleton", || async { beats(&out).len() >= 5 }).await.expect("running");
+    tc.start_runner(&n2).expect("r2");
+    wait_for_async(LONG, "r2 registered", || tc.is_registered(&n2)).await.expect("registered");
+    let old_pid = writers(&beats(&out))[0].1;
+    // qslice-runner alone freezes (hung in a stuck call, say); its command runs on until
+    // the leash kills it.
+    let freezer = Freezer::new().expect("freezer");
+    freezer.add(&[tc.runner(&n1).pid().expect("pid")]).expect("add");
+    freezer.freeze().expect("freeze");
+    let frozen = Instant::now();
+    wait_for_async(LONG, "r2 holding the singleton", || async { holder(&c, "notify").await.as_deref() == Some(n2.as_str()) }).await.expect("taken over");
+    let held_after = frozen.elapsed();
+    assert!(!qslice_tests::process_alive(old_pid), "the frozen holder's command ({old_pid}) still runs when r2 holds the singleton");
+    assert!(pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty(), "processes of the frozen holder are left");
+    wait_for_async(LONG, "r2's command writing", || async { beats(&out).iter().any(|b| b.node == n2) }).await.expect("r2 runs it");
+    // Thawed, r1 finds its fence tripped, registers again and waits: r2 keeps the singleton.
+    freezer.thaw().expect("thaw");
+    let r1 = tc.runner(&n1);
+    wait_for_async(LONG, "r1 registered again", || async { r1.log().matches(&format!("registered node={n1}")).count() >= 2 }).await.expect("re-registered");
+    let seen = beats(&out).len();
+    wait_for_async(LONG, "r2's command writing on", || async { beats(&out).len() >= seen + 10 }).await.expect("running on");
+    let all = beats(&out);
+    assert_no_overlap(&all);
+    let w = writers(&all);
+    assert_eq!(w.last().map(|w| w.0.as_str()), Some(n2.as_str()), "r2 runs it after the thaw: {w:?}");
+    assert!(r1.log().contains("leash") && r1.log().contains("killed"), "the leash says what it did: {}", r1.log());
+    println!("froze the holder; the other runner held the singleton {held_after:?} later (TTL {TTL:?}); writers {w:?}");
+    drop(freezer);
+    drop(tc);
+    nothing_left(&[&n1, &n2]).await;
+}
