@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qslice_coordinator::ctl::client::{self, Admin, ClientOptions, QueueChange, TlsFiles};
-use qslice_coordinator::ctl::{explain, render, rows};
+use qslice_coordinator::ctl::{explain, render, restart, rows};
 use qslice_coordinator::status_rows;
 use qslice_coordinator::offline;
 use serde::Serialize;
@@ -139,6 +139,32 @@ enum Command {
     Explain {
         /// The slice as QUEUE/SLICE, e.g. in/3 (slices count from 0).
         slice: String,
+    },
+    /// Restart or upgrade runner nodes one at a time: drain (cordon and wait until it
+    /// holds nothing), run --exec or let the operator restart it, wait until it registers
+    /// again as a new incarnation, uncordon. A failed step leaves the node cordoned.
+    RollingRestart {
+        /// A node to restart (repeatable; done in the order given).
+        #[arg(long = "node", value_name = "NODE", required_unless_present = "all", conflicts_with = "all")]
+        nodes: Vec<String>,
+        /// Every live node in id order (nodes cordoned beforehand are skipped).
+        #[arg(long)]
+        all: bool,
+        /// Shell command that restarts the node, run once it holds nothing; {node} and
+        /// $QSLICE_NODE name the node, e.g. 'ssh {node} systemctl restart qslice-runner'.
+        /// Without it, qslicectl waits for the operator to restart the node.
+        #[arg(long, value_name = "CMD")]
+        exec: Option<String>,
+        /// Bound of each step (drain, command, return, slices).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        step_timeout: Duration,
+        /// After the uncordon, wait until the node holds slices again.
+        #[arg(long)]
+        wait_for_slices: bool,
+        /// Accept the node back under its old incarnation (the command does not restart
+        /// the runner process).
+        #[arg(long)]
+        same_incarnation: bool,
     },
     /// Print cluster events (for about a second, or until interrupted with --follow).
     Events {
@@ -308,6 +334,17 @@ async fn online(admin: &Admin, command: &Command, json: bool) -> anyhow::Result<
             let (queue, number) = explain::parse_slice_arg(slice)?;
             let reply = admin.explain(&queue, number).await.map_err(|e| explain_error(e, &queue))?;
             emit(json, &explain::explain_view(&reply), explain::render_explain)
+        }
+        Command::RollingRestart { nodes, all, exec, step_timeout, wait_for_slices, same_incarnation } => {
+            let opts = restart::RestartOptions {
+                nodes: nodes.clone(),
+                all: *all,
+                exec: exec.clone(),
+                step_timeout: *step_timeout,
+                wait_for_slices: *wait_for_slices,
+                same_incarnation_ok: *same_incarnation,
+            };
+            Ok(restart::rolling_restart(admin, &opts, |s| println!("{}", restart::step_line(s, json))).await?)
         }
         Command::Events { follow } => {
             let window = if *follow { None } else { Some(client::EVENTS_WINDOW) };

@@ -6,6 +6,7 @@
 //!   status rows are [`crate::status_rows`], shared with the dashboard.
 //! - [`render`]: rows as tables and lines (the default output).
 //! - [`explain`]: `explain QUEUE/SLICE`: its argument, row and labelled lines.
+//! - [`restart`]: `rolling-restart`: drain, restart, wait, uncordon, node by node.
 //!
 //! Contract: a call goes to the first address that answers. A failed connection or an
 //! `UNAVAILABLE` status moves on to the next address (any coordinator instance serves the
@@ -16,4 +17,5 @@
 pub mod client;
 pub mod explain;
 pub mod render;
+pub mod restart;
 pub mod rows;
