@@ -98,10 +98,8 @@ impl MoveHistory {
                 Ok(Kind::SliceClaimed) => {
                     st.holders.insert(k, e.node.clone());
                 }
-                Ok(Kind::SliceReleased | Kind::SliceOrphaned) => {
-                    if st.holders.get(&k) == Some(&e.node) {
-                        st.holders.remove(&k);
-                    }
+                Ok(Kind::SliceReleased | Kind::SliceOrphaned) if st.holders.get(&k) == Some(&e.node) => {
+                    st.holders.remove(&k);
                 }
                 Ok(Kind::SliceAssigned) => {
                     let from = st.owners.get(&k).cloned();

@@ -77,8 +77,11 @@ pub enum RestartError {
     },
 }
 
+/// Nodes skipped by `--all`, each with why.
+pub type Skipped = Vec<(String, String)>;
+
 /// The nodes to restart, in order, and the ones skipped with why.
-pub fn restart_order(nodes: &[NodeInfo], chosen: &[String], all: bool) -> Result<(Vec<String>, Vec<(String, String)>), RestartError> {
+pub fn restart_order(nodes: &[NodeInfo], chosen: &[String], all: bool) -> Result<(Vec<String>, Skipped), RestartError> {
     if all {
         let mut ids: Vec<&NodeInfo> = nodes.iter().collect();
         ids.sort_by(|a, b| a.id.cmp(&b.id));
