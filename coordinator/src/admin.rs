@@ -4,16 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use etcd_client::{Client, DeleteOptions, Txn, TxnOp};
 use qslice_proto::admin::{
     CoordinatorInfo, DrainProgress, Event, ExplainNode, ExplainSliceResponse, GetStatusResponse, NodeInfo, PlannedMove, QueueInfo, RebalanceResponse,
-    SliceInfo, SliceMove, SliceRef,
+    SingletonInfo, SliceInfo, SliceMove, SliceRef,
 };
 use qslice_proto::keys::{validate_name, Keys};
-use qslice_proto::records::{Claim, Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SliceFigures, RECORD_VERSION};
+use qslice_proto::records::{Claim, Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SingletonClaim, SingletonRun, SliceFigures, RECORD_VERSION};
 use qslice_proto::slice::validate_slice_count;
 use qslice_common::etcd::REQUEST_TIMEOUT;
 use tokio_stream::Stream;
@@ -97,6 +97,61 @@ pub struct Admin {
     cfg: AdminConfig,
     /// The slice moves this instance saw, for ExplainSlice.
     history: Arc<MoveHistory>,
+    /// The singleton keys (`singletons/` claims and `singleton-runs/` slots) as last
+    /// seen, by key: value and create revision. Kept by a watch of this instance's own
+    /// (the cluster cache leaves them out: they never change the plan).
+    singletons: Arc<Mutex<BTreeMap<String, (Vec<u8>, i64)>>>,
+}
+
+/// Keeps `keys` under `prefix` current in `into` until the [`Admin`] that owns it is gone.
+fn follow_singletons(client: Client, prefix: String, into: Weak<Mutex<BTreeMap<String, (Vec<u8>, i64)>>>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+    runtime.spawn(async move {
+        let mut watch = qslice_common::etcd::PrefixWatch::new(client, prefix);
+        loop {
+            let update = watch.next().await;
+            let Some(map) = into.upgrade() else { return };
+            let mut map = map.lock().expect("singletons lock");
+            let key = |kv: &etcd_client::KeyValue| String::from_utf8_lossy(kv.key()).into_owned();
+            match update {
+                qslice_common::etcd::PrefixUpdate::Snapshot(kvs) => *map = kvs.iter().map(|kv| (key(kv), (kv.value().to_vec(), kv.create_revision()))).collect(),
+                qslice_common::etcd::PrefixUpdate::Put(kv) => {
+                    map.insert(key(&kv), (kv.value().to_vec(), kv.create_revision()));
+                }
+                qslice_common::etcd::PrefixUpdate::Delete(kv) => {
+                    map.remove(&key(&kv));
+                }
+            }
+        }
+    });
+}
+
+/// The singletons as status rows, from their stored claims and last settled slots
+/// (`keys` names the cluster; `now_ms` for the time held).
+pub fn singleton_rows(keys: &Keys, stored: &BTreeMap<String, (Vec<u8>, i64)>, now_ms: i64) -> Vec<SingletonInfo> {
+    let mut rows: BTreeMap<String, SingletonInfo> = BTreeMap::new();
+    let runs = keys.singleton_runs_prefix();
+    for (key, (value, create_revision)) in stored {
+        if let Some(name) = keys.parse_singleton(key.as_bytes()) {
+            let row = rows.entry(name.clone()).or_insert_with(|| SingletonInfo { name, ..SingletonInfo::default() });
+            match SingletonClaim::decode(value) {
+                Ok(c) => {
+                    row.holder = c.node_id;
+                    row.incarnation = c.incarnation.to_string();
+                    row.held_seconds = u64::try_from(now_ms - c.claimed_unix_ms).unwrap_or(0) / 1000;
+                }
+                Err(_) => row.holder = "(unreadable claim)".into(),
+            }
+            row.epoch = *create_revision;
+        } else if let Some(name) = key.strip_prefix(&runs).filter(|n| validate_name("singleton", n).is_ok()) {
+            let row = rows.entry(name.to_owned()).or_insert_with(|| SingletonInfo { name: name.to_owned(), ..SingletonInfo::default() });
+            if let Ok(r) = SingletonRun::decode(value) {
+                row.last_slot_unix_seconds = r.last_slot_unix_ms / 1000;
+                row.last_outcome = r.outcome;
+            }
+        }
+    }
+    rows.into_values().collect()
 }
 
 /// A stream of drain progress reports.
@@ -109,7 +164,10 @@ impl Admin {
     pub fn new(client: Client, keys: Keys, cache: Arc<ClusterCache>, cfg: AdminConfig) -> Admin {
         let history = Arc::new(MoveHistory::new(now_ms()));
         crate::history::spawn(history.clone(), &cache);
-        Admin { client, keys, cache, cfg, history }
+        let singletons = Arc::new(Mutex::new(BTreeMap::new()));
+        // One watch covers both `singletons/` and `singleton-runs/`.
+        follow_singletons(client.clone(), format!("{}singleton", keys.root()), Arc::downgrade(&singletons));
+        Admin { client, keys, cache, cfg, history, singletons }
     }
 
     /// Checks the bearer token (`authorization` metadata value) for a call.
@@ -170,6 +228,7 @@ impl Admin {
             slices,
             maintenance: view.maintenance,
             alerts: active_alerts(&view, now_ms(), &self.cache.alert_settings()).into_iter().map(|a| a.message).collect(),
+            singletons: singleton_rows(&self.keys, &self.singletons.lock().expect("singletons lock"), now_ms()),
         })
     }
 
@@ -737,6 +796,24 @@ mod tests {
     use qslice_proto::records::{Assignment, NodeRecord, SliceSet, SliceStatus};
 
     use super::*;
+
+    #[test]
+    fn singleton_rows_join_the_claim_and_the_last_settled_slot_by_name() {
+        let keys = Keys::new("prod").expect("keys");
+        let claim = SingletonClaim { v: 1, node_id: "r1".into(), incarnation: uuid::Uuid::nil(), claimed_unix_ms: 10_000 };
+        let run = SingletonRun { v: 1, last_slot_unix_ms: 60_000, node_id: "r2".into(), settled_unix_ms: 60_100, outcome: "ok".into() };
+        let mut stored = BTreeMap::new();
+        stored.insert(keys.singleton("digests"), (claim.encode(), 77));
+        stored.insert(keys.singleton_run("digests"), (run.encode(), 5));
+        stored.insert(keys.singleton_run("notify"), (run.encode(), 6));
+        stored.insert(keys.singleton("broken"), (b"garbage".to_vec(), 80));
+        let rows = singleton_rows(&keys, &stored, 25_000);
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["broken", "digests", "notify"]);
+        assert_eq!((rows[1].holder.as_str(), rows[1].held_seconds, rows[1].epoch, rows[1].last_slot_unix_seconds, rows[1].last_outcome.as_str()), ("r1", 15, 77, 60, "ok"));
+        assert_eq!((rows[2].holder.as_str(), rows[2].epoch, rows[2].last_slot_unix_seconds), ("", 0, 60), "run before, held by nobody now");
+        assert_eq!(rows[0].holder, "(unreadable claim)");
+    }
     use crate::view::ClaimView;
 
     fn node(id: &str) -> NodeRecord {

@@ -341,6 +341,8 @@ pub struct StatusBody {
     pub failovers: Vec<Failover>,
     /// Recent events, newest first.
     pub events: Vec<EventRow>,
+    /// Cluster-wide singleton commands and who runs them, by name.
+    pub singletons: Vec<crate::status_rows::SingletonRow>,
     /// When this answer was made (ms since the Unix epoch).
     pub generated_unix_ms: i64,
 }
@@ -474,6 +476,7 @@ impl StatusBody {
                 .collect(),
             failovers: history.failovers.iter().rev().cloned().collect(),
             events: history.events.iter().rev().cloned().collect(),
+            singletons: rows.singletons,
             generated_unix_ms: now_ms,
         }
     }
@@ -836,6 +839,15 @@ mod tests {
         assert_eq!(json["queues"][0]["cells"][1]["owner"], serde_json::Value::Null);
         assert_eq!(json["queues"][0]["cells"][1]["unowned_seconds"], 1.5);
         assert_eq!(json["events"][0]["kind"], "slice_orphaned");
+        assert_eq!(json["singletons"], serde_json::json!([]), "no singleton runs");
+        let with = GetStatusResponse {
+            singletons: vec![qslice_proto::admin::SingletonInfo { name: "digests".into(), holder: "r1".into(), held_seconds: 5, epoch: 9, ..Default::default() }],
+            ..status
+        };
+        let json = serde_json::to_value(StatusBody::new(&with, &h, 42)).expect("json");
+        assert_eq!(json["singletons"][0]["name"], "digests");
+        assert_eq!(json["singletons"][0]["holder"], "r1");
+        assert_eq!(json["singletons"][0]["held_seconds"], 5);
     }
 
     #[test]
@@ -844,7 +856,7 @@ mod tests {
         let mut h = History::default();
         h.record(&ev(Kind::SliceOrphaned, 10, "n1", "in", 1));
         let body = StatusBody::new(&crate::status_rows::fixtures::status_reply(), &h, 42);
-        let expected = r#"{"cluster":"prod","leader":"coord-a","standbys":["coord-b"],"maintenance":true,"alerts":["slice in/1 unowned for 12s"],"nodes":[{"id":"n1","host":"n1.example","weight":1,"cordoned":false,"slices_held":4,"age_seconds":185},{"id":"node-two","host":"node-two.example","weight":1,"cordoned":true,"slices_held":4,"age_seconds":185}],"queues":[{"name":"in","slices":4,"paused":false,"mailman3":false,"state":"active","no_eligible_node":false,"refused_by":[],"cells":[{"slice":0,"owner":"n1","desired_owner":"n1","epoch":42,"depth":3,"oldest_entry_age_seconds":185.0,"unowned_seconds":0.0,"pinned":true,"in_flight":1,"oldest_in_flight_age_seconds":725.0,"in_flight_too_long":true},{"slice":1,"owner":null,"desired_owner":"n1","epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":12.0,"pinned":false,"in_flight":2,"oldest_in_flight_age_seconds":4.0,"in_flight_too_long":false}]},{"name":"out","slices":8,"paused":true,"mailman3":true,"state":"paused","no_eligible_node":false,"refused_by":[],"cells":[]},{"name":"bounces","slices":1,"paused":false,"mailman3":false,"state":"no eligible node (refused by n1; cordoned: node-two)","no_eligible_node":true,"refused_by":["n1"],"cells":[{"slice":0,"owner":null,"desired_owner":null,"epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":30.0,"pinned":false,"in_flight":0,"oldest_in_flight_age_seconds":0.0,"in_flight_too_long":false}]}],"failovers":[],"events":[{"time_unix_ms":10,"kind":"slice_orphaned","node":"n1","queue":"in","slice":1,"epoch":null,"message":null}],"generated_unix_ms":42}"#;
+        let expected = r#"{"cluster":"prod","leader":"coord-a","standbys":["coord-b"],"maintenance":true,"alerts":["slice in/1 unowned for 12s"],"nodes":[{"id":"n1","host":"n1.example","weight":1,"cordoned":false,"slices_held":4,"age_seconds":185},{"id":"node-two","host":"node-two.example","weight":1,"cordoned":true,"slices_held":4,"age_seconds":185}],"queues":[{"name":"in","slices":4,"paused":false,"mailman3":false,"state":"active","no_eligible_node":false,"refused_by":[],"cells":[{"slice":0,"owner":"n1","desired_owner":"n1","epoch":42,"depth":3,"oldest_entry_age_seconds":185.0,"unowned_seconds":0.0,"pinned":true,"in_flight":1,"oldest_in_flight_age_seconds":725.0,"in_flight_too_long":true},{"slice":1,"owner":null,"desired_owner":"n1","epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":12.0,"pinned":false,"in_flight":2,"oldest_in_flight_age_seconds":4.0,"in_flight_too_long":false}]},{"name":"out","slices":8,"paused":true,"mailman3":true,"state":"paused","no_eligible_node":false,"refused_by":[],"cells":[]},{"name":"bounces","slices":1,"paused":false,"mailman3":false,"state":"no eligible node (refused by n1; cordoned: node-two)","no_eligible_node":true,"refused_by":["n1"],"cells":[{"slice":0,"owner":null,"desired_owner":null,"epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":30.0,"pinned":false,"in_flight":0,"oldest_in_flight_age_seconds":0.0,"in_flight_too_long":false}]}],"failovers":[],"events":[{"time_unix_ms":10,"kind":"slice_orphaned","node":"n1","queue":"in","slice":1,"epoch":null,"message":null}],"singletons":[{"name":"digests","holder":"n1","incarnation":"inc-1","held_seconds":3725,"epoch":57,"last_slot_unix_seconds":1796083200,"last_outcome":"ok"},{"name":"notify","holder":null,"incarnation":null,"held_seconds":0,"epoch":0,"last_slot_unix_seconds":null,"last_outcome":null}],"generated_unix_ms":42}"#;
         assert_eq!(serde_json::to_string(&body).expect("json"), expected);
     }
 }

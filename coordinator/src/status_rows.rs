@@ -7,7 +7,7 @@
 //! is worked out from the fields it did send. The rows are serde types: their JSON is
 //! qslicectl's `--json` output.
 
-use qslice_proto::admin::{CoordinatorInfo, GetStatusResponse, NodeInfo, QueueInfo, SliceInfo};
+use qslice_proto::admin::{CoordinatorInfo, GetStatusResponse, NodeInfo, QueueInfo, SingletonInfo, SliceInfo};
 use serde::Serialize;
 
 /// A coordinator instance.
@@ -116,6 +116,40 @@ pub struct StatusView {
     /// Per-slice rows; absent unless asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slices: Option<Vec<SliceRow>>,
+    /// Cluster-wide singleton commands, by name.
+    pub singletons: Vec<SingletonRow>,
+}
+
+/// A cluster-wide singleton command.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SingletonRow {
+    /// Its name (the `[singleton.<name>]` table of the runners).
+    pub name: String,
+    /// The node that holds its claim and runs it; none when no runner does.
+    pub holder: Option<String>,
+    /// The holder's incarnation.
+    pub incarnation: Option<String>,
+    /// Seconds since the holder claimed it.
+    pub held_seconds: u64,
+    /// The claim's epoch (create revision); 0 when not held.
+    pub epoch: i64,
+    /// A periodic singleton's last settled slot, seconds since the Unix epoch.
+    pub last_slot_unix_seconds: Option<i64>,
+    /// How that slot ended.
+    pub last_outcome: Option<String>,
+}
+
+/// A singleton as a row.
+pub fn singleton_row(s: &SingletonInfo) -> SingletonRow {
+    SingletonRow {
+        name: s.name.clone(),
+        holder: non_empty(&s.holder),
+        incarnation: non_empty(&s.incarnation),
+        held_seconds: s.held_seconds,
+        epoch: s.epoch,
+        last_slot_unix_seconds: (s.last_slot_unix_seconds != 0).then_some(s.last_slot_unix_seconds),
+        last_outcome: non_empty(&s.last_outcome),
+    }
 }
 
 /// A coordinator as a row.
@@ -202,6 +236,7 @@ pub fn status_view(r: &GetStatusResponse, include_slices: bool) -> StatusView {
         nodes: node_rows(&r.nodes),
         queues: queue_rows(&r.queues),
         slices: include_slices.then(|| r.slices.iter().map(slice_row).collect()),
+        singletons: r.singletons.iter().map(singleton_row).collect(),
     }
 }
 
@@ -213,7 +248,7 @@ pub(crate) fn non_empty(s: &str) -> Option<String> {
 /// Admin API replies the tests of qslicectl's rows and tables share.
 #[cfg(test)]
 pub(crate) mod fixtures {
-    use qslice_proto::admin::{CoordinatorInfo, GetStatusResponse, NodeInfo, QueueInfo, SliceInfo};
+    use qslice_proto::admin::{CoordinatorInfo, GetStatusResponse, NodeInfo, QueueInfo, SingletonInfo, SliceInfo};
 
     pub(crate) fn node(id: &str, cordoned: bool, queues: &[&str]) -> NodeInfo {
         NodeInfo {
@@ -283,6 +318,18 @@ pub(crate) mod fixtures {
             ],
             maintenance: true,
             alerts: vec!["slice in/1 unowned for 12s".into()],
+            singletons: vec![
+                SingletonInfo {
+                    name: "digests".into(),
+                    holder: "n1".into(),
+                    incarnation: "inc-1".into(),
+                    held_seconds: 3725,
+                    epoch: 57,
+                    last_slot_unix_seconds: 1_796_083_200,
+                    last_outcome: "ok".into(),
+                },
+                SingletonInfo { name: "notify".into(), ..SingletonInfo::default() },
+            ],
         }
     }
 }

@@ -276,3 +276,82 @@ async fn a_frozen_holders_command_is_killed_at_its_fence_deadline_before_another
     drop(tc);
     nothing_left(&[&n1, &n2]).await;
 }
+
+/// `GET /api/status` over HTTP/1.0 as JSON, if it answers 200.
+fn api_status(addr: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream.write_all(format!("GET /api/status HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).ok()?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then(|| serde_json::from_str(body).ok()).flatten()
+}
+
+/// The holder of singleton `name` in an `/api/status` answer.
+fn dashboard_holder(status: &serde_json::Value, name: &str) -> Option<String> {
+    status["singletons"].as_array()?.iter().find(|s| s["name"] == name)?["holder"].as_str().map(str::to_owned)
+}
+
+/// `qslicectl status` against `admin`: its stdout.
+fn ctl_status(admin: &str) -> String {
+    let out = std::process::Command::new(qslice_tests::qslice_bin("qslicectl").expect("built"))
+        .args(["--coordinator", admin, "status"])
+        .env_remove("QSLICE_TOKEN")
+        .output()
+        .expect("run qslicectl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The HELD BY column of singleton `name` in `qslicectl status`'s SINGLETONS table.
+fn ctl_holder(text: &str, name: &str) -> Option<String> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("SINGLETON "));
+    lines.next()?;
+    lines.take_while(|l| !l.trim().is_empty()).map(|l| l.split_whitespace().collect::<Vec<_>>()).find(|f| f.first() == Some(&name)).and_then(|f| f.get(1).map(|h| (*h).to_owned()))
+}
+
+#[tokio::test]
+async fn status_and_the_dashboard_show_who_runs_each_singleton_and_follow_a_takeover() {
+    let (n1, n2) = (node("r1"), node("r2"));
+    let spool = Spool::new(&[]).expect("spool");
+    let out = spool.scratch("slots.log");
+    let script = format!("echo \"$QSLICE_SLOT $QSLICE_NODE $(date +%s%N)\" >> {}", out.display());
+    let table = format!("command = [\"/bin/sh\", \"-c\", {}]\nschedule = \"* * * * * *\"\ntimezone = \"utc\"\n", toml_str(&script));
+    let cfg = config(&spool, "digests", &table);
+    let mut tc = TestCluster::builder()
+        .spool(spool.clone())
+        .coordinators(1)
+        .dashboards()
+        .runner_args(&["--config", cfg.to_str().expect("utf8")])
+        .runners(&[&n1, &n2])
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
+    let (admin, http) = (tc.coordinator("c1").admin.clone(), tc.coordinator("c1").http.clone().expect("dashboard"));
+    wait_for_async(LONG, "a slot run", || async { !slots(&out).is_empty() }).await.expect("running");
+    let first = holder(&c, "digests").await.expect("held");
+    let other = if first == n1 { n2.clone() } else { n1.clone() };
+    let mut text = String::new();
+    wait_for_async(LONG, "qslicectl status naming the holder and a settled slot", || {
+        text = ctl_status(&admin);
+        let shown = ctl_holder(&text, "digests").as_deref() == Some(first.as_str()) && text.lines().any(|l| l.starts_with("digests ") && l.ends_with(" ok"));
+        async move { shown }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {text}"));
+    wait_for_async(LONG, "the dashboard naming the holder", || async { api_status(&http).and_then(|s| dashboard_holder(&s, "digests")).as_deref() == Some(first.as_str()) }).await.expect("dashboard");
+    tc.runner_mut(&first).kill();
+    wait_for_async(LONG, "qslicectl status naming the new holder", || {
+        text = ctl_status(&admin);
+        let shown = ctl_holder(&text, "digests").as_deref() == Some(other.as_str());
+        async move { shown }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {text}"));
+    wait_for_async(LONG, "the dashboard naming the new holder", || async { api_status(&http).and_then(|s| dashboard_holder(&s, "digests")).as_deref() == Some(other.as_str()) }).await.expect("dashboard");
+    println!("{text}");
+    drop(tc);
+    nothing_left(&[&n1, &n2]).await;
+}

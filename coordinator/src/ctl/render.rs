@@ -5,7 +5,7 @@ use qslice_proto::admin::{DrainProgress, Event};
 
 use super::rows::{drain_row, event_row, MoveRow, PinRow, RebalanceView};
 use crate::offline::format_age;
-use crate::status_rows::{CoordinatorRow, NodeRow, QueueRow, SliceRow, StatusView};
+use crate::status_rows::{CoordinatorRow, NodeRow, QueueRow, SingletonRow, SliceRow, StatusView};
 
 /// Left-aligned columns two spaces apart under a header line; no trailing blanks.
 pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -43,7 +43,8 @@ pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
 pub const STATUS_COLUMNS_HELP: &str = "\
 The summary names the cluster, the leading coordinator and the standbys (with their admin
 API addresses), whether maintenance mode is on (only orphaned slices move), and each
-active alert. Then three tables; `-` means none. --json prints the same rows (and a few
+active alert. Then three tables, and a fourth when the cluster runs singleton commands;
+`-` means none. --json prints the same rows (and a few
 more fields); the names in brackets are its field names, which stay stable.
 
 Runners (also `qslicectl nodes`):
@@ -78,6 +79,16 @@ Slices (with --slices):
                     oldest_in_flight_age_seconds, in_flight_too_long]
   UNOWNED FOR       time with no claim holder, `(no eligible node)` if no node may take it
                     [unowned_seconds, no_eligible_node]
+
+Singletons (commands of the runners' [singleton.<name>] tables, run on one node at a time):
+  SINGLETON         its name [name]
+  HELD BY           node that holds its claim and runs it; `-` when none does [holder,
+                    incarnation]
+  SINCE             time since that node claimed it [held_seconds]
+  EPOCH             the claim's epoch (etcd create revision), grows with every holder [epoch]
+  LAST SLOT         a periodic one's last settled slot (UTC) and how it ended: ok, failed,
+                    timeout, skipped, or baseline (where its schedule started)
+                    [last_slot_unix_seconds, last_outcome]
 ";
 
 fn dash(s: &Option<String>) -> String {
@@ -151,7 +162,33 @@ pub fn render_slices(slices: &[SliceRow]) -> String {
     render_table(&["QUEUE", "SLICE", "ASSIGNED TO", "CLAIMED BY", "EPOCH", "WAITING", "OLDEST WAITING", "OLDEST IN FLIGHT", "UNOWNED FOR"], &rows)
 }
 
-/// The status as text: a summary, then the nodes, queues and (if asked) slices tables.
+/// The singletons table of `status`.
+pub fn render_singletons(singletons: &[SingletonRow]) -> String {
+    let rows: Vec<Vec<String>> = singletons
+        .iter()
+        .map(|s| {
+            let held = s.holder.is_some();
+            let last = match (s.last_slot_unix_seconds, &s.last_outcome) {
+                (Some(at), outcome) => {
+                    let when = u64::try_from(at).map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()).unwrap_or_else(|_| at.to_string());
+                    format!("{when} {}", outcome.as_deref().unwrap_or("?"))
+                }
+                (None, _) => "-".to_owned(),
+            };
+            vec![
+                s.name.clone(),
+                dash(&s.holder),
+                if held { format_age(s.held_seconds as f64) } else { "-".to_owned() },
+                if held { s.epoch.to_string() } else { "-".to_owned() },
+                last,
+            ]
+        })
+        .collect();
+    render_table(&["SINGLETON", "HELD BY", "SINCE", "EPOCH", "LAST SLOT"], &rows)
+}
+
+/// The status as text: a summary, then the nodes, queues and (if asked) slices tables,
+/// and the singletons when there are any.
 pub fn render_status(s: &StatusView) -> String {
     let coordinator = |c: &CoordinatorRow| {
         if c.admin_address.is_empty() {
@@ -178,6 +215,10 @@ pub fn render_status(s: &StatusView) -> String {
     if let Some(slices) = &s.slices {
         out.push('\n');
         out.push_str(&render_slices(slices));
+    }
+    if !s.singletons.is_empty() {
+        out.push('\n');
+        out.push_str(&render_singletons(&s.singletons));
     }
     out
 }
@@ -319,6 +360,10 @@ QUEUE    SLICE  ASSIGNED TO  CLAIMED BY  EPOCH  WAITING  OLDEST WAITING  OLDEST 
 in       0      n1 (pinned)  n1          42     3        3m05s           12m05s (too long)  -
 in       1      n1           -           -      0        -               4s                 12s
 bounces  0      -            -           -      0        -               -                  30s (no eligible node)
+
+SINGLETON  HELD BY  SINCE  EPOCH  LAST SLOT
+digests    n1       1h02m  57     2026-12-01T00:00:00Z ok
+notify     -        -      -      -
 ";
         assert_eq!(text, expected);
         let without = render_status(&status_view(&status_reply(), false));
@@ -328,13 +373,16 @@ bounces  0      -            -           -      0        -               -      
     #[test]
     fn the_status_help_explains_every_column_it_prints() {
         let text = render_status(&status_view(&status_reply(), true));
-        for header in text.lines().filter(|l| l.starts_with("NODE ") || l.starts_with("QUEUE ")) {
+        for header in text.lines().filter(|l| l.starts_with("NODE ") || l.starts_with("QUEUE ") || l.starts_with("SINGLETON ")) {
             // Headers are split on two or more blanks: a header may have a blank inside.
             for column in header.split("  ").map(str::trim).filter(|c| !c.is_empty()) {
                 assert!(STATUS_COLUMNS_HELP.contains(&format!("  {column} ")), "column {column} is not in the help");
             }
         }
         for (field, _) in serde_json::to_value(status_view(&status_reply(), true)).expect("json")["slices"][0].as_object().expect("row") {
+            assert!(STATUS_COLUMNS_HELP.contains(field.as_str()), "JSON field {field} is not in the help");
+        }
+        for (field, _) in serde_json::to_value(status_view(&status_reply(), true)).expect("json")["singletons"][0].as_object().expect("row") {
             assert!(STATUS_COLUMNS_HELP.contains(field.as_str()), "JSON field {field} is not in the help");
         }
     }
