@@ -66,6 +66,10 @@ pub struct Args {
     /// Address for /metrics, /healthz and /readyz, e.g. 127.0.0.1:9464 [default: none].
     #[arg(long, env = "QSLICE_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Slices per queue with per-slice metrics series, beyond which only queue-level
+    /// figures are exported; 0 for none [default: 256].
+    #[arg(long, env = "QSLICE_METRICS_SLICE_SERIES")]
+    pub metrics_slice_series: Option<usize>,
     /// Log format: text or json [default: text].
     #[arg(long, env = "QSLICE_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -125,6 +129,7 @@ struct FileConfig {
     drain_timeout: Option<Duration>,
     state_dir: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    metrics_slice_series: Option<usize>,
     log_format: Option<LogFormat>,
     etcd: Option<FileEtcd>,
     handler: Option<FileHandler>,
@@ -195,6 +200,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Metrics and health address.
     pub metrics_addr: Option<SocketAddr>,
+    /// Per queue, how many slice numbers get per-slice metrics series (held slices only).
+    pub metrics_slice_series: usize,
     /// Log format.
     pub log_format: LogFormat,
     /// The handler.
@@ -300,6 +307,7 @@ impl Config {
             drain_timeout: args.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(30)),
             state_dir,
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
+            metrics_slice_series: args.metrics_slice_series.or(file.metrics_slice_series).unwrap_or(crate::figures::DEFAULT_SLICE_SERIES),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             handler,
             supervise,

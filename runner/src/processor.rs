@@ -254,7 +254,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         };
         list_backoff.reset();
         let owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
-        publish_figures(&state.queue, state.slices_total, &scan);
+        publish_figures(&state.queue, &scan, &owned, shared.cfg.metrics_slice_series);
         if last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL) {
             publish_status(&mut client, &shared, &state.dir, &scan, &owned, lease_id).await;
             last_status = Some(tokio::time::Instant::now());
