@@ -423,6 +423,20 @@ impl Ctx {
         }
     }
 
+    /// Why the holder has to stop now, if it has: nothing starts then (say, a claim won
+    /// just as shutdown began).
+    fn must_stop(&self, lost: &CancellationToken) -> Option<Stop> {
+        if !self.fence.is_valid() {
+            Some(Stop::Fence)
+        } else if lost.is_cancelled() {
+            Some(Stop::Lost)
+        } else if self.shutdown.is_cancelled() {
+            Some(Stop::Shutdown)
+        } else {
+            None
+        }
+    }
+
     fn stopping(&self) -> bool {
         self.fence.lost().is_cancelled() || self.shutdown.is_cancelled()
     }
@@ -497,6 +511,10 @@ async fn compete(ctx: Ctx, name: String, cfg: SingletonConfig) {
                     }
                 }
             }
+            Ok(ClaimOutcome::HeldByOther { holder, .. }) if holder.is_empty() => {
+                // Deleted between the transaction's compare and its read: claim again now.
+                continue;
+            }
             Ok(ClaimOutcome::HeldByOther { holder, revision }) => {
                 if waiting_on.as_deref() != Some(holder.as_str()) {
                     tracing::info!(singleton = %name, %holder, "the singleton is held by another node; watching its claim to take over when it ends");
@@ -528,20 +546,40 @@ async fn compete(ctx: Ctx, name: String, cfg: SingletonConfig) {
 
 /// Holds the claim of `epoch` and runs the command until it must stop.
 async fn hold(ctx: &Ctx, name: &str, cfg: &SingletonConfig, schedule: Option<&Schedule>, epoch: i64) -> Stop {
-    // The claim's deletion by anyone but us means it is no longer ours.
+    // The claim's deletion by anyone but us means it is no longer ours. The watch starts
+    // from a fresh read each time, so a compacted revision or a broken watch only costs a
+    // read, never a missed deletion.
     let lost = CancellationToken::new();
     let watcher = {
-        let (client, key, lost, stop) = (ctx.client.clone(), ctx.keys.singleton(name), lost.clone(), ctx.fence.lost().clone());
-        let shutdown = ctx.shutdown.clone();
+        let (mut client, key, lost, fenced, shutdown) = (ctx.client.clone(), ctx.keys.singleton(name), lost.clone(), ctx.fence.lost().clone(), ctx.shutdown.clone());
         tokio::spawn(async move {
             loop {
-                tokio::select! {
-                    watched = deleted_after(client.clone(), key.clone(), epoch - 1) => match watched {
-                        Ok(()) => { lost.cancel(); return; }
-                        Err(_) => tokio::time::sleep(RETRY).await,
+                let read = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key.as_str(), None)).await;
+                let watched = match read {
+                    Ok(Ok(resp)) => {
+                        if resp.kvs().first().is_none_or(|kv| kv.create_revision() != epoch) {
+                            lost.cancel();
+                            return;
+                        }
+                        let revision = resp.header().map(|h| h.revision()).unwrap_or(epoch);
+                        tokio::select! {
+                            watched = deleted_after(client.clone(), key.clone(), revision) => watched,
+                            _ = fenced.cancelled() => return,
+                            _ = shutdown.cancelled() => return,
+                        }
+                    }
+                    _ => Err("cannot read the claim".to_owned()),
+                };
+                match watched {
+                    Ok(()) => {
+                        lost.cancel();
+                        return;
+                    }
+                    Err(_) => tokio::select! {
+                        _ = tokio::time::sleep(RETRY) => {}
+                        _ = fenced.cancelled() => return,
+                        _ = shutdown.cancelled() => return,
                     },
-                    _ = stop.cancelled() => return,
-                    _ = shutdown.cancelled() => return,
                 }
             }
         })
@@ -568,8 +606,8 @@ enum RunEnd {
 
 /// Runs the command once; `slot` is passed as QSLICE_SLOT (periodic runs).
 async fn run_once(ctx: &Ctx, name: &str, cfg: &SingletonConfig, epoch: i64, slot: Option<i64>, lost: &CancellationToken) -> (RunEnd, Option<Stop>) {
-    if !ctx.fence.is_valid() {
-        return (RunEnd::Stopped(Stop::Fence), Some(Stop::Fence));
+    if let Some(stop) = ctx.must_stop(lost) {
+        return (RunEnd::Stopped(stop), Some(stop));
     }
     let mut env = vec![("QSLICE_SINGLETON", name.to_owned()), ("QSLICE_NODE", ctx.node_id.clone()), ("QSLICE_EPOCH", epoch.to_string())];
     if let Some(slot) = slot {
@@ -710,6 +748,9 @@ async fn periodic(ctx: &Ctx, name: &str, cfg: &SingletonConfig, schedule: &Sched
         if now - slot > 1000 {
             tracing::info!(singleton = %name, slot = slot / 1000, late_ms = now - slot, "running a missed slot (taken over from a holder that did not settle it, or no holder at its time)");
         }
+        if let Some(stop) = ctx.must_stop(lost) {
+            return stop;
+        }
         let (end, stop) = run_once(ctx, name, cfg, epoch, Some(slot), lost).await;
         let outcome = outcome_of(&end);
         count(name, outcome);
@@ -754,6 +795,9 @@ async fn periodic(ctx: &Ctx, name: &str, cfg: &SingletonConfig, schedule: &Sched
 async fn long_running(ctx: &Ctx, name: &str, cfg: &SingletonConfig, epoch: i64, lost: &CancellationToken) -> Stop {
     let mut backoff = FIRST_BACKOFF;
     loop {
+        if let Some(stop) = ctx.must_stop(lost) {
+            return stop;
+        }
         let started = tokio::time::Instant::now();
         let (end, stop) = run_once(ctx, name, cfg, epoch, None, lost).await;
         count(name, outcome_of(&end));
