@@ -351,7 +351,53 @@ async fn status_and_the_dashboard_show_who_runs_each_singleton_and_follow_a_take
     .await
     .unwrap_or_else(|e| panic!("{e}: {text}"));
     wait_for_async(LONG, "the dashboard naming the new holder", || async { api_status(&http).and_then(|s| dashboard_holder(&s, "digests")).as_deref() == Some(other.as_str()) }).await.expect("dashboard");
+    // The page draws what /api/status says (where headless Chromium is installed).
+    let chromium = std::env::var("QSLICE_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if Path::new(&chromium).exists() {
+        let profile = tempfile::Builder::new().prefix("qslice-chromium-").tempdir().expect("profile dir");
+        let mut dom = String::new();
+        let drawn = format!("data-singleton=\"digests\" data-holder=\"{other}\"");
+        wait_for_async(LONG, "the page to draw the singleton and its holder", || {
+            dom = dump_dom(&chromium, &format!("http://{http}/"), profile.path()).unwrap_or_default();
+            let shown = dom.contains(&drawn);
+            async move { shown }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; last DOM:\n{dom}"));
+    } else {
+        eprintln!("{chromium} not installed: the page's singleton list is checked through /api/status only");
+    }
     println!("{text}");
     drop(tc);
     nothing_left(&[&n1, &n2]).await;
+}
+
+/// Loads `url` in headless Chromium, lets the page run for a few (virtual) seconds, and
+/// returns the DOM. Chromium runs in its own process group, killed if it hangs.
+fn dump_dom(chromium: &str, url: &str, profile: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(chromium)
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"])
+        .args(["--disable-sync", "--no-first-run", "--disable-crash-reporter", "--virtual-time-budget=4000"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--dump-dom", url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()?;
+    let mut out = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let exited = qslice_tests::wait::Wait::new(LONG, "chromium to finish").every(Duration::from_millis(50)).poll(|| Ok(child.try_wait()?));
+    if let Err(e) = exited {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let _ = child.wait();
+        return Err(e);
+    }
+    Ok(reader.join().unwrap_or_default())
 }
