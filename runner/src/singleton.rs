@@ -403,12 +403,19 @@ enum Stop {
 /// What one singleton's task needs of its incarnation.
 #[derive(Clone)]
 struct Ctx {
+    /// The etcd client.
     client: Client,
+    /// The cluster's keys.
     keys: Keys,
+    /// This node's id, written in the claim and passed as QSLICE_NODE.
     node_id: String,
+    /// This incarnation's id, written in the claim.
     incarnation: Uuid,
+    /// The lease the claim hangs on.
     lease_id: i64,
+    /// The incarnation's fence: the command runs only while it is valid.
     fence: Arc<Fence>,
+    /// The runner's shutdown: stop the command gently and release the claim.
     shutdown: CancellationToken,
 }
 
@@ -444,6 +451,7 @@ impl Ctx {
 
 /// The singleton tasks of one incarnation.
 pub struct Singletons {
+    /// One task per configured singleton ([`compete`]).
     tasks: JoinSet<()>,
 }
 
@@ -905,6 +913,24 @@ mod tests {
         assert_eq!(start, T0);
         assert!(due(&s, start, T0 + 1_800_000, 5).run.is_empty());
         assert_eq!(due(&s, start, T0 + 3_600_000, 5).run, vec![T0 + 3_600_000]);
+    }
+
+    #[test]
+    fn the_runner_configuration_refuses_a_bad_singleton_table_naming_the_key() {
+        use clap::Parser;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("runner.toml");
+        let resolve = |table: &str| {
+            std::fs::write(&path, format!("spool = \"/spool\"\n[handler]\nkind = \"move\"\nmove_to = \"/out\"\n{table}")).expect("write");
+            let args = crate::config::Args::try_parse_from(["qslice-runner", "--config", path.to_str().expect("utf8")]).expect("flags");
+            crate::config::Config::resolve(&args)
+        };
+        let cfg = resolve("[singleton.digests]\ncommand = [\"/bin/true\"]\nschedule = \"0 0 * * *\"\n").expect("valid");
+        assert_eq!(cfg.singleton["digests"].schedule.as_deref(), Some("0 0 * * *"));
+        let err = resolve("[singleton.digests]\ncommand = [\"/bin/true\"]\nschedule = \"0 0 * *\"\n").expect_err("four fields");
+        assert!(err.to_string().contains("singleton.digests.schedule"), "{err}");
+        let err = resolve("[singleton.digests]\ncommand = [\"/bin/true\"]\nschedul = \"0 0 * * *\"\n").expect_err("typo");
+        assert!(err.to_string().contains("schedul"), "{err}");
     }
 
     fn table(text: &str) -> Result<SingletonConfig, String> {
