@@ -4,9 +4,11 @@
 //! - [`slice`]: Mailman's slice math and queue file names.
 //! - [`keys`]: the etcd key layout (the only place that knows the prefix scheme).
 //! - [`records`]: the versioned JSON records kept in etcd.
+//! - [`mailman`]: what is read of a Mailman 3 site's mailman.cfg and runner command line.
 //! - [`admin`]: the generated gRPC admin API (`qslice.admin.v1`).
 
 pub mod keys;
+pub mod mailman;
 pub mod records;
 pub mod slice;
 
