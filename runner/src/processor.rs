@@ -21,6 +21,7 @@
 //! the loop recovers it as a new owner would.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -221,12 +222,18 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         if fence.lost().is_cancelled() {
             return;
         }
+        // Armed before the listing: slices claimed (or work ended) while this pass lists
+        // and starts entries end the wait below at once; `notify_waiters` wakes only armed
+        // waiters, so an unarmed one slept up to a poll interval after a hand-off's claim.
+        let woken = state.changed.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         // Created just before its first slices are registered: wait for them, so that
         // nothing (figures, quarantine) is done for a queue this node holds nothing of.
         if state.owned.lock().expect("owned lock").is_empty() {
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
-                _ = state.changed.notified() => {}
+                _ = &mut woken => {}
                 _ = fence.lost().cancelled() => return,
             }
             continue;
@@ -313,7 +320,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         if started == 0 {
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
-                _ = state.changed.notified() => {}
+                _ = &mut woken => {}
                 _ = fence.lost().cancelled() => return,
             }
         }
@@ -423,7 +430,7 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
     let state = state.clone();
     let handler: Handler = shared.handler.clone();
     let fence = fence.clone();
-    tokio::spawn(async move {
+    let work = async move {
         let _permit = permit;
         let kill = in_flight.kill.clone();
         // Boxed, so that dropping it below really drops (kills) the handler.
@@ -446,7 +453,16 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
         let label = settle(&state, &handler, &job, &taken, &kill, &fence, outcome).await;
         metrics::counter!("qslice_runner_entries_total", "queue" => state.queue.clone(), "outcome" => label).increment(1);
         drop(in_flight);
-    });
+    };
+    // Polled once here: an entry whose handler is done at once (the move handler's one
+    // rename) is settled without a task of its own, which cost more than the rename (a
+    // worker thread woken per entry, the queue directory's lock contended by two threads).
+    // Work that waits (a child, a coprocess's answer, a backoff) goes on in a task, whose
+    // first poll registers the task's waker in place of the no-op one.
+    let mut work = Box::pin(work);
+    if work.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_pending() {
+        tokio::spawn(work);
+    }
     true
 }
 
