@@ -183,8 +183,10 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Cordons a runner; per moved slice, ms between its last entry and the new owner's first.
-    async fn drain_once(&mut self, node: &str) -> Result<Vec<f64>> {
+    /// Cordons a runner; per moved slice, ms between its last entry and the new owner's
+    /// first, and the part of it the new owner's first entry waited in the queue (from its
+    /// arrival, if it came after the old owner's last entry): the rest was an empty slice.
+    async fn drain_once(&mut self, node: &str) -> Result<Vec<(f64, f64)>> {
         let mut c = client(&self.etcd).await?;
         let slices = holdings(&mut c, "t", "in").await.remove(node).context("node holds slices")?;
         let keys = Keys::new("t")?;
@@ -198,17 +200,20 @@ impl Cluster {
         })
         .await?;
         let records = self.spool.records();
-        let gaps: Vec<f64> = slices
+        let arrived: BTreeMap<String, u128> = self.enqueued.lock().expect("lock").iter().map(|(e, at, _)| (e.clone(), *at)).collect();
+        let gaps: Vec<(f64, f64)> = slices
             .iter()
             .map(|s| {
                 // From the old owner's last entry, or from the cordon if it had been idle
                 // (or had only just claimed the slice): an earlier tenure is no gap.
                 let last_old = records.iter().filter(|r| r.slice == *s && r.node == node && r.what == "end").map(|r| r.at_ns).max().unwrap_or(cordoned_ns).max(cordoned_ns);
-                let first_new = records.iter().filter(|r| r.slice == *s && r.node != node && r.what == "start" && r.at_ns > cordoned_ns).map(|r| r.at_ns).min().unwrap_or(last_old);
-                first_new.saturating_sub(last_old) as f64 / 1e6
+                let first = records.iter().filter(|r| r.slice == *s && r.node != node && r.what == "start" && r.at_ns > cordoned_ns).min_by_key(|r| r.at_ns);
+                let first_new = first.map_or(last_old, |r| r.at_ns);
+                let waited_from = first.and_then(|r| arrived.get(&r.filebase)).map_or(last_old, |at| (*at).max(last_old));
+                (first_new.saturating_sub(last_old) as f64 / 1e6, first_new.saturating_sub(waited_from) as f64 / 1e6)
             })
             .collect();
-        if gaps.iter().any(|g| *g > 1000.0) && std::env::var("QSLICE_BENCH_DEBUG").is_ok() {
+        if gaps.iter().any(|(g, _)| *g > 1000.0) && std::env::var("QSLICE_BENCH_DEBUG").is_ok() {
             eprintln!("slow drain of {node} at {cordoned_ns}: gaps {gaps:?}");
             for n in ["r1", "r2", "r3", "coordinator-c1"] {
                 let log = std::fs::read_to_string(self.spool.scratch(&format!("{n}.log"))).unwrap_or_default();
@@ -237,10 +242,11 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let runs: Vec<(u64, usize, usize)> = if args.quick { vec![(2, 3, 1)] } else { vec![(2, args.kills, 5), (5, args.kills, 5)] };
     let mut summary = serde_json::Map::new();
-    println!("{:<6} {:<22} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
+    println!("{:<6} {:<26} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
     for (ttl, kills, drains) in runs {
         let mut cluster = Cluster::start(ttl).await?;
         let (mut to_first, mut to_drained, mut gaps, mut crash_first) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut waits = Vec::new();
         for k in 0..kills {
             let victim = ["r1", "r2", "r3"][k % 3];
             for (first, drained) in cluster.kill_once(victim, true).await? {
@@ -252,17 +258,21 @@ async fn main() -> Result<()> {
             }
         }
         for d in 0..drains {
-            gaps.extend(cluster.drain_once(["r1", "r2", "r3"][d % 3]).await?);
+            for (gap, waited) in cluster.drain_once(["r1", "r2", "r3"][d % 3]).await? {
+                gaps.push(gap);
+                waits.push(waited);
+            }
         }
         let rows = [
             ("host death -> first entry", stats(to_first)),
             ("host death -> drained", stats(to_drained)),
             ("process crash -> first", stats(crash_first)),
             ("drain: hand-off gap", stats(gaps)),
+            ("drain: first entry waited", stats(waits)),
         ];
         let mut per_ttl = serde_json::Map::new();
         for (name, s) in rows {
-            println!("{:<6} {:<22} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", format!("{ttl}s"), name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
+            println!("{:<6} {:<26} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", format!("{ttl}s"), name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
             per_ttl.insert(name.to_owned(), serde_json::to_value(&s)?);
         }
         summary.insert(format!("ttl_{ttl}s"), serde_json::Value::Object(per_ttl));
