@@ -85,6 +85,12 @@ impl Handler {
         Handler { cfg, workers: Arc::default() }
     }
 
+    /// Whether an entry is done at the handler's first poll (the move handler's one
+    /// rename): nothing to wait for, so no task of its own is worth it.
+    pub fn done_at_once(&self) -> bool {
+        self.cfg.kind == HandlerKind::Move
+    }
+
     /// The configured retry backoff.
     pub fn retry_backoff(&self) -> Duration {
         self.cfg.retry_backoff

@@ -429,6 +429,7 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
     };
     let state = state.clone();
     let handler: Handler = shared.handler.clone();
+    let handler_done_at_once = handler.done_at_once();
     let fence = fence.clone();
     let work = async move {
         let _permit = permit;
@@ -454,13 +455,14 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
         metrics::counter!("qslice_runner_entries_total", "queue" => state.queue.clone(), "outcome" => label).increment(1);
         drop(in_flight);
     };
-    // Polled once here: an entry whose handler is done at once (the move handler's one
-    // rename) is settled without a task of its own, which cost more than the rename (a
-    // worker thread woken per entry, the queue directory's lock contended by two threads).
-    // Work that waits (a child, a coprocess's answer, a backoff) goes on in a task, whose
-    // first poll registers the task's waker in place of the no-op one.
+    // A handler done at once (the move handler's one rename) is polled here and settled
+    // without a task of its own, which cost more than the rename (a worker thread woken
+    // per entry, the queue directory's lock contended by two threads). If it waits after
+    // all (a failed rename's preserve backing off), it goes on in a task, whose first poll
+    // registers the task's waker in place of the no-op one. Other handlers wait for a
+    // child or a coprocess: a task at once.
     let mut work = Box::pin(work);
-    if work.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_pending() {
+    if !handler_done_at_once || work.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_pending() {
         tokio::spawn(work);
     }
     true
