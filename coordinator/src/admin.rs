@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, DeleteOptions, Txn, TxnOp};
@@ -97,33 +97,6 @@ pub struct Admin {
     cfg: AdminConfig,
     /// The slice moves this instance saw, for ExplainSlice.
     history: Arc<MoveHistory>,
-    /// The singleton keys (`singletons/` claims and `singleton-runs/` slots) as last
-    /// seen, by key: value and create revision. Kept by a watch of this instance's own
-    /// (the cluster cache leaves them out: they never change the plan).
-    singletons: Arc<Mutex<BTreeMap<String, (Vec<u8>, i64)>>>,
-}
-
-/// Keeps `keys` under `prefix` current in `into` until the [`Admin`] that owns it is gone.
-fn follow_singletons(client: Client, prefix: String, into: Weak<Mutex<BTreeMap<String, (Vec<u8>, i64)>>>) {
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-    runtime.spawn(async move {
-        let mut watch = qslice_common::etcd::PrefixWatch::new(client, prefix);
-        loop {
-            let update = watch.next().await;
-            let Some(map) = into.upgrade() else { return };
-            let mut map = map.lock().expect("singletons lock");
-            let key = |kv: &etcd_client::KeyValue| String::from_utf8_lossy(kv.key()).into_owned();
-            match update {
-                qslice_common::etcd::PrefixUpdate::Snapshot(kvs) => *map = kvs.iter().map(|kv| (key(kv), (kv.value().to_vec(), kv.create_revision()))).collect(),
-                qslice_common::etcd::PrefixUpdate::Put(kv) => {
-                    map.insert(key(&kv), (kv.value().to_vec(), kv.create_revision()));
-                }
-                qslice_common::etcd::PrefixUpdate::Delete(kv) => {
-                    map.remove(&key(&kv));
-                }
-            }
-        }
-    });
 }
 
 /// The singletons as status rows, from their stored claims and last settled slots
@@ -164,10 +137,7 @@ impl Admin {
     pub fn new(client: Client, keys: Keys, cache: Arc<ClusterCache>, cfg: AdminConfig) -> Admin {
         let history = Arc::new(MoveHistory::new(now_ms()));
         crate::history::spawn(history.clone(), &cache);
-        let singletons = Arc::new(Mutex::new(BTreeMap::new()));
-        // One watch covers both `singletons/` and `singleton-runs/`.
-        follow_singletons(client.clone(), format!("{}singleton", keys.root()), Arc::downgrade(&singletons));
-        Admin { client, keys, cache, cfg, history, singletons }
+        Admin { client, keys, cache, cfg, history }
     }
 
     /// Checks the bearer token (`authorization` metadata value) for a call.
@@ -228,7 +198,9 @@ impl Admin {
             slices,
             maintenance: view.maintenance,
             alerts: active_alerts(&view, now_ms(), &self.cache.alert_settings()).into_iter().map(|a| a.message).collect(),
-            singletons: singleton_rows(&self.keys, &self.singletons.lock().expect("singletons lock"), now_ms()),
+            // `singletons/` claims and `singleton-runs/` slots: kept by the cache, not decoded
+            // into the snapshot (they never change the plan).
+            singletons: singleton_rows(&self.keys, &self.cache.raw_under(&format!("{}singleton", self.keys.root())), now_ms()),
         })
     }
 
@@ -814,24 +786,7 @@ mod tests {
         assert_eq!((rows[2].holder.as_str(), rows[2].epoch, rows[2].last_slot_unix_seconds), ("", 0, 60), "run before, held by nobody now");
         assert_eq!(rows[0].holder, "(unreadable claim)");
     }
-    use crate::view::ClaimView;
-
-    fn node(id: &str) -> NodeRecord {
-        NodeRecord {
-            v: RECORD_VERSION,
-            node_id: id.into(),
-            host: id.into(),
-            pid: 1,
-            incarnation: uuid::Uuid::nil(),
-            weight: 1,
-            queues: Vec::new(),
-            version: "0".into(),
-            started_unix_ms: 1_000,
-            metrics_addr: None,
-            lease_id: 0x2a,
-            refused_queues: Vec::new(),
-        }
-    }
+    use crate::view::{test_node, ClaimView};
 
     /// Queue "in" with 4 slices: r1 assigned and holding 0 and 1, r2 2 and 3; r2
     /// published the figures of slice 2 (5 waiting, 1 in flight).
@@ -839,7 +794,7 @@ mod tests {
         let mut v = ClusterView::default();
         v.queues.insert("in".into(), QueueConfig { v: 1, name: "in".into(), slices: 4, paused: false, mailman3: false });
         for (n, slices) in [("r1", [0, 1]), ("r2", [2, 3])] {
-            v.nodes.insert(n.into(), node(n));
+            v.nodes.insert(n.into(), NodeRecord { started_unix_ms: 1_000, ..test_node(n, 0x2a) });
             v.assignments.insert((n.into(), "in".into()), Assignment { v: 1, queue: "in".into(), slices_total: 4, slices: slices.into_iter().collect::<SliceSet>() });
             for s in slices {
                 v.claims.insert(("in".into(), s), ClaimView { node: n.into(), epoch: 40 + i64::from(s), lease: 0x2a, slices_total: 4 });

@@ -193,6 +193,17 @@ impl ClusterCache {
         view
     }
 
+    /// The stored keys under `prefix` with their values and create revisions, for what the
+    /// snapshot does not decode (the singletons' claims and slots).
+    pub fn raw_under(&self, prefix: &str) -> BTreeMap<String, (Vec<u8>, i64)> {
+        let store = self.store.read().expect("store lock");
+        store
+            .range(prefix.as_bytes().to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix.as_bytes()))
+            .map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), (v.value.clone(), v.create_revision)))
+            .collect()
+    }
+
     /// The current leader's id, if any.
     pub fn leader(&self) -> Option<String> {
         self.leader.lock().expect("leader lock").clone()

@@ -165,25 +165,8 @@ pub fn lease_is_stale(remaining: i64, granted: i64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::ClaimView;
-    use qslice_proto::records::{Assignment, NodeRecord, QueueConfig, RECORD_VERSION};
-
-    fn node(id: &str, lease: i64) -> NodeRecord {
-        NodeRecord {
-            v: RECORD_VERSION,
-            node_id: id.into(),
-            host: id.into(),
-            pid: 1,
-            incarnation: uuid::Uuid::nil(),
-            weight: 1,
-            queues: Vec::new(),
-            version: "0".into(),
-            started_unix_ms: 0,
-            metrics_addr: None,
-            lease_id: lease,
-            refused_queues: Vec::new(),
-        }
-    }
+    use crate::view::{test_node, ClaimView};
+    use qslice_proto::records::{Assignment, QueueConfig};
 
     fn key(queue: &str, slice: u32) -> SliceKey {
         (queue.to_owned(), slice)
@@ -194,8 +177,8 @@ mod tests {
     fn view() -> ClusterView {
         let mut view = ClusterView::default();
         view.queues.insert("in".into(), QueueConfig { v: 1, name: "in".into(), slices: 4, paused: false, mailman3: false });
-        view.nodes.insert("n1".into(), node("n1", 1));
-        view.nodes.insert("n2".into(), node("n2", 2));
+        view.nodes.insert("n1".into(), test_node("n1", 1));
+        view.nodes.insert("n2".into(), test_node("n2", 2));
         view.assignments.insert(("n1".into(), "in".into()), Assignment { v: 1, queue: "in".into(), slices_total: 4, slices: [0, 1].into_iter().collect() });
         view.assignments.insert(("n2".into(), "in".into()), Assignment { v: 1, queue: "in".into(), slices_total: 4, slices: [2, 3].into_iter().collect() });
         view

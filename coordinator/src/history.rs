@@ -185,34 +185,17 @@ pub fn spawn(history: Arc<MoveHistory>, cache: &Arc<ClusterCache>) {
 
 #[cfg(test)]
 mod tests {
-    use qslice_proto::records::{Assignment, NodeRecord, QueueConfig, RECORD_VERSION};
+    use qslice_proto::records::{Assignment, QueueConfig};
 
     use super::*;
-    use crate::view::ClaimView;
-
-    fn node(id: &str) -> NodeRecord {
-        NodeRecord {
-            v: RECORD_VERSION,
-            node_id: id.into(),
-            host: id.into(),
-            pid: 1,
-            incarnation: uuid::Uuid::nil(),
-            weight: 1,
-            queues: Vec::new(),
-            version: "0".into(),
-            started_unix_ms: 0,
-            metrics_addr: None,
-            lease_id: 1,
-            refused_queues: Vec::new(),
-        }
-    }
+    use crate::view::{test_node, ClaimView};
 
     /// Queue "in" (4 slices) on n1 (0, 1) and n2 (2, 3), every slice claimed by its owner.
     fn view() -> ClusterView {
         let mut v = ClusterView::default();
         v.queues.insert("in".into(), QueueConfig { v: 1, name: "in".into(), slices: 4, paused: false, mailman3: false });
         for (n, slices) in [("n1", [0, 1]), ("n2", [2, 3])] {
-            v.nodes.insert(n.into(), node(n));
+            v.nodes.insert(n.into(), test_node(n, 1));
             v.assignments.insert((n.into(), "in".into()), Assignment { v: 1, queue: "in".into(), slices_total: 4, slices: slices.into_iter().collect() });
             for s in slices {
                 v.claims.insert(("in".into(), s), ClaimView { node: n.into(), epoch: 5, lease: 1, slices_total: 4 });
@@ -246,7 +229,7 @@ mod tests {
         assert_eq!((seen.from.as_deref(), seen.to.as_str(), seen.reason, seen.time_unix_ms), (Some("n1"), "n2", MoveReason::Orphaned, 12));
 
         // n3 joins; n2 is cordoned and hands slice 2 to n3 while still holding it.
-        v.nodes.insert("n3".into(), node("n3"));
+        v.nodes.insert("n3".into(), test_node("n3", 1));
         v.cordons.insert("n2".into());
         reassign(&mut v, 2, "n2", "n3");
         h.observe(&[ev(Kind::NodeJoined, 20, "n3", 0), ev(Kind::SliceAssigned, 21, "n3", 2)], &v);

@@ -317,6 +317,25 @@ pub fn assignment_writes(keys: &Keys, view: &ClusterView, desired: &BTreeMap<Sli
     writes
 }
 
+/// A live node's record for tests: weight 1, every queue, lease `lease`.
+#[cfg(test)]
+pub(crate) fn test_node(id: &str, lease: i64) -> qslice_proto::records::NodeRecord {
+    qslice_proto::records::NodeRecord {
+        v: qslice_proto::records::RECORD_VERSION,
+        node_id: id.into(),
+        host: id.into(),
+        pid: 1,
+        incarnation: uuid::Uuid::nil(),
+        weight: 1,
+        queues: Vec::new(),
+        version: "0".into(),
+        started_unix_ms: 0,
+        metrics_addr: None,
+        lease_id: lease,
+        refused_queues: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,23 +346,6 @@ mod tests {
 
     fn queue(name: &str, slices: u32) -> QueueConfig {
         QueueConfig { v: 1, name: name.into(), slices, paused: false, mailman3: false }
-    }
-
-    fn node(id: &str) -> NodeRecord {
-        NodeRecord {
-            v: RECORD_VERSION,
-            node_id: id.into(),
-            host: id.into(),
-            pid: 1,
-            incarnation: uuid::Uuid::nil(),
-            weight: 1,
-            queues: Vec::new(),
-            version: "0".into(),
-            started_unix_ms: 0,
-            metrics_addr: None,
-            lease_id: 1,
-            refused_queues: Vec::new(),
-        }
     }
 
     fn claim(node: &str, slices_total: u32) -> ClaimView {
@@ -362,7 +364,7 @@ mod tests {
             view.assignments.insert(("n1".into(), name.into()), a);
         }
         for id in ["n1", "n2", "n3"] {
-            view.nodes.insert(id.into(), node(id));
+            view.nodes.insert(id.into(), test_node(id, 1));
         }
         view.cordons.insert("n3".into());
         view.claims.insert(("in".into(), 0), claim("n1", 2));

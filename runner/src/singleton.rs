@@ -30,7 +30,7 @@
 //!   then competes again.
 
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,7 @@ use qslice_common::etcd::REQUEST_TIMEOUT;
 use qslice_common::lease::{unix_ms, Fence, Incarnation};
 
 use crate::incarnation::Shared;
+use crate::supervise::{child_command, ChildSetup};
 use qslice_proto::keys::{validate_name, Keys};
 use qslice_proto::records::{Record, SingletonClaim, SingletonRun, RECORD_VERSION};
 use serde::Deserialize;
@@ -829,31 +830,10 @@ async fn long_running(ctx: &Ctx, name: &str, cfg: &SingletonConfig, epoch: i64, 
     }
 }
 
-/// The singleton's command: only the listed environment plus `extra`, its working
-/// directory and user, its own process group, dying with the runner and announced to the
-/// leash; stdin closed, stdout and stderr piped to the runner's log.
+/// The singleton's command, set up like a supervised child (no group of its own).
 fn command(cfg: &SingletonConfig, extra: &[(&str, String)]) -> std::io::Result<tokio::process::Command> {
-    let (program, args) = cfg.command.split_first().ok_or_else(|| std::io::Error::other("empty command"))?;
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).env_clear();
-    for name in &cfg.env {
-        if let Ok(value) = std::env::var(name) {
-            cmd.env(name, value);
-        }
-    }
-    for (name, value) in extra {
-        cmd.env(name, value);
-    }
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
-    if let Some(dir) = &cfg.workdir {
-        cmd.current_dir(dir);
-    }
-    if let Some(user) = &cfg.user {
-        let (uid, gid) = crate::supervise::resolve_user(user).ok_or_else(|| std::io::Error::other(format!("unknown user {user:?}")))?;
-        cmd.uid(uid).gid(gid);
-    }
-    crate::child::die_with_parent(&mut cmd);
-    Ok(cmd)
+    let setup = ChildSetup { env: &cfg.env, workdir: cfg.workdir.as_deref(), user: cfg.user.as_deref(), group: None };
+    child_command(&setup, &cfg.command, extra)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@
 //!   counts recoveries inside the entry); qslice's recovery serves its built-in handlers.
 
 use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -321,14 +321,33 @@ fn resolve_group(group: &str) -> Option<u32> {
     Some(nix::unistd::Group::from_name(group).ok()??.gid.as_raw())
 }
 
-/// A child process as `cfg` says to run it: only the listed environment plus `extra`, the
-/// working directory, user and group, its own process group, dying with the runner;
-/// stdin closed, stdout and stderr piped.
+/// How a child process is set up: which environment variables pass through, and its
+/// working directory, user and group.
+pub(crate) struct ChildSetup<'a> {
+    /// Names of the runner's environment variables the child gets; the rest is cleared.
+    pub env: &'a [String],
+    /// Working directory.
+    pub workdir: Option<&'a Path>,
+    /// User to run as (its primary group too).
+    pub user: Option<&'a str>,
+    /// Group to run as, over the user's.
+    pub group: Option<&'a str>,
+}
+
+/// A child process as `cfg` says to run it; see [`child_command`].
 pub(crate) fn command(cfg: &SuperviseConfig, argv: &[String], extra: &[(&str, String)]) -> std::io::Result<tokio::process::Command> {
+    let setup = ChildSetup { env: &cfg.env, workdir: cfg.workdir.as_deref(), user: cfg.user.as_deref(), group: cfg.group.as_deref() };
+    child_command(&setup, argv, extra)
+}
+
+/// A child process: only the listed environment plus `extra`, the working directory, user
+/// and group, its own process group, dying with the runner and announced to the leash;
+/// stdin closed, stdout and stderr piped.
+pub(crate) fn child_command(setup: &ChildSetup<'_>, argv: &[String], extra: &[(&str, String)]) -> std::io::Result<tokio::process::Command> {
     let (program, args) = argv.split_first().ok_or_else(|| std::io::Error::other("empty command"))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args).env_clear();
-    for name in &cfg.env {
+    for name in setup.env {
         if let Ok(value) = std::env::var(name) {
             cmd.env(name, value);
         }
@@ -337,14 +356,14 @@ pub(crate) fn command(cfg: &SuperviseConfig, argv: &[String], extra: &[(&str, St
         cmd.env(name, value);
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
-    if let Some(dir) = &cfg.workdir {
+    if let Some(dir) = setup.workdir {
         cmd.current_dir(dir);
     }
-    if let Some(user) = &cfg.user {
+    if let Some(user) = setup.user {
         let (uid, gid) = resolve_user(user).ok_or_else(|| std::io::Error::other(format!("unknown user {user:?}")))?;
         cmd.uid(uid).gid(gid);
     }
-    if let Some(group) = &cfg.group {
+    if let Some(group) = setup.group {
         cmd.gid(resolve_group(group).ok_or_else(|| std::io::Error::other(format!("unknown group {group:?}")))?);
     }
     crate::child::die_with_parent(&mut cmd);
