@@ -208,12 +208,26 @@ pub async fn release_claim_retrying(client: &mut Client, keys: &Keys, queue: &st
     }
 }
 
-/// Tells `freed` once the claim `key` is deleted after `revision`; ends quietly when
-/// cancelled or when the watch fails (the claim retry tick covers that).
+/// Tells `freed` once the claim `key` is deleted (it was held by another at `revision`);
+/// ends quietly when cancelled or when the watch fails (the claim retry tick covers that).
+///
+/// The watch starts at etcd's current revision, and the key is read once the watch is
+/// created: a watch from an earlier revision (`revision + 1`, after other writes) is
+/// "unsynced" in etcd and hears of the delete only at etcd's next catch-up of such
+/// watches, up to 100 ms later; a delete before the watch was created is seen by the read.
 pub(crate) async fn watch_release(mut client: Client, key: String, revision: i64, cancel: CancellationToken, freed: mpsc::UnboundedSender<SliceId>, slice: SliceId) {
     let deleted = async {
-        let options = etcd_client::WatchOptions::new().with_start_revision(revision + 1);
-        let mut stream = client.watch(key.as_str(), Some(options)).await.ok()?;
+        let mut stream = client.watch(key.as_str(), None).await.ok()?;
+        // The first answer says the watch is in place.
+        let created = stream.message().await.ok()??;
+        if created.events().iter().any(|e| e.event_type() == etcd_client::EventType::Delete) {
+            return Some(());
+        }
+        let now = client.get(key.as_str(), None).await.ok()?;
+        if now.kvs().is_empty() {
+            return Some(());
+        }
+        tracing::trace!(%key, revision, "waiting for the claim's release");
         while let Ok(Some(resp)) = stream.message().await {
             if resp.events().iter().any(|e| e.event_type() == etcd_client::EventType::Delete) {
                 return Some(());
