@@ -577,6 +577,7 @@ impl IncarnationRun {
                 .insert(slice, SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() });
             tracing::info!(%queue, slice, epoch, "claimed slice");
         }
+        state.slices_added.added();
         state.changed.notify_waiters();
         metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
     }
@@ -592,6 +593,7 @@ impl IncarnationRun {
             dir: QueueDir::new(&self.shared.cfg.spool, &sliced.queue),
             owned: std::sync::Mutex::new(BTreeMap::new()),
             changed: Notify::new(),
+            slices_added: Default::default(),
             faults: std::sync::Mutex::new(SpoolFaults::default()),
             taken: std::sync::Mutex::new(BTreeSet::new()),
             lease_margin: fence_margin(self.ttl),

@@ -25,6 +25,7 @@
 //! What the runner shares with the coordinator (etcd, the lease and its fence, logging,
 //! signals, sd_notify, health routes, the spool) is `qslice_common`.
 
+pub mod arrivals;
 pub mod child;
 pub mod claims;
 pub mod config;

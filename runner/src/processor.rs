@@ -32,6 +32,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::arrivals::{Armed, Arrivals, BUSY_PASS};
 use crate::figures::{publish_figures, publish_status, STATUS_INTERVAL};
 use crate::handler::{Handler, Job, Outcome};
 use crate::incarnation::Shared;
@@ -66,6 +67,10 @@ pub(crate) struct QueueState {
     pub(crate) owned: Mutex<BTreeMap<u32, SliceState>>,
     /// Wakes the loop (slices added) and a release (in-flight work ended).
     pub(crate) changed: Notify,
+    /// Counts slice additions, and wakes a pass waiting for a permit when one is added: a
+    /// pass that is working through other slices' entries ends, and the next one takes the
+    /// new slice's entries in its round-robin, instead of after everything listed before.
+    pub(crate) slices_added: SliceAdditions,
     /// Entries whose take failed and when to try them again, and the alert rate limit.
     pub(crate) faults: Mutex<SpoolFaults>,
     /// File bases of the entries this node is taking or has in flight (until settled):
@@ -74,6 +79,28 @@ pub(crate) struct QueueState {
     /// How long after the fence deadline the lease (and the claim) can still be alive:
     /// a stop mark is written only while the claim may still hold.
     pub(crate) lease_margin: Duration,
+}
+
+/// See [`QueueState::slices_added`].
+#[derive(Debug, Default)]
+pub(crate) struct SliceAdditions {
+    /// Additions so far.
+    count: std::sync::atomic::AtomicU64,
+    /// Woken at each addition.
+    notify: Notify,
+}
+
+impl SliceAdditions {
+    /// Slices were added (after they are in `owned`).
+    pub(crate) fn added(&self) {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    /// Additions so far.
+    fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// The spool faults of one queue's loop.
@@ -212,12 +239,15 @@ pub(crate) async fn drain_slice(state: &QueueState, slice: u32, drain: Duration)
     state.owned.lock().expect("owned lock").remove(&slice).map(|s| s.epoch)
 }
 
-/// Lists the queue once per pass and processes the claimed slices' entries FIFO.
+/// Lists the queue once per pass and processes the claimed slices' entries FIFO. A pass
+/// that started nothing waits for the poll interval, a change of the slices, or the inotify
+/// hint that an entry arrived ([`Arrivals`]).
 pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fence: Arc<Fence>, mut client: Client, lease_id: i64) {
     let poll = shared.cfg.poll_interval;
     let mut list_backoff = Backoff::new((poll, SPOOL_BACKOFF.1.max(poll)));
     let mut last_status = None::<tokio::time::Instant>;
     let mut last_stranded_check = None::<tokio::time::Instant>;
+    let mut arrivals = Arrivals::new(state.dir.dir());
     loop {
         if fence.lost().is_cancelled() {
             return;
@@ -260,6 +290,11 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
             Err(_) => return,
         };
         list_backoff.reset();
+        // Armed before `owned` is read: a slice added after it ends this pass early.
+        let added = state.slices_added.notify.notified();
+        tokio::pin!(added);
+        added.as_mut().enable();
+        let additions = state.slices_added.count();
         let owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
         publish_figures(&state.queue, &scan, &owned, shared.cfg.metrics_slice_series);
         if last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL) {
@@ -300,13 +335,22 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         }
         let mut lists: Vec<std::vec::IntoIter<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(|v| v.into_iter()).collect();
         let mut started = 0usize;
-        loop {
+        let mut cut_short = false;
+        'pass: loop {
             let mut progressed = false;
             for list in lists.iter_mut() {
+                if state.slices_added.count() != additions {
+                    cut_short = true;
+                    break 'pass;
+                }
                 let Some(entry) = list.next() else { continue };
                 progressed = true;
                 let permit = tokio::select! {
                     p = shared.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+                    _ = &mut added => {
+                        cut_short = true;
+                        break 'pass;
+                    }
                     _ = fence.lost().cancelled() => return,
                 };
                 if start_entry(&state, &shared, &fence, entry, permit) {
@@ -317,10 +361,19 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
                 break;
             }
         }
-        if started == 0 {
+        if started >= BUSY_PASS {
+            arrivals.disarm();
+        }
+        if started == 0 && !cut_short {
+            // Armed only now: list once more, so that what arrived since this pass's
+            // listing is not left for the poll.
+            if arrivals.arm() == Armed::Now {
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(poll) => {}
                 _ = &mut woken => {}
+                _ = arrivals.arrived() => {}
                 _ = fence.lost().cancelled() => return,
             }
         }
