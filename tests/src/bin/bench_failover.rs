@@ -7,7 +7,10 @@
 //! at the kill; and for K process crashes (kill -9 of qslice-runner alone: its leash
 //! revokes the lease) the time to the first entry; at lease TTL 2 s and 5 s.
 //! For drains (`qslicectl`-equivalent cordon through etcd) it measures, per moved slice, the
-//! gap between the old owner's last entry and the new owner's first. Prints a table and a
+//! gap between the old owner's last entry and the new owner's first, and how long the new
+//! owner's first entry waited; then the same drains again with a backlog of 20 entries put
+//! into each of the node's slices just before the cordon, so that the gap is the
+//! hand-off's own and not time the slice was empty. Prints a table and a
 //! `JSON:` summary line. `--quick` runs 3 host deaths and 3 process crashes at TTL 2 s and
 //! one drain.
 
@@ -31,12 +34,17 @@ struct Args {
     /// Kills per TTL in full mode.
     #[arg(long, default_value_t = 20)]
     kills: usize,
+    /// Drains per TTL in full mode.
+    #[arg(long, default_value_t = 10)]
+    drains: usize,
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
 }
 
 const SLICES: u32 = 12;
+/// Entries put into each slice of a node just before a backlog drain's cordon.
+const BACKLOG: usize = 20;
 const LONG: Duration = Duration::from_secs(60);
 
 fn now_ns() -> u128 {
@@ -186,17 +194,33 @@ impl Cluster {
     /// Cordons a runner; per moved slice, ms between its last entry and the new owner's
     /// first, and the part of it the new owner's first entry waited in the queue (from its
     /// arrival, if it came after the old owner's last entry): the rest was an empty slice.
-    async fn drain_once(&mut self, node: &str) -> Result<Vec<(f64, f64)>> {
+    ///
+    /// With `backlog` > 0, that many entries are put into each of the node's slices just
+    /// before the cordon: the slices are never empty at the hand-off, and the gap is the
+    /// hand-off's own, from the old owner's last entry ending to the new owner's first.
+    async fn drain_once(&mut self, node: &str, backlog: usize) -> Result<Vec<(f64, f64)>> {
         let mut c = client(&self.etcd).await?;
         let slices = holdings(&mut c, "t", "in").await.remove(node).context("node holds slices")?;
         let keys = Keys::new("t")?;
         let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
+        let queue = self.spool.queue("in");
+        let mut backlogged = Vec::new();
+        for s in &slices {
+            for i in 0..backlog {
+                let at = now_ns();
+                let name = queue.enqueue_in_slice(format!("backlog {i}").as_bytes(), *s, SLICES)?;
+                self.enqueued.lock().expect("lock").push((name.filebase.clone(), at, *s));
+                backlogged.push(name.filebase);
+            }
+        }
         let cordoned_ns = now_ns();
         c.put(keys.cordon(node), cordon.encode(), None).await?;
-        wait_for_async(LONG, "the drained node holds nothing and its slices process elsewhere", || async {
+        wait_for_async(LONG, "the drained node holds nothing, its slices process elsewhere and the backlog is done", || async {
             let records = self.spool.records();
+            let finished = self.spool.finished();
             !holdings(&mut c.clone(), "t", "in").await.contains_key(node)
                 && slices.iter().all(|s| records.iter().any(|r| r.slice == *s && r.what == "start" && r.node != node && r.at_ns > cordoned_ns))
+                && backlogged.iter().all(|e| finished.contains_key(e))
         })
         .await?;
         let records = self.spool.records();
@@ -213,12 +237,39 @@ impl Cluster {
                 (first_new.saturating_sub(last_old) as f64 / 1e6, first_new.saturating_sub(waited_from) as f64 / 1e6)
             })
             .collect();
-        if gaps.iter().any(|(g, _)| *g > 1000.0) && std::env::var("QSLICE_BENCH_DEBUG").is_ok() {
+        if gaps.iter().any(|(g, w)| *g > 1000.0 || *w > 30.0) && std::env::var("QSLICE_BENCH_DEBUG").is_ok() {
             eprintln!("slow drain of {node} at {cordoned_ns}: gaps {gaps:?}");
-            for n in ["r1", "r2", "r3", "coordinator-c1"] {
-                let log = std::fs::read_to_string(self.spool.scratch(&format!("{n}.log"))).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                eprintln!("--- {n}\n{}", lines[lines.len().saturating_sub(40)..].join("\n"));
+            // The timeline of each slow slice, in ms from the cordon: log lines naming it and
+            // its records.
+            for (s, (_, w)) in slices.iter().zip(&gaps) {
+                if *w <= 30.0 {
+                    continue;
+                }
+                let rel = |ns: u128| (ns as f64 - cordoned_ns as f64) / 1e6;
+                let mut events: Vec<(f64, String)> = Vec::new();
+                for n in ["r1", "r2", "r3", "coordinator-c1"] {
+                    let log = std::fs::read_to_string(self.spool.scratch(&format!("{n}.log"))).unwrap_or_default();
+                    for line in log.lines() {
+                        let Some(at) = line.split_whitespace().next().and_then(|t| humantime::parse_rfc3339(t).ok()) else { continue };
+                        let ns = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+                        let this_slice = line.contains(&format!("slice={s} ")) || line.ends_with(&format!("slice={s}"));
+                        if (this_slice && ns + 2_000_000_000 > cordoned_ns) || (ns + 5_000_000 > cordoned_ns && ns < cordoned_ns + 150_000_000) {
+                            events.push((rel(ns), format!("{n}: {}", line.split_once(' ').map_or(line, |x| x.1))));
+                        }
+                    }
+                }
+                for r in records.iter().filter(|r| r.slice == *s && r.at_ns + 500_000_000 > cordoned_ns) {
+                    events.push((rel(r.at_ns), format!("record {} {} by {}", r.what, r.filebase, r.node)));
+                    if let Some(at) = arrived.get(&r.filebase) {
+                        events.push((rel(*at), format!("arrived {}", r.filebase)));
+                    }
+                }
+                events.sort_by(|a, b| a.0.total_cmp(&b.0));
+                events.dedup();
+                eprintln!("--- slice {s}: waited {w:.1} ms");
+                for (at, what) in events {
+                    eprintln!("{at:>9.1} {what}");
+                }
             }
         }
         c.delete(keys.cordon(node), None).await?;
@@ -240,9 +291,9 @@ impl Drop for Cluster {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let started = Instant::now();
-    let runs: Vec<(u64, usize, usize)> = if args.quick { vec![(2, 3, 1)] } else { vec![(2, args.kills, 5), (5, args.kills, 5)] };
+    let runs: Vec<(u64, usize, usize)> = if args.quick { vec![(2, 3, 1)] } else { vec![(2, args.kills, args.drains), (5, args.kills, args.drains)] };
     let mut summary = serde_json::Map::new();
-    println!("{:<6} {:<26} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
+    println!("{:<6} {:<29} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
     for (ttl, kills, drains) in runs {
         let mut cluster = Cluster::start(ttl).await?;
         let (mut to_first, mut to_drained, mut gaps, mut crash_first) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -258,9 +309,15 @@ async fn main() -> Result<()> {
             }
         }
         for d in 0..drains {
-            for (gap, waited) in cluster.drain_once(["r1", "r2", "r3"][d % 3]).await? {
+            for (gap, waited) in cluster.drain_once(["r1", "r2", "r3"][d % 3], 0).await? {
                 gaps.push(gap);
                 waits.push(waited);
+            }
+        }
+        let mut backlog_gaps = Vec::new();
+        for d in 0..drains {
+            for (gap, _) in cluster.drain_once(["r1", "r2", "r3"][d % 3], BACKLOG).await? {
+                backlog_gaps.push(gap);
             }
         }
         let rows = [
@@ -269,10 +326,11 @@ async fn main() -> Result<()> {
             ("process crash -> first", stats(crash_first)),
             ("drain: hand-off gap", stats(gaps)),
             ("drain: first entry waited", stats(waits)),
+            ("drain, backlog: hand-off gap", stats(backlog_gaps)),
         ];
         let mut per_ttl = serde_json::Map::new();
         for (name, s) in rows {
-            println!("{:<6} {:<26} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", format!("{ttl}s"), name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
+            println!("{:<6} {:<29} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", format!("{ttl}s"), name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
             per_ttl.insert(name.to_owned(), serde_json::to_value(&s)?);
         }
         summary.insert(format!("ttl_{ttl}s"), serde_json::Value::Object(per_ttl));
