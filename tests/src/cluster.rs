@@ -217,9 +217,11 @@ pub fn start_runner_at(endpoints: &str, spool: &Spool, node: &str, cluster: &str
         root.to_str().context("utf8 spool path")?,
         "--state-dir",
         state.to_str().context("utf8 state path")?,
-        "--poll-interval",
-        "50ms",
     ];
+    // A short poll unless the test sets its own.
+    if !extra.contains(&"--poll-interval") {
+        args.extend_from_slice(&["--poll-interval", "50ms"]);
+    }
     args.extend_from_slice(&["--etcd-endpoints", endpoints]);
     args.extend_from_slice(extra);
     // Append to an earlier log of the same node (restarts keep one log per node).

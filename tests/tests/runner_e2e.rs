@@ -357,3 +357,50 @@ async fn both_daemons_warn_when_etcd_can_revoke_leases_early() {
         None => assert!(!logs.iter().any(|l| warned(l)), "etcd {version} is safe: no warning"),
     }
 }
+
+#[tokio::test]
+async fn an_entry_renamed_into_an_idle_queue_is_taken_without_waiting_for_the_poll() {
+    // A poll of an hour: only the inotify hint can bring the entry in within the wait.
+    let tc = TestCluster::builder().assign("r", "in", 2, 0..2).runner_with("r", &["--poll-interval", "1h"], &[]).start().await.expect("cluster");
+    let spool = tc.spool();
+    let q = spool.queue("in");
+    // The loop went idle after its listings of the claimed slices (it lists once more after
+    // arming the watch); then one entry arrives the way Mailman writes it (.tmp, rename).
+    wait_for_async(LONG, "both slices claimed", || async { tc.claims("in").await.is_ok_and(|c| c.len() == 2) }).await.expect("claimed");
+    let first = q.enqueue_in_slice(b"first", 0, 2).expect("enqueue").filebase;
+    wait_for(LONG, "the first entry finished", || spool.finished().contains_key(&first)).expect("taken at its arrival");
+    // Idle again after the work it started: the next arrival wakes it too.
+    let second = q.enqueue_in_slice(b"second", 1, 2).expect("enqueue").filebase;
+    wait_for(LONG, "the second entry finished", || spool.finished().contains_key(&second)).expect("taken at its arrival");
+    assert!(spool.finished().values().all(|n| *n == 1));
+}
+
+#[tokio::test]
+async fn a_slice_claimed_while_a_backlog_is_worked_through_is_served_in_the_round_robin_at_once() {
+    // One entry at a time, 0.5 s each: slice 0's backlog of 16 takes 8 s.
+    let tc = TestCluster::builder()
+        .assign("r", "in", 2, [0])
+        .runner_with("r", &["--concurrency", "1"], &[("QSLICE_TEST_DELAY", "0.5")])
+        .start()
+        .await
+        .expect("cluster");
+    let spool = tc.spool();
+    let q = spool.queue("in");
+    for i in 0..16u32 {
+        q.enqueue_in_slice(format!("backlog {i}").as_bytes(), 0, 2).expect("enqueue");
+    }
+    let newcomer = q.enqueue_in_slice(b"newcomer", 1, 2).expect("enqueue").filebase;
+    wait_for(LONG, "the backlog under way", || spool.records().iter().any(|r| r.slice == 0 && r.what == "end")).expect("busy");
+    tc.assign("r", "in", 2, 0..2).await.expect("assign slice 1 too");
+    let assigned_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos();
+    wait_for(LONG, "the new slice's entry finished", || spool.finished().contains_key(&newcomer)).expect("newcomer");
+    let records = spool.records();
+    let newcomer_start = records.iter().find(|r| r.filebase == newcomer && r.what == "start").expect("newcomer started").at_ns;
+    let backlog_started_before = records.iter().filter(|r| r.slice == 0 && r.what == "start" && r.at_ns > assigned_ns && r.at_ns < newcomer_start).count();
+    // The pass that listed the backlog ends at its next wait for a permit; the next pass
+    // alternates between the slices: one entry in flight at the claim, one more at most
+    // (and one if the claim itself took an entry's time). Without that, all of the
+    // backlog came first.
+    assert!(backlog_started_before <= 3, "{backlog_started_before} backlog entries started between the claim of slice 1 and its entry");
+    wait_for(LONG, "everything finished", || spool.finished().len() == 17).expect("drained");
+}
