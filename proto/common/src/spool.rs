@@ -30,7 +30,12 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::errno::Errno;
+use nix::fcntl::{renameat2, RenameFlags};
 
 use qslice_proto::slice::{slice_bounds, slice_of, Digest, EntryName, NameError};
 use sha1::{Digest as _, Sha1};
@@ -262,6 +267,10 @@ pub struct QueueDir {
     quarantine_dir: PathBuf,
     recovery_dir: PathBuf,
     stopped_dir: PathBuf,
+    /// Whether `renameat2(RENAME_NOREPLACE)` may work here: cleared at its first EINVAL
+    /// (NFS and other filesystems without it), after which a take looks for the `.bak`
+    /// before an ordinary rename.
+    noreplace: Arc<AtomicBool>,
 }
 
 impl QueueDir {
@@ -277,7 +286,33 @@ impl QueueDir {
             quarantine_dir: own.join("quarantine").join(queue),
             recovery_dir: own.join("recovery").join(queue),
             stopped_dir: own.join("stopped").join(queue),
+            noreplace: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// This queue directory with takes that never use `renameat2(RENAME_NOREPLACE)`, as on
+    /// a filesystem without it.
+    #[doc(hidden)]
+    pub fn without_noreplace(self) -> QueueDir {
+        self.noreplace.store(false, Ordering::Relaxed);
+        self
+    }
+
+    /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`): one
+    /// `renameat2(RENAME_NOREPLACE)` where the filesystem has it, else a look for `to`
+    /// and a rename (not atomic, which is why a take also checks afterwards on its own).
+    fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if self.noreplace.load(Ordering::Relaxed) {
+            match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+                Ok(()) => return Ok(()),
+                Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => self.noreplace.store(false, Ordering::Relaxed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if fs::symlink_metadata(to).is_ok() {
+            return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+        }
+        fs::rename(from, to)
     }
 
     /// The queue name.
@@ -342,7 +377,6 @@ impl QueueDir {
                 Err(e) => return Err(list_err(e)),
             };
             let file_name = dirent.file_name();
-            let path = dirent.path();
             if file_name.as_encoded_bytes().starts_with(b".") || file_name.as_encoded_bytes().ends_with(b".tmp") {
                 continue;
             }
@@ -361,13 +395,13 @@ impl QueueDir {
                 None
             };
             if let Some(reason) = type_problem {
-                scan.problems.push(Problem { path, reason });
+                scan.problems.push(Problem { path: dirent.path(), reason });
                 continue;
             }
             let name = match EntryName::parse_os(&file_name) {
                 Ok(name) => name,
                 Err(e) => {
-                    scan.problems.push(Problem { path, reason: e.into() });
+                    scan.problems.push(Problem { path: dirent.path(), reason: e.into() });
                     continue;
                 }
             };
@@ -376,7 +410,7 @@ impl QueueDir {
                 "bak" => &mut scan.in_flight,
                 other => {
                     let reason = ProblemReason::UnexpectedExtension(other.to_owned());
-                    scan.problems.push(Problem { path, reason });
+                    scan.problems.push(Problem { path: dirent.path(), reason });
                     continue;
                 }
             };
@@ -398,17 +432,17 @@ impl QueueDir {
     pub fn dequeue(&self, entry: &Entry) -> Result<Dequeued, SpoolError> {
         let pck = self.pck_path(entry);
         let bak = self.bak_path(entry);
-        if fs::symlink_metadata(&bak).is_ok() {
-            // In flight here, or left over: either way a rename would destroy it.
-            if fs::symlink_metadata(&pck).is_err() {
-                return Ok(Dequeued::Gone);
-            }
-            let why = format!("{} exists (taken earlier and not finished); the owner's recovery puts it back under a fresh name", bak.display());
-            return Err(SpoolError::Dequeue { path: pck, source: io::Error::new(io::ErrorKind::AlreadyExists, why) });
-        }
-        match fs::rename(&pck, &bak) {
+        match self.rename_noreplace(&pck, &bak) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Dequeued::Gone),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // In flight here, or left over: either way a rename would destroy it.
+                if fs::symlink_metadata(&pck).is_err() {
+                    return Ok(Dequeued::Gone);
+                }
+                let why = format!("{} exists (taken earlier and not finished); the owner's recovery puts it back under a fresh name", bak.display());
+                return Err(SpoolError::Dequeue { path: pck, source: io::Error::new(io::ErrorKind::AlreadyExists, why) });
+            }
             Err(source) => return Err(SpoolError::Dequeue { path: pck, source }),
         }
         let problem = match File::open(&bak).and_then(|f| f.metadata()) {

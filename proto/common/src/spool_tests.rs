@@ -247,26 +247,35 @@ fn an_entry_that_cannot_be_opened_is_put_back_and_retried_not_quarantined() {
 
 #[test]
 fn a_leftover_bak_is_not_overwritten_when_its_pck_twin_is_taken() {
-    let f = fixture();
-    let name = f.q.enqueue_as(5.0, &digest("1"), b"first").expect("enqueue");
-    take(&f.q, 1, 0);
-    // The same name again, beside the .bak (a late NFS rename retransmit, a crash).
-    f.q.enqueue_as(5.0, &digest("1"), b"second").expect("enqueue");
-    let entry = f.q.scan(1).expect("scan").pending[&0][0].clone();
-    let err = f.q.dequeue(&entry).expect_err("a take would overwrite the .bak");
-    assert!(matches!(&err, SpoolError::Dequeue { source, .. } if source.kind() == io::ErrorKind::AlreadyExists), "{err}");
-    assert_eq!(fs::read(f.q.bak_path(&entry)).expect("read"), b"first", "the .bak is intact");
-    // The owner's recovery resolves the pair; then both are taken in turn.
-    f.q.recover(1, |_| true).expect("recover");
-    let taken = take(&f.q, 1, 0);
-    assert_eq!(fs::read(&taken.path).expect("read"), b"second");
-    let scan = f.q.scan(1).expect("scan");
-    let back = &scan.pending[&0];
-    assert_eq!(back.len(), 1, "the older .bak went back to the queue");
-    assert_ne!(back[0].name.filebase, name.filebase, "under a fresh name");
-    assert_eq!(back[0].name.digest, name.digest, "of the same slice");
-    assert!(back[0].name.time > 5.0 && back[0].name.time < 5.001);
-    assert_eq!(fs::read(f.q.pck_path(&back[0])).expect("read"), b"first", "nothing lost");
+    // With renameat2(RENAME_NOREPLACE), and with the look-then-rename of filesystems
+    // without it.
+    for noreplace in [true, false] {
+        let f = fixture();
+        let q = if noreplace { f.q.clone() } else { f.q.clone().without_noreplace() };
+        let name = q.enqueue_as(5.0, &digest("1"), b"first").expect("enqueue");
+        take(&q, 1, 0);
+        // The same name again, beside the .bak (a late NFS rename retransmit, a crash).
+        q.enqueue_as(5.0, &digest("1"), b"second").expect("enqueue");
+        let entry = q.scan(1).expect("scan").pending[&0][0].clone();
+        let err = q.dequeue(&entry).expect_err("a take would overwrite the .bak");
+        assert!(matches!(&err, SpoolError::Dequeue { source, .. } if source.kind() == io::ErrorKind::AlreadyExists), "{err}");
+        assert_eq!(fs::read(q.bak_path(&entry)).expect("read"), b"first", "the .bak is intact");
+        // The owner's recovery resolves the pair; then both are taken in turn.
+        q.recover(1, |_| true).expect("recover");
+        let taken = take(&q, 1, 0);
+        assert_eq!(fs::read(&taken.path).expect("read"), b"second");
+        let scan = q.scan(1).expect("scan");
+        let back = &scan.pending[&0];
+        assert_eq!(back.len(), 1, "the older .bak went back to the queue");
+        assert_ne!(back[0].name.filebase, name.filebase, "under a fresh name");
+        assert_eq!(back[0].name.digest, name.digest, "of the same slice");
+        assert!(back[0].name.time > 5.0 && back[0].name.time < 5.001);
+        assert_eq!(fs::read(q.pck_path(&back[0])).expect("read"), b"first", "nothing lost");
+        // A take of an entry already gone is no error, either way.
+        let gone = q.scan(1).expect("scan").pending[&0][0].clone();
+        take(&q, 1, 0);
+        assert!(matches!(q.dequeue(&gone), Ok(Dequeued::Gone)));
+    }
 }
 
 #[test]
