@@ -109,6 +109,9 @@ impl Arrivals {
     /// directory, or events lost to an overflow); never while unarmed. Events of other
     /// names (this node's own `.bak` renames, `.tmp` files being written) are read and
     /// ignored.
+    ///
+    /// A watch the kernel ended (the directory was removed or replaced) wakes the loop and
+    /// counts as unarmed, so that the next idle spell watches the directory now there.
     pub(crate) async fn arrived(&mut self) {
         let Some(fd) = self.fd.as_ref().filter(|_| self.watch.is_some()) else {
             return std::future::pending().await;
@@ -116,6 +119,10 @@ impl Arrivals {
         loop {
             let Ok(mut ready) = fd.readable().await else { return std::future::pending().await };
             match ready.get_inner().0.read_events() {
+                Ok(events) if events.iter().any(|e| e.mask.contains(AddWatchFlags::IN_IGNORED)) => {
+                    self.watch = None;
+                    return;
+                }
                 Ok(events) if events.iter().any(is_arrival) => return,
                 Ok(_) => {}
                 Err(Errno::EAGAIN) => ready.clear_ready(),
@@ -169,6 +176,21 @@ mod tests {
         assert!(!arrives(&mut a).await, "unarmed: no wake-up");
         assert_eq!(a.arm(), Armed::Now);
         assert!(!arrives(&mut a).await, "what came before the watch was armed is the listing's, not a wake-up");
+    }
+
+    #[tokio::test]
+    async fn a_queue_directory_replaced_under_the_watch_wakes_the_loop_and_is_watched_anew() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let (dir, staged) = (root.path().join("in"), root.path().join("staged"));
+        std::fs::create_dir(&dir).expect("mkdir");
+        std::fs::create_dir(&staged).expect("mkdir");
+        let mut a = Arrivals::new(&dir);
+        assert_eq!(a.arm(), Armed::Now);
+        std::fs::rename(&staged, &dir).expect("replace the queue directory");
+        assert!(arrives(&mut a).await, "the end of the old directory's watch wakes the loop");
+        assert_eq!(a.arm(), Armed::Now, "the directory now there is watched");
+        std::fs::write(dir.join("1+ab.pck"), b"x").expect("write");
+        assert!(arrives(&mut a).await);
     }
 
     #[tokio::test]
