@@ -1,6 +1,9 @@
 //! Throughput benchmark (issue #7 b): entries per second through one runner and through
 //! three runners sharing one spool, with the move handler and with the worker handler,
-//! beside the raw filesystem ceiling measured in the same run.
+//! beside the raw filesystem ceiling measured in the same run. The worker handler is
+//! measured with two coprocesses: a `sh` loop, whose `read` makes a `read(2)` per byte,
+//! and `bench_line_worker`, which reads buffered like most workers (`--handlers`,
+//! `--runner-counts` choose what to run).
 //!
 //! How: one set of entries is written once with `QueueDir::enqueue` (Mailman's way:
 //! `.tmp`, fsync, rename) and hard-linked into a fresh staging directory for every run, so
@@ -44,6 +47,12 @@ struct Args {
     /// Runs per configuration, median reported [default: 3; 1 with --quick].
     #[arg(long)]
     runs: Option<usize>,
+    /// The handlers to measure, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "move,worker,worker-lines")]
+    handlers: Vec<Kind>,
+    /// The runner counts to measure each handler with, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    runner_counts: Vec<usize>,
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -55,10 +64,14 @@ const POLL_INTERVAL: &str = "50ms";
 const WORKER: &str = "while read p; do echo ok; done";
 const QUEUE: &str = "in";
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 enum Kind {
+    /// The move handler.
     Move,
+    /// The worker handler with a `sh` loop as its coprocess.
     Worker,
+    /// The worker handler with `bench_line_worker` (buffered reads) as its coprocess.
+    WorkerLines,
 }
 
 impl Kind {
@@ -66,6 +79,23 @@ impl Kind {
         match self {
             Kind::Move => "move",
             Kind::Worker => "worker",
+            Kind::WorkerLines => "worker-lines",
+        }
+    }
+
+    /// The handler whose raw file work this one's ceiling is.
+    fn file_work(self) -> Kind {
+        match self {
+            Kind::WorkerLines => Kind::Worker,
+            k => k,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Move => "move handler",
+            Kind::Worker => "worker handler (sh loop)",
+            Kind::WorkerLines => "worker handler (bench_line_worker)",
         }
     }
 }
@@ -74,6 +104,8 @@ impl Kind {
 #[derive(serde::Serialize)]
 struct RunResult {
     handler: &'static str,
+    #[serde(skip)]
+    label: &'static str,
     runners: usize,
     entries: usize,
     seconds: f64,
@@ -112,12 +144,12 @@ async fn main() -> Result<()> {
         }
         ceiling.push((kind, median(rates)));
     }
-    let ceiling_of = |kind: Kind| ceiling.iter().find(|(k, _)| *k == kind).map_or(f64::NAN, |(_, c)| *c);
+    let ceiling_of = |kind: Kind| ceiling.iter().find(|(k, _)| *k == kind.file_work()).map_or(f64::NAN, |(_, c)| *c);
 
     let etcd = Etcd::start()?;
     let mut results = Vec::new();
-    for kind in [Kind::Move, Kind::Worker] {
-        for runners in [1usize, 3] {
+    for kind in args.handlers.clone() {
+        for runners in args.runner_counts.clone() {
             let measured = run_config(&etcd, work.path(), master.dir(), kind, runners, entries, runs, &args).await?;
             let rates: Vec<f64> = measured.iter().map(|(secs, _)| entries as f64 / secs.max(1e-9)).collect();
             let eps = median(rates.clone());
@@ -125,6 +157,7 @@ async fn main() -> Result<()> {
             let cpu_ms = median(measured.iter().map(|(_, cpu)| *cpu).collect());
             let result = RunResult {
                 handler: kind.name(),
+                label: kind.label(),
                 runners,
                 entries,
                 seconds: round(seconds, 3),
@@ -143,14 +176,14 @@ async fn main() -> Result<()> {
     for kind in [Kind::Move, Kind::Worker] {
         let what = match kind {
             Kind::Move => "raw ceiling: list, rename .bak, rename to target",
-            Kind::Worker => "raw ceiling: list, rename .bak, unlink",
+            Kind::Worker | Kind::WorkerLines => "raw ceiling: list, rename .bak, unlink",
         };
         let c = ceiling_of(kind);
         table.row(vec![what.into(), "-".into(), entries.to_string(), format!("{:.3}", entries as f64 / c), format!("{c:.0}"), "1".into(), "-".into()]);
     }
     for r in &results {
         table.row(vec![
-            format!("{} handler", r.handler),
+            r.label.to_owned(),
             r.runners.to_string(),
             r.entries.to_string(),
             format!("{:.3}", r.seconds),
@@ -218,7 +251,7 @@ fn raw_ceiling(master: &Path, dir: &Path, kind: Kind, entries: usize) -> Result<
         std::fs::rename(queue.join(&name), &bak)?;
         match kind {
             Kind::Move => std::fs::rename(&bak, target.join(&name))?,
-            Kind::Worker => std::fs::remove_file(&bak)?,
+            Kind::Worker | Kind::WorkerLines => std::fs::remove_file(&bak)?,
         }
         done += 1;
     }
@@ -260,6 +293,11 @@ async fn run_config(etcd: &Etcd, work: &Path, master: &Path, kind: Kind, runners
     let concurrency = args.concurrency.to_string();
     let out = out_dir.to_str().context("utf8 path")?.to_owned();
     let worker = serde_json::to_string(&["/bin/sh", "-c", WORKER])?;
+    let line_worker = std::env::current_exe()?.with_file_name("bench_line_worker");
+    if kind == Kind::WorkerLines && !line_worker.is_file() {
+        bail!("{} is missing: build it with cargo build --workspace --bins", line_worker.display());
+    }
+    let line_worker = serde_json::to_string(&[line_worker.to_str().context("utf8 path")?])?;
     let mut procs: Vec<Proc> = Vec::new();
     for i in 0..runners {
         let node = format!("r{i}");
@@ -267,6 +305,7 @@ async fn run_config(etcd: &Etcd, work: &Path, master: &Path, kind: Kind, runners
         match kind {
             Kind::Move => flags.extend_from_slice(&["--handler", "move", "--move-to", &out]),
             Kind::Worker => flags.extend_from_slice(&["--handler", "worker", "--handler-command", &worker]),
+            Kind::WorkerLines => flags.extend_from_slice(&["--handler", "worker", "--handler-command", &line_worker]),
         }
         let state = base.join(format!("state-{node}"));
         let log = base.join(format!("{node}.log"));
