@@ -10,7 +10,10 @@
 //! once anyway, and a watch would queue an event for every rename of its own (`.pck` ->
 //! `.bak`): the loop disarms it after a pass that started many entries ([`BUSY_PASS`])
 //! and, when a pass starts nothing, arms it and lists once more before it waits, so that
-//! nothing that arrived in between is missed.
+//! nothing that arrived in between is missed. Putting a watch on a directory and taking
+//! it off cost the kernel a walk over every name of it it has cached (tens of thousands
+//! after a backlog), so each is done at most once per [`TOGGLE_INTERVAL`]: a loop that
+//! goes between busy and idle passes quickly waits for its poll meanwhile.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -19,9 +22,12 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, InotifyEvent, WatchDescriptor};
 use tokio::io::unix::AsyncFd;
+use tokio::time::{Duration, Instant};
 
 /// A pass that started at least this many entries means the loop is busy: disarm.
 pub(crate) const BUSY_PASS: usize = 32;
+/// The least time between putting the watch on and taking it off, or back.
+pub(crate) const TOGGLE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// An inotify instance, as tokio's `AsyncFd` wants it.
 struct Instance(Inotify);
@@ -50,6 +56,8 @@ pub(crate) struct Arrivals {
     watch: Option<WatchDescriptor>,
     /// Whether the unavailability was logged (once per loop).
     warned: bool,
+    /// When the watch was last put on or taken off.
+    toggled: Option<Instant>,
 }
 
 /// What [`Arrivals::arm`] did.
@@ -74,15 +82,30 @@ impl Arrivals {
                 (None, true)
             }
         };
-        Arrivals { fd, dir: dir.to_owned(), watch: None, warned }
+        Arrivals { fd, dir: dir.to_owned(), watch: None, warned, toggled: None }
     }
 
-    /// Puts the watch in place if it is not.
+    /// Forgets the last toggle, as if [`TOGGLE_INTERVAL`] had passed.
+    #[cfg(test)]
+    fn forget_toggle(&mut self) {
+        self.toggled = None;
+    }
+
+    /// Whether the watch was put on or taken off less than [`TOGGLE_INTERVAL`] ago.
+    fn toggled_lately(&self) -> bool {
+        self.toggled.is_some_and(|t| t.elapsed() < TOGGLE_INTERVAL)
+    }
+
+    /// Puts the watch in place if it is not (and was not taken off just now).
     pub(crate) fn arm(&mut self) -> Armed {
         if self.watch.is_some() {
             return Armed::Already;
         }
         let Some(fd) = &self.fd else { return Armed::Unavailable };
+        if self.toggled_lately() {
+            return Armed::Unavailable;
+        }
+        self.toggled = Some(Instant::now());
         match fd.get_ref().0.add_watch(&self.dir, AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE) {
             Ok(wd) => {
                 self.watch = Some(wd);
@@ -98,8 +121,12 @@ impl Arrivals {
         }
     }
 
-    /// Removes the watch and forgets what it queued.
+    /// Removes the watch and forgets what it queued (unless it was put on just now).
     pub(crate) fn disarm(&mut self) {
+        if self.watch.is_none() || self.toggled_lately() {
+            return;
+        }
+        self.toggled = Some(Instant::now());
         let (Some(fd), Some(wd)) = (&self.fd, self.watch.take()) else { return };
         let _ = fd.get_ref().0.rm_watch(wd);
         while fd.get_ref().0.read_events().is_ok_and(|events| !events.is_empty()) {}
@@ -141,7 +168,6 @@ fn is_arrival(event: &InotifyEvent) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     async fn arrives(a: &mut Arrivals) -> bool {
         tokio::time::timeout(Duration::from_millis(500), a.arrived()).await.is_ok()
@@ -172,8 +198,13 @@ mod tests {
         assert_eq!(a.arm(), Armed::Now);
         std::fs::write(dir.path().join("1+ab.pck"), b"x").expect("write");
         a.disarm();
+        assert!(a.watch.is_some(), "not taken off just after it was put on");
+        a.forget_toggle();
+        a.disarm();
         std::fs::write(dir.path().join("2+ab.pck"), b"x").expect("write");
         assert!(!arrives(&mut a).await, "unarmed: no wake-up");
+        assert_eq!(a.arm(), Armed::Unavailable, "not put back just after it was taken off");
+        a.forget_toggle();
         assert_eq!(a.arm(), Armed::Now);
         assert!(!arrives(&mut a).await, "what came before the watch was armed is the listing's, not a wake-up");
     }
@@ -188,6 +219,7 @@ mod tests {
         assert_eq!(a.arm(), Armed::Now);
         std::fs::rename(&staged, &dir).expect("replace the queue directory");
         assert!(arrives(&mut a).await, "the end of the old directory's watch wakes the loop");
+        a.forget_toggle();
         assert_eq!(a.arm(), Armed::Now, "the directory now there is watched");
         std::fs::write(dir.join("1+ab.pck"), b"x").expect("write");
         assert!(arrives(&mut a).await);

@@ -326,11 +326,14 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         // waits for its backoff, and one no longer listed is forgotten.
         let now = Instant::now();
         {
+            // Nothing to look at (the common case): no set of every listed name per pass.
             let mut faults = state.faults.lock().expect("faults lock");
-            let listed: BTreeSet<&str> = pending.values().flatten().map(|e| e.name.filebase.as_str()).collect();
-            faults.entries.retain(|f| listed.contains(f.as_str()));
-            for list in pending.values_mut() {
-                list.retain(|e| faults.entries.ready(&e.name.filebase, now));
+            if !faults.entries.is_empty() {
+                let listed: BTreeSet<&str> = pending.values().flatten().map(|e| e.name.filebase.as_str()).collect();
+                faults.entries.retain(|f| listed.contains(f.as_str()));
+                for list in pending.values_mut() {
+                    list.retain(|e| faults.entries.ready(&e.name.filebase, now));
+                }
             }
         }
         let mut lists: Vec<std::vec::IntoIter<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(|v| v.into_iter()).collect();
