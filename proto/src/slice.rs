@@ -202,9 +202,36 @@ pub struct EntryName {
     pub ext: String,
 }
 
+/// A queue file name parsed in place ([`EntryName::peek`]): what a listing needs to know
+/// of a name before it decides to keep it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NameParts<'a> {
+    /// Seconds since the epoch, from TIME.
+    pub time: f64,
+    /// The SHA-1 digest that decides the slice.
+    pub digest: Digest,
+    /// The file base `<TIME>+<DIGEST>`.
+    pub filebase: &'a str,
+    /// Everything after the digest's `.`.
+    pub ext: &'a str,
+}
+
+impl NameParts<'_> {
+    /// The owned name.
+    pub fn to_name(&self) -> EntryName {
+        EntryName { time: self.time, digest: self.digest, filebase: self.filebase.to_owned(), ext: self.ext.to_owned() }
+    }
+}
+
 impl EntryName {
     /// Parses `<TIME>+<DIGEST>.<ext>`.
     pub fn parse(name: &str) -> Result<EntryName, NameError> {
+        EntryName::peek(name).map(|parts| parts.to_name())
+    }
+
+    /// Parses `<TIME>+<DIGEST>.<ext>` without allocating (for Mailman's own times): a
+    /// listing decides from it whether the entry's slice is wanted at all.
+    pub fn peek(name: &str) -> Result<NameParts<'_>, NameError> {
         let (time, rest) = name.split_once('+').ok_or(NameError::MissingPlus)?;
         if rest.contains('+') {
             return Err(NameError::ExtraPlus);
@@ -218,12 +245,7 @@ impl EntryName {
             return Err(NameError::MissingExtension);
         }
         let digest = Digest::parse_hex(digest)?;
-        Ok(EntryName {
-            time: time_value,
-            digest,
-            filebase: name[..time.len() + 1 + 2 * DIGEST_LEN].to_owned(),
-            ext: ext.to_owned(),
-        })
+        Ok(NameParts { time: time_value, digest, filebase: &name[..time.len() + 1 + 2 * DIGEST_LEN], ext })
     }
 
     /// Parses an OS file name, rejecting names that are not UTF-8.

@@ -126,8 +126,8 @@ pub(crate) fn publish_figures(queue: &str, scan: &Scan, owned: &[u32], cap: usiz
         oldest_age: metrics::gauge!("qslice_runner_queue_oldest_age_seconds", "queue" => queue.to_owned()),
         slices: BTreeMap::new(),
     });
-    let total: usize = scan.pending.values().map(Vec::len).sum();
-    let oldest = scan.pending.keys().filter_map(|s| scan.oldest_age(*s)).fold(0.0, f64::max);
+    let total = scan.total_depth();
+    let oldest = scan.slices_with_entries().into_iter().filter_map(|s| scan.oldest_age(s)).fold(0.0, f64::max);
     q.depth.set(total as f64);
     q.oldest_age.set(oldest);
     let mut held = owned.to_vec();
@@ -153,7 +153,7 @@ pub(crate) fn publish_figures(queue: &str, scan: &Scan, owned: &[u32], cap: usiz
     }
     for slice in chosen.set {
         if let Some(g) = q.slices.get_mut(&slice) {
-            g.depth.set(scan.pending.get(&slice).map_or(0, Vec::len) as f64);
+            g.depth.set(scan.depth(slice) as f64);
             g.oldest_age.set(scan.oldest_age(slice).unwrap_or(0.0));
             g.held = true;
         }
@@ -166,11 +166,11 @@ pub(crate) fn publish_figures(queue: &str, scan: &Scan, owned: &[u32], cap: usiz
 pub(crate) async fn publish_status(client: &mut Client, shared: &Shared, dir: &QueueDir, scan: &Scan, owned: &[u32], lease_id: i64) {
     let reporter = owned.contains(&0);
     let figures: Vec<SliceFigures> = (0..scan.slices_total)
-        .filter(|s| owned.contains(s) || (reporter && (scan.pending.contains_key(s) || scan.in_flight.contains_key(s))))
+        .filter(|s| owned.contains(s) || (reporter && scan.depth(*s) + scan.in_flight_count(*s) > 0))
         .map(|s| SliceFigures {
             slice: s,
-            depth: scan.pending.get(&s).map_or(0, |v| v.len() as u64),
-            in_flight: scan.in_flight.get(&s).map_or(0, |v| v.len() as u64),
+            depth: scan.depth(s) as u64,
+            in_flight: scan.in_flight_count(s) as u64,
             oldest_age_ms: (scan.oldest_age(s).unwrap_or(0.0) * 1000.0) as u64,
             oldest_in_flight_age_ms: scan.in_flight.get(&s).and_then(|e| dir.oldest_in_flight_age(e)).map_or(0, |a| (a * 1000.0) as u64),
         })

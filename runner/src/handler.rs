@@ -91,6 +91,12 @@ impl Handler {
         self.cfg.kind == HandlerKind::Move
     }
 
+    /// Whether the handler reads the entry's file (all but the move handler, which only
+    /// renames it): a take opens the file first only for those.
+    pub fn reads_entries(&self) -> bool {
+        self.cfg.kind != HandlerKind::Move
+    }
+
     /// The configured retry backoff.
     pub fn retry_backoff(&self) -> Duration {
         self.cfg.retry_backoff

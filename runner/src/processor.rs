@@ -270,7 +270,13 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         }
         let dir = state.dir.clone();
         let total = state.slices_total;
-        let scan = match tokio::task::spawn_blocking(move || dir.scan(total)).await {
+        // Only the held slices' entries are kept (the others are counted); in full when a
+        // status is due and this node reports the slices nobody here holds (slice 0's).
+        let status_due = last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL);
+        let held: BTreeSet<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
+        let full = status_due && held.contains(&0);
+        let listing = move || if full { dir.scan(total) } else { dir.scan_for(total, |s| held.contains(&s)) };
+        let scan = match tokio::task::spawn_blocking(listing).await {
             Ok(Ok(scan)) => scan,
             Ok(Err(e)) => {
                 let delay = list_backoff.next_delay();
@@ -297,7 +303,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         let additions = state.slices_added.count();
         let owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
         publish_figures(&state.queue, &scan, &owned, shared.cfg.metrics_slice_series);
-        if last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL) {
+        if status_due {
             publish_status(&mut client, &shared, &state.dir, &scan, &owned, lease_id).await;
             last_status = Some(tokio::time::Instant::now());
         }
@@ -440,7 +446,8 @@ async fn recover_stranded(state: &Arc<QueueState>, shared: &Shared, fence: &Arc<
 /// and runs the handler on it in a task of its own.
 fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>, entry: Entry, permit: OwnedSemaphorePermit) -> bool {
     let Some(mut in_flight) = InFlightCount::enter(state, &entry, fence) else { return false };
-    let taken = match state.dir.dequeue(&entry) {
+    let dequeued = if shared.handler.reads_entries() { state.dir.dequeue(&entry) } else { state.dir.dequeue_unread(&entry) };
+    let taken = match dequeued {
         // The rename can block (NFS) while the lease runs out: look at the fence again
         // before anything starts. The entry stays .bak for the next owner.
         Ok(Dequeued::Taken(_)) if !fence.is_valid() => {

@@ -205,18 +205,54 @@ pub struct Scan {
     pub pending: BTreeMap<u32, Vec<Entry>>,
     /// `.bak` entries per slice: in flight, or left by a crash.
     pub in_flight: BTreeMap<u32, Vec<Entry>>,
+    /// The slices whose entries were not wanted ([`QueueDir::scan_for`]): counts only.
+    pub others: BTreeMap<u32, SliceCounts>,
     /// Files that are not entries; see [`QueueDir::quarantine`].
     pub problems: Vec<Problem>,
     /// When the listing was taken.
     pub listed_at: SystemTime,
 }
 
+/// What a listing counted of a slice whose entries were not wanted.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SliceCounts {
+    /// `.pck` entries.
+    pub pending: usize,
+    /// `.bak` entries.
+    pub in_flight: usize,
+    /// The oldest pending entry's TIME.
+    pub oldest_time: Option<f64>,
+}
+
 impl Scan {
     /// Age in seconds of the oldest pending entry of `slice`, from its TIME, if any.
     pub fn oldest_age(&self, slice: u32) -> Option<f64> {
-        let first = self.pending.get(&slice)?.first()?;
+        let time = match self.pending.get(&slice) {
+            Some(entries) => entries.first()?.name.time,
+            None => self.others.get(&slice)?.oldest_time?,
+        };
         let now = self.listed_at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
-        Some((now - first.name.time).max(0.0))
+        Some((now - time).max(0.0))
+    }
+
+    /// Pending entries of `slice`.
+    pub fn depth(&self, slice: u32) -> usize {
+        self.pending.get(&slice).map_or_else(|| self.others.get(&slice).map_or(0, |c| c.pending), Vec::len)
+    }
+
+    /// `.bak` entries of `slice`.
+    pub fn in_flight_count(&self, slice: u32) -> usize {
+        self.in_flight.get(&slice).map_or_else(|| self.others.get(&slice).map_or(0, |c| c.in_flight), Vec::len)
+    }
+
+    /// Pending entries of every slice.
+    pub fn total_depth(&self) -> usize {
+        self.pending.values().map(Vec::len).sum::<usize>() + self.others.values().map(|c| c.pending).sum::<usize>()
+    }
+
+    /// The slices with any entry, pending or in flight.
+    pub fn slices_with_entries(&self) -> std::collections::BTreeSet<u32> {
+        self.pending.keys().chain(self.in_flight.keys()).chain(self.others.keys()).copied().collect()
     }
 }
 
@@ -361,11 +397,20 @@ impl QueueDir {
     /// (being written) and hidden files (such as NFS's `.nfsXXXX` silly-renames of open,
     /// unlinked files) are not queue files and are left alone.
     pub fn scan(&self, n: u32) -> Result<Scan, SpoolError> {
+        self.scan_for(n, |_| true)
+    }
+
+    /// Like [`QueueDir::scan`], keeping the entries only of the slices `wanted`; of the
+    /// others only counts and the oldest time are kept ([`Scan::others`]), and their names
+    /// cost no allocation: what a runner does per listing with the entries of slices it
+    /// does not hold is counting them.
+    pub fn scan_for(&self, n: u32, wanted: impl Fn(u32) -> bool) -> Result<Scan, SpoolError> {
         let list_err = |source| SpoolError::ListQueue { dir: self.dir.clone(), source };
         let mut scan = Scan {
             slices_total: n,
             pending: BTreeMap::new(),
             in_flight: BTreeMap::new(),
+            others: BTreeMap::new(),
             problems: Vec::new(),
             listed_at: SystemTime::now(),
         };
@@ -398,24 +443,35 @@ impl QueueDir {
                 scan.problems.push(Problem { path: dirent.path(), reason });
                 continue;
             }
-            let name = match EntryName::parse_os(&file_name) {
-                Ok(name) => name,
+            let parts = match file_name.to_str().ok_or(NameError::NotUtf8).and_then(EntryName::peek) {
+                Ok(parts) => parts,
                 Err(e) => {
                     scan.problems.push(Problem { path: dirent.path(), reason: e.into() });
                     continue;
                 }
             };
-            let target = match name.ext.as_str() {
-                "pck" => &mut scan.pending,
-                "bak" => &mut scan.in_flight,
+            let pending = match parts.ext {
+                "pck" => true,
+                "bak" => false,
                 other => {
                     let reason = ProblemReason::UnexpectedExtension(other.to_owned());
                     scan.problems.push(Problem { path: dirent.path(), reason });
                     continue;
                 }
             };
-            let slice = slice_of(&name.digest, n);
-            target.entry(slice).or_default().push(Entry { name, slice });
+            let slice = slice_of(&parts.digest, n);
+            if !wanted(slice) {
+                let counts = scan.others.entry(slice).or_default();
+                if pending {
+                    counts.pending += 1;
+                    counts.oldest_time = Some(counts.oldest_time.map_or(parts.time, |t| t.min(parts.time)));
+                } else {
+                    counts.in_flight += 1;
+                }
+                continue;
+            }
+            let target = if pending { &mut scan.pending } else { &mut scan.in_flight };
+            target.entry(slice).or_default().push(Entry { name: parts.to_name(), slice });
         }
         for entries in scan.pending.values_mut().chain(scan.in_flight.values_mut()) {
             entries.sort_by(|a, b| a.name.time.total_cmp(&b.name.time).then_with(|| a.name.filebase.cmp(&b.name.filebase)));
@@ -430,6 +486,17 @@ impl QueueDir {
     /// A `.bak` of the same name (in flight, or left by a crash or a late NFS rename) is
     /// never overwritten: the take fails and [`QueueDir::recover`] resolves the pair.
     pub fn dequeue(&self, entry: &Entry) -> Result<Dequeued, SpoolError> {
+        self.take(entry, true)
+    }
+
+    /// Like [`QueueDir::dequeue`], for a handler that never reads the entry (the move
+    /// handler): the taken file's type and size are looked at (`lstat`, on the name just
+    /// renamed) instead of opening it, which is not file work such a handler needs.
+    pub fn dequeue_unread(&self, entry: &Entry) -> Result<Dequeued, SpoolError> {
+        self.take(entry, false)
+    }
+
+    fn take(&self, entry: &Entry, open: bool) -> Result<Dequeued, SpoolError> {
         let pck = self.pck_path(entry);
         let bak = self.bak_path(entry);
         match self.rename_noreplace(&pck, &bak) {
@@ -445,7 +512,8 @@ impl QueueDir {
             }
             Err(source) => return Err(SpoolError::Dequeue { path: pck, source }),
         }
-        let problem = match File::open(&bak).and_then(|f| f.metadata()) {
+        let looked = if open { File::open(&bak).and_then(|f| f.metadata()) } else { fs::symlink_metadata(&bak) };
+        let problem = match looked {
             Ok(meta) if !meta.is_file() => ProblemReason::NotRegular,
             Ok(meta) if meta.len() == 0 => ProblemReason::Empty,
             Ok(meta) => return Ok(Dequeued::Taken(InFlight { entry: entry.clone(), path: bak, size: meta.len() })),

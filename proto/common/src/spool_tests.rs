@@ -507,3 +507,49 @@ fn recovering_given_entries_leaves_the_others_in_flight() {
     assert_eq!((rec.requeued.len(), rec.uncounted), (1, 1));
     assert_eq!(f.q.recovery_count(&busy.filebase).expect("count"), 0);
 }
+
+#[test]
+fn a_take_for_a_handler_that_never_reads_the_entry_still_quarantines_what_is_no_entry() {
+    let f = fixture();
+    let good = f.q.enqueue_as(5.0, &digest("1"), b"payload").expect("enqueue");
+    let empty = f.q.enqueue_as(6.0, &digest("1"), b"").expect("enqueue");
+    let scan = f.q.scan(1).expect("scan");
+    let (first, second) = (scan.pending[&0][0].clone(), scan.pending[&0][1].clone());
+    assert_eq!(first.name.filebase, good.filebase);
+    match f.q.dequeue_unread(&first).expect("take") {
+        Dequeued::Taken(t) => {
+            assert_eq!(t.size, 7);
+            assert_eq!(fs::read(&t.path).expect("read"), b"payload");
+        }
+        other => panic!("expected Taken, got {other:?}"),
+    }
+    assert_eq!(second.name.filebase, empty.filebase);
+    assert!(matches!(f.q.dequeue_unread(&second), Ok(Dequeued::Quarantined(_))), "an empty file is no entry");
+    assert!(matches!(f.q.dequeue_unread(&second), Ok(Dequeued::Gone)));
+}
+
+#[test]
+fn a_listing_for_some_slices_keeps_their_entries_and_counts_the_others_as_a_full_one_does() {
+    let f = fixture();
+    for i in 0..40u32 {
+        f.q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 4, 4).expect("enqueue");
+    }
+    take(&f.q, 4, 1);
+    take(&f.q, 4, 3);
+    let full = f.q.scan(4).expect("scan");
+    let some = f.q.scan_for(4, |s| s == 1 || s == 2).expect("scan");
+    assert_eq!(some.pending.keys().copied().collect::<Vec<_>>(), vec![1, 2], "entries of the wanted slices only");
+    assert_eq!(some.pending[&1], full.pending[&1]);
+    assert_eq!(some.in_flight[&1], full.in_flight[&1]);
+    assert_eq!(some.others.keys().copied().collect::<Vec<_>>(), vec![0, 3]);
+    for s in 0..4 {
+        assert_eq!(some.depth(s), full.depth(s), "slice {s}");
+        assert_eq!(some.in_flight_count(s), full.in_flight_count(s), "slice {s}");
+        match (some.oldest_age(s), full.oldest_age(s)) {
+            (Some(a), Some(b)) => assert!((a - b).abs() < 1.0, "slice {s}: {a} vs {b}"),
+            (a, b) => assert_eq!(a, b, "slice {s}"),
+        }
+    }
+    assert_eq!(some.total_depth(), 38);
+    assert_eq!(some.slices_with_entries(), full.slices_with_entries());
+}
