@@ -135,6 +135,26 @@ async fn main() -> Result<()> {
     println!("wrote {entries} entries with QueueDir::enqueue (.tmp, fsync, rename): {enqueue_per_s:.0}/s");
 
     let runs = args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+
+    // One listing of the whole queue, as a runner holding every slice makes it, and as
+    // one of three runners holding a third of the slices makes it (entries kept only of
+    // those; the others counted).
+    let listing_ms = |wanted: &dyn Fn(u32) -> bool| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let scan = master.scan_for(args.slices, wanted)?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            if scan.total_depth() != entries {
+                bail!("the listing saw {} of {entries} entries", scan.total_depth());
+            }
+        }
+        Ok(median(times))
+    };
+    let list_all_ms = listing_ms(&|_| true)?;
+    let list_third_ms = listing_ms(&|s| s % 3 == 0)?;
+    let list_none_ms = listing_ms(&|_| false)?;
+    println!("one listing of {entries} entries (median of 5): {list_all_ms:.1} ms keeping every slice's entries, {list_third_ms:.1} ms keeping a third, {list_none_ms:.1} ms keeping none (counts only)");
     let mut ceiling = Vec::new();
     for kind in [Kind::Move, Kind::Worker] {
         let mut rates = Vec::new();
@@ -208,6 +228,7 @@ async fn main() -> Result<()> {
         "runs_per_figure": runs,
         "poll_interval": POLL_INTERVAL,
         "enqueue_per_s": round(enqueue_per_s, 0),
+        "listing_ms": { "all_slices": round(list_all_ms, 2), "a_third": round(list_third_ms, 2), "none": round(list_none_ms, 2) },
         "ceiling_entries_per_s": {
             "move": round(ceiling_of(Kind::Move), 0),
             "worker": round(ceiling_of(Kind::Worker), 0),
