@@ -568,6 +568,7 @@ impl IncarnationRun {
             self.drop_idle_queues();
             return;
         }
+        let added: Vec<u32> = slices.iter().map(|s| s.slice).collect();
         for ClaimedSlice { slice, epoch } in slices {
             self.held.insert(SliceId::new(queue, slice), HeldClaim { slices_total: total, epoch });
             state
@@ -577,7 +578,7 @@ impl IncarnationRun {
                 .insert(slice, SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() });
             tracing::info!(%queue, slice, epoch, "claimed slice");
         }
-        state.slices_added.added();
+        state.slices_added.added(added);
         state.changed.notify_waiters();
         metrics::gauge!("qslice_runner_slices_claimed").set(self.held.len() as f64);
     }

@@ -88,13 +88,22 @@ pub(crate) struct SliceAdditions {
     count: std::sync::atomic::AtomicU64,
     /// Woken at each addition.
     notify: Notify,
+    /// The slices added since a pass last looked: the next pass serves them first, so that
+    /// a slice handed over with a backlog waiting gets the next free permit.
+    fresh: Mutex<Vec<u32>>,
 }
 
 impl SliceAdditions {
-    /// Slices were added (after they are in `owned`).
-    pub(crate) fn added(&self) {
+    /// `slices` were added (after they are in `owned`).
+    pub(crate) fn added(&self, slices: impl IntoIterator<Item = u32>) {
+        self.fresh.lock().expect("fresh lock").extend(slices);
         self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.notify.notify_waiters();
+    }
+
+    /// The slices added since the last call.
+    fn take_fresh(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.fresh.lock().expect("fresh lock"))
     }
 
     /// Additions so far.
@@ -273,7 +282,16 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         // Only the held slices' entries are kept (the others are counted); in full when a
         // status is due and this node reports the slices nobody here holds (slice 0's).
         let status_due = last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL);
-        let held: BTreeSet<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
+        // Armed before `owned` is read, and `owned` read before the listing, which keeps
+        // only its slices' entries: a slice added after it ends this pass early (at its
+        // next wait for a permit), and the next pass lists it.
+        let added = state.slices_added.notify.notified();
+        tokio::pin!(added);
+        added.as_mut().enable();
+        let additions = state.slices_added.count();
+        let fresh = state.slices_added.take_fresh();
+        let mut owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
+        let held: BTreeSet<u32> = owned.iter().copied().collect();
         let full = status_due && held.contains(&0);
         let listing = move || if full { dir.scan(total) } else { dir.scan_for(total, |s| held.contains(&s)) };
         let scan = match tokio::task::spawn_blocking(listing).await {
@@ -296,12 +314,6 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
             Err(_) => return,
         };
         list_backoff.reset();
-        // Armed before `owned` is read: a slice added after it ends this pass early.
-        let added = state.slices_added.notify.notified();
-        tokio::pin!(added);
-        added.as_mut().enable();
-        let additions = state.slices_added.count();
-        let owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
         publish_figures(&state.queue, &scan, &owned, shared.cfg.metrics_slice_series);
         if status_due {
             publish_status(&mut client, &shared, &state.dir, &scan, &owned, lease_id).await;
@@ -342,6 +354,8 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
                 }
             }
         }
+        // Newly claimed slices first in the round-robin (the rest in slice order).
+        owned.sort_by_key(|s| !fresh.contains(s));
         let mut lists: Vec<std::vec::IntoIter<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(|v| v.into_iter()).collect();
         let mut started = 0usize;
         let mut cut_short = false;
