@@ -8,9 +8,10 @@
 //! revokes the lease) the time to the first entry; at lease TTL 2 s and 5 s.
 //! For drains (`qslicectl`-equivalent cordon through etcd) it measures, per moved slice, the
 //! gap between the old owner's last entry and the new owner's first, and how long the new
-//! owner's first entry waited; then the same drains again with a backlog of 20 entries put
+//! owner's first entry waited; then the same drains again with a backlog of 40 entries put
 //! into each of the node's slices just before the cordon, so that the gap is the
-//! hand-off's own and not time the slice was empty. Prints a table and a
+//! hand-off's own and not time the slice was empty (a slice whose backlog the old owner
+//! finished before the hand-off is left out, and counted). Prints a table and a
 //! `JSON:` summary line. `--quick` runs 3 host deaths and 3 process crashes at TTL 2 s and
 //! one drain.
 
@@ -44,7 +45,7 @@ struct Args {
 
 const SLICES: u32 = 12;
 /// Entries put into each slice of a node just before a backlog drain's cordon.
-const BACKLOG: usize = 20;
+const BACKLOG: usize = 40;
 const LONG: Duration = Duration::from_secs(60);
 
 fn now_ns() -> u128 {
@@ -198,7 +199,7 @@ impl Cluster {
     /// With `backlog` > 0, that many entries are put into each of the node's slices just
     /// before the cordon: the slices are never empty at the hand-off, and the gap is the
     /// hand-off's own, from the old owner's last entry ending to the new owner's first.
-    async fn drain_once(&mut self, node: &str, backlog: usize) -> Result<Vec<(f64, f64)>> {
+    async fn drain_once(&mut self, node: &str, backlog: usize) -> Result<Vec<(f64, f64, bool)>> {
         let mut c = client(&self.etcd).await?;
         let slices = holdings(&mut c, "t", "in").await.remove(node).context("node holds slices")?;
         let keys = Keys::new("t")?;
@@ -225,7 +226,7 @@ impl Cluster {
         .await?;
         let records = self.spool.records();
         let arrived: BTreeMap<String, u128> = self.enqueued.lock().expect("lock").iter().map(|(e, at, _)| (e.clone(), *at)).collect();
-        let gaps: Vec<(f64, f64)> = slices
+        let gaps: Vec<(f64, f64, bool)> = slices
             .iter()
             .map(|s| {
                 // From the old owner's last entry, or from the cordon if it had been idle
@@ -233,15 +234,19 @@ impl Cluster {
                 let last_old = records.iter().filter(|r| r.slice == *s && r.node == node && r.what == "end").map(|r| r.at_ns).max().unwrap_or(cordoned_ns).max(cordoned_ns);
                 let first = records.iter().filter(|r| r.slice == *s && r.node != node && r.what == "start" && r.at_ns > cordoned_ns).min_by_key(|r| r.at_ns);
                 let first_new = first.map_or(last_old, |r| r.at_ns);
-                let waited_from = first.and_then(|r| arrived.get(&r.filebase)).map_or(last_old, |at| (*at).max(last_old));
-                (first_new.saturating_sub(last_old) as f64 / 1e6, first_new.saturating_sub(waited_from) as f64 / 1e6)
+                let arrival = first.and_then(|r| arrived.get(&r.filebase)).copied();
+                let waited_from = arrival.map_or(last_old, |at| at.max(last_old));
+                // Whether that entry waited through the whole hand-off (it was there before
+                // the old owner's last entry ended): then the gap is the hand-off's own.
+                let waited_through = arrival.is_some_and(|at| at <= last_old);
+                (first_new.saturating_sub(last_old) as f64 / 1e6, first_new.saturating_sub(waited_from) as f64 / 1e6, waited_through)
             })
             .collect();
-        if gaps.iter().any(|(g, w)| *g > 1000.0 || *w > 30.0) && std::env::var("QSLICE_BENCH_DEBUG").is_ok() {
+        if gaps.iter().any(|(g, w, _)| *g > 1000.0 || *w > 30.0) && std::env::var("QSLICE_BENCH_DEBUG").is_ok() {
             eprintln!("slow drain of {node} at {cordoned_ns}: gaps {gaps:?}");
             // The timeline of each slow slice, in ms from the cordon: log lines naming it and
             // its records.
-            for (s, (_, w)) in slices.iter().zip(&gaps) {
+            for (s, (_, w, _)) in slices.iter().zip(&gaps) {
                 if *w <= 30.0 {
                     continue;
                 }
@@ -309,15 +314,21 @@ async fn main() -> Result<()> {
             }
         }
         for d in 0..drains {
-            for (gap, waited) in cluster.drain_once(["r1", "r2", "r3"][d % 3], 0).await? {
+            for (gap, waited, _) in cluster.drain_once(["r1", "r2", "r3"][d % 3], 0).await? {
                 gaps.push(gap);
                 waits.push(waited);
             }
         }
-        let mut backlog_gaps = Vec::new();
+        // Only slices whose new owner's first entry waited through the hand-off count: one
+        // whose backlog the old owner finished first had nothing waiting.
+        let (mut backlog_gaps, mut emptied) = (Vec::new(), 0usize);
         for d in 0..drains {
-            for (gap, _) in cluster.drain_once(["r1", "r2", "r3"][d % 3], BACKLOG).await? {
-                backlog_gaps.push(gap);
+            for (gap, _, waited_through) in cluster.drain_once(["r1", "r2", "r3"][d % 3], BACKLOG).await? {
+                if waited_through {
+                    backlog_gaps.push(gap);
+                } else {
+                    emptied += 1;
+                }
             }
         }
         let rows = [
@@ -333,6 +344,8 @@ async fn main() -> Result<()> {
             println!("{:<6} {:<29} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", format!("{ttl}s"), name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
             per_ttl.insert(name.to_owned(), serde_json::to_value(&s)?);
         }
+        println!("{:<6} backlog drains: {emptied} slices left out, their backlog finished by the old owner before the hand-off", format!("{ttl}s"));
+        per_ttl.insert("backlog drains: slices left out (backlog finished before the hand-off)".into(), emptied.into());
         summary.insert(format!("ttl_{ttl}s"), serde_json::Value::Object(per_ttl));
     }
     summary.insert("profile".into(), (if cfg!(debug_assertions) { "debug" } else { "release" }).into());
