@@ -51,7 +51,8 @@ pub struct Args {
     /// Queues this node may serve, comma-separated [default: all].
     #[arg(long, env = "QSLICE_QUEUES", value_delimiter = ',')]
     pub queues: Option<Vec<String>>,
-    /// How often each queue directory is listed [default: 200ms].
+    /// How often each queue directory is listed [default: 200ms]; an idle queue is also
+    /// listed at once when inotify sees an entry arrive from this host.
     #[arg(long, env = "QSLICE_POLL_INTERVAL", value_parser = humantime::parse_duration)]
     pub poll_interval: Option<Duration>,
     /// Entries processed at once by this node [default: 4].
