@@ -456,16 +456,20 @@ impl IncarnationRun {
         });
         // Claim first, then recover each queue's newly claimed slices with one listing.
         let mut claimed: BTreeMap<SlicedQueue, Vec<ClaimedSlice>> = BTreeMap::new();
+        // How long each successful claim request took, for the "claimed slice" line.
+        let mut claim_took: BTreeMap<SliceId, Duration> = BTreeMap::new();
         for (id, slices_total) in pending {
             if !self.fence.is_valid() {
                 return;
             }
+            let started = Instant::now();
             if let Some(epoch) = self.try_claim(&id, slices_total).await {
+                claim_took.insert(id.clone(), started.elapsed());
                 claimed.entry(SlicedQueue { queue: id.queue, slices_total }).or_default().push(ClaimedSlice { slice: id.slice, epoch });
             }
         }
         for (queue, slices) in claimed {
-            self.recover_and_start(queue, slices).await;
+            self.recover_and_start(queue, slices, &claim_took).await;
         }
     }
 
@@ -528,7 +532,7 @@ impl IncarnationRun {
 
     /// Recovers the `.bak` entries of newly claimed slices of one queue (one listing for
     /// all of them), then starts processing them.
-    async fn recover_and_start(&mut self, sliced: SlicedQueue, slices: Vec<ClaimedSlice>) {
+    async fn recover_and_start(&mut self, sliced: SlicedQueue, slices: Vec<ClaimedSlice>, claim_took: &BTreeMap<SliceId, Duration>) {
         let SlicedQueue { queue, slices_total: total } = &sliced;
         let total = *total;
         if let Some(cfg) = self.shared.cfg.supervise.get(queue).cloned() {
@@ -543,7 +547,9 @@ impl IncarnationRun {
         let dir = state.dir.clone();
         let set: BTreeSet<u32> = slices.iter().map(|s| s.slice).collect();
         let fence = self.fence.clone();
+        let recovery_started = Instant::now();
         let recovery = tokio::task::spawn_blocking(move || dir.recover_while(total, |s| set.contains(&s), || fence.is_valid())).await;
+        let recovery_ms = recovery_started.elapsed().as_secs_f64() * 1000.0;
         let failure = match recovery {
             Ok(Ok(report)) => {
                 for (entry, count) in &report.requeued {
@@ -576,7 +582,8 @@ impl IncarnationRun {
                 .lock()
                 .expect("owned lock")
                 .insert(slice, SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() });
-            tracing::info!(%queue, slice, epoch, "claimed slice");
+            let claim_ms = claim_took.get(&SliceId::new(queue, slice)).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+            tracing::info!(%queue, slice, epoch, claim_ms = format!("{claim_ms:.1}"), recovery_ms = format!("{recovery_ms:.1}"), "claimed slice");
         }
         state.slices_added.added(added);
         state.changed.notify_waiters();
