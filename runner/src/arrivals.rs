@@ -67,7 +67,7 @@ pub(crate) enum Armed {
     Already,
     /// The watch was just put in place: list once more before waiting.
     Now,
-    /// No watch can be had: wait for the poll.
+    /// No watch now (none can be had, or it was taken off just now): wait for the poll.
     Unavailable,
 }
 

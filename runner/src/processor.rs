@@ -67,7 +67,7 @@ pub(crate) struct QueueState {
     pub(crate) owned: Mutex<BTreeMap<u32, SliceState>>,
     /// Wakes the loop (slices added) and a release (in-flight work ended).
     pub(crate) changed: Notify,
-    /// Counts slice additions, and wakes a pass waiting for a permit when one is added: a
+    /// Slices added since a pass began, and a wake-up for a pass waiting for a permit: a
     /// pass that is working through other slices' entries ends, and the next one takes the
     /// new slice's entries in its round-robin, instead of after everything listed before.
     pub(crate) slices_added: SliceAdditions,
@@ -84,8 +84,6 @@ pub(crate) struct QueueState {
 /// See [`QueueState::slices_added`].
 #[derive(Debug, Default)]
 pub(crate) struct SliceAdditions {
-    /// Additions so far.
-    count: std::sync::atomic::AtomicU64,
     /// Woken at each addition.
     notify: Notify,
     /// The slices added since a pass last looked: the next pass serves them first, so that
@@ -97,7 +95,6 @@ impl SliceAdditions {
     /// `slices` were added (after they are in `owned`).
     pub(crate) fn added(&self, slices: impl IntoIterator<Item = u32>) {
         self.fresh.lock().expect("fresh lock").extend(slices);
-        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.notify.notify_waiters();
     }
 
@@ -106,9 +103,9 @@ impl SliceAdditions {
         std::mem::take(&mut *self.fresh.lock().expect("fresh lock"))
     }
 
-    /// Additions so far.
-    fn count(&self) -> u64 {
-        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    /// Whether slices were added since the last [`SliceAdditions::take_fresh`].
+    fn any_fresh(&self) -> bool {
+        !self.fresh.lock().expect("fresh lock").is_empty()
     }
 }
 
@@ -288,7 +285,6 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         let added = state.slices_added.notify.notified();
         tokio::pin!(added);
         added.as_mut().enable();
-        let additions = state.slices_added.count();
         let fresh = state.slices_added.take_fresh();
         let mut owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
         let held: BTreeSet<u32> = owned.iter().copied().collect();
@@ -362,7 +358,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         'pass: loop {
             let mut progressed = false;
             for list in lists.iter_mut() {
-                if state.slices_added.count() != additions {
+                if state.slices_added.any_fresh() {
                     cut_short = true;
                     break 'pass;
                 }

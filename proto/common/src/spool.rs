@@ -336,7 +336,7 @@ impl QueueDir {
 
     /// Renames `from` to `to` unless `to` exists (then `AlreadyExists`): one
     /// `renameat2(RENAME_NOREPLACE)` where the filesystem has it, else a look for `to`
-    /// and a rename (not atomic, which is why a take also checks afterwards on its own).
+    /// and a rename (not atomic there: only this slice's owner takes its entries).
     fn rename_noreplace(&self, from: &Path, to: &Path) -> io::Result<()> {
         if self.noreplace.load(Ordering::Relaxed) {
             match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
