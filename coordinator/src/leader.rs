@@ -53,8 +53,7 @@ use crate::view::{assignment_writes, planner_input, ClusterView, MoveSettled, Pl
 
 /// Operations per transaction besides the leader compare (etcd's limit is 128).
 const MAX_WRITES_PER_TXN: usize = 127;
-/// The least time between two rounds set off by changes: a change after a quiet spell
-/// is planned at once (a cordon, a death), and a burst of events plans once per this.
+/// Quiet time after a change before reconciling, so a burst of events plans once.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Reconcile at least this often (revoke deadlines, safety valve hold). The leader's
 /// running clock ([`LeaderClock`]) counts at most two of these per round.
@@ -319,8 +318,6 @@ impl<'a> Term<'a> {
     async fn lead(mut self, shutdown: &CancellationToken, state: &LeaderState) -> TermEnd {
         let mut changes = self.cache.subscribe_changes();
         let mut reconcile_at: Option<Instant> = self.cache.is_listed().then(Instant::now);
-        // When the last round ended.
-        let mut last_round = Instant::now();
         let mut resync = tokio::time::interval(RESYNC);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let fence = self.inc.fence.clone();
@@ -340,7 +337,6 @@ impl<'a> Term<'a> {
                         Err(end) => return end,
                         Ok(again) => reconcile_at = again.then(|| Instant::now() + DEBOUNCE),
                     }
-                    last_round = Instant::now();
                     state.leading.store(true, Ordering::SeqCst);
                 }
                 _ = resync.tick(), if self.cache.is_listed() => {
@@ -348,7 +344,6 @@ impl<'a> Term<'a> {
                         Err(end) => return end,
                         Ok(again) => reconcile_at = again.then(|| Instant::now() + DEBOUNCE),
                     }
-                    last_round = Instant::now();
                     state.leading.store(true, Ordering::SeqCst);
                 }
                 changed = changes.changed() => {
@@ -356,7 +351,7 @@ impl<'a> Term<'a> {
                         return TermEnd::Shutdown;
                     }
                     if reconcile_at.is_none() {
-                        reconcile_at = Some(Instant::now().max(last_round + DEBOUNCE));
+                        reconcile_at = Some(Instant::now() + DEBOUNCE);
                     }
                 }
             }
