@@ -58,6 +58,9 @@ pub struct ClusterCache {
     alerted: Mutex<BTreeSet<AlertKey>>,
     /// Something changed that can start or end an alert since the last check.
     alerts_dirty: AtomicBool,
+    /// An operator's request (cordon, pin, move, maintenance, rebalance) changed since the
+    /// leader last looked: it plans at once instead of after the burst debounce.
+    operator_request: AtomicBool,
     /// How each slice's last claim ended, for the failover timeline.
     claim_ends: Mutex<BTreeMap<SliceKey, ClaimEnd>>,
     /// Granted TTL (seconds) of each live node's lease, as etcd reported it.
@@ -113,6 +116,7 @@ impl ClusterCache {
             settings,
             alerted: Mutex::new(BTreeSet::new()),
             alerts_dirty: AtomicBool::new(false),
+            operator_request: AtomicBool::new(false),
             claim_ends: Mutex::new(BTreeMap::new()),
             lease_ttls: Mutex::new(BTreeMap::new()),
             leases_to_ask: Mutex::new(Vec::new()),
@@ -178,6 +182,12 @@ impl ClusterCache {
     /// Publishes an event (the leader's fences and alerts).
     pub fn emit(&self, event: Event) {
         let _ = self.events.send(event);
+    }
+
+    /// Whether an operator's request changed since the last call (see
+    /// `operator_request`).
+    pub fn take_operator_request(&self) -> bool {
+        self.operator_request.swap(false, Ordering::SeqCst)
     }
 
     /// Whether the first listing has arrived.
@@ -343,7 +353,9 @@ impl ClusterCache {
                 return false;
             }
             Key::Status { .. } | Key::Coordinator { .. } => return false,
-            _ => {}
+            Key::Cordon { .. } | Key::Pin { .. } | Key::Move { .. } | Key::Maintenance | Key::Rebalance => {
+                self.operator_request.store(true, Ordering::SeqCst);
+            }
         }
         true
     }

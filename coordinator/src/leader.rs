@@ -53,7 +53,9 @@ use crate::view::{assignment_writes, planner_input, ClusterView, MoveSettled, Pl
 
 /// Operations per transaction besides the leader compare (etcd's limit is 128).
 const MAX_WRITES_PER_TXN: usize = 127;
-/// Quiet time after a change before reconciling, so a burst of events plans once.
+/// Quiet time after a change before reconciling, so a burst of events (runners starting,
+/// a lease's keys ending) plans once. An operator's request (a cordon, a move) is planned
+/// at once: the old owner of a drained slice lets go this much sooner.
 const DEBOUNCE: Duration = Duration::from_millis(20);
 /// Reconcile at least this often (revoke deadlines, safety valve hold). The leader's
 /// running clock ([`LeaderClock`]) counts at most two of these per round.
@@ -350,7 +352,9 @@ impl<'a> Term<'a> {
                     if changed.is_err() {
                         return TermEnd::Shutdown;
                     }
-                    if reconcile_at.is_none() {
+                    if self.cache.take_operator_request() {
+                        reconcile_at = Some(Instant::now());
+                    } else if reconcile_at.is_none() {
                         reconcile_at = Some(Instant::now() + DEBOUNCE);
                     }
                 }
