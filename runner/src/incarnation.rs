@@ -66,6 +66,9 @@ pub struct Shared {
     pub pools: BTreeMap<String, Arc<WarmPool>>,
 }
 
+/// How many claim requests one reconcile has in flight at once.
+const CLAIMS_AT_ONCE: usize = 16;
+
 /// Runs one incarnation until shutdown or fence.
 pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnation, shutdown: &CancellationToken, ready: &AtomicBool) -> Exit {
     let (released_tx, mut released_rx) = mpsc::unbounded_channel();
@@ -458,34 +461,53 @@ impl IncarnationRun {
         let mut claimed: BTreeMap<SlicedQueue, Vec<ClaimedSlice>> = BTreeMap::new();
         // How long each successful claim request took, for the "claimed slice" line.
         let mut claim_took: BTreeMap<SliceId, Duration> = BTreeMap::new();
-        for (id, slices_total) in pending {
+        if !self.fence.is_valid() {
+            return;
+        }
+        // The claim requests go out together, a bounded number at a time: slices released
+        // at once (a drain) are claimed in one round trip, not one after the other.
+        for chunk in pending.chunks(CLAIMS_AT_ONCE) {
             if !self.fence.is_valid() {
                 return;
             }
-            let started = Instant::now();
-            if let Some(epoch) = self.try_claim(&id, slices_total).await {
-                claim_took.insert(id.clone(), started.elapsed());
-                claimed.entry(SlicedQueue { queue: id.queue, slices_total }).or_default().push(ClaimedSlice { slice: id.slice, epoch });
+            let requests: Vec<_> = chunk
+                .iter()
+                .map(|(id, slices_total)| {
+                    let (mut client, keys, id2) = (self.client.clone(), self.shared.keys.clone(), id.clone());
+                    let (record, lease_id, queue_revision) = (self.claim_record(*slices_total), self.lease_id, self.queue_revision(&id.queue));
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        let outcome = claims::claim_slice(&mut client, &keys, &id2.queue, id2.slice, &record, lease_id, queue_revision).await;
+                        (outcome, started.elapsed())
+                    })
+                })
+                .collect();
+            for ((id, slices_total), request) in chunk.iter().zip(requests) {
+                let Ok((outcome, took)) = request.await else { continue };
+                if let Some(epoch) = self.settle_claim(id, *slices_total, outcome) {
+                    claim_took.insert(id.clone(), took);
+                    claimed.entry(SlicedQueue { queue: id.queue.clone(), slices_total: *slices_total }).or_default().push(ClaimedSlice { slice: id.slice, epoch });
+                }
             }
+        }
+        if !self.fence.is_valid() {
+            return;
         }
         for (queue, slices) in claimed {
             self.recover_and_start(queue, slices, &claim_took).await;
         }
     }
 
-    /// Creates the claim key if absent; the epoch on success. A claim another holder still
-    /// has is watched for its deletion.
-    async fn try_claim(&mut self, id: &SliceId, total: u32) -> Option<i64> {
+    /// This incarnation's claim record of a slice of a queue with `total` slices.
+    fn claim_record(&self, total: u32) -> Claim {
+        Claim { v: RECORD_VERSION, node_id: self.shared.cfg.node_id.clone(), incarnation: self.incarnation, slices_total: total, claimed_unix_ms: unix_ms() }
+    }
+
+    /// Acts on the answer to a claim request (made with [`claims::claim_slice`]); the epoch
+    /// on success. A claim another holder still has is watched for its deletion.
+    fn settle_claim(&mut self, id: &SliceId, total: u32, outcome: Result<ClaimOutcome, claims::Error>) -> Option<i64> {
         let (queue, slice) = (id.queue.as_str(), id.slice);
-        let record = Claim {
-            v: RECORD_VERSION,
-            node_id: self.shared.cfg.node_id.clone(),
-            incarnation: self.incarnation,
-            slices_total: total,
-            claimed_unix_ms: unix_ms(),
-        };
-        let queue_revision = self.queue_revision(queue);
-        let revision = match claims::claim_slice(&mut self.client, &self.shared.keys, queue, slice, &record, self.lease_id, queue_revision).await {
+        let revision = match outcome {
             Ok(ClaimOutcome::Claimed { epoch }) => {
                 if let Some(cancel) = self.release_watches.remove(id) {
                     cancel.cancel();
@@ -550,8 +572,10 @@ impl IncarnationRun {
         let recovery_started = Instant::now();
         let recovery = tokio::task::spawn_blocking(move || dir.recover_while(total, |s| set.contains(&s), || fence.is_valid())).await;
         let recovery_ms = recovery_started.elapsed().as_secs_f64() * 1000.0;
+        let mut listed = BTreeMap::new();
         let failure = match recovery {
-            Ok(Ok(report)) => {
+            Ok(Ok(mut report)) => {
+                listed = std::mem::take(&mut report.pending);
                 for (entry, count) in &report.requeued {
                     tracing::info!(%queue, slice = entry.slice, entry = %entry.name.filebase, recoveries = count, "recovered an in-flight entry of the previous owner");
                 }
@@ -574,7 +598,8 @@ impl IncarnationRun {
             self.drop_idle_queues();
             return;
         }
-        let added: Vec<u32> = slices.iter().map(|s| s.slice).collect();
+        // The loop starts on the recovery's listing of them if it is working through a pass.
+        let added: Vec<_> = slices.iter().map(|s| (s.slice, listed.remove(&s.slice).unwrap_or_default())).collect();
         for ClaimedSlice { slice, epoch } in slices {
             self.held.insert(SliceId::new(queue, slice), HeldClaim { slices_total: total, epoch });
             state

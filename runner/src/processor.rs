@@ -20,7 +20,7 @@
 //! NFS rename, a stale listing, a failed finish of an earlier incarnation) is stranded:
 //! the loop recovers it as a new owner would.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,24 +86,27 @@ pub(crate) struct QueueState {
 pub(crate) struct SliceAdditions {
     /// Woken at each addition.
     notify: Notify,
-    /// The slices added since a pass last looked: the next pass serves them first, so that
-    /// a slice handed over with a backlog waiting gets the next free permit.
-    fresh: Mutex<Vec<u32>>,
+    /// The slices added since a pass last looked, each with its `.pck` entries as the
+    /// claim's recovery listed them: a pass under way takes them in next in its
+    /// round-robin, and a new pass serves them first, so that a slice handed over with a
+    /// backlog waiting gets the next free permit, without waiting for another listing.
+    fresh: Mutex<Vec<(u32, Vec<Entry>)>>,
 }
 
 impl SliceAdditions {
-    /// `slices` were added (after they are in `owned`).
-    pub(crate) fn added(&self, slices: impl IntoIterator<Item = u32>) {
+    /// `slices` were added (after they are in `owned`), with their `.pck` entries as
+    /// listed since their claim.
+    pub(crate) fn added(&self, slices: impl IntoIterator<Item = (u32, Vec<Entry>)>) {
         self.fresh.lock().expect("fresh lock").extend(slices);
         self.notify.notify_waiters();
     }
 
-    /// The slices added since the last call.
-    fn take_fresh(&self) -> Vec<u32> {
+    /// The slices added since the last call, with their listed entries.
+    fn take(&self) -> Vec<(u32, Vec<Entry>)> {
         std::mem::take(&mut *self.fresh.lock().expect("fresh lock"))
     }
 
-    /// Whether slices were added since the last [`SliceAdditions::take_fresh`].
+    /// Whether slices were added since the last [`SliceAdditions::take`].
     fn any_fresh(&self) -> bool {
         !self.fresh.lock().expect("fresh lock").is_empty()
     }
@@ -280,12 +283,13 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         // status is due and this node reports the slices nobody here holds (slice 0's).
         let status_due = last_status.is_none_or(|t| t.elapsed() >= STATUS_INTERVAL);
         // Armed before `owned` is read, and `owned` read before the listing, which keeps
-        // only its slices' entries: a slice added after it ends this pass early (at its
-        // next wait for a permit), and the next pass lists it.
+        // only its slices' entries: a slice added after it is taken into this pass, with
+        // the entries its claim listed, at the next entry or wait for a permit.
         let added = state.slices_added.notify.notified();
         tokio::pin!(added);
         added.as_mut().enable();
-        let fresh = state.slices_added.take_fresh();
+        // Listed anew below: the entries listed at their claim are dropped.
+        let fresh: Vec<u32> = state.slices_added.take().into_iter().map(|(s, _)| s).collect();
         let mut owned: Vec<u32> = state.owned.lock().expect("owned lock").keys().copied().collect();
         let held: BTreeSet<u32> = owned.iter().copied().collect();
         let full = status_due && held.contains(&0);
@@ -352,29 +356,50 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         }
         // Newly claimed slices first in the round-robin (the rest in slice order).
         owned.sort_by_key(|s| !fresh.contains(s));
-        let mut lists: Vec<std::vec::IntoIter<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(|v| v.into_iter()).collect();
+        let mut lists: Vec<VecDeque<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(VecDeque::from).collect();
         let mut started = 0usize;
-        let mut cut_short = false;
-        'pass: loop {
+        loop {
             let mut progressed = false;
-            for list in lists.iter_mut() {
+            let mut i = 0;
+            while i < lists.len() {
                 if state.slices_added.any_fresh() {
-                    cut_short = true;
-                    break 'pass;
+                    // Slices claimed meanwhile come next, from their claim's own listing.
+                    let faults = state.faults.lock().expect("faults lock");
+                    let now = Instant::now();
+                    let mut taken_in = Vec::new();
+                    for (slice, mut entries) in state.slices_added.take() {
+                        // One added before `owned` was read is in this pass's listing already.
+                        if owned.contains(&slice) {
+                            continue;
+                        }
+                        owned.push(slice);
+                        if !faults.entries.is_empty() {
+                            entries.retain(|e| faults.entries.ready(&e.name.filebase, now));
+                        }
+                        taken_in.push(VecDeque::from(entries));
+                    }
+                    lists.splice(i..i, taken_in);
                 }
-                let Some(entry) = list.next() else { continue };
+                let Some(entry) = lists[i].pop_front() else {
+                    i += 1;
+                    continue;
+                };
                 progressed = true;
                 let permit = tokio::select! {
                     p = shared.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
                     _ = &mut added => {
-                        cut_short = true;
-                        break 'pass;
+                        // The new slices are taken in above; this entry waits its turn again.
+                        lists[i].push_front(entry);
+                        added.set(state.slices_added.notify.notified());
+                        added.as_mut().enable();
+                        continue;
                     }
                     _ = fence.lost().cancelled() => return,
                 };
                 if start_entry(&state, &shared, &fence, entry, permit) {
                     started += 1;
                 }
+                i += 1;
             }
             if !progressed {
                 break;
@@ -383,7 +408,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         if started >= BUSY_PASS {
             arrivals.disarm();
         }
-        if started == 0 && !cut_short {
+        if started == 0 {
             // Armed only now: list once more, so that what arrived since this pass's
             // listing is not left for the poll.
             if arrivals.arm() == Armed::Now {

@@ -292,6 +292,15 @@ pub struct Recovery {
     pub preserved: Vec<Entry>,
     /// Malformed `.bak` files moved to quarantine.
     pub quarantined: Vec<Quarantined>,
+    /// The recovered slices' `.pck` entries once the recovery is done (those requeued and
+    /// put back under fresh names among them), per slice, oldest TIME first as in
+    /// [`Scan::pending`]. Empty from [`QueueDir::recover_entries`].
+    pub pending: BTreeMap<u32, Vec<Entry>>,
+}
+
+/// Sorts `entries` oldest TIME first, ties by name (a stable order).
+fn sort_fifo(entries: &mut [Entry]) {
+    entries.sort_by(|a, b| a.name.time.total_cmp(&b.name.time).then_with(|| a.name.filebase.cmp(&b.name.filebase)));
 }
 
 /// One queue directory of a Mailman spool, with qslice's places beside it.
@@ -474,7 +483,7 @@ impl QueueDir {
             target.entry(slice).or_default().push(Entry { name: parts.to_name(), slice });
         }
         for entries in scan.pending.values_mut().chain(scan.in_flight.values_mut()) {
-            entries.sort_by(|a, b| a.name.time.total_cmp(&b.name.time).then_with(|| a.name.filebase.cmp(&b.name.filebase)));
+            sort_fifo(entries);
         }
         Ok(scan)
     }
@@ -626,8 +635,12 @@ impl QueueDir {
     /// Like [`QueueDir::recover`], asking `go_on` before each entry (the claim's fence is
     /// still valid: a rename on NFS can block while the lease runs out) and stopping, with
     /// what was done so far, once it says no.
+    ///
+    /// The listing keeps only the `owned` slices' entries; their `.pck` entries after the
+    /// recovery are [`Recovery::pending`], for the new owner to start on without listing
+    /// again.
     pub fn recover_while(&self, n: u32, owned: impl Fn(u32) -> bool, go_on: impl Fn() -> bool) -> Result<Recovery, SpoolError> {
-        let mut scan = self.scan(n)?;
+        let mut scan = self.scan_for(n, &owned)?;
         let mut report = Recovery::default();
         for problem in std::mem::take(&mut scan.problems) {
             let is_bak = problem.path.extension().is_some_and(|e| e == "bak");
@@ -652,6 +665,14 @@ impl QueueDir {
         }
         self.sweep_recovery_counts(&scan, &owned)?;
         self.sweep_stop_marks(&scan, &owned);
+        let mut pending = std::mem::take(&mut scan.pending);
+        for (entry, _) in &report.requeued {
+            pending.entry(entry.slice).or_default().push(entry.clone());
+        }
+        for entries in pending.values_mut() {
+            sort_fifo(entries);
+        }
+        report.pending = pending;
         Ok(report)
     }
 

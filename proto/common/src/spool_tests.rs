@@ -376,6 +376,26 @@ fn requeue_puts_the_entry_back_and_fails_when_it_is_gone() {
 }
 
 #[test]
+fn a_recovery_hands_over_its_slices_pending_entries_as_a_listing_after_it_shows_them() {
+    let f = fixture();
+    // Of 2 slices: 0x0.. and 0x1.. are slice 0, 0xf.. slice 1.
+    f.q.enqueue_as(1.0, &digest("01"), b"left in flight").expect("enqueue");
+    take(&f.q, 2, 0);
+    f.q.enqueue_as(4.0, &digest("1"), b"twin in flight").expect("enqueue");
+    take(&f.q, 2, 0);
+    f.q.enqueue_as(4.0, &digest("1"), b"twin waiting").expect("enqueue");
+    f.q.enqueue_as(3.0, &digest("02"), b"waiting").expect("enqueue");
+    f.q.enqueue_as(2.0, &digest("f"), b"another slice").expect("enqueue");
+    let rec = f.q.recover(2, |s| s == 0).expect("recover");
+    assert_eq!((rec.requeued.len(), rec.renamed.len()), (1, 1), "{rec:?}");
+    let names = |entries: &[Entry]| entries.iter().map(|e| e.name.filebase.clone()).collect::<Vec<_>>();
+    let after = f.q.scan(2).expect("scan");
+    assert_eq!(rec.pending.keys().copied().collect::<Vec<_>>(), vec![0], "only the recovered slice");
+    assert_eq!(names(&rec.pending[&0]), names(&after.pending[&0]), "requeued, renamed and waiting, oldest first");
+    assert_eq!(rec.pending[&0].len(), 4);
+}
+
+#[test]
 fn recovery_requeues_owned_slices_and_preserves_at_the_third_time() {
     let f = fixture();
     let mine = f.q.enqueue_as(1.0, &digest("1"), b"mine").expect("enqueue");
