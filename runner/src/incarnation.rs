@@ -32,7 +32,7 @@ use crate::handler::Handler;
 use crate::mailman3::WarmPool;
 use crate::ownership::{self, Action, ClaimedSlice, Desired, Held, HeldClaim, QueueSlices, Refusal, SliceId, SlicedQueue};
 use crate::singleton::Singletons;
-use crate::processor::{drain_slice, queue_loop, QueueState, SliceState, SpoolFaults};
+use crate::processor::{drain_slice, queue_loop, EntryMeters, QueueState, SliceState, SpoolFaults};
 use crate::supervise::SuperviseConfig;
 use crate::supervised_slices::{GaveUp, SupervisedSlices};
 
@@ -630,6 +630,7 @@ impl IncarnationRun {
             faults: std::sync::Mutex::new(SpoolFaults::default()),
             taken: std::sync::Mutex::new(BTreeSet::new()),
             lease_margin: fence_margin(self.ttl),
+            meters: EntryMeters::new(&sliced.queue),
         });
         let task = tokio::spawn(queue_loop(state.clone(), self.shared.clone(), self.fence.clone(), self.client.clone(), self.lease_id));
         self.queues.insert(sliced.clone(), (state.clone(), task));

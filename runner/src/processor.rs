@@ -79,6 +79,35 @@ pub(crate) struct QueueState {
     /// How long after the fence deadline the lease (and the claim) can still be alive:
     /// a stop mark is written only while the claim may still hold.
     pub(crate) lease_margin: Duration,
+    /// The per-entry metrics, looked up once.
+    pub(crate) meters: EntryMeters,
+}
+
+/// The metrics every entry changes, looked up in the registry once per queue loop
+/// instead of per entry (a lookup hashes the name and labels and takes a lock).
+pub(crate) struct EntryMeters {
+    /// `qslice_runner_entries_total{queue,outcome="finished"}`.
+    finished: metrics::Counter,
+    /// `qslice_runner_in_flight`.
+    in_flight: metrics::Gauge,
+}
+
+impl EntryMeters {
+    /// The meters of `queue`.
+    pub(crate) fn new(queue: &str) -> EntryMeters {
+        EntryMeters {
+            finished: metrics::counter!("qslice_runner_entries_total", "queue" => queue.to_owned(), "outcome" => "finished"),
+            in_flight: metrics::gauge!("qslice_runner_in_flight"),
+        }
+    }
+
+    /// Counts an entry settled with `outcome` (a label of `qslice_runner_entries_total`).
+    fn settled(&self, queue: &str, outcome: &'static str) {
+        match outcome {
+            "finished" => self.finished.increment(1),
+            _ => metrics::counter!("qslice_runner_entries_total", "queue" => queue.to_owned(), "outcome" => outcome).increment(1),
+        }
+    }
 }
 
 /// See [`QueueState::slices_added`].
@@ -197,7 +226,7 @@ impl InFlightCount {
 
     /// The entry was taken: count it in the node's in-flight gauge too.
     fn taken(&mut self) {
-        metrics::gauge!("qslice_runner_in_flight").increment(1.0);
+        self.state.meters.in_flight.increment(1.0);
         self.gauged = true;
     }
 }
@@ -205,7 +234,7 @@ impl InFlightCount {
 impl Drop for InFlightCount {
     fn drop(&mut self) {
         if self.gauged {
-            metrics::gauge!("qslice_runner_in_flight").decrement(1.0);
+            self.state.meters.in_flight.decrement(1.0);
         }
         self.state.taken.lock().expect("taken lock").remove(&self.filebase);
         if let Some(s) = self.state.owned.lock().expect("owned lock").get_mut(&self.slice) {
@@ -550,7 +579,7 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
         }
         drop(handling);
         let label = settle(&state, &handler, &job, &taken, &kill, &fence, outcome).await;
-        metrics::counter!("qslice_runner_entries_total", "queue" => state.queue.clone(), "outcome" => label).increment(1);
+        state.meters.settled(&state.queue, label);
         drop(in_flight);
     };
     // A handler done at once (the move handler's one rename) is polled here and settled
