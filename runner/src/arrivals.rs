@@ -12,8 +12,12 @@
 //! and, when a pass starts nothing, arms it and lists once more before it waits, so that
 //! nothing that arrived in between is missed. Putting a watch on a directory and taking
 //! it off cost the kernel a walk over every name of it it has cached (tens of thousands
-//! after a backlog), so each is done at most once per [`TOGGLE_INTERVAL`]: a loop that
-//! goes between busy and idle passes quickly waits for its poll meanwhile.
+//! after a backlog), so the watch is taken off only if it was put on at least
+//! [`TOGGLE_INTERVAL`] ago, and put back only after it was taken off: at most two walks
+//! a second, the one of putting it back paid by a loop that is idle. A loop that goes
+//! between busy and idle passes quickly keeps the watch (and reads past the events of its
+//! own renames); one that has just finished a backlog is watching again at its first idle
+//! pass, not at its next poll.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -67,7 +71,7 @@ pub(crate) enum Armed {
     Already,
     /// The watch was just put in place: list once more before waiting.
     Now,
-    /// No watch now (none can be had, or it was taken off just now): wait for the poll.
+    /// No watch (none can be had here): wait for the poll.
     Unavailable,
 }
 
@@ -96,15 +100,12 @@ impl Arrivals {
         self.toggled.is_some_and(|t| t.elapsed() < TOGGLE_INTERVAL)
     }
 
-    /// Puts the watch in place if it is not (and was not taken off just now).
+    /// Puts the watch in place if it is not.
     pub(crate) fn arm(&mut self) -> Armed {
         if self.watch.is_some() {
             return Armed::Already;
         }
         let Some(fd) = &self.fd else { return Armed::Unavailable };
-        if self.toggled_lately() {
-            return Armed::Unavailable;
-        }
         self.toggled = Some(Instant::now());
         match fd.get_ref().0.add_watch(&self.dir, AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE) {
             Ok(wd) => {
@@ -121,7 +122,8 @@ impl Arrivals {
         }
     }
 
-    /// Removes the watch and forgets what it queued (unless it was put on just now).
+    /// Removes the watch and forgets what it queued (unless it was put on less than
+    /// [`TOGGLE_INTERVAL`] ago).
     pub(crate) fn disarm(&mut self) {
         if self.watch.is_none() || self.toggled_lately() {
             return;
@@ -203,9 +205,7 @@ mod tests {
         a.disarm();
         std::fs::write(dir.path().join("2+ab.pck"), b"x").expect("write");
         assert!(!arrives(&mut a).await, "unarmed: no wake-up");
-        assert_eq!(a.arm(), Armed::Unavailable, "not put back just after it was taken off");
-        a.forget_toggle();
-        assert_eq!(a.arm(), Armed::Now);
+        assert_eq!(a.arm(), Armed::Now, "put back at the first idle pass after it was taken off");
         assert!(!arrives(&mut a).await, "what came before the watch was armed is the listing's, not a wake-up");
     }
 
@@ -219,7 +219,6 @@ mod tests {
         assert_eq!(a.arm(), Armed::Now);
         std::fs::rename(&staged, &dir).expect("replace the queue directory");
         assert!(arrives(&mut a).await, "the end of the old directory's watch wakes the loop");
-        a.forget_toggle();
         assert_eq!(a.arm(), Armed::Now, "the directory now there is watched");
         std::fs::write(dir.join("1+ab.pck"), b"x").expect("write");
         assert!(arrives(&mut a).await);
