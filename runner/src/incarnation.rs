@@ -461,9 +461,6 @@ impl IncarnationRun {
         let mut claimed: BTreeMap<SlicedQueue, Vec<ClaimedSlice>> = BTreeMap::new();
         // How long each successful claim request took, for the "claimed slice" line.
         let mut claim_took: BTreeMap<SliceId, Duration> = BTreeMap::new();
-        if !self.fence.is_valid() {
-            return;
-        }
         // The claim requests go out together, a bounded number at a time: slices released
         // at once (a drain) are claimed in one round trip, not one after the other.
         for chunk in pending.chunks(CLAIMS_AT_ONCE) {

@@ -156,6 +156,15 @@ impl Default for SpoolFaults {
     }
 }
 
+impl SpoolFaults {
+    /// Drops from `entries` those whose take failed and whose backoff has not run out.
+    fn keep_ready(&self, entries: &mut Vec<Entry>, now: Instant) {
+        if !self.entries.is_empty() {
+            entries.retain(|e| self.entries.ready(&e.name.filebase, now));
+        }
+    }
+}
+
 impl QueueState {
     /// Counts a failed spool operation `op` and says whether to write its alert line now
     /// (`Some` with the alerts held back since the last one).
@@ -379,7 +388,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
                 let listed: BTreeSet<&str> = pending.values().flatten().map(|e| e.name.filebase.as_str()).collect();
                 faults.entries.retain(|f| listed.contains(f.as_str()));
                 for list in pending.values_mut() {
-                    list.retain(|e| faults.entries.ready(&e.name.filebase, now));
+                    faults.keep_ready(list, now);
                 }
             }
         }
@@ -402,9 +411,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
                             continue;
                         }
                         owned.push(slice);
-                        if !faults.entries.is_empty() {
-                            entries.retain(|e| faults.entries.ready(&e.name.filebase, now));
-                        }
+                        faults.keep_ready(&mut entries, now);
                         taken_in.push(VecDeque::from(entries));
                     }
                     lists.splice(i..i, taken_in);
