@@ -62,10 +62,22 @@ impl LeaderClock {
 /// Only a slice with no claim at all counts: a planned move's new owner cannot claim
 /// before the old owner releases (its drain may take a while, bounded by the revoke
 /// deadline), so the clock of a slice starts when its last claim is gone.
+///
+/// A node that is claiming is not stalled: each new claim it makes restarts the clock of
+/// every slice still waiting on it. A node given twenty slices at a cold start on a
+/// loaded host claims them over a second or more (measured: the last claims 0.77 s after
+/// the assignment, with a dozen Mailman processes initialising on two cores), and
+/// taking its slices away while it works through them only moves the work and stops the
+/// processes it has started. A node that claims nothing for the whole deadline is
+/// stalled, as before.
 #[derive(Debug, Default)]
 pub struct Stalls {
     /// Slice -> (its assigned owner, since when it has been unclaimed).
     unclaimed_since: BTreeMap<SliceKey, (String, Duration)>,
+    /// The claims seen at the last update (slice -> holder), to tell new claims.
+    claimed: BTreeMap<SliceKey, String>,
+    /// Node -> when it was last seen making a new claim.
+    progress: BTreeMap<String, Duration>,
 }
 
 impl Stalls {
@@ -75,6 +87,13 @@ impl Stalls {
     /// node that is not live (an orphan, taken over anyway).
     pub fn update(&mut self, view: &ClusterView, now: Duration, deadline: Duration) -> BTreeSet<SliceKey> {
         let reslicing = view.reslicing_queues();
+        for (slice, claim) in &view.claims {
+            if self.claimed.get(slice) != Some(&claim.node) {
+                self.progress.insert(claim.node.clone(), now);
+            }
+        }
+        self.claimed = view.claims.iter().map(|(slice, claim)| (slice.clone(), claim.node.clone())).collect();
+        self.progress.retain(|node, _| view.nodes.contains_key(node));
         let mut next = BTreeMap::new();
         for (slice, owner) in view.current_assignment() {
             let active = view.queues.get(&slice.0).is_some_and(|q| !q.paused) && !reslicing.contains(&slice.0);
@@ -88,7 +107,13 @@ impl Stalls {
             next.insert(slice, (owner, since));
         }
         self.unclaimed_since = next;
-        self.unclaimed_since.iter().filter(|(_, (_, since))| now.saturating_sub(*since) >= deadline).map(|(k, _)| k.clone()).collect()
+        self.unclaimed_since.iter().filter(|(_, (owner, since))| now.saturating_sub(self.clock_start(owner, *since)) >= deadline).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// When the deadline of a slice waiting on `owner` since `since` started: at the
+    /// owner's latest new claim if that came later.
+    fn clock_start(&self, owner: &str, since: Duration) -> Duration {
+        self.progress.get(owner).map_or(since, |p| since.max(*p))
     }
 
     /// The owner a slice is waiting on, if it is unclaimed.
@@ -98,7 +123,7 @@ impl Stalls {
 
     /// How long until the next unclaimed slice passes `deadline`, from running time `now`.
     pub fn next_due(&self, now: Duration, deadline: Duration) -> Option<Duration> {
-        self.unclaimed_since.values().map(|(_, since)| (*since + deadline).saturating_sub(now)).filter(|d| !d.is_zero()).min()
+        self.unclaimed_since.values().map(|(owner, since)| (self.clock_start(owner, *since) + deadline).saturating_sub(now)).filter(|d| !d.is_zero()).min()
     }
 }
 
@@ -212,6 +237,23 @@ mod tests {
         view.nodes.remove("n2");
         let stalled = stalls.update(&view, Duration::from_secs(10), deadline);
         assert!(stalled.iter().all(|(_, s)| *s < 2), "{stalled:?}");
+    }
+
+    #[test]
+    fn a_node_that_keeps_claiming_is_not_stalled_and_one_that_stops_is() {
+        let mut view = view();
+        let mut stalls = Stalls::default();
+        let deadline = Duration::from_millis(500);
+        assert!(stalls.update(&view, Duration::from_millis(0), deadline).is_empty());
+        // n1 claims in/0 at 400 ms: in/1, still waiting on n1, gets a full deadline from
+        // there; n2 claimed nothing and its slices stall at 500 ms.
+        view.claims.insert(key("in", 0), claim("n1", 1, 4));
+        assert!(stalls.update(&view, Duration::from_millis(400), deadline).is_empty());
+        assert_eq!(stalls.update(&view, Duration::from_millis(500), deadline), BTreeSet::from([key("in", 2), key("in", 3)]));
+        assert_eq!(stalls.next_due(Duration::from_millis(600), deadline), Some(Duration::from_millis(300)));
+        assert!(!stalls.update(&view, Duration::from_millis(800), deadline).contains(&key("in", 1)));
+        // n1 then claims nothing more: in/1 stalls a deadline after its last claim.
+        assert!(stalls.update(&view, Duration::from_millis(900), deadline).contains(&key("in", 1)));
     }
 
     #[test]

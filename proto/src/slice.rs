@@ -28,16 +28,17 @@ impl Digest {
     /// The largest digest (all one bits).
     pub const MAX: Digest = Digest([0xff; DIGEST_LEN]);
 
-    /// Parses exactly 40 lowercase hex digits.
+    /// Parses exactly 40 hex digits, of either case (as Mailman's `int(digest, 16)`).
     pub fn parse_hex(text: &str) -> Result<Digest, NameError> {
         if text.len() != 2 * DIGEST_LEN {
             return Err(NameError::DigestLength { len: text.len() });
         }
-        if !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            return Err(NameError::DigestNotLowercaseHex);
+        // Mailman reads the digest with int(digest, 16): upper-case digits are served.
+        if !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(NameError::DigestNotHex);
         }
         let mut bytes = [0u8; DIGEST_LEN];
-        hex::decode_to_slice(text, &mut bytes).map_err(|_| NameError::DigestNotLowercaseHex)?;
+        hex::decode_to_slice(text, &mut bytes).map_err(|_| NameError::DigestNotHex)?;
         Ok(Digest(bytes))
     }
 
@@ -181,9 +182,9 @@ pub enum NameError {
         /// The length found.
         len: usize,
     },
-    /// DIGEST holds characters other than `0-9a-f`.
-    #[error("digest is not lowercase hex")]
-    DigestNotLowercaseHex,
+    /// DIGEST holds characters other than hex digits (either case).
+    #[error("digest is not hex")]
+    DigestNotHex,
     /// The name is not valid UTF-8 (Mailman only writes ASCII names).
     #[error("name is not valid UTF-8")]
     NotUtf8,
@@ -341,6 +342,19 @@ mod tests {
     }
 
     #[test]
+    fn an_upper_case_digest_is_an_entry_in_the_same_slice_as_mailman_computes() {
+        // Mailman reads the digest with int(digest, 16), so it serves this name too.
+        let upper = REAL_NAME.replace("0696655d510e3bad34fee55513eec06ed9b3413c", "0696655D510E3BAD34FEE55513EEC06ED9B3413C");
+        let name = EntryName::parse(&upper).expect("upper-case digest parses");
+        let lower = EntryName::parse(REAL_NAME).expect("real name parses");
+        assert_eq!(name.digest, lower.digest);
+        assert_eq!(name.filebase, upper.trim_end_matches(".pck"), "the name is kept as written");
+        for n in [1, 2, 4, 8, 1024] {
+            assert_eq!(name.slice(n), lower.slice(n));
+        }
+    }
+
+    #[test]
     fn real_names_land_in_the_slices_mailman_computes() {
         // 0x06... is in the first sixteenth, so slice 0 of 4 and 0 of 16 but 6 of 256.
         let d = EntryName::parse(REAL_NAME).expect("parses").digest;
@@ -384,8 +398,7 @@ mod tests {
             (format!("1+{d}"), NameError::MissingExtension),
             (format!("1+{d}."), NameError::MissingExtension),
             ("1+abc.pck".to_owned(), NameError::DigestLength { len: 3 }),
-            (format!("1+{}.pck", d.to_uppercase()), NameError::DigestNotLowercaseHex),
-            (format!("1+{}g.pck", &d[..39]), NameError::DigestNotLowercaseHex),
+            (format!("1+{}g.pck", &d[..39]), NameError::DigestNotHex),
         ];
         for (name, want) in cases {
             assert_eq!(EntryName::parse(&name), Err(want), "{name}");

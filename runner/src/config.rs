@@ -58,6 +58,11 @@ pub struct Args {
     /// Entries processed at once by this node [default: 4].
     #[arg(long, env = "QSLICE_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Mailman 3 slice runners initialising Mailman at once on this node, over all its
+    /// queues [default: the number of CPUs]. Each start is CPU-bound (0.7 s alone on one
+    /// core); a dozen at once on two cores took 27-60 s each and starved the host.
+    #[arg(long, env = "QSLICE_START_CONCURRENCY")]
+    pub start_concurrency: Option<usize>,
     /// How long a released slice's in-flight work may take before it is killed [default: 30s].
     #[arg(long, env = "QSLICE_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
     pub drain_timeout: Option<Duration>,
@@ -126,6 +131,7 @@ struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     poll_interval: Option<Duration>,
     concurrency: Option<usize>,
+    start_concurrency: Option<usize>,
     #[serde(default, with = "humantime_serde_opt")]
     drain_timeout: Option<Duration>,
     state_dir: Option<PathBuf>,
@@ -194,6 +200,8 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Entries in flight at once.
     pub concurrency: usize,
+    /// Mailman 3 slice runners initialising at once.
+    pub start_concurrency: usize,
     /// Bound on finishing in-flight work of a released slice.
     #[serde(with = "humantime_serialize")]
     pub drain_timeout: Duration,
@@ -252,6 +260,13 @@ impl Config {
         if concurrency == 0 {
             return Err(invalid("concurrency", "must be at least 1"));
         }
+        let start_concurrency = args
+            .start_concurrency
+            .or(file.start_concurrency)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        if start_concurrency == 0 {
+            return Err(invalid("start_concurrency", "must be at least 1"));
+        }
         let poll_interval = args.poll_interval.or(file.poll_interval).unwrap_or(Duration::from_millis(200));
         if poll_interval.is_zero() {
             return Err(invalid("poll_interval", "must be above zero"));
@@ -305,6 +320,7 @@ impl Config {
             queues,
             poll_interval,
             concurrency,
+            start_concurrency,
             drain_timeout: args.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(30)),
             state_dir,
             metrics_addr: args.metrics_addr.or(file.metrics_addr),

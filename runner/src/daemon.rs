@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use crate::handler::Handler;
-use crate::mailman3::{install_script, WarmPool};
+use crate::mailman3::{install_script, Starts, WarmPool};
 use crate::supervise::Flavour;
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
 use qslice_common::lease::{fence_margin, keep_alive, Incarnation, Role};
@@ -121,8 +121,9 @@ fn start_pools(cfg: &Config, shutdown: &CancellationToken) -> Result<BTreeMap<St
     }
     let script = install_script(&cfg.state_dir).map_err(|source| DaemonError::StateDir { dir: cfg.state_dir.clone(), source })?;
     let mut pools = BTreeMap::new();
+    let starts = Starts::new(cfg.start_concurrency);
     for (queue, sup) in queues {
-        let pool = WarmPool::new(queue, sup.clone(), script.clone(), &cfg.node_id);
+        let pool = WarmPool::new(queue, sup.clone(), script.clone(), &cfg.node_id, starts.clone());
         pool.want(0);
         tokio::spawn(pool.clone().maintain(shutdown.child_token()));
         pools.insert(queue.clone(), pool);

@@ -88,6 +88,13 @@ pub enum Event {
     Fenced,
     /// It refused a request; it exits 2.
     Error(String),
+    /// It moved a file Mailman cannot serve into the quarantine.
+    Quarantined {
+        /// The file's name in the queue directory.
+        name: String,
+        /// Why Mailman cannot serve it.
+        reason: String,
+    },
 }
 
 /// Parses one control-channel line.
@@ -105,6 +112,10 @@ pub fn parse_event(line: &str) -> Option<Event> {
         "stopped" => Some(Event::Stopped),
         "fenced" => Some(Event::Fenced),
         "error" => Some(Event::Error(rest.to_owned())),
+        "quarantined" => {
+            let (name, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+            (!name.is_empty()).then(|| Event::Quarantined { name: name.to_owned(), reason: reason.to_owned() })
+        }
         _ => None,
     }
 }
@@ -116,6 +127,26 @@ struct Launch {
     cfg: SuperviseConfig,
     script: PathBuf,
     node: String,
+    /// The node's permits to initialise Mailman, shared by every queue's pool.
+    starts: Starts,
+}
+
+/// How many slice runners may initialise Mailman at once on this node, over all queues.
+/// A permit is held from the spawn until the process says `ready` (or exits).
+#[derive(Clone)]
+pub struct Starts(Arc<tokio::sync::Semaphore>);
+
+impl Starts {
+    /// At most `n` (at least 1) initialising at once.
+    pub fn new(n: usize) -> Starts {
+        Starts(Arc::new(tokio::sync::Semaphore::new(n.max(1))))
+    }
+}
+
+/// The host name passed to slice runners as QSLICE_HOST (the site checks: nodes of one
+/// host may share its per-host files): `$QSLICE_HOST` if set, else the hostname.
+fn host_name() -> String {
+    std::env::var("QSLICE_HOST").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "-".to_owned()))
 }
 
 /// One slice runner process and its control channel.
@@ -133,7 +164,7 @@ pub struct SliceRunner {
 }
 
 impl SliceRunner {
-    fn spawn(launch: &Launch) -> std::io::Result<SliceRunner> {
+    fn spawn(launch: &Launch, permit: tokio::sync::OwnedSemaphorePermit) -> std::io::Result<SliceRunner> {
         let (python, config) = match (&launch.cfg.python, &launch.cfg.config) {
             (Some(p), Some(c)) => (p, c),
             _ => return Err(std::io::Error::other("supervise.python and supervise.config are required")),
@@ -146,7 +177,7 @@ impl SliceRunner {
             "--runner".to_owned(),
             launch.cfg.runner_name(&launch.queue).to_owned(),
         ];
-        let env = [("QSLICE_QUEUE", launch.queue.clone()), ("QSLICE_NODE", launch.node.clone())];
+        let env = [("QSLICE_QUEUE", launch.queue.clone()), ("QSLICE_NODE", launch.node.clone()), ("QSLICE_HOST", host_name())];
         let mut cmd = command(&launch.cfg, &argv, &env)?;
         cmd.stdin(Stdio::piped());
         let mut child = cmd.spawn()?;
@@ -155,15 +186,21 @@ impl SliceRunner {
         if let Some(out) = child.stdout.take() {
             let queue = launch.queue.clone();
             tokio::spawn(async move {
+                // Held until Mailman is initialised (or the process is gone).
+                let mut permit = Some(permit);
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     match parse_event(&line) {
                         Some(event) => {
+                            if event == Event::Ready {
+                                permit = None;
+                            }
                             let _ = tx.send(event);
                         }
                         None => tracing::warn!(%queue, pid, %line, "unexpected line on the slice runner's control channel"),
                     }
                 }
+                drop(permit);
             });
         }
         if let Some(err) = child.stderr.take() {
@@ -230,10 +267,10 @@ struct PoolState {
 
 impl WarmPool {
     /// A pool for `queue`, running `script` as `cfg` says.
-    pub fn new(queue: &str, cfg: SuperviseConfig, script: PathBuf, node: &str) -> Arc<WarmPool> {
+    pub fn new(queue: &str, cfg: SuperviseConfig, script: PathBuf, node: &str, starts: Starts) -> Arc<WarmPool> {
         let target = cfg.spares;
         Arc::new(WarmPool {
-            launch: Launch { queue: queue.to_owned(), cfg, script, node: node.to_owned() },
+            launch: Launch { queue: queue.to_owned(), cfg, script, node: node.to_owned(), starts },
             state: Mutex::new(PoolState { idle: VecDeque::new(), target, failures: 0, next_spawn: None }),
         })
     }
@@ -246,16 +283,21 @@ impl WarmPool {
     }
 
     /// A runner to give a slice to: an initialised one if there is one, else the oldest
-    /// starting one, else a new one. Its place in the pool is refilled.
-    pub fn take(&self) -> std::io::Result<SliceRunner> {
-        let mut st = self.state.lock().expect("pool lock");
-        self.prune(&mut st);
-        let pick = st.idle.iter_mut().position(|r| r.poll_ready()).or(if st.idle.is_empty() { None } else { Some(0) });
-        let runner = match pick.and_then(|i| st.idle.remove(i)) {
-            Some(r) => r,
-            None => SliceRunner::spawn(&self.launch)?,
-        };
-        self.fill(&mut st);
+    /// starting one, else a new one once a start permit is free. Its place in the pool is
+    /// refilled.
+    pub async fn take(&self) -> std::io::Result<SliceRunner> {
+        {
+            let mut st = self.state.lock().expect("pool lock");
+            self.prune(&mut st);
+            let pick = st.idle.iter_mut().position(|r| r.poll_ready()).or(if st.idle.is_empty() { None } else { Some(0) });
+            if let Some(runner) = pick.and_then(|i| st.idle.remove(i)) {
+                self.fill(&mut st);
+                return Ok(runner);
+            }
+        }
+        let permit = self.launch.starts.0.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+        let runner = SliceRunner::spawn(&self.launch, permit)?;
+        self.fill(&mut self.state.lock().expect("pool lock"));
         Ok(runner)
     }
 
@@ -300,7 +342,11 @@ impl WarmPool {
             return;
         }
         while st.idle.len() < st.target {
-            match SliceRunner::spawn(&self.launch) {
+            // Spares wait for a free start permit (the next tick looks again).
+            let Ok(permit) = self.launch.starts.0.clone().try_acquire_owned() else {
+                return;
+            };
+            match SliceRunner::spawn(&self.launch, permit) {
                 Ok(r) => st.idle.push_back(r),
                 Err(e) => {
                     st.failures += 1;
@@ -331,12 +377,17 @@ impl WarmPool {
     }
 }
 
-/// The time left before the fence deadline, in milliseconds (0 once it tripped).
-fn lease_ms(fence: &Fence) -> u128 {
-    if !fence.is_valid() {
-        return 0;
+/// The fence deadline as the slice runner takes it: milliseconds on CLOCK_BOOTTIME
+/// (which counts through a suspend), absolute, so that a line read late by a starved
+/// process is still exact. A tripped fence gives a deadline already passed.
+fn lease_until_ms(fence: &Fence) -> u128 {
+    let left = if fence.is_valid() { fence.deadline().saturating_duration_since(Instant::now()) } else { Duration::ZERO };
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)).unwrap_or_default();
+    // A tripped fence: a deadline already behind the slice runner's clock.
+    if left.is_zero() {
+        return now.as_millis().saturating_sub(1);
     }
-    fence.deadline().saturating_duration_since(Instant::now()).as_millis()
+    (now + left).as_millis()
 }
 
 /// Runs one supervised slice with slice runners from `pool` until `quiet` (stop between
@@ -356,8 +407,8 @@ pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: Cancellation
         if let Err(e) = sup.cfg.check(&sup.queue, Some(sup.slices)) {
             return SupervisorExit::Refused(e.to_string());
         }
-        let go = format!("go {} {} {} {}", sup.slice, sup.slices, sup.epoch, lease_ms(&sup.fence));
-        let started = match pool.take() {
+        let go = format!("go {} {} {} {}", sup.slice, sup.slices, sup.epoch, lease_until_ms(&sup.fence));
+        let started = match pool.take().await {
             Ok(mut runner) => match runner.send(&go).await {
                 Ok(()) => Ok(runner),
                 Err(e) => {
@@ -406,10 +457,11 @@ pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: Cancellation
                         refusal = Some(text);
                     }
                     Some(Event::Fenced) => tracing::warn!(%queue, slice, pid, "the Mailman slice runner reached the fence deadline and takes nothing more"),
+                    Some(Event::Quarantined { name, reason }) => quarantined(&queue, &name, &reason),
                     Some(Event::Ready | Event::Stopped) => {}
                 },
                 _ = renew.tick() => {
-                    let _ = runner.send(&format!("lease {}", lease_ms(&sup.fence))).await;
+                    let _ = runner.send(&format!("lease {}", lease_until_ms(&sup.fence))).await;
                 }
             }
         };
@@ -436,6 +488,12 @@ pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: Cancellation
             return exit;
         }
     }
+}
+
+/// A file Mailman cannot serve was moved into the quarantine by a slice runner.
+fn quarantined(queue: &str, name: &str, reason: &str) {
+    metrics::counter!("qslice_runner_entries_total", "queue" => queue.to_owned(), "outcome" => "quarantined").increment(1);
+    tracing::warn!(%queue, file = %name, %reason, "alert: a file Mailman cannot serve was quarantined (moved to .qslice/quarantine/{queue}/ under the spool root); Mailman's listing would have failed on it");
 }
 
 /// Asks a running slice runner to stop after the message in hand; kills it at the stop

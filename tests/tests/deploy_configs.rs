@@ -75,7 +75,7 @@ fn with_token_file(text: &str, token: &Path) -> String {
 
 /// The runner's file keys (`FileConfig`, then `[etcd]`, `[handler]` and `[supervise.<queue>]`).
 const RUNNER_KEYS: &[&str] = &[
-    "node_id", "cluster", "spool", "lease_ttl", "weight", "queues", "poll_interval", "concurrency", "drain_timeout", "state_dir", "metrics_addr",
+    "node_id", "cluster", "spool", "lease_ttl", "weight", "queues", "poll_interval", "concurrency", "start_concurrency", "drain_timeout", "state_dir", "metrics_addr",
     "log_format", "[etcd]", "endpoints", "user", "password", "ca", "cert", "key", "[handler]", "kind", "command", "timeout", "retry_backoff", "move_to",
     // One [supervise.<queue>] table (`SuperviseConfig`).
     "[supervise.in]", "flavour", "python", "config", "runner", "spares", "env", "workdir", "user", "group", "stop_timeout", "max_restarts", "restart_window",

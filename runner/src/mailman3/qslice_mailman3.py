@@ -82,13 +82,17 @@ inside dequeue, processing or finish.
 """
 
 import argparse
+import fcntl
 import os
 import queue
+import select
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
+import zlib
 
 EXIT_STOPPED = 0
 EXIT_CRASHED = 1
@@ -104,6 +108,16 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LEASE_CLOCK = getattr(time, 'CLOCK_BOOTTIME', time.CLOCK_MONOTONIC)
 
 NODE = os.environ.get('QSLICE_NODE') or '-'
+# The host this node runs on, for the site checks: nodes of one host may share its
+# per-host files. qslice-runner sets QSLICE_HOST (its hostname unless configured).
+HOST = os.environ.get('QSLICE_HOST') or socket.gethostname()
+
+# The event channel, once main() has made it (the command thread reports a stop while
+# initialising on it).
+EVENTS = None
+
+# qslice's commands arrive here (stdin), read unbuffered by the command thread only.
+COMMAND_FD = 0
 
 
 def lease_clock():
@@ -154,6 +168,11 @@ class Gate:
     Shared by the main thread (asks before each message and after each idle sleep), the
     command thread (lease, stop, EOF) and the signal thread (stop signals). It only ever
     closes: the first reason it closes for is the one reported.
+
+    Deadlines are absolute times on the lease clock, as qslice-runner computed them from
+    its fence: a renewal read late (this process starved of CPU on a loaded host) is still
+    exact. A deadline seen passed while a renewal waits unread in the command pipe is not
+    taken for a lapse until the command thread has read it.
     """
 
     def __init__(self):
@@ -162,6 +181,9 @@ class Gate:
         self._runner = None     # the Mailman runner, once built, to stop its loop
         self.reason = None      # None while open, then 'stopped' or 'fenced'
         self.why = ''           # what closed it, for the logs
+        # True until Mailman is initialised: a stop then ends the process at once (it
+        # holds no message and has touched no queue).
+        self.initialising = True
         # Set when the gate closes: wakes the idle sleep at once.
         self.wake = threading.Event()
 
@@ -172,24 +194,38 @@ class Gate:
             if self.reason is not None:
                 runner.stop()
 
-    def set_lease(self, ms):
-        """Messages may be taken for `ms` more milliseconds. False if too late."""
+    def set_deadline(self, until):
+        """Messages may be taken until `until` (lease clock seconds). False once closed."""
         with self._lock:
-            if not self._check():
+            if self.reason is not None:
                 return False
-            self._deadline = lease_clock() + ms / 1000.0
+            self._deadline = until
             return True
 
     def stop(self, why):
         """Take no other message (the one in hand is finished)."""
         with self._lock:
-            if self._check():
+            if self.reason is None:
                 self._close('stopped', why)
 
     def is_open(self):
         """True while a message may be taken; closes the gate if the lease lapsed."""
+        for _ in range(PENDING_RENEWAL_CHECKS):
+            with self._lock:
+                if self.reason is not None:
+                    return False
+                if self._deadline is None or lease_clock() < self._deadline:
+                    return True
+                if not commands_waiting():
+                    self._close('fenced', 'lease lapsed')
+                    return False
+            # A command (a renewal, most likely) waits in the pipe: let the command thread
+            # read it before deciding.
+            time.sleep(PENDING_RENEWAL_WAIT)
         with self._lock:
-            return self._check()
+            if self.reason is None:
+                self._close('fenced', 'lease lapsed (commands kept waiting unread)')
+            return False
 
     def seconds_left(self):
         """Seconds until the deadline, or None before `go`."""
@@ -198,15 +234,19 @@ class Gate:
                 return None
             return self._deadline - lease_clock()
 
-    def _check(self):
-        # Caller holds the lock. A lapsed deadline closes the gate the moment anyone
-        # looks, so a renewal that comes too late cannot reopen it.
-        if self.reason is not None:
-            return False
-        if self._deadline is not None and lease_clock() >= self._deadline:
-            self._close('fenced', 'lease lapsed')
-            return False
-        return True
+    def sleep(self, seconds):
+        """Sleeps `seconds`, cut short only by a stop or the fence (a renewed lease does
+        not end it): the runner class's own pacing is kept."""
+        end = lease_clock() + max(0.0, seconds)
+        while self.is_open():
+            left = end - lease_clock()
+            if left <= 0:
+                return
+            deadline_left = self.seconds_left()
+            if deadline_left is not None:
+                # Wake at the deadline to see whether it was renewed.
+                left = min(left, max(0.0, deadline_left) + 0.001)
+            self.wake.wait(left)
 
     def _close(self, reason, why):
         # Caller holds the lock.
@@ -217,12 +257,50 @@ class Gate:
             self._runner.stop()
 
 
+# How often, and how long each time, a deadline seen passed waits for a renewal that
+# sits unread in the command pipe (50 x 20 ms: a second at most).
+PENDING_RENEWAL_CHECKS = 50
+PENDING_RENEWAL_WAIT = 0.02
+
+
+def commands_waiting():
+    """Whether qslice wrote commands that the command thread has not read yet."""
+    try:
+        readable, _, _ = select.select([COMMAND_FD], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return bool(readable)
+
+
 # --- stop requests: commands, EOF and signals -------------------------------------------
 
 def request_stop(gate, starts, why):
-    """Close the gate and wake the main thread if it still waits for `go`."""
+    """Close the gate and wake the main thread if it still waits for `go`. A process
+    still initialising Mailman holds no message and has touched no queue: it ends at
+    once rather than when initialisation returns."""
     gate.stop(why)
+    with gate._lock:
+        if gate.initialising:
+            # Under the gate's lock, so the main thread cannot finish initialising and go
+            # on meanwhile; nothing else to flush: Mailman's logs are not open yet.
+            say('stopped while initialising Mailman ({}): it held no message'.format(why))
+            EVENTS.send('stopped')
+            os._exit(EXIT_STOPPED)
     starts.put(('stop', why))
+
+
+def command_lines():
+    """qslice's command lines, read straight from the fd (no buffer beside the pipe's, so
+    that `commands_waiting` sees every line not yet handled)."""
+    pending = b''
+    while True:
+        chunk = os.read(COMMAND_FD, 4096)
+        if not chunk:
+            return
+        pending += chunk
+        *lines, pending = pending.split(b'\n')
+        for raw in lines:
+            yield raw
 
 
 def read_commands(gate, starts):
@@ -230,7 +308,7 @@ def read_commands(gate, starts):
     `stop` is seen while the main thread is busy inside Mailman."""
     go_read = False
     try:
-        for raw in sys.stdin.buffer:
+        for raw in command_lines():
             words = raw.decode('utf-8', 'replace').split()
             if not words:
                 continue
@@ -241,10 +319,9 @@ def read_commands(gate, starts):
                         .format(' '.join(words)))
                     continue
                 go_read = True
-                # The lease runs from receipt, not from when the main thread gets to it.
-                lease_ms = parse_int(args[3]) if len(args) == 4 else None
-                if lease_ms is not None and lease_ms >= 0:
-                    gate.set_lease(lease_ms)
+                until = parse_until(args[3]) if len(args) == 4 else None
+                if until is not None:
+                    gate.set_deadline(until)
                 starts.put(('go', args))
             elif command == 'lease':
                 renew_lease(gate, go_read, args)
@@ -258,15 +335,23 @@ def read_commands(gate, starts):
     request_stop(gate, starts, 'EOF on stdin (qslice is gone)')
 
 
+def parse_until(text):
+    """A deadline in milliseconds on the lease clock, as seconds; None if malformed."""
+    value = parse_int(text)
+    if value is None or value < 0:
+        return None
+    return value / 1000.0
+
+
 def renew_lease(gate, go_read, args):
-    ms = parse_int(args[0]) if len(args) == 1 else None
-    if ms is None or ms < 0:
-        say('ignoring malformed lease {!r}; send lease MS with MS a non-negative integer'
-            .format(' '.join(args)))
+    until = parse_until(args[0]) if len(args) == 1 else None
+    if until is None:
+        say('ignoring malformed lease {!r}; send lease UNTIL_MS with UNTIL_MS the '
+            'deadline in milliseconds on CLOCK_BOOTTIME'.format(' '.join(args)))
     elif not go_read:
         say('ignoring lease before go: the lease starts with go')
-    elif not gate.set_lease(ms):
-        say('ignoring lease {}: the gate is already closed ({})'.format(ms, gate.why))
+    elif not gate.set_deadline(until):
+        say('ignoring lease {}: the gate is already closed ({})'.format(args[0], gate.why))
 
 
 def parse_int(text):
@@ -335,13 +420,13 @@ class SignalThread:
 def check_go(args, runner_name):
     """The slice, count, epoch and lease of a `go`, or Refused naming what is wrong."""
     if len(args) != 4:
-        raise Refused('go takes SLICE COUNT EPOCH LEASE_MS, got {!r}; send e.g. go 0 4 1 60000'
-                      .format(' '.join(args)))
+        raise Refused('go takes SLICE COUNT EPOCH UNTIL_MS, got {!r}; send e.g. go 0 4 1 '
+                      '{}'.format(' '.join(args), int(lease_clock() * 1000) + 60000))
     values = []
-    for name, text in zip(('SLICE', 'COUNT', 'EPOCH', 'LEASE_MS'), args):
+    for name, text in zip(('SLICE', 'COUNT', 'EPOCH', 'UNTIL_MS'), args):
         value = parse_int(text)
         if value is None:
-            raise Refused('go: {} {!r} is not an integer; send go SLICE COUNT EPOCH LEASE_MS '
+            raise Refused('go: {} {!r} is not an integer; send go SLICE COUNT EPOCH UNTIL_MS '
                           'with integers'.format(name, text))
         values.append(value)
     slice_, count, epoch, lease_ms = values
@@ -353,8 +438,8 @@ def check_go(args, runner_name):
         raise Refused('go: SLICE {} is outside 0..{} for COUNT {}; send a slice number below '
                       'the count'.format(slice_, count - 1, count))
     if lease_ms < 0:
-        raise Refused('go: LEASE_MS {} is negative; send the milliseconds the claim is valid for'
-                      .format(lease_ms))
+        raise Refused('go: UNTIL_MS {} is negative; send the deadline in milliseconds on '
+                      'CLOCK_BOOTTIME'.format(lease_ms))
     check_runner(runner_name)
     return slice_, count, epoch, lease_ms
 
@@ -420,16 +505,29 @@ class GatedListing:
             yield filebase
 
 
-def gate_runner(runner, gate):
-    """Make `runner` take messages only while `gate` is open and sleep on its Event.
+def gate_runner(runner, gate, events):
+    """Make `runner` take messages only while `gate` is open, keep its class's own
+    pacing, and run what must not run twice in a cluster only where it belongs.
 
     Both objects get a subclass of their own class made here (same names, so Mailman's
-    logs read the same): the switchboard's `files` becomes a GatedListing, and the
-    runner's idle sleep an Event wait.
+    logs read the same):
+    - the switchboard's `files` becomes a GatedListing, and names Mailman cannot parse
+      are quarantined before it lists them;
+    - the runner's sleeps (its class's own `_snooze`, RetryRunner's included) are cut
+      short only by a stop or the fence;
+    - `_do_periodic` never runs once the gate has closed, and cluster-wide periodic work
+      (BounceRunner's) runs in slice 0 only;
+    - the runners whose work touches per-list shared state (pipeline and virgin, digest,
+      archive) process each message under a lock of its list (ListLocks).
     """
     switchboard_class = type(runner.switchboard)
+    queue_name = runner.switchboard.name
 
     class GatedSwitchboard(switchboard_class):
+        def get_files(self, extension='.pck'):
+            quarantine_junk(self.queue_directory, queue_name, events)
+            return super().get_files(extension)
+
         @property
         def files(self):
             # Looking at the gate here too makes an empty pass notice a lapsed lease.
@@ -437,26 +535,379 @@ def gate_runner(runner, gate):
             return GatedListing(super().files, gate)
 
     runner_class = type(runner)
+    sleepers = sleeping_modules(runner_class)
+    once_per_cluster = runs_periodic_once(runner_class)
+    list_locks = ListLocks(gate) if serialises_lists(runner_class) else None
+    if list_locks is not None:
+        say('{} messages are processed under a lock of their list ({})'
+            .format(queue_name, list_locks.kind))
 
     class GatedRunner(runner_class):
         def _snooze(self, filecnt):
-            # As Runner._snooze: sleep only after a pass that found nothing.
-            if filecnt or self.sleep_float <= 0:
-                return
-            timeout = self.sleep_float
-            left = gate.seconds_left()
-            if left is not None:
-                # Wake at the deadline: it must be honoured while idle too.
-                timeout = max(0.0, min(timeout, left))
-            gate.wake.wait(timeout)
-            # Closes the gate (and stops the loop) if it was the deadline that woke us.
+            # The class's own rule (RetryRunner always sleeps), with its `time.sleep`
+            # made one that only a stop or the fence cuts short.
+            with gated_sleep(sleepers, gate):
+                super()._snooze(filecnt)
+            # Closes the gate (and stops the loop) if the deadline passed meanwhile.
             gate.is_open()
+
+        def _do_periodic(self):
+            if not gate.is_open():
+                return
+            if once_per_cluster and self.slice not in (None, 0):
+                return
+            super()._do_periodic()
+
+        def _dispose(self, mlist, msg, msgdata):
+            if list_locks is None:
+                return super()._dispose(mlist, msg, msgdata)
+            with list_locks.hold(mlist):
+                keep = super()._dispose(mlist, msg, msgdata)
+                # Inside the lock, so the next holder reads what this message wrote
+                # (post_id, digest number); Mailman commits after the message anyway.
+                config_db().commit()
+            return keep
 
     for made, base in ((GatedSwitchboard, switchboard_class), (GatedRunner, runner_class)):
         made.__name__, made.__qualname__ = base.__name__, base.__qualname__
     runner.switchboard.__class__ = GatedSwitchboard
     runner.__class__ = GatedRunner
     gate.attach(runner)
+
+
+def config_db():
+    from mailman.config import config
+    return config.db
+
+
+class GatedTime:
+    """The `time` module as a runner module sees it during `_snooze`: the same, except
+    that `sleep` is the gate's."""
+
+    def __init__(self, gate):
+        self._gate = gate
+
+    def sleep(self, seconds):
+        self._gate.sleep(seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def sleeping_modules(runner_class):
+    """The modules of the runner class and its bases that call `time.sleep`."""
+    modules = []
+    for klass in runner_class.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if module is not None and getattr(module, 'time', None) is time and module not in modules:
+            modules.append(module)
+    return modules
+
+
+class gated_sleep:
+    """Within it, `modules` see the gate's sleep as `time.sleep`."""
+
+    def __init__(self, modules, gate):
+        self._modules = modules
+        self._proxy = GatedTime(gate)
+
+    def __enter__(self):
+        for module in self._modules:
+            module.time = self._proxy
+
+    def __exit__(self, *exc):
+        for module in self._modules:
+            module.time = time
+        return False
+
+
+def runs_periodic_once(runner_class):
+    """BounceRunner's periodic work (processing every unprocessed BounceEvent, sending
+    the warnings) is cluster-wide: run in every slice it would act twice."""
+    try:
+        from mailman.runners.bounce import BounceRunner
+    except ImportError:
+        return False
+    return issubclass(runner_class, BounceRunner)
+
+
+def serialises_lists(runner_class):
+    """The runners whose messages change per-list state that Mailman guards badly across
+    processes: to-digest's mailbox (a non-blocking lockf: a second process gets
+    ExternalClashError and the post is shunted), the post_id bump (a lost update), the
+    digest files, and the prototype archiver's maildir (a one-second lock, then the post
+    is discarded)."""
+    names = (('mailman.runners.pipeline', 'PipelineRunner'),
+             ('mailman.runners.virgin', 'VirginRunner'),
+             ('mailman.runners.digest', 'DigestRunner'),
+             ('mailman.runners.archive', 'ArchiveRunner'))
+    for module_name, class_name in names:
+        try:
+            module = __import__(module_name, fromlist=[class_name])
+        except ImportError:
+            continue
+        if issubclass(runner_class, getattr(module, class_name)):
+            return True
+    return False
+
+
+class ListLocks:
+    """A blocking lock per mailing list, taken around each message of the runners that
+    change per-list state, on every host that serves the site.
+
+    With PostgreSQL it is an advisory transaction lock (pg_advisory_xact_lock): the
+    commit that ends the message releases it, and so does the server when the process
+    dies. Otherwise it is an flock on `<lock_dir>/qslice-list-<list id>.lock` (the
+    kernel drops it when the process dies).
+
+    Every process that takes Mailman's own per-list locks (to-digest's and the digest
+    runner's mailbox dot locks, the prototype archiver's maildir lock) does so inside this
+    lock, so a Mailman lock of the list found while holding it was left by a process that
+    died: it is broken, and the log says so.
+    """
+
+    def __init__(self, gate):
+        from mailman.config import config
+        self._gate = gate
+        url = str(config.db.engine.url)
+        self.kind = 'PostgreSQL advisory lock' if url.startswith('postgres') else 'flock in the lock dir'
+        self._postgres = url.startswith('postgres')
+
+    def hold(self, mlist):
+        return _HeldListLock(self, mlist)
+
+    def acquire(self, mlist):
+        from mailman.config import config
+        # End the transaction that looked the list up before waiting: its reads are stale
+        # once the lock is ours (expire_on_commit reloads the list), and with SQLite it
+        # would hold a shared lock that the current holder's commit waits for.
+        config.db.commit()
+        if self._postgres:
+            from sqlalchemy import text
+            key = zlib.crc32(('qslice list ' + mlist.list_id).encode('utf-8'))
+            config.db.store.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': key})
+            handle = None
+        else:
+            path = os.path.join(config.LOCK_DIR, 'qslice-list-{}.lock'.format(mlist.list_id))
+            handle = open(path, 'a')
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        break_dead_locks(mlist)
+        return handle
+
+    def release(self, handle):
+        # The advisory lock goes with the transaction (committed by the caller, or
+        # rolled back by Mailman after a failure).
+        if handle is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
+
+class _HeldListLock:
+    def __init__(self, locks, mlist):
+        self._locks, self._mlist, self._handle = locks, mlist, None
+
+    def __enter__(self):
+        self._handle = self._locks.acquire(self._mlist)
+        return self
+
+    def __exit__(self, *exc):
+        self._locks.release(self._handle)
+        return False
+
+
+def break_dead_locks(mlist):
+    """Removes the list's Mailman locks that only a dead process can have left: called
+    while holding the list's lock, inside which every live holder takes them."""
+    from mailman.config import config
+    dot_locks = []
+    try:
+        dot_locks = [os.path.join(mlist.data_path, name) for name in os.listdir(mlist.data_path)
+                     if name.startswith('digest') and name.endswith('.mmdf.lock')]
+    except FileNotFoundError:
+        pass
+    for path in dot_locks:
+        remove_lock(path, 'a mailbox dot lock')
+    maildir_lock = os.path.join(config.LOCK_DIR, '{}-maildir.lock'.format(mlist.fqdn_listname))
+    try:
+        with open(maildir_lock) as f:
+            claim = f.read().strip()
+    except FileNotFoundError:
+        return
+    except OSError:
+        claim = ''
+    remove_lock(maildir_lock, 'the prototype archiver\'s lock')
+    # flufl.lock's claim file, named in the lock file, beside it in the lock dir.
+    if claim and os.path.dirname(os.path.abspath(claim)) == os.path.abspath(config.LOCK_DIR):
+        remove_lock(claim, 'the prototype archiver\'s lock claim')
+
+
+def remove_lock(path, what):
+    import logging
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return
+    text = 'broke {} left by a process that died: {}'.format(what, path)
+    say(text)
+    logging.getLogger('mailman.runner').warning('qslice slice runner: ' + text)
+
+
+# Mailman's entry names: TIME '+' DIGEST, DIGEST read with int(digest, 16); a digest
+# outside 0 .. 2^160-1 falls in no slice, so no runner of a sliced queue would ever take it.
+DIGEST_LIMIT = 1 << 160
+
+
+def junk_reason(filebase):
+    """Why Mailman cannot serve an entry named `filebase` (its listing would raise, or no
+    slice would ever take it); None for a name it serves."""
+    if '+' not in filebase:
+        return "no '+' between time and digest"
+    when, digest = filebase.split('+', 1)
+    try:
+        float(when)
+    except ValueError:
+        return 'the time {!r} is not a number'.format(when)
+    try:
+        value = int(digest, 16)
+    except ValueError:
+        return 'the digest {!r} is not hexadecimal'.format(digest)
+    if not 0 <= value < DIGEST_LIMIT:
+        return 'the digest {!r} is outside the 160-bit hash space'.format(digest)
+    return None
+
+
+def quarantine_junk(queue_dir, queue_name, events):
+    """Moves the .pck and .bak files of `queue_dir` that Mailman cannot serve into
+    `<spool root>/.qslice/quarantine/<queue>/` and reports each on the event channel."""
+    try:
+        names = os.listdir(queue_dir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        filebase, ext = os.path.splitext(name)
+        if ext not in ('.pck', '.bak'):
+            continue
+        reason = junk_reason(filebase)
+        if reason is None:
+            continue
+        target_dir = os.path.join(os.path.dirname(queue_dir), '.qslice', 'quarantine', queue_name)
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, name)
+        n = 1
+        while os.path.lexists(target):
+            target = os.path.join(target_dir, '{}.{}'.format(name, n))
+            n += 1
+        try:
+            os.rename(os.path.join(queue_dir, name), target)
+        except FileNotFoundError:
+            continue    # another slice runner of the queue moved it first
+        say('quarantined {}: {}'.format(name, reason))
+        events.send('quarantined', name, reason)
+
+
+# The directories every node of a site must share, and the paths each host must keep
+# to itself ([paths.*] keys of mailman.cfg, as Mailman's config exposes them).
+SHARED_DIRS = ('queue_dir', 'list_data_dir', 'messages_dir', 'cache_dir', 'data_dir',
+               'archive_dir', 'template_dir', 'lock_dir')
+PER_HOST_PATHS = (('log_dir', False), ('pid_file', True), ('lock_file', True))
+# A node's marker counts while it is younger than this: a node that served the site
+# within a day is taken as part of it (its slice runners rewrite it at every start).
+MARKER_MAX_AGE = 24 * 3600
+SITE_MARKERS = '.qslice-site'
+
+
+def config_queue(runner_name):
+    """The queue (switchboard) name of runner `runner_name`: Mailman names them alike."""
+    return runner_name
+
+
+def check_site(node):
+    """Refuses (naming the key and what to do) a site whose shared state would corrupt
+    mail once nodes on more than one host serve it: SQLite, a directory that must be
+    shared but is not the same on every host, or a per-host path that is shared.
+
+    How it tells: each node's slice runners write a marker named after the node (saying
+    its host) into every directory concerned, then one into the spool
+    (`<queue_dir>/.qslice/site/`), which is shared by definition. A node whose spool
+    marker is seen here must have its marker in each shared directory as listed from
+    here, and a node of another host none in a per-host one. Nodes of one host share
+    that host's files, as Mailman's own runners on a host do."""
+    from mailman.config import config
+    if node == '-':
+        return      # not run by qslice-runner: no node name to mark with
+    where = {key: getattr(config, key.upper()) for key in SHARED_DIRS}
+    per_host = {key: getattr(config, key.upper()) for key, _ in PER_HOST_PATHS}
+    marker_dirs = {key: os.path.join(path, SITE_MARKERS)
+                   for key, path in where.items() if key != 'queue_dir'}
+    for key, is_file in PER_HOST_PATHS:
+        path = per_host[key]
+        marker_dirs[key] = os.path.join(os.path.dirname(path) if is_file else path, SITE_MARKERS)
+    # The other directories first, the spool last: a node seen in the spool has written
+    # every other marker already.
+    for directory in set(marker_dirs.values()):
+        write_marker(directory, node)
+    nodes_dir = os.path.join(where['queue_dir'], '.qslice', 'site')
+    write_marker(nodes_dir, node)
+    peers = {name: host for name, host in fresh_markers(nodes_dir).items() if name != node}
+    elsewhere = sorted(name for name, host in peers.items() if host != HOST)
+    url = str(config.db.engine.url)
+    if elsewhere and url.startswith('sqlite'):
+        raise Refused('[database] url is SQLite ({}), which only one host can use, and nodes '
+                      '{} on other hosts serve this site too: move the site to PostgreSQL '
+                      '([database] class: mailman.database.postgresql.PostgreSQLDatabase) '
+                      'before nodes on more than one host serve it'.format(url, ', '.join(elsewhere)))
+    for key in SHARED_DIRS:
+        if key == 'queue_dir':
+            continue
+        seen = set(listdir(marker_dirs[key]))
+        missing = sorted(peer for peer in peers if peer not in seen)
+        if missing:
+            raise Refused('[paths] {} = {} is not the directory that node(s) {} use: their '
+                          'markers, seen in the shared spool, are not in {} as listed on node {} '
+                          '(host {}). Every node must mount the same {} (if a node no longer '
+                          'serves this site, remove its marker {})'.format(
+                              key, where[key], ', '.join(missing), marker_dirs[key], node, HOST,
+                              key, os.path.join(nodes_dir, missing[0])))
+    for key, _ in PER_HOST_PATHS:
+        shared_with = sorted(set(listdir(marker_dirs[key])) & set(elsewhere))
+        if shared_with:
+            raise Refused('[paths] {} = {} is shared with node(s) {} on other hosts (their '
+                          'markers are in {}); it must be kept per host: point {} at a local '
+                          'path on each host'.format(key, per_host[key], ', '.join(shared_with),
+                                                     marker_dirs[key], key))
+
+
+def write_marker(directory, node):
+    """`<directory>/<node>`, saying the node's host, written whole."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, node)
+    tmp = '{}.{}.tmp'.format(path, os.getpid())
+    with open(tmp, 'w') as f:
+        f.write(HOST + '\n')
+    os.replace(tmp, path)
+
+
+def fresh_markers(directory):
+    """Node -> host of the markers in `directory` younger than MARKER_MAX_AGE."""
+    now = time.time()
+    found = {}
+    for name in listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime > MARKER_MAX_AGE:
+                continue
+            with open(path) as f:
+                found[name] = f.read().strip() or '?'
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def listdir(directory):
+    try:
+        return [n for n in os.listdir(directory) if not n.endswith('.tmp')]
+    except FileNotFoundError:
+        return []
 
 
 def runner_line(name, slice_, count, epoch, what):
@@ -470,10 +921,14 @@ def run_slice(args, go, gate, events):
     from mailman.config import config
 
     slice_, count, epoch, _ = check_go(go, args.runner)
-    if gate.reason is not None:
-        return finish(gate, events)   # stopped while the go waited; take nothing
+    check_site(NODE)
+    # Building the runner recovers the slice's .bak files: only under a valid lease.
+    if not gate.is_open():
+        return finish(gate, events)   # stopped (or fenced) while the go waited
+    queue_dir = config.switchboards[config_queue(args.runner)].queue_directory
+    quarantine_junk(queue_dir, os.path.basename(queue_dir), events)
     runner = build_runner(args.runner, slice_, count)
-    gate_runner(runner, gate)
+    gate_runner(runner, gate, events)
     events.send('running', slice_, count)
     rlog = logging.getLogger('mailman.runner')
     rlog.info(runner_line(args.runner, slice_, count, epoch, 'started'))
@@ -568,7 +1023,8 @@ def warm_up_database():
 
 
 def main(argv=None):
-    events = Events()            # first, so that nothing else can write to the channel
+    global EVENTS
+    events = EVENTS = Events()   # first, so that nothing else can write to the channel
     gate = Gate()
     starts = queue.Queue()       # the first `go`, or a stop, for the main thread
     signals = SignalThread(gate, starts)
@@ -587,6 +1043,8 @@ def main(argv=None):
     initialize(args.config)
     warm_up_database()
     signals.mailman_initialised = True
+    with gate._lock:
+        gate.initialising = False
     if gate.reason is not None:
         return finish(gate, events)
     events.send('ready', os.getpid())
