@@ -193,6 +193,24 @@ impl Site {
         Ok(())
     }
 
+    /// Writes `count` posts numbered from `start` into a staging directory of their own
+    /// (not the queue); returns their `.pck` files, for a test to rename into `in/`.
+    pub fn stage(&self, count: usize, start: usize) -> Result<Vec<PathBuf>> {
+        let stage = self.spool.scratch(&format!("stage-{start}"));
+        let out = self.post_command(count, start, None).arg("--stage").arg(&stage).output()?;
+        if !out.status.success() {
+            bail!("posting failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&stage)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "pck") {
+                files.push(path);
+            }
+        }
+        Ok(files)
+    }
+
     /// Enqueues `count` posts numbered from `start` so that they appear in the queue at
     /// once: written to a staging directory, then renamed into `in/` (a backlog no single
     /// poster could build against running slice runners).

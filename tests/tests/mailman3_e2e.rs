@@ -340,3 +340,37 @@ async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes
     assert!(alerted_after <= Duration::from_secs(1), "the alert took {alerted_after:?}");
     assert!(resumed_after <= Duration::from_secs(2), "processing resumed {resumed_after:?} after the fix");
 }
+
+#[tokio::test]
+async fn files_mailman_cannot_serve_are_quarantined_and_every_post_is_accepted_once() {
+    let mut c = cluster(&["r1", "r2"], 2, "").await;
+    let queue_dir = c.site.dir.join("var/queue/in");
+    // A real post under an upper-case digest: Mailman reads it with int(digest, 16) and
+    // serves it, so it must be served, not quarantined.
+    let staged = c.site.stage(1, 1000).expect("stage");
+    let name = staged[0].file_name().expect("name").to_string_lossy().into_owned();
+    let (time, digest) = name.trim_end_matches(".pck").split_once('+').expect("a Mailman name");
+    let upper = format!("{time}+{}.pck", digest.to_uppercase());
+    // Junk Mailman's listing would raise on (no '+'; a time that is not a number), in
+    // the queue before the posts and while they flow.
+    std::fs::write(queue_dir.join("junk.pck"), b"not a pickle").expect("junk");
+    std::fs::write(queue_dir.join(format!("abc+{digest}.pck")), b"not a pickle").expect("junk");
+    std::fs::rename(&staged[0], queue_dir.join(&upper)).expect("upper-case entry");
+    c.site.post(30, 0).expect("post");
+    c.site.post_in_background(30, 30, 20.0).expect("post");
+    wait_for_accepts(&c.site, 10).await;
+    std::fs::write(queue_dir.join("late-junk.bak"), b"not a pickle").expect("junk");
+    let report = c.all_accepted(61).await;
+    assert_each_post_once(&report, 61);
+    assert!(report.accepts.contains_key("<qslice-1000@example.com>"), "the upper-case entry was served");
+    let quarantine = c.site.dir.join("var/queue/.qslice/quarantine/in");
+    let mut quarantined: Vec<String> = std::fs::read_dir(&quarantine).expect("quarantine dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    quarantined.sort();
+    assert_eq!(quarantined, vec![format!("abc+{digest}.pck"), "junk.pck".to_owned(), "late-junk.bak".to_owned()], "exactly the junk, intact");
+    assert_eq!(std::fs::read(quarantine.join("junk.pck")).expect("read"), b"not a pickle");
+    // No node gave the queue up; the quarantine was alerted.
+    let logs: String = c.tc.runners().values().map(|r| r.log()).collect();
+    assert!(!logs.contains("giving this queue up"), "a node refused the queue:\n{}", c.logs());
+    assert!(logs.contains("alert: a file Mailman cannot serve was quarantined"), "the quarantine is alerted:\n{}", c.logs());
+    assert_eq!(c.holds("r1").await.len() + c.holds("r2").await.len(), 2, "both slices still held");
+}
