@@ -14,6 +14,10 @@ command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 # promtool checks and unit-tests deploy/prometheus/qslice-alerts.yml (the test fails
 # without it); the package is only here for promtool.
 [ -x /usr/bin/promtool ] || need+=(prometheus)
+# The whole-site Mailman tests start a PostgreSQL server of their own (Debian's server
+# binaries, run on a Unix socket in a temporary directory); the package's own cluster is
+# not started (the policy below).
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -23,8 +27,8 @@ if [ ${#need[@]} -gt 0 ]; then
   # the next boot either.
   policy=/usr/sbin/policy-rc.d
   own_policy=""
-  if [[ " ${need[*]} " == *" prometheus "* ]] && [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# tests/run.sh: no Prometheus server while installing promtool\ncase "$1" in prometheus|prometheus-node-exporter) exit 101 ;; esac\nexit 0\n' | $sudo tee "$policy" >/dev/null
+  if [[ " ${need[*]} " == *" prometheus "* || " ${need[*]} " == *" postgresql "* ]] && [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# tests/run.sh: no Prometheus or PostgreSQL server while installing the tests tools\ncase "$1" in prometheus|prometheus-node-exporter|postgresql*) exit 101 ;; esac\nexit 0\n' | $sudo tee "$policy" >/dev/null
     $sudo chmod 755 "$policy"
     own_policy=$policy
   fi
@@ -34,6 +38,9 @@ if [ ${#need[@]} -gt 0 ]; then
   [ $installed -eq 1 ] || { echo "installing ${need[*]} failed" >&2; exit 1; }
   if [[ " ${need[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ]; then
     $sudo systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true
+  fi
+  if [[ " ${need[*]} " == *" postgresql "* ]] && [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now postgresql.service >/dev/null 2>&1 || true
   fi
 fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
@@ -50,12 +57,13 @@ if ! python3 -m venv --help >/dev/null 2>&1; then
 fi
 target_dir="${CARGO_TARGET_DIR:-target}"
 venv="$target_dir/mailman-3.3.10-venv"
-if [ ! -f "$venv/.qslice-complete" ]; then
+# The marker holds the requirements the venv was built from: a changed list rebuilds it.
+if ! cmp -s tests/fixtures/mailman3-requirements.txt "$venv/.qslice-complete"; then
   echo "== building the Mailman 3.3.10 venv in $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/fixtures/mailman3-requirements.txt
-  echo 3.3.10 > "$venv/.qslice-complete"
+  cp tests/fixtures/mailman3-requirements.txt "$venv/.qslice-complete"
 fi
 
 cargo build --workspace --bins

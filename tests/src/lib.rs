@@ -11,6 +11,8 @@
 //!   instead of sleeps.
 //! - [`testcluster::TestCluster`]: etcd, coordinators, runners and queues for one test,
 //!   started by a builder, waited for until ready, and stopped on drop.
+//! - [`mailman3`]: a real Mailman 3 from PyPI (a venv built once) and small SQLite sites;
+//!   [`site`]: a whole site on PostgreSQL with a recording SMTP server.
 
 pub mod checker;
 pub mod benchkit;
@@ -19,6 +21,7 @@ pub mod etcd_cluster;
 pub mod freezer;
 pub mod mailman3;
 pub mod pki;
+pub mod site;
 pub mod testcluster;
 pub mod wait;
 

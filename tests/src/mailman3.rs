@@ -38,14 +38,17 @@ pub fn python() -> Result<PathBuf> {
     let dir = venv_dir();
     let python = dir.join("bin/python");
     let done = dir.join(".qslice-complete");
-    if done.exists() {
+    // The marker holds the requirements the venv was built from: a changed list rebuilds it.
+    let requirements = std::fs::read(fixtures().join("mailman3-requirements.txt")).context("read mailman3-requirements.txt")?;
+    let complete = || std::fs::read(&done).is_ok_and(|built| built == requirements);
+    if complete() {
         return Ok(python);
     }
     std::fs::create_dir_all(dir.parent().context("venv dir has a parent")?)?;
     let lock_path = dir.with_extension("lock");
     let lock = File::create(&lock_path).with_context(|| format!("create {}", lock_path.display()))?;
     let _lock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| anyhow::anyhow!("lock {}: {e}", lock_path.display()))?;
-    if done.exists() {
+    if complete() {
         return Ok(python);
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -61,7 +64,7 @@ pub fn python() -> Result<PathBuf> {
         Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"]).arg(fixtures().join("mailman3-requirements.txt")),
         "pip install mailman (needs PyPI)",
     )?;
-    std::fs::write(&done, MAILMAN_VERSION)?;
+    std::fs::write(&done, &requirements)?;
     Ok(python)
 }
 

@@ -505,7 +505,7 @@ class GatedListing:
             yield filebase
 
 
-def gate_runner(runner, gate, events):
+def gate_runner(runner, gate, events, slice_):
     """Make `runner` take messages only while `gate` is open, keep its class's own
     pacing, and run what must not run twice in a cluster only where it belongs.
 
@@ -554,7 +554,8 @@ def gate_runner(runner, gate, events):
         def _do_periodic(self):
             if not gate.is_open():
                 return
-            if once_per_cluster and self.slice not in (None, 0):
+            # Runner keeps no slice number of its own (NNTPRunner does): the go's is used.
+            if once_per_cluster and slice_ != 0:
                 return
             super()._do_periodic()
 
@@ -678,19 +679,22 @@ class ListLocks:
 
     def acquire(self, mlist):
         from mailman.config import config
-        # End the transaction that looked the list up before waiting: its reads are stale
-        # once the lock is ours (expire_on_commit reloads the list), and with SQLite it
+        list_id = mlist.list_id
+        # End the transaction that looked the list up before waiting: with SQLite it
         # would hold a shared lock that the current holder's commit waits for.
         config.db.commit()
         if self._postgres:
             from sqlalchemy import text
-            key = zlib.crc32(('qslice list ' + mlist.list_id).encode('utf-8'))
+            key = zlib.crc32(('qslice list ' + list_id).encode('utf-8'))
             config.db.store.execute(text('SELECT pg_advisory_xact_lock(:key)'), {'key': key})
             handle = None
         else:
-            path = os.path.join(config.LOCK_DIR, 'qslice-list-{}.lock'.format(mlist.list_id))
+            path = os.path.join(config.LOCK_DIR, 'qslice-list-{}.lock'.format(list_id))
             handle = open(path, 'a')
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        # Whatever was read before the lock is stale (the previous holder may have bumped
+        # post_id or the digest number since): read it all again from here.
+        config.db.store.expire_all()
         break_dead_locks(mlist)
         return handle
 
@@ -928,7 +932,7 @@ def run_slice(args, go, gate, events):
     queue_dir = config.switchboards[config_queue(args.runner)].queue_directory
     quarantine_junk(queue_dir, os.path.basename(queue_dir), events)
     runner = build_runner(args.runner, slice_, count)
-    gate_runner(runner, gate, events)
+    gate_runner(runner, gate, events, slice_)
     events.send('running', slice_, count)
     rlog = logging.getLogger('mailman.runner')
     rlog.info(runner_line(args.runner, slice_, count, epoch, 'started'))

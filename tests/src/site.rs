@@ -1,0 +1,407 @@
+//! A whole Mailman 3 site for end-to-end tests: PostgreSQL (Debian's, started here on a
+//! Unix socket in a temporary directory), a recording SMTP server of the test's own
+//! (tests/fixtures/smtp_sink.py, aiosmtpd from the Mailman venv) that can answer 451 on
+//! demand, and a site (tests/fixtures/mailman3_whole_site.py) with two lists, one of them
+//! with a digest member, whose per-node mailman.cfg files share every shared directory
+//! and keep logs, pid and lock files per node. Everything is stopped and removed on drop,
+//! also when a test fails.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::cluster::Spool;
+use crate::mailman3::python;
+use crate::wait::wait_for;
+
+/// How long PostgreSQL and the SMTP server may take to come up on a loaded machine.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Debian's PostgreSQL server binaries (the newest installed major version).
+fn postgres_bin() -> Result<PathBuf> {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed (tests/run.sh installs Debian's postgresql)")?
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    versions.sort();
+    versions.pop().context("no /usr/lib/postgresql/<version>/bin/postgres")
+}
+
+/// Runs `cmd` as the `postgres` user when this process is root (PostgreSQL refuses to
+/// run as root).
+fn as_postgres(program: &Path) -> Command {
+    if nix::unistd::Uid::effective().is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A PostgreSQL server of the test's own, listening only on a Unix socket.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    server: Child,
+}
+
+impl Postgres {
+    /// initdb, start, and create the database `mailman`.
+    pub fn start() -> Result<Postgres> {
+        let bin = postgres_bin()?;
+        let dir = tempfile::Builder::new().prefix("qslice-pg-").tempdir()?;
+        if nix::unistd::Uid::effective().is_root() {
+            let user = nix::unistd::User::from_name("postgres")?.context("no postgres user (Debian's postgresql package makes it)")?;
+            nix::unistd::chown(dir.path(), Some(user.uid), Some(user.gid))?;
+        }
+        let data = dir.path().join("data");
+        let out = as_postgres(&bin.join("initdb")).args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D"]).arg(&data).output()?;
+        if !out.status.success() {
+            bail!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        let log = File::create(dir.path().join("postgres.log"))?;
+        let mut cmd = as_postgres(&bin.join("postgres"));
+        cmd.arg("-D")
+            .arg(&data)
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        crate::die_with_parent(&mut cmd);
+        let server = cmd.spawn().context("start postgres")?;
+        let pg = Postgres { dir, server };
+        let socket = pg.dir.path().join(".s.PGSQL.5432");
+        wait_for(START_TIMEOUT, "PostgreSQL's socket", || socket.exists()).map_err(|e| anyhow::anyhow!("{e}: {}", pg.log()))?;
+        let mut created = false;
+        let mut last = String::new();
+        let _ = wait_for(START_TIMEOUT, "database mailman created", || {
+            let out = as_postgres(&bin.join("createdb"))
+                .arg("-h")
+                .arg(pg.dir.path())
+                .args(["-U", "postgres", "mailman"])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => created = true,
+                Ok(o) => last = String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => last = e.to_string(),
+            }
+            created
+        });
+        if !created {
+            bail!("createdb mailman failed: {last}; {}", pg.log());
+        }
+        Ok(pg)
+    }
+
+    /// The SQLAlchemy URL of the `mailman` database.
+    pub fn url(&self) -> String {
+        format!("postgresql+psycopg2://postgres@/mailman?host={}", self.dir.path().display())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGQUIT: PostgreSQL's immediate shutdown, which ends every backend at once.
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.server.id() as i32), nix::sys::signal::Signal::SIGQUIT);
+        if wait_for(Duration::from_secs(10), "postgres exited", || matches!(self.server.try_wait(), Ok(Some(_)))).is_err() {
+            let _ = self.server.kill();
+        }
+        let _ = self.server.wait();
+    }
+}
+
+/// One delivery the SMTP server accepted: a message to one recipient.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Delivery {
+    /// When (Unix seconds).
+    pub t: f64,
+    /// The recipient.
+    pub rcpt: String,
+    /// The message's Message-ID.
+    pub message_id: String,
+    /// The subject.
+    #[serde(default)]
+    pub subject: String,
+    /// For a digest, the Message-IDs of the posts in it.
+    #[serde(default)]
+    pub digest_ids: Vec<String>,
+}
+
+/// One refused delivery attempt (while the server answered 451).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Refusal {
+    /// When (Unix seconds).
+    pub t: f64,
+    /// The message's Message-ID, if it got that far.
+    #[serde(default)]
+    pub message_id: Option<String>,
+}
+
+/// The recording SMTP server.
+pub struct SmtpSink {
+    dir: PathBuf,
+    child: Child,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+}
+
+impl SmtpSink {
+    /// Starts it, recording under `dir`.
+    pub fn start(dir: &Path) -> Result<SmtpSink> {
+        std::fs::create_dir_all(dir)?;
+        let log = File::create(dir.join("sink.log"))?;
+        let mut cmd = Command::new(python()?);
+        cmd.arg(fixtures().join("smtp_sink.py")).arg(dir).stdout(Stdio::null()).stderr(log);
+        crate::die_with_parent(&mut cmd);
+        let child = cmd.spawn().context("start the SMTP sink")?;
+        let mut sink = SmtpSink { dir: dir.to_owned(), child, port: 0 };
+        let port_file = dir.join("port");
+        wait_for(START_TIMEOUT, "the SMTP sink's port file", || port_file.exists()).map_err(|e| anyhow::anyhow!("{e}: {}", std::fs::read_to_string(dir.join("sink.log")).unwrap_or_default()))?;
+        sink.port = std::fs::read_to_string(&port_file)?.trim().parse().context("port file")?;
+        Ok(sink)
+    }
+
+    /// Answers 451 to every delivery while `failing`.
+    pub fn set_failing(&self, failing: bool) -> Result<()> {
+        let flag = self.dir.join("fail");
+        if failing {
+            std::fs::write(flag, b"")?;
+        } else if flag.exists() {
+            std::fs::remove_file(flag)?;
+        }
+        Ok(())
+    }
+
+    /// Every delivery so far.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        read_jsonl(&self.dir.join("deliveries.jsonl"))
+    }
+
+    /// Every refused attempt so far.
+    pub fn refusals(&self) -> Vec<Refusal> {
+        read_jsonl(&self.dir.join("refusals.jsonl"))
+    }
+}
+
+fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> Vec<T> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the site's database, queues and logs say.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SiteReport {
+    /// Each list's post_id.
+    pub post_id: BTreeMap<String, i64>,
+    /// Bounce events: total and processed.
+    pub bounce_events: BounceEvents,
+    /// `.pck`/`.bak` counts per queue.
+    pub queues: BTreeMap<String, QueueCount>,
+    /// Messages in shunt/.
+    pub shunt: usize,
+    /// Files in bad/.
+    pub bad: usize,
+    /// Messages in each list's prototype archive.
+    pub archive: BTreeMap<String, usize>,
+    /// Their Message-IDs.
+    #[serde(default)]
+    pub archive_ids: BTreeMap<String, Vec<String>>,
+    /// Every line of every node's error log.
+    pub errors: Vec<String>,
+    /// Lines about the prototype archiver's lock.
+    pub archiver_errors: Vec<String>,
+    /// Every line of every node's bounce log.
+    pub bounce_log: Vec<String>,
+}
+
+/// Bounce events in the database.
+#[derive(Clone, Debug, Deserialize)]
+pub struct BounceEvents {
+    /// All of them.
+    pub total: usize,
+    /// Those processed.
+    pub processed: usize,
+}
+
+/// Files in one queue.
+#[derive(Clone, Debug, Deserialize)]
+pub struct QueueCount {
+    /// Waiting.
+    pub pck: usize,
+    /// In flight.
+    pub bak: usize,
+}
+
+impl SiteReport {
+    /// Whether every queue is empty.
+    pub fn queues_empty(&self) -> bool {
+        self.queues.values().all(|q| q.pck == 0 && q.bak == 0)
+    }
+}
+
+/// A whole site: PostgreSQL, the SMTP sink, and the site's files in a test spool whose
+/// root is the site's queue directory.
+pub struct WholeSite {
+    // Field order is drop order: the site's users stop before the servers.
+    /// The test spool (its root is a link to the site's queue directory).
+    pub spool: Spool,
+    /// The site's directory.
+    pub dir: PathBuf,
+    /// The venv's python.
+    pub python: PathBuf,
+    /// The SMTP server.
+    pub sink: SmtpSink,
+    posters: Vec<Child>,
+    /// The database server.
+    pub postgres: Postgres,
+}
+
+/// Site options.
+#[derive(Clone, Debug)]
+pub struct SiteOptions {
+    /// Node names: each gets its own mailman-<node>.cfg.
+    pub nodes: Vec<String>,
+    /// `[runner.retry] sleep_time`.
+    pub retry_sleep: String,
+    /// The digest list's digest_size_threshold in KiB.
+    pub digest_threshold_kb: u32,
+}
+
+impl Default for SiteOptions {
+    fn default() -> SiteOptions {
+        SiteOptions { nodes: vec!["r1".into(), "r2".into()], retry_sleep: "3s".into(), digest_threshold_kb: 1 }
+    }
+}
+
+impl WholeSite {
+    /// Starts PostgreSQL and the SMTP sink and creates the site.
+    pub fn new(options: &SiteOptions) -> Result<WholeSite> {
+        let python = python()?;
+        let postgres = Postgres::start()?;
+        let spool = Spool::new(&[])?;
+        let sink = SmtpSink::start(&spool.scratch("smtp"))?;
+        let dir = spool.scratch("site");
+        let out = Command::new(&python)
+            .arg(fixtures().join("mailman3_whole_site.py"))
+            .arg("init")
+            .arg(&dir)
+            .args(["--db", &postgres.url(), "--smtp-port", &sink.port.to_string(), "--nodes", &options.nodes.join(","), "--retry-sleep", &options.retry_sleep])
+            .args(["--digest-threshold-kb", &options.digest_threshold_kb.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("mailman3_whole_site.py init failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        let queue_dir = dir.join("var/queue");
+        let _ = std::fs::remove_dir(spool.root());
+        std::os::unix::fs::symlink(&queue_dir, spool.root())?;
+        Ok(WholeSite { spool, dir, python, sink, posters: Vec::new(), postgres })
+    }
+
+    /// Node `node`'s mailman.cfg.
+    pub fn config(&self, node: &str) -> PathBuf {
+        self.dir.join(format!("mailman-{node}.cfg"))
+    }
+
+    /// A runner config for `node` supervising `queues` (name, extra TOML lines) with
+    /// qslice's slice runner, plus `top` at the top level; returns its path.
+    pub fn runner_config(&self, node: &str, queues: &[(&str, &str)], top: &str) -> Result<String> {
+        let mut toml = format!("{top}\n");
+        for (queue, extra) in queues {
+            toml.push_str(&format!(
+                "[supervise.{queue}]\npython = {:?}\nconfig = {:?}\nstop_timeout = \"30s\"\nenv = [\"QSLICE_HOST\"]\n{extra}\n",
+                self.python.display().to_string(),
+                self.config(node).display().to_string()
+            ));
+        }
+        let path = self.spool.scratch(&format!("{node}.toml"));
+        std::fs::write(&path, toml)?;
+        Ok(path.to_string_lossy().into_owned())
+    }
+
+    fn site_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(fixtures().join("mailman3_whole_site.py")).arg(args[0]).arg(&self.dir).arg(self.config("r1")).args(&args[1..]);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let out = self.site_command(args).output()?;
+        if !out.status.success() {
+            bail!("mailman3_whole_site.py {args:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Enqueues `count` posts to `list` ("test" or "digest") numbered from `start`.
+    pub fn post(&self, list: &str, count: usize, start: usize) -> Result<()> {
+        self.run(&["post", &count.to_string(), "--start", &start.to_string(), "--list", list]).map(|_| ())
+    }
+
+    /// Enqueues posts in the background at `rate` per second (stopped on drop).
+    pub fn post_in_background(&mut self, list: &str, count: usize, start: usize, rate: f64) -> Result<()> {
+        let child = self.site_command(&["post", &count.to_string(), "--start", &start.to_string(), "--list", list, "--rate", &rate.to_string()]).stdout(Stdio::null()).spawn()?;
+        self.posters.push(child);
+        Ok(())
+    }
+
+    /// Whether every background poster has finished.
+    pub fn posting_done(&mut self) -> bool {
+        self.posters.iter_mut().all(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    /// Enqueues `count` bounce messages for the test list, numbered from `start`.
+    pub fn bounce(&self, count: usize, start: usize) -> Result<()> {
+        self.run(&["bounce", &count.to_string(), "--start", &start.to_string()]).map(|_| ())
+    }
+
+    /// Sends every list's pending digest now.
+    pub fn send_digests(&self) -> Result<()> {
+        self.run(&["send-digests"]).map(|_| ())
+    }
+
+    /// What the site says now.
+    pub fn report(&self) -> Result<SiteReport> {
+        let out = self.run(&["report"])?;
+        serde_json::from_str(&out).with_context(|| format!("report printed no JSON: {out}"))
+    }
+
+    /// Every (recipient, Message-ID) delivered, with its count.
+    pub fn delivery_counts(&self) -> BTreeMap<(String, String), usize> {
+        let mut counts = BTreeMap::new();
+        for d in self.sink.deliveries() {
+            *counts.entry((d.rcpt, d.message_id)).or_insert(0) += 1;
+        }
+        counts
+    }
+}
+
+impl Drop for WholeSite {
+    fn drop(&mut self) {
+        for c in &mut self.posters {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! A whole Mailman 3.3.10 site (from PyPI) under qslice: PostgreSQL, mail delivered over
+//! SMTP to a recording server of the test's own, two lists (one with a digest member),
+//! several queues served by qslice-runners through qslice's slice runner, and a real
+//! coordinator. Each test counts what reaches the recipients, not only log lines. These
+//! tests need PyPI and Debian's PostgreSQL (tests/run.sh installs both) and never skip.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use qslice_tests::site::{SiteOptions, SiteReport, WholeSite};
+use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::wait_for_async;
+
+/// Generous bound for anything a loaded two-core machine does in seconds normally.
+const LONG: Duration = Duration::from_secs(180);
+
+/// The regular members of the test list, and of the digest list (d5 takes MIME digests).
+const TEST_MEMBERS: [&str; 5] = ["m1@example.com", "m2@example.com", "m3@example.com", "m4@example.com", "m5@example.com"];
+const DIGEST_REGULAR: [&str; 4] = ["d1@example.com", "d2@example.com", "d3@example.com", "d4@example.com"];
+const DIGEST_MEMBER: &str = "d5@example.com";
+
+struct Cluster {
+    // Field order is drop order: the runners stop before the site's servers.
+    tc: TestCluster,
+    site: WholeSite,
+    /// The queues qslice serves here (the others fill up unserved).
+    served: Vec<String>,
+}
+
+/// A site, a coordinator and one qslice-runner per node serving `queues` (name, slices)
+/// with qslice's slice runner; `env` per node (e.g. QSLICE_HOST). Returns once every
+/// slice is claimed.
+async fn cluster(options: SiteOptions, queues: &[(&str, u32)], extra: &str, env: &[(&str, &[(&str, &str)])]) -> Cluster {
+    let site = WholeSite::new(&options).expect("a whole Mailman 3 site");
+    let mut builder = TestCluster::builder().spool(site.spool.clone()).queues(queues).coordinators(1);
+    let supervised: Vec<(&str, &str)> = queues.iter().map(|(q, _)| (*q, extra)).collect();
+    for node in &options.nodes {
+        let cfg = site.runner_config(node, &supervised, "").expect("runner config");
+        let node_env = env.iter().find(|(n, _)| n == node).map(|(_, e)| *e).unwrap_or(&[]);
+        builder = builder.runner_with(node, &["--config", &cfg], node_env);
+    }
+    let tc = builder.ready(Ready::Claimed).ready_timeout(LONG).start().await.expect("cluster");
+    Cluster { tc, site, served: queues.iter().map(|(q, _)| q.to_string()).collect() }
+}
+
+impl Cluster {
+    fn logs(&self) -> String {
+        self.tc.runners().iter().map(|(n, p)| format!("--- {n}\n{}\n", tail_lines(&p.log(), 60))).collect()
+    }
+
+    /// Waits until posting is done and `done` holds of the site's report with every queue
+    /// empty; returns that report.
+    async fn settled(&mut self, what: &str, done: impl Fn(&SiteReport, &WholeSite) -> bool) -> SiteReport {
+        let site = &mut self.site;
+        wait_for_async(LONG, "posting done", || {
+            let finished = site.posting_done();
+            async move { finished }
+        })
+        .await
+        .expect("posted");
+        let mut last = None;
+        let site = &self.site;
+        let served = &self.served;
+        let settled = wait_for_async(LONG, what, || {
+            let report = site.report().ok();
+            let ok = report.as_ref().is_some_and(|r| served.iter().all(|q| r.queues.get(q).is_none_or(|c| c.pck == 0 && c.bak == 0)) && done(r, site));
+            last = report;
+            async move { ok }
+        })
+        .await;
+        if let Err(e) = settled {
+            panic!("{e}: {last:#?}\n{}", self.logs());
+        }
+        last.expect("a report")
+    }
+}
+
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn post_ids(list: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|n| format!("<site-{list}-{n}@example.com>")).collect()
+}
+
+/// Every post of `ids` delivered exactly once to each of `members`; the first problem.
+fn each_delivered_once(counts: &BTreeMap<(String, String), usize>, ids: &[String], members: &[&str]) -> Result<(), String> {
+    for id in ids {
+        for member in members {
+            match counts.get(&(member.to_string(), id.clone())).copied().unwrap_or(0) {
+                1 => {}
+                n => return Err(format!("{id} reached {member} {n} times")),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Nothing shunted, nothing in bad/, nothing in Mailman's error logs.
+fn assert_clean(report: &SiteReport) {
+    assert_eq!(report.shunt, 0, "shunted: {:?}", report.errors);
+    assert_eq!(report.bad, 0, "in bad/: {:?}", report.errors);
+    assert!(report.errors.is_empty(), "Mailman's error logs: {:#?}", report.errors);
+    assert!(report.archiver_errors.is_empty(), "the archiver discarded posts: {:#?}", report.archiver_errors);
+}
+
+#[tokio::test]
+async fn retry_keeps_its_sleep_time_through_an_smtp_outage_and_every_post_goes_out_once() {
+    // A retry sleep three times the runners' lease (TTL 2 s): a slice runner that cut its
+    // sleeps at the lease left would try each post every second or so.
+    let sleep = 6.0;
+    let options = SiteOptions { retry_sleep: format!("{sleep}s"), ..SiteOptions::default() };
+    let queues = [("in", 1), ("pipeline", 1), ("out", 2), ("retry", 1), ("virgin", 1)];
+    let mut c = cluster(options, &queues, "", &[]).await;
+    c.site.sink.set_failing(true).expect("451 on");
+    c.site.post("test", 10, 0).expect("post");
+    let sink = &c.site.sink;
+    wait_for_async(LONG, "every post refused once", || {
+        let refused: BTreeSet<String> = sink.refusals().into_iter().filter_map(|r| r.message_id).collect();
+        async move { refused.len() >= 10 }
+    })
+    .await
+    .expect("refused");
+    let outage = Duration::from_secs(20);
+    tokio::time::sleep(outage).await; // the outage itself: the SMTP server answers 451 for this long
+    c.site.sink.set_failing(false).expect("451 off");
+    let ids = post_ids("test", 0..10);
+    let report = c
+        .settled("every post delivered after the outage", |_, site| each_delivered_once(&site.delivery_counts(), &ids, &TEST_MEMBERS).is_ok())
+        .await;
+    assert_clean(&report);
+    // Tries per post: attempts (one SMTP transaction each, refused for all recipients)
+    // told apart by time.
+    let mut tries: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in c.site.sink.refusals() {
+        let Some(id) = r.message_id else { continue };
+        let times = tries.entry(id).or_default();
+        if times.iter().all(|t| (t - r.t).abs() > 0.5) {
+            times.push(r.t);
+        }
+    }
+    // The first try, then at most one per retry pass, passes being `sleep` apart: over the
+    // outage (plus the wait for the first refusals) at most ceil(outage / sleep) + 1 more.
+    let bound = 2 + (outage.as_secs_f64() / sleep).ceil() as usize;
+    let most = tries.values().map(Vec::len).max().unwrap_or(0);
+    println!("SMTP outage of {outage:?} with retry sleep_time {sleep} s: tries per post {:?} (bound {bound})", tries.values().map(Vec::len).collect::<Vec<_>>());
+    assert!(most >= 2, "the outage made posts wait for retry: {tries:?}");
+    assert!(most <= bound, "a post was tried {most} times in a {outage:?} outage with sleep_time {sleep} s: {tries:?}");
+}
+
+#[tokio::test]
+async fn bounces_at_two_slices_process_each_bounce_event_once() {
+    let queues = [("bounces", 2), ("virgin", 1)];
+    let mut c = cluster(SiteOptions::default(), &queues, "", &[]).await;
+    c.site.bounce(40, 0).expect("bounces");
+    let report = c.settled("every bounce event processed", |r, _| r.bounce_events.total == 40 && r.bounce_events.processed == 40).await;
+    // One line per processing of an event, whatever its outcome.
+    let processings: Vec<&String> = report
+        .bounce_log
+        .iter()
+        .filter(|l| ["bounce score =", "already scored a bounce", "Residual bounce received", "Probe bounce received"].iter().any(|p| l.contains(p)))
+        .collect();
+    println!("40 bounce events at 2 slices: {} processings", processings.len());
+    assert_eq!(processings.len(), 40, "each bounce event processed once: {processings:#?}");
+    assert_clean(&report);
+}
+
+/// Posts to both lists through pipeline, out, digest and archive at two slices each.
+const FLOW_QUEUES: [(&str, u32); 6] = [("in", 2), ("pipeline", 2), ("out", 2), ("digest", 2), ("archive", 2), ("virgin", 1)];
+
+/// Checks a settled flow of `n` posts to each list: each post out once to every regular
+/// member, in the digest member's digests once, in the archive once, and post_id
+/// advanced by exactly `n` per list.
+fn assert_flow(report: &SiteReport, site: &WholeSite, n: usize) {
+    assert_clean(report);
+    let counts = site.delivery_counts();
+    let test_ids = post_ids("test", 0..n);
+    let digest_ids = post_ids("digest", 0..n);
+    each_delivered_once(&counts, &test_ids, &TEST_MEMBERS).expect("test list");
+    each_delivered_once(&counts, &digest_ids, &DIGEST_REGULAR).expect("digest list");
+    let mut in_digests: BTreeMap<String, usize> = BTreeMap::new();
+    for d in site.sink.deliveries().into_iter().filter(|d| d.rcpt == DIGEST_MEMBER) {
+        for id in d.digest_ids {
+            *in_digests.entry(id).or_insert(0) += 1;
+        }
+    }
+    for id in &digest_ids {
+        assert_eq!(in_digests.get(id).copied().unwrap_or(0), 1, "{id} in the digests: {in_digests:?}");
+    }
+    assert_eq!(report.post_id.get("test.example.com").copied(), Some(1 + n as i64), "post_id of the test list (starts at 1): {:?}", report.post_id);
+    assert_eq!(report.post_id.get("digest.example.com").copied(), Some(1 + n as i64), "post_id of the digest list: {:?}", report.post_id);
+    for (list, ids) in [("test@example.com", &test_ids), ("digest@example.com", &digest_ids)] {
+        let archived: BTreeSet<&String> = report.archive_ids.get(list).map(|v| v.iter().collect()).unwrap_or_default();
+        assert_eq!(report.archive.get(list).copied(), Some(n), "{list}'s archive holds each post once");
+        assert!(ids.iter().all(|id| archived.contains(id)), "{list}'s archive misses posts");
+    }
+}
+
+#[tokio::test]
+async fn pipeline_digest_and_archive_at_two_slices_shunt_discard_and_lose_nothing() {
+    let mut c = cluster(SiteOptions::default(), &FLOW_QUEUES, "", &[]).await;
+    let n = 120;
+    c.site.post_in_background("test", n, 0, 30.0).expect("post");
+    c.site.post_in_background("digest", n, 0, 30.0).expect("post");
+    let site_flowed = |r: &SiteReport, site: &WholeSite| {
+        let counts = site.delivery_counts();
+        r.post_id.values().all(|p| *p >= 1 + n as i64) && each_delivered_once(&counts, &post_ids("test", 0..n), &TEST_MEMBERS).is_ok()
+    };
+    c.settled("every post through the pipeline and out", site_flowed).await;
+    c.site.send_digests().expect("send digests");
+    let report = c
+        .settled("the last digest sent", |_, site| {
+            let ids: BTreeSet<String> = site.sink.deliveries().into_iter().filter(|d| d.rcpt == DIGEST_MEMBER).flat_map(|d| d.digest_ids).collect();
+            post_ids("digest", 0..n).iter().all(|id| ids.contains(id))
+        })
+        .await;
+    assert_flow(&report, &c.site, n);
+}
