@@ -381,6 +381,19 @@ impl WholeSite {
         self.run(&["send-digests"]).map(|_| ())
     }
 
+    /// The Message-IDs of the entries in flight (`.bak`) in every queue now.
+    pub fn in_flight(&self) -> Result<Vec<String>> {
+        let out = self.run(&["inflight"])?;
+        serde_json::from_str(&out).with_context(|| format!("inflight printed no JSON: {out}"))
+    }
+
+    /// Leaves, for every list, the Mailman locks that a process killed while holding
+    /// them leaves (a mailbox dot lock, the prototype archiver's lock); returns their paths.
+    pub fn plant_dead_locks(&self) -> Result<Vec<PathBuf>> {
+        let out = self.run(&["plant-dead-locks"])?;
+        serde_json::from_str(&out).with_context(|| format!("plant-dead-locks printed no JSON: {out}"))
+    }
+
     /// What the site says now.
     pub fn report(&self) -> Result<SiteReport> {
         let out = self.run(&["report"])?;

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use qslice_tests::mailman3::Site;
 use qslice_tests::site::{SiteOptions, SiteReport, WholeSite};
 use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::wait_for_async;
@@ -216,4 +217,126 @@ async fn pipeline_digest_and_archive_at_two_slices_shunt_discard_and_lose_nothin
         })
         .await;
     assert_flow(&report, &c.site, n);
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_no_mailman_lock_that_shunts_or_discards_later_mail() {
+    let mut c = cluster(SiteOptions::default(), &FLOW_QUEUES, "", &[]).await;
+    let n = 80;
+    c.site.post_in_background("test", n, 0, 15.0).expect("post");
+    c.site.post_in_background("digest", n, 0, 15.0).expect("post");
+    let sink = &c.site.sink;
+    wait_for_async(LONG, "posts going out", || {
+        let delivered = sink.deliveries().len();
+        async move { delivered >= 60 }
+    })
+    .await
+    .expect("flowing");
+    // kill -9 of a whole qslice-runner (its leash kills its Mailman processes) while its
+    // slice runners hold messages of every stage; the Mailman locks a process killed
+    // inside to-digest, the digest runner or the archiver leaves are left too.
+    c.tc.runner_mut("r1").kill();
+    let in_flight: BTreeSet<String> = c.site.in_flight().expect("in flight").into_iter().collect();
+    let planted = c.site.plant_dead_locks().expect("locks");
+    let flowed = |r: &SiteReport, site: &WholeSite| {
+        let counts = site.delivery_counts();
+        r.post_id.values().all(|p| *p >= 1 + n as i64) && post_ids("test", 0..n).iter().all(|id| TEST_MEMBERS.iter().all(|m| counts.contains_key(&(m.to_string(), id.clone()))))
+    };
+    c.settled("every post out after the kill", flowed).await;
+    c.site.send_digests().expect("send digests");
+    let report = c
+        .settled("the last digest sent", |_, site| {
+            let ids: BTreeSet<String> = site.sink.deliveries().into_iter().filter(|d| d.rcpt == DIGEST_MEMBER).flat_map(|d| d.digest_ids).collect();
+            post_ids("digest", 0..n).iter().all(|id| ids.contains(id))
+        })
+        .await;
+    assert_clean(&report);
+    for lock in &planted {
+        assert!(!lock.exists(), "{} was broken by the list's next holder", lock.display());
+    }
+    let logs: String = c.tc.runners().values().map(|r| r.log()).collect();
+    assert!(logs.contains("broke a mailbox dot lock left by a process that died"), "the broken lock is logged:\n{}", c.logs());
+    // Each post reached each member; a second copy only of a post in flight at the kill.
+    let counts = c.site.delivery_counts();
+    for (list, members) in [("test", &TEST_MEMBERS[..]), ("digest", &DIGEST_REGULAR[..])] {
+        for id in post_ids(list, 0..n) {
+            for m in members {
+                let times = counts.get(&(m.to_string(), id.clone())).copied().unwrap_or(0);
+                assert!(times == 1 || (times == 2 && in_flight.contains(&id)), "{id} reached {m} {times} times (in flight at the kill: {in_flight:?})");
+            }
+        }
+    }
+    for (list, archived) in &report.archive_ids {
+        let prefix = if list.starts_with("test") { "test" } else { "digest" };
+        for id in post_ids(prefix, 0..n) {
+            assert!(archived.contains(&id), "{id} missing from {list}'s archive");
+        }
+    }
+    println!("kill -9 of r1 with {} entries in flight; broke {} planted locks; every post delivered and archived", in_flight.len(), planted.len());
+}
+
+/// Waits until some runner's log holds a queue refusal; returns that log.
+async fn refusal(tc: &TestCluster) -> String {
+    let mut found = String::new();
+    wait_for_async(LONG, "a node refusing the queue", || {
+        found = tc.runners().values().map(|r| r.log()).find(|l| l.contains("alert: giving this queue up")).unwrap_or_default();
+        let refused = !found.is_empty();
+        async move { refused }
+    })
+    .await
+    .expect("refused");
+    found
+}
+
+#[tokio::test]
+async fn a_sqlite_site_served_from_two_hosts_is_refused_naming_the_database() {
+    let site = Site::new().expect("a SQLite site");
+    let mut builder = TestCluster::builder().spool(site.spool.clone()).queue("in", 2).coordinators(1);
+    for (node, host) in [("r1", "host-a"), ("r2", "host-b")] {
+        let cfg = site.runner_config(&format!("{node}.toml"), "env = [\"QSLICE_HOST\"]\n").expect("config");
+        builder = builder.runner_with(node, &["--config", &cfg], &[("QSLICE_HOST", host)]);
+    }
+    let tc = builder.ready(Ready::Registered).ready_timeout(LONG).start().await.expect("cluster");
+    site.post(5, 0).expect("post");
+    let log = refusal(&tc).await;
+    assert!(log.contains("[database] url is SQLite"), "the refusal names the database: {log}");
+    assert!(log.contains("PostgreSQL"), "and says what to do: {log}");
+}
+
+#[tokio::test]
+async fn a_directory_that_is_not_shared_between_hosts_is_refused_naming_its_key() {
+    let options = SiteOptions::default();
+    let site = WholeSite::new(&options).expect("site");
+    // r2's host has a template_dir of its own: a per-host copy of a shared directory.
+    let own = site.spool.scratch("templates-r2");
+    let cfg = std::fs::read_to_string(site.config("r2")).expect("read");
+    let lock_line = cfg.lines().find(|l| l.starts_with("lock_file:")).expect("lock_file line").to_owned();
+    std::fs::write(site.config("r2"), cfg.replace(&lock_line, &format!("{lock_line}\ntemplate_dir: {}", own.display()))).expect("write");
+    let mut builder = TestCluster::builder().spool(site.spool.clone()).queue("in", 2).coordinators(1);
+    for (node, host) in [("r1", "host-a"), ("r2", "host-b")] {
+        let cfg = site.runner_config(node, &[("in", "")], "").expect("config");
+        builder = builder.runner_with(node, &["--config", &cfg], &[("QSLICE_HOST", host)]);
+    }
+    let tc = builder.ready(Ready::Registered).ready_timeout(LONG).start().await.expect("cluster");
+    site.post("test", 5, 0).expect("post");
+    let log = refusal(&tc).await;
+    assert!(log.contains("[paths] template_dir"), "the refusal names the key: {log}");
+    assert!(log.contains("Every node must mount the same template_dir"), "and says what to do: {log}");
+}
+
+#[tokio::test]
+async fn a_correctly_shared_site_on_two_hosts_is_served_by_both() {
+    let env_r1: &[(&str, &str)] = &[("QSLICE_HOST", "host-a")];
+    let env_r2: &[(&str, &str)] = &[("QSLICE_HOST", "host-b")];
+    let queues = [("in", 2), ("pipeline", 2), ("out", 2), ("virgin", 1)];
+    let mut c = cluster(SiteOptions::default(), &queues, "", &[("r1", env_r1), ("r2", env_r2)]).await;
+    c.site.post("test", 20, 0).expect("post");
+    let ids = post_ids("test", 0..20);
+    let report = c.settled("every post delivered", |_, site| each_delivered_once(&site.delivery_counts(), &ids, &TEST_MEMBERS).is_ok()).await;
+    assert_clean(&report);
+    for (node, runner) in c.tc.runners() {
+        assert!(!runner.log().contains("giving this queue up"), "{node} refused a queue:\n{}", c.logs());
+    }
+    let markers: BTreeSet<String> = std::fs::read_dir(c.site.dir.join("var/queue/.qslice/site")).expect("markers").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(markers, BTreeSet::from(["r1".to_owned(), "r2".to_owned()]), "both nodes checked the site");
 }
