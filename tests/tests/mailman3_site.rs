@@ -340,3 +340,73 @@ async fn a_correctly_shared_site_on_two_hosts_is_served_by_both() {
     let markers: BTreeSet<String> = std::fs::read_dir(c.site.dir.join("var/queue/.qslice/site")).expect("markers").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(markers, BTreeSet::from(["r1".to_owned(), "r2".to_owned()]), "both nodes checked the site");
 }
+
+/// Every queue runner of a site, as the site example serves them (docs/SUPERVISING.md),
+/// but nntp: its periodic `mailman gatenews` refuses to run as root, which tests are.
+const SITE_QUEUES: [(&str, u32); 9] =
+    [("in", 2), ("pipeline", 2), ("out", 2), ("retry", 1), ("bounces", 2), ("digest", 2), ("archive", 2), ("virgin", 1), ("command", 1)];
+
+#[tokio::test]
+async fn a_cold_start_of_a_whole_site_under_load_claims_and_serves_every_slice_without_a_storm() {
+    let options = SiteOptions::default();
+    let mut site = WholeSite::new(&options).expect("site");
+    // A backlog waits at the first start, and posts keep coming while it starts.
+    site.post("test", 40, 0).expect("post");
+    site.post("digest", 40, 0).expect("post");
+    let runner_script = site.python.parent().expect("venv bin").join("runner");
+    let mut builder = TestCluster::builder().spool(site.spool.clone()).queues(&SITE_QUEUES).coordinators(1);
+    for node in &options.nodes {
+        // Mailman's task runner (no queue) as a long-running singleton of the cluster.
+        let task = format!(
+            "[singleton.task]\ncommand = [{:?}, \"-C\", {:?}, \"-r\", \"task\"]\nlong_running = true\n",
+            runner_script.display().to_string(),
+            site.config(node).display().to_string()
+        );
+        let supervised: Vec<(&str, &str)> = SITE_QUEUES.iter().map(|(q, _)| (*q, "spares = 1\n")).collect();
+        let cfg = site.runner_config(node, &supervised, &task).expect("config");
+        builder = builder.runner_with(node, &["--config", &cfg], &[]);
+    }
+    let started = std::time::Instant::now();
+    let tc = builder.ready(Ready::Registered).ready_timeout(LONG).start().await.expect("cluster");
+    site.post_in_background("test", 40, 40, 10.0).expect("post");
+    site.post_in_background("digest", 40, 40, 10.0).expect("post");
+    // Every slice served: a slice runner running it on some node.
+    let wanted: BTreeSet<(String, u32)> = SITE_QUEUES.iter().flat_map(|(q, n)| (0..*n).map(move |s| (q.to_string(), s))).collect();
+    let mut serving = BTreeSet::new();
+    wait_for_async(LONG, "every slice served by a running slice runner", || {
+        for runner in tc.runners().values() {
+            for line in runner.log().lines().filter(|l| l.contains("Mailman slice runner is running the slice")) {
+                let field = |name: &str| line.split(&format!(" {name}=")).nth(1).and_then(|r| r.split_whitespace().next()).map(str::to_owned);
+                if let (Some(queue), Some(slice)) = (field("queue"), field("slice").and_then(|s| s.parse::<u32>().ok())) {
+                    serving.insert((queue, slice));
+                }
+            }
+        }
+        let all = wanted.is_subset(&serving);
+        async move { all }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: serving {serving:?}"));
+    let all_serving = started.elapsed();
+    let mut c = Cluster { tc, site, served: SITE_QUEUES.iter().map(|(q, _)| q.to_string()).collect() };
+    let ids_test = post_ids("test", 0..80);
+    let ids_digest = post_ids("digest", 0..80);
+    let report = c
+        .settled("every post delivered", |_, site| {
+            let counts = site.delivery_counts();
+            each_delivered_once(&counts, &ids_test, &TEST_MEMBERS).is_ok() && each_delivered_once(&counts, &ids_digest, &DIGEST_REGULAR).is_ok()
+        })
+        .await;
+    let slices: u32 = SITE_QUEUES.iter().map(|(_, n)| n).sum();
+    println!("cold start of a two-node site ({slices} slices of {} queues, 80 posts waiting, 20 posts/s arriving): every slice served {all_serving:.1?} after the start", SITE_QUEUES.len());
+    assert_clean(&report);
+    let coordinator = c.tc.coordinator("c1").proc.log();
+    assert!(!coordinator.contains("did not claim"), "a claim-deadline reassignment at the cold start:\n{coordinator}");
+    let logs: String = c.tc.runners().values().map(|r| r.log()).collect();
+    for storm in ["did not finish its message within the stop timeout", "the gate is already closed", "reached the fence deadline", "stopped at the fence deadline", "giving this queue up"] {
+        assert!(!logs.contains(storm), "{storm:?} at the cold start:\n{}", c.logs());
+    }
+    // The task runner runs on exactly one node.
+    let holders: Vec<&String> = c.tc.runners().iter().filter(|(_, r)| r.log().contains("started the singleton's command")).map(|(n, _)| n).collect();
+    assert_eq!(holders.len(), 1, "Mailman's task runner started on exactly one node: {holders:?}");
+}

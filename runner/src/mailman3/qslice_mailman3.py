@@ -863,8 +863,7 @@ def check_site(node):
     for key in SHARED_DIRS:
         if key == 'queue_dir':
             continue
-        seen = set(listdir(marker_dirs[key]))
-        missing = sorted(peer for peer in peers if peer not in seen)
+        missing = missing_markers(marker_dirs[key], peers)
         if missing:
             raise Refused('[paths] {} = {} is not the directory that node(s) {} use: their '
                           'markers, seen in the shared spool, are not in {} as listed on node {} '
@@ -881,10 +880,32 @@ def check_site(node):
                                                      marker_dirs[key], key))
 
 
+def missing_markers(directory, peers):
+    """The peers whose marker is not in `directory`, listed a few times over a second
+    before a peer counts as missing: a peer writing its first marker there races the
+    listing."""
+    for _ in range(5):
+        seen = set(listdir(directory))
+        missing = sorted(peer for peer in peers if peer not in seen)
+        if not missing:
+            return missing
+        time.sleep(0.2)
+    return missing
+
+
 def write_marker(directory, node):
-    """`<directory>/<node>`, saying the node's host, written whole."""
+    """`<directory>/<node>`, saying the node's host, written whole. One that says so
+    already is only touched: a rename over it could hide the name from another node
+    listing the directory at that moment (tmpfs moves a renamed entry in its list)."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, node)
+    try:
+        with open(path) as f:
+            if f.read().strip() == HOST:
+                os.utime(path)
+                return
+    except FileNotFoundError:
+        pass
     tmp = '{}.{}.tmp'.format(path, os.getpid())
     with open(tmp, 'w') as f:
         f.write(HOST + '\n')
