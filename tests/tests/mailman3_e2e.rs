@@ -374,3 +374,77 @@ async fn files_mailman_cannot_serve_are_quarantined_and_every_post_is_accepted_o
     assert!(logs.contains("alert: a file Mailman cannot serve was quarantined"), "the quarantine is alerted:\n{}", c.logs());
     assert_eq!(c.holds("r1").await.len() + c.holds("r2").await.len(), 2, "both slices still held");
 }
+
+/// Milliseconds on CLOCK_BOOTTIME, the slice runner's lease clock.
+fn boottime_ms() -> u128 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("clock");
+    Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32).as_millis()
+}
+
+#[test]
+fn a_slice_runner_starved_past_its_deadline_keeps_a_lease_renewed_meanwhile() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    // A slice runner whose process gets no CPU for longer than the time left on its lease
+    // (SIGSTOP: a host with a dozen Mailman processes initialising on two cores) while
+    // qslice renews the lease: the renewals wait in its pipe. They are valid, so it must
+    // not take itself for fenced when it runs again. (A lease measured from when it read
+    // the line latched the gate as lapsed at the first late read.)
+    let site = Site::new().expect("site");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../runner/src/mailman3/qslice_mailman3.py");
+    let mut child = std::process::Command::new(&site.python)
+        .args([script, "--config"])
+        .arg(&site.config)
+        .args(["--runner", "in"])
+        .env("QSLICE_NODE", "starved")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the slice runner");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut stdin = child.stdin.take().expect("stdin");
+    let (tx, events) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let expect = |word: &str| {
+        let line = events.recv_timeout(LONG).unwrap_or_else(|_| panic!("no {word} event"));
+        assert!(line.starts_with(word), "expected {word}, got {line}");
+    };
+    expect("ready");
+    writeln!(stdin, "go 0 1 7 {}", boottime_ms() + 1500).expect("go");
+    expect("running");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    // Renewals every 200 ms for 3 s, each 1.5 s ahead: the first deadline passes while
+    // the process is stopped.
+    for _ in 0..15 {
+        writeln!(stdin, "lease {}", boottime_ms() + 1500).expect("lease");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    site.post(3, 0).expect("post");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut accepted = 0;
+    while std::time::Instant::now() < deadline && accepted < 3 {
+        writeln!(stdin, "lease {}", boottime_ms() + 1500).expect("lease");
+        accepted = site.report().map(|r| r.accepts.len()).unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    writeln!(stdin, "stop").expect("stop");
+    let mut seen = Vec::new();
+    while let Ok(line) = events.recv_timeout(LONG) {
+        let done = line == "stopped" || line == "fenced";
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let status = child.wait().expect("exit");
+    assert_eq!(accepted, 3, "the runner took posts after it was starved: {seen:?}");
+    assert_eq!(seen.last().map(String::as_str), Some("stopped"), "it stopped on request, not fenced: {seen:?}");
+    assert_eq!(status.code(), Some(0), "exit 0 (stopped), not 3 (fenced)");
+}
