@@ -198,3 +198,36 @@ fn systemd_units_run_the_daemons_as_notify_services_with_watchdog_and_hardening(
         }
     }
 }
+
+#[test]
+fn the_mailman3_site_example_serves_every_queue_and_runs_task_digests_and_notify_once() {
+    // The example names the site's venv and mailman.cfg; here they are stand-ins that exist.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = write(dir.path(), "mailman.cfg", "[mailman]\n");
+    let python = Command::new("sh").args(["-c", "command -v python3"]).output().expect("which python3");
+    let python = String::from_utf8_lossy(&python.stdout).trim().to_owned();
+    let text = std::fs::read_to_string(example("mailman3-site-runner.toml")).expect("read");
+    let local = text.replace("/opt/mailman/venv/bin/python", &python).replace("/etc/mailman3/mailman.cfg", &cfg.display().to_string());
+    let printed = assert_valid("qslice-runner", &write(dir.path(), "site.toml", &local));
+    for queue in ["in", "pipeline", "out", "retry", "bounces", "digest", "archive", "virgin", "command", "nntp"] {
+        assert!(printed.contains(&format!("[supervise.{queue}]")), "{queue} is served: {printed}");
+    }
+    assert!(printed.contains("[singleton.task]") && printed.contains("\"-r\", \"task\"]") && printed.contains("long_running = true"), "task is a long-running singleton: {printed}");
+    for periodic in ["digests", "notify"] {
+        assert!(printed.contains(&format!("[singleton.{periodic}]")), "{periodic} is a periodic singleton: {printed}");
+    }
+    // lmtp and rest run on every host outside qslice, under systemd.
+    for runner in ["lmtp", "rest"] {
+        let unit = std::fs::read_to_string(workspace().join("deploy/systemd").join(format!("mailman3-{runner}.service"))).expect("unit");
+        let s = settings(&unit);
+        let exec: Vec<&str> = s.iter().filter(|(k, _)| k == "ExecStart").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(exec, vec![format!("/opt/mailman/venv/bin/runner -C /etc/mailman3/mailman.cfg -r {runner}")], "mailman3-{runner}.service");
+        if Path::new("/usr/bin/systemd-analyze").exists() {
+            // systemd's own check, with ExecStart pointed at a program that exists.
+            let copy = write(dir.path(), &format!("mailman3-{runner}.service"), &unit.replace("/opt/mailman/venv/bin/runner", "/bin/true"));
+            let out = Command::new("/usr/bin/systemd-analyze").arg("verify").arg(&copy).output().expect("systemd-analyze");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify mailman3-{runner}.service: {stderr}");
+        }
+    }
+}
