@@ -830,8 +830,8 @@ def check_site(node):
     mail once nodes on more than one host serve it: SQLite, a directory that must be
     shared but is not the same on every host, or a per-host path that is shared.
 
-    How it tells: each node's slice runners write a marker named after the node (saying
-    its host) into every directory concerned, then one into the spool
+    How it tells: each node's slice runners place a marker named after the node into
+    every directory concerned, then one saying its host into the spool
     (`<queue_dir>/.qslice/site/`), which is shared by definition. A node whose spool
     marker is seen here must have its marker in each shared directory as listed from
     here, and a node of another host none in a per-host one. Nodes of one host share
@@ -849,7 +849,7 @@ def check_site(node):
     # The other directories first, the spool last: a node seen in the spool has written
     # every other marker already.
     for directory in set(marker_dirs.values()):
-        write_marker(directory, node)
+        place_marker(directory, node)
     nodes_dir = os.path.join(where['queue_dir'], '.qslice', 'site')
     write_marker(nodes_dir, node)
     peers = {name: host for name, host in fresh_markers(nodes_dir).items() if name != node}
@@ -891,6 +891,14 @@ def missing_markers(directory, peers):
             return missing
         time.sleep(0.2)
     return missing
+
+
+def place_marker(directory, node):
+    """`<directory>/<node>/`: an empty directory, not a file, because Mailman's task
+    runner deletes every file under messages_dir that its message store does not know."""
+    path = os.path.join(directory, node)
+    os.makedirs(path, exist_ok=True)
+    os.utime(path)
 
 
 def write_marker(directory, node):
