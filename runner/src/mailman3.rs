@@ -13,13 +13,14 @@
 //! - it takes no message past the fence deadline that qslice keeps passing on (`lease`).
 //!
 //! The control channel, one line per message:
-//! - qslice -> runner (its stdin): `go SLICE COUNT EPOCH LEASE_MS`, `lease MS`, `stop`;
-//!   end of file means stop.
+//! - qslice -> runner (its stdin): `go SLICE COUNT EPOCH UNTIL_MS`, `lease UNTIL_MS`
+//!   (absolute deadlines in milliseconds on CLOCK_BOOTTIME), `stop`; end of file means stop.
 //! - runner -> qslice (its stdout, nothing else is written there): `ready PID` once
 //!   Mailman is initialised, `running SLICE COUNT` once the slice's runner is built (its
 //!   `.bak` files recovered), `stopped` before exit 0, `fenced` before exit 3 (the lease
 //!   ran out), `error TEXT` before exit 2 (a request it refuses, such as a slice count
-//!   that is not a power of two).
+//!   that is not a power of two), `quarantined NAME REASON` (a file Mailman cannot serve
+//!   moved aside).
 //! - its stderr is its log, logged here tagged with the queue and pid.
 
 use std::collections::VecDeque;
@@ -496,6 +497,16 @@ fn quarantined(queue: &str, name: &str, reason: &str) {
     tracing::warn!(%queue, file = %name, %reason, "alert: a file Mailman cannot serve was quarantined (moved to .qslice/quarantine/{queue}/ under the spool root); Mailman's listing would have failed on it");
 }
 
+/// How a quiet stop ended.
+enum StopOutcome {
+    /// The slice runner exited.
+    Exited,
+    /// It did not exit within the stop timeout.
+    TimedOut,
+    /// The fence fired first (`kill_now`).
+    Fenced,
+}
+
 /// Asks a running slice runner to stop after the message in hand; kills it at the stop
 /// timeout or on `kill_now`.
 async fn stop(sup: &Supervised, runner: &mut SliceRunner, kill_now: &CancellationToken) {
@@ -504,12 +515,14 @@ async fn stop(sup: &Supervised, runner: &mut SliceRunner, kill_now: &Cancellatio
     // A failed write means it is already gone; waiting for it below tells.
     let _ = runner.send("stop").await;
     runner.stdin = None;
-    let exited = tokio::select! {
-        r = tokio::time::timeout(sup.cfg.stop_timeout, runner.child.wait()) => r.is_ok(),
-        _ = kill_now.cancelled() => false,
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(sup.cfg.stop_timeout, runner.child.wait()) => if r.is_ok() { StopOutcome::Exited } else { StopOutcome::TimedOut },
+        _ = kill_now.cancelled() => StopOutcome::Fenced,
     };
-    if !exited {
-        tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, timeout = ?sup.cfg.stop_timeout, "the Mailman slice runner did not finish its message within the stop timeout; killing it (the slice's next runner recovers the message)");
+    match outcome {
+        StopOutcome::Exited => {}
+        StopOutcome::TimedOut => tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, timeout = ?sup.cfg.stop_timeout, "the Mailman slice runner did not finish its message within the stop timeout; killing it (the slice's next runner recovers the message)"),
+        StopOutcome::Fenced => tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, waited = ?asked.elapsed(), "the fence fired while the Mailman slice runner was stopping; killing it (the slice's next runner recovers the message)"),
     }
     runner.kill();
     let _ = runner.child.wait().await;

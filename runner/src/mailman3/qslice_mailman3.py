@@ -33,20 +33,22 @@ initialisation returns (the process then sends `stopped` instead of `ready`).
 
 Commands:
 
-    go SLICE COUNT EPOCH LEASE_MS
+    go SLICE COUNT EPOCH UNTIL_MS
         Run slice SLICE of COUNT of the runner's queue for claim epoch EPOCH (an integer,
-        only logged), taking messages for LEASE_MS more milliseconds from the moment the
-        command is read. COUNT must be a power of two >= 1 (Mailman 3 slices queues only
-        that way), 0 <= SLICE < COUNT, LEASE_MS >= 0, and the runner must exist
-        ([runner.NAME]) and manage a queue; otherwise: `error <text>`, exit 2. The slice
-        count is set in process (config.push of `[runner.NAME] instances: COUNT`), so
-        mailman.cfg's `instances` does not matter. Building the runner recovers the
-        slice's .bak files, as Mailman does. Then `running SLICE COUNT`, and the runner
-        loop. A second `go` is logged on stderr and ignored.
-    lease MS
-        Messages may be taken until now + MS (CLOCK_BOOTTIME, which keeps counting through
-        a suspend). Replaces the deadline. Ignored (logged) before `go`, and once the
-        deadline has passed: a lapsed lease is never revived.
+        only logged), taking messages until UNTIL_MS, an absolute time in milliseconds on
+        CLOCK_BOOTTIME (which keeps counting through a suspend). COUNT must be a power of
+        two >= 1 (Mailman 3 slices queues only that way), 0 <= SLICE < COUNT,
+        UNTIL_MS >= 0, and the runner must exist ([runner.NAME]) and manage a queue;
+        otherwise: `error <text>`, exit 2. The slice count is set in process (config.push
+        of `[runner.NAME] instances: COUNT`), so mailman.cfg's `instances` does not
+        matter. The site's shared state is checked (check_site), files Mailman cannot
+        serve are quarantined, and then building the runner recovers the slice's .bak
+        files, as Mailman does. Then `running SLICE COUNT`, and the runner loop. A second
+        `go` is logged on stderr and ignored.
+    lease UNTIL_MS
+        Messages may be taken until UNTIL_MS (as in go). Replaces the deadline. Ignored
+        (logged) before `go`, and once the gate has closed: a closed gate never reopens.
+        Absolute deadlines keep a line read late (the process starved of CPU) exact.
     stop
         Finish the message in hand, take no other, send `stopped`, exit 0. A warm spare
         (still waiting for `go`) does so at once. EOF on fd 0 (qslice is gone) and
@@ -62,6 +64,8 @@ Events:
                             has passed also ends in `fenced`: whichever closed the gate
                             first is reported.)
     error TEXT              a `go` or the command line was refused; exit 2 follows.
+    quarantined NAME REASON a file Mailman cannot serve was moved into
+                            <queue_dir>/.qslice/quarantine/<queue>/.
 
 Exit status: 0 stopped, 1 crashed (traceback on stderr; qslice restarts it), 2 refused,
 3 fenced. The runner log (logger mailman.runner) gets one line when the slice runner
@@ -76,9 +80,10 @@ How it stops between messages: Runner._one_iteration lists the queue once
 (switchboard.files) and then, for each entry, dequeues, processes, finishes and commits.
 The switchboard is given a `files` listing whose iteration asks the gate (not stopping,
 lease valid) before it hands out each entry, and hands out no more once the gate closes;
-closing the gate also sets the runner's stop flag, so run() leaves its loop. The idle
-sleep is an Event wait that a stop or the deadline cuts short. Nothing ever raises
-inside dequeue, processing or finish.
+closing the gate also sets the runner's stop flag, so run() leaves its loop. The runner
+class's own sleep (RetryRunner always sleeps) is kept, made an Event wait that only a
+stop or the deadline cuts short. Nothing ever raises inside dequeue, processing or
+finish.
 """
 
 import argparse
@@ -280,13 +285,31 @@ def request_stop(gate, starts, why):
     once rather than when initialisation returns."""
     gate.stop(why)
     with gate._lock:
-        if gate.initialising:
+        if gate.initialising and not holds_mailman_lock():
             # Under the gate's lock, so the main thread cannot finish initialising and go
             # on meanwhile; nothing else to flush: Mailman's logs are not open yet.
             say('stopped while initialising Mailman ({}): it held no message'.format(why))
             EVENTS.send('stopped')
             os._exit(EXIT_STOPPED)
     starts.put(('stop', why))
+
+
+def holds_mailman_lock():
+    """Whether this process holds the lock Mailman's initialisation takes around its
+    database set-up (`<lock_dir>/dbcreate.lck`, a flufl lock naming its holder's pid).
+    Exiting then would leave it to block every other Mailman start on the site until it
+    expires: the stop waits for initialisation to return instead."""
+    try:
+        from mailman.config import config
+        path = os.path.join(config.LOCK_DIR, 'dbcreate.lck')
+    except (ImportError, AttributeError):
+        return False    # the configuration is not read yet: no lock taken either
+    try:
+        with open(path) as f:
+            holder = f.read().strip().split('|')
+    except OSError:
+        return False
+    return len(holder) == 4 and holder[2] == str(os.getpid())
 
 
 def command_lines():
