@@ -122,7 +122,17 @@ pub fn announce_from_child(pid: libc::pid_t) {
             line[4 + i] = digits[len - 1 - i];
         }
         line[4 + len] = b'\n';
+        // A leash that has just died must not kill the child with SIGPIPE (Rust resets
+        // SIGPIPE to its default before pre_exec runs): ignored around the write, which
+        // then fails with EPIPE, and put back for the program exec'd next.
+        let mut ignore: libc::sigaction = std::mem::zeroed();
+        ignore.sa_sigaction = libc::SIG_IGN;
+        let mut previous: libc::sigaction = std::mem::zeroed();
+        let ignored = libc::sigaction(libc::SIGPIPE, &ignore, &mut previous) == 0;
         let _ = libc::write(fd, line.as_ptr().cast(), 5 + len);
+        if ignored {
+            libc::sigaction(libc::SIGPIPE, &previous, std::ptr::null_mut());
+        }
     }
 }
 
@@ -226,7 +236,8 @@ fn boot_ms() -> u128 {
 }
 
 fn say(what: &str) {
-    eprintln!("qslice-runner leash[{}]: {what}", std::process::id());
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");
+    eprintln!("{now} qslice-runner leash[{}]: {what}", std::process::id());
 }
 
 fn kill_groups(groups: &BTreeSet<i32>) {
@@ -278,14 +289,25 @@ pub fn main() -> ExitCode {
     let mut deadline: Option<u128> = None;
     let mut lease: Option<i64> = None;
     let mut etcd: Option<LeashEtcd> = None;
+    // Leases whose deadline passed: dead for good here. A later `lease` for one of them
+    // (a renewal that arrives late) re-arms nothing, and a group added while the current
+    // one is lapsed is killed at once; only a new lease (a new incarnation) re-arms.
+    let mut lapsed: BTreeSet<i64> = BTreeSet::new();
+    // Whether the current deadline was the runner's own `lease <id> 0` (a stop), not a
+    // missed renewal: the log says which.
+    let mut ended_by_runner = false;
     loop {
-        if deadline.is_some_and(|d| boot_ms() >= d) {
+        if deadline.is_some_and(|d| boot_ms() >= d) && !lease.is_some_and(|l| lapsed.contains(&l)) {
             if !groups.is_empty() {
-                say(&format!("the fence deadline passed without a renewal (the runner is frozen, hung or cut off): killed {} process groups", groups.len()));
+                if ended_by_runner {
+                    say(&format!("the runner ended its lease (a stop or its own fence): killed {} process groups", groups.len()));
+                } else {
+                    say(&format!("the fence deadline passed without a renewal (the runner is frozen, hung or cut off): killed {} process groups", groups.len()));
+                }
             }
             kill_groups(&groups);
             groups.clear();
-            deadline = None;
+            lapsed.extend(lease);
         }
         let said = match rx.recv_timeout(TICK) {
             Ok(s) => s,
@@ -307,8 +329,15 @@ pub fn main() -> ExitCode {
             "lease" => {
                 let mut it = rest.split_whitespace().map(str::parse::<i64>);
                 if let (Some(Ok(id)), Some(Ok(ms))) = (it.next(), it.next()) {
-                    lease = Some(id);
-                    deadline = Some(boot_ms() + ms.max(0) as u128);
+                    if lapsed.contains(&id) {
+                        if ms > 0 {
+                            say(&format!("ignoring a renewal of lease {id}: its deadline has passed, so it stays dead"));
+                        }
+                    } else {
+                        lease = Some(id);
+                        deadline = Some(boot_ms() + ms.max(0) as u128);
+                        ended_by_runner = ms <= 0;
+                    }
                 }
             }
             "add" => {

@@ -274,6 +274,18 @@ impl Site {
         })
     }
 
+    /// [`Site::all_accepted`] for a test without a runtime.
+    pub fn all_accepted_blocking(&self, posts: usize, timeout: std::time::Duration) -> Result<Report> {
+        let mut last = None;
+        crate::wait::wait_for(timeout, &format!("{posts} posts accepted with the queue empty"), || {
+            let report = self.report().ok();
+            let done = report.as_ref().is_some_and(|r| r.accepts.len() >= posts && r.queue.pck == 0 && r.queue.bak == 0);
+            last = report;
+            done
+        })?;
+        last.context("a report")
+    }
+
     /// What the logs and queues say now.
     pub fn report(&self) -> Result<Report> {
         let out = Command::new(&self.python).arg(fixtures().join("mailman3_site.py")).arg("report").arg(&self.dir).output()?;

@@ -257,3 +257,60 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_accepts_nothing_new
     }
     println!("host frozen {:.1} s; {} ACCEPTs by its old slice runners after the thaw; {} posts doubled", thawed_at - frozen_at, late.len(), doubled.len());
 }
+
+/// A `sleep` in a process group of its own, as the runner's children are.
+fn sleeper() -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("300").process_group(0);
+    cmd.spawn().expect("spawn sleep")
+}
+
+#[test]
+fn the_built_leash_keeps_a_lapsed_lease_dead_and_kills_groups_added_after_its_deadline() {
+    use std::io::Write;
+    let mut leash = std::process::Command::new(qslice_tests::qslice_bin("qslice-runner").expect("built"))
+        .arg("--leash")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the leash");
+    let mut to_leash = leash.stdin.take().expect("stdin");
+    let mut send = |line: &str| writeln!(to_leash, "{line}").expect("write to the leash");
+    let gone = |child: &mut std::process::Child| matches!(child.try_wait(), Ok(Some(_)));
+    let long = Duration::from_secs(30);
+    // Added under lease 7, killed at its deadline.
+    let mut first = sleeper();
+    send("lease 7 300");
+    send(&format!("add {}", first.id()));
+    qslice_tests::wait_for(long, "the group killed at the deadline", || gone(&mut first)).expect("killed");
+    // Added after the deadline: killed at once.
+    let mut late = sleeper();
+    send(&format!("add {}", late.id()));
+    qslice_tests::wait_for(long, "a group added after the deadline killed", || gone(&mut late)).expect("killed");
+    // A late renewal of lease 7 does not revive it.
+    send("lease 7 60000");
+    let mut revived = sleeper();
+    send(&format!("add {}", revived.id()));
+    qslice_tests::wait_for(long, "a group added after a late renewal of a lapsed lease killed", || gone(&mut revived)).expect("killed");
+    // A new lease (a new incarnation) arms the leash again.
+    send("lease 8 60000");
+    let mut kept = sleeper();
+    send(&format!("add {}", kept.id()));
+    // A negative: watched for a few of the leash's ticks (50 ms each) to see a wrong kill.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!gone(&mut kept), "a group of the new lease was killed");
+    // The runner's own `lease <id> 0` is a stop: it says so, not that a renewal was missed.
+    send("lease 8 0");
+    qslice_tests::wait_for(long, "the group killed on the runner's own stop", || gone(&mut kept)).expect("killed");
+    send("bye");
+    drop(to_leash);
+    let out = leash.wait_with_output().expect("leash output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("ignoring a renewal of lease 7"), "{log}");
+    assert!(log.contains("the runner ended its lease"), "the stop is told apart: {log}");
+    assert_eq!(log.matches("the fence deadline passed without a renewal").count(), 1, "only lease 7 lapsed: {log}");
+    for line in log.lines() {
+        assert!(line.starts_with("20") && line.contains('T'), "a timestamp leads each line: {line}");
+    }
+}

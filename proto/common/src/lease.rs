@@ -75,8 +75,18 @@ impl Fence {
     }
 
     /// Whether work may start now: the deadline has not passed and the lease is not lost.
+    /// A deadline seen passed trips the fence: it stays invalid for good, whatever
+    /// keepalive reply is processed afterwards (the runtime may have stalled past the
+    /// deadline on a synchronous call while the leash already killed the children).
     pub fn is_valid(&self) -> bool {
-        !self.lost.is_cancelled() && Instant::now() < self.deadline()
+        if self.lost.is_cancelled() {
+            return false;
+        }
+        if Instant::now() < self.deadline() {
+            return true;
+        }
+        self.trip("the fence deadline passed before a keepalive was acknowledged");
+        false
     }
 
     /// The current deadline.
@@ -94,8 +104,13 @@ impl Fence {
         self.reason.lock().expect("fence lock").clone()
     }
 
+    /// Moves the deadline later, unless it has passed or the fence tripped: a deadline
+    /// that passed is final (see [`Fence::is_valid`]).
     fn extend(&self, deadline: Instant) {
         let mut d = self.deadline.lock().expect("fence lock");
+        if self.lost.is_cancelled() || Instant::now() >= *d {
+            return;
+        }
         if deadline > *d {
             *d = deadline;
         }
@@ -243,4 +258,36 @@ pub async fn keep_alive(mut client: Client, inc: &Incarnation, role: Role) {
         }
     }
     watchdog.abort();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_that_passed_is_final_even_if_a_late_keepalive_reply_extends_it() {
+        let fence = Fence::new(Instant::now() + Duration::from_secs(1));
+        assert!(fence.is_valid());
+        // The runtime stalls past the deadline; the keepalive reply sent before it is
+        // processed afterwards.
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        fence.extend(Instant::now() + Duration::from_secs(4));
+        assert!(!fence.is_valid(), "a late reply revived the fence");
+        assert!(fence.lost().is_cancelled(), "seen passed, the fence tripped");
+        fence.extend(Instant::now() + Duration::from_secs(10));
+        assert!(!fence.is_valid(), "still dead after another reply");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_seen_passed_trips_and_stays_tripped() {
+        let fence = Fence::new(Instant::now() + Duration::from_millis(300));
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert!(!fence.is_valid());
+        assert!(fence.reason().is_some_and(|r| r.contains("deadline passed")), "{:?}", fence.reason());
+        // A reply in time before the deadline still extends a live fence.
+        let live = Fence::new(Instant::now() + Duration::from_secs(1));
+        live.extend(Instant::now() + Duration::from_secs(3));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(live.is_valid(), "an in-time renewal extends the fence");
+    }
 }
