@@ -87,6 +87,19 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// Sends every list's pending digest and waits until the digest member's digests hold
+    /// each of the digest list's first `n` posts; returns the report then.
+    async fn last_digests_sent(&mut self, n: usize) -> SiteReport {
+        self.site.send_digests().expect("send digests");
+        self.settled("the last digest sent", |_, site| {
+            let ids: BTreeSet<String> = site.sink.deliveries().into_iter().filter(|d| d.rcpt == DIGEST_MEMBER).flat_map(|d| d.digest_ids).collect();
+            post_ids("digest", 0..n).iter().all(|id| ids.contains(id))
+        })
+        .await
+    }
+}
+
 fn tail_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -220,13 +233,7 @@ async fn pipeline_digest_and_archive_at_two_slices_shunt_discard_and_lose_nothin
         r.post_id.values().all(|p| *p >= 1 + n as i64) && each_delivered_once(&counts, &post_ids("test", 0..n), &TEST_MEMBERS).is_ok()
     };
     c.settled("every post through the pipeline and out", site_flowed).await;
-    c.site.send_digests().expect("send digests");
-    let report = c
-        .settled("the last digest sent", |_, site| {
-            let ids: BTreeSet<String> = site.sink.deliveries().into_iter().filter(|d| d.rcpt == DIGEST_MEMBER).flat_map(|d| d.digest_ids).collect();
-            post_ids("digest", 0..n).iter().all(|id| ids.contains(id))
-        })
-        .await;
+    let report = c.last_digests_sent(n).await;
     assert_flow(&report, &c.site, n);
 }
 
@@ -254,13 +261,7 @@ async fn a_killed_node_leaves_no_mailman_lock_that_shunts_or_discards_later_mail
         r.post_id.values().all(|p| *p >= 1 + n as i64) && post_ids("test", 0..n).iter().all(|id| TEST_MEMBERS.iter().all(|m| counts.contains_key(&(m.to_string(), id.clone()))))
     };
     c.settled("every post out after the kill", flowed).await;
-    c.site.send_digests().expect("send digests");
-    let report = c
-        .settled("the last digest sent", |_, site| {
-            let ids: BTreeSet<String> = site.sink.deliveries().into_iter().filter(|d| d.rcpt == DIGEST_MEMBER).flat_map(|d| d.digest_ids).collect();
-            post_ids("digest", 0..n).iter().all(|id| ids.contains(id))
-        })
-        .await;
+    let report = c.last_digests_sent(n).await;
     assert_clean(&report);
     for lock in &planted {
         assert!(!lock.exists(), "{} was broken by the list's next holder", lock.display());
