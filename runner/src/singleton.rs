@@ -655,7 +655,14 @@ async fn run_once(ctx: &Ctx, name: &str, cfg: &SingletonConfig, epoch: i64, slot
                     biased;
                     _ = ctx.fence.lost().cancelled() => { kill_all(); let _ = child.wait().await; RunEnd::Stopped(Stop::Fence) }
                     status = tokio::time::timeout(cfg.stop_timeout(), child.wait()) => match status {
-                        Ok(Ok(status)) => RunEnd::Exited(status),
+                        // It finished its run despite the signal: the run counts.
+                        Ok(Ok(status)) if status.success() => RunEnd::Exited(status),
+                        // It ended of qslice's own SIGTERM (or failed on it): qslice cut
+                        // the run off, so the slot stays unsettled for the next holder.
+                        Ok(Ok(status)) => {
+                            tracing::info!(singleton = %name, pid, %status, "the singleton's command ended on the stop signal; its run was cut off, not failed");
+                            RunEnd::Stopped(Stop::Shutdown)
+                        }
                         _ => {
                             tracing::warn!(singleton = %name, pid, timeout = ?cfg.stop_timeout(), "the singleton's command did not stop in time after SIGTERM; killing it");
                             kill_all();

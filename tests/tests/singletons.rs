@@ -231,6 +231,39 @@ async fn a_periodic_singleton_runs_each_slot_once_across_runners_and_stop_signal
 }
 
 #[tokio::test]
+async fn a_periodic_run_that_dies_of_qslices_stop_signal_runs_again_on_the_next_holder() {
+    let (n1, n2) = (node("r1"), node("r2"));
+    let spool = Spool::new(&[]).expect("spool");
+    let out = spool.scratch("runs.log");
+    // A long run that does not trap SIGTERM: a runner's graceful stop kills it mid-run.
+    let script = format!("echo \"start $QSLICE_SLOT $QSLICE_NODE\" >> {0}; sleep 30; echo \"end $QSLICE_SLOT $QSLICE_NODE\" >> {0}", out.display());
+    let table = format!("command = [\"/bin/sh\", \"-c\", {}]\nschedule = \"* * * * * *\"\ntimezone = \"utc\"\ncatch_up = 30\nstop_timeout = \"5s\"\n", toml_str(&script));
+    let cfg = config(&spool, "digests", &table);
+    let mut tc = TestCluster::builder()
+        .spool(spool.clone())
+        .runner_args(&["--config", cfg.to_str().expect("utf8")])
+        .runners(&[&n1, &n2])
+        .start()
+        .await
+        .expect("cluster");
+    let c = tc.client();
+    let runs = || std::fs::read_to_string(&out).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
+    wait_for_async(LONG, "a run under way", || async { !runs().is_empty() }).await.expect("running");
+    let first = runs()[0].clone();
+    let slot = first.split_whitespace().nth(1).expect("slot").to_owned();
+    let h = holder(&c, "digests").await.expect("held");
+    let other = if h == n1 { n2.clone() } else { n1.clone() };
+    tc.runner(&h).signal(Signal::SIGTERM).expect("SIGTERM");
+    let status = tc.runner_mut(&h).wait_exit(LONG).expect("the holder exits");
+    assert!(status.success(), "{h} exited with {status}");
+    let again = format!("start {slot} {other}");
+    wait_for_async(LONG, &format!("slot {slot} run again by {other}"), || async { runs().contains(&again) }).await.unwrap_or_else(|e| panic!("{e}: {:?}\n{}", runs(), tc.runner(&h).log()));
+    assert!(tc.runner(&h).log().contains("its run was cut off, not failed"), "{}", tc.runner(&h).log());
+    drop(tc);
+    nothing_left(&[&n1, &n2]).await;
+}
+
+#[tokio::test]
 async fn a_frozen_holders_command_is_killed_at_its_fence_deadline_before_another_runner_takes_over() {
     let (n1, n2) = (node("r1"), node("r2"));
     let spool = Spool::new(&[]).expect("spool");
