@@ -62,16 +62,47 @@ impl Role {
     }
 }
 
+/// Time on CLOCK_BOOTTIME, which keeps counting while the host is suspended (tokio's
+/// Instant, CLOCK_MONOTONIC, stops then).
+fn boottime() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).map_or(Duration::ZERO, |t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+}
+
+/// The CLOCK_BOOTTIME time of `at`, a tokio Instant, taken from how far it is from now.
+fn boottime_of(at: Instant) -> Duration {
+    let now = Instant::now();
+    if at >= now {
+        boottime() + (at - now)
+    } else {
+        boottime().saturating_sub(now - at)
+    }
+}
+
 /// The self-fencing clock of one incarnation.
+///
+/// The deadline is kept on both clocks and checked on both: tokio's (timers and tests
+/// with paused time run on it) and CLOCK_BOOTTIME, so that a host resumed from a suspend
+/// past the deadline finds its fence expired although its monotonic clock stood still.
 pub struct Fence {
     deadline: Mutex<Instant>,
+    /// The same deadline on CLOCK_BOOTTIME.
+    boot_deadline: Mutex<Duration>,
     lost: CancellationToken,
     reason: Mutex<Option<String>>,
 }
 
 impl Fence {
     fn new(deadline: Instant) -> Fence {
-        Fence { deadline: Mutex::new(deadline), lost: CancellationToken::new(), reason: Mutex::new(None) }
+        Fence::with_deadlines(deadline, boottime_of(deadline))
+    }
+
+    fn with_deadlines(deadline: Instant, boot_deadline: Duration) -> Fence {
+        Fence { deadline: Mutex::new(deadline), boot_deadline: Mutex::new(boot_deadline), lost: CancellationToken::new(), reason: Mutex::new(None) }
+    }
+
+    /// Whether the deadline has passed on either clock.
+    fn passed(&self) -> bool {
+        Instant::now() >= self.deadline() || boottime() >= *self.boot_deadline.lock().expect("fence lock")
     }
 
     /// Whether work may start now: the deadline has not passed and the lease is not lost.
@@ -82,7 +113,7 @@ impl Fence {
         if self.lost.is_cancelled() {
             return false;
         }
-        if Instant::now() < self.deadline() {
+        if !self.passed() {
             return true;
         }
         self.trip("the fence deadline passed before a keepalive was acknowledged");
@@ -107,12 +138,13 @@ impl Fence {
     /// Moves the deadline later, unless it has passed or the fence tripped: a deadline
     /// that passed is final (see [`Fence::is_valid`]).
     fn extend(&self, deadline: Instant) {
-        let mut d = self.deadline.lock().expect("fence lock");
-        if self.lost.is_cancelled() || Instant::now() >= *d {
+        if self.lost.is_cancelled() || self.passed() {
             return;
         }
+        let mut d = self.deadline.lock().expect("fence lock");
         if deadline > *d {
             *d = deadline;
+            *self.boot_deadline.lock().expect("fence lock") = boottime_of(deadline);
         }
     }
 
@@ -276,6 +308,17 @@ mod tests {
         assert!(fence.lost().is_cancelled(), "seen passed, the fence tripped");
         fence.extend(Instant::now() + Duration::from_secs(10));
         assert!(!fence.is_valid(), "still dead after another reply");
+    }
+
+    #[tokio::test]
+    async fn a_deadline_passed_on_the_boot_clock_fences_though_the_monotonic_clock_stood_still() {
+        // A host suspended past the deadline: CLOCK_MONOTONIC (tokio's Instant) did not
+        // move, CLOCK_BOOTTIME did.
+        let fence = Fence::with_deadlines(Instant::now() + Duration::from_secs(60), boottime().saturating_sub(Duration::from_secs(1)));
+        assert!(!fence.is_valid(), "a fence past its deadline on CLOCK_BOOTTIME is not valid");
+        assert!(fence.lost().is_cancelled());
+        let fresh = Fence::new(Instant::now() + Duration::from_secs(60));
+        assert!(fresh.is_valid(), "a deadline ahead on both clocks is valid");
     }
 
     #[tokio::test(start_paused = true)]
