@@ -6,17 +6,20 @@
 //! and PR_SET_PDEATHSIG only covers its death. The leash is the same binary
 //! (`qslice-runner --leash`), started by the runner in its own process group without the
 //! death signal, so it keeps running when the runner is frozen, hung or dead:
-//! - the runner keeps telling it the time left before the fence deadline (plus half the
-//!   fence margin, so that the runner's own fence has tripped first and the lease still
-//!   cannot have expired); the leash measures it on CLOCK_BOOTTIME (which counts through a
-//!   suspend) and SIGKILLs every registered process group the moment it passes without a
-//!   renewal;
+//! - the runner keeps telling it the fence deadline (plus half the fence margin, so that
+//!   the runner's own fence has tripped first and the lease still cannot have expired), as
+//!   an absolute time on CLOCK_BOOTTIME (which counts through a suspend), so that a line
+//!   read late is still exact; the leash SIGKILLs every registered process group the
+//!   moment it passes without a renewal. A lease whose deadline passed stays dead: a late
+//!   renewal of it re-arms nothing, and a group added afterwards is killed at once;
 //! - when its stdin closes without `bye` (the runner died on a live host), it kills the
 //!   groups, waits until they are gone, and revokes the runner's lease itself, so that the
 //!   coordinator moves the slices at once instead of after the TTL.
 //!
 //! Its commands, one line each on its stdin: `etcd <json>` (how to reach etcd, first),
-//! `lease <id> <ms>` (the current lease and the time left), `add <pgid>`, `del <pgid>`,
+//! `until <id> <boot ms>` (the current lease and its deadline on CLOCK_BOOTTIME),
+//! `lease <id> <ms>` (the same with the time left; `lease <id> 0` is the runner ending the
+//! lease itself), `add <pgid>`, `del <pgid>`,
 //! `bye` (a clean exit: the runner revoked its lease itself). It logs to the runner's
 //! stderr. A runner whose leash is gone fences itself (see [`Leash::send`]).
 
@@ -184,7 +187,14 @@ impl Leash {
 
     /// The lease and the time left before the fence deadline.
     pub fn renew(&self, lease: i64, left: Duration) {
-        self.send(&format!("lease {lease} {}", left.as_millis()));
+        if left.is_zero() {
+            // The runner ends the lease itself (a stop, or its own fence).
+            self.send(&format!("lease {lease} 0"));
+        } else {
+            // Absolute, on the leash's clock: a leash slow to read the line (CPU-starved,
+            // or frozen a moment) still kills on time, not `left` after it read it.
+            self.send(&format!("until {lease} {}", boot_ms() + left.as_millis()));
+        }
     }
 
     /// A clean exit: the runner revoked its lease itself; the leash just ends.
@@ -337,6 +347,19 @@ pub fn main() -> ExitCode {
                         lease = Some(id);
                         deadline = Some(boot_ms() + ms.max(0) as u128);
                         ended_by_runner = ms <= 0;
+                    }
+                }
+            }
+            "until" => {
+                let mut it = rest.split_whitespace().map(str::parse::<u128>);
+                if let (Some(Ok(id)), Some(Ok(at))) = (it.next(), it.next()) {
+                    let id = id as i64;
+                    if lapsed.contains(&id) {
+                        say(&format!("ignoring a renewal of lease {id}: its deadline has passed, so it stays dead"));
+                    } else {
+                        lease = Some(id);
+                        deadline = Some(at);
+                        ended_by_runner = false;
                     }
                 }
             }

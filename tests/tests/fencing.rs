@@ -293,8 +293,11 @@ fn the_built_leash_keeps_a_lapsed_lease_dead_and_kills_groups_added_after_its_de
     let mut revived = sleeper();
     send(&format!("add {}", revived.id()));
     qslice_tests::wait_for(long, "a group added after a late renewal of a lapsed lease killed", || gone(&mut revived)).expect("killed");
-    // A new lease (a new incarnation) arms the leash again.
-    send("lease 8 60000");
+    // A new lease (a new incarnation) arms the leash again: its deadline as the runner
+    // sends it, absolute on CLOCK_BOOTTIME.
+    let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("clock");
+    let boot_ms = boot.tv_sec() as u128 * 1000 + boot.tv_nsec() as u128 / 1_000_000;
+    send(&format!("until 8 {}", boot_ms + 60_000));
     let mut kept = sleeper();
     send(&format!("add {}", kept.id()));
     // A negative: watched for a few of the leash's ticks (50 ms each) to see a wrong kill.
