@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use qslice_tests::freezer::Freezer;
 use qslice_tests::mailman3::Site;
 use qslice_tests::site::{SiteOptions, SiteReport, WholeSite};
 use qslice_tests::testcluster::{Ready, TestCluster};
@@ -238,7 +239,7 @@ async fn pipeline_digest_and_archive_at_two_slices_shunt_discard_and_lose_nothin
 }
 
 #[tokio::test]
-async fn a_killed_node_leaves_no_mailman_lock_that_shunts_or_discards_later_mail() {
+async fn a_dead_host_leaves_no_mailman_lock_that_shunts_or_discards_later_mail() {
     let mut c = cluster(SiteOptions::default(), &FLOW_QUEUES, "", &[]).await;
     let n = 80;
     c.site.post_in_background("test", n, 0, 15.0).expect("post");
@@ -250,11 +251,19 @@ async fn a_killed_node_leaves_no_mailman_lock_that_shunts_or_discards_later_mail
     })
     .await
     .expect("flowing");
-    // kill -9 of a whole qslice-runner (its leash kills its Mailman processes) while its
-    // slice runners hold messages of every stage; the Mailman locks a process killed
-    // inside to-digest, the digest runner or the archiver leaves are left too.
-    c.tc.runner_mut("r1").kill();
+    // r1's host dies while its slice runners hold messages of every stage: qslice-runner,
+    // its leash and its Mailman processes stop at one instant (the cgroup freezer), what
+    // they hold in flight is read from the spool, and then all of them are SIGKILLed. The
+    // Mailman locks a process killed inside to-digest, the digest runner or the archiver
+    // leaves are left too.
+    let freezer = Freezer::new().expect("freezer");
+    freezer.add_tree(c.tc.runner("r1").pid().expect("r1's pid")).expect("r1's processes");
+    freezer.freeze().expect("freeze");
     let in_flight: BTreeSet<String> = c.site.in_flight().expect("in flight").into_iter().collect();
+    for pid in freezer.pids() {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    freezer.thaw().expect("thaw, so that the killed processes go");
     let planted = c.site.plant_dead_locks().expect("locks");
     let flowed = |r: &SiteReport, site: &WholeSite| {
         let counts = site.delivery_counts();
@@ -284,7 +293,7 @@ async fn a_killed_node_leaves_no_mailman_lock_that_shunts_or_discards_later_mail
             assert!(archived.contains(&id), "{id} missing from {list}'s archive");
         }
     }
-    println!("kill -9 of r1 with {} entries in flight; broke {} planted locks; every post delivered and archived", in_flight.len(), planted.len());
+    println!("death of r1's host with {} entries in flight; broke {} planted locks; every post delivered and archived", in_flight.len(), planted.len());
 }
 
 /// Waits until some runner's log holds a queue refusal; returns that log.

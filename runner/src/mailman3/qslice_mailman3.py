@@ -583,7 +583,8 @@ def gate_runner(runner, gate, events, slice_):
             super()._do_periodic()
 
         def _dispose(self, mlist, msg, msgdata):
-            if list_locks is None:
+            # A message of no list (Mailman shunts those before here) has nothing to lock.
+            if list_locks is None or mlist is None:
                 return super()._dispose(mlist, msg, msgdata)
             with list_locks.hold(mlist):
                 keep = super()._dispose(mlist, msg, msgdata)
