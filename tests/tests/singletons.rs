@@ -178,6 +178,14 @@ fn slots(path: &Path) -> Vec<(u64, String, u128)> {
         .collect()
 }
 
+/// Runners `n1` and `n2` competing for the periodic singleton `digests`, which runs the
+/// shell `script` every second (catching up to 30 missed slots, 5 s to stop).
+async fn every_second(spool: &Spool, script: &str, n1: &str, n2: &str) -> TestCluster {
+    let table = format!("command = [\"/bin/sh\", \"-c\", {}]\nschedule = \"* * * * * *\"\ntimezone = \"utc\"\ncatch_up = 30\nstop_timeout = \"5s\"\n", toml_str(script));
+    let cfg = config(spool, "digests", &table);
+    TestCluster::builder().spool(spool.clone()).runner_args(&["--config", cfg.to_str().expect("utf8")]).runners(&[n1, n2]).start().await.expect("cluster")
+}
+
 #[tokio::test]
 async fn a_periodic_singleton_runs_each_slot_once_across_runners_and_stop_signals() {
     let (n1, n2) = (node("r1"), node("r2"));
@@ -186,15 +194,7 @@ async fn a_periodic_singleton_runs_each_slot_once_across_runners_and_stop_signal
     // A run that is under way when its runner is told to stop ends by itself (it ignores
     // SIGTERM): the slot is settled and must not run again on the next holder.
     let script = format!("trap '' TERM; echo \"$QSLICE_SLOT $QSLICE_NODE $(date +%s%N)\" >> {}", out.display());
-    let table = format!("command = [\"/bin/sh\", \"-c\", {}]\nschedule = \"* * * * * *\"\ntimezone = \"utc\"\ncatch_up = 30\nstop_timeout = \"5s\"\n", toml_str(&script));
-    let cfg = config(&spool, "digests", &table);
-    let mut tc = TestCluster::builder()
-        .spool(spool.clone())
-        .runner_args(&["--config", cfg.to_str().expect("utf8")])
-        .runners(&[&n1, &n2])
-        .start()
-        .await
-        .expect("cluster");
+    let mut tc = every_second(&spool, &script, &n1, &n2).await;
     let c = tc.client();
     wait_for_async(LONG, "a few slots run", || async { slots(&out).len() >= 3 }).await.expect("running");
     // Stop the holder twice, each time with the other runner waiting: the slots go on.
@@ -237,15 +237,7 @@ async fn a_periodic_run_that_dies_of_qslices_stop_signal_runs_again_on_the_next_
     let out = spool.scratch("runs.log");
     // A long run that does not trap SIGTERM: a runner's graceful stop kills it mid-run.
     let script = format!("echo \"start $QSLICE_SLOT $QSLICE_NODE\" >> {0}; sleep 30; echo \"end $QSLICE_SLOT $QSLICE_NODE\" >> {0}", out.display());
-    let table = format!("command = [\"/bin/sh\", \"-c\", {}]\nschedule = \"* * * * * *\"\ntimezone = \"utc\"\ncatch_up = 30\nstop_timeout = \"5s\"\n", toml_str(&script));
-    let cfg = config(&spool, "digests", &table);
-    let mut tc = TestCluster::builder()
-        .spool(spool.clone())
-        .runner_args(&["--config", cfg.to_str().expect("utf8")])
-        .runners(&[&n1, &n2])
-        .start()
-        .await
-        .expect("cluster");
+    let mut tc = every_second(&spool, &script, &n1, &n2).await;
     let c = tc.client();
     let runs = || std::fs::read_to_string(&out).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
     wait_for_async(LONG, "a run under way", || async { !runs().is_empty() }).await.expect("running");
