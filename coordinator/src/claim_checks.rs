@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::planner::SliceKey;
+use crate::planner::{NodeSpec, SliceKey};
 use crate::view::ClusterView;
 
 /// A leader's running time: time that passed while its process ran, not while it was
@@ -84,7 +84,10 @@ impl Stalls {
     /// Updates from a snapshot at running time `now`; returns the slices whose live owner
     /// has not claimed them for `deadline` or longer. Slices of paused queues and of queues
     /// being resliced are left out (nobody should claim them), as are slices assigned to a
-    /// node that is not live (an orphan, taken over anyway).
+    /// node that is not live (an orphan, taken over anyway) or that may no longer take the
+    /// queue (it refused the queue, was cordoned, or dropped it from its list): such a
+    /// node did not stall, and the plan moves its slices anyway, if any node may take
+    /// them.
     pub fn update(&mut self, view: &ClusterView, now: Duration, deadline: Duration) -> BTreeSet<SliceKey> {
         let reslicing = view.reslicing_queues();
         for (slice, claim) in &view.claims {
@@ -97,7 +100,7 @@ impl Stalls {
         let mut next = BTreeMap::new();
         for (slice, owner) in view.current_assignment() {
             let active = view.queues.get(&slice.0).is_some_and(|q| !q.paused) && !reslicing.contains(&slice.0);
-            if !active || !view.nodes.contains_key(&owner) || view.claims.contains_key(&slice) {
+            if !active || !may_take(view, &owner, &slice.0) || view.claims.contains_key(&slice) {
                 continue;
             }
             let since = match self.unclaimed_since.get(&slice) {
@@ -125,6 +128,11 @@ impl Stalls {
     pub fn next_due(&self, now: Duration, deadline: Duration) -> Option<Duration> {
         self.unclaimed_since.values().map(|(owner, since)| (self.clock_start(owner, *since) + deadline).saturating_sub(now)).filter(|d| !d.is_zero()).min()
     }
+}
+
+/// Whether `node` is live and may be given slices of `queue`, as the planner judges it.
+fn may_take(view: &ClusterView, node: &str, queue: &str) -> bool {
+    view.nodes.get(node).is_some_and(|n| NodeSpec::from_record(n, view.cordons.contains(node)).eligible_for(queue))
 }
 
 /// What a claim is, measured against the desired assignment.
@@ -237,6 +245,23 @@ mod tests {
         view.nodes.remove("n2");
         let stalled = stalls.update(&view, Duration::from_secs(10), deadline);
         assert!(stalled.iter().all(|(_, s)| *s < 2), "{stalled:?}");
+    }
+
+    #[test]
+    fn a_node_that_may_no_longer_take_the_queue_did_not_stall() {
+        // n1 refused queue in, n2 was cordoned: neither will claim, and neither stalled.
+        let mut view = view();
+        view.nodes.get_mut("n1").expect("n1").refused_queues.push("in".into());
+        view.cordons.insert("n2".into());
+        let mut stalls = Stalls::default();
+        let deadline = Duration::from_millis(500);
+        assert!(stalls.update(&view, Duration::ZERO, deadline).is_empty());
+        assert!(stalls.update(&view, Duration::from_secs(5), deadline).is_empty(), "a refusal or a cordon is no stall");
+        assert_eq!(stalls.next_due(Duration::from_secs(5), deadline), None);
+        // The cordon lifted, n2's slices wait on it from then on.
+        view.cordons.clear();
+        assert!(stalls.update(&view, Duration::from_secs(6), deadline).is_empty());
+        assert_eq!(stalls.update(&view, Duration::from_millis(6500), deadline), BTreeSet::from([key("in", 2), key("in", 3)]));
     }
 
     #[test]
