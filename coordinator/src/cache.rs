@@ -353,6 +353,9 @@ impl ClusterCache {
                 return false;
             }
             Key::Status { .. } | Key::Coordinator { .. } => return false,
+            // A hold's end lets the held slice's owner claim it: no event of its own (the
+            // claim brings one), but the leader's checks of unclaimed slices change.
+            Key::Hold { .. } => {}
             Key::Cordon { .. } | Key::Pin { .. } | Key::Move { .. } | Key::Maintenance | Key::Rebalance => {
                 self.operator_request.store(true, Ordering::SeqCst);
             }

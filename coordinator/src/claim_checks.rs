@@ -87,7 +87,8 @@ impl Stalls {
     /// node that is not live (an orphan, taken over anyway) or that may no longer take the
     /// queue (it refused the queue, was cordoned, or dropped it from its list): such a
     /// node did not stall, and the plan moves its slices anyway, if any node may take
-    /// them.
+    /// them. A held slice (after a revoke) cannot be claimed until its hold ends, so its
+    /// clock starts then.
     pub fn update(&mut self, view: &ClusterView, now: Duration, deadline: Duration) -> BTreeSet<SliceKey> {
         let reslicing = view.reslicing_queues();
         for (slice, claim) in &view.claims {
@@ -100,7 +101,7 @@ impl Stalls {
         let mut next = BTreeMap::new();
         for (slice, owner) in view.current_assignment() {
             let active = view.queues.get(&slice.0).is_some_and(|q| !q.paused) && !reslicing.contains(&slice.0);
-            if !active || !may_take(view, &owner, &slice.0) || view.claims.contains_key(&slice) {
+            if !active || !may_take(view, &owner, &slice.0) || view.claims.contains_key(&slice) || view.holds.contains_key(&slice) {
                 continue;
             }
             let since = match self.unclaimed_since.get(&slice) {
@@ -258,10 +259,15 @@ mod tests {
         assert!(stalls.update(&view, Duration::ZERO, deadline).is_empty());
         assert!(stalls.update(&view, Duration::from_secs(5), deadline).is_empty(), "a refusal or a cordon is no stall");
         assert_eq!(stalls.next_due(Duration::from_secs(5), deadline), None);
-        // The cordon lifted, n2's slices wait on it from then on.
+        // The cordon lifted, n2's slices wait on it from then on; a held slice (after a
+        // revoke) waits from the end of its hold.
         view.cordons.clear();
+        view.holds.insert(key("in", 3), "n9".into());
         assert!(stalls.update(&view, Duration::from_secs(6), deadline).is_empty());
-        assert_eq!(stalls.update(&view, Duration::from_millis(6500), deadline), BTreeSet::from([key("in", 2), key("in", 3)]));
+        assert_eq!(stalls.update(&view, Duration::from_millis(6500), deadline), BTreeSet::from([key("in", 2)]));
+        view.holds.clear();
+        assert_eq!(stalls.update(&view, Duration::from_millis(6600), deadline), BTreeSet::from([key("in", 2)]));
+        assert_eq!(stalls.update(&view, Duration::from_millis(7100), deadline), BTreeSet::from([key("in", 2), key("in", 3)]));
     }
 
     #[test]

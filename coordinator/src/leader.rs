@@ -15,9 +15,10 @@
 //! claim at all after the claim deadline goes to another node, and its owner gets no new
 //! slices for a while; takeovers avoid nodes whose lease missed a keepalive; a claim that
 //! no desired owner explains is fenced (its holder's lease revoked) or alerted on at the
-//! revoke deadline. Every revoke is preceded by a transaction that confirms leadership,
-//! and deadlines run on the leader's running time, which a pause of the leader does not
-//! advance.
+//! revoke deadline. Every revoke is preceded by a transaction that confirms leadership
+//! and by holds on everything the lease holds, which keep other nodes from claiming it
+//! until the revoked runner's fence has surely expired ([`crate::holds`]); deadlines run
+//! on the leader's running time, which a pause of the leader does not advance.
 //!
 //! Reslice barrier: the transaction that writes a queue's first assignment under its
 //! current slice count also requires that no claim of the queue changed after the
@@ -48,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cache::{event, ClusterCache};
 use crate::claim_checks::{barrier_queues, classify_claims, lease_is_stale, ClaimState, LeaderClock, Stalls};
 use crate::config::Config;
+use crate::holds::{revoke_with_hold, Revoked};
 use crate::planner::{plan, Alert, MoveReason, Plan, PlanInput, PlanOptions, SliceKey};
 use crate::view::{assignment_writes, planner_input, ClusterView, MoveSettled, PlannerInput, Write};
 
@@ -580,20 +582,26 @@ impl<'a> Term<'a> {
             } else {
                 tracing::warn!(%queue, slice, node = %holder, lease, deadline = ?self.cfg.revoke_deadline, "owner did not release a moved slice in time; revoking its lease (fencing it)");
             }
-            match tokio::time::timeout(REQUEST_TIMEOUT, self.client.lease_revoke(lease)).await {
-                Ok(Ok(_)) => {
+            let deadline = humantime::format_duration(self.cfg.revoke_deadline);
+            let why = if unassigned {
+                format!("held {queue}/{slice}, which no assignment gives it, past {deadline}")
+            } else {
+                format!("did not release {queue}/{slice} within {deadline}")
+            };
+            match revoke_with_hold(&mut self.client, &self.keys, &holder, lease, &why).await {
+                Ok(Revoked::Revoked { hold, slices, singletons }) => {
                     metrics::counter!("qslice_coordinator_fenced_nodes_total").increment(1);
-                    let deadline = humantime::format_duration(self.cfg.revoke_deadline);
-                    let message = if unassigned {
-                        format!("held {queue}/{slice}, which no assignment gives it, past {deadline}; lease revoked")
-                    } else {
-                        format!("did not release {queue}/{slice} within {deadline}; lease revoked")
-                    };
+                    let hold = humantime::format_duration(hold);
+                    tracing::warn!(node = %holder, lease, slices, singletons, %hold, "lease revoked; its slices and singletons are held back until its fence has surely expired");
+                    let message = format!("{why}; lease revoked, its {slices} slices and {singletons} singletons held back for {hold} (until its fence has expired)");
                     self.cache.emit(Event { node: holder.clone(), queue: queue.clone(), slice, message, ..event(Kind::NodeFenced) });
                     revoked.insert(holder.clone());
                 }
-                Ok(Err(e)) => tracing::warn!(node = %holder, error = %e, "revoking the lease failed"),
-                Err(_) => tracing::warn!(node = %holder, "revoking the lease timed out"),
+                Ok(Revoked::AlreadyGone) => {
+                    tracing::info!(node = %holder, lease, "not revoking: the lease has ended already");
+                    revoked.insert(holder.clone());
+                }
+                Err(e) => tracing::warn!(node = %holder, lease, error = %e, "revoking the lease failed; trying again next round"),
             }
         }
         Ok(())

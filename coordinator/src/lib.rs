@@ -32,6 +32,7 @@ pub mod ctl;
 pub mod dashboard;
 pub mod health;
 pub mod history;
+pub mod holds;
 pub mod leader;
 pub mod offline;
 pub mod planner;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{
-    Assignment, Claim, CoordinatorRecord, Cordon, Maintenance, MoveRequest, NodeRecord, Pin, QueueConfig, Record, RebalanceRequest, SliceFigures,
+    Assignment, Claim, CoordinatorRecord, Cordon, Hold, Maintenance, MoveRequest, NodeRecord, Pin, QueueConfig, Record, RebalanceRequest, SliceFigures,
     SliceSet, SliceStatus, RECORD_VERSION,
 };
 
@@ -54,6 +54,9 @@ pub struct ClusterView {
     pub assignments: BTreeMap<(String, String), Assignment>,
     /// Claims by slice.
     pub claims: BTreeMap<SliceKey, ClaimView>,
+    /// Slices held back after the leader revoked their holder's lease: slice -> that
+    /// node ("?" if the hold's value is unreadable; the hold holds all the same).
+    pub holds: BTreeMap<SliceKey, String>,
     /// Requested moves: slice -> target node.
     pub moves: BTreeMap<SliceKey, String>,
     /// Whether a one-shot rebalance was requested.
@@ -121,6 +124,16 @@ impl ClusterView {
                     }
                     Err(e) => problem(e.to_string()),
                 },
+                Key::Hold { queue, slice } => {
+                    let node = match Hold::decode(&stored.value) {
+                        Ok(h) => h.node_id,
+                        Err(e) => {
+                            problem(e.to_string());
+                            "?".into()
+                        }
+                    };
+                    view.holds.insert((queue, slice), node);
+                }
                 Key::Move { queue, slice } => match MoveRequest::decode(&stored.value) {
                     Ok(m) => {
                         view.moves.insert((queue, slice), m.node_id);

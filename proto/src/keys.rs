@@ -16,6 +16,8 @@
 //! | `moves/<queue>/<slice>` | [`MoveRequest`](crate::records::MoveRequest) | none | admin API (the leader deletes it) |
 //! | `singletons/<name>` | [`SingletonClaim`](crate::records::SingletonClaim) | the runner's | runner (the holder of a singleton command) |
 //! | `singleton-runs/<name>` | [`SingletonRun`](crate::records::SingletonRun) | none | runner (the holder, under its claim) |
+//! | `holds/<queue>/<slice>` | [`Hold`](crate::records::Hold) | the leader's (the revoked lease's TTL) | leader, before it revokes a runner's lease |
+//! | `singleton-holds/<name>` | [`Hold`](crate::records::Hold) | the leader's (the revoked lease's TTL) | leader, before it revokes a runner's lease |
 //! | `coordinators/<id>` | [`CoordinatorRecord`](crate::records::CoordinatorRecord) | the coordinator's | coordinator |
 //! | `election` | the leader's id (etcd election API) | the coordinator's | coordinator |
 //!
@@ -107,6 +109,13 @@ pub enum Key {
     Cordon {
         /// The cordoned node.
         node: String,
+    },
+    /// `holds/<queue>/<slice>`
+    Hold {
+        /// The queue.
+        queue: String,
+        /// The slice number.
+        slice: u32,
     },
     /// `pins/<queue>/<slice>`
     Pin {
@@ -235,6 +244,18 @@ impl Keys {
     pub fn singleton(&self, name: &str) -> String {
         format!("{}singletons/{name}", self.root)
     }
+    /// Prefix of all slice holds.
+    pub fn holds_prefix(&self) -> String {
+        format!("{}holds/", self.root)
+    }
+    /// The hold on one slice: nobody may claim it while the key exists.
+    pub fn hold(&self, queue: &str, slice: u32) -> String {
+        format!("{}holds/{queue}/{}", self.root, SliceNo(slice))
+    }
+    /// The hold on the singleton command `name`: nobody may claim it while the key exists.
+    pub fn singleton_hold(&self, name: &str) -> String {
+        format!("{}singleton-holds/{name}", self.root)
+    }
     /// Prefix of all periodic singletons' last settled slots.
     pub fn singleton_runs_prefix(&self) -> String {
         format!("{}singleton-runs/", self.root)
@@ -278,6 +299,7 @@ impl Keys {
             ["status", node, queue] => Some(Key::Status { node: own(node)?, queue: own(queue)? }),
             ["cordons", node] => Some(Key::Cordon { node: own(node)? }),
             ["pins", queue, s] => Some(Key::Pin { queue: own(queue)?, slice: slice(s)? }),
+            ["holds", queue, s] => Some(Key::Hold { queue: own(queue)?, slice: slice(s)? }),
             ["control", "maintenance"] => Some(Key::Maintenance),
             ["control", "rebalance"] => Some(Key::Rebalance),
             ["moves", queue, s] => Some(Key::Move { queue: own(queue)?, slice: slice(s)? }),
@@ -315,6 +337,7 @@ mod tests {
             (k.maintenance(), Key::Maintenance),
             (k.rebalance(), Key::Rebalance),
             (k.move_request("in", 3), Key::Move { queue: "in".into(), slice: 3 }),
+            (k.hold("in", 3), Key::Hold { queue: "in".into(), slice: 3 }),
             (k.coordinator("c1"), Key::Coordinator { id: "c1".into() }),
             (format!("{}/694d7a", k.election()), Key::Election),
         ];

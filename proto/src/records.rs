@@ -193,6 +193,32 @@ impl Record for SingletonClaim {
     const KIND: &'static str = "singleton claim";
 }
 
+/// What the leader keeps back after it revoked a runner's lease: `holds/<queue>/<slice>`
+/// for each slice the lease held, `singleton-holds/<name>` for each singleton, attached to
+/// a lease of the leader's whose TTL is the revoked lease's. Nobody claims a held slice or
+/// singleton: etcd deletes the revoked lease's claims at once, but the runner that held
+/// it may still believe its fence valid until its own deadline (up to the TTL from its
+/// last keepalive), so the hold lasts until that deadline has surely passed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// Record version.
+    #[serde(default = "version")]
+    pub v: u32,
+    /// The node whose lease was revoked.
+    pub node_id: String,
+    /// The revoked lease.
+    pub lease: i64,
+    /// Why the lease was revoked.
+    #[serde(default)]
+    pub reason: String,
+    /// When the hold was written, in milliseconds since the Unix epoch.
+    pub since_unix_ms: i64,
+}
+
+impl Record for Hold {
+    const KIND: &'static str = "hold";
+}
+
 /// The last settled slot of a periodic singleton: `singleton-runs/<name>`, on no lease,
 /// written by the holder only while its claim is the current one. A slot up to and
 /// including `last_slot_unix_ms` is never run again by a later holder.

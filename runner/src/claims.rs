@@ -96,6 +96,13 @@ pub enum ClaimOutcome {
         /// The store's revision when the claim was refused (watch its deletion after it).
         revision: i64,
     },
+    /// The slice is free but held back: the leader revoked its last holder's lease, and
+    /// nobody claims it until that holder's fence has surely expired (the hold's key is
+    /// deleted with the leader's lease, after the revoked lease's TTL).
+    Held {
+        /// The store's revision when the claim was refused (watch the hold's deletion).
+        revision: i64,
+    },
     /// The slice is free but the queue's configuration changed since it was read (a
     /// reslice): not claimed; claim again under the configuration now in force.
     QueueChanged {
@@ -105,20 +112,22 @@ pub enum ClaimOutcome {
 }
 
 /// The transaction that creates `queue`'s `slice` claim with `record`, attached to
-/// `lease_id`, only if no claim exists and the queue's configuration is still the one
-/// read at `queue_revision`. When it fails, its responses are the claim (if any) and
-/// the queue's record (if any), in that order.
+/// `lease_id`, only if no claim exists, no hold holds the slice back and the queue's
+/// configuration is still the one read at `queue_revision`. When it fails, its responses
+/// are the claim (if any), the queue's record (if any) and the hold (if any), in that
+/// order.
 pub fn claim_txn(keys: &Keys, queue: &str, slice: u32, record: &Claim, lease_id: i64, queue_revision: QueueRevision) -> Txn {
     let key = keys.claim(queue, slice);
     let queue_key = keys.queue(queue);
+    let hold_key = keys.hold(queue, slice);
     let barrier = match queue_revision {
         QueueRevision::Absent => Compare::create_revision(queue_key.as_str(), CompareOp::Equal, 0),
         QueueRevision::At(revision) => Compare::mod_revision(queue_key.as_str(), CompareOp::Equal, revision),
     };
     Txn::new()
-        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0), barrier])
+        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0), barrier, Compare::create_revision(hold_key.as_str(), CompareOp::Equal, 0)])
         .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(lease_id)))])
-        .or_else([TxnOp::get(key.as_str(), None), TxnOp::get(queue_key.as_str(), None)])
+        .or_else([TxnOp::get(key.as_str(), None), TxnOp::get(queue_key.as_str(), None), TxnOp::get(hold_key.as_str(), None)])
 }
 
 /// The transaction that deletes `queue`'s `slice` claim only if it is still the claim of epoch `epoch`.
@@ -155,13 +164,19 @@ pub async fn claim_slice(client: &mut Client, keys: &Keys, queue: &str, slice: u
     if resp.succeeded() {
         return Ok(ClaimOutcome::Claimed { epoch: revision });
     }
-    let claim = resp.op_responses().into_iter().next().and_then(|op| match op {
-        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
-        _ => None,
-    });
-    Ok(match claim {
-        Some(kv) => adopt(&kv, lease_id).unwrap_or(ClaimOutcome::HeldByOther { revision }),
-        None => ClaimOutcome::QueueChanged { revision },
+    let found: Vec<Option<KeyValue>> = resp
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        })
+        .collect();
+    let (claim, hold) = (found.first().cloned().flatten(), found.get(2).cloned().flatten());
+    Ok(match (claim, hold) {
+        (Some(kv), _) => adopt(&kv, lease_id).unwrap_or(ClaimOutcome::HeldByOther { revision }),
+        (None, Some(_)) => ClaimOutcome::Held { revision },
+        (None, None) => ClaimOutcome::QueueChanged { revision },
     })
 }
 

@@ -504,7 +504,7 @@ impl IncarnationRun {
     /// on success. A claim another holder still has is watched for its deletion.
     fn settle_claim(&mut self, id: &SliceId, total: u32, outcome: Result<ClaimOutcome, claims::Error>) -> Option<i64> {
         let (queue, slice) = (id.queue.as_str(), id.slice);
-        let revision = match outcome {
+        let (watched, revision) = match outcome {
             Ok(ClaimOutcome::Claimed { epoch }) => {
                 if let Some(cancel) = self.release_watches.remove(id) {
                     cancel.cancel();
@@ -529,7 +529,13 @@ impl IncarnationRun {
                 tracing::debug!(%queue, slice, "the queue's configuration changed since it was read; claiming again under the new one");
                 return None;
             }
-            Ok(ClaimOutcome::HeldByOther { revision }) => revision,
+            Ok(ClaimOutcome::HeldByOther { revision }) => (self.shared.keys.claim(queue, slice), revision),
+            Ok(ClaimOutcome::Held { revision }) => {
+                if !self.release_watches.contains_key(id) {
+                    tracing::info!(%queue, slice, "the slice is held back after the leader revoked its last holder's lease; claiming it once the hold ends");
+                }
+                (self.shared.keys.hold(queue, slice), revision)
+            }
             Err(e) => {
                 match e.cause() {
                     RequestError::Etcd(e) => tracing::warn!(%queue, slice, error = %e, "claim failed; will retry"),
@@ -539,12 +545,11 @@ impl IncarnationRun {
             }
         };
         // Another holder still has it (a planned move waits for its release, a crash for
-        // its lease to expire): watch for its deletion from here on.
+        // its lease to expire), or a hold keeps it back: watch for that key's deletion.
         if !self.release_watches.contains_key(id) {
             let cancel = self.fence.lost().child_token();
             self.release_watches.insert(id.clone(), cancel.clone());
-            let key = self.shared.keys.claim(queue, slice);
-            tokio::spawn(claims::watch_release(self.client.clone(), key, revision, cancel, self.freed_tx.clone(), id.clone()));
+            tokio::spawn(claims::watch_release(self.client.clone(), watched, revision, cancel, self.freed_tx.clone(), id.clone()));
         }
         None
     }

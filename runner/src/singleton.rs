@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Local, TimeZone, Utc};
-use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, EventType, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use qslice_common::config::humantime_serde_opt;
@@ -278,6 +278,12 @@ pub enum ClaimOutcome {
         /// The claim's create revision.
         epoch: i64,
     },
+    /// Nobody has it, but it is held back: the leader revoked its last holder's lease, and
+    /// nobody claims it until that holder's fence has surely expired.
+    HeldBack {
+        /// The store's revision when the claim was refused (watch the hold's deletion).
+        revision: i64,
+    },
     /// Another holder has it.
     HeldByOther {
         /// The holder's node id, as its record says.
@@ -287,14 +293,15 @@ pub enum ClaimOutcome {
     },
 }
 
-/// The transaction that creates the claim of singleton `name` on `lease_id` only if absent;
-/// when it fails, its response is the claim.
+/// The transaction that creates the claim of singleton `name` on `lease_id` only if absent
+/// and not held back; when it fails, its responses are the claim and the hold.
 pub fn claim_txn(keys: &Keys, name: &str, record: &SingletonClaim, lease_id: i64) -> Txn {
     let key = keys.singleton(name);
+    let hold = keys.singleton_hold(name);
     Txn::new()
-        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0), Compare::create_revision(hold.as_str(), CompareOp::Equal, 0)])
         .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(lease_id)))])
-        .or_else([TxnOp::get(key.as_str(), None)])
+        .or_else([TxnOp::get(key.as_str(), None), TxnOp::get(hold.as_str(), None)])
 }
 
 /// Claims singleton `name` within [`REQUEST_TIMEOUT`]; a request that failed or timed out
@@ -310,15 +317,21 @@ pub async fn claim(client: &mut Client, keys: &Keys, name: &str, record: &Single
     if resp.succeeded() {
         return Ok(ClaimOutcome::Held { epoch: revision });
     }
-    let kv = resp.op_responses().into_iter().next().and_then(|op| match op {
-        TxnOpResponse::Get(get) => get.kvs().first().cloned(),
-        _ => None,
-    });
-    Ok(match kv {
-        Some(kv) if kv.lease() == lease_id => ClaimOutcome::Held { epoch: kv.create_revision() },
-        Some(kv) => ClaimOutcome::HeldByOther { holder: SingletonClaim::decode(kv.value()).map(|c| c.node_id).unwrap_or_else(|_| "?".into()), revision },
+    let found: Vec<Option<KeyValue>> = resp
+        .op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        })
+        .collect();
+    let (claim, hold) = (found.first().cloned().flatten(), found.get(1).cloned().flatten());
+    Ok(match (claim, hold) {
+        (Some(kv), _) if kv.lease() == lease_id => ClaimOutcome::Held { epoch: kv.create_revision() },
+        (Some(kv), _) => ClaimOutcome::HeldByOther { holder: SingletonClaim::decode(kv.value()).map(|c| c.node_id).unwrap_or_else(|_| "?".into()), revision },
+        (None, Some(_)) => ClaimOutcome::HeldBack { revision },
         // Deleted between the compare and the get: there is none; the next try claims it.
-        None => ClaimOutcome::HeldByOther { holder: String::new(), revision },
+        (None, None) => ClaimOutcome::HeldByOther { holder: String::new(), revision },
     })
 }
 
@@ -524,13 +537,22 @@ async fn compete(ctx: Ctx, name: String, cfg: SingletonConfig) {
                 // Deleted between the transaction's compare and its read: claim again now.
                 continue;
             }
-            Ok(ClaimOutcome::HeldByOther { holder, revision }) => {
+            Ok(outcome @ (ClaimOutcome::HeldByOther { .. } | ClaimOutcome::HeldBack { .. })) => {
+                let (holder, watched, revision) = match outcome {
+                    ClaimOutcome::HeldByOther { holder, revision } => (holder, key, revision),
+                    ClaimOutcome::HeldBack { revision } => (String::new(), ctx.keys.singleton_hold(&name), revision),
+                    ClaimOutcome::Held { .. } => unreachable!("matched above"),
+                };
                 if waiting_on.as_deref() != Some(holder.as_str()) {
-                    tracing::info!(singleton = %name, %holder, "the singleton is held by another node; watching its claim to take over when it ends");
+                    if holder.is_empty() {
+                        tracing::info!(singleton = %name, "the singleton is held back after the leader revoked its last holder's lease; taking it over once the hold ends");
+                    } else {
+                        tracing::info!(singleton = %name, %holder, "the singleton is held by another node; watching its claim to take over when it ends");
+                    }
                     waiting_on = Some(holder);
                 }
                 tokio::select! {
-                    watched = deleted_after(ctx.client.clone(), key, revision) => {
+                    watched = deleted_after(ctx.client.clone(), watched, revision) => {
                         if let Err(e) = watched {
                             tracing::debug!(singleton = %name, error = %e, "watching the singleton's claim failed; looking again shortly");
                             tokio::time::sleep(RETRY).await;

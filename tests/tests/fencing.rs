@@ -5,6 +5,7 @@
 //! the cgroup v1 freezer (tests/src/freezer.rs).
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qslice_tests::cluster::{claims, files_in};
@@ -203,6 +204,65 @@ async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_wai
     println!("{}", tc.coordinator("c1").proc.log().lines().rev().take(8).collect::<Vec<_>>().join("\n"));
     assert!(pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty(), "r1's handlers are gone");
     wait_for_async(LONG, "every entry finished", || async { spool.finished().len() == 8 }).await.expect("finished");
+}
+
+#[tokio::test]
+async fn a_revoked_runner_starts_no_entry_after_another_node_claims_its_slice() {
+    let (n1, n2) = (node("r1"), node("r2"));
+    // r1 works through queue in's backlog (10 ms an entry) on a 9 s lease, renewed every 3 s.
+    let mut tc = TestCluster::builder()
+        .queue("in", 1)
+        .spool_queues(&["in", "out"])
+        .coordinators(1)
+        .coordinator_args(&["--revoke-deadline", "2s"])
+        .runner_with(&n1, &["--lease-ttl", "9s"], &[("QSLICE_TEST_DELAY", "0.01")])
+        .start()
+        .await
+        .expect("cluster");
+    let (spool, mut c) = (tc.spool().clone(), tc.client());
+    wait_for_async(LONG, "r1 holding in/0", || all_held_by(&c, &n1, 1)).await.expect("claimed");
+    for i in 0..3000u32 {
+        spool.queue("in").enqueue_in_slice(format!("m{i}").as_bytes(), 0, 1).expect("enqueue");
+    }
+    wait_for_async(LONG, "r1 working through the backlog", || async { spool.records().iter().any(|r| r.node == n1) }).await.expect("busy");
+
+    // Queue out has an entry in flight whose recovery count is a FIFO nobody writes: the
+    // recovery of a slice of out hangs in the read, as on a stalled filesystem, and r1's
+    // incarnation loop waits for it. Its keepalives and its work on in/0 go on.
+    let out = spool.queue("out");
+    let stalled = out.enqueue_in_slice(b"stalled", 0, 1).expect("enqueue");
+    let pck = spool.root().join("out").join(format!("{}.pck", stalled.filebase));
+    std::fs::rename(&pck, pck.with_extension("bak")).expect("make it in flight");
+    let counts = spool.root().join(".qslice/recovery/out");
+    std::fs::create_dir_all(&counts).expect("recovery dir");
+    let fifo = counts.join(&stalled.filebase);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    tc.put_queue("out", 1).await.expect("queue out");
+    wait_for_async(LONG, "r1 claiming out/0 (its recovery then hangs)", || async {
+        claims(&mut c.clone(), "t", "out").await.is_ok_and(|m| m.get(&0).is_some_and(|(n, _)| *n == n1))
+    })
+    .await
+    .expect("out claimed");
+
+    // r1 is cordoned and r2 joins: r1 cannot release in/0 (its loop hangs), so the leader
+    // revokes its lease at the revoke deadline.
+    let keys = qslice_proto::keys::Keys::new("t").expect("keys");
+    let cordon = qslice_proto::records::Cordon { v: qslice_proto::records::RECORD_VERSION, reason: "test".into(), since_unix_ms: 0 };
+    c.put(keys.cordon(&n1), qslice_proto::records::Record::encode(&cordon), None).await.expect("cordon");
+    tc.start_runner(&n2).expect("r2");
+    wait_for_async(LONG, "r2 holding in/0", || all_held_by(&c, &n2, 1)).await.expect("taken over");
+    let claim = c.get(keys.claim("in", 0), None).await.expect("read the claim");
+    let claim = claim.kvs().first().map(|kv| <qslice_proto::records::Claim as qslice_proto::records::Record>::decode(kv.value()).expect("claim record")).expect("a claim");
+    let claimed_ns = claim.claimed_unix_ms as u128 * 1_000_000;
+    let leader = tc.coordinator("c1").proc.log();
+    assert!(leader.contains("lease revoked"), "r1 was fenced by a revoke (its loop hung), not by a release:\n{leader}");
+    let late: Vec<_> = spool.records().into_iter().filter(|r| r.node == n1 && r.what == "start" && r.at_ns >= claimed_ns).collect();
+    let r1_last = spool.records().iter().filter(|r| r.node == n1 && r.what == "start").map(|r| r.at_ns).max().unwrap_or(0);
+    println!("r2 claimed in/0 {:.0} ms after r1's last start", (claimed_ns as f64 - r1_last as f64) / 1e6);
+    assert!(late.is_empty(), "r1 started {} entries after r2 claimed in/0, the first {:?}\n{}", late.len(), late.first(), tc.runner(&n1).log());
+    wait_for_async(LONG, "r2 taking up the backlog r1 was working through", || async { spool.records().iter().any(|r| r.node == n2) }).await.expect("r2 busy");
+    // The hang ends: a writer opens the FIFO (nobody else does), and r1 goes on.
+    let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo);
 }
 
 #[tokio::test]

@@ -166,6 +166,31 @@ async fn a_long_running_singleton_runs_once_and_moves_within_the_ttl_when_its_ho
     nothing_left(&[&n1, &n2]).await;
 }
 
+#[tokio::test]
+async fn a_held_back_singleton_is_taken_over_only_once_its_hold_ends() {
+    // The leader holds a revoked lease's singletons back with a key on a lease of its own;
+    // here the test writes that hold before any runner starts.
+    let n1 = node("r1");
+    let spool = Spool::new(&[]).expect("spool");
+    let out = spool.scratch("beats.log");
+    let cfg = config(&spool, "notify", &heartbeat_table(&out));
+    let mut tc = TestCluster::builder().spool(spool.clone()).runner_args(&["--config", cfg.to_str().expect("utf8")]).start().await.expect("cluster");
+    let mut c = tc.client();
+    let keys = Keys::new(CLUSTER).expect("keys");
+    let hold = qslice_proto::records::Hold { v: qslice_proto::records::RECORD_VERSION, node_id: "gone".into(), lease: 7, reason: "test".into(), since_unix_ms: 0 };
+    c.put(keys.singleton_hold("notify"), hold.encode(), None).await.expect("hold");
+    tc.start_runner(&n1).expect("runner");
+    let r1 = tc.runner(&n1);
+    wait_for_async(LONG, "the runner seeing the hold", || async { r1.log().contains("held back after the leader revoked") }).await.expect("held back");
+    assert_eq!(holder(&c, "notify").await, None, "nobody claims a held-back singleton");
+    assert!(beats(&out).is_empty(), "its command does not run");
+    c.delete(keys.singleton_hold("notify"), None).await.expect("end the hold");
+    wait_for_async(LONG, "the runner's command writing once the hold ended", || async { !beats(&out).is_empty() }).await.expect("taken over");
+    assert_eq!(holder(&c, "notify").await.as_deref(), Some(n1.as_str()));
+    drop(tc);
+    nothing_left(&[&n1]).await;
+}
+
 /// One line a periodic command wrote: `<slot> <node> <ns>`.
 fn slots(path: &Path) -> Vec<(u64, String, u128)> {
     std::fs::read_to_string(path)
