@@ -382,21 +382,21 @@ fn boottime_ms() -> u128 {
 }
 
 #[test]
-fn a_slice_runner_starved_past_its_deadline_keeps_a_lease_renewed_meanwhile() {
+fn a_slice_runner_lives_on_its_renewals_and_dies_when_frozen_past_its_deadline() {
     use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::process::ExitStatusExt;
     use std::process::Stdio;
-    // A slice runner whose process gets no CPU for longer than the time left on its lease
-    // (SIGSTOP: a host with a dozen Mailman processes initialising on two cores) while
-    // qslice renews the lease: the renewals wait in its pipe. They are valid, so it must
-    // not take itself for fenced when it runs again. (A lease measured from when it read
-    // the line latched the gate as lapsed at the first late read.)
+    // The slice runner's deadline is a kernel timer (CLOCK_BOOTTIME, SIGKILL) that each
+    // renewal moves: renewed every 200 ms, 1.5 s ahead, it outlives its first deadline
+    // and serves posts; frozen (SIGSTOP, as a host pause) with its renewals stopped, the
+    // kernel kills it at its deadline, with no instruction of its own run after it.
     let site = Site::new().expect("site");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../runner/src/mailman3/qslice_mailman3.py");
     let mut child = std::process::Command::new(&site.python)
         .args([script, "--config"])
         .arg(&site.config)
         .args(["--runner", "in"])
-        .env("QSLICE_NODE", "starved")
+        .env("QSLICE_NODE", "renewed")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -416,46 +416,45 @@ fn a_slice_runner_starved_past_its_deadline_keeps_a_lease_renewed_meanwhile() {
         assert!(line.starts_with(word), "expected {word}, got {line}");
     };
     expect("ready");
-    writeln!(stdin, "go 0 1 7 {}", boottime_ms() + 1500).expect("go");
+    let first_deadline = boottime_ms() + 1500;
+    writeln!(stdin, "go 0 1 7 {first_deadline}").expect("go");
     expect("running");
-    let mut stdin = stdin;
-    // qslice's side: a renewal every 200 ms, each `ahead` ms ahead, from a thread of its
-    // own (as qslice-runner's renewals do not wait for anything else); `stop` at the end.
-    let ahead = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1500));
+    // qslice's side: a renewal every 200 ms, 1.5 s ahead, from a thread of its own, until
+    // told to quit.
     let quit = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let renewer = {
-        let (ahead, quit) = (ahead.clone(), quit.clone());
+        let quit = quit.clone();
         std::thread::spawn(move || {
             while !quit.load(std::sync::atomic::Ordering::SeqCst) {
-                let until = boottime_ms() + u128::from(ahead.load(std::sync::atomic::Ordering::SeqCst));
-                if writeln!(stdin, "lease {until}").is_err() {
+                if writeln!(stdin, "lease {}", boottime_ms() + 1500).is_err() {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            let _ = writeln!(stdin, "stop");
         })
     };
-    // Stopped for 3 s while renewals 1.5 s ahead pile up: the first deadline passes.
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
-    std::thread::sleep(Duration::from_secs(3));
-    // Renewals generous from here, so that a loaded test machine cannot lapse them.
-    ahead.store(30_000, std::sync::atomic::Ordering::SeqCst);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     site.post(3, 0).expect("post");
     let accepted = site.all_accepted_blocking(3, LONG).map(|r| r.accepts.len()).unwrap_or(0);
+    assert_eq!(accepted, 3, "the renewed runner serves posts");
+    qslice_tests::wait_for(LONG, "the first deadline passed", || boottime_ms() > first_deadline + 500).expect("time");
+    assert!(child.try_wait().expect("wait").is_none(), "the renewals moved the kill timer: the runner outlived its first deadline");
+    // The host pauses: the process is frozen and qslice's renewals stop with it.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     quit.store(true, std::sync::atomic::Ordering::SeqCst);
     renewer.join().expect("renewer");
-    let mut seen = Vec::new();
-    while let Ok(line) = events.recv_timeout(LONG) {
-        let done = line == "stopped" || line == "fenced";
-        seen.push(line);
-        if done {
-            break;
-        }
+    let frozen_ms = boottime_ms();
+    let mut status = None;
+    let waited = qslice_tests::wait_for(LONG, "the frozen slice runner to die", || {
+        status = child.try_wait().expect("wait");
+        status.is_some()
+    });
+    let died_ms = boottime_ms();
+    if waited.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    let status = child.wait().expect("exit");
-    assert_eq!(accepted, 3, "the runner took posts after it was starved: {seen:?}");
-    assert_eq!(seen.last().map(String::as_str), Some("stopped"), "it stopped on request, not fenced: {seen:?}");
-    assert_eq!(status.code(), Some(0), "exit 0 (stopped), not 3 (fenced)");
+    assert_eq!(status.and_then(|s| s.signal()), Some(libc::SIGKILL), "killed by its kernel timer while frozen: {status:?}");
+    let seen: Vec<String> = events.try_iter().collect();
+    assert!(!seen.iter().any(|e| e == "fenced" || e == "stopped"), "it ran nothing after its deadline: {seen:?}");
+    println!("frozen with 1.5 s left: killed by its timer {} ms later", died_ms - frozen_ms);
 }

@@ -437,7 +437,7 @@ async fn a_cold_start_of_a_whole_site_under_load_claims_and_serves_every_slice_w
         }
         let _ = std::fs::write(format!("{dir}/cold-coordinator.log"), &coordinator);
     }
-    for storm in ["did not finish its message within the stop timeout", "the gate is already closed", "reached the fence deadline", "stopped at the fence deadline", "giving this queue up"] {
+    for storm in ["did not finish its message within the stop timeout", "the lease already lapsed", "reached the fence deadline", "stopped at the fence deadline", "giving this queue up"] {
         assert!(!logs.contains(storm), "{storm:?} at the cold start:\n{}", c.logs());
     }
     // Mailman's task runner runs, on one node at a time: exactly one such process now.

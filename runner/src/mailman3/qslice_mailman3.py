@@ -49,6 +49,14 @@ Commands:
         Messages may be taken until UNTIL_MS (as in go). Replaces the deadline. Ignored
         (logged) before `go`, and once the gate has closed: a closed gate never reopens.
         Absolute deadlines keep a line read late (the process starved of CPU) exact.
+
+The deadline is also a kernel timer (timer_create on CLOCK_BOOTTIME, delivering SIGKILL),
+armed by `go` and moved by each `lease`: a process frozen past its deadline (a host
+paused in the cgroup freezer, a VM stopped) dies the moment it is thawed, before it runs
+another instruction, even with a message in hand: its lease may have ended meanwhile and
+another node may be serving the slice. qslice's leash kills at the same deadline, but a
+thawed leash races the thawed process; the timer does not. A renewal must therefore be
+read before the deadline it replaces: the process is killed at the deadline it knows.
     stop
         Finish the message in hand, take no other, send `stopped`, exit 0. A warm spare
         (still waiting for `go`) does so at once. EOF on fd 0 (qslice is gone) and
@@ -111,6 +119,66 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 # CLOCK_BOOTTIME keeps counting through a suspend, so a host that sleeps past its lease
 # finds it lapsed on waking. Linux-only; elsewhere the monotonic clock is the best there is.
 LEASE_CLOCK = getattr(time, 'CLOCK_BOOTTIME', time.CLOCK_MONOTONIC)
+
+class KillTimer:
+    """A kernel timer that SIGKILLs this process at an absolute CLOCK_BOOTTIME time.
+
+    Armed and moved with each deadline (`arm`). The kernel delivers the signal at the
+    deadline; a process frozen then gets it pending and dies as it is thawed, before it
+    runs another instruction (no interpreter check could do that). Linux only: where
+    timer_create cannot be had, `available` is False and the leash alone kills."""
+
+    CLOCK_BOOTTIME = 7
+    SIGEV_SIGNAL = 0
+    TIMER_ABSTIME = 1
+
+    def __init__(self):
+        self.available = False
+        self.error = ''
+        try:
+            import ctypes
+            import ctypes.util
+            self._ctypes = ctypes
+
+            class Timespec(ctypes.Structure):
+                _fields_ = [('tv_sec', ctypes.c_long), ('tv_nsec', ctypes.c_long)]
+
+            class Itimerspec(ctypes.Structure):
+                _fields_ = [('it_interval', Timespec), ('it_value', Timespec)]
+
+            class Sigevent(ctypes.Structure):
+                # struct sigevent: sigval, signo, notify, then a 48-byte union (64 bytes).
+                _fields_ = [('sigev_value', ctypes.c_void_p), ('sigev_signo', ctypes.c_int),
+                            ('sigev_notify', ctypes.c_int), ('_pad', ctypes.c_int * 12)]
+
+            self._timespec, self._itimerspec = Timespec, Itimerspec
+            libc = ctypes.CDLL(None, use_errno=True)
+            if not hasattr(libc, 'timer_create'):
+                libc = ctypes.CDLL(ctypes.util.find_library('rt'), use_errno=True)
+            self._settime = libc.timer_settime
+            self._settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(Itimerspec), ctypes.c_void_p]
+            create = libc.timer_create
+            create.argtypes = [ctypes.c_int, ctypes.POINTER(Sigevent), ctypes.POINTER(ctypes.c_void_p)]
+            event = Sigevent(sigev_signo=signal.SIGKILL, sigev_notify=self.SIGEV_SIGNAL)
+            self._timer = ctypes.c_void_p()
+            if create(self.CLOCK_BOOTTIME, ctypes.byref(event), ctypes.byref(self._timer)) != 0:
+                self.error = os.strerror(ctypes.get_errno())
+                return
+            self.available = True
+        except (ImportError, OSError, AttributeError, TypeError) as error:
+            self.error = str(error)
+
+    def arm(self, until):
+        """SIGKILL at `until` (lease clock seconds, absolute); a passed time kills now."""
+        if not self.available:
+            return
+        seconds = int(until)
+        nanoseconds = int(round((until - seconds) * 1e9))
+        value = self._itimerspec(self._timespec(0, 0), self._timespec(seconds, nanoseconds))
+        if self._settime(self._timer, self.TIMER_ABSTIME, self._ctypes.byref(value), None) != 0:
+            say('arming the kill timer failed ({}); the leash alone kills at the deadline'
+                .format(os.strerror(self._ctypes.get_errno())))
+
 
 NODE = os.environ.get('QSLICE_NODE') or '-'
 # The host this node runs on, for the site checks: nodes of one host may share its
@@ -180,8 +248,9 @@ class Gate:
     taken for a lapse until the command thread has read it.
     """
 
-    def __init__(self):
+    def __init__(self, kill_timer=None):
         self._lock = threading.Lock()
+        self._kill_timer = kill_timer
         self._deadline = None   # lease clock seconds; None until `go` is read
         self._runner = None     # the Mailman runner, once built, to stop its loop
         self.reason = None      # None while open, then 'stopped' or 'fenced'
@@ -200,11 +269,18 @@ class Gate:
                 runner.stop()
 
     def set_deadline(self, until):
-        """Messages may be taken until `until` (lease clock seconds). False once closed."""
+        """Messages may be taken until `until` (lease clock seconds), and the process
+        lives until then. False once fenced (a lapsed lease is dead for good); a stopped
+        gate stays closed, and only the kill timer moves."""
         with self._lock:
-            if self.reason is not None:
+            if self.reason == 'fenced':
                 return False
-            self._deadline = until
+            # A stopped gate takes no message, but the one in hand is finished under the
+            # lease: its renewals still move the kill timer.
+            if self._kill_timer is not None and LEASE_CLOCK != time.CLOCK_MONOTONIC:
+                self._kill_timer.arm(until)
+            if self.reason is None:
+                self._deadline = until
             return True
 
     def stop(self, why):
@@ -374,7 +450,7 @@ def renew_lease(gate, go_read, args):
     elif not go_read:
         say('ignoring lease before go: the lease starts with go')
     elif not gate.set_deadline(until):
-        say('ignoring lease {}: the gate is already closed ({})'.format(args[0], gate.why))
+        say('ignoring lease {}: the lease already lapsed ({})'.format(args[0], gate.why))
 
 
 def parse_int(text):
@@ -1082,7 +1158,11 @@ def warm_up_database():
 def main(argv=None):
     global EVENTS
     events = EVENTS = Events()   # first, so that nothing else can write to the channel
-    gate = Gate()
+    kill_timer = KillTimer()
+    if not kill_timer.available:
+        say('no kill timer ({}): the leash alone kills this process at its deadline'
+            .format(kill_timer.error or 'timer_create failed'))
+    gate = Gate(kill_timer)
     starts = queue.Queue()       # the first `go`, or a stop, for the main thread
     signals = SignalThread(gate, starts)
     # Before initialising Mailman: a SIGTERM during start-up must not kill the process.
