@@ -4,7 +4,7 @@
 //! the exec handler and with real Mailman 3.3.10 (tests/src/mailman3.rs). Host pauses are
 //! the cgroup v1 freezer (tests/src/freezer.rs).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -265,6 +265,24 @@ async fn a_revoked_runner_starts_no_entry_after_another_node_claims_its_slice() 
     let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&fifo);
 }
 
+/// How many times each post (`<qslice-N@example.com>`) was enqueued into pipeline/, which
+/// no runner serves in these tests: its Message-ID appears as plain UTF-8 in the pickle.
+fn pipeline_copies(spool: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut copies = BTreeMap::new();
+    for f in std::fs::read_dir(spool.join("pipeline")).into_iter().flatten().flatten() {
+        if f.path().extension().is_none_or(|e| e != "pck") {
+            continue;
+        }
+        let bytes = std::fs::read(f.path()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        if let Some(at) = text.find("<qslice-") {
+            let id: String = text[at..].chars().take_while(|c| *c != '>').chain(['>']).collect();
+            *copies.entry(id).or_insert(0) += 1;
+        }
+    }
+    copies
+}
+
 /// `.tmp` files under the spool's queue directories: a write cut off (Mailman writes a
 /// queue file as `.tmp`, then renames it).
 fn torn_writes(spool: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -312,8 +330,15 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         .await
         .expect("accepting");
         // The whole host pauses: qslice-runner, its leash, its slice runners and spares.
-        let freezer = Freezer::new().expect("freezer");
-        freezer.add_tree(tc.runner(victim).pid().expect("pid")).expect("add");
+        // The leash has a freezer of its own, thawed a second after the rest: a leash
+        // slow to run again after a pause must not matter.
+        let pid = tc.runner(victim).pid().expect("pid");
+        let leash: Vec<u32> = qslice_tests::freezer::process_tree(pid).into_iter().filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--leash"))).collect();
+        assert_eq!(leash.len(), 1, "the runner's leash: {leash:?}");
+        let (freezer, leash_freezer) = (Freezer::new().expect("freezer"), Freezer::new().expect("freezer"));
+        freezer.add_tree(pid).expect("add");
+        leash_freezer.add(&leash).expect("move the leash to its own freezer");
+        leash_freezer.freeze().expect("freeze the leash");
         freezer.freeze().expect("freeze");
         let frozen_at = now_ns() as f64 / 1e9;
         wait_for_async(LONG, "the other runner holding every slice", || all_held_by(&c, other, 4)).await.expect("taken over");
@@ -321,6 +346,8 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         posted += 250;
         let thawed_at = now_ns() as f64 / 1e9;
         freezer.thaw().expect("thaw");
+        std::thread::sleep(Duration::from_secs(1));
+        leash_freezer.thaw().expect("thaw the leash");
         pauses.push((frozen_at, thawed_at));
         let report = site.all_accepted(posted, LONG).await.expect("every post accepted");
         // Nothing runs after the thaw: no slice runner of the victim started under an old
@@ -342,6 +369,14 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         println!("round {round}: {} frozen {:.1} s; {} ACCEPTs by its old slice runners after the thaw; {} posts accepted twice in all", victim, thawed_at - frozen_at, late.len(), doubled.len());
         wait_for_async(LONG, "the victim registered again", || tc.is_registered(victim)).await.expect("back");
     }
+    // Each post went down the pipeline once: a thawed slice runner that finished its
+    // message in hand would have put a second copy there (with one ACCEPT only, as it is
+    // killed before it logs one), besides the new owner's.
+    let copies = pipeline_copies(&site.spool.root());
+    let twice: Vec<_> = copies.iter().filter(|(_, n)| **n > 1).collect();
+    println!("{} posts in pipeline/, {} of them more than once", copies.len(), twice.len());
+    assert!(twice.is_empty(), "posts enqueued into pipeline/ more than once: {twice:?}");
+    assert_eq!(copies.len(), posted, "every post once in pipeline/");
     // A pause that lands inside Mailman's write of a queue file (write, fsync, rename)
     // leaves its .tmp behind, as a crash there would: the message itself is served again
     // from the .bak. But nothing is written after a thaw.
