@@ -387,6 +387,50 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
     }
 }
 
+/// The nice value of process `pid` (field 19 of /proc/<pid>/stat).
+fn nice_of(pid: u32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(16)).and_then(|n| n.parse().ok()).expect("nice field")
+}
+
+#[test]
+fn the_built_leash_raises_its_scheduling_priority_and_says_so_when_it_may_not() {
+    use std::io::Read;
+    let start = |unprivileged: bool| {
+        let mut cmd = std::process::Command::new(qslice_tests::qslice_bin("qslice-runner").expect("built"));
+        cmd.arg("--leash").stdin(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        if unprivileged {
+            use std::os::unix::process::CommandExt;
+            // No CAP_SYS_NICE and an RLIMIT_NICE of 0: as an unprivileged service
+            // without LimitNICE.
+            cmd.uid(65534).gid(65534);
+            // SAFETY: setrlimit in the child before exec touches no shared state.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(|| {
+                    let none = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    if libc::setrlimit(libc::RLIMIT_NICE, &none) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        cmd.spawn().expect("start the leash")
+    };
+    let mut leash = start(false);
+    qslice_tests::wait_for(Duration::from_secs(30), "the leash at nice -10", || nice_of(leash.id()) == -10).expect("raised");
+    drop(leash.stdin.take());
+    let _ = leash.wait();
+    let mut unprivileged = start(true);
+    drop(unprivileged.stdin.take());
+    let _ = unprivileged.wait();
+    let mut said = String::new();
+    unprivileged.stderr.take().expect("stderr").read_to_string(&mut said).expect("read");
+    assert!(said.contains("cannot raise its scheduling priority") && said.contains("LimitNICE=-10"), "it says why and what to do: {said}");
+}
+
 /// A `sleep` in a process group of its own, as the runner's children are.
 fn sleeper() -> std::process::Child {
     use std::os::unix::process::CommandExt;
