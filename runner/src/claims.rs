@@ -6,7 +6,7 @@
 //! The transactions are public so that other programs (the scale benchmark) claim and
 //! release exactly as the runner does.
 
-use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use qslice_common::etcd::REQUEST_TIMEOUT;
 use qslice_common::lease::Fence;
 use qslice_proto::keys::Keys;
@@ -164,20 +164,25 @@ pub async fn claim_slice(client: &mut Client, keys: &Keys, queue: &str, slice: u
     if resp.succeeded() {
         return Ok(ClaimOutcome::Claimed { epoch: revision });
     }
-    let found: Vec<Option<KeyValue>> = resp
-        .op_responses()
-        .into_iter()
-        .map(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
-            _ => None,
-        })
-        .collect();
+    let found = gets_of_failed(resp);
     let (claim, hold) = (found.first().cloned().flatten(), found.get(2).cloned().flatten());
     Ok(match (claim, hold) {
         (Some(kv), _) => adopt(&kv, lease_id).unwrap_or(ClaimOutcome::HeldByOther { revision }),
         (None, Some(_)) => ClaimOutcome::Held { revision },
         (None, None) => ClaimOutcome::QueueChanged { revision },
     })
+}
+
+/// What each get of a failed transaction's `or_else` found, in order (`None` for a key
+/// that does not exist).
+pub(crate) fn gets_of_failed(resp: TxnResponse) -> Vec<Option<KeyValue>> {
+    resp.op_responses()
+        .into_iter()
+        .map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        })
+        .collect()
 }
 
 /// After a claim request without an answer: the claim, adopted, if it is on `lease_id`.

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Local, TimeZone, Utc};
-use etcd_client::{Client, Compare, CompareOp, EventType, KeyValue, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use qslice_common::config::humantime_serde_opt;
@@ -317,14 +317,7 @@ pub async fn claim(client: &mut Client, keys: &Keys, name: &str, record: &Single
     if resp.succeeded() {
         return Ok(ClaimOutcome::Held { epoch: revision });
     }
-    let found: Vec<Option<KeyValue>> = resp
-        .op_responses()
-        .into_iter()
-        .map(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
-            _ => None,
-        })
-        .collect();
+    let found = crate::claims::gets_of_failed(resp);
     let (claim, hold) = (found.first().cloned().flatten(), found.get(1).cloned().flatten());
     Ok(match (claim, hold) {
         (Some(kv), _) if kv.lease() == lease_id => ClaimOutcome::Held { epoch: kv.create_revision() },
