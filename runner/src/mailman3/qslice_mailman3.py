@@ -50,8 +50,9 @@ Commands:
         (logged) before `go`, and once the gate has closed: a closed gate never reopens.
         Absolute deadlines keep a line read late (the process starved of CPU) exact.
 
-The deadline is also a kernel timer (timer_create on CLOCK_BOOTTIME, delivering SIGKILL),
-armed by `go` and moved by each `lease`: a process frozen past its deadline (a host
+Once the slice starts (after Mailman is initialised and the lease checked, before the
+slice's .bak files are recovered), the deadline is also a kernel timer (timer_create on
+CLOCK_BOOTTIME, delivering SIGKILL), moved by each `lease`: a process frozen past its deadline (a host
 paused in the cgroup freezer, a VM stopped) dies the moment it is thawed, before it runs
 another instruction, even with a message in hand: its lease may have ended meanwhile and
 another node may be serving the slice. qslice's leash kills at the same deadline, but a
@@ -251,6 +252,7 @@ class Gate:
     def __init__(self, kill_timer=None):
         self._lock = threading.Lock()
         self._kill_timer = kill_timer
+        self._armed = False     # the kill timer follows the deadline once the slice starts
         self._deadline = None   # lease clock seconds; None until `go` is read
         self._runner = None     # the Mailman runner, once built, to stop its loop
         self.reason = None      # None while open, then 'stopped' or 'fenced'
@@ -275,13 +277,24 @@ class Gate:
         with self._lock:
             if self.reason == 'fenced':
                 return False
-            # A stopped gate takes no message, but the one in hand is finished under the
-            # lease: its renewals still move the kill timer.
-            if self._kill_timer is not None and LEASE_CLOCK != time.CLOCK_MONOTONIC:
-                self._kill_timer.arm(until)
             if self.reason is None:
                 self._deadline = until
+            # A stopped gate takes no message, but the one in hand is finished under the
+            # lease: its renewals still move the kill timer.
+            if self._armed:
+                self._kill_timer.arm(until)
             return True
+
+    def arm_kill_timer(self):
+        """From now on the process dies at its deadline, in the kernel's hands: called as
+        the slice starts (before its .bak files are recovered). Not before: a process
+        still initialising Mailman holds no message, and one starved of CPU then (a cold
+        start of many slice runners on a loaded host) may read its renewals late."""
+        with self._lock:
+            if self._kill_timer is None or LEASE_CLOCK == time.CLOCK_MONOTONIC or self._deadline is None:
+                return
+            self._armed = True
+            self._kill_timer.arm(self._deadline)
 
     def stop(self, why):
         """Take no other message (the one in hand is finished)."""
@@ -1058,6 +1071,7 @@ def run_slice(args, go, gate, events):
     # Building the runner recovers the slice's .bak files: only under a valid lease.
     if not gate.is_open():
         return finish(gate, events)   # stopped (or fenced) while the go waited
+    gate.arm_kill_timer()
     queue_dir = config.switchboards[config_queue(args.runner)].queue_directory
     quarantine_junk(queue_dir, os.path.basename(queue_dir), events)
     runner = build_runner(args.runner, slice_, count)
