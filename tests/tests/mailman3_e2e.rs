@@ -356,6 +356,13 @@ async fn files_mailman_cannot_serve_are_quarantined_and_every_post_is_accepted_o
     std::fs::write(queue_dir.join("junk.pck"), b"not a pickle").expect("junk");
     std::fs::write(queue_dir.join(format!("abc+{digest}.pck")), b"not a pickle").expect("junk");
     std::fs::rename(&staged[0], queue_dir.join(&upper)).expect("upper-case entry");
+    // The .tmp of a queue file write cut off two hours ago (a crash, or a kill at the
+    // fence as a paused host thawed), and one being written now.
+    let stale = format!("{time}+{digest}.pck.tmp");
+    let fresh = format!("{time}+{}.pck.tmp", "0".repeat(40));
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    std::fs::File::create(queue_dir.join(&stale)).and_then(|f| f.set_modified(two_hours_ago)).expect("stale .tmp");
+    std::fs::write(queue_dir.join(&fresh), b"being written").expect("fresh .tmp");
     c.site.post(30, 0).expect("post");
     c.site.post_in_background(30, 30, 20.0).expect("post");
     wait_for_accepts(&c.site, 10).await;
@@ -366,7 +373,10 @@ async fn files_mailman_cannot_serve_are_quarantined_and_every_post_is_accepted_o
     let quarantine = c.site.dir.join("var/queue/.qslice/quarantine/in");
     let mut quarantined: Vec<String> = std::fs::read_dir(&quarantine).expect("quarantine dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     quarantined.sort();
-    assert_eq!(quarantined, vec![format!("abc+{digest}.pck"), "junk.pck".to_owned(), "late-junk.bak".to_owned()], "exactly the junk, intact");
+    let mut expected = vec![stale, format!("abc+{digest}.pck"), "junk.pck".to_owned(), "late-junk.bak".to_owned()];
+    expected.sort();
+    assert_eq!(quarantined, expected, "exactly the junk, intact");
+    assert!(queue_dir.join(&fresh).exists(), "a .tmp being written now is left alone");
     assert_eq!(std::fs::read(quarantine.join("junk.pck")).expect("read"), b"not a pickle");
     // No node gave the queue up; the quarantine was alerted.
     let logs: String = c.tc.runners().values().map(|r| r.log()).collect();

@@ -893,18 +893,42 @@ def junk_reason(filebase):
     return None
 
 
+# A queue file's `.tmp` (Mailman writes `<name>.pck.tmp`, fsyncs it and renames it) older
+# than this is a write that was cut off: the writer crashed, or was killed at its fence
+# deadline as a paused host thawed. No write takes an hour, even on a slow NFS server, and
+# an hour also absorbs the clock skew between this host and a file server's mtimes.
+STALE_TMP_AGE = 3600
+
+
+def stale_tmp_reason(path):
+    """Why the `.tmp` file at `path` is litter; None while it may still be written."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except FileNotFoundError:
+        return None
+    if age < STALE_TMP_AGE:
+        return None
+    return ('a queue file write cut off {:.0f} minutes ago (its writer crashed or was '
+            'killed at its fence deadline; the message was served again from its .bak)'
+            .format(age / 60))
+
+
 def quarantine_junk(queue_dir, queue_name, events):
-    """Moves the .pck and .bak files of `queue_dir` that Mailman cannot serve into
-    `<spool root>/.qslice/quarantine/<queue>/` and reports each on the event channel."""
+    """Moves the .pck and .bak files of `queue_dir` that Mailman cannot serve, and the
+    .tmp files of writes cut off long ago, into `<spool root>/.qslice/quarantine/<queue>/`
+    and reports each on the event channel."""
     try:
         names = os.listdir(queue_dir)
     except FileNotFoundError:
         return
     for name in names:
         filebase, ext = os.path.splitext(name)
-        if ext not in ('.pck', '.bak'):
+        if ext == '.tmp':
+            reason = stale_tmp_reason(os.path.join(queue_dir, name))
+        elif ext in ('.pck', '.bak'):
+            reason = junk_reason(filebase)
+        else:
             continue
-        reason = junk_reason(filebase)
         if reason is None:
             continue
         target_dir = os.path.join(os.path.dirname(queue_dir), '.qslice', 'quarantine', queue_name)
