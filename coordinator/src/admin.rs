@@ -270,6 +270,7 @@ impl Admin {
                     },
                     in_flight_too_long: in_flight_too_long(f.in_flight, f.oldest_in_flight_age_ms, listed, now, &settings),
                     no_eligible_node: no_eligible,
+                    held_after_revoke_of: view.holds.get(&k).cloned().unwrap_or_default(),
                 });
             }
         }

@@ -94,6 +94,8 @@ pub struct SliceRow {
     pub in_flight_too_long: bool,
     /// Whether no live node may take the slice's queue.
     pub no_eligible_node: bool,
+    /// The node whose revoked lease the slice is held back after, if it is.
+    pub held_after_revoke_of: Option<String>,
 }
 
 /// The `status` reply.
@@ -222,6 +224,7 @@ pub fn slice_row(s: &SliceInfo) -> SliceRow {
         oldest_in_flight_age_seconds: s.oldest_in_flight_age_seconds,
         in_flight_too_long: s.in_flight_too_long,
         no_eligible_node: s.no_eligible_node,
+        held_after_revoke_of: non_empty(&s.held_after_revoke_of),
     }
 }
 
@@ -299,6 +302,7 @@ pub(crate) mod fixtures {
                     oldest_in_flight_age_seconds: 725.0,
                     in_flight_too_long: true,
                     no_eligible_node: false,
+                    held_after_revoke_of: String::new(),
                 },
                 SliceInfo {
                     queue: "in".into(),
@@ -312,6 +316,7 @@ pub(crate) mod fixtures {
                     pinned: false,
                     in_flight: 2,
                     oldest_in_flight_age_seconds: 4.0,
+                    held_after_revoke_of: "node-two".into(),
                     ..SliceInfo::default()
                 },
                 SliceInfo { queue: "bounces".into(), slice: 0, desired_owner: String::new(), unowned_seconds: 30.0, no_eligible_node: true, ..SliceInfo::default() },

@@ -123,6 +123,16 @@ async fn a_cordoned_node_hands_off_and_one_that_will_not_release_is_fenced() {
     let cordon = Cordon { v: RECORD_VERSION, reason: "maintenance".into(), since_unix_ms: 0 };
     c.put(keys.cordon("stuck"), cordon.encode(), None).await.expect("cordon");
     let cordoned = Instant::now();
+    // While the slices are held back after the revoke, qslicectl says so.
+    let admin = tc.coordinator("c1").admin.clone();
+    let status = || {
+        let out = std::process::Command::new(qslice_tests::qslice_bin("qslicectl").expect("built"))
+            .args(["--coordinator", &admin, "status", "--slices"])
+            .output()
+            .expect("run qslicectl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    wait_for(LONG, "qslicectl status showing the slices held back after stuck's revoke", || status().contains("(held: stuck's lease revoked)")).expect("held shown");
     wait_for_async(LONG, "ok to hold both slices", || async { holdings(&mut c.clone(), "t", "in").await.get("ok").is_some_and(|v| v.len() == 2) })
         .await
         .expect("moved");

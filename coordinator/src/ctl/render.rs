@@ -77,8 +77,9 @@ Slices (with --slices):
   OLDEST IN FLIGHT  age of the oldest entry being handled (a .bak file), `(too long)` past
                     the coordinator's in_flight_alert_after [in_flight,
                     oldest_in_flight_age_seconds, in_flight_too_long]
-  UNOWNED FOR       time with no claim holder, `(no eligible node)` if no node may take it
-                    [unowned_seconds, no_eligible_node]
+  UNOWNED FOR       time with no claim holder, `(no eligible node)` if no node may take it,
+                    `(held: N's lease revoked)` while it is held back after a revoke
+                    [unowned_seconds, no_eligible_node, held_after_revoke_of]
 
 Singletons (commands of the runners' [singleton.<name>] tables, run on one node at a time):
   SINGLETON         its name [name]
@@ -137,6 +138,9 @@ pub fn render_slices(slices: &[SliceRow]) -> String {
             };
             let unowned = match (s.claim_holder.is_some(), s.no_eligible_node) {
                 (true, _) => "-".to_owned(),
+                (false, _) if s.held_after_revoke_of.is_some() => {
+                    format!("{} (held: {}'s lease revoked)", format_age(s.unowned_seconds), s.held_after_revoke_of.as_deref().unwrap_or_default())
+                }
                 (false, true) => format!("{} (no eligible node)", format_age(s.unowned_seconds)),
                 (false, false) if s.unowned_seconds > 0.0 => format_age(s.unowned_seconds),
                 (false, false) => "-".to_owned(),
@@ -358,7 +362,7 @@ bounces  1       Mailman 2.1  no eligible node (refused by n1; cordoned: node-tw
 
 QUEUE    SLICE  ASSIGNED TO  CLAIMED BY  EPOCH  WAITING  OLDEST WAITING  OLDEST IN FLIGHT   UNOWNED FOR
 in       0      n1 (pinned)  n1          42     3        3m05s           12m05s (too long)  -
-in       1      n1           -           -      0        -               4s                 12s
+in       1      n1           -           -      0        -               4s                 12s (held: node-two's lease revoked)
 bounces  0      -            -           -      0        -               -                  30s (no eligible node)
 
 SINGLETON  HELD BY  SINCE  EPOCH  LAST SLOT
