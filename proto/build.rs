@@ -2,9 +2,7 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("qslice_admin_descriptor.bin"))
-        .compile_protos(&["proto/qslice/admin/v1/admin.proto"], &["proto"])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("qslice_admin_descriptor.bin")).compile_protos(&["proto/qslice/admin/v1/admin.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -8,19 +8,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, DeleteOptions, Txn, TxnOp};
+use qslice_common::etcd::REQUEST_TIMEOUT;
 use qslice_proto::admin::{
-    CoordinatorInfo, DrainProgress, Event, ExplainNode, ExplainSliceResponse, GetStatusResponse, NodeInfo, PlannedMove, QueueInfo, RebalanceResponse,
-    SingletonInfo, SliceInfo, SliceMove, SliceRef,
+    CoordinatorInfo, DrainProgress, Event, ExplainNode, ExplainSliceResponse, GetStatusResponse, NodeInfo, PlannedMove, QueueInfo, RebalanceResponse, SingletonInfo, SliceInfo,
+    SliceMove, SliceRef,
 };
 use qslice_proto::keys::{validate_name, Keys};
-use qslice_proto::records::{Claim, Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SingletonClaim, SingletonRun, SliceFigures, RECORD_VERSION};
+use qslice_proto::records::{
+    Claim, Cordon, Maintenance, MoveRequest, Pin as PinRecord, QueueConfig, RebalanceRequest, Record, SingletonClaim, SingletonRun, SliceFigures, RECORD_VERSION,
+};
 use qslice_proto::slice::validate_slice_count;
-use qslice_common::etcd::REQUEST_TIMEOUT;
 use tokio_stream::Stream;
 
 use crate::cache::{now_ms, ClusterCache};
-use crate::health::{active_alerts, in_flight_too_long, no_eligible_node, queue_state, refused_by};
 use crate::config::AdminConfig;
+use crate::health::{active_alerts, in_flight_too_long, no_eligible_node, queue_state, refused_by};
 use crate::history::{MoveHistory, SeenMove};
 use crate::planner::{plan, NodeSpec, PlanInput, PlanOptions};
 use crate::view::{planner_input, ClusterView};
@@ -184,10 +186,7 @@ impl Admin {
     pub fn status(&self, include_slices: bool) -> Result<GetStatusResponse, AdminError> {
         let view = self.view()?;
         let leader_id = self.cache.leader();
-        let info = |id: &str| CoordinatorInfo {
-            id: id.to_owned(),
-            admin_address: view.coordinators.get(id).and_then(|c| c.admin_addr.clone()).unwrap_or_default(),
-        };
+        let info = |id: &str| CoordinatorInfo { id: id.to_owned(), admin_address: view.coordinators.get(id).and_then(|c| c.admin_addr.clone()).unwrap_or_default() };
         let slices = if include_slices { self.slice_rows(&view) } else { Vec::new() };
         Ok(GetStatusResponse {
             cluster: self.keys.root().trim_start_matches("/qslice/").trim_end_matches('/').to_owned(),
@@ -306,11 +305,12 @@ impl Admin {
         }
         self.txn(vec![TxnOp::delete(self.keys.cordon(node), None)]).await?;
         let row = self.node_rows(&view).into_iter().find(|n| n.id == node);
-        Ok(row.map(|mut r| {
-            r.cordoned = false;
-            r
-        })
-        .unwrap_or(NodeInfo { id: node.to_owned(), ..NodeInfo::default() }))
+        Ok(row
+            .map(|mut r| {
+                r.cordoned = false;
+                r
+            })
+            .unwrap_or(NodeInfo { id: node.to_owned(), ..NodeInfo::default() }))
     }
 
     /// Cordons the node, then reports progress until it holds no slice or the deadline.
@@ -376,12 +376,8 @@ impl Admin {
         let view = self.view()?;
         let q = self.queue(&view, name)?;
         let prefix = |p: String| TxnOp::delete(p, Some(DeleteOptions::new().with_prefix()));
-        self.txn(vec![
-            TxnOp::delete(self.keys.queue(name), None),
-            prefix(format!("{}pins/{name}/", self.keys.root())),
-            prefix(format!("{}moves/{name}/", self.keys.root())),
-        ])
-        .await?;
+        self.txn(vec![TxnOp::delete(self.keys.queue(name), None), prefix(format!("{}pins/{name}/", self.keys.root())), prefix(format!("{}moves/{name}/", self.keys.root()))])
+            .await?;
         Ok(queue_row(&view, &q))
     }
 
@@ -676,7 +672,11 @@ pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &Ex
     });
     let (listed, f) = figures.unwrap_or((0, qslice_proto::records::SliceFigures { slice, depth: 0, in_flight: 0, oldest_age_ms: 0, oldest_in_flight_age_ms: 0 }));
     if in_flight_too_long(f.in_flight, f.oldest_in_flight_age_ms, listed, now, &facts.alert_settings) {
-        reasons.push(format!("{} entries in flight (.bak), the oldest for {}: a handler may be stuck", f.in_flight, crate::health::spoken_age(crate::health::aged(f.oldest_in_flight_age_ms, listed, now))));
+        reasons.push(format!(
+            "{} entries in flight (.bak), the oldest for {}: a handler may be stuck",
+            f.in_flight,
+            crate::health::spoken_age(crate::health::aged(f.oldest_in_flight_age_ms, listed, now))
+        ));
     }
 
     // What the leader would do next.

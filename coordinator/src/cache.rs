@@ -21,10 +21,10 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{Client, KeyValue};
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_proto::admin::{event::Kind, Event};
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{Assignment, Claim, QueueConfig, Record};
-use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -338,10 +338,7 @@ impl ClusterCache {
                     // Still assigned to the holder: it did not let go by itself.
                     let still_assigned = {
                         let store = self.store.read().expect("store lock");
-                        store
-                            .get(self.keys.assignment(&holder, &queue).as_bytes())
-                            .and_then(|s| Assignment::decode(&s.value).ok())
-                            .is_some_and(|a| a.slices.contains(slice))
+                        store.get(self.keys.assignment(&holder, &queue).as_bytes()).and_then(|s| Assignment::decode(&s.value).ok()).is_some_and(|a| a.slices.contains(slice))
                     };
                     let kind = if still_assigned { Kind::SliceOrphaned } else { Kind::SliceReleased };
                     self.emit(Event { node: holder, queue, slice, epoch, ..event(kind) });
@@ -389,10 +386,14 @@ impl ClusterCache {
         let claimed: BTreeSet<u32> = {
             let store = self.store.read().expect("store lock");
             let prefix = self.keys.queue_claims_prefix(queue);
-            store.range(prefix.clone().into_bytes()..).take_while(|(k, _)| k.starts_with(prefix.as_bytes())).filter_map(|(k, _)| match self.keys.parse(k) {
-                Some(Key::Claim { slice, .. }) => Some(slice),
-                _ => None,
-            }).collect()
+            store
+                .range(prefix.clone().into_bytes()..)
+                .take_while(|(k, _)| k.starts_with(prefix.as_bytes()))
+                .filter_map(|(k, _)| match self.keys.parse(k) {
+                    Some(Key::Claim { slice, .. }) => Some(slice),
+                    _ => None,
+                })
+                .collect()
         };
         let mut unowned = self.unowned_since.lock().expect("unowned lock");
         unowned.retain(|(q, s), _| q != queue || *s < slices);

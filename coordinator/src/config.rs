@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use qslice_proto::keys::validate_name;
 use qslice_common::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat};
+use qslice_proto::keys::validate_name;
 use serde::Deserialize;
 
 use crate::health::{AlertSettings, DEFAULT_IN_FLIGHT_ALERT_AFTER};
@@ -199,10 +199,7 @@ impl Config {
         };
         let id = match args.id.clone().or(file.id) {
             Some(id) => id,
-            None => hostname::get()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .ok_or_else(|| invalid("id", "cannot read the host name; set id"))?,
+            None => hostname::get().ok().and_then(|h| h.into_string().ok()).ok_or_else(|| invalid("id", "cannot read the host name; set id"))?,
         };
         validate_name("coordinator id", &id).map_err(|e| invalid("id", e.to_string()))?;
         let cluster = args.cluster.clone().or(file.cluster).unwrap_or_else(|| "default".into());
@@ -227,12 +224,7 @@ impl Config {
         let token_file = args.admin_token_file.clone().or(admin.token_file);
         let token = match (&args.admin_token, &token_file) {
             (Some(t), _) => Some(t.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| invalid("admin.token_file", format!("cannot read {}: {e}", path.display())))?
-                    .trim()
-                    .to_owned(),
-            ),
+            (None, Some(path)) => Some(std::fs::read_to_string(path).map_err(|e| invalid("admin.token_file", format!("cannot read {}: {e}", path.display())))?.trim().to_owned()),
             (None, None) => None,
         };
         if token.as_deref() == Some("") {

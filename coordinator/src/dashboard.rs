@@ -23,9 +23,9 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -100,10 +100,7 @@ impl HttpProtection {
     /// (Client certificates, `client_ca`, guard the admin API only: browsers and
     /// Prometheus do not carry them, and the token guards the data.)
     pub fn of_admin(admin: &AdminConfig) -> HttpProtection {
-        HttpProtection {
-            read_token: admin.token.clone().filter(|_| admin.protect_reads),
-            tls: admin.tls_cert.clone().zip(admin.tls_key.clone()),
-        }
+        HttpProtection { read_token: admin.token.clone().filter(|_| admin.protect_reads), tls: admin.tls_cert.clone().zip(admin.tls_key.clone()) }
     }
 }
 
@@ -253,13 +250,8 @@ impl Dashboard {
     /// The routes: `/`, `/api/status`, `/metrics`, `/healthz`, `/readyz`.
     pub fn router(&self) -> Router {
         let leader = self.inner.leader.clone();
-        let readiness: Readiness = Arc::new(move || {
-            if leader.leading.load(Ordering::SeqCst) {
-                Ok("ready: leading\n")
-            } else {
-                Err("not ready: not the leader (standby or not yet elected)\n")
-            }
-        });
+        let readiness: Readiness =
+            Arc::new(move || if leader.leading.load(Ordering::SeqCst) { Ok("ready: leading\n") } else { Err("not ready: not the leader (standby or not yet elected)\n") });
         Router::new()
             .route("/", get(|| async { Html(PAGE) }))
             .route("/api/status", get(api_status))
@@ -290,7 +282,8 @@ impl Dashboard {
 async fn api_status(State(d): State<Dashboard>, headers: HeaderMap) -> Response {
     if let Some(token) = &d.inner.read_token {
         if !bearer_matches(&headers, token) {
-            let error = if headers.contains_key(header::AUTHORIZATION) { "the bearer token is not accepted" } else { "this endpoint needs a bearer token (Authorization: Bearer <token>)" };
+            let error =
+                if headers.contains_key(header::AUTHORIZATION) { "the bearer token is not accepted" } else { "this endpoint needs a bearer token (Authorization: Bearer <token>)" };
             let mut response = json(StatusCode::UNAUTHORIZED, &ErrorBody { error: error.into() });
             response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer realm=\"qslice\""));
             return response;
@@ -822,18 +815,11 @@ mod tests {
         h.record(&ev(Kind::SliceOrphaned, 10, "r2", "in", 1));
         let body = StatusBody::new(&status, &h, 42);
         assert_eq!(body.leader.as_deref(), Some("c1"));
-        let cells: Vec<(String, u32, Option<String>, Option<String>)> = body
-            .queues
-            .iter()
-            .flat_map(|q| q.cells.iter().map(move |c| (q.name.clone(), c.slice, c.owner.clone(), c.desired_owner.clone())))
-            .collect();
+        let cells: Vec<(String, u32, Option<String>, Option<String>)> =
+            body.queues.iter().flat_map(|q| q.cells.iter().map(move |c| (q.name.clone(), c.slice, c.owner.clone(), c.desired_owner.clone()))).collect();
         assert_eq!(
             cells,
-            vec![
-                ("in".into(), 0, Some("r1".into()), Some("r2".into())),
-                ("in".into(), 1, None, Some("r1".into())),
-                ("out".into(), 0, Some("r1".into()), Some("r1".into())),
-            ]
+            vec![("in".into(), 0, Some("r1".into()), Some("r2".into())), ("in".into(), 1, None, Some("r1".into())), ("out".into(), 0, Some("r1".into()), Some("r1".into())),]
         );
         let json = serde_json::to_value(&body).expect("json");
         assert_eq!(json["queues"][0]["cells"][1]["owner"], serde_json::Value::Null);

@@ -36,13 +36,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, LeaderKey, ResignOptions, Txn, TxnOp};
+use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
+use qslice_common::lease::{grant_lease, keep_alive, Incarnation, Role};
+use qslice_common::retry::{until_ok, Backoff, STARTUP_BACKOFF};
 use qslice_proto::admin::event::Kind;
 use qslice_proto::admin::Event;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{CoordinatorRecord, Record, RECORD_VERSION};
-use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
-use qslice_common::retry::{until_ok, Backoff, STARTUP_BACKOFF};
-use qslice_common::lease::{grant_lease, keep_alive, Incarnation, Role};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -162,12 +162,7 @@ pub async fn run(cfg: Config, mut client: Client, cache: Arc<ClusterCache>, shut
 
 /// Writes this instance's record (id and addresses) on its lease, for GetStatus.
 async fn register(client: &mut Client, keys: &Keys, cfg: &Config, lease: i64) {
-    let record = CoordinatorRecord {
-        v: RECORD_VERSION,
-        id: cfg.id.clone(),
-        admin_addr: Some(cfg.admin.addr.to_string()),
-        http_addr: cfg.http_addr.map(|a| a.to_string()),
-    };
+    let record = CoordinatorRecord { v: RECORD_VERSION, id: cfg.id.clone(), admin_addr: Some(cfg.admin.addr.to_string()), http_addr: cfg.http_addr.map(|a| a.to_string()) };
     let put = client.put(keys.coordinator(&cfg.id), record.encode(), Some(etcd_client::PutOptions::new().with_lease(lease)));
     match tokio::time::timeout(REQUEST_TIMEOUT, put).await {
         Ok(Ok(_)) => {}
@@ -180,11 +175,7 @@ async fn register(client: &mut Client, keys: &Keys, cfg: &Config, lease: i64) {
 /// budget lifted for one round by a one-shot rebalance request. Maintenance mode comes
 /// from the snapshot ([`planner_input`]).
 pub(crate) fn round_options(view: &ClusterView, churn_budget: usize, max_vanished_fraction: f64) -> PlanOptions {
-    PlanOptions {
-        churn_budget: if view.rebalance_requested { usize::MAX } else { churn_budget },
-        max_vanished_fraction,
-        maintenance: false,
-    }
+    PlanOptions { churn_budget: if view.rebalance_requested { usize::MAX } else { churn_budget }, max_vanished_fraction, maintenance: false }
 }
 
 /// One term as leader.
@@ -537,7 +528,10 @@ impl<'a> Term<'a> {
             }
             *alerted = true;
             let lease = view.claims.get(&(queue.clone(), *slice)).map(|c| c.lease).unwrap_or_default();
-            let message = format!("claim of {queue}/{slice} held by {holder} on lease {lease:x}, which is not a live node's current lease, for {}; not revoking it", humantime::format_duration(self.cfg.revoke_deadline));
+            let message = format!(
+                "claim of {queue}/{slice} held by {holder} on lease {lease:x}, which is not a live node's current lease, for {}; not revoking it",
+                humantime::format_duration(self.cfg.revoke_deadline)
+            );
             tracing::error!(%queue, slice, node = %holder, lease, "alert: {message}");
             metrics::counter!("qslice_coordinator_unexplained_claims_total", "action" => "alerted").increment(1);
             self.cache.emit(Event { node: holder.clone(), queue: queue.clone(), slice: *slice, message, ..event(Kind::Alert) });
@@ -575,7 +569,8 @@ impl<'a> Term<'a> {
             }
             let unassigned = states.get(&(queue.clone(), slice)) == Some(&ClaimState::Unassigned);
             if unassigned {
-                let message = format!("{holder} holds {queue}/{slice}, which no assignment gives it, past {}; revoking its lease", humantime::format_duration(self.cfg.revoke_deadline));
+                let message =
+                    format!("{holder} holds {queue}/{slice}, which no assignment gives it, past {}; revoking its lease", humantime::format_duration(self.cfg.revoke_deadline));
                 tracing::error!(%queue, slice, node = %holder, lease, "alert: {message}");
                 metrics::counter!("qslice_coordinator_unexplained_claims_total", "action" => "revoked").increment(1);
                 self.cache.emit(Event { node: holder.clone(), queue: queue.clone(), slice, message, ..event(Kind::Alert) });

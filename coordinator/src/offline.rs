@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use qslice_proto::slice::{validate_slice_count, EntryName, NameError, SliceCountError};
 use qslice_common::spool::{QueueDir, SpoolError};
+use qslice_proto::slice::{validate_slice_count, EntryName, NameError, SliceCountError};
 use serde::Serialize;
 
 /// An offline tool's failure.
@@ -95,25 +95,15 @@ pub fn spool_stats(dir: &Path, n: u32) -> Result<SpoolStats, OfflineError> {
     };
     let scan = QueueDir::new(root, queue).scan(n)?;
     let count = |m: &std::collections::BTreeMap<u32, Vec<_>>, s: u32| m.get(&s).map_or(0, |v: &Vec<_>| v.len() as u64);
-    let per_slice: Vec<SliceRow> = (0..n)
-        .map(|s| SliceRow {
-            slice: s,
-            pending: count(&scan.pending, s),
-            in_flight: count(&scan.in_flight, s),
-            oldest_age_seconds: scan.oldest_age(s),
-        })
-        .collect();
+    let per_slice: Vec<SliceRow> =
+        (0..n).map(|s| SliceRow { slice: s, pending: count(&scan.pending, s), in_flight: count(&scan.in_flight, s), oldest_age_seconds: scan.oldest_age(s) }).collect();
     Ok(SpoolStats {
         dir: dir.to_owned(),
         slices: n,
         pending: per_slice.iter().map(|r| r.pending).sum(),
         in_flight: per_slice.iter().map(|r| r.in_flight).sum(),
         per_slice,
-        problems: scan
-            .problems
-            .iter()
-            .map(|p| ProblemRow { path: p.path.clone(), reason: p.reason.to_string() })
-            .collect(),
+        problems: scan.problems.iter().map(|p| ProblemRow { path: p.path.clone(), reason: p.reason.to_string() }).collect(),
     })
 }
 
@@ -124,13 +114,7 @@ pub fn render_spool_stats(stats: &SpoolStats) -> String {
         let age = row.oldest_age_seconds.map_or_else(|| "-".to_owned(), format_age);
         out.push_str(&format!("{:>6}  {:>8}  {:>9}  {:>12}\n", row.slice, row.pending, row.in_flight, age));
     }
-    out.push_str(&format!(
-        "{} slices, {} pending, {} in flight in {}\n",
-        stats.slices,
-        stats.pending,
-        stats.in_flight,
-        stats.dir.display()
-    ));
+    out.push_str(&format!("{} slices, {} pending, {} in flight in {}\n", stats.slices, stats.pending, stats.in_flight, stats.dir.display()));
     for p in &stats.problems {
         out.push_str(&format!("not an entry: {}: {}\n", p.path.display(), p.reason));
     }

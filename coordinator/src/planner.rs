@@ -116,13 +116,7 @@ pub struct NodeSpec {
 impl NodeSpec {
     /// The planner's view of a node record and its cordon state.
     pub fn from_record(record: &NodeRecord, cordoned: bool) -> NodeSpec {
-        NodeSpec {
-            id: record.node_id.clone(),
-            weight: record.weight,
-            queues: record.queues.clone(),
-            cordoned,
-            refused: record.refused_queues.clone(),
-        }
+        NodeSpec { id: record.node_id.clone(), weight: record.weight, queues: record.queues.clone(), cordoned, refused: record.refused_queues.clone() }
     }
 
     /// Whether the node's queue list allows `queue`.
@@ -149,11 +143,7 @@ pub struct PlanOptions {
 
 impl Default for PlanOptions {
     fn default() -> Self {
-        PlanOptions {
-            churn_budget: DEFAULT_CHURN_BUDGET,
-            max_vanished_fraction: DEFAULT_MAX_VANISHED_FRACTION,
-            maintenance: false,
-        }
+        PlanOptions { churn_budget: DEFAULT_CHURN_BUDGET, max_vanished_fraction: DEFAULT_MAX_VANISHED_FRACTION, maintenance: false }
     }
 }
 
@@ -270,10 +260,7 @@ pub enum Alert {
 impl fmt::Display for Alert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Alert::MassVanish { vanished, previous } => write!(
-                f,
-                "{vanished} of {previous} nodes vanished at once: orphans are taken over, planned moves pause"
-            ),
+            Alert::MassVanish { vanished, previous } => write!(f, "{vanished} of {previous} nodes vanished at once: orphans are taken over, planned moves pause"),
             Alert::Uncovered { queue, slices } => {
                 write!(f, "queue {queue}: {slices} slices have no owner, no node is eligible")
             }
@@ -345,12 +332,7 @@ pub fn plan(input: &PlanInput) -> Plan {
                 q.add_entry(ni, node.weight);
             }
         } else {
-            let mut served: Vec<usize> = node
-                .queues
-                .iter()
-                .filter(|q| !node.refused.contains(q))
-                .filter_map(|q| queue_index.get(q.as_str()).copied())
-                .collect();
+            let mut served: Vec<usize> = node.queues.iter().filter(|q| !node.refused.contains(q)).filter_map(|q| queue_index.get(q.as_str()).copied()).collect();
             served.sort_unstable();
             served.dedup();
             for qi in served {
@@ -394,12 +376,7 @@ pub fn plan(input: &PlanInput) -> Plan {
 
     // A plan that handles a death only takes over; hand-offs wait for the next plan.
     let death = vanished > 0 || queues.iter().any(QueueWork::has_orphans);
-    let mut gate = Gate {
-        paused: out.balance_paused || death,
-        budget: input.options.churn_budget,
-        used: 0,
-        deferred: 0,
-    };
+    let mut gate = Gate { paused: out.balance_paused || death, budget: input.options.churn_budget, used: 0, deferred: 0 };
     let mut moves: Vec<RawMove<'_>> = Vec::new();
     for q in queues.iter_mut() {
         q.move_pinned(&mut gate, &mut moves);
@@ -424,22 +401,14 @@ pub fn plan(input: &PlanInput) -> Plan {
 
     out.moves = moves
         .into_iter()
-        .map(|m| Move {
-            queue: queues[m.queue].name.to_owned(),
-            slice: m.slice,
-            from: m.from.map(str::to_owned),
-            to: nodes[m.to].id.clone(),
-            reason: m.reason,
-        })
+        .map(|m| Move { queue: queues[m.queue].name.to_owned(), slice: m.slice, from: m.from.map(str::to_owned), to: nodes[m.to].id.clone(), reason: m.reason })
         .collect();
     out.moves.sort_by(|a, b| (&a.queue, a.slice).cmp(&(&b.queue, b.slice)));
     out.assignment = queues
         .iter()
         .flat_map(|q| {
             let nodes = &nodes;
-            q.new_owner.iter().enumerate().filter_map(move |(s, o)| {
-                o.map(|ni| ((q.name.to_owned(), s as u32), nodes[ni].id.clone()))
-            })
+            q.new_owner.iter().enumerate().filter_map(move |(s, o)| o.map(|ni| ((q.name.to_owned(), s as u32), nodes[ni].id.clone())))
         })
         .collect();
     out
@@ -566,17 +535,7 @@ impl<'a> QueueWork<'a> {
 
     fn add_entry(&mut self, node: usize, weight: u32) {
         self.entry_of[node] = self.entries.len() as u32;
-        self.entries.push(Entry {
-            node,
-            weight: u128::from(weight),
-            pinned: 0,
-            keep: 0,
-            held: 0,
-            lo: 0,
-            rem: 0,
-            den: 1,
-            slot: false,
-        });
+        self.entries.push(Entry { node, weight: u128::from(weight), pinned: 0, keep: 0, held: 0, lo: 0, rem: 0, den: 1, slot: false });
     }
 
     fn entry(&self, node: usize) -> Option<usize> {
@@ -672,13 +631,7 @@ impl<'a> QueueWork<'a> {
     }
 
     fn push_move(&self, s: usize, to_entry: usize, reason: MoveReason, moves: &mut Vec<RawMove<'a>>) {
-        moves.push(RawMove {
-            queue: self.index,
-            slice: s as u32,
-            from: self.orig[s],
-            to: self.entries[to_entry].node,
-            reason,
-        });
+        moves.push(RawMove { queue: self.index, slice: s as u32, from: self.orig[s], to: self.entries[to_entry].node, reason });
     }
 
     /// Brings pinned slices to their pin node.
@@ -916,13 +869,7 @@ impl PathSearch {
 
     /// Moves one slot away from `start` along the cheapest alternating path to a node
     /// that `room` accepts; returns that node.
-    fn push_slot(
-        &mut self,
-        queues: &mut [QueueWork<'_>],
-        member: &[Vec<(usize, usize)>],
-        start: usize,
-        room: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
+    fn push_slot(&mut self, queues: &mut [QueueWork<'_>], member: &[Vec<(usize, usize)>], start: usize, room: impl Fn(usize) -> bool) -> Option<usize> {
         self.reset();
         let mut deque = VecDeque::from([(0u64, start)]);
         self.dist[start] = 0;
@@ -975,13 +922,7 @@ impl PathSearch {
 
     /// Moves one slot to `end` along the cheapest alternating path from a node that
     /// `spare` accepts; returns that node.
-    fn pull_slot(
-        &mut self,
-        queues: &mut [QueueWork<'_>],
-        member: &[Vec<(usize, usize)>],
-        end: usize,
-        spare: impl Fn(usize) -> bool,
-    ) -> Option<usize> {
+    fn pull_slot(&mut self, queues: &mut [QueueWork<'_>], member: &[Vec<(usize, usize)>], end: usize, spare: impl Fn(usize) -> bool) -> Option<usize> {
         self.reset();
         let mut deque = VecDeque::from([(0u64, end)]);
         self.dist[end] = 0;
@@ -1138,22 +1079,14 @@ mod tests {
             (
                 proptest::collection::vec((1u32..=64, prop::bool::weighted(0.2)), nq),
                 proptest::collection::vec(
-                    (
-                        prop_oneof![1 => Just(0u32), 7 => 1u32..=4],
-                        prop::bool::weighted(0.15),
-                        prop::option::weighted(0.3, proptest::collection::vec(0..nq + 1, 1..=2)),
-                    ),
+                    (prop_oneof![1 => Just(0u32), 7 => 1u32..=4], prop::bool::weighted(0.15), prop::option::weighted(0.3, proptest::collection::vec(0..nq + 1, 1..=2))),
                     nn,
                 ),
                 proptest::collection::vec(any::<u8>(), nq * 64),
                 proptest::collection::vec((0..nq, any::<u32>(), 0..nn + 2), 0..=6),
             )
                 .prop_map(move |(queues, nodes, owners, pins)| {
-                    let queues: Vec<QueueSpec> = queues
-                        .into_iter()
-                        .enumerate()
-                        .map(|(i, (slices, paused))| QueueSpec { name: format!("q{i}"), slices, paused })
-                        .collect();
+                    let queues: Vec<QueueSpec> = queues.into_iter().enumerate().map(|(i, (slices, paused))| QueueSpec { name: format!("q{i}"), slices, paused }).collect();
                     let nodes: Vec<NodeSpec> = nodes
                         .into_iter()
                         .enumerate()
@@ -1181,10 +1114,7 @@ mod tests {
                             current.insert(key("retired", q.slices), name(0));
                         }
                     }
-                    let pins = pins
-                        .into_iter()
-                        .map(|(qi, s, ni)| (key(&queues[qi].name, s % queues[qi].slices), name(ni)))
-                        .collect();
+                    let pins = pins.into_iter().map(|(qi, s, ni)| (key(&queues[qi].name, s % queues[qi].slices), name(ni))).collect();
                     PlanInput { queues, nodes, current, pins, options: unlimited(), ..PlanInput::default() }
                 })
         })
@@ -1192,17 +1122,15 @@ mod tests {
 
     /// Options that constrain the plan: maintenance, small budgets, a tripped valve.
     fn arb_constrained(input: PlanInput) -> impl Strategy<Value = PlanInput> {
-        (any::<bool>(), prop_oneof![0usize..=6, Just(usize::MAX)], any::<bool>()).prop_map(
-            move |(maintenance, churn_budget, vanish)| {
-                let mut input = input.clone();
-                input.options.maintenance = maintenance;
-                input.options.churn_budget = churn_budget;
-                if vanish {
-                    input.previous_nodes = mass_vanished_history(&input);
-                }
-                input
-            },
-        )
+        (any::<bool>(), prop_oneof![0usize..=6, Just(usize::MAX)], any::<bool>()).prop_map(move |(maintenance, churn_budget, vanish)| {
+            let mut input = input.clone();
+            input.options.maintenance = maintenance;
+            input.options.churn_budget = churn_budget;
+            if vanish {
+                input.previous_nodes = mass_vanished_history(&input);
+            }
+            input
+        })
     }
 
     /// A previous node set of which more than half is gone now.

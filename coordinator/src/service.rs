@@ -176,10 +176,8 @@ pub async fn serve(admin: Arc<Admin>, cfg: &AdminConfig, shutdown: CancellationT
     let read = |path: &std::path::Path| std::fs::read(path).map_err(|source| ServeError::ReadTlsFile { path: path.to_owned(), source });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<AdminServer<AdminService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let reflection =
+        tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET).build_v1().map_err(|e| ServeError::Reflection(e.to_string()))?;
     let mut builder = Server::builder();
     if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
         let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));

@@ -362,5 +362,4 @@ mod tests {
         assert_eq!(json["queues"][2]["no_eligible_node"], true);
         assert_eq!(json["queues"][2]["refused_by"], serde_json::json!(["n1"]));
     }
-
 }

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{
-    Assignment, Claim, CoordinatorRecord, Cordon, Hold, Maintenance, MoveRequest, NodeRecord, Pin, QueueConfig, Record, RebalanceRequest, SliceFigures,
-    SliceSet, SliceStatus, RECORD_VERSION,
+    Assignment, Claim, CoordinatorRecord, Cordon, Hold, Maintenance, MoveRequest, NodeRecord, Pin, QueueConfig, RebalanceRequest, Record, SliceFigures, SliceSet, SliceStatus,
+    RECORD_VERSION,
 };
 
 use crate::planner::{NodeSpec, PlanInput, PlanOptions, QueueSpec, SliceKey};
@@ -198,11 +198,7 @@ impl ClusterView {
     /// Queues with a claim made under a slice count other than the queue's (a reslice
     /// in progress).
     pub fn reslicing_queues(&self) -> BTreeSet<String> {
-        self.claims
-            .iter()
-            .filter(|((queue, _), c)| self.queues.get(queue).is_some_and(|q| q.slices != c.slices_total))
-            .map(|((queue, _), _)| queue.clone())
-            .collect()
+        self.claims.iter().filter(|((queue, _), c)| self.queues.get(queue).is_some_and(|q| q.slices != c.slices_total)).map(|((queue, _), _)| queue.clone()).collect()
     }
 }
 
@@ -252,11 +248,7 @@ pub fn planner_input(view: &ClusterView, previous_nodes: BTreeSet<String>, mut o
     // queue is planned as paused, so every old owner releases before anyone claims under
     // the new slicing.
     let reslicing = view.reslicing_queues();
-    let queues = view
-        .queues
-        .values()
-        .map(|q| QueueSpec { paused: q.paused || reslicing.contains(&q.name), ..QueueSpec::from_config(q) })
-        .collect();
+    let queues = view.queues.values().map(|q| QueueSpec { paused: q.paused || reslicing.contains(&q.name), ..QueueSpec::from_config(q) }).collect();
     let mut pins = view.pins.clone();
     let mut settled_moves = Vec::new();
     for (slice, target) in &view.moves {
@@ -489,10 +481,7 @@ mod tests {
         let writes = assignment_writes(&keys, &view, &desired);
         assert_eq!(
             writes,
-            vec![
-                Write::Put(keys.assignment("n2", "in"), a(4, &[2, 3]).encode()),
-                Write::Delete(keys.assignment("gone", "in")),
-            ],
+            vec![Write::Put(keys.assignment("n2", "in"), a(4, &[2, 3]).encode()), Write::Delete(keys.assignment("gone", "in")),],
             "n1 is unchanged; n2 rewritten; the dead node's key deleted"
         );
     }

@@ -54,8 +54,7 @@ pub trait Record: Serialize + DeserializeOwned {
             v: Option<u64>,
         }
         let kind = Self::KIND;
-        let version: Version =
-            serde_json::from_slice(bytes).map_err(|source| RecordError::Malformed { kind, source })?;
+        let version: Version = serde_json::from_slice(bytes).map_err(|source| RecordError::Malformed { kind, source })?;
         let found = version.v.unwrap_or(0);
         if found != u64::from(RECORD_VERSION) {
             return Err(RecordError::UnsupportedVersion { kind, found });
@@ -514,12 +513,7 @@ mod tests {
     fn records_round_trip_through_json() {
         let n = node();
         assert_eq!(NodeRecord::decode(&n.encode()).expect("decodes"), n);
-        let a = Assignment {
-            v: 1,
-            queue: "in".into(),
-            slices_total: 16,
-            slices: [0, 1, 2, 3, 7, 9, 10].into_iter().collect(),
-        };
+        let a = Assignment { v: 1, queue: "in".into(), slices_total: 16, slices: [0, 1, 2, 3, 7, 9, 10].into_iter().collect() };
         let text = String::from_utf8(a.encode()).expect("utf8");
         assert!(text.contains("\"slices\":\"0-3,7,9-10\""), "{text}");
         assert_eq!(Assignment::decode(text.as_bytes()).expect("decodes"), a);
@@ -547,8 +541,7 @@ mod tests {
         assert!(matches!(err, RecordError::UnsupportedVersion { found: 0, .. }), "{err}");
         let err = Claim::decode(br#"{"v":1,"node_id":3}"#).expect_err("wrong shape");
         assert!(matches!(err, RecordError::Malformed { kind: "claim", .. }), "{err}");
-        let err = Assignment::decode(br#"{"v":1,"queue":"in","slices_total":4,"slices":"3-1"}"#)
-            .expect_err("reversed range");
+        let err = Assignment::decode(br#"{"v":1,"queue":"in","slices_total":4,"slices":"3-1"}"#).expect_err("reversed range");
         assert!(err.to_string().contains("3-1"), "{err}");
     }
 

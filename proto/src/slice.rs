@@ -121,10 +121,7 @@ pub fn slice_bounds(s: u32, n: u32) -> Option<SliceBounds> {
     let space = BigUint::from(1u8) << 160u32;
     let lower = (&space * s) / n;
     let upper = (&space * (u64::from(s) + 1)) / n - 1u8;
-    Some(SliceBounds {
-        lower: Digest::from_biguint(&lower)?,
-        upper: Digest::from_biguint(&upper)?,
-    })
+    Some(SliceBounds { lower: Digest::from_biguint(&lower)?, upper: Digest::from_biguint(&upper)? })
 }
 
 /// Checks a slice count: 1 to [`MAX_SLICES`], and a power of two when `mailman3` is set.
@@ -458,10 +455,7 @@ mod tests {
     #[test]
     fn slice_counts_are_validated() {
         assert_eq!(validate_slice_count(0, false), Err(SliceCountError::OutOfRange { n: 0 }));
-        assert_eq!(
-            validate_slice_count(MAX_SLICES + 1, false),
-            Err(SliceCountError::OutOfRange { n: MAX_SLICES + 1 })
-        );
+        assert_eq!(validate_slice_count(MAX_SLICES + 1, false), Err(SliceCountError::OutOfRange { n: MAX_SLICES + 1 }));
         assert_eq!(validate_slice_count(6, true), Err(SliceCountError::NotPowerOfTwo { n: 6 }));
         assert_eq!(validate_slice_count(6, false), Ok(()));
         assert_eq!(validate_slice_count(MAX_SLICES, true), Ok(()));

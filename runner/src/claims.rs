@@ -133,9 +133,7 @@ pub fn claim_txn(keys: &Keys, queue: &str, slice: u32, record: &Claim, lease_id:
 /// The transaction that deletes `queue`'s `slice` claim only if it is still the claim of epoch `epoch`.
 pub fn release_txn(keys: &Keys, queue: &str, slice: u32, epoch: i64) -> Txn {
     let key = keys.claim(queue, slice);
-    Txn::new()
-        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, epoch)])
-        .and_then([TxnOp::delete(key.as_str(), None)])
+    Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, epoch)]).and_then([TxnOp::delete(key.as_str(), None)])
 }
 
 /// The claim `kv` as this lease's: adopted when it hangs on `lease_id`.

@@ -13,7 +13,6 @@ use serde::Deserialize;
 
 use qslice_common::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat, ETCD_MIN_TTL};
 
-
 use crate::singleton::SingletonConfig;
 use crate::supervise::SuperviseConfig;
 
@@ -231,19 +230,12 @@ impl Config {
         let handler = file.handler.unwrap_or_default();
         let node_id = match args.node_id.clone().or(file.node_id) {
             Some(id) => id,
-            None => hostname::get()
-                .ok()
-                .and_then(|h| h.into_string().ok())
-                .ok_or_else(|| invalid("node_id", "cannot read the host name; set node_id"))?,
+            None => hostname::get().ok().and_then(|h| h.into_string().ok()).ok_or_else(|| invalid("node_id", "cannot read the host name; set node_id"))?,
         };
         validate_name("node id", &node_id).map_err(|e| invalid("node_id", e.to_string()))?;
         let cluster = args.cluster.clone().or(file.cluster).unwrap_or_else(|| "default".into());
         validate_name("cluster", &cluster).map_err(|e| invalid("cluster", e.to_string()))?;
-        let spool = args
-            .spool
-            .clone()
-            .or(file.spool)
-            .ok_or_else(|| invalid("spool", "required: the spool root that holds the queue directories"))?;
+        let spool = args.spool.clone().or(file.spool).ok_or_else(|| invalid("spool", "required: the spool root that holds the queue directories"))?;
         let queues = args.queues.clone().or(file.queues).unwrap_or_default();
         for q in &queues {
             validate_name("queue", q).map_err(|e| invalid("queues", e.to_string()))?;
@@ -260,10 +252,7 @@ impl Config {
         if concurrency == 0 {
             return Err(invalid("concurrency", "must be at least 1"));
         }
-        let start_concurrency = args
-            .start_concurrency
-            .or(file.start_concurrency)
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+        let start_concurrency = args.start_concurrency.or(file.start_concurrency).unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
         if start_concurrency == 0 {
             return Err(invalid("start_concurrency", "must be at least 1"));
         }
@@ -305,11 +294,7 @@ impl Config {
         for (name, singleton) in &file.singleton {
             singleton.check(name).map_err(|e| invalid("singleton", e))?;
         }
-        let state_dir = args
-            .state_dir
-            .clone()
-            .or(file.state_dir)
-            .unwrap_or_else(|| Path::new("/var/lib/qslice").join(&node_id));
+        let state_dir = args.state_dir.clone().or(file.state_dir).unwrap_or_else(|| Path::new("/var/lib/qslice").join(&node_id));
         Ok(Config {
             node_id,
             etcd,
@@ -408,8 +393,7 @@ mod tests {
 
     #[test]
     fn a_short_ttl_is_allowed_with_a_warning() {
-        let cfg = Config::resolve(&args(&["--spool", "/s", "--node-id", "n", "--lease-ttl", "1s", "--handler-command", "[\"/bin/true\"]"]))
-            .expect("valid");
+        let cfg = Config::resolve(&args(&["--spool", "/s", "--node-id", "n", "--lease-ttl", "1s", "--handler-command", "[\"/bin/true\"]"])).expect("valid");
         assert_eq!(cfg.warnings().len(), 1);
         assert_eq!(cfg.handler.command, vec!["/bin/true"]);
     }

@@ -14,15 +14,15 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use crate::handler::Handler;
-use crate::mailman3::{install_script, Starts, WarmPool};
-use crate::supervise::Flavour;
+use crate::incarnation::{run_incarnation, Exit, Shared};
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
+use crate::mailman3::{install_script, Starts, WarmPool};
+use crate::membership::register;
+use crate::supervise::Flavour;
+use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use qslice_common::lease::{fence_margin, keep_alive, Incarnation, Role};
 use qslice_common::retry::{until_ok, Backoff, STARTUP_BACKOFF};
-use crate::membership::register;
-use crate::incarnation::{run_incarnation, Exit, Shared};
 
 /// Why the runner stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -152,13 +152,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool
         lock.record_lease(None);
     }
     let pools = start_pools(&cfg, &shutdown)?;
-    let shared = Arc::new(Shared {
-        keys: keys.clone(),
-        handler: Handler::new(cfg.handler.clone()),
-        permits: Arc::new(Semaphore::new(cfg.concurrency)),
-        pools,
-        cfg,
-    });
+    let shared = Arc::new(Shared { keys: keys.clone(), handler: Handler::new(cfg.handler.clone()), permits: Arc::new(Semaphore::new(cfg.concurrency)), pools, cfg });
     let mut backoff = Backoff::new(STARTUP_BACKOFF);
     loop {
         let Some(inc) = until_ok("registration failed", &mut backoff, &shutdown, async || register(&mut client, &keys, &shared.cfg).await).await else {

@@ -187,12 +187,7 @@ impl Handler {
     fn start_worker(&self, job: &Job) -> Result<Coprocess, String> {
         let argv: Vec<String> = self.cfg.command.iter().map(|a| substitute(a, job)).collect();
         let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(job_env(job).into_iter().filter(|(k, _)| *k != "QSLICE_PATH"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
+        cmd.args(&argv[1..]).envs(job_env(job).into_iter().filter(|(k, _)| *k != "QSLICE_PATH")).stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).process_group(0);
         crate::child::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| format!("cannot start worker {:?}: {e}", argv[0]))?;
         let stdin = child.stdin.take().ok_or("worker has no stdin")?;
@@ -205,11 +200,7 @@ impl Handler {
     async fn exec(&self, job: &Job) -> Outcome {
         let argv: Vec<String> = self.cfg.command.iter().map(|a| substitute(a, job)).collect();
         let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .envs(job_env(job))
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .process_group(0);
+        cmd.args(&argv[1..]).envs(job_env(job)).stdin(Stdio::null()).kill_on_drop(true).process_group(0);
         crate::child::die_with_parent(&mut cmd);
         let child = match cmd.spawn() {
             Ok(child) => child,
@@ -257,7 +248,6 @@ impl Drop for GroupKiller {
     }
 }
 
-
 /// Replaces `{path}` `{queue}` `{slice}` `{slices}` `{epoch}` `{node}` in one argument.
 pub fn substitute(arg: &str, job: &Job) -> String {
     arg.replace("{path}", &job.path.to_string_lossy())
@@ -293,15 +283,7 @@ mod tests {
     use super::*;
 
     fn job(path: &Path) -> Job {
-        Job {
-            path: path.to_owned(),
-            filebase: "1+0696655d510e3bad34fee55513eec06ed9b3413c".into(),
-            queue: "in".into(),
-            slice: 2,
-            slices: 4,
-            epoch: 42,
-            node: "n1".into(),
-        }
+        Job { path: path.to_owned(), filebase: "1+0696655d510e3bad34fee55513eec06ed9b3413c".into(), queue: "in".into(), slice: 2, slices: 4, epoch: 42, node: "n1".into() }
     }
 
     fn exec(command: &[&str], timeout: Duration) -> Handler {
@@ -426,11 +408,7 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let starts = tmp.path().join("starts");
         // Answers garbage to the first entry, exits on the second, hangs on the third.
-        let script = format!(
-            "echo $$ >> {}; n=$(wc -l < {}); read p; case $n in 1) echo bogus; read q;; 2) exit 3;; *) sleep 600;; esac",
-            starts.display(),
-            starts.display()
-        );
+        let script = format!("echo $$ >> {}; n=$(wc -l < {}); read p; case $n in 1) echo bogus; read q;; 2) exit 3;; *) sleep 600;; esac", starts.display(), starts.display());
         let h = worker_handler(&script, Duration::from_millis(500));
         let garbage = h.handle(&job(Path::new("/q/a.bak"))).await;
         assert_eq!(garbage, Outcome::Failed("worker answered \"bogus\"; expected ok, retry or fail <reason>".into()));

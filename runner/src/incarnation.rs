@@ -31,8 +31,8 @@ use crate::figures::supervised_figures;
 use crate::handler::Handler;
 use crate::mailman3::WarmPool;
 use crate::ownership::{self, Action, ClaimedSlice, Desired, Held, HeldClaim, QueueSlices, Refusal, SliceId, SlicedQueue};
-use crate::singleton::Singletons;
 use crate::processor::{drain_slice, queue_loop, EntryMeters, QueueState, SliceState, SpoolFaults};
+use crate::singleton::Singletons;
 use crate::supervise::SuperviseConfig;
 use crate::supervised_slices::{GaveUp, SupervisedSlices};
 
@@ -96,8 +96,8 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
         record: inc.record.clone(),
         crash_refusals: BTreeMap::new(),
     };
-    let figures = (!shared.cfg.supervise.is_empty())
-        .then(|| tokio::spawn(supervised_figures(client.clone(), shared.clone(), inc.lease_id, inc.fence.clone(), inc_run.supervised.view())));
+    let figures =
+        (!shared.cfg.supervise.is_empty()).then(|| tokio::spawn(supervised_figures(client.clone(), shared.clone(), inc.lease_id, inc.fence.clone(), inc_run.supervised.view())));
     let _figures = AbortOnDrop(figures);
     let node = shared.cfg.node_id.clone();
     // Singleton commands compete for their own claims on this lease, beside the slices.
@@ -330,7 +330,9 @@ impl IncarnationRun {
             return;
         }
         match until {
-            Some(until) => tracing::error!(%queue, %reason, cooldown = ?until.saturating_duration_since(Instant::now()), "alert: giving this queue up on this node so that another node takes its slices"),
+            Some(until) => {
+                tracing::error!(%queue, %reason, cooldown = ?until.saturating_duration_since(Instant::now()), "alert: giving this queue up on this node so that another node takes its slices")
+            }
             None => tracing::error!(%queue, %reason, "alert: giving this queue up on this node until its configuration is fixed"),
         }
         metrics::counter!("qslice_runner_queues_refused_total", "queue" => queue.to_owned()).increment(1);
@@ -407,12 +409,8 @@ impl IncarnationRun {
         let now = Instant::now();
         // A configuration refusal ends when the check passes: the queue's slice count was
         // fixed (or mailman.cfg, for `mailman3-runner`).
-        let lifted: Vec<String> = self
-            .refused
-            .iter()
-            .filter(|(q, r)| r.lifted(now, || self.config_stamp(q) != r.config_stamp, || self.configuration_passes(q)))
-            .map(|(q, _)| q.clone())
-            .collect();
+        let lifted: Vec<String> =
+            self.refused.iter().filter(|(q, r)| r.lifted(now, || self.config_stamp(q) != r.config_stamp, || self.configuration_passes(q))).map(|(q, _)| q.clone()).collect();
         if !lifted.is_empty() {
             for queue in &lifted {
                 tracing::info!(%queue, "refusal lifted; this node takes the queue again");
@@ -604,11 +602,7 @@ impl IncarnationRun {
         let added: Vec<_> = slices.iter().map(|s| (s.slice, listed.remove(&s.slice).unwrap_or_default())).collect();
         for ClaimedSlice { slice, epoch } in slices {
             self.held.insert(SliceId::new(queue, slice), HeldClaim { slices_total: total, epoch });
-            state
-                .owned
-                .lock()
-                .expect("owned lock")
-                .insert(slice, SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() });
+            state.owned.lock().expect("owned lock").insert(slice, SliceState { epoch, accepting: true, in_flight: 0, kill: self.fence.lost().child_token() });
             let claim_ms = claim_took.get(&SliceId::new(queue, slice)).map_or(0.0, |d| d.as_secs_f64() * 1000.0);
             tracing::info!(%queue, slice, epoch, claim_ms = format!("{claim_ms:.1}"), recovery_ms = format!("{recovery_ms:.1}"), "claimed slice");
         }
@@ -710,7 +704,16 @@ impl IncarnationRun {
 /// before the claim is), deletes the claim (retrying while the lease lasts), and tells
 /// `released`.
 #[allow(clippy::too_many_arguments)]
-async fn release_handled(state: Arc<QueueState>, id: SliceId, drain: Duration, handler: Handler, mut client: Client, keys: Keys, fence: Arc<Fence>, released: mpsc::UnboundedSender<SliceId>) {
+async fn release_handled(
+    state: Arc<QueueState>,
+    id: SliceId,
+    drain: Duration,
+    handler: Handler,
+    mut client: Client,
+    keys: Keys,
+    fence: Arc<Fence>,
+    released: mpsc::UnboundedSender<SliceId>,
+) {
     let SliceId { queue, slice } = &id;
     let epoch = drain_slice(&state, *slice, drain).await;
     // A worker coprocess of the slice must be gone before the claim is.

@@ -59,14 +59,7 @@ struct LeashEtcd {
 
 impl LeashEtcd {
     fn of(cfg: &EtcdConfig) -> LeashEtcd {
-        LeashEtcd {
-            endpoints: cfg.endpoints.clone(),
-            user: cfg.user.clone(),
-            password: cfg.password.clone(),
-            ca: cfg.ca.clone(),
-            cert: cfg.cert.clone(),
-            key: cfg.key.clone(),
-        }
+        LeashEtcd { endpoints: cfg.endpoints.clone(), user: cfg.user.clone(), password: cfg.password.clone(), ca: cfg.ca.clone(), cert: cfg.cert.clone(), key: cfg.key.clone() }
     }
 
     fn config(self) -> EtcdConfig {

@@ -36,8 +36,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use qslice_common::lease::Fence;
 use crate::supervise::{command, log_lines, wait_backoff, SuperviseConfig, Supervised, SupervisorExit};
+use qslice_common::lease::Fence;
 
 /// The slice runner's source, shipped inside the binary.
 pub const SCRIPT: &str = include_str!("mailman3/qslice_mailman3.py");
@@ -521,8 +521,12 @@ async fn stop(sup: &Supervised, runner: &mut SliceRunner, kill_now: &Cancellatio
     };
     match outcome {
         StopOutcome::Exited => {}
-        StopOutcome::TimedOut => tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, timeout = ?sup.cfg.stop_timeout, "the Mailman slice runner did not finish its message within the stop timeout; killing it (the slice's next runner recovers the message)"),
-        StopOutcome::Fenced => tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, waited = ?asked.elapsed(), "the fence fired while the Mailman slice runner was stopping; killing it (the slice's next runner recovers the message)"),
+        StopOutcome::TimedOut => {
+            tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, timeout = ?sup.cfg.stop_timeout, "the Mailman slice runner did not finish its message within the stop timeout; killing it (the slice's next runner recovers the message)")
+        }
+        StopOutcome::Fenced => {
+            tracing::warn!(queue = %sup.queue, slice = sup.slice, pid = runner.pid, waited = ?asked.elapsed(), "the fence fired while the Mailman slice runner was stopping; killing it (the slice's next runner recovers the message)")
+        }
     }
     runner.kill();
     let _ = runner.child.wait().await;

@@ -81,4 +81,3 @@ pub async fn register(client: &mut Client, keys: &Keys, cfg: &Config) -> Result<
     inc.record = Some(record);
     Ok(inc)
 }
-

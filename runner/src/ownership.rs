@@ -191,10 +191,7 @@ mod tests {
     use super::*;
 
     fn assigned(entries: &[(&str, u32, &[u32])]) -> Desired {
-        entries
-            .iter()
-            .map(|(q, total, slices)| (q.to_string(), QueueSlices { slices_total: *total, slices: slices.iter().copied().collect() }))
-            .collect()
+        entries.iter().map(|(q, total, slices)| (q.to_string(), QueueSlices { slices_total: *total, slices: slices.iter().copied().collect() })).collect()
     }
 
     fn holding(entries: &[(&str, u32, u32)]) -> Held {

@@ -188,7 +188,13 @@ impl QueueState {
 /// The `.bak` entries of `owned` slices in `in_flight` that this node does not have in
 /// flight (`taken`) and whose age (`age_of`, seconds since the rename to `.bak`) is above
 /// `timeout`: no handler of this or an earlier owner can still run on them.
-pub(crate) fn stranded(in_flight: &BTreeMap<u32, Vec<Entry>>, owned: &[u32], taken: &BTreeSet<String>, timeout: Duration, mut age_of: impl FnMut(&Entry) -> Option<f64>) -> Vec<Entry> {
+pub(crate) fn stranded(
+    in_flight: &BTreeMap<u32, Vec<Entry>>,
+    owned: &[u32],
+    taken: &BTreeSet<String>,
+    timeout: Duration,
+    mut age_of: impl FnMut(&Entry) -> Option<f64>,
+) -> Vec<Entry> {
     owned
         .iter()
         .filter_map(|s| in_flight.get(s))
@@ -607,7 +613,14 @@ fn start_entry(state: &Arc<QueueState>, shared: &Arc<Shared>, fence: &Arc<Fence>
 /// the entry stays `.bak` meanwhile. `Ok(true)` when done, `Ok(false)` when the `.bak` was
 /// gone when it failed (done by a lost answer, e.g. an NFS rename that reported ENOENT,
 /// or by someone else), `Err` with the last error when it gave up.
-async fn retry_settle(state: &QueueState, taken: &InFlight, kill: &CancellationToken, fence: &Fence, op: &'static str, mut attempt: impl FnMut() -> Result<(), SpoolError>) -> Result<bool, SpoolError> {
+async fn retry_settle(
+    state: &QueueState,
+    taken: &InFlight,
+    kill: &CancellationToken,
+    fence: &Fence,
+    op: &'static str,
+    mut attempt: impl FnMut() -> Result<(), SpoolError>,
+) -> Result<bool, SpoolError> {
     let mut backoff = Backoff::new(SPOOL_BACKOFF);
     loop {
         let error = match attempt() {

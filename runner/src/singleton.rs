@@ -366,9 +366,7 @@ pub async fn read_settled(client: &mut Client, keys: &Keys, name: &str) -> Resul
 pub async fn record_settled(client: &mut Client, keys: &Keys, name: &str, epoch: i64, run: &SingletonRun) -> Result<bool, Error> {
     let failed = |source| Error::RecordSlot { name: name.to_owned(), source };
     let claim = keys.singleton(name);
-    let txn = Txn::new()
-        .when([Compare::create_revision(claim.as_str(), CompareOp::Equal, epoch)])
-        .and_then([TxnOp::put(keys.singleton_run(name), run.encode(), None)]);
+    let txn = Txn::new().when([Compare::create_revision(claim.as_str(), CompareOp::Equal, epoch)]).and_then([TxnOp::put(keys.singleton_run(name), run.encode(), None)]);
     match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
         Ok(Ok(r)) => Ok(r.succeeded()),
         Ok(Err(e)) => Err(failed(e.into())),
@@ -787,7 +785,9 @@ async fn periodic(ctx: &Ctx, name: &str, cfg: &SingletonConfig, schedule: &Sched
         count(name, outcome);
         match &end {
             RunEnd::Exited(status) if status.success() => tracing::info!(singleton = %name, slot = slot / 1000, "the singleton's run ended"),
-            RunEnd::Exited(status) => tracing::warn!(singleton = %name, slot = slot / 1000, %status, "the singleton's run failed; the slot counts as run (a failed run is not retried)"),
+            RunEnd::Exited(status) => {
+                tracing::warn!(singleton = %name, slot = slot / 1000, %status, "the singleton's run failed; the slot counts as run (a failed run is not retried)")
+            }
             RunEnd::TimedOut => tracing::warn!(singleton = %name, slot = slot / 1000, timeout = ?cfg.timeout, "the singleton's run took longer than its timeout; killed"),
             RunEnd::NotStarted(e) => tracing::error!(singleton = %name, slot = slot / 1000, error = %e, "cannot start the singleton's command; the slot counts as run"),
             RunEnd::Stopped(why) => {
@@ -966,9 +966,20 @@ mod tests {
         assert!(err.contains("singleton.digests.user"), "{err}");
         let err = table("command = [\"/bin/true\"]\nlong_runing = true\n").expect_err("typo");
         assert!(err.contains("long_runing"), "{err}");
-        let err = SingletonConfig { command: vec!["/bin/true".into()], schedule: None, long_running: true, timezone: Zone::Utc, catch_up: 1, timeout: None, stop_timeout: None, user: None, workdir: None, env: vec![] }
-            .check("a/b")
-            .expect_err("name");
+        let err = SingletonConfig {
+            command: vec!["/bin/true".into()],
+            schedule: None,
+            long_running: true,
+            timezone: Zone::Utc,
+            catch_up: 1,
+            timeout: None,
+            stop_timeout: None,
+            user: None,
+            workdir: None,
+            env: vec![],
+        }
+        .check("a/b")
+        .expect_err("name");
         assert!(err.contains("singleton.a/b"), "{err}");
     }
 }

@@ -227,9 +227,7 @@ impl SuperviseConfig {
                 }
                 let need = |value: &Option<PathBuf>, key, what| {
                     let path = value.clone().ok_or(SuperviseError::Missing { queue: queue_owned(), key, flavour: "mailman3", what })?;
-                    std::fs::metadata(&path)
-                        .map(|_| ())
-                        .map_err(|e| SuperviseError::NoSuchFile { queue: queue_owned(), key, path, error: e.to_string() })
+                    std::fs::metadata(&path).map(|_| ()).map_err(|e| SuperviseError::NoSuchFile { queue: queue_owned(), key, path, error: e.to_string() })
                 };
                 need(&self.python, "python", "the site's Mailman interpreter, e.g. /opt/mailman/venv/bin/python")?;
                 need(&self.config, "config", "the site's mailman.cfg, e.g. /etc/mailman3/mailman.cfg")?;
@@ -245,8 +243,7 @@ impl SuperviseConfig {
                     return Err(SuperviseError::EmptyCommand { queue: queue_owned() });
                 }
                 let Some((path, runner)) = mailman3_target(&self.command) else { return Ok(()) };
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| SuperviseError::ReadMailmanCfg { queue: queue_owned(), path: path.clone(), error: e.to_string() })?;
+                let text = std::fs::read_to_string(&path).map_err(|e| SuperviseError::ReadMailmanCfg { queue: queue_owned(), path: path.clone(), error: e.to_string() })?;
                 let instances = mailman3_instances(&text, &runner);
                 if !instances.is_power_of_two() {
                     return Err(SuperviseError::NotPowerOfTwo { queue: queue_owned(), path, runner, instances });
@@ -481,13 +478,8 @@ impl Supervised {
         while crashes.front().is_some_and(|t| now.duration_since(*t) > self.cfg.restart_window) {
             crashes.pop_front();
         }
-        (crashes.len() > self.cfg.max_restarts).then(|| {
-            SupervisorExit::GaveUp(format!(
-                "{} crashes within {} (last: {why})",
-                crashes.len(),
-                humantime::format_duration(self.cfg.restart_window)
-            ))
-        })
+        (crashes.len() > self.cfg.max_restarts)
+            .then(|| SupervisorExit::GaveUp(format!("{} crashes within {} (last: {why})", crashes.len(), humantime::format_duration(self.cfg.restart_window))))
     }
 
     async fn quiet_stop(&self, child: &mut tokio::process::Child, pid: i32, kill_now: &CancellationToken) {
@@ -573,23 +565,25 @@ mod tests {
     fn a_mismatched_or_odd_instance_count_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("mailman.cfg");
-        let cfg = |instances: u32| SuperviseConfig {
-            flavour: Flavour::Mailman3Runner,
-            command: argv(&["runner", "-C", path.to_str().expect("utf8"), "-r", "in:{slice}:{slices}"]),
-            python: None,
-            config: None,
-            runner: None,
-            spares: 1,
-            env: vec![],
-            workdir: None,
-            user: None,
-            group: None,
-            stop_timeout: Duration::from_secs(1),
-            max_restarts: 1,
-            restart_window: Duration::from_secs(1),
-        }
-        .check("in", Some(4))
-        .map_err(|e| (instances, e.to_string()));
+        let cfg = |instances: u32| {
+            SuperviseConfig {
+                flavour: Flavour::Mailman3Runner,
+                command: argv(&["runner", "-C", path.to_str().expect("utf8"), "-r", "in:{slice}:{slices}"]),
+                python: None,
+                config: None,
+                runner: None,
+                spares: 1,
+                env: vec![],
+                workdir: None,
+                user: None,
+                group: None,
+                stop_timeout: Duration::from_secs(1),
+                max_restarts: 1,
+                restart_window: Duration::from_secs(1),
+            }
+            .check("in", Some(4))
+            .map_err(|e| (instances, e.to_string()))
+        };
         std::fs::write(&path, "[runner.in]\ninstances: 4\n").expect("write");
         assert_eq!(cfg(4), Ok(()));
         std::fs::write(&path, "[runner.in]\ninstances: 2\n").expect("write");

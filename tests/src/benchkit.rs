@@ -47,25 +47,13 @@ impl ProcSample {
     /// Reads `/proc/<pid>/status` and `/proc/<pid>/stat`.
     pub fn take(pid: u32) -> Result<ProcSample> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
-        let field = |name: &str| -> u64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
+        let field =
+            |name: &str| -> u64 { status.lines().find_map(|l| l.strip_prefix(name)).and_then(|rest| rest.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0) };
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
         // Fields after the ")" that ends the command name start at field 3 (state).
         let rest: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
         let tick = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        Ok(ProcSample {
-            rss_kib: field("VmRSS:"),
-            hwm_kib: field("VmHWM:"),
-            threads: field("Threads:"),
-            cpu_ticks: tick(11) + tick(12),
-            at: Instant::now(),
-        })
+        Ok(ProcSample { rss_kib: field("VmRSS:"), hwm_kib: field("VmHWM:"), threads: field("Threads:"), cpu_ticks: tick(11) + tick(12), at: Instant::now() })
     }
 
     /// CPU time used between `self` and a later sample, in milliseconds.
@@ -162,16 +150,11 @@ impl EtcdLoad {
     pub fn between(before: &Metrics, after: &Metrics) -> EtcdLoad {
         let delta = |name: &str, label: &str, only: &[(&str, &str)]| -> BTreeMap<String, u64> {
             let filter = |m: &Metrics| -> BTreeMap<String, f64> {
-                let filtered = Metrics(
-                    m.0.iter().filter(|(n, _)| only.iter().all(|(k, v)| n.contains(&format!("{k}=\"{v}\"")))).cloned().collect(),
-                );
+                let filtered = Metrics(m.0.iter().filter(|(n, _)| only.iter().all(|(k, v)| n.contains(&format!("{k}=\"{v}\"")))).cloned().collect());
                 filtered.by_label(name, label)
             };
             let (b, a) = (filter(before), filter(after));
-            a.iter()
-                .map(|(k, v)| (k.clone(), (v - b.get(k).copied().unwrap_or(0.0)).max(0.0) as u64))
-                .filter(|(_, v)| *v > 0)
-                .collect()
+            a.iter().map(|(k, v)| (k.clone(), (v - b.get(k).copied().unwrap_or(0.0)).max(0.0) as u64)).filter(|(_, v)| *v > 0).collect()
         };
         let unary_by_method = delta("grpc_server_handled_total", "grpc_method", &[("grpc_type", "unary")]);
         let stream_msgs_by_method = delta("grpc_server_msg_received_total", "grpc_method", &[("grpc_type", "bidi_stream")]);
@@ -258,18 +241,14 @@ impl Table {
     pub fn render(&self) -> String {
         let cols = self.header.len().max(self.rows.iter().map(Vec::len).max().unwrap_or(0));
         let cell = |row: &Vec<String>, i: usize| row.get(i).cloned().unwrap_or_default();
-        let widths: Vec<usize> = (0..cols)
-            .map(|i| std::iter::once(&self.header).chain(&self.rows).map(|r| cell(r, i).chars().count()).max().unwrap_or(0))
-            .collect();
+        let widths: Vec<usize> = (0..cols).map(|i| std::iter::once(&self.header).chain(&self.rows).map(|r| cell(r, i).chars().count()).max().unwrap_or(0)).collect();
         let left = |i: usize| i == 0 || self.all_left;
         let line = |row: &Vec<String>| {
-            let cells: Vec<String> = (0..cols)
-                .map(|i| if left(i) { format!("{:<w$}", cell(row, i), w = widths[i]) } else { format!("{:>w$}", cell(row, i), w = widths[i]) })
-                .collect();
+            let cells: Vec<String> =
+                (0..cols).map(|i| if left(i) { format!("{:<w$}", cell(row, i), w = widths[i]) } else { format!("{:>w$}", cell(row, i), w = widths[i]) }).collect();
             format!("| {} |", cells.join(" | "))
         };
-        let rule: Vec<String> =
-            widths.iter().enumerate().map(|(i, w)| if left(i) { "-".repeat(*w) } else { format!("{}:", "-".repeat(w.saturating_sub(1))) }).collect();
+        let rule: Vec<String> = widths.iter().enumerate().map(|(i, w)| if left(i) { "-".repeat(*w) } else { format!("{}:", "-".repeat(w.saturating_sub(1))) }).collect();
         let mut out = vec![line(&self.header), format!("| {} |", rule.join(" | "))];
         out.extend(self.rows.iter().map(line));
         out.join("\n")
@@ -281,12 +260,7 @@ pub fn machine() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|r| r.trim_start_matches([' ', '\t', ':']).to_owned()).unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let mem_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let mem_kib: u64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
     serde_json::json!({
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -299,13 +273,7 @@ pub fn machine() -> serde_json::Value {
 /// The one-line description printed above each benchmark's tables.
 pub fn machine_line() -> String {
     let m = machine();
-    format!(
-        "machine: {} cores, {} GiB, {}; profile {}",
-        m["cores"],
-        m["mem_gib"],
-        m["cpu"].as_str().unwrap_or("unknown cpu"),
-        profile()
-    )
+    format!("machine: {} cores, {} GiB, {}; profile {}", m["cores"], m["mem_gib"], m["cpu"].as_str().unwrap_or("unknown cpu"), profile())
 }
 
 /// Prints the summary as the last line, `JSON: {...}`, and writes it to `out` if given.

@@ -93,13 +93,7 @@ impl Report {
 
 /// Checks the records. `enqueued` maps each entry's file base to its enqueue time (ns) and
 /// slice; `preserved` holds the file bases found in bad/ or quarantine at the end.
-pub fn check(
-    enqueued: &BTreeMap<String, (u128, u32)>,
-    records: &[Rec],
-    preserved: &BTreeSet<String>,
-    grants: &[Grant],
-    disruptions: &[Disruption],
-) -> Report {
+pub fn check(enqueued: &BTreeMap<String, (u128, u32)>, records: &[Rec], preserved: &BTreeSet<String>, grants: &[Grant], disruptions: &[Disruption]) -> Report {
     let mut report = Report { enqueued: enqueued.len(), ..Report::default() };
     let finished: BTreeSet<&str> = records.iter().filter(|r| r.what == "end").map(|r| r.filebase.as_str()).collect();
     report.finished = finished.len();
@@ -129,11 +123,8 @@ pub fn check(
             continue;
         }
         list.sort_by_key(|r| r.at_ns);
-        let explained = list.windows(2).all(|w| {
-            disruptions
-                .iter()
-                .any(|d| (d.node == w[0].node || d.node == "*") && d.at_ns + DISPATCH_SLACK_NS >= w[0].at_ns && d.at_ns <= w[1].at_ns)
-        });
+        let explained =
+            list.windows(2).all(|w| disruptions.iter().any(|d| (d.node == w[0].node || d.node == "*") && d.at_ns + DISPATCH_SLACK_NS >= w[0].at_ns && d.at_ns <= w[1].at_ns));
         if explained {
             report.explained_duplicates.push(entry.to_owned());
         } else {
@@ -157,10 +148,7 @@ pub fn check(
     });
     for (entry, (enq_ns, slice)) in enqueued {
         let Some(&start) = first_start.get(entry.as_str()) else { continue };
-        let last_activity = activity
-            .get(slice)
-            .and_then(|v| v.iter().rev().find(|t| **t < start).copied())
-            .unwrap_or(0);
+        let last_activity = activity.get(slice).and_then(|v| v.iter().rev().find(|t| **t < start).copied()).unwrap_or(0);
         let idle_from = (*enq_ns).max(last_activity);
         let idle_ms = start.saturating_sub(idle_from) / 1_000_000;
         let e = report.longest_idle_ms.entry(*slice).or_insert(0);
@@ -183,7 +171,12 @@ mod tests {
 
     #[test]
     fn a_clean_run_passes_and_idle_time_is_measured() {
-        let records = vec![rec("start", "e1", "a", 5, 0, 100_000_000), rec("end", "e1", "a", 5, 0, 110_000_000), rec("start", "e2", "a", 5, 0, 400_000_000), rec("end", "e2", "a", 5, 0, 410_000_000)];
+        let records = vec![
+            rec("start", "e1", "a", 5, 0, 100_000_000),
+            rec("end", "e1", "a", 5, 0, 110_000_000),
+            rec("start", "e2", "a", 5, 0, 400_000_000),
+            rec("end", "e2", "a", 5, 0, 410_000_000),
+        ];
         let report = check(&enq(&[("e1", 0, 0), ("e2", 200_000_000, 0)]), &records, &BTreeSet::new(), &[], &[]);
         assert!(report.ok(), "{}", report.summary());
         assert_eq!(report.finished, 2);
@@ -211,7 +204,8 @@ mod tests {
         assert!(!report.ok());
         // A kill of a between the two runs explains the duplicate; bad/ explains e3.
         let kill = Disruption { node: "a".into(), at_ns: 750, what: "kill -9".into() };
-        let report = check(&enq(&[("e1", 0, 0), ("e3", 0, 0)]), &records[..2].iter().chain(&records[4..]).cloned().collect::<Vec<_>>(), &["e3".to_owned()].into(), &grants[..1], &[kill]);
+        let report =
+            check(&enq(&[("e1", 0, 0), ("e3", 0, 0)]), &records[..2].iter().chain(&records[4..]).cloned().collect::<Vec<_>>(), &["e3".to_owned()].into(), &grants[..1], &[kill]);
         assert!(report.ok(), "{}", report.summary());
         assert_eq!(report.explained_duplicates, vec!["e1"]);
         assert_eq!(report.preserved, 1);
@@ -219,7 +213,12 @@ mod tests {
 
     #[test]
     fn a_handler_that_logs_its_start_just_after_its_runner_froze_was_still_in_flight() {
-        let records = vec![rec("start", "e1", "a", 5, 0, 1_004_000_000), rec("end", "e1", "a", 5, 0, 1_030_000_000), rec("start", "e1", "b", 9, 0, 4_000_000_000), rec("end", "e1", "b", 9, 0, 4_030_000_000)];
+        let records = vec![
+            rec("start", "e1", "a", 5, 0, 1_004_000_000),
+            rec("end", "e1", "a", 5, 0, 1_030_000_000),
+            rec("start", "e1", "b", 9, 0, 4_000_000_000),
+            rec("end", "e1", "b", 9, 0, 4_030_000_000),
+        ];
         let frozen = Disruption { node: "a".into(), at_ns: 1_000_000_000, what: "SIGSTOP".into() };
         let report = check(&enq(&[("e1", 0, 0)]), &records, &BTreeSet::new(), &[], &[frozen]);
         assert_eq!(report.explained_duplicates, vec!["e1"], "{}", report.summary());

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use etcd_client::Client;
+use qslice_common::spool::QueueDir;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Assignment, Record, RECORD_VERSION};
-use qslice_common::spool::QueueDir;
 
 use crate::{qslice_bin, Etcd, Proc};
 
@@ -188,8 +188,7 @@ impl Drop for SpoolDir {
             // Only processes of this spool's handler: a recycled group id is left alone.
             let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
             let environ = std::fs::read(p.path().join("environ")).unwrap_or_default();
-            let ours = String::from_utf8_lossy(&cmdline).contains(&marker)
-                || String::from_utf8_lossy(&environ).contains("QSLICE_EPOCH=");
+            let ours = String::from_utf8_lossy(&cmdline).contains(&marker) || String::from_utf8_lossy(&environ).contains("QSLICE_EPOCH=");
             if ours {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
@@ -208,16 +207,7 @@ pub fn start_runner_at(endpoints: &str, spool: &Spool, node: &str, cluster: &str
     let log = spool.scratch(&format!("{node}.log"));
     let handler = spool.recording_handler();
     let root = spool.runner_root();
-    let mut args = vec![
-        "--node-id",
-        node,
-        "--cluster",
-        cluster,
-        "--spool",
-        root.to_str().context("utf8 spool path")?,
-        "--state-dir",
-        state.to_str().context("utf8 state path")?,
-    ];
+    let mut args = vec!["--node-id", node, "--cluster", cluster, "--spool", root.to_str().context("utf8 spool path")?, "--state-dir", state.to_str().context("utf8 state path")?];
     // A short poll unless the test sets its own.
     if !extra.contains(&"--poll-interval") {
         args.extend_from_slice(&["--poll-interval", "50ms"]);
@@ -244,9 +234,7 @@ pub async fn client(etcd: &Etcd) -> Result<Client> {
 
 /// A client of the given etcd endpoints.
 pub async fn client_at(endpoints: &[String]) -> Result<Client> {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(5));
+    let options = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(5));
     Ok(Client::connect(endpoints, Some(options)).await?)
 }
 
@@ -292,9 +280,7 @@ pub async fn claims(client: &mut Client, cluster: &str, queue: &str) -> Result<B
 
 /// Names of the files in a directory.
 pub fn files_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
+    let mut v: Vec<String> = std::fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
     v.sort();
     v
 }

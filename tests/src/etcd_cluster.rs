@@ -109,10 +109,8 @@ impl EtcdCluster {
 
     fn wait_healthy(&self, i: usize) -> Result<()> {
         let port = self.members[i].metrics_port;
-        wait_for(Duration::from_secs(30), &format!("etcd member {i} to be healthy"), || {
-            http_get(port, "/health").is_some_and(|r| r.contains("\"health\":\"true\""))
-        })
-        .with_context(|| tail(&self.dir.path().join(format!("{}.log", self.members[i].name)), 20))
+        wait_for(Duration::from_secs(30), &format!("etcd member {i} to be healthy"), || http_get(port, "/health").is_some_and(|r| r.contains("\"health\":\"true\"")))
+            .with_context(|| tail(&self.dir.path().join(format!("{}.log", self.members[i].name)), 20))
     }
 
     /// Every member's client URL (what qslice is configured with).
@@ -127,9 +125,7 @@ impl EtcdCluster {
 
     /// The index of the member that leads now, if one does.
     pub fn leader(&self) -> Option<usize> {
-        self.members.iter().position(|m| {
-            m.child.is_some() && http_get(m.metrics_port, "/metrics").is_some_and(|t| t.lines().any(|l| l.trim() == "etcd_server_is_leader 1"))
-        })
+        self.members.iter().position(|m| m.child.is_some() && http_get(m.metrics_port, "/metrics").is_some_and(|t| t.lines().any(|l| l.trim() == "etcd_server_is_leader 1")))
     }
 
     /// Waits until some member leads and returns its index.

@@ -97,9 +97,7 @@ impl Freezer {
     fn set_state(&self, state: &str) -> Result<()> {
         let file = self.dir.join("freezer.state");
         std::fs::write(&file, state).with_context(|| format!("write {state} to {}", file.display()))?;
-        wait_for(Duration::from_secs(30), &format!("freezer state {state}"), || {
-            std::fs::read_to_string(&file).map(|s| s.trim() == state).unwrap_or(false)
-        })
+        wait_for(Duration::from_secs(30), &format!("freezer state {state}"), || std::fs::read_to_string(&file).map(|s| s.trim() == state).unwrap_or(false))
     }
 
     /// The processes in the cgroup.

@@ -14,8 +14,8 @@
 //! - [`mailman3`]: a real Mailman 3 from PyPI (a venv built once) and small SQLite sites;
 //!   [`site`]: a whole site on PostgreSQL with a recording SMTP server.
 
-pub mod checker;
 pub mod benchkit;
+pub mod checker;
 pub mod cluster;
 pub mod etcd_cluster;
 pub mod freezer;

@@ -164,11 +164,7 @@ impl Site {
 
     /// The `[supervise.in]` table for qslice's slice runner on this site, plus `extra`.
     pub fn supervise_toml(&self, extra: &str) -> String {
-        format!(
-            "[supervise.in]\npython = {:?}\nconfig = {:?}\nstop_timeout = \"30s\"\n{extra}",
-            self.python.display().to_string(),
-            self.config.display().to_string()
-        )
+        format!("[supervise.in]\npython = {:?}\nconfig = {:?}\nstop_timeout = \"30s\"\n{extra}", self.python.display().to_string(), self.config.display().to_string())
     }
 
     /// Writes a runner config file supervising `in` on this site; returns its path.

@@ -39,10 +39,7 @@ impl Pki {
             let mut args = vec!["req", "-subj", &subject, "-keyout", &key, "-out", &csr];
             args.extend_from_slice(&ec);
             openssl(dir, &args)?;
-            openssl(
-                dir,
-                &["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-out", &pem, "-extfile", &extfile],
-            )?;
+            openssl(dir, &["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-out", &pem, "-extfile", &extfile])?;
         }
         Ok(Pki { dir: dir.to_owned() })
     }

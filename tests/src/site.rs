@@ -87,11 +87,7 @@ impl Postgres {
         let mut created = false;
         let mut last = String::new();
         let _ = wait_for(START_TIMEOUT, "database mailman created", || {
-            let out = as_postgres(&bin.join("createdb"))
-                .arg("-h")
-                .arg(pg.dir.path())
-                .args(["-U", "postgres", "mailman"])
-                .output();
+            let out = as_postgres(&bin.join("createdb")).arg("-h").arg(pg.dir.path()).args(["-U", "postgres", "mailman"]).output();
             match out {
                 Ok(o) if o.status.success() => created = true,
                 Ok(o) => last = String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -172,7 +168,8 @@ impl SmtpSink {
         let child = cmd.spawn().context("start the SMTP sink")?;
         let mut sink = SmtpSink { dir: dir.to_owned(), child, port: 0 };
         let port_file = dir.join("port");
-        wait_for(START_TIMEOUT, "the SMTP sink's port file", || port_file.exists()).map_err(|e| anyhow::anyhow!("{e}: {}", std::fs::read_to_string(dir.join("sink.log")).unwrap_or_default()))?;
+        wait_for(START_TIMEOUT, "the SMTP sink's port file", || port_file.exists())
+            .map_err(|e| anyhow::anyhow!("{e}: {}", std::fs::read_to_string(dir.join("sink.log")).unwrap_or_default()))?;
         sink.port = std::fs::read_to_string(&port_file)?.trim().parse().context("port file")?;
         Ok(sink)
     }

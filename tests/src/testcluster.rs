@@ -309,9 +309,7 @@ impl TestClusterBuilder {
             tc.start_coordinator(&format!("c{i}"))?;
         }
         if ready >= Ready::Registered && self.coordinators > 0 {
-            wait_for_async(self.ready_timeout, "a coordinator to lead", || async { tc.leader().await.is_some() })
-                .await
-                .with_context(|| tc.logs())?;
+            wait_for_async(self.ready_timeout, "a coordinator to lead", || async { tc.leader().await.is_some() }).await.with_context(|| tc.logs())?;
         }
         for spec in &self.runners {
             let args: Vec<&str> = spec.args.iter().map(String::as_str).collect();
@@ -321,9 +319,7 @@ impl TestClusterBuilder {
         let nodes: Vec<&str> = self.runners.iter().map(|r| r.node.as_str()).collect();
         if ready >= Ready::Registered {
             for node in &nodes {
-                wait_for_async(self.ready_timeout, &format!("runner {node} to register"), || tc.is_registered(node))
-                    .await
-                    .with_context(|| tc.logs())?;
+                wait_for_async(self.ready_timeout, &format!("runner {node} to register"), || tc.is_registered(node)).await.with_context(|| tc.logs())?;
             }
         }
         if ready >= Ready::Claimed {
@@ -336,11 +332,9 @@ impl TestClusterBuilder {
             }
             for (queue, slices) in &wanted {
                 let what = format!("the {} slices of {queue} claimed", slices.len());
-                wait_for_async(self.ready_timeout, &what, || async {
-                    tc.claims(queue).await.is_ok_and(|held| slices.iter().all(|s| held.contains_key(s)))
-                })
-                .await
-                .with_context(|| tc.logs())?;
+                wait_for_async(self.ready_timeout, &what, || async { tc.claims(queue).await.is_ok_and(|held| slices.iter().all(|s| held.contains_key(s))) })
+                    .await
+                    .with_context(|| tc.logs())?;
             }
         }
         if ready >= Ready::Balanced && !nodes.is_empty() {

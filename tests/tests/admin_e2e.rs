@@ -128,11 +128,7 @@ async fn every_rpc_works_against_a_live_cluster() {
         // has seen both.
         wait_for_async(LONG, "a leader and one standby in the status", || {
             let mut api = api.clone();
-            async move {
-                api.get_status(req(GetStatusRequest::default(), None))
-                    .await
-                    .is_ok_and(|s| s.get_ref().leader.is_some() && s.get_ref().standbys.len() == 1)
-            }
+            async move { api.get_status(req(GetStatusRequest::default(), None)).await.is_ok_and(|s| s.get_ref().leader.is_some() && s.get_ref().standbys.len() == 1) }
         })
         .await
         .expect("coordinators seen");
@@ -170,11 +166,9 @@ async fn every_rpc_works_against_a_live_cluster() {
     let moved_slice = holdings(&mut c, "t", "in").await[other].iter().copied().find(|s| *s != 0).expect("another slice");
     let mv = api.move_slice(req(MoveSliceRequest { slice: slice("in", moved_slice), target_node: holder_of_0.into() }, None)).await.expect("move").into_inner();
     assert_eq!((mv.from_node.as_str(), mv.to_node.as_str()), (other, holder_of_0));
-    wait_for_async(LONG, "the moved slice on its target", || async {
-        holdings(&mut c.clone(), "t", "in").await.get(holder_of_0).is_some_and(|v| v.contains(&moved_slice))
-    })
-    .await
-    .expect("moved");
+    wait_for_async(LONG, "the moved slice on its target", || async { holdings(&mut c.clone(), "t", "in").await.get(holder_of_0).is_some_and(|v| v.contains(&moved_slice)) })
+        .await
+        .expect("moved");
     let unpinned = api.unpin_slice(req(SliceRef { queue: "in".into(), slice: 0 }, None)).await.expect("unpin").into_inner();
     assert_eq!(unpinned.node, other);
     let applied = api.rebalance(req(RebalanceRequest { dry_run: false }, None)).await.expect("rebalance").into_inner();
@@ -226,7 +220,9 @@ async fn every_rpc_works_against_a_live_cluster() {
         .expect("health")
         .into_inner();
     assert_eq!(health.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-    use tonic_reflection::pb::v1::{server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest};
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest,
+    };
     let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
     let channel = Channel::from_shared(admin.clone()).expect("url").connect().await.expect("channel");
     let mut replies = ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::iter([ask])).await.expect("reflection").into_inner();
@@ -249,14 +245,7 @@ struct TwoRunners {
 
 impl TwoRunners {
     async fn start() -> TwoRunners {
-        let tc = TestCluster::builder()
-            .spool_queues(&["in"])
-            .coordinators(1)
-            .runner_env(&[("QSLICE_TEST_DELAY", "0.05")])
-            .runners(&["r1", "r2"])
-            .start()
-            .await
-            .expect("cluster");
+        let tc = TestCluster::builder().spool_queues(&["in"]).coordinators(1).runner_env(&[("QSLICE_TEST_DELAY", "0.05")]).runners(&["r1", "r2"]).start().await.expect("cluster");
         let api = connect(&tc.coordinator("c1").admin).await;
         wait_for_async(LONG, "the API has read the cluster", || {
             let mut api = api.clone();

@@ -76,10 +76,7 @@ fn every_alert_fires_on_trouble_and_stays_quiet_on_a_healthy_cluster() {
 
 /// The alert names of the rules file, in order.
 fn alerts() -> Vec<String> {
-    rules_text()
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("- alert: ").map(|n| n.trim().to_owned()))
-        .collect()
+    rules_text().lines().filter_map(|l| l.trim().strip_prefix("- alert: ").map(|n| n.trim().to_owned())).collect()
 }
 
 /// Each rule's expression (the `expr:` line, or its block), by alert name.

@@ -15,13 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
-use qslice_proto::keys::{Key, Keys};
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_proto::keys::{Key, Keys};
+use qslice_testbeds::faultfs::{Fault, FaultFs, Match, Op, OpenErrno};
 use qslice_tests::checker::{check, Disruption, Grant};
 use qslice_tests::cluster::fence_times;
-use qslice_tests::testcluster::{Ready, TestCluster};
-use qslice_testbeds::faultfs::{Fault, FaultFs, Match, Op, OpenErrno};
 use qslice_tests::cluster::Spool;
+use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::{wait_for_async, Proc};
 use rand::{Rng, SeedableRng};
 
@@ -32,9 +32,7 @@ fn now_ns() -> u128 {
 }
 
 fn names_in(dir: &std::path::Path) -> BTreeSet<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().split('.').take(2).collect::<Vec<_>>().join(".")).collect())
-        .unwrap_or_default()
+    std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().split('.').take(2).collect::<Vec<_>>().join(".")).collect()).unwrap_or_default()
 }
 
 /// A runner's fence kills its in-flight work: each fence in its log is a disruption.

@@ -18,9 +18,9 @@ use qslice_proto::admin::{Event, WatchEventsRequest};
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{NodeRecord, Record, SliceFigures, SliceStatus, RECORD_VERSION};
 use qslice_tests::cluster::{admin_client, put_queue, Coordinator};
+use qslice_tests::qslice_bin;
 use qslice_tests::testcluster::TestCluster;
 use qslice_tests::wait_for_async;
-use qslice_tests::qslice_bin;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -80,14 +80,7 @@ impl FakeRunner {
     /// Publishes slice figures for `queue` (of `slices`), listed now.
     async fn figures(&self, c: &mut Client, queue: &str, slices: u32, figures: Vec<SliceFigures>) -> Result<()> {
         let keys = Keys::new(CLUSTER)?;
-        let status = SliceStatus {
-            v: RECORD_VERSION,
-            node_id: self.record.node_id.clone(),
-            queue: queue.into(),
-            slices_total: slices,
-            listed_unix_ms: now_ms(),
-            slices: figures,
-        };
+        let status = SliceStatus { v: RECORD_VERSION, node_id: self.record.node_id.clone(), queue: queue.into(), slices_total: slices, listed_unix_ms: now_ms(), slices: figures };
         let options = PutOptions::new().with_lease(self.record.lease_id);
         c.put(keys.status(&self.record.node_id, queue), status.encode(), Some(options)).await?;
         Ok(())
@@ -128,9 +121,7 @@ impl Ctl {
 
     /// `qslicectl --json status --slices`: the rows of `queue`.
     fn slices(&self, queue: &str) -> Vec<Value> {
-        self.json(&["status", "--slices"])
-            .and_then(|s| s["slices"].as_array().map(|a| a.iter().filter(|r| r["queue"] == queue).cloned().collect()))
-            .unwrap_or_default()
+        self.json(&["status", "--slices"]).and_then(|s| s["slices"].as_array().map(|a| a.iter().filter(|r| r["queue"] == queue).cloned().collect())).unwrap_or_default()
     }
 }
 
@@ -245,10 +236,7 @@ async fn a_queue_every_node_refused_shows_no_eligible_node_naming_the_refusers_o
         let table = ctl.run(&["queues"]).expect("queues table");
         assert!(table.contains(state), "{who}: qslicectl queues:\n{table}");
         let alerts = ctl.alerts();
-        assert!(
-            alerts.iter().any(|a| a == "queue in has no eligible node (refused by r1, r2): 4 of 4 slices have no owner"),
-            "{who}: {alerts:?}"
-        );
+        assert!(alerts.iter().any(|a| a == "queue in has no eligible node (refused by r1, r2): 4 of 4 slices have no owner"), "{who}: {alerts:?}");
         let rows = ctl.slices("in");
         assert!(rows.len() == 4 && rows.iter().all(|r| r["no_eligible_node"] == true), "{who}: {rows:?}");
         let table = ctl.run(&["status", "--slices"]).expect("status table");
@@ -334,11 +322,9 @@ async fn a_message_in_flight_past_the_threshold_is_flagged_and_alerted_once_per_
 
     // Slice 2's oldest .bak is 12 minutes old; slice 1's age is unknown (an older runner).
     r1.figures(&mut c, "in", 4, vec![in_flight(1, 1, 0), in_flight(2, 1, 720_000)]).await.expect("figures");
-    wait_for_async(WAIT, "GetStatus alerts on in/2's message in flight", || async {
-        ctl.alerts().iter().any(|a| a == "in/2 has a message in flight for 12 min")
-    })
-    .await
-    .expect("status alert");
+    wait_for_async(WAIT, "GetStatus alerts on in/2's message in flight", || async { ctl.alerts().iter().any(|a| a == "in/2 has a message in flight for 12 min") })
+        .await
+        .expect("status alert");
     let rows = ctl.slices("in");
     let row = |s: u64| rows.iter().find(|r| r["slice"] == s).cloned().expect("row");
     assert_eq!((row(2)["in_flight"].as_u64(), row(2)["in_flight_too_long"].as_bool()), (Some(1), Some(true)), "{:?}", row(2));

@@ -57,9 +57,7 @@ async fn slices_are_spread_evenly_and_a_dead_runners_slices_are_taken_over() {
 async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     let mut tc = TestCluster::builder().queue("in", 4).coordinators(2).runners(&["r1"]).start().await.expect("cluster");
     let mut c = tc.client();
-    wait_for_async(LONG, "r1 holds all 4 slices", || async { holdings(&mut c.clone(), "t", "in").await.get("r1").is_some_and(|v| v.len() == 4) })
-        .await
-        .expect("assigned");
+    wait_for_async(LONG, "r1 holds all 4 slices", || async { holdings(&mut c.clone(), "t", "in").await.get("r1").is_some_and(|v| v.len() == 4) }).await.expect("assigned");
     let first = leader(&mut c, "t").await.expect("a leader");
     tc.coordinator_mut(&first).proc.kill();
     let killed = Instant::now();
@@ -113,9 +111,7 @@ async fn a_cordoned_node_hands_off_and_one_that_will_not_release_is_fenced() {
         .await
         .expect("cluster");
     let (spool, mut c) = (tc.spool().clone(), tc.client());
-    wait_for_async(LONG, "stuck holds both slices", || async { holdings(&mut c.clone(), "t", "in").await.get("stuck").is_some_and(|v| v.len() == 2) })
-        .await
-        .expect("assigned");
+    wait_for_async(LONG, "stuck holds both slices", || async { holdings(&mut c.clone(), "t", "in").await.get("stuck").is_some_and(|v| v.len() == 2) }).await.expect("assigned");
     let name = spool.queue("in").enqueue_in_slice(b"m", 0, 2).expect("enqueue").filebase;
     wait_for_async(LONG, "stuck to start the entry", || async { !spool.records().is_empty() }).await.expect("busy");
     tc.start_runner("ok").expect("runner");
@@ -133,19 +129,15 @@ async fn a_cordoned_node_hands_off_and_one_that_will_not_release_is_fenced() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     wait_for(LONG, "qslicectl status showing the slices held back after stuck's revoke", || status().contains("(held: stuck's lease revoked)")).expect("held shown");
-    wait_for_async(LONG, "ok to hold both slices", || async { holdings(&mut c.clone(), "t", "in").await.get("ok").is_some_and(|v| v.len() == 2) })
-        .await
-        .expect("moved");
+    wait_for_async(LONG, "ok to hold both slices", || async { holdings(&mut c.clone(), "t", "in").await.get("ok").is_some_and(|v| v.len() == 2) }).await.expect("moved");
     // "stuck" renews its lease all along: only the revoke ends its claims, and the slices
     // are held back for its 6 s TTL after it, until its fence has surely expired.
     println!("cordon -> ok holds both slices after {:?} (revoke deadline 2 s, hold 6 s)", cordoned.elapsed());
     let leader = tc.coordinator("c1").proc.log();
     assert!(leader.contains("lease revoked; its slices and singletons are held back"), "the leader fenced stuck:\n{leader}");
-    wait_for_async(LONG, "ok to finish the entry stuck was holding", || async {
-        spool.records().iter().any(|r| r.what == "end" && r.node == "ok" && r.filebase == name)
-    })
-    .await
-    .expect("recovered");
+    wait_for_async(LONG, "ok to finish the entry stuck was holding", || async { spool.records().iter().any(|r| r.what == "end" && r.node == "ok" && r.filebase == name) })
+        .await
+        .expect("recovered");
     let stuck = tc.runner("stuck");
     assert!(stuck.log().contains("fenced"), "the stuck runner noticed it was fenced:\n{}", stuck.log());
 }

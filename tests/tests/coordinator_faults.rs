@@ -277,11 +277,9 @@ async fn overlapping_deaths_leave_no_slice_waiting_for_a_second_ttl() {
     let host2 = Freezer::new().expect("freezer");
     host2.add(&process_tree(r2.pid().expect("pid"))).expect("add");
     host2.freeze().expect("freeze");
-    wait_for_async(LONG, "r3 to hold r1's slices", || async {
-        holdings(&mut c.clone(), "t", "in").await.get("r3").is_some_and(|v| of_r1.iter().all(|s| v.contains(s)))
-    })
-    .await
-    .expect("r1's orphans claimed again");
+    wait_for_async(LONG, "r3 to hold r1's slices", || async { holdings(&mut c.clone(), "t", "in").await.get("r3").is_some_and(|v| of_r1.iter().all(|s| v.contains(s))) })
+        .await
+        .expect("r1's orphans claimed again");
     let first_orphans = first.elapsed();
     wait_for_async(LONG, "r3 to hold all 6 slices", || async { holdings(&mut c.clone(), "t", "in").await.get("r3").is_some_and(|v| v.len() == 6) })
         .await

@@ -126,11 +126,9 @@ impl Demo {
     async fn kill_r1(&mut self) {
         self.tc.runner_mut("r1").kill();
         let c = self.tc.client();
-        wait_for_async(LONG, "r2 to hold all 8 slices", || async {
-            holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == SLICES as usize)
-        })
-        .await
-        .expect("takeover");
+        wait_for_async(LONG, "r2 to hold all 8 slices", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == SLICES as usize) })
+            .await
+            .expect("takeover");
     }
 }
 
@@ -180,10 +178,7 @@ async fn api_status_shows_the_owners_and_a_dead_runners_failover() {
     // least the TTL.
     let failovers = after["failovers"].as_array().expect("failovers");
     for s in &r1_slices {
-        let f = failovers
-            .iter()
-            .find(|f| f["slice"].as_u64() == Some(*s) && f["from"] == "r1")
-            .unwrap_or_else(|| panic!("no failover of slice {s} from r1 in {failovers:?}"));
+        let f = failovers.iter().find(|f| f["slice"].as_u64() == Some(*s) && f["from"] == "r1").unwrap_or_else(|| panic!("no failover of slice {s} from r1 in {failovers:?}"));
         assert_eq!((f["to"].as_str(), f["cause"].as_str()), (Some("r2"), Some("failover")), "{f}");
         let unowned = f["unowned_ms"].as_i64().expect("unowned_ms");
         assert!((0..LONG.as_millis() as i64).contains(&unowned), "{f}");
@@ -298,11 +293,8 @@ async fn chromium_draws_the_slice_map_and_follows_a_takeover() {
     assert!(dom.contains("(lease expired; from last keepalive to new claim; unowned "), "the idle time says what it counts");
     // The failovers' idle times (a loaded start may add hand-offs, r1 having claimed every
     // slice before r2 registered; theirs are short, as they should be).
-    let idle: Vec<i64> = dom
-        .split("<li class=\"failover\"")
-        .skip(1)
-        .filter_map(|item| attrs(item, "<b data-idle-ms", "data-idle-ms").first().and_then(|v| v.parse().ok()))
-        .collect();
+    let idle: Vec<i64> =
+        dom.split("<li class=\"failover\"").skip(1).filter_map(|item| attrs(item, "<b data-idle-ms", "data-idle-ms").first().and_then(|v| v.parse().ok())).collect();
     assert!(idle.len() == 4 && idle.iter().all(|i| *i >= RUNNER_TTL_MS - IDLE_MARGIN_MS), "failover idle times on the page: {idle:?}");
 }
 
@@ -376,9 +368,11 @@ async fn with_admin_tls_configured_the_endpoint_answers_over_https_only() {
     let mut last = None;
     wait_for(LONG, "/api/status over HTTPS to show both slices owned by r1", || {
         last = Some(https_get(&http, "/api/status", &ca));
-        last.as_ref().and_then(|r| r.as_ref().ok()).filter(|(code, _)| *code == 200).and_then(|(_, body)| serde_json::from_str::<Value>(body).ok()).is_some_and(|s| {
-            s["cluster"] == "t" && owners(&s, "in").values().filter(|o| *o == "r1").count() == 2
-        })
+        last.as_ref()
+            .and_then(|r| r.as_ref().ok())
+            .filter(|(code, _)| *code == 200)
+            .and_then(|(_, body)| serde_json::from_str::<Value>(body).ok())
+            .is_some_and(|s| s["cluster"] == "t" && owners(&s, "in").values().filter(|o| *o == "r1").count() == 2)
     })
     .unwrap_or_else(|e| panic!("{e}; last answer: {last:?}"));
     for path in ["/", "/healthz", "/readyz", "/metrics"] {

@@ -67,25 +67,80 @@ fn uncomment_all(text: &str) -> (String, usize) {
 /// Points a `token_file` key at `token` (the coordinator reads the file when it resolves
 /// its configuration).
 fn with_token_file(text: &str, token: &Path) -> String {
-    text.lines()
-        .map(|l| if l.starts_with("token_file = ") { format!("token_file = {:?}", token.display().to_string()) } else { l.to_owned() })
-        .collect::<Vec<_>>()
-        .join("\n")
+    text.lines().map(|l| if l.starts_with("token_file = ") { format!("token_file = {:?}", token.display().to_string()) } else { l.to_owned() }).collect::<Vec<_>>().join("\n")
 }
 
 /// The runner's file keys (`FileConfig`, then `[etcd]`, `[handler]` and `[supervise.<queue>]`).
 const RUNNER_KEYS: &[&str] = &[
-    "node_id", "cluster", "spool", "lease_ttl", "weight", "queues", "poll_interval", "concurrency", "start_concurrency", "drain_timeout", "state_dir", "metrics_addr",
-    "log_format", "[etcd]", "endpoints", "user", "password", "ca", "cert", "key", "[handler]", "kind", "command", "timeout", "retry_backoff", "move_to",
+    "node_id",
+    "cluster",
+    "spool",
+    "lease_ttl",
+    "weight",
+    "queues",
+    "poll_interval",
+    "concurrency",
+    "start_concurrency",
+    "drain_timeout",
+    "state_dir",
+    "metrics_addr",
+    "log_format",
+    "[etcd]",
+    "endpoints",
+    "user",
+    "password",
+    "ca",
+    "cert",
+    "key",
+    "[handler]",
+    "kind",
+    "command",
+    "timeout",
+    "retry_backoff",
+    "move_to",
     // One [supervise.<queue>] table (`SuperviseConfig`).
-    "[supervise.in]", "flavour", "python", "config", "runner", "spares", "env", "workdir", "user", "group", "stop_timeout", "max_restarts", "restart_window",
+    "[supervise.in]",
+    "flavour",
+    "python",
+    "config",
+    "runner",
+    "spares",
+    "env",
+    "workdir",
+    "user",
+    "group",
+    "stop_timeout",
+    "max_restarts",
+    "restart_window",
 ];
 
 /// The coordinator's file keys (`FileConfig`, then `[etcd]` and `[admin]`).
 const COORDINATOR_KEYS: &[&str] = &[
-    "id", "cluster", "lease_ttl", "http_addr", "churn_budget", "max_vanished_fraction", "revoke_deadline", "safety_valve_hold", "in_flight_alert_after", "log_format",
-    "[etcd]", "endpoints", "user", "password", "ca", "cert", "key", "[admin]", "addr", "token_file", "protect_reads", "tls_cert", "tls_key",
-    "client_ca", "drain_deadline",
+    "id",
+    "cluster",
+    "lease_ttl",
+    "http_addr",
+    "churn_budget",
+    "max_vanished_fraction",
+    "revoke_deadline",
+    "safety_valve_hold",
+    "in_flight_alert_after",
+    "log_format",
+    "[etcd]",
+    "endpoints",
+    "user",
+    "password",
+    "ca",
+    "cert",
+    "key",
+    "[admin]",
+    "addr",
+    "token_file",
+    "protect_reads",
+    "tls_cert",
+    "tls_key",
+    "client_ca",
+    "drain_deadline",
 ];
 
 /// Every key (or table) appears in the example, set or commented out, under a comment.
@@ -95,7 +150,11 @@ fn assert_documents(path: &Path, keys: &[&str]) {
     for key in keys {
         let at = lines.iter().position(|l| {
             let l = l.strip_prefix("# ").unwrap_or(l);
-            if key.starts_with('[') { l == *key } else { l.starts_with(&format!("{key} = ")) }
+            if key.starts_with('[') {
+                l == *key
+            } else {
+                l.starts_with(&format!("{key} = "))
+            }
         });
         let at = at.unwrap_or_else(|| panic!("{} does not show key {key}", path.display()));
         let explained = lines[..at].iter().rev().take_while(|l| l.starts_with('#')).any(|l| !l.contains(" = "));
@@ -161,10 +220,7 @@ fn check_config_refuses_a_misspelt_key_of_an_example() {
 
 /// The `Key=value` settings of a unit file, in order.
 fn settings(unit: &str) -> Vec<(String, String)> {
-    unit.lines()
-        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())))
-        .collect()
+    unit.lines().filter(|l| !l.starts_with('#') && !l.starts_with('[')).filter_map(|l| l.split_once('=').map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))).collect()
 }
 
 #[test]
@@ -212,7 +268,10 @@ fn the_mailman3_site_example_serves_every_queue_and_runs_task_digests_and_notify
     for queue in ["in", "pipeline", "out", "retry", "bounces", "digest", "archive", "virgin", "command", "nntp"] {
         assert!(printed.contains(&format!("[supervise.{queue}]")), "{queue} is served: {printed}");
     }
-    assert!(printed.contains("[singleton.task]") && printed.contains("\"-r\", \"task\"]") && printed.contains("long_running = true"), "task is a long-running singleton: {printed}");
+    assert!(
+        printed.contains("[singleton.task]") && printed.contains("\"-r\", \"task\"]") && printed.contains("long_running = true"),
+        "task is a long-running singleton: {printed}"
+    );
     for periodic in ["digests", "notify"] {
         assert!(printed.contains(&format!("[singleton.{periodic}]")), "{periodic} is a periodic singleton: {printed}");
     }

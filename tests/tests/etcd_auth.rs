@@ -47,11 +47,9 @@ async fn roles_let_each_part_work_and_a_runner_cannot_touch_the_assignment() {
         .await
         .expect("cluster");
     let spool = tc.spool();
-    wait_for_async(LONG, "the runner claims every slice with its own credentials", || async {
-        claims(&mut coordinator.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4)
-    })
-    .await
-    .expect("claimed");
+    wait_for_async(LONG, "the runner claims every slice with its own credentials", || async { claims(&mut coordinator.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4) })
+        .await
+        .expect("claimed");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
     wait_for_async(LONG, "the entry processed", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 

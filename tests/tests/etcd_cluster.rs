@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qslice_tests::checker::{check, Disruption};
 use qslice_tests::cluster::{claims, client_at, fence_times};
+use qslice_tests::etcd_cluster::EtcdCluster;
 use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::wait_for_async;
-use qslice_tests::etcd_cluster::EtcdCluster;
 
 const LONG: Duration = Duration::from_secs(90);
 const SLICES: u32 = 8;

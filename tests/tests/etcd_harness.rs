@@ -6,9 +6,7 @@ use etcd_client::Client;
 use qslice_tests::{process_alive, wait_for, Etcd, Proc};
 
 async fn connect(etcd: &Etcd) -> Client {
-    let options = etcd_client::ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(5));
+    let options = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(5));
     Client::connect(etcd.endpoints(), Some(options)).await.expect("connect to test etcd")
 }
 
@@ -63,13 +61,7 @@ async fn two_harnesses_run_side_by_side_on_their_own_ports() {
 fn a_child_process_is_killed_on_drop_and_its_output_captured() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("child.log");
-    let child = Proc::spawn(
-        std::path::Path::new("/bin/sh"),
-        &["-c", "echo started; exec sleep 600"],
-        &[],
-        &log,
-    )
-    .expect("spawn");
+    let child = Proc::spawn(std::path::Path::new("/bin/sh"), &["-c", "echo started; exec sleep 600"], &[], &log).expect("spawn");
     let pid = child.pid().expect("running");
     wait_for(Duration::from_secs(10), "the child to print", || child.log().contains("started")).expect("output");
     assert!(process_alive(pid));

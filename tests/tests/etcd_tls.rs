@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use qslice_tests::cluster::{claims, Spool};
-use qslice_tests::testcluster::{Ready, TestCluster};
-use qslice_tests::wait_for_async;
 use qslice_tests::etcd_cluster::{ClientTls, EtcdCluster};
 use qslice_tests::pki::Pki;
+use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::wait_for;
+use qslice_tests::wait_for_async;
 
 const LONG: Duration = Duration::from_secs(60);
 

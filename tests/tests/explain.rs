@@ -20,12 +20,8 @@ struct Ctl {
 
 impl Ctl {
     fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(qslice_bin("qslicectl").expect("built"))
-            .args(["--coordinator", &self.coordinator])
-            .args(args)
-            .env_remove("QSLICE_TOKEN")
-            .output()
-            .expect("run qslicectl");
+        let out =
+            Command::new(qslice_bin("qslicectl").expect("built")).args(["--coordinator", &self.coordinator]).args(args).env_remove("QSLICE_TOKEN").output().expect("run qslicectl");
         (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
@@ -62,14 +58,8 @@ fn line<'a>(text: &'a str, label: &str) -> &'a str {
 async fn explain_names_holder_pause_cordon_and_a_dead_owner() {
     // The leader has a long election lease, so that once it is frozen the other stays a standby
     // that answers but plans nothing: a dead owner's slices then stay unheld.
-    let mut tc = TestCluster::builder()
-        .queues(&[("in", 4), ("out", 2)])
-        .coordinators(2)
-        .coordinator_args(&["--lease-ttl", "30s"])
-        .runners(&["r1", "r2"])
-        .start()
-        .await
-        .expect("cluster");
+    let mut tc =
+        TestCluster::builder().queues(&[("in", 4), ("out", 2)]).coordinators(2).coordinator_args(&["--lease-ttl", "30s"]).runners(&["r1", "r2"]).start().await.expect("cluster");
     // c1 stands for the leader and c2 for the standby, whichever won the election.
     let leader = tc.leader().await.expect("a leader");
     let standby = if leader == "c1" { "c2" } else { "c1" };

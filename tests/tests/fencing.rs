@@ -9,11 +9,11 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use qslice_tests::cluster::{claims, files_in};
-use qslice_tests::wait_for_async;
 use qslice_tests::freezer::Freezer;
 use qslice_tests::mailman3::Site;
 use qslice_tests::pids_with_env;
 use qslice_tests::testcluster::TestCluster;
+use qslice_tests::wait_for_async;
 
 const LONG: Duration = Duration::from_secs(120);
 
@@ -126,14 +126,7 @@ async fn a_frozen_runners_mailman_slice_runners_take_nothing_after_another_node_
 #[tokio::test]
 async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_thaws() {
     let (n1, n2) = (node("r1"), node("r2"));
-    let tc = TestCluster::builder()
-        .queue("in", 4)
-        .coordinators(1)
-        .runner_env(&[("QSLICE_TEST_DELAY", "0.3")])
-        .runners(&[&n1, &n2])
-        .start()
-        .await
-        .expect("cluster");
+    let tc = TestCluster::builder().queue("in", 4).coordinators(1).runner_env(&[("QSLICE_TEST_DELAY", "0.3")]).runners(&[&n1, &n2]).start().await.expect("cluster");
     let (spool, mut c, r1) = (tc.spool(), tc.client(), tc.runner(&n1));
     wait_for_async(LONG, "both runners holding slices", || both_hold(&c, &n1, &n2)).await.expect("balanced");
     let q = spool.queue("in");
@@ -336,7 +329,10 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         // qslice-runner and its leash have a freezer of their own, thawed a second after
         // the slice runners: whether they run again first after a pause must not matter.
         let pid = tc.runner(victim).pid().expect("pid");
-        let leash: Vec<u32> = qslice_tests::freezer::process_tree(pid).into_iter().filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--leash"))).collect();
+        let leash: Vec<u32> = qslice_tests::freezer::process_tree(pid)
+            .into_iter()
+            .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--leash")))
+            .collect();
         assert_eq!(leash.len(), 1, "the runner's leash: {leash:?}");
         let (freezer, qslice_freezer) = (Freezer::new().expect("freezer"), Freezer::new().expect("freezer"));
         freezer.add_tree(pid).expect("add");
@@ -358,7 +354,8 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         // accepted nothing, not even the message each had in hand.
         let late_starts: Vec<_> = report.runners.values().filter(|x| x.node == *victim && x.started > frozen_at && old_epochs.contains(&x.epoch)).collect();
         assert!(late_starts.is_empty(), "round {round}: {late_starts:?}");
-        let late: Vec<_> = report.accepts.values().flatten().filter(|a| a.0 > thawed_at && report.runner_of(a).is_some_and(|x| x.node == *victim && x.started < frozen_at)).collect();
+        let late: Vec<_> =
+            report.accepts.values().flatten().filter(|a| a.0 > thawed_at && report.runner_of(a).is_some_and(|x| x.node == *victim && x.started < frozen_at)).collect();
         assert!(late.is_empty(), "round {round}: the frozen slice runners accepted {} posts after the thaw: {late:?}", late.len());
         assert_eq!((report.shunt, report.bad), (0, 0), "round {round}: shunted, in bad/");
         let doubled = report.doubled();
@@ -367,10 +364,20 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         // Any other second ACCEPT would be two owners at once.
         for id in doubled.keys().filter(|id| report.accepts[**id].iter().any(|a| a.0 > frozen_at)) {
             let first = &report.accepts[*id][0];
-            assert!(first.0 < frozen_at && report.runner_of(first).is_some_and(|x| x.node == *victim), "round {round}: {id} accepted twice, first by {:?}", report.runner_of(first));
+            assert!(
+                first.0 < frozen_at && report.runner_of(first).is_some_and(|x| x.node == *victim),
+                "round {round}: {id} accepted twice, first by {:?}",
+                report.runner_of(first)
+            );
             crash_window.insert(id.to_string());
         }
-        println!("round {round}: {} frozen {:.1} s; {} ACCEPTs by its old slice runners after the thaw; {} posts accepted twice in all", victim, thawed_at - frozen_at, late.len(), doubled.len());
+        println!(
+            "round {round}: {} frozen {:.1} s; {} ACCEPTs by its old slice runners after the thaw; {} posts accepted twice in all",
+            victim,
+            thawed_at - frozen_at,
+            late.len(),
+            doubled.len()
+        );
         wait_for_async(LONG, "the victim registered again", || tc.is_registered(victim)).await.expect("back");
     }
     // Each post went down the pipeline once, but for those in Mailman's crash window: a
@@ -387,7 +394,11 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
     // from the .bak. But nothing is written after a thaw.
     for path in torn_writes(&site.spool.root()) {
         let written = std::fs::metadata(&path).and_then(|m| m.modified()).expect("mtime").duration_since(UNIX_EPOCH).expect("clock").as_secs_f64();
-        assert!(pauses.iter().any(|(frozen, _)| written <= frozen + 0.5 && written > frozen - 10.0), "{} was written at {written:.3}, not as a pause began: {pauses:?}", path.display());
+        assert!(
+            pauses.iter().any(|(frozen, _)| written <= frozen + 0.5 && written > frozen - 10.0),
+            "{} was written at {written:.3}, not as a pause began: {pauses:?}",
+            path.display()
+        );
         println!("left by a pause mid-write: {}", path.display());
     }
 }

@@ -9,9 +9,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use qslice_tests::cluster::holdings;
-use qslice_tests::wait_for_async;
 use qslice_tests::mailman3::{Report, Site};
 use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::wait_for_async;
 use qslice_tests::{pids_with_env, qslice_bin};
 
 /// Generous bound for anything a loaded two-core machine does in seconds normally.
@@ -191,10 +191,8 @@ async fn a_live_reslice_to_8_and_back_to_4_accepts_every_post_once_without_a_mai
         c.ctl(&["queue", "set", "in", "--slices", &slices.to_string(), "--mailman3"]);
         let site = &c.site;
         wait_for_async(LONG, "every slice running under the new count", || {
-            let running: BTreeSet<u32> = site
-                .report()
-                .map(|r| r.runners.values().filter(|x| x.count == slices && x.stopped.is_none()).map(|x| x.slice).collect())
-                .unwrap_or_default();
+            let running: BTreeSet<u32> =
+                site.report().map(|r| r.runners.values().filter(|x| x.count == slices && x.stopped.is_none()).map(|x| x.slice).collect()).unwrap_or_default();
             async move { running.len() == slices as usize }
         })
         .await
@@ -221,7 +219,8 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
     // One host's mailman.cfg is broken: every start of Mailman there fails.
     let broken = site.spool.scratch("broken.cfg");
     std::fs::write(&broken, "[mailman\nthis is not a configuration file\n").expect("write");
-    let bad_toml = format!("[supervise.in]\npython = {:?}\nconfig = {:?}\nmax_restarts = 2\nrestart_window = \"60s\"\n", site.python.display().to_string(), broken.display().to_string());
+    let bad_toml =
+        format!("[supervise.in]\npython = {:?}\nconfig = {:?}\nmax_restarts = 2\nrestart_window = \"60s\"\n", site.python.display().to_string(), broken.display().to_string());
     let bad_cfg = site.spool.scratch("bad.toml");
     std::fs::write(&bad_cfg, bad_toml).expect("write");
     let good_cfg = site.runner_config("good.toml", "").expect("config");
@@ -239,9 +238,7 @@ async fn a_slice_runner_that_keeps_crashing_is_given_up_and_its_slices_move() {
         .expect("cluster");
     let (mut c, bad) = (tc.client(), tc.runner("bad"));
     site.post(60, 0).expect("post");
-    wait_for_async(LONG, "the good node holds every slice", || async { holdings(&mut c.clone(), "t", "in").await.get("good").is_some_and(|v| v.len() == 4) })
-        .await
-        .expect("moved");
+    wait_for_async(LONG, "the good node holds every slice", || async { holdings(&mut c.clone(), "t", "in").await.get("good").is_some_and(|v| v.len() == 4) }).await.expect("moved");
     let keys = qslice_proto::keys::Keys::new("t").expect("keys");
     let node = c.get(keys.node("bad"), None).await.expect("get");
     let record = <qslice_proto::records::NodeRecord as qslice_proto::records::Record>::decode(node.kvs()[0].value()).expect("record");
@@ -312,7 +309,8 @@ async fn a_slice_count_mailman_cannot_run_is_alerted_at_once_and_the_fix_resumes
     let mut last = serde_json::Value::Null;
     wait_for_async(LONG, "the no-eligible-node alert in qslicectl status", || {
         last = status(&c);
-        let alerted = last["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.contains("no eligible node") && s.contains("r1") && s.contains("r2"))));
+        let alerted =
+            last["alerts"].as_array().is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.contains("no eligible node") && s.contains("r1") && s.contains("r2"))));
         async move { alerted }
     })
     .await

@@ -152,9 +152,7 @@ async fn retry_keeps_its_sleep_time_through_an_smtp_outage_and_every_post_goes_o
     tokio::time::sleep(outage).await; // the outage itself: the SMTP server answers 451 for this long
     c.site.sink.set_failing(false).expect("451 off");
     let ids = post_ids("test", 0..10);
-    let report = c
-        .settled("every post delivered after the outage", |_, site| each_delivered_once(&site.delivery_counts(), &ids, &TEST_MEMBERS).is_ok())
-        .await;
+    let report = c.settled("every post delivered after the outage", |_, site| each_delivered_once(&site.delivery_counts(), &ids, &TEST_MEMBERS).is_ok()).await;
     assert_clean(&report);
     // Tries per post: attempts (one SMTP transaction each, refused for all recipients)
     // told apart by time.
@@ -358,14 +356,14 @@ async fn a_correctly_shared_site_on_two_hosts_is_served_by_both() {
     for (node, runner) in c.tc.runners() {
         assert!(!runner.log().contains("giving this queue up"), "{node} refused a queue:\n{}", c.logs());
     }
-    let markers: BTreeSet<String> = std::fs::read_dir(c.site.dir.join("var/queue/.qslice/site")).expect("markers").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let markers: BTreeSet<String> =
+        std::fs::read_dir(c.site.dir.join("var/queue/.qslice/site")).expect("markers").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(markers, BTreeSet::from(["r1".to_owned(), "r2".to_owned()]), "both nodes checked the site");
 }
 
 /// Every queue runner of a site, as the site example serves them (docs/SUPERVISING.md),
 /// but nntp: its periodic `mailman gatenews` refuses to run as root, which tests are.
-const SITE_QUEUES: [(&str, u32); 9] =
-    [("in", 2), ("pipeline", 2), ("out", 2), ("retry", 1), ("bounces", 2), ("digest", 2), ("archive", 2), ("virgin", 1), ("command", 1)];
+const SITE_QUEUES: [(&str, u32); 9] = [("in", 2), ("pipeline", 2), ("out", 2), ("retry", 1), ("bounces", 2), ("digest", 2), ("archive", 2), ("virgin", 1), ("command", 1)];
 
 #[tokio::test]
 async fn a_cold_start_of_a_whole_site_under_load_claims_and_serves_every_slice_without_a_storm() {
@@ -437,7 +435,9 @@ async fn a_cold_start_of_a_whole_site_under_load_claims_and_serves_every_slice_w
         }
         let _ = std::fs::write(format!("{dir}/cold-coordinator.log"), &coordinator);
     }
-    for storm in ["did not finish its message within the stop timeout", "the lease already lapsed", "reached the fence deadline", "stopped at the fence deadline", "giving this queue up"] {
+    for storm in
+        ["did not finish its message within the stop timeout", "the lease already lapsed", "reached the fence deadline", "stopped at the fence deadline", "giving this queue up"]
+    {
         assert!(!logs.contains(storm), "{storm:?} at the cold start:\n{}", c.logs());
     }
     // Mailman's task runner runs, on one node at a time: exactly one such process now.
@@ -447,7 +447,8 @@ async fn a_cold_start_of_a_whole_site_under_load_claims_and_serves_every_slice_w
         async move { n == 1 }
     })
     .await;
-    let singleton_lines: String = c.tc.runners().iter().flat_map(|(n, r)| r.log().lines().filter(|l| l.contains("singleton")).map(|l| format!("{n}: {l}\n")).collect::<Vec<_>>()).collect();
+    let singleton_lines: String =
+        c.tc.runners().iter().flat_map(|(n, r)| r.log().lines().filter(|l| l.contains("singleton")).map(|l| format!("{n}: {l}\n")).collect::<Vec<_>>()).collect();
     task_processes.unwrap_or_else(|e| panic!("{e}: {:?}\n{singleton_lines}", processes_with_args(&[&site_dir, "task"])));
     println!("{singleton_lines}");
 }

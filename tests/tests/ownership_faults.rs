@@ -177,10 +177,7 @@ async fn a_claim_delete_that_failed_is_retried_so_the_next_owner_can_claim() -> 
     })
     .await?;
     let second = q.enqueue(b"second")?.filebase;
-    wait_for_async(LONG, "b to process an entry of the slice", || async {
-        spool.records().iter().any(|r| r.what == "end" && r.filebase == second && r.node == "b")
-    })
-    .await?;
+    wait_for_async(LONG, "b to process an entry of the slice", || async { spool.records().iter().any(|r| r.what == "end" && r.filebase == second && r.node == "b") }).await?;
     ensure!(!a.log().contains(FENCED), "a fenced itself (its lease revoked would hide the failed delete):\n{}", a.log());
     drop(b);
     Ok(())
@@ -274,10 +271,7 @@ async fn a_bak_stranded_by_a_rename_reported_as_failed_is_recovered_by_its_owner
     fs.fs.set(Fault::RenameThenEnoent(Match::suffix(".pck").times(1)))?;
     let name = q.enqueue(b"m")?.filebase;
     wait_for(LONG, "the rename to be done and reported as failed", || fs.fs.counters().is_ok_and(|n| n.renames_then_enoent == 1))?;
-    wait_for_async(LONG, "the stranded entry to be recovered and processed", || async {
-        fs.spool.finished().get(&name) == Some(&1) && baks(q.dir()).is_empty()
-    })
-    .await?;
+    wait_for_async(LONG, "the stranded entry to be recovered and processed", || async { fs.spool.finished().get(&name) == Some(&1) && baks(q.dir()).is_empty() }).await?;
     ensure!(a.log().contains("stranded"), "a said it recovered a stranded .bak:\n{}", a.log());
     ensure!(files_in(q.bad_dir()).is_empty(), "nothing went to bad/");
     ensure!(fs.spool.finished().get(&name) == Some(&1), "processed once: {:?}", fs.spool.finished());
@@ -337,9 +331,7 @@ async fn an_entry_that_cannot_be_opened_is_retried_and_alerted_never_quarantined
     let alert = log.lines().find(|l| l.contains("alert: cannot open a queue entry")).with_context(|| format!("no open alert:\n{log}"))?;
     ensure!(alert.contains("EMFILE") && alert.contains(&name) && alert.contains("queue=in"), "the alert names queue, file and errno: {alert}");
     ensure!(count_lines(&log, &["alert: cannot open"]) == 1, "alerts are rate-limited:\n{log}");
-    wait_for(LONG, "the open errors in /metrics", || {
-        metrics(&addr).lines().any(|l| l == "qslice_runner_spool_errors_total{queue=\"in\",op=\"open\"} 3")
-    })?;
+    wait_for(LONG, "the open errors in /metrics", || metrics(&addr).lines().any(|l| l == "qslice_runner_spool_errors_total{queue=\"in\",op=\"open\"} 3"))?;
     Ok(())
 }
 
@@ -358,10 +350,7 @@ async fn a_drain_timeout_kill_does_not_count_toward_bad() -> Result<()> {
     wait_for_async(LONG, "a to start the entry", || async { spool.records().iter().any(|r| r.node == "a") }).await?;
     assign(&mut c, "t", "b", "in", 1, [0]).await?;
     unassign(&mut c, "t", "a", "in").await?;
-    wait_for_async(LONG, "b to finish the entry a was killed on", || async {
-        spool.records().iter().any(|r| r.what == "end" && r.node == "b" && r.filebase == name)
-    })
-    .await?;
+    wait_for_async(LONG, "b to finish the entry a was killed on", || async { spool.records().iter().any(|r| r.what == "end" && r.node == "b" && r.filebase == name) }).await?;
     ensure!(a.log().contains("drain timeout"), "a killed the work at the drain timeout:\n{}", a.log());
     let count = q.recovery_count(&name)?;
     ensure!(count == 0, "qslice's own kill counted as a recovery ({count})");
@@ -386,10 +375,8 @@ async fn a_fence_kill_does_not_count_toward_bad() -> Result<()> {
     let fenced = wait_for(LONG, "a to fence itself", || a.log().contains(FENCED));
     etcd.resume()?;
     fenced?;
-    wait_for_async(LONG, "a to take the entry again under a new claim", || async {
-        spool.records().iter().any(|r| r.what == "start" && r.filebase == name && r.epoch > first)
-    })
-    .await?;
+    wait_for_async(LONG, "a to take the entry again under a new claim", || async { spool.records().iter().any(|r| r.what == "start" && r.filebase == name && r.epoch > first) })
+        .await?;
     let count = q.recovery_count(&name)?;
     ensure!(count == 0, "the fence's kill counted as a recovery ({count})");
     Ok(())

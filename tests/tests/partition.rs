@@ -8,8 +8,8 @@
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use qslice_proto::keys::Keys;
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_proto::keys::Keys;
 use qslice_tests::cluster::claims;
 use qslice_tests::testcluster::TestCluster;
 use qslice_tests::wait_for_async;
@@ -97,10 +97,26 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
     let handler = spool.recording_handler();
     let root = spool.root();
     let args = [
-        "netns", "exec", &ns.name, runner.to_str().expect("utf8"),
-        "--node-id", "p", "--cluster", "t", "--spool", root.to_str().expect("utf8"),
-        "--state-dir", state.to_str().expect("utf8"), "--lease-ttl", "3s", "--etcd-endpoints", &endpoint,
-        "--handler", "exec", "--handler-command", &handler,
+        "netns",
+        "exec",
+        &ns.name,
+        runner.to_str().expect("utf8"),
+        "--node-id",
+        "p",
+        "--cluster",
+        "t",
+        "--spool",
+        root.to_str().expect("utf8"),
+        "--state-dir",
+        state.to_str().expect("utf8"),
+        "--lease-ttl",
+        "3s",
+        "--etcd-endpoints",
+        &endpoint,
+        "--handler",
+        "exec",
+        "--handler-command",
+        &handler,
     ];
     let p = Proc::spawn(std::path::Path::new("ip"), &args, &[], &spool.scratch("p.log")).expect("runner in the namespace");
     wait_for_async(LONG, "the runner in the namespace holds 4 claims", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4) })
@@ -122,16 +138,10 @@ async fn a_partitioned_runner_fences_itself_before_its_lease_expires() {
     wait_for(LONG, "the runner to log its fence", || p.log().contains("fenced")).expect("fenced");
     let fenced_at = logged_at(&p.log(), "fenced").expect("a timestamped fence line");
     let ms = |a: SystemTime, b: SystemTime| b.duration_since(a).map(|d| d.as_millis() as i64).unwrap_or_else(|e| -(e.duration().as_millis() as i64));
-    eprintln!(
-        "partition: fenced {} ms after the cut, lease expired in etcd {} ms after the cut (TTL 3 s)",
-        ms(cut_at, fenced_at),
-        ms(cut_at, expired_at)
-    );
+    eprintln!("partition: fenced {} ms after the cut, lease expired in etcd {} ms after the cut (TTL 3 s)", ms(cut_at, fenced_at), ms(cut_at, expired_at));
     assert!(fenced_at < expired_at, "the runner stopped work before etcd could give its slices to anyone else");
     ns.heal();
-    wait_for_async(LONG, "the runner re-registers and claims again after the partition", || async {
-        claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4)
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
+    wait_for_async(LONG, "the runner re-registers and claims again after the partition", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 4) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
 }

@@ -43,14 +43,7 @@ impl Ctl {
 
 #[tokio::test]
 async fn every_subcommand_works_against_a_live_cluster() {
-    let tc = TestCluster::builder()
-        .spool_queues(&["in"])
-        .coordinators(1)
-        .coordinator_args(&["--admin-token", "tok"])
-        .runners(&["r1", "r2"])
-        .start()
-        .await
-        .expect("cluster");
+    let tc = TestCluster::builder().spool_queues(&["in"]).coordinators(1).coordinator_args(&["--admin-token", "tok"]).runners(&["r1", "r2"]).start().await.expect("cluster");
     let mut c = tc.client();
     // The first address has nobody listening: qslicectl tries the next.
     let dead = format!("127.0.0.1:{}", free_port().expect("port"));
@@ -88,9 +81,7 @@ async fn every_subcommand_works_against_a_live_cluster() {
     let table = ctl.ok(&["status", "--slices"]);
     assert!(table.contains("c1") && table.contains("r1") && table.contains("r2"), "{table}");
     // The columns say what they are, and `status --help` explains each of them.
-    let header = |first: &str, has: &str| {
-        table.lines().find(|l| l.starts_with(first) && l.contains(has)).unwrap_or_else(|| panic!("no {first}..{has} table:\n{table}")).to_owned()
-    };
+    let header = |first: &str, has: &str| table.lines().find(|l| l.starts_with(first) && l.contains(has)).unwrap_or_else(|| panic!("no {first}..{has} table:\n{table}")).to_owned();
     let columns = |line: String| line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect::<Vec<_>>();
     assert_eq!(columns(header("NODE ", "HOST")), ["NODE", "HOST", "STATE", "WEIGHT", "SLICES HELD", "QUEUES", "UP", "VERSION"], "{table}");
     assert_eq!(columns(header("QUEUE ", "SLICES ")), ["QUEUE", "SLICES", "FLAVOUR", "STATE"], "{table}");
@@ -124,15 +115,11 @@ async fn every_subcommand_works_against_a_live_cluster() {
     let h = holdings(&mut c, "t", "in").await;
     let s = h["r1"][0].to_string();
     ctl.ok(&["pin", "in", &s, "r2"]);
-    wait_for_async(LONG, "the pinned slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][0])) })
-        .await
-        .expect("pin");
+    wait_for_async(LONG, "the pinned slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][0])) }).await.expect("pin");
     ctl.ok(&["unpin", "in", &s]);
     let other = h["r1"][1].to_string();
     ctl.ok(&["move", "in", &other, "r2"]);
-    wait_for_async(LONG, "the moved slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][1])) })
-        .await
-        .expect("move");
+    wait_for_async(LONG, "the moved slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][1])) }).await.expect("move");
     // Freeze an imbalance under maintenance: the dry run shows what would move, and an
     // applied rebalance is refused until maintenance is off.
     ctl.ok(&["cordon", "r1"]);
@@ -199,11 +186,7 @@ async fn the_admin_api_over_mutual_tls_needs_the_right_ca_and_a_client_certifica
     let https = tc.coordinator("c1").admin.replace("http://", "https://");
     let ctl = Ctl { coordinator: https };
     let (client_cert, client_key) = (pki.path("client.pem"), pki.path("client.key"));
-    wait_for_async(LONG, "queues over mTLS", || async {
-        ctl.run(None, &["--ca", &ca, "--cert", &client_cert, "--key", &client_key, "queues"]).0 == 0
-    })
-    .await
-    .expect("mTLS works");
+    wait_for_async(LONG, "queues over mTLS", || async { ctl.run(None, &["--ca", &ca, "--cert", &client_cert, "--key", &client_key, "queues"]).0 == 0 }).await.expect("mTLS works");
     let (code, _, err) = ctl.run(None, &["--ca", &ca, "queues"]);
     assert_eq!(code, 1, "no client certificate is refused: {err}");
     let wrong_ca = other.path("ca.pem");

@@ -7,11 +7,7 @@ use qslice_tests::qslice_bin;
 
 fn qslicectl(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(qslice_bin("qslicectl").expect("built")).args(args).output().expect("run qslicectl");
-    (
-        out.status.code().expect("exited"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.code().expect("exited"), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]

@@ -168,8 +168,7 @@ fn ctrl_c_stops_everything_after_the_output_pipe_reader_died() {
     assert!(output.contains("The demo runs"), "{output}");
 
     // What it started, by its pid files, is running.
-    let started: Vec<(&str, u32)> =
-        ["etcd", "coordinator", "runner-r1", "runner-r2", "runner-r3", "feeder"].into_iter().map(|name| (name, qs.pid_of(name))).collect();
+    let started: Vec<(&str, u32)> = ["etcd", "coordinator", "runner-r1", "runner-r2", "runner-r3", "feeder"].into_iter().map(|name| (name, qs.pid_of(name))).collect();
     let running = demo_processes(&qs.dir);
     for (name, pid) in &started {
         assert!(running.iter().any(|(p, _)| p == pid), "{name} (pid {pid}) is not running in the demo dir: {running:#?}");
@@ -190,8 +189,7 @@ fn ctrl_c_stops_everything_after_the_output_pipe_reader_died() {
 
     // Everything it started is gone: by pid, and nothing else runs in the demo dir (a
     // feeder's `sleep 1` may outlive the feeder by up to a second).
-    wait_for(Duration::from_secs(10), "every process of the demo to exit", || demo_processes(&qs.dir).is_empty())
-        .unwrap_or_else(|e| panic!("{e}: {:#?}", demo_processes(&qs.dir)));
+    wait_for(Duration::from_secs(10), "every process of the demo to exit", || demo_processes(&qs.dir).is_empty()).unwrap_or_else(|e| panic!("{e}: {:#?}", demo_processes(&qs.dir)));
     for (name, pid) in &started {
         assert!(!process_alive(*pid), "{name} (pid {pid}) still runs");
     }

@@ -31,10 +31,7 @@ rm -f "$dir/done-$node"
 "#;
 
 fn incarnations(admin: &str) -> BTreeMap<String, (String, bool)> {
-    let out = std::process::Command::new(qslice_bin("qslicectl").expect("built"))
-        .args(["--coordinator", admin, "--json", "nodes"])
-        .output()
-        .expect("run qslicectl");
+    let out = std::process::Command::new(qslice_bin("qslicectl").expect("built")).args(["--coordinator", admin, "--json", "nodes"]).output().expect("run qslicectl");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("nodes --json: {e}: {}", String::from_utf8_lossy(&out.stdout)));
     json.as_array()
         .expect("an array of nodes")
@@ -135,10 +132,7 @@ async fn a_rolling_restart_of_every_node_loses_no_entry_and_runs_none_twice() {
     for node in NODES {
         assert!(while_down.get(node).is_some_and(|n| *n > 0), "entries arrived while {node} was restarted: {while_down:?}");
     }
-    Wait::new(LONG, &format!("all {total} entries finished"))
-        .until_async(|| async { spool.finished().len() >= total })
-        .await
-        .expect("drained");
+    Wait::new(LONG, &format!("all {total} entries finished")).until_async(|| async { spool.finished().len() >= total }).await.expect("drained");
     let finished = spool.finished();
     let twice: Vec<_> = finished.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "entries finished more than once: {twice:?}");

@@ -59,12 +59,7 @@ async fn two_runners_never_hold_one_claim() {
 
 #[tokio::test]
 async fn sigterm_hands_every_slice_over_with_no_entry_lost() {
-    let mut tc = TestCluster::builder()
-        .assign("a", "in", 4, 0..4)
-        .runner_with("a", &["--lease-ttl", "10s"], &[("QSLICE_TEST_DELAY", "0.2")])
-        .start()
-        .await
-        .expect("cluster");
+    let mut tc = TestCluster::builder().assign("a", "in", 4, 0..4).runner_with("a", &["--lease-ttl", "10s"], &[("QSLICE_TEST_DELAY", "0.2")]).start().await.expect("cluster");
     let (spool, mut c) = (tc.spool().clone(), tc.client());
     let q = spool.queue("in");
     for i in 0..30u32 {
@@ -96,7 +91,11 @@ async fn kill_9_leaves_bak_entries_that_the_next_owner_recovers() {
     wait_for_async(LONG, "both entries in flight", || async { spool.records().len() == 2 }).await.expect("in flight");
     tc.runner_mut("a").kill();
     let baks: Vec<String> = files_in(q.dir()).into_iter().filter(|f| f.ends_with(".bak")).collect();
-    assert_eq!(baks, { let mut v = vec![format!("{e0}.bak"), format!("{e1}.bak")]; v.sort(); v });
+    assert_eq!(baks, {
+        let mut v = vec![format!("{e0}.bak"), format!("{e1}.bak")];
+        v.sort();
+        v
+    });
     tc.unassign("a", "in").await.expect("unassign");
     tc.assign("b", "in", 2, 0..2).await.expect("assign");
     tc.start_runner("b").expect("runner b");
@@ -175,23 +174,16 @@ async fn a_runner_paused_beyond_its_ttl_starts_nothing_until_it_has_re_registere
     for i in 0..10u32 {
         q.enqueue_in_slice(format!("m{i}").as_bytes(), i % 2, 2).expect("enqueue");
     }
-    wait_for_async(LONG, "the paused runner's claims to expire", || async {
-        claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false)
-    })
-    .await
-    .expect("expired");
+    wait_for_async(LONG, "the paused runner's claims to expire", || async { claims(&mut c.clone(), "t", "in").await.map(|m| m.is_empty()).unwrap_or(false) })
+        .await
+        .expect("expired");
     let resumed_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos();
     a.signal(Signal::SIGCONT).expect("SIGCONT");
     wait_for_async(LONG, "all 11 entries finished", || async { spool.finished().len() == 11 }).await.expect("drained");
     let after: Vec<_> = spool.records().into_iter().filter(|r| r.what == "start" && r.at_ns > resumed_ns).collect();
     assert!(!after.is_empty());
     for r in &after {
-        assert!(
-            old_epochs.iter().all(|old| r.epoch > *old),
-            "entry {} started after the pause under a stale epoch {} (old claims {old_epochs:?})",
-            r.filebase,
-            r.epoch
-        );
+        assert!(old_epochs.iter().all(|old| r.epoch > *old), "entry {} started after the pause under a stale epoch {} (old claims {old_epochs:?})", r.filebase, r.epoch);
     }
     assert!(a.log().contains("fenced"), "the runner logged its fence:\n{}", a.log());
 }
@@ -248,10 +240,7 @@ async fn metrics_and_readiness_are_served() {
         out
     };
     wait_for(LONG, "/readyz to answer 200", || get("/readyz").starts_with("HTTP/1.0 200")).expect("ready");
-    wait_for(LONG, "the finished entry in /metrics", || {
-        get("/metrics").contains("qslice_runner_entries_total{queue=\"in\",outcome=\"finished\"} 1")
-    })
-    .expect("metrics");
+    wait_for(LONG, "the finished entry in /metrics", || get("/metrics").contains("qslice_runner_entries_total{queue=\"in\",outcome=\"finished\"} 1")).expect("metrics");
     let metrics = get("/metrics");
     assert!(metrics.contains("qslice_runner_slices_claimed 2"), "{metrics}");
     assert!(metrics.contains("qslice_runner_slice_depth"), "{metrics}");
@@ -292,11 +281,9 @@ async fn in_flight_work_beyond_the_drain_timeout_is_killed_and_recovered_by_the_
     let moved = Instant::now();
     tc.assign("b", "in", 1, [0]).await.expect("assign b");
     tc.unassign("a", "in").await.expect("unassign a");
-    wait_for_async(LONG, "b to finish the entry a was stuck on", || async {
-        spool.records().iter().any(|r| r.what == "end" && r.node == "b" && r.filebase == name)
-    })
-    .await
-    .expect("recovered by b");
+    wait_for_async(LONG, "b to finish the entry a was stuck on", || async { spool.records().iter().any(|r| r.what == "end" && r.node == "b" && r.filebase == name) })
+        .await
+        .expect("recovered by b");
     let took = moved.elapsed();
     assert!(took < Duration::from_secs(30), "the move waited for the drain timeout, not the 30 s TTL ({took:?})");
     assert!(a.log().contains("drain timeout"), "a said why it killed the work:\n{}", a.log());
@@ -378,12 +365,7 @@ async fn an_entry_renamed_into_an_idle_queue_is_taken_without_waiting_for_the_po
 #[tokio::test]
 async fn a_slice_claimed_while_a_backlog_is_worked_through_is_served_in_the_round_robin_at_once() {
     // One entry at a time, 0.5 s each: slice 0's backlog of 16 takes 8 s.
-    let tc = TestCluster::builder()
-        .assign("r", "in", 2, [0])
-        .runner_with("r", &["--concurrency", "1"], &[("QSLICE_TEST_DELAY", "0.5")])
-        .start()
-        .await
-        .expect("cluster");
+    let tc = TestCluster::builder().assign("r", "in", 2, [0]).runner_with("r", &["--concurrency", "1"], &[("QSLICE_TEST_DELAY", "0.5")]).start().await.expect("cluster");
     let spool = tc.spool();
     let q = spool.queue("in");
     for i in 0..16u32 {

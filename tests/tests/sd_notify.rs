@@ -69,13 +69,7 @@ async fn runner_reports_ready_once_registered_and_stopping_on_sigterm() {
     let mut notify = NotifySocket::bind().expect("socket");
     let socket = notify.env();
     // Not waited for: READY=1 is to say when the runner is ready.
-    let mut tc = TestCluster::builder()
-        .spool_queues(&["in"])
-        .runner_with("r1", &[], &[("NOTIFY_SOCKET", socket.as_str())])
-        .ready(Ready::Started)
-        .start()
-        .await
-        .expect("cluster");
+    let mut tc = TestCluster::builder().spool_queues(&["in"]).runner_with("r1", &[], &[("NOTIFY_SOCKET", socket.as_str())]).ready(Ready::Started).start().await.expect("cluster");
     notify.wait_for_line("READY=1", LONG).expect("READY=1");
     // Ready means registered (the node record is in etcd) with the assignment read.
     assert!(tc.is_registered("r1").await, "READY=1 came before the node registered");

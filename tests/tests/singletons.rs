@@ -90,7 +90,14 @@ fn writers(beats: &[Beat]) -> Vec<(String, u32, u128, u128)> {
 fn assert_no_overlap(beats: &[Beat]) {
     let w = writers(beats);
     for pair in w.windows(2) {
-        assert!(pair[0].3 < pair[1].2, "two copies of the singleton ran at once: {:?} until {} and {:?} from {}", (&pair[0].0, pair[0].1), pair[0].3, (&pair[1].0, pair[1].1), pair[1].2);
+        assert!(
+            pair[0].3 < pair[1].2,
+            "two copies of the singleton ran at once: {:?} until {} and {:?} from {}",
+            (&pair[0].0, pair[0].1),
+            pair[0].3,
+            (&pair[1].0, pair[1].1),
+            pair[1].2
+        );
     }
 }
 
@@ -114,13 +121,7 @@ async fn a_long_running_singleton_runs_once_and_moves_within_the_ttl_when_its_ho
     let spool = Spool::new(&[]).expect("spool");
     let out = spool.scratch("beats.log");
     let cfg = config(&spool, "notify", &heartbeat_table(&out));
-    let mut tc = TestCluster::builder()
-        .spool(spool.clone())
-        .runner_args(&["--config", cfg.to_str().expect("utf8")])
-        .runners(&[&n1, &n2])
-        .start()
-        .await
-        .expect("cluster");
+    let mut tc = TestCluster::builder().spool(spool.clone()).runner_args(&["--config", cfg.to_str().expect("utf8")]).runners(&[&n1, &n2]).start().await.expect("cluster");
     let c = tc.client();
     wait_for_async(LONG, "the singleton running on one node", || async { beats(&out).len() >= 10 }).await.expect("running");
     let first = holder(&c, "notify").await.expect("held");
@@ -145,13 +146,16 @@ async fn a_long_running_singleton_runs_once_and_moves_within_the_ttl_when_its_ho
     tc.start_runner(&first).expect("restart");
     wait_for_async(LONG, "the first runner registered again", || tc.is_registered(&first)).await.expect("registered");
     let pid = tc.runner(&other).pid().expect("pid");
-    let leash: Vec<u32> = process_tree(pid).into_iter().filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--leash"))).collect();
+    let leash: Vec<u32> =
+        process_tree(pid).into_iter().filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--leash"))).collect();
     assert_eq!(leash.len(), 1, "the runner's leash: {leash:?}");
     let lines_before = beats(&out).len();
     let crashed_ns = now_ns();
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(leash[0] as i32), Signal::SIGKILL);
     tc.runner_mut(&other).kill();
-    wait_for_async(LONG, "the first runner's command writing again", || async { beats(&out)[lines_before..].iter().any(|b| b.node == first) }).await.expect("taken over after the TTL");
+    wait_for_async(LONG, "the first runner's command writing again", || async { beats(&out)[lines_before..].iter().any(|b| b.node == first) })
+        .await
+        .expect("taken over after the TTL");
     let back_ns = beats(&out)[lines_before..].iter().find(|b| b.node == first).expect("a line").at_ns;
     let took_ttl = Duration::from_nanos((back_ns - crashed_ns) as u64);
     assert!(took_ttl <= TTL + Duration::from_secs(1), "after a host crash the singleton was taken over {took_ttl:?} later; TTL {TTL:?} + 1 s allowed");
@@ -161,7 +165,11 @@ async fn a_long_running_singleton_runs_once_and_moves_within_the_ttl_when_its_ho
     wait_for_async(LONG, "the new holder's command writing on", || async { beats(&out).len() >= seen + 10 }).await.expect("running on");
     let all = beats(&out);
     assert_no_overlap(&all);
-    println!("kill -9 of the holder -> the other runner's command ran {took:?} later; of the holder and its leash -> {took_ttl:?} later ({} writers, {} lines)", writers(&all).len(), all.len());
+    println!(
+        "kill -9 of the holder -> the other runner's command ran {took:?} later; of the holder and its leash -> {took_ttl:?} later ({} writers, {} lines)",
+        writers(&all).len(),
+        all.len()
+    );
     drop(tc);
     nothing_left(&[&n1, &n2]).await;
 }
@@ -230,7 +238,9 @@ async fn a_periodic_singleton_runs_each_slot_once_across_runners_and_stop_signal
         let status = tc.runner_mut(&h).wait_exit(LONG).expect("the holder exits");
         assert!(status.success(), "round {round}: {h} exited with {status}");
         let before = slots(&out).iter().filter(|s| s.1 == other).count();
-        wait_for_async(LONG, &format!("round {round}: {other} running the slots"), || async { slots(&out).iter().filter(|s| s.1 == other).count() >= before + 3 }).await.expect("taken over");
+        wait_for_async(LONG, &format!("round {round}: {other} running the slots"), || async { slots(&out).iter().filter(|s| s.1 == other).count() >= before + 3 })
+            .await
+            .expect("taken over");
         assert!(tc.runner(&h).log().contains("released the singleton"), "round {round}: the stopped holder says it released the singleton: {}", tc.runner(&h).log());
         tc.start_runner(&h).expect("restart");
         wait_for_async(LONG, &format!("round {round}: {h} registered again"), || tc.is_registered(&h)).await.expect("registered");
@@ -274,7 +284,9 @@ async fn a_periodic_run_that_dies_of_qslices_stop_signal_runs_again_on_the_next_
     let status = tc.runner_mut(&h).wait_exit(LONG).expect("the holder exits");
     assert!(status.success(), "{h} exited with {status}");
     let again = format!("start {slot} {other}");
-    wait_for_async(LONG, &format!("slot {slot} run again by {other}"), || async { runs().contains(&again) }).await.unwrap_or_else(|e| panic!("{e}: {:?}\n{}", runs(), tc.runner(&h).log()));
+    wait_for_async(LONG, &format!("slot {slot} run again by {other}"), || async { runs().contains(&again) })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", runs(), tc.runner(&h).log()));
     assert!(tc.runner(&h).log().contains("its run was cut off, not failed"), "{}", tc.runner(&h).log());
     drop(tc);
     nothing_left(&[&n1, &n2]).await;
@@ -287,13 +299,7 @@ async fn a_frozen_holders_command_is_killed_at_its_fence_deadline_before_another
     let out = spool.scratch("beats.log");
     let cfg = config(&spool, "notify", &heartbeat_table(&out));
     // r2 starts once r1 holds the singleton, so r1 is the holder.
-    let mut tc = TestCluster::builder()
-        .spool(spool.clone())
-        .runner_args(&["--config", cfg.to_str().expect("utf8")])
-        .runners(&[&n1])
-        .start()
-        .await
-        .expect("cluster");
+    let mut tc = TestCluster::builder().spool(spool.clone()).runner_args(&["--config", cfg.to_str().expect("utf8")]).runners(&[&n1]).start().await.expect("cluster");
     let c = tc.client();
     wait_for_async(LONG, "r1 running the singleton", || async { beats(&out).len() >= 5 }).await.expect("running");
     tc.start_runner(&n2).expect("r2");
@@ -391,7 +397,9 @@ async fn status_and_the_dashboard_show_who_runs_each_singleton_and_follow_a_take
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: {text}"));
-    wait_for_async(LONG, "the dashboard naming the holder", || async { api_status(&http).and_then(|s| dashboard_holder(&s, "digests")).as_deref() == Some(first.as_str()) }).await.expect("dashboard");
+    wait_for_async(LONG, "the dashboard naming the holder", || async { api_status(&http).and_then(|s| dashboard_holder(&s, "digests")).as_deref() == Some(first.as_str()) })
+        .await
+        .expect("dashboard");
     tc.runner_mut(&first).kill();
     wait_for_async(LONG, "qslicectl status naming the new holder", || {
         text = ctl_status(&admin);
@@ -400,7 +408,9 @@ async fn status_and_the_dashboard_show_who_runs_each_singleton_and_follow_a_take
     })
     .await
     .unwrap_or_else(|e| panic!("{e}: {text}"));
-    wait_for_async(LONG, "the dashboard naming the new holder", || async { api_status(&http).and_then(|s| dashboard_holder(&s, "digests")).as_deref() == Some(other.as_str()) }).await.expect("dashboard");
+    wait_for_async(LONG, "the dashboard naming the new holder", || async { api_status(&http).and_then(|s| dashboard_holder(&s, "digests")).as_deref() == Some(other.as_str()) })
+        .await
+        .expect("dashboard");
     // The page draws what /api/status says (where headless Chromium is installed).
     let chromium = std::env::var("QSLICE_TEST_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     if Path::new(&chromium).exists() {

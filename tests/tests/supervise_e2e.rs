@@ -70,7 +70,8 @@ async fn each_claimed_slice_runs_its_own_mailman_runner_and_its_output_is_logged
 async fn a_released_slice_stops_its_runner_between_messages_and_nothing_is_shunted() {
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = supervise_config(&spool, "runner.toml", "");
-    let tc = TestCluster::builder().spool(spool.clone())
+    let tc = TestCluster::builder()
+        .spool(spool.clone())
         .assign("a", "in", 2, 0..2)
         .runner_args(&["--config", &cfg, "--lease-ttl", "30s"])
         .runner_env(&[("FAKE_BUSY", "0.2")])
@@ -87,11 +88,9 @@ async fn a_released_slice_stops_its_runner_between_messages_and_nothing_is_shunt
     assign(&mut c, "t", "b", "in", 2, 0..2).await.expect("assign b");
     unassign(&mut c, "t", "a", "in").await.expect("unassign a");
     wait_for_async(LONG, "40 entries finished", || async { spool.finished().len() == 40 }).await.expect("processed");
-    wait_for_async(LONG, "b holds both slices", || async {
-        claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "b"))
-    })
-    .await
-    .expect("moved");
+    wait_for_async(LONG, "b holds both slices", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "b")) })
+        .await
+        .expect("moved");
     let records = spool.records();
     // The runners really were busy for a while per message (so a careless stop signal
     // would have hit one mid-message).
@@ -113,15 +112,10 @@ async fn a_released_slice_stops_its_runner_between_messages_and_nothing_is_shunt
             assert!(!a_started);
             continue;
         }
-        let a_stop = records
-            .iter()
-            .filter(|r| r.what == "stop" && r.node == "a" && r.slice == slice)
-            .map(|r| r.at_ns)
-            .max()
-            .unwrap_or_else(|| {
-                let lines: Vec<String> = records.iter().map(|r| format!("{} {} {} {}", r.what, r.node, r.slice, r.filebase)).collect();
-                panic!("a's runner of slice {slice} recorded no quiet stop:\n{}", lines.join("\n"))
-            });
+        let a_stop = records.iter().filter(|r| r.what == "stop" && r.node == "a" && r.slice == slice).map(|r| r.at_ns).max().unwrap_or_else(|| {
+            let lines: Vec<String> = records.iter().map(|r| format!("{} {} {} {}", r.what, r.node, r.slice, r.filebase)).collect();
+            panic!("a's runner of slice {slice} recorded no quiet stop:\n{}", lines.join("\n"))
+        });
         let b_first = records.iter().filter(|r| r.what == "start" && r.node == "b" && r.slice == slice).map(|r| r.at_ns).min();
         if let Some(b_first) = b_first {
             assert!(b_first > a_stop, "slice {slice}: b's runner worked before a's had stopped");
@@ -149,7 +143,8 @@ async fn a_runner_that_keeps_crashing_is_given_up_and_another_node_takes_its_sli
     let spool = Spool::new(&["in"]).expect("spool");
     let cfg = supervise_config(&spool, "runner.toml", "max_restarts = 2\nrestart_window = \"60s\"\n");
     // bad never holds its share: wait only until it has registered.
-    let mut tc = TestCluster::builder().spool(spool.clone())
+    let mut tc = TestCluster::builder()
+        .spool(spool.clone())
         .queue("in", 2)
         .coordinators(1)
         .runner_args(&["--config", &cfg])
@@ -163,11 +158,9 @@ async fn a_runner_that_keeps_crashing_is_given_up_and_another_node_takes_its_sli
     let bad = tc.runner("bad");
     wait_for(LONG, "bad's runners to crash and be given up", || bad.log().contains("giving this queue up")).expect("gave up");
     tc.start_runner("good").expect("runner good");
-    wait_for_async(LONG, "good holds both slices", || async {
-        claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "good"))
-    })
-    .await
-    .expect("moved");
+    wait_for_async(LONG, "good holds both slices", || async { claims(&mut c.clone(), "t", "in").await.is_ok_and(|m| m.len() == 2 && m.values().all(|(n, _)| n == "good")) })
+        .await
+        .expect("moved");
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
     wait_for_async(LONG, "the entry processed by good", || async { spool.finished().contains_key(&name) }).await.expect("processed");
 }
@@ -179,7 +172,8 @@ async fn a_mailman3_queue_whose_instances_differ_from_its_slices_is_refused() {
     std::fs::write(&mailman_cfg, "[runner.in]\ninstances: 2\n").expect("write");
     let cfg = runner_command_config(&spool, &mailman_cfg);
     // The runner refuses the queue: it claims nothing to wait for.
-    let tc = TestCluster::builder().spool(spool.clone()).assign("r", "in", 4, 0..4).runner_with("r", &["--config", &cfg], &[]).ready(Ready::Registered).start().await.expect("cluster");
+    let tc =
+        TestCluster::builder().spool(spool.clone()).assign("r", "in", 4, 0..4).runner_with("r", &["--config", &cfg], &[]).ready(Ready::Registered).start().await.expect("cluster");
     let (mut c, r) = (tc.client(), tc.runner("r"));
     wait_for(LONG, "the mismatch named in the log", || r.log().contains("instances = 2") && r.log().contains("4 slices")).expect("refused");
     assert!(claims(&mut c, "t", "in").await.expect("claims").is_empty(), "nothing claimed under a slicing Mailman would not use");
@@ -232,7 +226,13 @@ async fn a_mailman2_runner_is_stopped_with_sigterm_and_finishes_its_message() {
     std::fs::write(&cfg_path, cfg).expect("write");
     let cfg_path = cfg_path.to_string_lossy().into_owned();
     let env = [("FAKE_BUSY", "1"), ("FAKE_MAILMAN2", "1")];
-    let tc = TestCluster::builder().spool(spool.clone()).assign("a", "in", 1, [0]).runner_with("a", &["--config", &cfg_path, "--lease-ttl", "30s"], &env).start().await.expect("cluster");
+    let tc = TestCluster::builder()
+        .spool(spool.clone())
+        .assign("a", "in", 1, [0])
+        .runner_with("a", &["--config", &cfg_path, "--lease-ttl", "30s"], &env)
+        .start()
+        .await
+        .expect("cluster");
     let mut c = tc.client();
     let name = spool.queue("in").enqueue(b"m").expect("enqueue").filebase;
     wait_for_async(LONG, "a's runner busy", || async { spool.records().iter().any(|r| r.what == "start") }).await.expect("busy");

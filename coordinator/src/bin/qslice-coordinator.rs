@@ -119,5 +119,3 @@ async fn accepts_connections(addr: SocketAddr) -> bool {
     }
     matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(probe)).await, Ok(Ok(_)))
 }
-
-

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use qslice_coordinator::ctl::client::{self, Admin, ClientOptions, QueueChange, TlsFiles};
 use qslice_coordinator::ctl::{explain, render, restart, rows};
-use qslice_coordinator::status_rows;
 use qslice_coordinator::offline;
+use qslice_coordinator::status_rows;
 use serde::Serialize;
 
 /// Operate a qslice cluster, or inspect a Mailman spool offline.
@@ -297,9 +297,7 @@ async fn online(admin: &Admin, command: &Command, json: bool) -> anyhow::Result<
         Command::Queues => emit(json, &status_rows::queue_rows(&admin.queues().await?), |r| render::render_queues(r)),
         Command::Queue { command } => {
             let (verb, name, queue) = match command {
-                QueueCommand::Set { name, slices, mailman3 } => {
-                    ("set", name, admin.put_queue(name, *slices, *mailman3).await?)
-                }
+                QueueCommand::Set { name, slices, mailman3 } => ("set", name, admin.put_queue(name, *slices, *mailman3).await?),
                 QueueCommand::Delete { name } => queue_change(admin, QueueChange::Delete, name).await?,
                 QueueCommand::Pause { name } => queue_change(admin, QueueChange::Pause, name).await?,
                 QueueCommand::Resume { name } => queue_change(admin, QueueChange::Resume, name).await?,
@@ -313,19 +311,11 @@ async fn online(admin: &Admin, command: &Command, json: bool) -> anyhow::Result<
             let verb = if cordon { "cordoned" } else { "uncordoned" };
             emit(json, &row, |r| render::render_node_reply(verb, node, r.as_ref()))
         }
-        Command::Drain { node, timeout_seconds } => {
-            Ok(admin.drain(node, *timeout_seconds, |p| println!("{}", render::drain_line(p, json))).await?)
-        }
-        Command::Move { queue, slice, node } => {
-            emit(json, &admin.move_slice(queue, *slice, node).await?, render::render_move)
-        }
-        Command::Pin { queue, slice, node } => {
-            emit(json, &admin.pin(queue, *slice, Some(node)).await?, render::render_pin)
-        }
+        Command::Drain { node, timeout_seconds } => Ok(admin.drain(node, *timeout_seconds, |p| println!("{}", render::drain_line(p, json))).await?),
+        Command::Move { queue, slice, node } => emit(json, &admin.move_slice(queue, *slice, node).await?, render::render_move),
+        Command::Pin { queue, slice, node } => emit(json, &admin.pin(queue, *slice, Some(node)).await?, render::render_pin),
         Command::Unpin { queue, slice } => emit(json, &admin.pin(queue, *slice, None).await?, render::render_pin),
-        Command::Rebalance { dry_run } => {
-            emit(json, &rows::rebalance_view(&admin.rebalance(*dry_run).await?), render::render_rebalance)
-        }
+        Command::Rebalance { dry_run } => emit(json, &rows::rebalance_view(&admin.rebalance(*dry_run).await?), render::render_rebalance),
         Command::Maintenance { mode } => {
             let on = admin.set_maintenance(matches!(mode, OnOff::On)).await?;
             emit(json, &serde_json::json!({ "maintenance": on }), |_| render::render_maintenance(on))
@@ -369,10 +359,6 @@ fn explain_error(e: client::CtlError, queue: &str) -> anyhow::Error {
 }
 
 /// Deletes, pauses or resumes a queue; the reply's verb, name and queue.
-async fn queue_change<'a>(
-    admin: &Admin,
-    change: QueueChange,
-    name: &'a String,
-) -> anyhow::Result<(&'static str, &'a String, Option<qslice_proto::admin::QueueInfo>)> {
+async fn queue_change<'a>(admin: &Admin, change: QueueChange, name: &'a String) -> anyhow::Result<(&'static str, &'a String, Option<qslice_proto::admin::QueueInfo>)> {
     Ok((change.done_verb(), name, admin.change_queue(change, name).await?))
 }

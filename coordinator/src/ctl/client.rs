@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use qslice_proto::admin::admin_client::AdminClient;
 use qslice_proto::admin::{
-    DrainNodeRequest, DrainProgress, Event, ExplainSliceResponse, GetStatusRequest, GetStatusResponse, ListNodesRequest, ListQueuesRequest,
-    MoveSliceRequest, NodeInfo, NodeRequest, PinSliceRequest, PinSliceResponse, PutQueueRequest, QueueInfo, QueueRequest,
-    RebalanceRequest, RebalanceResponse, SetMaintenanceRequest, SliceRef, WatchEventsRequest,
+    DrainNodeRequest, DrainProgress, Event, ExplainSliceResponse, GetStatusRequest, GetStatusResponse, ListNodesRequest, ListQueuesRequest, MoveSliceRequest, NodeInfo,
+    NodeRequest, PinSliceRequest, PinSliceResponse, PutQueueRequest, QueueInfo, QueueRequest, RebalanceRequest, RebalanceResponse, SetMaintenanceRequest, SliceRef,
+    WatchEventsRequest,
 };
 use tonic::codegen::http::Uri;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -127,12 +127,7 @@ pub fn code_name(code: Code) -> &'static str {
 /// Splits a comma-separated `--coordinator` list and normalises each entry: `host:port`
 /// becomes `http://host:port`, the scheme is lower-cased, a trailing `/` is dropped.
 pub fn parse_addresses(list: &str) -> Result<Vec<String>, CtlError> {
-    let addresses = list
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-        .map(normalize_address)
-        .collect::<Result<Vec<_>, _>>()?;
+    let addresses = list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(normalize_address).collect::<Result<Vec<_>, _>>()?;
     if addresses.is_empty() {
         return Err(CtlError::NoAddress);
     }
@@ -261,8 +256,7 @@ pub fn tls_config(addresses: &[String], files: &TlsFiles) -> Result<Option<Clien
     let Some(https) = addresses.iter().find(|a| a.starts_with("https://")) else {
         return Ok(None);
     };
-    let read =
-        |path: &PathBuf| std::fs::read(path).map_err(|source| CtlError::ReadTlsFile { path: path.clone(), source });
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|source| CtlError::ReadTlsFile { path: path.clone(), source });
     let ca = files.ca.as_ref().ok_or_else(|| CtlError::MissingCa { address: https.clone() })?;
     let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
     if let (Some(cert), Some(key)) = (&files.cert, &files.key) {
@@ -317,9 +311,7 @@ impl Admin {
     }
 
     async fn connect(&self, address: &str) -> Result<AdminApi, AttemptError> {
-        let mut endpoint = Endpoint::from_shared(address.to_owned())
-            .map_err(|e| AttemptError::Connect(error_chain(&e)))?
-            .connect_timeout(self.timeout);
+        let mut endpoint = Endpoint::from_shared(address.to_owned()).map_err(|e| AttemptError::Connect(error_chain(&e)))?.connect_timeout(self.timeout);
         if let (true, Some(tls)) = (address.starts_with("https://"), &self.tls) {
             endpoint = endpoint.tls_config(tls.clone()).map_err(|e| AttemptError::Connect(error_chain(&e)))?;
         }
@@ -343,10 +335,7 @@ impl Admin {
             let reply = (rpc.borrow_mut())(client);
             match tokio::time::timeout(this.timeout, reply).await {
                 Ok(reply) => reply.map(tonic::Response::into_inner).map_err(AttemptError::Rpc),
-                Err(_) => Err(AttemptError::Rpc(Status::deadline_exceeded(format!(
-                    "{address} did not answer within {}",
-                    humantime::format_duration(this.timeout)
-                )))),
+                Err(_) => Err(AttemptError::Rpc(Status::deadline_exceeded(format!("{address} did not answer within {}", humantime::format_duration(this.timeout))))),
             }
         })
         .await
@@ -418,13 +407,7 @@ impl Admin {
                 async move { c.move_slice(request).await }
             })
             .await?;
-        Ok(MoveRow {
-            queue: queue.to_owned(),
-            slice,
-            from_node: non_empty(&reply.from_node),
-            to_node: non_empty(&reply.to_node),
-            reason: None,
-        })
+        Ok(MoveRow { queue: queue.to_owned(), slice, from_node: non_empty(&reply.from_node), to_node: non_empty(&reply.to_node), reason: None })
     }
 
     /// PinSlice (`node` given) or UnpinSlice (`None`).
@@ -470,12 +453,7 @@ impl Admin {
 
     /// DrainNode: hands every progress message to `emit`; `Ok` only when the last one
     /// says the node is drained.
-    pub async fn drain(
-        &self,
-        node: &str,
-        timeout_seconds: u32,
-        mut emit: impl FnMut(&DrainProgress),
-    ) -> Result<(), CtlError> {
+    pub async fn drain(&self, node: &str, timeout_seconds: u32, mut emit: impl FnMut(&DrainProgress)) -> Result<(), CtlError> {
         let request = DrainNodeRequest { node: node.to_owned(), timeout_seconds };
         let mut stream = self
             .open_stream(|mut c| {
@@ -610,11 +588,7 @@ mod tests {
 
     #[tokio::test]
     async fn fallback_stops_at_an_error_that_is_an_answer() {
-        let (result, tried) = run_fallback(&[
-            ("http://a", Err(AttemptError::Rpc(Status::not_found("queue \"x\" does not exist")))),
-            ("http://b", Ok("from b")),
-        ])
-        .await;
+        let (result, tried) = run_fallback(&[("http://a", Err(AttemptError::Rpc(Status::not_found("queue \"x\" does not exist")))), ("http://b", Ok("from b"))]).await;
         let err = result.expect_err("NOT_FOUND is final");
         assert_eq!(err.to_string(), "NOT_FOUND: queue \"x\" does not exist");
         assert_eq!(tried, vec!["http://a"]);
@@ -622,16 +596,11 @@ mod tests {
 
     #[tokio::test]
     async fn fallback_names_every_address_when_none_answers() {
-        let (result, tried) = run_fallback(&[
-            ("http://a", Err(AttemptError::Connect("connection refused".into()))),
-            ("http://b", Err(AttemptError::Rpc(Status::unavailable("etcd unreachable")))),
-        ])
-        .await;
+        let (result, tried) =
+            run_fallback(&[("http://a", Err(AttemptError::Connect("connection refused".into()))), ("http://b", Err(AttemptError::Rpc(Status::unavailable("etcd unreachable"))))])
+                .await;
         let err = result.expect_err("nobody answers").to_string();
-        assert_eq!(
-            err,
-            "no coordinator answered: http://a: connection refused; http://b: UNAVAILABLE: etcd unreachable"
-        );
+        assert_eq!(err, "no coordinator answered: http://a: connection refused; http://b: UNAVAILABLE: etcd unreachable");
         assert_eq!(tried.len(), 2);
     }
 
@@ -713,25 +682,13 @@ mod tests {
             unimplemented()
         }
         type DrainNodeStream = Boxed<DrainProgress>;
-        async fn drain_node(
-            &self,
-            r: tonic::Request<DrainNodeRequest>,
-        ) -> Result<Response<Self::DrainNodeStream>, Status> {
+        async fn drain_node(&self, r: tonic::Request<DrainNodeRequest>) -> Result<Response<Self::DrainNodeStream>, Status> {
             let node = r.into_inner().node;
-            let step = |moved, done| DrainProgress {
-                node: node.clone(),
-                slices_remaining: 2 - moved,
-                slices_moved: moved,
-                done,
-                message: String::new(),
-            };
+            let step = |moved, done| DrainProgress { node: node.clone(), slices_remaining: 2 - moved, slices_moved: moved, done, message: String::new() };
             let steps = vec![Ok(step(1, false)), Ok(step(2, node == "good"))];
             Ok(Response::new(Box::pin(tokio_stream::iter(steps))))
         }
-        async fn list_queues(
-            &self,
-            _: tonic::Request<ListQueuesRequest>,
-        ) -> Result<Response<ListQueuesResponse>, Status> {
+        async fn list_queues(&self, _: tonic::Request<ListQueuesRequest>) -> Result<Response<ListQueuesResponse>, Status> {
             unimplemented()
         }
         async fn put_queue(&self, _: tonic::Request<PutQueueRequest>) -> Result<Response<QueueResponse>, Status> {
@@ -758,20 +715,14 @@ mod tests {
         async fn rebalance(&self, _: tonic::Request<RebalanceRequest>) -> Result<Response<RebalanceResponse>, Status> {
             unimplemented()
         }
-        async fn set_maintenance(
-            &self,
-            _: tonic::Request<SetMaintenanceRequest>,
-        ) -> Result<Response<SetMaintenanceResponse>, Status> {
+        async fn set_maintenance(&self, _: tonic::Request<SetMaintenanceRequest>) -> Result<Response<SetMaintenanceResponse>, Status> {
             unimplemented()
         }
         async fn explain_slice(&self, _: tonic::Request<SliceRef>) -> Result<Response<ExplainSliceResponse>, Status> {
             unimplemented()
         }
         type WatchEventsStream = Boxed<Event>;
-        async fn watch_events(
-            &self,
-            _: tonic::Request<WatchEventsRequest>,
-        ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        async fn watch_events(&self, _: tonic::Request<WatchEventsRequest>) -> Result<Response<Self::WatchEventsStream>, Status> {
             let events = (1..=2).map(|i| Ok(Event { kind: i, ..Event::default() }));
             Ok(Response::new(Box::pin(tokio_stream::iter(events).chain(tokio_stream::pending()))))
         }
@@ -784,9 +735,7 @@ mod tests {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let fake = Fake { answer, seen: seen.clone() };
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(
-            tonic::transport::Server::builder().add_service(AdminServer::new(fake)).serve_with_incoming(incoming),
-        );
+        tokio::spawn(tonic::transport::Server::builder().add_service(AdminServer::new(fake)).serve_with_incoming(incoming));
         (address, seen)
     }
 
@@ -845,10 +794,7 @@ mod tests {
         let (address, _) = serve_fake(Code::Ok).await;
         let mut kinds = Vec::new();
         let started = tokio::time::Instant::now();
-        admin(&[&address], None)
-            .watch_events(Some(Duration::from_millis(300)), |e| kinds.push(event_kind_name(e.kind)))
-            .await
-            .expect("window ends cleanly");
+        admin(&[&address], None).watch_events(Some(Duration::from_millis(300)), |e| kinds.push(event_kind_name(e.kind))).await.expect("window ends cleanly");
         assert_eq!(kinds, vec!["node_joined", "node_left"]);
         assert!(started.elapsed() < Duration::from_secs(3), "the stream stays open, the window ends it");
     }

@@ -193,12 +193,7 @@ pub fn explain_view(r: &ExplainSliceResponse) -> ExplainView {
             reason: m.reason.clone(),
         }),
         history_since: format_unix_ms(r.history_since_unix_ms),
-        next_move: r.next_move.as_ref().map(|m| ExplainMoveRow {
-            time: None,
-            from_node: non_empty(&m.from_node),
-            to_node: m.to_node.clone(),
-            reason: m.reason.clone(),
-        }),
+        next_move: r.next_move.as_ref().map(|m| ExplainMoveRow { time: None, from_node: non_empty(&m.from_node), to_node: m.to_node.clone(), reason: m.reason.clone() }),
         next_note: non_empty(&r.next_note),
     }
 }

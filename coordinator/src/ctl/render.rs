@@ -119,10 +119,8 @@ pub fn render_nodes(nodes: &[NodeRow]) -> String {
 /// The queues table. FLAVOUR says which Mailman's slicing rules the queue follows:
 /// `Mailman 2.1` (any slice count) or `Mailman 3` (a power of two, read from mailman.cfg).
 pub fn render_queues(queues: &[QueueRow]) -> String {
-    let rows: Vec<Vec<String>> = queues
-        .iter()
-        .map(|q| vec![q.name.clone(), q.slices.to_string(), if q.mailman3 { "Mailman 3" } else { "Mailman 2.1" }.to_owned(), q.state.clone()])
-        .collect();
+    let rows: Vec<Vec<String>> =
+        queues.iter().map(|q| vec![q.name.clone(), q.slices.to_string(), if q.mailman3 { "Mailman 3" } else { "Mailman 2.1" }.to_owned(), q.state.clone()]).collect();
     render_table(&["QUEUE", "SLICES", "FLAVOUR", "STATE"], &rows)
 }
 
@@ -174,7 +172,9 @@ pub fn render_singletons(singletons: &[SingletonRow]) -> String {
             let held = s.holder.is_some();
             let last = match (s.last_slot_unix_seconds, &s.last_outcome) {
                 (Some(at), outcome) => {
-                    let when = u64::try_from(at).map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string()).unwrap_or_else(|_| at.to_string());
+                    let when = u64::try_from(at)
+                        .map(|t| humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)).to_string())
+                        .unwrap_or_else(|_| at.to_string());
                     format!("{when} {}", outcome.as_deref().unwrap_or("?"))
                 }
                 (None, _) => "-".to_owned(),
@@ -204,10 +204,7 @@ pub fn render_status(s: &StatusView) -> String {
     let mut out = format!("cluster:     {}\n", if s.cluster.is_empty() { "-" } else { &s.cluster });
     out.push_str(&format!("leader:      {}\n", s.leader.as_ref().map_or_else(|| "none".to_owned(), coordinator)));
     let standbys = s.standbys.iter().map(coordinator).collect::<Vec<_>>();
-    out.push_str(&format!(
-        "standbys:    {}\n",
-        if standbys.is_empty() { "none".to_owned() } else { standbys.join(", ") }
-    ));
+    out.push_str(&format!("standbys:    {}\n", if standbys.is_empty() { "none".to_owned() } else { standbys.join(", ") }));
     out.push_str(&format!("maintenance: {}\n", if s.maintenance { "on" } else { "off" }));
     for alert in &s.alerts {
         out.push_str(&format!("alert:       {alert}\n"));
@@ -263,19 +260,8 @@ pub fn render_rebalance(r: &RebalanceView) -> String {
     if r.moves.is_empty() {
         return "no moves: the assignment is balanced\n".to_owned();
     }
-    let rows: Vec<Vec<String>> = r
-        .moves
-        .iter()
-        .map(|m| {
-            vec![
-                m.queue.clone(),
-                m.slice.to_string(),
-                dash(&m.from_node),
-                dash(&m.to_node),
-                m.reason.clone().unwrap_or_default(),
-            ]
-        })
-        .collect();
+    let rows: Vec<Vec<String>> =
+        r.moves.iter().map(|m| vec![m.queue.clone(), m.slice.to_string(), dash(&m.from_node), dash(&m.to_node), m.reason.clone().unwrap_or_default()]).collect();
     let mut out = render_table(&["QUEUE", "SLICE", "FROM", "TO", "REASON"], &rows);
     let n = r.moves.len();
     let moves = if n == 1 { "move" } else { "moves" };
@@ -391,7 +377,6 @@ notify     -        -      -      -
         }
     }
 
-
     #[test]
     fn a_leaderless_cluster_says_so() {
         let reply = GetStatusResponse::default();
@@ -419,12 +404,8 @@ notify     -        -      -      -
         let json = serde_json::to_value(&view).expect("serializes");
         assert_eq!(json["moves"][0]["to_node"], "n2");
         assert_eq!(json["applied"], false);
-        assert_eq!(
-            render_rebalance(&rebalance_view(&RebalanceResponse::default())),
-            "no moves: the assignment is balanced\n"
-        );
+        assert_eq!(render_rebalance(&rebalance_view(&RebalanceResponse::default())), "no moves: the assignment is balanced\n");
     }
-
 
     #[test]
     fn events_print_as_lines_or_json_lines() {
@@ -453,13 +434,7 @@ notify     -        -      -      -
 
     #[test]
     fn drain_progress_prints_as_lines_or_json_lines() {
-        let p = DrainProgress {
-            node: "n1".into(),
-            slices_remaining: 0,
-            slices_moved: 5,
-            done: true,
-            message: String::new(),
-        };
+        let p = DrainProgress { node: "n1".into(), slices_remaining: 0, slices_moved: 5, done: true, message: String::new() };
         assert_eq!(drain_line(&p, false), "n1: 5 moved, 0 remaining, done");
         let json: serde_json::Value = serde_json::from_str(&drain_line(&p, true)).expect("one JSON line");
         assert_eq!((json["done"].clone(), json["slices_moved"].clone()), (true.into(), 5.into()));

@@ -173,7 +173,10 @@ async fn restart_one(admin: &Admin, opts: &RestartOptions, node: &str, emit: &mu
                 return Err(step_err(format!("{line:?} failed ({status})")));
             }
         }
-        None => say!("restart-now", format!("{node} holds nothing: restart or upgrade it now; waiting up to {} for it to register again", humantime::format_duration(opts.step_timeout))),
+        None => say!(
+            "restart-now",
+            format!("{node} holds nothing: restart or upgrade it now; waiting up to {} for it to register again", humantime::format_duration(opts.step_timeout))
+        ),
     }
 
     // 3. Back: registered again, as a new incarnation unless told otherwise.
@@ -184,7 +187,11 @@ async fn restart_one(admin: &Admin, opts: &RestartOptions, node: &str, emit: &mu
             break n.clone();
         }
         if tokio::time::Instant::now() >= deadline {
-            let what = if opts.same_incarnation_ok { "did not register again" } else { "did not register again as a new incarnation (was it restarted? --same-incarnation accepts the old one)" };
+            let what = if opts.same_incarnation_ok {
+                "did not register again"
+            } else {
+                "did not register again as a new incarnation (was it restarted? --same-incarnation accepts the old one)"
+            };
             return Err(step_err(format!("{what} within {}", humantime::format_duration(opts.step_timeout))));
         }
         wait_or_interrupt(node).await?;
@@ -203,7 +210,10 @@ async fn restart_one(admin: &Admin, opts: &RestartOptions, node: &str, emit: &mu
                 break;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(RestartError::Step { node: node.to_owned(), what: format!("holds no slice {} after the uncordon (it is uncordoned; see `qslicectl explain`)", humantime::format_duration(opts.step_timeout)) });
+                return Err(RestartError::Step {
+                    node: node.to_owned(),
+                    what: format!("holds no slice {} after the uncordon (it is uncordoned; see `qslicectl explain`)", humantime::format_duration(opts.step_timeout)),
+                });
             }
             wait_or_interrupt(node).await?;
         }

@@ -84,13 +84,7 @@ pub struct EventRow {
 /// A planned move as a row.
 pub fn planned_move_row(m: &PlannedMove) -> MoveRow {
     let (queue, slice) = m.slice.as_ref().map_or((String::new(), 0), |s| (s.queue.clone(), s.slice));
-    MoveRow {
-        queue,
-        slice,
-        from_node: non_empty(&m.from_node),
-        to_node: non_empty(&m.to_node),
-        reason: Some(m.reason.clone()),
-    }
+    MoveRow { queue, slice, from_node: non_empty(&m.from_node), to_node: non_empty(&m.to_node), reason: Some(m.reason.clone()) }
 }
 
 /// The rebalance reply as a view.
@@ -100,13 +94,7 @@ pub fn rebalance_view(r: &RebalanceResponse) -> RebalanceView {
 
 /// A drain progress message as a row.
 pub fn drain_row(p: &DrainProgress) -> DrainRow {
-    DrainRow {
-        node: p.node.clone(),
-        slices_remaining: p.slices_remaining,
-        slices_moved: p.slices_moved,
-        done: p.done,
-        message: non_empty(&p.message),
-    }
+    DrainRow { node: p.node.clone(), slices_remaining: p.slices_remaining, slices_moved: p.slices_moved, done: p.done, message: non_empty(&p.message) }
 }
 
 /// The lower-case name of an event kind, e.g. `node_joined`; `unknown_<n>` for a kind
@@ -153,5 +141,4 @@ mod tests {
         assert_eq!(event_kind_name(0), "unspecified");
         assert_eq!(event_kind_name(99), "unknown_99", "a kind newer than the client still prints");
     }
-
 }

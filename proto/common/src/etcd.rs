@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{
-    Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions, WatchOptions,
-};
+use etcd_client::{Certificate, Client, ConnectOptions, EventType, GetOptions, Identity, KeyValue, TlsOptions, WatchOptions};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -43,9 +41,7 @@ pub enum EtcdError {
 /// Builds the connection options: HTTP/2 keepalive (so a dead etcd is noticed), request
 /// and connect timeouts, optional user/password and TLS.
 pub fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| EtcdError::ReadTlsFile { path: path.to_owned(), source })
-    };
+    let read = |path: &std::path::Path| std::fs::read(path).map_err(|source| EtcdError::ReadTlsFile { path: path.to_owned(), source });
     let mut options = ConnectOptions::new()
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true)

@@ -191,9 +191,7 @@ pub async fn timed<T>(what: &'static str, f: impl std::future::Future<Output = T
 pub async fn grant_lease(client: &mut Client, ttl: Duration) -> Result<Incarnation, LeaseError> {
     let secs = ttl.as_secs().max(1) as i64;
     let sent = Instant::now();
-    let grant = timed("lease grant", client.lease_grant(secs, None))
-        .await?
-        .map_err(|source| LeaseError::Grant { ttl: secs, source })?;
+    let grant = timed("lease grant", client.lease_grant(secs, None)).await?.map_err(|source| LeaseError::Grant { ttl: secs, source })?;
     let granted = Duration::from_secs(grant.ttl().max(1) as u64);
     if granted != ttl {
         tracing::warn!(requested = ?ttl, ?granted, "etcd granted a different lease TTL than configured; using etcd's");
@@ -204,10 +202,7 @@ pub async fn grant_lease(client: &mut Client, ttl: Duration) -> Result<Incarnati
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Keeps the lease alive every TTL/3 until the fence trips, extending the fence on every

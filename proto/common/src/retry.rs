@@ -76,7 +76,11 @@ mod tests {
         let started = tokio::time::Instant::now();
         let got = until_ok("step failed", &mut backoff, &CancellationToken::new(), async || {
             tries += 1;
-            if tries < 4 { Err("not yet") } else { Ok(tries) }
+            if tries < 4 {
+                Err("not yet")
+            } else {
+                Ok(tries)
+            }
         })
         .await;
         assert_eq!(got, Some(4));

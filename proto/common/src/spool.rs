@@ -387,11 +387,7 @@ impl QueueDir {
     pub fn oldest_in_flight_age(&self, entries: &[Entry]) -> Option<f64> {
         use std::os::unix::fs::MetadataExt;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs_f64();
-        entries
-            .iter()
-            .filter_map(|e| std::fs::symlink_metadata(self.bak_path(e)).ok())
-            .map(|m| (now - (m.ctime() as f64 + m.ctime_nsec() as f64 / 1e9)).max(0.0))
-            .reduce(f64::max)
+        entries.iter().filter_map(|e| std::fs::symlink_metadata(self.bak_path(e)).ok()).map(|m| (now - (m.ctime() as f64 + m.ctime_nsec() as f64 / 1e9)).max(0.0)).reduce(f64::max)
     }
 
     /// The `.bak` path of an entry.
@@ -415,14 +411,7 @@ impl QueueDir {
     /// does not hold is counting them.
     pub fn scan_for(&self, n: u32, wanted: impl Fn(u32) -> bool) -> Result<Scan, SpoolError> {
         let list_err = |source| SpoolError::ListQueue { dir: self.dir.clone(), source };
-        let mut scan = Scan {
-            slices_total: n,
-            pending: BTreeMap::new(),
-            in_flight: BTreeMap::new(),
-            others: BTreeMap::new(),
-            problems: Vec::new(),
-            listed_at: SystemTime::now(),
-        };
+        let mut scan = Scan { slices_total: n, pending: BTreeMap::new(), in_flight: BTreeMap::new(), others: BTreeMap::new(), problems: Vec::new(), listed_at: SystemTime::now() };
         for dirent in fs::read_dir(&self.dir).map_err(list_err)? {
             let dirent = match dirent {
                 Ok(d) => d,
@@ -769,11 +758,7 @@ impl QueueDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(source) => return Err(SpoolError::RecoveryCount { path: self.recovery_dir.clone(), source }),
         };
-        let live = |slice: u32, filebase: &str| {
-            [&scan.pending, &scan.in_flight]
-                .iter()
-                .any(|m| m.get(&slice).is_some_and(|v| v.iter().any(|e| e.name.filebase == filebase)))
-        };
+        let live = |slice: u32, filebase: &str| [&scan.pending, &scan.in_flight].iter().any(|m| m.get(&slice).is_some_and(|v| v.iter().any(|e| e.name.filebase == filebase)));
         for dirent in listing.flatten() {
             let file_name = dirent.file_name();
             let Some(filebase) = file_name.to_str() else { continue };

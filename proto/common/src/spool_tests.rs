@@ -112,18 +112,10 @@ fn files_that_are_not_entries_are_reported_then_quarantined_intact() {
     std::os::unix::fs::symlink("/etc/passwd", dir.join("link.pck")).expect("symlink");
     let _sock = std::os::unix::net::UnixListener::bind(dir.join("sock")).expect("socket");
     let scan = f.q.scan(4).expect("scan");
-    let mut found: Vec<(String, String)> = scan
-        .problems
-        .iter()
-        .map(|p| (p.path.file_name().expect("name").to_string_lossy().into_owned(), format!("{:?}", p.reason)))
-        .collect();
+    let mut found: Vec<(String, String)> = scan.problems.iter().map(|p| (p.path.file_name().expect("name").to_string_lossy().into_owned(), format!("{:?}", p.reason))).collect();
     found.sort();
     let kinds: Vec<&str> = found.iter().map(|(_, r)| r.split('(').next().expect("kind")).collect();
-    assert_eq!(
-        kinds,
-        vec!["UnexpectedExtension", "BadName", "Symlink", "BadName", "NotRegular", "Directory"],
-        "{found:?}"
-    );
+    assert_eq!(kinds, vec!["UnexpectedExtension", "BadName", "Symlink", "BadName", "NotRegular", "Directory"], "{found:?}");
     for problem in scan.problems {
         let from = problem.path.clone();
         let q = f.q.quarantine(problem).expect("quarantine");
@@ -497,10 +489,16 @@ fn recovery_stops_before_the_next_entry_once_told_to() {
         std::fs::rename(f.q.dir().join(format!("{}.pck", name.filebase)), f.q.dir().join(format!("{}.bak", name.filebase))).expect("to .bak");
     }
     let asked = std::cell::Cell::new(0);
-    let rec = f.q.recover_while(1, |_| true, || {
-        asked.set(asked.get() + 1);
-        asked.get() == 1
-    }).expect("recover");
+    let rec =
+        f.q.recover_while(
+            1,
+            |_| true,
+            || {
+                asked.set(asked.get() + 1);
+                asked.get() == 1
+            },
+        )
+        .expect("recover");
     assert_eq!(rec.requeued.len(), 1, "one entry recovered before the fence tripped");
     let baks = std::fs::read_dir(f.q.dir()).expect("ls").filter(|e| e.as_ref().expect("entry").file_name().to_string_lossy().ends_with(".bak")).count();
     assert_eq!(baks, 1, "the other stays .bak for the next owner");

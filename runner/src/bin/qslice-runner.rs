@@ -43,13 +43,7 @@ async fn async_main(cfg: Config) -> ExitCode {
     if let (Some(addr), Ok(handle)) = (cfg.metrics_addr, recorder) {
         let shutdown = shutdown.clone();
         let ready = ready.clone();
-        let readiness: Readiness = Arc::new(move || {
-            if ready.load(Ordering::SeqCst) {
-                Ok("ready\n")
-            } else {
-                Err("not ready: not registered or assignment not read\n")
-            }
-        });
+        let readiness: Readiness = Arc::new(move || if ready.load(Ordering::SeqCst) { Ok("ready\n") } else { Err("not ready: not registered or assignment not read\n") });
         let routes = qslice_common::health::routes(Some(handle), readiness);
         tokio::spawn(async move {
             if let Err(e) = qslice_common::health::serve(addr, routes, "/metrics, /healthz and /readyz", shutdown).await {
@@ -57,7 +51,11 @@ async fn async_main(cfg: Config) -> ExitCode {
             }
         });
     }
-    tokio::spawn(qslice_common::daemon::watch_signals(shutdown.clone(), "stop signal: finishing in-flight work, releasing slices (send it again to exit at once)", "second stop signal: exiting now; in-flight entries stay .bak for recovery"));
+    tokio::spawn(qslice_common::daemon::watch_signals(
+        shutdown.clone(),
+        "stop signal: finishing in-flight work, releasing slices (send it again to exit at once)",
+        "second stop signal: exiting now; in-flight entries stay .bak for recovery",
+    ));
     {
         // systemd (Type=notify): ready once registered with the assignment read, the same
         // condition as /readyz.
@@ -74,5 +72,3 @@ async fn async_main(cfg: Config) -> ExitCode {
         }
     }
 }
-
-

@@ -72,13 +72,7 @@ struct Stats {
 
 fn stats(mut v: Vec<f64>) -> Stats {
     v.sort_by(f64::total_cmp);
-    Stats {
-        samples: v.len(),
-        p50_ms: percentile(&v, 50.0),
-        p95_ms: percentile(&v, 95.0),
-        p99_ms: percentile(&v, 99.0),
-        max_ms: v.last().copied().unwrap_or(f64::NAN),
-    }
+    Stats { samples: v.len(), p50_ms: percentile(&v, 50.0), p95_ms: percentile(&v, 95.0), p99_ms: percentile(&v, 99.0), max_ms: v.last().copied().unwrap_or(f64::NAN) }
 }
 
 struct Cluster {

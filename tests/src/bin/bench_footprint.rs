@@ -69,15 +69,8 @@ async fn main() -> Result<()> {
     put_queue(&mut c, CLUSTER, QUEUE, args.slices).await?;
     let coordinator = benchkit::spawn_coordinator(&etcd, &work.path().join("coordinator.log"), "c1", CLUSTER, &[])?;
     let handler = serde_json::to_string(&["/bin/true"])?;
-    let runner = benchkit::spawn_runner(
-        &etcd,
-        &spool,
-        &work.path().join("state-r1"),
-        &work.path().join("r1.log"),
-        "r1",
-        CLUSTER,
-        &["--handler", "exec", "--handler-command", &handler],
-    )?;
+    let runner =
+        benchkit::spawn_runner(&etcd, &spool, &work.path().join("state-r1"), &work.path().join("r1.log"), "r1", CLUSTER, &["--handler", "exec", "--handler-command", &handler])?;
     let started = Instant::now();
     let what = format!("the runner to claim all {} slices", args.slices);
     let slices = args.slices as usize;
@@ -92,11 +85,7 @@ async fn main() -> Result<()> {
     println!("runner holds all {} slices {ready_ms:.0} ms after start; settling {SETTLE:?}, then idling {idle:?}", args.slices);
     tokio::time::sleep(SETTLE).await;
 
-    let procs = [
-        ("runner", benchkit::pid_of(&runner, "runner")?),
-        ("coordinator", benchkit::pid_of(&coordinator, "coordinator")?),
-        ("etcd", etcd.pid().unwrap_or(0)),
-    ];
+    let procs = [("runner", benchkit::pid_of(&runner, "runner")?), ("coordinator", benchkit::pid_of(&coordinator, "coordinator")?), ("etcd", etcd.pid().unwrap_or(0))];
     let first: Vec<ProcSample> = procs.iter().map(|(_, pid)| ProcSample::take(*pid)).collect::<Result<_>>()?;
     let mut max_rss: Vec<u64> = first.iter().map(|s| s.rss_kib).collect();
     let window_start = Instant::now();

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use qslice_tests::benchkit::{emit_json, machine, machine_line, round, Table};
-use qslice_tests::wait::Wait;
 use qslice_tests::cluster::{claims, client, holdings, put_queue, start_coordinator, start_runner, Coordinator};
 use qslice_tests::mailman3::{Report, Site};
+use qslice_tests::wait::Wait;
 use qslice_tests::{qslice_bin, Etcd, Proc};
 
 /// Measure hand-off gaps and crash takeovers on real Mailman 3.
@@ -123,9 +123,8 @@ impl Bench {
                 let Some(r) = report else { return false };
                 let Ok(held) = claims(&mut c, "t", "in").await else { return false };
                 let nodes: std::collections::BTreeSet<&String> = held.values().map(|(n, _)| n).collect();
-                let running = held.iter().all(|(slice, (node, epoch))| {
-                    r.runners.values().any(|x| x.slice == *slice && &x.node == node && x.epoch == *epoch && x.stopped.is_none())
-                });
+                let running =
+                    held.iter().all(|(slice, (node, epoch))| r.runners.values().any(|x| x.slice == *slice && &x.node == node && x.epoch == *epoch && x.stopped.is_none()));
                 held.len() == SLICES as usize && nodes.len() == NODES.len() && running && r.queue.pck == 0 && r.queue.bak == 0
             }
         })
@@ -184,9 +183,9 @@ impl Bench {
         let backlog_at = unix_now();
         self.backlog(400)?;
         poll(LONG, "the slice's runner working through the backlog", || {
-            let busy = self.report().is_ok_and(|r| {
-                r.accepts.values().flatten().any(|a| a.0 > backlog_at && r.runner_of(a).is_some_and(|x| x.node == from && x.slice == slice && x.stopped.is_none()))
-            });
+            let busy = self
+                .report()
+                .is_ok_and(|r| r.accepts.values().flatten().any(|a| a.0 > backlog_at && r.runner_of(a).is_some_and(|x| x.node == from && x.slice == slice && x.stopped.is_none())));
             async move { busy }
         })
         .await?;
@@ -212,7 +211,8 @@ impl Bench {
         })
         .await
         .with_context(|| {
-            let logs: String = NODES.iter().chain(&["coordinator-c1"]).map(|n| format!("--- {n}\n{}\n", qslice_tests::tail(&self.site.spool.scratch(&format!("{n}.log")), 30))).collect();
+            let logs: String =
+                NODES.iter().chain(&["coordinator-c1"]).map(|n| format!("--- {n}\n{}\n", qslice_tests::tail(&self.site.spool.scratch(&format!("{n}.log")), 30))).collect();
             let last = self.report().map(|r| r.accepts.values().flatten().map(|a| a.0).fold(0.0, f64::max)).unwrap_or(0.0);
             let per_runner = self.report().map(|r| {
                 let mut m: BTreeMap<String, (usize, f64, f64)> = BTreeMap::new();
@@ -304,7 +304,13 @@ async fn main() -> Result<()> {
         per_ttl.insert("doubled".into(), doubled.into());
         per_ttl.insert("shunted".into(), report.shunt.into());
         per_ttl.insert("bad".into(), report.bad.into());
-        println!("TTL {ttl} s: {} posts, {} accepted, {doubled} accepted twice (in flight at a kill), {} shunted, {} in bad/", bench.posted, report.accepts.len(), report.shunt, report.bad);
+        println!(
+            "TTL {ttl} s: {} posts, {} accepted, {doubled} accepted twice (in flight at a kill), {} shunted, {} in bad/",
+            bench.posted,
+            report.accepts.len(),
+            report.shunt,
+            report.bad
+        );
         summary.insert(format!("ttl_{ttl}s"), serde_json::Value::Object(per_ttl));
     }
     println!("{}", table.render());

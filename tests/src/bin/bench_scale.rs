@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_coordinator::planner::{plan, NodeSpec, Plan, PlanInput, PlanOptions, QueueSpec, SliceKey, DEFAULT_CHURN_BUDGET};
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{Assignment, Claim, NodeRecord, Record, RECORD_VERSION};
-use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
 use qslice_runner::claims::{claim_txn, release_txn, QueueRevision};
 use qslice_tests::benchkit::{self, round, EtcdLoad, Metrics, ProcSample, Table};
 use qslice_tests::cluster::{client, leader, put_queue};
@@ -133,9 +133,7 @@ fn node_spec(id: String) -> NodeSpec {
 /// `slices` in queues of at most 50,000 (a queue has at most 65,536).
 fn queue_specs(slices: u32) -> Vec<QueueSpec> {
     let n = slices.div_ceil(50_000).max(1);
-    (0..n)
-        .map(|i| QueueSpec { name: format!("q{i}"), slices: slices / n + u32::from(i < slices % n), paused: false })
-        .collect()
+    (0..n).map(|i| QueueSpec { name: format!("q{i}"), slices: slices / n + u32::from(i < slices % n), paused: false }).collect()
 }
 
 /// Runs `plan(input)` repeatedly (at least once, until `budget` is used or `max_reps`
@@ -157,11 +155,8 @@ fn time_plan(input: &PlanInput, budget: Duration, max_reps: usize) -> (f64, Plan
 }
 
 fn planner_grid(quick: bool) -> Result<serde_json::Value> {
-    let (node_counts, slice_counts, budget, max_reps): (&[usize], &[u32], Duration, usize) = if quick {
-        (&[10, 100], &[1_000, 10_000], Duration::from_millis(300), 5)
-    } else {
-        (&[10, 100, 1_000], &[1_000, 10_000, 100_000], Duration::from_secs(2), 11)
-    };
+    let (node_counts, slice_counts, budget, max_reps): (&[usize], &[u32], Duration, usize) =
+        if quick { (&[10, 100], &[1_000, 10_000], Duration::from_millis(300), 5) } else { (&[10, 100, 1_000], &[1_000, 10_000, 100_000], Duration::from_secs(2), 11) };
     println!();
     println!("planner: plan() in this process, {} build, default options (churn budget {DEFAULT_CHURN_BUDGET})", benchkit::profile());
     let mut cells = Vec::new();
@@ -217,17 +212,7 @@ fn planner_grid(quick: bool) -> Result<serde_json::Value> {
             cells.push(cell);
         }
     }
-    let mut table = Table::new(&[
-        "nodes x slices",
-        "fresh ms",
-        "no change ms",
-        "death ms",
-        "moved on death",
-        "follow-up",
-        "join ms",
-        "moved on join (one plan)",
-        "join in all",
-    ]);
+    let mut table = Table::new(&["nodes x slices", "fresh ms", "no change ms", "death ms", "moved on death", "follow-up", "join ms", "moved on join (one plan)", "join in all"]);
     for c in &cells {
         table.row(vec![
             format!("{} x {}", c.nodes, c.slices),
@@ -328,17 +313,21 @@ async fn start_member(client: &Client, shared: &Arc<Shared>, routes: &Routes, in
     let (tx, rx) = mpsc::unbounded_channel();
     routes.lock().expect("lock").insert(id.to_owned(), tx);
     tokio::spawn(keep_alive(client.clone(), lease, shared.clone(), cancel.clone()));
-    tokio::spawn(member_loop(MemberLoop {
-        client: client.clone(),
-        shared: shared.clone(),
-        index,
-        id: id.to_owned(),
-        lease,
-        incarnation,
-        desired: BTreeMap::new(),
-        held: BTreeMap::new(),
-        pending: false,
-    }, rx, cancel.clone()));
+    tokio::spawn(member_loop(
+        MemberLoop {
+            client: client.clone(),
+            shared: shared.clone(),
+            index,
+            id: id.to_owned(),
+            lease,
+            incarnation,
+            desired: BTreeMap::new(),
+            held: BTreeMap::new(),
+            pending: false,
+        },
+        rx,
+        cancel.clone(),
+    ));
     let record = NodeRecord {
         v: RECORD_VERSION,
         node_id: id.to_owned(),
@@ -354,9 +343,11 @@ async fn start_member(client: &Client, shared: &Arc<Shared>, routes: &Routes, in
         refused_queues: Vec::new(),
     };
     let key = shared.keys.node(id);
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key.as_str(), record.encode(), Some(PutOptions::new().with_lease(lease)))]);
+    let txn = Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)]).and_then([TxnOp::put(
+        key.as_str(),
+        record.encode(),
+        Some(PutOptions::new().with_lease(lease)),
+    )]);
     if !c.txn(txn).await.context("write a member's node record")?.succeeded() {
         bail!("node id {id} is taken");
     }
@@ -469,12 +460,8 @@ impl MemberLoop {
                 self.shared.touch();
             }
         }
-        let claim: Vec<(String, u32, u32)> = self
-            .desired
-            .iter()
-            .flat_map(|(q, (n, set))| set.iter().map(move |s| (q.clone(), *s, *n)))
-            .filter(|(q, s, _)| !self.held.contains_key(&(q.clone(), *s)))
-            .collect();
+        let claim: Vec<(String, u32, u32)> =
+            self.desired.iter().flat_map(|(q, (n, set))| set.iter().map(move |s| (q.clone(), *s, *n))).filter(|(q, s, _)| !self.held.contains_key(&(q.clone(), *s))).collect();
         let mut pending = false;
         for (queue, slice, total) in claim {
             if cancel.is_cancelled() {
@@ -720,14 +707,8 @@ async fn cluster_run(members: usize, slices: u32) -> Result<serde_json::Value> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let join_ms = shared
-        .holders
-        .lock()
-        .expect("lock")
-        .values()
-        .filter(|(m, _)| *m == joiner)
-        .map(|(_, t)| t.duration_since(join_started).as_secs_f64() * 1000.0)
-        .fold(0.0, f64::max);
+    let join_ms =
+        shared.holders.lock().expect("lock").values().filter(|(m, _)| *m == joiner).map(|(_, t)| t.duration_since(join_started).as_secs_f64() * 1000.0).fold(0.0, f64::max);
     wait_quiet(&shared, "after the join").await?;
     let join_after = snapshot(coordinator_pid, &etcd, &shared)?;
     let join_moved = shared.held_by(joiner).len();
@@ -740,11 +721,7 @@ async fn cluster_run(members: usize, slices: u32) -> Result<serde_json::Value> {
     t.row(vec!["idle: etcd unary calls/s".into(), format!("{:.1}", idle_load.unary_total as f64 / idle_secs)]);
     t.row(vec![
         "idle: keepalives/s, sent by members / counted by etcd".into(),
-        format!(
-            "{:.1} / {:.1}",
-            idle_keepalives as f64 / idle_secs,
-            idle_load.stream_msgs_by_method.get("LeaseKeepAlive").copied().unwrap_or(0) as f64 / idle_secs
-        ),
+        format!("{:.1} / {:.1}", idle_keepalives as f64 / idle_secs, idle_load.stream_msgs_by_method.get("LeaseKeepAlive").copied().unwrap_or(0) as f64 / idle_secs),
     ]);
     t.row(vec!["idle: coordinator CPU".into(), format!("{:.1} %", idle_a.coordinator.cpu_percent_until(&idle_b.coordinator))]);
     t.row(vec!["death: slices of the dead member".into(), victim_slices.len().to_string()]);

@@ -120,7 +120,12 @@ struct RunResult {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let entries = args.entries.unwrap_or(if args.quick { 5_000 } else { 50_000 });
-    println!("bench_throughput ({} mode): {entries} entries, {} slices, concurrency {} per runner, poll {POLL_INTERVAL}", if args.quick { "quick" } else { "full" }, args.slices, args.concurrency);
+    println!(
+        "bench_throughput ({} mode): {entries} entries, {} slices, concurrency {} per runner, poll {POLL_INTERVAL}",
+        if args.quick { "quick" } else { "full" },
+        args.slices,
+        args.concurrency
+    );
     println!("{}", benchkit::machine_line());
 
     let work = tempfile::Builder::new().prefix("qslice-bench-tp-").tempdir()?;

@@ -115,8 +115,7 @@ impl EtcdProxy {
         listener.set_nonblocking(true).map_err(ProxyError::Bind)?;
         let addr = listener.local_addr().map_err(ProxyError::Bind)?;
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ProxyError::Runtime)?;
-        let shared =
-            Arc::new(Shared { mode: Mutex::new(ProxyMode::Pass), counters: AtomicCounters::default(), upstream });
+        let shared = Arc::new(Shared { mode: Mutex::new(ProxyMode::Pass), counters: AtomicCounters::default(), upstream });
         let stop = CancellationToken::new();
         let (task_shared, task_stop) = (Arc::clone(&shared), stop.clone());
         let thread = std::thread::Builder::new()

@@ -19,10 +19,8 @@ use qslice_testbeds::faultfs::{is_mounted, Fault, FaultFs, Match, Op, OpenErrno}
 const ENTRY: &str = "1490350277.837968+0123456789abcdef0123456789abcdef01234567";
 
 fn listing(dir: &Path) -> Result<Vec<String>> {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .with_context(|| format!("list {}", dir.display()))?
-        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-        .collect::<Result<_, _>>()?;
+    let mut names: Vec<String> =
+        fs::read_dir(dir).with_context(|| format!("list {}", dir.display()))?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<Result<_, _>>()?;
     names.sort();
     Ok(names)
 }
@@ -140,9 +138,7 @@ fn a_cached_listing_hides_a_new_backing_file_until_the_ttl_passes() -> Result<()
             continue;
         }
         assert_eq!(second, Vec::<String>::new(), "the listing comes from the snapshot");
-        wait_for(Duration::from_secs(10), "the new file to appear in the listing", || {
-            listing(&fs.path(&dir)).is_ok_and(|names| names == ["new.pck"])
-        })?;
+        wait_for(Duration::from_secs(10), "the new file to appear in the listing", || listing(&fs.path(&dir)).is_ok_and(|names| names == ["new.pck"]))?;
         assert!(fs.counters()?.cached_listings >= 1);
         // A change made through the mount is seen at once, as an NFS client sees its own.
         fs::write(fs.path(&dir).join("mine.pck"), b"x")?;
@@ -241,9 +237,7 @@ fn a_blocked_op_waits_while_others_complete(op: Op) -> Result<()> {
         let _ = done_tx.send(started.elapsed());
         result
     });
-    wait_for(Duration::from_secs(10), "the operation to be held", || {
-        fs.counters().is_ok_and(|c| c.blocked_ops == 1)
-    })?;
+    wait_for(Duration::from_secs(10), "the operation to be held", || fs.counters().is_ok_and(|c| c.blocked_ops == 1))?;
 
     // Meanwhile: create, write, read, rename, list and unlink elsewhere on the mount.
     let free = fs.path("free");

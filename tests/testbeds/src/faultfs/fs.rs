@@ -20,9 +20,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
 };
 
 use super::fault::{Op, Switchboard};
@@ -240,16 +239,11 @@ impl Inner {
         let rel = self.rel_path(ino).map_err(|e| io::Error::from_raw_os_error(e.code()))?;
         let dir_meta = fs::symlink_metadata(&path)?;
         let parent_ino = match rel.parent() {
-            Some(parent) if ino != INodeNo::ROOT.0 => {
-                fs::symlink_metadata(self.backing.join(parent)).map(|m| self.register(parent, m.dev(), m.ino()))
-            }
+            Some(parent) if ino != INodeNo::ROOT.0 => fs::symlink_metadata(self.backing.join(parent)).map(|m| self.register(parent, m.dev(), m.ino())),
             _ => Ok(INodeNo::ROOT.0),
         }
         .unwrap_or(INodeNo::ROOT.0);
-        let mut listing = vec![
-            Listed { ino, kind: FileType::Directory, name: ".".into() },
-            Listed { ino: parent_ino, kind: FileType::Directory, name: "..".into() },
-        ];
+        let mut listing = vec![Listed { ino, kind: FileType::Directory, name: ".".into() }, Listed { ino: parent_ino, kind: FileType::Directory, name: "..".into() }];
         for entry in fs::read_dir(&path)? {
             let entry = entry?;
             let kind = entry.file_type().map(|t| kind_of(&t)).unwrap_or(FileType::RegularFile);
@@ -415,9 +409,7 @@ impl Filesystem for FaultFilesystem {
             Err(e) if e.kind() == io::ErrorKind::NotFound && !ttl.is_zero() => {
                 // An entry with inode 0 is a negative entry: the kernel caches "no such
                 // name" for the ttl, as an NFS client caches a failed lookup.
-                let mut negative = attr(0, &fs::symlink_metadata(&inner.backing).unwrap_or_else(|_| {
-                    fs::symlink_metadata("/").expect("the root directory exists")
-                }));
+                let mut negative = attr(0, &fs::symlink_metadata(&inner.backing).unwrap_or_else(|_| fs::symlink_metadata("/").expect("the root directory exists")));
                 negative.ino = INodeNo(0);
                 reply.entry(&ttl, &negative, Generation(0));
             }
@@ -477,13 +469,7 @@ impl Filesystem for FaultFilesystem {
                 }
             }
             if atime.is_some() || mtime.is_some() {
-                nix::sys::stat::utimensat(
-                    None,
-                    &path,
-                    &to_timespec(atime),
-                    &to_timespec(mtime),
-                    nix::sys::stat::UtimensatFlags::NoFollowSymlink,
-                )?;
+                nix::sys::stat::utimensat(None, &path, &to_timespec(atime), &to_timespec(mtime), nix::sys::stat::UtimensatFlags::NoFollowSymlink)?;
             }
             fs::symlink_metadata(&path)
         })();
@@ -545,16 +531,7 @@ impl Filesystem for FaultFilesystem {
         }
     }
 
-    fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn rename(&self, _req: &Request, parent: INodeNo, name: &OsStr, newparent: INodeNo, newname: &OsStr, flags: RenameFlags, reply: ReplyEmpty) {
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.maybe_blocked(Op::Rename, &name_str(&name), move |inner| {
             inner.rename(parent.0, &name, newparent.0, &newname, flags, reply);
@@ -566,17 +543,7 @@ impl Filesystem for FaultFilesystem {
         self.maybe_blocked(Op::Open, &name, move |inner| inner.open(ino.0, flags, reply));
     }
 
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
+    fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock_owner: Option<LockOwner>, reply: ReplyData) {
         let file = match self.inner.file(fh) {
             Ok(file) => file,
             Err(e) => return reply.error(e),
@@ -621,16 +588,7 @@ impl Filesystem for FaultFilesystem {
         reply.ok();
     }
 
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock_owner: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
         lock(&self.inner.files).remove(&fh.0);
         reply.ok();
     }
@@ -705,16 +663,7 @@ impl Filesystem for FaultFilesystem {
         }
     }
 
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-        reply: ReplyCreate,
-    ) {
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         let name = name.to_owned();
         let owner = (req.uid(), req.gid());
         self.maybe_blocked(Op::Open, &name_str(&name), move |inner| {

@@ -184,10 +184,7 @@ impl FaultFs {
         let log_path = dir.path().join("faultfs.log");
         let log = File::create(&log_path).map_err(FaultFsError::ControlDir)?;
         let log_err = log.try_clone().map_err(FaultFsError::ControlDir)?;
-        let mountpoint = mountpoint.canonicalize().map_err(|e| FaultFsError::Unmount {
-            mountpoint: mountpoint.to_owned(),
-            reason: format!("mount point unusable: {e}"),
-        })?;
+        let mountpoint = mountpoint.canonicalize().map_err(|e| FaultFsError::Unmount { mountpoint: mountpoint.to_owned(), reason: format!("mount point unusable: {e}") })?;
         let mut child = Command::new(binary)
             .arg(backing)
             .arg(&mountpoint)

@@ -147,21 +147,14 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     let board = Arc::new(Mutex::new(Switchboard::default()));
     let backing_error = |source| ServeError::Backing { path: args.backing.clone(), source };
     let filesystem = FaultFilesystem::new(&args.backing, Arc::clone(&board)).map_err(backing_error)?;
-    let mountpoint = args
-        .mountpoint
-        .canonicalize()
-        .map_err(|source| ServeError::MountPoint { path: args.mountpoint.clone(), source })?;
+    let mountpoint = args.mountpoint.canonicalize().map_err(|source| ServeError::MountPoint { path: args.mountpoint.clone(), source })?;
 
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName("qslice-faultfs".into()),
-        MountOption::Subtype("qslice-faultfs".into()),
-    ];
+    config.mount_options = vec![MountOption::FSName("qslice-faultfs".into()), MountOption::Subtype("qslice-faultfs".into())];
     // allow_other: runners under test may run as another user than the mount.
     config.acl = SessionACL::All;
     config.n_threads = Some(args.threads.max(1));
-    let session = fuser::spawn_mount(filesystem, &mountpoint, &config)
-        .map_err(|source| ServeError::Mount { path: mountpoint.clone(), source })?;
+    let session = fuser::spawn_mount(filesystem, &mountpoint, &config).map_err(|source| ServeError::Mount { path: mountpoint.clone(), source })?;
 
     let (stop_tx, stop_rx) = mpsc::channel();
     let result = start_watchers(args, &board, &stop_tx, signals);
@@ -197,12 +190,7 @@ pub fn serve(args: &ServeArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
-fn start_watchers(
-    args: &ServeArgs,
-    board: &Arc<Mutex<Switchboard>>,
-    stop_tx: &mpsc::Sender<Stop>,
-    signals: SigSet,
-) -> Result<(), ServeError> {
+fn start_watchers(args: &ServeArgs, board: &Arc<Mutex<Switchboard>>, stop_tx: &mpsc::Sender<Stop>, signals: SigSet) -> Result<(), ServeError> {
     let setup = |what| move |source| ServeError::Setup { what, source };
     let tx = stop_tx.clone();
     std::thread::Builder::new()
@@ -227,8 +215,7 @@ fn start_watchers(
             .map_err(setup("lifeline thread"))?;
     }
     let _ = std::fs::remove_file(&args.control);
-    let listener = UnixListener::bind(&args.control)
-        .map_err(|source| ServeError::Control { path: args.control.clone(), source })?;
+    let listener = UnixListener::bind(&args.control).map_err(|source| ServeError::Control { path: args.control.clone(), source })?;
     control::serve(listener, Arc::clone(board)).map_err(setup("control thread"))?;
     Ok(())
 }
