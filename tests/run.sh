@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need (Debian), builds the binaries the
-# end-to-end tests run, and runs the whole suite. Usage: bash tests/run.sh
+# The test command: installs what the tests need (Debian), checks the format and the lints,
+# builds the binaries the end-to-end tests run, and runs the whole suite.
+# Usage: bash tests/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -65,6 +66,15 @@ if ! cmp -s tests/fixtures/mailman3-requirements.txt "$venv/.qslice-complete"; t
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/fixtures/mailman3-requirements.txt
   cp tests/fixtures/mailman3-requirements.txt "$venv/.qslice-complete"
 fi
+
+# Format and lint (rustfmt.toml; clippy's warnings are errors).
+for component in rustfmt clippy; do
+  if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+    rustup component add "$component"
+  fi
+done
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 
 cargo build --workspace --bins
 # The benchmark programs in their short mode, so they cannot rot (figures: README).

@@ -65,10 +65,12 @@ pub enum Outcome {
 pub struct Handler {
     cfg: HandlerConfig,
     /// The worker coprocesses, one per (queue, slice, epoch); empty for other kinds.
-    workers: Arc<Mutex<HashMap<WorkerKey, Arc<tokio::sync::Mutex<Option<Coprocess>>>>>>,
+    workers: Arc<Mutex<Workers>>,
 }
 
 type WorkerKey = (String, u32, i64);
+/// Each worker's coprocess, started on first use.
+type Workers = HashMap<WorkerKey, Arc<tokio::sync::Mutex<Option<Coprocess>>>>;
 
 /// A running worker coprocess. Dropping it kills its whole process group.
 #[derive(Debug)]

@@ -64,6 +64,7 @@ impl SupervisedSlices {
     }
 
     /// Starts the child of `slice` (already in `held` with `epoch`).
+    #[allow(clippy::too_many_arguments)] // the slice's claim, and the incarnation it runs under
     pub(crate) fn start(&mut self, shared: &Shared, fence: &Arc<Fence>, held: &Held, slice: SliceId, total: u32, epoch: i64, cfg: SuperviseConfig) {
         let supervised = Supervised {
             queue: slice.queue.clone(),

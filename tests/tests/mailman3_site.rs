@@ -229,7 +229,7 @@ async fn pipeline_digest_and_archive_at_two_slices_shunt_discard_and_lose_nothin
     c.site.post_in_background("digest", n, 0, 30.0).expect("post");
     let site_flowed = |r: &SiteReport, site: &WholeSite| {
         let counts = site.delivery_counts();
-        r.post_id.values().all(|p| *p >= 1 + n as i64) && each_delivered_once(&counts, &post_ids("test", 0..n), &TEST_MEMBERS).is_ok()
+        r.post_id.values().all(|p| *p > n as i64) && each_delivered_once(&counts, &post_ids("test", 0..n), &TEST_MEMBERS).is_ok()
     };
     c.settled("every post through the pipeline and out", site_flowed).await;
     let report = c.last_digests_sent(n).await;
@@ -265,7 +265,7 @@ async fn a_dead_host_leaves_no_mailman_lock_that_shunts_or_discards_later_mail()
     let planted = c.site.plant_dead_locks().expect("locks");
     let flowed = |r: &SiteReport, site: &WholeSite| {
         let counts = site.delivery_counts();
-        r.post_id.values().all(|p| *p >= 1 + n as i64) && post_ids("test", 0..n).iter().all(|id| TEST_MEMBERS.iter().all(|m| counts.contains_key(&(m.to_string(), id.clone()))))
+        r.post_id.values().all(|p| *p > n as i64) && post_ids("test", 0..n).iter().all(|id| TEST_MEMBERS.iter().all(|m| counts.contains_key(&(m.to_string(), id.clone()))))
     };
     c.settled("every post out after the kill", flowed).await;
     let report = c.last_digests_sent(n).await;

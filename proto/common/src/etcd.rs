@@ -161,7 +161,7 @@ pub enum PrefixUpdate {
 /// compacted revision, a cancelled watch or a broken stream sends it back to list.
 enum WatchState {
     List,
-    Watching(etcd_client::WatchStream),
+    Watching(Box<etcd_client::WatchStream>),
 }
 
 /// A list-then-watch stream of one key prefix, in the manner of a Kubernetes reflector.
@@ -190,7 +190,7 @@ impl PrefixWatch {
                 WatchState::List => match self.list_and_watch().await {
                     Ok((snapshot, stream)) => {
                         self.failures = 0;
-                        self.state = WatchState::Watching(stream);
+                        self.state = WatchState::Watching(Box::new(stream));
                         return PrefixUpdate::Snapshot(snapshot);
                     }
                     Err(e) => self.back_off("list", &e.to_string()).await,
