@@ -19,17 +19,27 @@ command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
 # binaries, run on a Unix socket in a temporary directory); the package's own cluster is
 # not started (the policy below).
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+# The NFS tests boot QEMU guests (software emulation) running Debian's kernel, built into
+# an initramfs with busybox, cpio and kmod, against nfs-ganesha and rpcbind run by the
+# tests in a network namespace of their own (the packages' own services are not started:
+# the policy below).
+command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+[ -x /bin/busybox ] || need+=(busybox-static)
+command -v cpio >/dev/null 2>&1 || need+=(cpio)
+command -v depmod >/dev/null 2>&1 || need+=(kmod)
+[ -x /usr/bin/ganesha.nfsd ] || need+=(nfs-ganesha nfs-ganesha-vfs)
+command -v rpcbind >/dev/null 2>&1 || [ -x /usr/sbin/rpcbind ] || [ -x /sbin/rpcbind ] || need+=(rpcbind)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  # Debian's postinst would start a Prometheus server (and the node exporter it
-  # recommends): a policy-rc.d that denies those two (exit 101) keeps them stopped during
-  # the install, unless the machine has a policy of its own; and they are not enabled for
-  # the next boot either.
+  # Debian's postinsts would start servers (Prometheus and the node exporter it
+  # recommends, PostgreSQL, ganesha, rpcbind): a policy-rc.d that denies them (exit 101)
+  # keeps them stopped during the install, unless the machine has a policy of its own;
+  # and they are not enabled for the next boot either.
   policy=/usr/sbin/policy-rc.d
   own_policy=""
-  if [[ " ${need[*]} " == *" prometheus "* || " ${need[*]} " == *" postgresql "* ]] && [ ! -e "$policy" ]; then
-    printf '#!/bin/sh\n# tests/run.sh: no Prometheus or PostgreSQL server while installing the tests tools\ncase "$1" in prometheus|prometheus-node-exporter|postgresql*) exit 101 ;; esac\nexit 0\n' | $sudo tee "$policy" >/dev/null
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# tests/run.sh: no Prometheus, PostgreSQL or NFS server while installing the tests tools\ncase "$1" in prometheus|prometheus-node-exporter|postgresql*|nfs-ganesha|rpcbind|nfs-common) exit 101 ;; esac\nexit 0\n' | $sudo tee "$policy" >/dev/null
     $sudo chmod 755 "$policy"
     own_policy=$policy
   fi
@@ -42,6 +52,9 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   if [[ " ${need[*]} " == *" postgresql "* ]] && [ -d /run/systemd/system ]; then
     $sudo systemctl disable --now postgresql.service >/dev/null 2>&1 || true
+  fi
+  if [[ " ${need[*]} " == *" nfs-ganesha "* || " ${need[*]} " == *" rpcbind "* ]] && [ -d /run/systemd/system ]; then
+    $sudo systemctl disable --now nfs-ganesha.service rpcbind.service rpcbind.socket >/dev/null 2>&1 || true
   fi
 fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then

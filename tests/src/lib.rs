@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod etcd_cluster;
 pub mod freezer;
 pub mod mailman3;
+pub mod nfs;
 pub mod pki;
 pub mod site;
 pub mod testcluster;
@@ -28,7 +29,6 @@ pub mod wait;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -45,19 +45,9 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Makes the child die with the thread that spawned it (Linux's PR_SET_PDEATHSIG), so a
-/// test process killed outright leaves nothing behind. Drop kills the child anyway.
-#[allow(unsafe_code)]
+/// Makes the child die with the thread that spawned it (see the test beds' own).
 pub(crate) fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    qslice_testbeds::die_with_parent(cmd);
 }
 
 /// How long etcd may take to answer after start on a loaded machine.

@@ -1,0 +1,283 @@
+//! qslice on real NFS: qslice-runners in QEMU guests running Debian's kernel, each a
+//! Linux NFS client of an nfs-ganesha export holding the spool; etcd and a coordinator on
+//! the host side of the test's own network namespace. Entries are written through NFS
+//! too (a writer in a guest). These tests need QEMU, ganesha and Debian's kernel package
+//! (tests/run.sh installs them) and never skip.
+//!
+//! Each test runs on the test's own thread (not a runtime's): the bed's QEMUs and server
+//! die with the thread that started them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, NfsBed};
+use qslice_tests::checker::{check, Disruption};
+use qslice_tests::cluster::claims;
+use qslice_tests::nfs::{
+    baks_in, enqueued, enqueued_path, file_bases_in, heartbeat_script, now_ns, observe_grants, records, records_path, recovered_at, runner_script, writer_script, Tail, GUEST_TTL,
+};
+use qslice_tests::testcluster::{Ready, TestCluster};
+
+/// Generous bound for what emulated guests on a loaded two-core machine do in seconds.
+const LONG: Duration = Duration::from_secs(240);
+
+/// The mount options qslice recommends (docs/OPERATIONS.md, "The spool over NFS").
+const RECOMMENDED: &str = "vers=4.1,lookupcache=none";
+
+/// Linux's defaults for NFSv4.1.
+const DEFAULTS: &str = "vers=4.1";
+
+const SLICES: u32 = 6;
+
+/// Each handler takes half a second, so that a guest has entries in flight when it dies.
+const HANDLER_DELAY: &str = "QSLICE_TEST_DELAY=0.5";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+}
+
+/// Polls `cond` every 100 ms until it holds; panics with `what` after `limit`.
+async fn until<F: FnMut() -> bool>(limit: Duration, what: &str, mut cond: F) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {} s waiting for {what}", limit.as_secs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Slices per node from the claims of `in`.
+async fn holders(client: &mut etcd_client::Client) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (slice, (node, _)) in claims(client, "t", "in").await.unwrap_or_default() {
+        out.entry(node).or_default().push(slice);
+    }
+    out
+}
+
+async fn until_held(client: &mut etcd_client::Client, what: &str, cond: impl Fn(&BTreeMap<String, Vec<u32>>) -> bool) -> BTreeMap<String, Vec<u32>> {
+    let deadline = Instant::now() + LONG;
+    loop {
+        let h = holders(client).await;
+        if cond(&h) {
+            return h;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; claims: {h:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[test]
+fn three_guests_on_nfs_with_the_recommended_options_lose_nothing_through_a_runner_kill_and_a_guest_death() {
+    failover(RECOMMENDED);
+}
+
+#[test]
+fn three_guests_on_nfs_with_default_mount_options_lose_nothing_through_a_runner_kill_and_a_guest_death() {
+    failover(DEFAULTS);
+}
+
+/// Three runners in three guests with the exec handler, a stream of entries written
+/// through NFS, kill -9 of one runner (restarted once its slices moved), then the death of
+/// a whole guest (its QEMU killed): every entry processed, none twice but those in flight
+/// at a disruption, no start under a stale epoch, and every `.bak` the dead guest left
+/// processed within TTL + 1 s of its death.
+fn failover(mount: &str) {
+    let image = GuestImage::for_this_target().expect("the guest image");
+    enter_private_network().expect("a network namespace of the test's own");
+    let mut bed = NfsBed::start(&image, &BedOptions::new(3, mount)).expect("the NFS bed");
+    runtime().block_on(async {
+        let tc = TestCluster::builder().queue("in", SLICES).coordinators(1).ready(Ready::Registered).start().await.expect("etcd and a coordinator");
+        let mut client = tc.client();
+        let port = tc.etcd().client_port();
+        let spool = bed.export().join("spool");
+        let queue_dir = spool.join("in");
+        let (rc, out) = bed.guest("g3").run(&format!("mkdir -p {}\n", queue_dir.display()), LONG).expect("mkdir over NFS");
+        assert_eq!(rc, 0, "mkdir of the queue over NFS: {out}");
+
+        let mut runners = BTreeMap::new();
+        for g in bed.guests() {
+            runners.insert(g.name().to_owned(), g.spawn(&runner_script(g, "t", port, &spool, HANDLER_DELAY, "")).expect("start a runner"));
+        }
+        let (grants, observer) = observe_grants(client.clone(), "t");
+        until_held(&mut client, "every slice claimed, two per guest", |h| h.len() == 3 && h.values().all(|s| s.len() == 2)).await;
+
+        let mut files = vec![enqueued_path(bed.guest("g3"))];
+        files.extend(bed.guests().iter().map(records_path));
+        files.extend(runners.values().map(|r| r.log_path()));
+        let tail = Tail::follow(files);
+        let count = 90;
+        let writer = bed.guest("g3").spawn(&writer_script(bed.guest("g3"), &queue_dir, count, Duration::from_millis(200))).expect("start the writer");
+        let written = |n: usize| enqueued(&tail.seen(), SLICES).len() >= n;
+        until(LONG, "30 entries written", || written(30)).await;
+
+        // kill -9 of g1's runner (and its handlers: its process group), then its restart.
+        let mut disruptions = Vec::new();
+        runners["g1"].signal("KILL").expect("kill g1's runner");
+        until(LONG, "g1's runner killed", || runners["g1"].signal_sent()).await;
+        disruptions.push(Disruption { node: "g1".into(), at_ns: now_ns(), what: "kill -9 of the runner".into() });
+        until_held(&mut client, "g1's slices taken over", |h| !h.contains_key("g1") && h.values().map(Vec::len).sum::<usize>() == SLICES as usize).await;
+        let g1 = bed.guest("g1");
+        runners.insert("g1".into(), g1.spawn(&runner_script(g1, "t", port, &spool, HANDLER_DELAY, "")).expect("restart g1's runner"));
+        tail.add(runners["g1"].log_path());
+        until_held(&mut client, "g1 back with slices", |h| h.contains_key("g1") && h.len() == 3).await;
+
+        // The death of g2: its QEMU killed at once.
+        until(LONG, "60 entries written", || written(60)).await;
+        let before = holders(&mut client).await;
+        let g2_slices: BTreeSet<u32> = before.get("g2").cloned().unwrap_or_default().into_iter().collect();
+        let g2_in_flight = || baks_in(&queue_dir).iter().any(|b| enqueued(&tail.seen(), SLICES).get(b).is_some_and(|(_, s)| g2_slices.contains(s)));
+        until(LONG, "g2 with an entry in flight", g2_in_flight).await;
+        bed.guest_mut("g2").kill();
+        let death_ns = now_ns();
+        disruptions.push(Disruption { node: "g2".into(), at_ns: death_ns, what: "guest killed".into() });
+        // What g2 had in flight, as the server has it.
+        let left: BTreeSet<String> = baks_in(&queue_dir);
+        until_held(&mut client, "g2's slices taken over", |h| !h.contains_key("g2") && h.values().map(Vec::len).sum::<usize>() == SLICES as usize).await;
+
+        let rc = writer.wait(LONG).expect("the writer ends");
+        assert_eq!(rc, 0, "the writer failed: {}", writer.output());
+        until(LONG, "every entry processed", || {
+            let seen = tail.seen();
+            let done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
+            enqueued(&seen, SLICES).keys().all(|k| done.contains(k))
+        })
+        .await;
+        observer.abort();
+
+        let seen = tail.seen();
+        let enq = enqueued(&seen, SLICES);
+        assert_eq!(enq.len(), count, "the writer logged every entry");
+        let recs: Vec<_> = records(&seen).into_iter().map(|r| r.rec).collect();
+        let mut preserved = file_bases_in(&spool.join("bad"));
+        preserved.extend(file_bases_in(&spool.join(".qslice/quarantine/in")));
+        let report = check(&enq, &recs, &preserved, &grants.lock().expect("grants"), &disruptions);
+        eprintln!("NFS ({mount}): {}", report.summary());
+        assert!(
+            report.ok(),
+            "invariants broken on NFS ({mount}): {}\nlost {:?}\nstale {:?}\nunexplained {:?}",
+            report.summary(),
+            report.lost,
+            report.stale_starts,
+            report.unexplained_duplicates
+        );
+        assert!(report.preserved == 0, "nothing preserved or quarantined: {preserved:?}");
+
+        // Every .bak g2 left (of its slices) recovered by its new owner's claim within
+        // TTL + 1 s of the death (not later, by the stranded-entry check), and started.
+        let mut waits = Vec::new();
+        let seen = tail.seen();
+        for base in left.iter().filter(|b| enq.get(*b).is_some_and(|(_, s)| g2_slices.contains(s))) {
+            let recovered = recovered_at(&seen, base).unwrap_or_else(|| panic!("{base}, left in flight by g2, was never recovered at a claim"));
+            let first = recs.iter().filter(|r| r.what == "start" && &r.filebase == base && r.node != "g2" && r.at_ns > death_ns).map(|r| r.at_ns).min();
+            let first = first.unwrap_or_else(|| panic!("{base}, left in flight by g2, never started elsewhere"));
+            waits.push((base.clone(), (recovered - death_ns) as f64 / 1e9, (first - death_ns) as f64 / 1e9));
+        }
+        eprintln!("NFS ({mount}): g2 held {g2_slices:?}; its .bak files, seconds from its death to their recovery and to their start elsewhere: {waits:?}");
+        let bound = GUEST_TTL.as_secs_f64() + 1.0;
+        assert!(!waits.is_empty(), "g2 left no .bak of its slices: the test did not test the recovery");
+        assert!(waits.iter().all(|(_, r, _)| *r <= bound), "a .bak the dead guest left was recovered later than TTL + 1 s ({bound} s) after its death: {waits:?}");
+        drop(tc);
+    });
+    drop(bed);
+}
+
+/// A guest paused (SIGSTOP of its QEMU: a VM whose clocks may or may not move) past the
+/// TTL while its runner holds slices with entries in flight, resumed once the other guest
+/// claimed them: the paused guest's runner starts nothing after the new owner's claim
+/// (what it had dispatched before the pause may finish), and every entry is processed.
+#[test]
+fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
+    let image = GuestImage::for_this_target().expect("the guest image");
+    enter_private_network().expect("a network namespace of the test's own");
+    let bed = NfsBed::start(&image, &BedOptions::new(2, RECOMMENDED)).expect("the NFS bed");
+    runtime().block_on(async {
+        let tc = TestCluster::builder().queue("in", SLICES).coordinators(1).ready(Ready::Registered).start().await.expect("etcd and a coordinator");
+        let mut client = tc.client();
+        let port = tc.etcd().client_port();
+        let spool = bed.export().join("spool");
+        let queue_dir = spool.join("in");
+        let (g1, g2) = (bed.guest("g1"), bed.guest("g2"));
+        let (rc, out) = g2.run(&format!("mkdir -p {}\n", queue_dir.display()), LONG).expect("mkdir over NFS");
+        assert_eq!(rc, 0, "mkdir of the queue over NFS: {out}");
+        let _heartbeat = g1.spawn(&heartbeat_script()).expect("a heartbeat in g1");
+        let _r1 = g1.spawn(&runner_script(g1, "t", port, &spool, HANDLER_DELAY, "")).expect("start g1's runner");
+        let _r2 = g2.spawn(&runner_script(g2, "t", port, &spool, HANDLER_DELAY, "")).expect("start g2's runner");
+        let (grants, observer) = observe_grants(client.clone(), "t");
+        let before = until_held(&mut client, "every slice claimed, three per guest", |h| h.len() == 2 && h.values().all(|s| s.len() == 3)).await;
+        let g1_slices: BTreeSet<u32> = before["g1"].iter().copied().collect();
+
+        let tail = Tail::follow(vec![enqueued_path(g2), records_path(g1), records_path(g2)]);
+        let count = 60;
+        let writer = g2.spawn(&writer_script(g2, &queue_dir, count, Duration::from_millis(200))).expect("start the writer");
+        until(LONG, "20 entries written", || enqueued(&tail.seen(), SLICES).len() >= 20).await;
+        let g1_in_flight = || baks_in(&queue_dir).iter().any(|b| enqueued(&tail.seen(), SLICES).get(b).is_some_and(|(_, s)| g1_slices.contains(s)));
+        until(LONG, "g1 with an entry in flight", g1_in_flight).await;
+        let old_epochs: BTreeSet<i64> = claims(&mut client, "t", "in").await.expect("claims").into_iter().filter(|(_, (n, _))| n == "g1").map(|(_, (_, e))| e).collect();
+        assert!(!old_epochs.is_empty(), "g1 holds slices when it is paused");
+
+        g1.pause().expect("pause g1");
+        let paused_ns = now_ns();
+        // The guest's uptime when it stopped: its last heartbeat (at most 0.1 s and a fork before).
+        let uptime_at_pause = last_uptime(g1).expect("g1's heartbeat");
+        until_held(&mut client, "g1's slices claimed by g2", |h| !h.contains_key("g1") && h.get("g2").is_some_and(|s| s.len() == SLICES as usize)).await;
+        let taken_over_ns = now_ns();
+        // Paused longer than the TTL in any case.
+        let past_ttl = paused_ns + (GUEST_TTL + Duration::from_secs(2)).as_nanos();
+        until(LONG, "the TTL and 2 s to pass", || now_ns() > past_ttl).await;
+        g1.resume().expect("resume g1");
+        let resumed_ns = now_ns();
+        eprintln!("g1 paused {:.1} s; its slices were claimed by g2 {:.1} s after the pause", (resumed_ns - paused_ns) as f64 / 1e9, (taken_over_ns - paused_ns) as f64 / 1e9);
+
+        let rc = writer.wait(LONG).expect("the writer ends");
+        assert_eq!(rc, 0, "the writer failed: {}", writer.output());
+        until(LONG, "every entry processed", || {
+            let seen = tail.seen();
+            let done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
+            enqueued(&seen, SLICES).keys().all(|k| done.contains(k))
+        })
+        .await;
+        // g1 is back in the cluster: its runner fenced itself and joined again.
+        until_held(&mut client, "g1 holding slices again", |h| h.contains_key("g1")).await;
+        observer.abort();
+        let uptime_after = last_uptime(g1).expect("g1's heartbeat");
+        eprintln!(
+            "g1's clock at the last heartbeat before the pause: {uptime_at_pause:.2} s since boot; now {uptime_after:.2} s (the host's wall clock moved {:.1} s since the pause)",
+            (now_ns() - paused_ns) as f64 / 1e9
+        );
+
+        let seen = tail.seen();
+        let enq = enqueued(&seen, SLICES);
+        let guest_recs = records(&seen);
+        // A start by g1 under a pre-pause epoch, from a handler forked after the pause.
+        let dispatched_before_pause = |forked_ticks: u64| (forked_ticks as f64) / 100.0 <= uptime_at_pause + 0.3;
+        let stale: Vec<_> = guest_recs
+            .iter()
+            .filter(|r| r.rec.what == "start" && r.rec.node == "g1" && old_epochs.contains(&r.rec.epoch) && r.rec.at_ns > paused_ns && !dispatched_before_pause(r.forked_ticks))
+            .collect();
+        assert!(stale.is_empty(), "g1 started entries under its old claims after the pause: {stale:?}");
+        // The starts g1 dispatched before the pause, seen only after it resumed, happened
+        // before the pause.
+        let recs: Vec<_> = guest_recs
+            .into_iter()
+            .map(|mut r| {
+                if r.rec.node == "g1" && r.rec.at_ns > paused_ns && dispatched_before_pause(r.forked_ticks) {
+                    r.rec.at_ns = paused_ns;
+                }
+                r.rec
+            })
+            .collect();
+        let disruptions = vec![Disruption { node: "g1".into(), at_ns: paused_ns, what: "paused past the TTL".into() }];
+        let report = check(&enq, &recs, &BTreeSet::new(), &grants.lock().expect("grants"), &disruptions);
+        eprintln!("NFS pause: {}", report.summary());
+        assert_eq!(enq.len(), count, "the writer logged every entry");
+        assert!(report.ok(), "invariants broken: {}\nlost {:?}\nstale {:?}\nunexplained {:?}", report.summary(), report.lost, report.stale_starts, report.unexplained_duplicates);
+        drop(tc);
+    });
+    drop(bed);
+}
+
+/// The last uptime a guest's heartbeat wrote.
+fn last_uptime(guest: &qslice_testbeds::nfs::Guest) -> Option<f64> {
+    let text = std::fs::read_to_string(guest.work().join("hb")).ok()?;
+    text.lines().rev().find_map(|l| l.trim().parse().ok())
+}
