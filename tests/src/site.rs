@@ -50,15 +50,25 @@ fn as_postgres(program: &Path) -> Command {
     }
 }
 
-/// A PostgreSQL server of the test's own, listening only on a Unix socket.
+/// A PostgreSQL server of the test's own, listening on a Unix socket (and on TCP when
+/// asked to).
 pub struct Postgres {
     dir: tempfile::TempDir,
     server: Child,
+    /// `(address, port)` it listens on over TCP too, if any.
+    tcp: Option<(String, u16)>,
 }
 
 impl Postgres {
-    /// initdb, start, and create the database `mailman`.
+    /// initdb, start on a Unix socket only, and create the database `mailman`.
     pub fn start() -> Result<Postgres> {
+        Postgres::start_listening(None)
+    }
+
+    /// Like [`Postgres::start`], listening on TCP too at `address` (and 127.0.0.1) on a
+    /// free port; [`Postgres::url`] then names `address` (hosts elsewhere, such as the NFS
+    /// bed's guests, reach it there).
+    pub fn start_listening(address: Option<&str>) -> Result<Postgres> {
         let bin = postgres_bin()?;
         let dir = tempfile::Builder::new().prefix("qslice-pg-").tempdir()?;
         if nix::unistd::Uid::effective().is_root() {
@@ -70,24 +80,41 @@ impl Postgres {
         if !out.status.success() {
             bail!("initdb failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }
+        if let Some(a) = address.filter(|a| *a != "127.0.0.1") {
+            // initdb's trust covers the socket and 127.0.0.1 only.
+            let hba = data.join("pg_hba.conf");
+            let mut rules = std::fs::read_to_string(&hba).with_context(|| format!("read {}", hba.display()))?;
+            rules.push_str(&format!("host all all {a}/32 trust\n"));
+            std::fs::write(&hba, rules).with_context(|| format!("write {}", hba.display()))?;
+        }
         let log = File::create(dir.path().join("postgres.log"))?;
+        let tcp = match address {
+            Some(a) => Some((a.to_owned(), crate::free_port()?)),
+            None => None,
+        };
+        let (listen, port) = match &tcp {
+            Some((a, port)) if a == "127.0.0.1" => (a.clone(), *port),
+            Some((a, port)) => (format!("127.0.0.1,{a}"), *port),
+            None => (String::new(), 5432),
+        };
         let mut cmd = as_postgres(&bin.join("postgres"));
         cmd.arg("-D")
             .arg(&data)
             .arg("-k")
             .arg(dir.path())
-            .args(["-c", "listen_addresses=", "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"])
+            .args(["-p", &port.to_string()])
+            .args(["-c", &format!("listen_addresses={listen}"), "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=300"])
             .stdout(Stdio::null())
             .stderr(log);
         crate::die_with_parent(&mut cmd);
         let server = cmd.spawn().context("start postgres")?;
-        let pg = Postgres { dir, server };
-        let socket = pg.dir.path().join(".s.PGSQL.5432");
+        let pg = Postgres { dir, server, tcp };
+        let socket = pg.dir.path().join(format!(".s.PGSQL.{port}"));
         wait_for(START_TIMEOUT, "PostgreSQL's socket", || socket.exists()).map_err(|e| anyhow::anyhow!("{e}: {}", pg.log()))?;
         let mut created = false;
         let mut last = String::new();
         let _ = wait_for(START_TIMEOUT, "database mailman created", || {
-            let out = as_postgres(&bin.join("createdb")).arg("-h").arg(pg.dir.path()).args(["-U", "postgres", "mailman"]).output();
+            let out = as_postgres(&bin.join("createdb")).arg("-h").arg(pg.dir.path()).args(["-p", &port.to_string(), "-U", "postgres", "mailman"]).output();
             match out {
                 Ok(o) if o.status.success() => created = true,
                 Ok(o) => last = String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -103,7 +130,10 @@ impl Postgres {
 
     /// The SQLAlchemy URL of the `mailman` database.
     pub fn url(&self) -> String {
-        format!("postgresql+psycopg2://postgres@/mailman?host={}", self.dir.path().display())
+        match &self.tcp {
+            Some((address, port)) => format!("postgresql+psycopg2://postgres@{address}:{port}/mailman"),
+            None => format!("postgresql+psycopg2://postgres@/mailman?host={}", self.dir.path().display()),
+        }
     }
 
     fn log(&self) -> String {
@@ -284,11 +314,18 @@ pub struct SiteOptions {
     pub retry_sleep: String,
     /// The digest list's digest_size_threshold in KiB.
     pub digest_threshold_kb: u32,
+    /// Where to create the site (its var/ is what the nodes share); default: in the spool's
+    /// scratch directory.
+    pub dir: Option<PathBuf>,
+    /// The address other hosts reach this one at (the NFS bed's 10.0.2.2): PostgreSQL
+    /// listens there too and the site's URL and SMTP host name it. Default: PostgreSQL on
+    /// a Unix socket, SMTP at 127.0.0.1.
+    pub gateway: Option<String>,
 }
 
 impl Default for SiteOptions {
     fn default() -> SiteOptions {
-        SiteOptions { nodes: vec!["r1".into(), "r2".into()], retry_sleep: "3s".into(), digest_threshold_kb: 1 }
+        SiteOptions { nodes: vec!["r1".into(), "r2".into()], retry_sleep: "3s".into(), digest_threshold_kb: 1, dir: None, gateway: None }
     }
 }
 
@@ -296,16 +333,17 @@ impl WholeSite {
     /// Starts PostgreSQL and the SMTP sink and creates the site.
     pub fn new(options: &SiteOptions) -> Result<WholeSite> {
         let python = python()?;
-        let postgres = Postgres::start()?;
+        let postgres = Postgres::start_listening(options.gateway.as_deref())?;
         let spool = Spool::new(&[])?;
         let sink = SmtpSink::start(&spool.scratch("smtp"))?;
-        let dir = spool.scratch("site");
+        let dir = options.dir.clone().unwrap_or_else(|| spool.scratch("site"));
         let out = Command::new(&python)
             .arg(fixtures().join("mailman3_whole_site.py"))
             .arg("init")
             .arg(&dir)
             .args(["--db", &postgres.url(), "--smtp-port", &sink.port.to_string(), "--nodes", &options.nodes.join(","), "--retry-sleep", &options.retry_sleep])
             .args(["--digest-threshold-kb", &options.digest_threshold_kb.to_string()])
+            .args(["--smtp-host", options.gateway.as_deref().unwrap_or("127.0.0.1")])
             .output()?;
         if !out.status.success() {
             bail!("mailman3_whole_site.py init failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

@@ -8,9 +8,11 @@
 //! die with the thread that started them.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, NfsBed};
+use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, NfsBed, GATEWAY};
+use qslice_tests::site::{SiteOptions, WholeSite};
 use qslice_tests::checker::{check, Disruption};
 use qslice_tests::cluster::claims;
 use qslice_tests::nfs::{
@@ -280,4 +282,131 @@ fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
 fn last_uptime(guest: &qslice_testbeds::nfs::Guest) -> Option<f64> {
     let text = std::fs::read_to_string(guest.work().join("hb")).ok()?;
     text.lines().rev().find_map(|l| l.trim().parse().ok())
+}
+
+#[test]
+fn mailman_in_two_guests_on_nfs_accepts_every_post_once_through_a_drain_and_a_kill() {
+    mailman_on_nfs(RECOMMENDED);
+}
+
+/// qslice's Mailman 3 slice runner in two guests serving `in` of a whole site (PostgreSQL
+/// on the host side, the site's var/ on NFS, each node's logs and pid files its own),
+/// posts written through NFS by a poster in a guest, a drain and an uncordon of one node,
+/// then kill -9 of the other's runner: every post accepted, once but for what the killed
+/// node had in flight, nothing shunted or in bad/.
+fn mailman_on_nfs(mount: &str) {
+    let image = GuestImage::for_this_target().expect("the guest image");
+    qslice_tests::mailman3::python().expect("the Mailman venv");
+    enter_private_network().expect("a network namespace of the test's own");
+    let export = tempfile::Builder::new().prefix("qslice-nfs-site-").tempdir().expect("the export");
+    let site_dir = export.path().join("site");
+    let options = SiteOptions { nodes: vec!["g1".into(), "g2".into()], dir: Some(site_dir.clone()), gateway: Some(GATEWAY.into()), ..SiteOptions::default() };
+    let site = WholeSite::new(&options).expect("a whole Mailman site in the export");
+    let mut bed_options = BedOptions::new(2, mount);
+    bed_options.memory_mb = 512;
+    bed_options.export = Some(export.path().to_owned());
+    let bed = NfsBed::start(&image, &bed_options).expect("the NFS bed");
+    runtime().block_on(async {
+        let tc = TestCluster::builder()
+            .spool(site.spool.clone())
+            .queue("in", 2)
+            .coordinators(1)
+            .coordinator_args(&["--revoke-deadline", "60s"])
+            .ready(Ready::Registered)
+            .start()
+            .await
+            .expect("etcd and a coordinator");
+        let mut client = tc.client();
+        let port = tc.etcd().client_port();
+        let queues = site_dir.join("var/queue");
+        let start_runner = |g: &qslice_testbeds::nfs::Guest| {
+            let cfg = site.runner_config(g.name(), &[("in", "")], "").expect("a runner config");
+            g.spawn(&runner_script(g, "t", port, &queues, "", &format!("--config {cfg}"))).expect("start a runner")
+        };
+        let (g1, g2) = (bed.guest("g1"), bed.guest("g2"));
+        let _r1 = start_runner(g1);
+        let mut r2 = start_runner(g2);
+        until_held(&mut client, "a slice of in claimed by each guest", |h| h.len() == 2 && h.values().all(|s| s.len() == 1)).await;
+
+        let posts = 40;
+        let poster = g2
+            .spawn(&format!(
+                "exec {} {} post {} {} {posts} --start 0 --rate 2 --list test\n",
+                site.python.display(),
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mailman3_whole_site.py").display(),
+                site_dir.display(),
+                site.config("g2").display()
+            ))
+            .expect("start the poster");
+        let accepted = |n: usize| accepts(&site_dir).len() >= n;
+        until(LONG, "posts accepted", || accepted(5)).await;
+
+        // A drain of g1 (its slice runner finishes the message in hand) and its uncordon.
+        let admin = &tc.coordinator("c1").admin;
+        qslicectl(admin, &["drain", "g1"]);
+        assert!(!holders(&mut client).await.contains_key("g1"), "g1 drained");
+        qslicectl(admin, &["uncordon", "g1"]);
+        until_held(&mut client, "g1 serving again", |h| h.contains_key("g1")).await;
+        until(LONG, "more posts accepted", || accepted(15)).await;
+
+        // kill -9 of g2's runner (its Mailman slice runner dies at its own deadline).
+        let held = holders(&mut client).await;
+        let orphaned = held.get("g2").map(Vec::len).unwrap_or(0);
+        let killed_at = qslice_tests::nfs::now_ns() as f64 / 1e9;
+        r2.signal("KILL").expect("kill g2's runner");
+        until(LONG, "g2's runner killed", || r2.signal_sent()).await;
+        until_held(&mut client, "g2's slice taken over", |h| !h.contains_key("g2") && h.values().map(Vec::len).sum::<usize>() == 2).await;
+        r2 = start_runner(g2);
+
+        let rc = poster.wait(LONG).expect("the poster ends");
+        assert_eq!(rc, 0, "the poster failed: {}", poster.output());
+        until(LONG, "every post accepted with in/ empty", || accepted(posts) && baks_in(&queues.join("in")).is_empty() && file_bases_in(&queues.join("in")).is_empty()).await;
+        let all = accepts(&site_dir);
+        let doubled: BTreeMap<&String, &Vec<(String, f64)>> = all.iter().filter(|(_, a)| a.len() > 1).collect();
+        eprintln!("Mailman on NFS ({mount}): {} posts accepted, {} twice: {doubled:?}", all.len(), doubled.len());
+        assert_eq!(all.len(), posts, "every post accepted");
+        assert!(doubled.len() <= orphaned, "more doubles than slices g2 held at its kill: {doubled:?}");
+        for (id, a) in &doubled {
+            assert!(a.len() == 2 && a[0].0 == "g2" && a[0].1 <= killed_at + 1.0, "{id} accepted {} times, first by {:?}", a.len(), a[0]);
+        }
+        assert!(file_bases_in(&queues.join("shunt")).is_empty(), "nothing shunted");
+        assert!(file_bases_in(&queues.join("bad")).is_empty(), "nothing in bad/");
+        drop(r2);
+        drop(tc);
+    });
+    drop(bed);
+    drop(site);
+}
+
+/// Every ACCEPT line of every node's vette log: Message-ID -> [(node, Unix time)] in time order.
+fn accepts(site_dir: &Path) -> BTreeMap<String, Vec<(String, f64)>> {
+    let mut out: BTreeMap<String, Vec<(String, f64)>> = BTreeMap::new();
+    let var = site_dir.join("var");
+    for entry in std::fs::read_dir(&var).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(node) = name.strip_prefix("logs-") else { continue };
+        let text = std::fs::read_to_string(entry.path().join("vette.log")).unwrap_or_default();
+        for line in text.lines() {
+            // `1715250000.123456 (4242) ACCEPT: <site-test-7@example.com>`
+            let mut words = line.split_whitespace();
+            let (Some(time), Some(_pid), Some("ACCEPT:"), Some(id)) = (words.next(), words.next(), words.next(), words.next()) else { continue };
+            let Ok(time) = time.parse::<f64>() else { continue };
+            out.entry(id.to_owned()).or_default().push((node.to_owned(), time));
+        }
+    }
+    for a in out.values_mut() {
+        a.sort_by(|x, y| x.1.total_cmp(&y.1));
+    }
+    out
+}
+
+/// Runs qslicectl against the coordinator's admin API; it must succeed.
+fn qslicectl(admin: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(qslice_tests::qslice_bin("qslicectl").expect("built"))
+        .args(["--coordinator", admin, "--timeout", "120s"])
+        .args(args)
+        .output()
+        .expect("run qslicectl");
+    assert!(out.status.success(), "qslicectl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -65,16 +65,25 @@ fn failed(msg: impl Into<String>) -> NfsError {
 /// boot in 40-50 s there).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The address the guests see the test's network namespace at (QEMU user networking
+/// forwards it to the namespace's 127.0.0.1).
+pub const GATEWAY: &str = "10.0.2.2";
+
 /// Moves the calling thread (and so the threads and processes it starts from now on) into
-/// a new network namespace with its loopback up. Call it at the start of a test, before
-/// starting a runtime or any process.
+/// a new network namespace with its loopback up, answering at 127.0.0.1 and at [`GATEWAY`]
+/// too (so that one address names a server to the host side and to the guests). Call it
+/// at the start of a test, before starting a runtime or any process.
 pub fn enter_private_network() -> Result<(), NfsError> {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| failed(format!("unshare(CLONE_NEWNET): {e} (the NFS bed needs root)")))?;
-    let out = Command::new("ip").args(["link", "set", "lo", "up"]).output().map_err(|e| failed(format!("ip: {e} (install iproute2)")))?;
-    if !out.status.success() {
-        return Err(failed(format!("ip link set lo up: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(())
+    let ip = |args: &[&str]| -> Result<(), NfsError> {
+        let out = Command::new("ip").args(args).output().map_err(|e| failed(format!("ip: {e} (install iproute2)")))?;
+        if !out.status.success() {
+            return Err(failed(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        Ok(())
+    };
+    ip(&["link", "set", "lo", "up"])?;
+    ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", "lo"])
 }
 
 fn in_initial_network_namespace() -> bool {
@@ -141,12 +150,15 @@ pub struct BedOptions {
     pub mount: String,
     /// Each guest's memory in MiB.
     pub memory_mb: u32,
+    /// An existing directory to export (the test filled it before the server starts, as a
+    /// site's files are there before its hosts mount them); default: an empty one of the bed's.
+    pub export: Option<PathBuf>,
 }
 
 impl BedOptions {
     /// `n` guests named `g1`... mounting with `mount`, 256 MiB each.
     pub fn new(n: usize, mount: &str) -> BedOptions {
-        BedOptions { guests: (1..=n).map(|i| format!("g{i}")).collect(), mount: mount.to_owned(), memory_mb: 256 }
+        BedOptions { guests: (1..=n).map(|i| format!("g{i}")).collect(), mount: mount.to_owned(), memory_mb: 256, export: None }
     }
 }
 
@@ -156,6 +168,7 @@ pub struct NfsBed {
     server: Option<Child>,
     guests: Vec<Guest>,
     mount: String,
+    export: Option<PathBuf>,
 }
 
 impl NfsBed {
@@ -166,7 +179,7 @@ impl NfsBed {
             return Err(failed("the NFS bed runs in a network namespace of the test's own: call enter_private_network() first"));
         }
         let dir = tempfile::Builder::new().prefix("qslice-nfs-").tempdir().map_err(io("create", Path::new("/tmp/qslice-nfs-*")))?;
-        let mut bed = NfsBed { dir, server: None, guests: Vec::new(), mount: options.mount.clone() };
+        let mut bed = NfsBed { dir, server: None, guests: Vec::new(), mount: options.mount.clone(), export: options.export.clone() };
         let export = bed.export();
         fs::create_dir_all(&export).map_err(io("create", &export))?;
         bed.server = Some(bed.start_server()?);
@@ -183,7 +196,7 @@ impl NfsBed {
 
     /// The export's directory: on the host (read it only) and, mounted over NFS, in every guest.
     pub fn export(&self) -> PathBuf {
-        self.dir.path().join("export")
+        self.export.clone().unwrap_or_else(|| self.dir.path().join("export"))
     }
 
     /// The mount options the guests use.
