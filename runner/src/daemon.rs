@@ -134,6 +134,7 @@ fn start_pools(cfg: &Config, shutdown: &CancellationToken) -> Result<BTreeMap<St
 /// Runs the runner until `shutdown` is cancelled. `ready` tells /readyz.
 pub async fn run(cfg: Config, shutdown: CancellationToken, ready: Arc<AtomicBool>) -> Result<(), DaemonError> {
     let lock = StateLock::acquire(&cfg.state_dir)?;
+    crate::spool_mount::log_spool_mount(&cfg.spool);
     let mut leash = Leash::start(&cfg.etcd).map_err(DaemonError::Leash)?;
     let keys = Keys::new(&cfg.cluster)?;
     let mut client = match connect_when_ready(&cfg.etcd, &shutdown).await {

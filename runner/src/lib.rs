@@ -21,6 +21,7 @@
 //! - [`mailman3`]: qslice's own Mailman 3 slice runner, its control channel and warm pool.
 //! - [`daemon`]: the top level: state-dir lock, incarnations, shutdown.
 //! - [`child`]: how child processes are started.
+//! - `spool_mount`: what the spool is mounted as, and what to change about an NFS mount.
 //!
 //! What the runner shares with the coordinator (etcd, the lease and its fence, logging,
 //! signals, sd_notify, health routes, the spool) is `qslice_common`.
@@ -40,5 +41,6 @@ pub mod ownership;
 pub mod processor;
 pub mod retry;
 pub mod singleton;
+mod spool_mount;
 pub mod supervise;
 pub mod supervised_slices;

@@ -12,12 +12,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, NfsBed, GATEWAY};
-use qslice_tests::site::{SiteOptions, WholeSite};
 use qslice_tests::checker::{check, Disruption};
 use qslice_tests::cluster::claims;
 use qslice_tests::nfs::{
     baks_in, enqueued, enqueued_path, file_bases_in, heartbeat_script, now_ns, observe_grants, records, records_path, recovered_at, runner_script, writer_script, Tail, GUEST_TTL,
 };
+use qslice_tests::site::{SiteOptions, WholeSite};
 use qslice_tests::testcluster::{Ready, TestCluster};
 
 /// Generous bound for what emulated guests on a loaded two-core machine do in seconds.
@@ -154,6 +154,11 @@ fn failover(mount: &str) {
         preserved.extend(file_bases_in(&spool.join(".qslice/quarantine/in")));
         let report = check(&enq, &recs, &preserved, &grants.lock().expect("grants"), &disruptions);
         eprintln!("NFS ({mount}): {}", report.summary());
+        // Each runner said what the spool is on, and warned where the options fall short.
+        let log = runners["g3"].output();
+        let warned = log.contains("the spool is on NFS without the options qslice recommends");
+        assert_eq!(warned, mount == DEFAULTS, "g3's runner warns about the mount options only with the defaults ({mount}):\n{log}");
+        assert!(warned || log.contains("spool file system") && log.contains("fstype=nfs4"), "g3's runner names the spool's NFS mount:\n{log}");
         assert!(
             report.ok(),
             "invariants broken on NFS ({mount}): {}\nlost {:?}\nstale {:?}\nunexplained {:?}",
@@ -409,4 +414,45 @@ fn qslicectl(admin: &str, args: &[&str]) -> String {
         .expect("run qslicectl");
     assert!(out.status.success(), "qslicectl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What one client sees of another's renames, and so what qslice's takes, listings and
+/// stranded-entry check can trust, with Linux's default NFSv4.1 options and with the
+/// recommended ones (tests/fixtures/nfs_probe.py; the figures are docs/OPERATIONS.md's).
+#[test]
+fn what_an_nfs_client_sees_of_another_clients_renames_with_default_and_recommended_options() {
+    let image = GuestImage::for_this_target().expect("the guest image");
+    enter_private_network().expect("a network namespace of the test's own");
+    let mut seen = Vec::new();
+    for mount in [DEFAULTS, RECOMMENDED] {
+        let bed = NfsBed::start(&image, &BedOptions::new(2, mount)).expect("the NFS bed");
+        let (a, b) = (bed.guest("g1"), bed.guest("g2"));
+        let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/nfs_probe.py");
+        let dir = bed.export();
+        let step = |guest: &qslice_testbeds::nfs::Guest, args: &str| -> serde_json::Value {
+            let (rc, out) = guest.run(&format!("exec python3 {} {args}\n", probe.display()), LONG).expect("a probe step");
+            assert_eq!(rc, 0, "nfs_probe.py {args} in {}: {out}", guest.name());
+            serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("nfs_probe.py {args} printed {out}: {e}"))
+        };
+        step(a, &format!("create {}", dir.display()));
+        step(b, &format!("prime {}", dir.display()));
+        let renamed = step(a, &format!("rename {}", dir.display()));
+        let observed = step(b, &format!("observe {} 40", dir.display()));
+        let renamed_at = renamed["renamed_at"].as_f64().expect("renamed_at");
+        let observed_at = observed["observed_at"].as_f64().expect("observed_at");
+        // How long after the rename a stat of the old name still worked, and after the
+        // first look (the steps' round trips put seconds between the two).
+        let stale_window = observed["stale_until"].as_f64().map(|t| (t - renamed_at, t - observed_at));
+        eprintln!("NFS client caches ({mount}): {observed}; a stat of the renamed name first failed (after the rename, after the first look) {stale_window:?} s");
+        // What qslice relies on, whatever the options: a take of a name another client
+        // took fails (the server decides a rename), and a listing is fresh.
+        assert_eq!(observed["take"], "ENOENT", "{mount}: a take of a name another client renamed must fail: {observed}");
+        assert_eq!(observed["listed"], true, "{mount}: a listing right after another client's rename shows it: {observed}");
+        seen.push((mount, observed, stale_window));
+        drop(bed);
+    }
+    // With the recommended options nothing is stale: a lookup asks the server.
+    let (_, recommended, window) = &seen[1];
+    assert_eq!(recommended["stat_before_listing"], "ENOENT", "{RECOMMENDED}: a stat of a renamed name fails at once: {recommended}");
+    assert!(window.is_some_and(|(_, after_look)| after_look < 0.5), "{RECOMMENDED}: the old name fails at the first look: {window:?}");
 }

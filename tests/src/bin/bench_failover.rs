@@ -14,6 +14,14 @@
 //! finished before the hand-off is left out, and counted). Prints a table and a
 //! `JSON:` summary line. `--quick` runs 3 host deaths and 3 process crashes at TTL 2 s and
 //! one drain.
+//!
+//! `--nfs` runs the runners in three guests of the NFS bed instead (real Linux NFS clients
+//! of an nfs-ganesha export, emulated; the recommended mount options; TTL 5 s, the guests'
+//! one), entries written through NFS by a writer in a guest at 20 a second: per orphaned
+//! slice the time from a kill -9 of a guest's runner (with its leash and handlers) to the
+//! first entry started by the new owner, and per moved slice the gap of a drain (the old
+//! owner's last entry to the new owner's first, arrivals included). With `--quick`: one
+//! kill and one drain.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +50,12 @@ struct Args {
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<std::path::PathBuf>,
+    /// Run the runners in guests of the NFS bed (kills and drains: `--nfs-runs` each).
+    #[arg(long)]
+    nfs: bool,
+    /// Kills and drains in NFS mode (full mode).
+    #[arg(long, default_value_t = 6)]
+    nfs_runs: usize,
 }
 
 const SLICES: u32 = 12;
@@ -287,9 +301,15 @@ impl Drop for Cluster {
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
     let args = Args::parse();
+    if args.nfs {
+        return nfs::main(&args);
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(local_main(args))
+}
+
+async fn local_main(args: Args) -> Result<()> {
     let started = Instant::now();
     let runs: Vec<(u64, usize, usize)> = if args.quick { vec![(2, 3, 1)] } else { vec![(2, args.kills, args.drains), (5, args.kills, args.drains)] };
     let mut summary = serde_json::Map::new();
@@ -351,4 +371,141 @@ async fn main() -> Result<()> {
         std::fs::write(path, &json)?;
     }
     Ok(())
+}
+
+/// The runners in guests of the NFS bed.
+mod nfs {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{bail, Context, Result};
+    use qslice_proto::keys::Keys;
+    use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
+    use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, GuestProc, NfsBed};
+    use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, Spool};
+    use qslice_tests::nfs::{enqueued_path, now_ns, records, records_path, runner_script, writer_script, Tail};
+    use qslice_tests::Etcd;
+
+    use super::{stats, Args, LONG};
+
+    const SLICES: u32 = 6;
+    const MOUNT: &str = "vers=4.1,lookupcache=none";
+    const NODES: [&str; 3] = ["g1", "g2", "g3"];
+
+    pub(super) fn main(args: &Args) -> Result<()> {
+        let started = Instant::now();
+        let image = GuestImage::for_this_target()?;
+        enter_private_network()?;
+        let bed = NfsBed::start(&image, &BedOptions::new(3, MOUNT))?;
+        let runs = if args.quick { 1 } else { args.nfs_runs };
+        let (takeovers, gaps) = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(measure(&bed, runs))?;
+        println!("{:<6} {:<29} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure (NFS, guests)", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
+        let mut summary = serde_json::Map::new();
+        for (name, s) in [("runner kill -> first entry", stats(takeovers)), ("drain: hand-off gap", stats(gaps))] {
+            println!("{:<6} {:<29} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", "5s", name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
+            summary.insert(name.to_owned(), serde_json::to_value(&s)?);
+        }
+        summary.insert("mount".into(), MOUNT.into());
+        summary.insert("seconds".into(), started.elapsed().as_secs_f64().into());
+        let json = serde_json::Value::Object(summary).to_string();
+        println!("JSON: {json}");
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, &json)?;
+        }
+        Ok(())
+    }
+
+    async fn until(what: &str, mut cond: impl AsyncFnMut() -> bool) -> Result<()> {
+        let deadline = Instant::now() + LONG * 3;
+        while !cond().await {
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Kill -> first entry elsewhere per orphaned slice, and drain gaps per moved slice, in ms.
+    async fn measure(bed: &NfsBed, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+        let etcd = Etcd::start()?;
+        let spool = Spool::new(&[])?;
+        let mut c = client(&etcd).await?;
+        put_queue(&mut c, "t", "in", SLICES).await?;
+        let _coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[])?;
+        let root = bed.export().join("spool");
+        let queue = root.join("in");
+        let (rc, out) = bed.guest("g3").run(&format!("mkdir -p {}\n", queue.display()), LONG)?;
+        if rc != 0 {
+            bail!("mkdir over NFS: {out}");
+        }
+        let start = |node: &str| -> Result<GuestProc> {
+            let g = bed.guest(node);
+            Ok(g.spawn(&runner_script(g, "t", etcd.client_port(), &root, "QSLICE_TEST_DELAY=0.05", ""))?)
+        };
+        let mut runners: BTreeMap<&str, GuestProc> = BTreeMap::new();
+        for node in NODES {
+            runners.insert(node, start(node)?);
+        }
+        let balanced = async |c: &mut etcd_client::Client| {
+            let h = holdings(c, "t", "in").await;
+            h.len() == 3 && h.values().all(|s| s.len() == 2)
+        };
+        until("every slice claimed, two per guest", async || balanced(&mut c.clone()).await).await?;
+        let tail = Tail::follow(NODES.iter().map(|n| records_path(bed.guest(n))).chain([enqueued_path(bed.guest("g3"))]).collect());
+        let _writer = bed.guest("g3").spawn(&writer_script(bed.guest("g3"), &queue, 1_000_000, Duration::from_millis(50)))?;
+        let starts = |tail: &Tail| records(&tail.seen()).into_iter().filter(|r| r.rec.what == "start").map(|r| r.rec).collect::<Vec<_>>();
+        until("entries processed", async || starts(&tail).len() >= 20).await?;
+
+        let mut takeovers = Vec::new();
+        for k in 0..runs {
+            let victim = NODES[k % 2];
+            let orphaned: BTreeSet<u32> = holdings(&mut c, "t", "in").await.remove(victim).context("the victim holds slices")?.into_iter().collect();
+            let proc = runners.remove(victim).context("runner")?;
+            proc.signal("KILL")?;
+            until("the kill", async || proc.signal_sent()).await?;
+            let killed = now_ns();
+            let mut first = BTreeMap::new();
+            until("every orphaned slice processing elsewhere", async || {
+                for r in starts(&tail).iter().filter(|r| r.node != victim && r.at_ns > killed && orphaned.contains(&r.slice)) {
+                    let t = first.entry(r.slice).or_insert(r.at_ns);
+                    *t = (*t).min(r.at_ns);
+                }
+                first.len() == orphaned.len()
+            })
+            .await?;
+            takeovers.extend(first.values().map(|t| (t - killed) as f64 / 1e6));
+            runners.insert(victim, start(victim)?);
+            until("the restarted runner back and balanced", async || balanced(&mut c.clone()).await).await?;
+        }
+
+        let keys = Keys::new("t")?;
+        let mut gaps = Vec::new();
+        for d in 0..runs {
+            let victim = NODES[d % 3];
+            let moved: BTreeSet<u32> = holdings(&mut c, "t", "in").await.remove(victim).context("the victim holds slices")?.into_iter().collect();
+            let cordoned = now_ns();
+            let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
+            c.put(keys.cordon(victim), cordon.encode(), None).await?;
+            let mut first = BTreeMap::new();
+            until("every moved slice processing elsewhere", async || {
+                for r in starts(&tail).iter().filter(|r| r.node != victim && r.at_ns > cordoned && moved.contains(&r.slice)) {
+                    let t = first.entry(r.slice).or_insert(r.at_ns);
+                    *t = (*t).min(r.at_ns);
+                }
+                first.len() == moved.len()
+            })
+            .await?;
+            let all = starts(&tail);
+            for (slice, new_first) in &first {
+                let last_old = all.iter().filter(|r| r.node == victim && r.slice == *slice && r.at_ns < *new_first).map(|r| r.at_ns).max();
+                if let Some(last_old) = last_old {
+                    gaps.push((new_first - last_old) as f64 / 1e6);
+                }
+            }
+            c.delete(keys.cordon(victim), None).await?;
+            until("the uncordoned node back and balanced", async || balanced(&mut c.clone()).await).await?;
+        }
+        Ok((takeovers, gaps))
+    }
 }
