@@ -484,6 +484,13 @@ mod nfs {
         for d in 0..runs {
             let victim = NODES[d % 3];
             let moved: BTreeSet<u32> = holdings(&mut c, "t", "in").await.remove(victim).context("the victim holds slices")?.into_iter().collect();
+            // A gap needs the old owner's last entry: each slice processing there first.
+            let held_since = now_ns();
+            until("the victim processing each of its slices", async || {
+                let all = starts(&tail);
+                moved.iter().all(|s| all.iter().any(|r| r.node == victim && r.slice == *s && r.at_ns > held_since))
+            })
+            .await?;
             let cordoned = now_ns();
             let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
             c.put(keys.cordon(victim), cordon.encode(), None).await?;
