@@ -508,6 +508,9 @@ mod nfs {
                 let last_old = all.iter().filter(|r| r.node == victim && r.slice == *slice && r.at_ns < *new_first).map(|r| r.at_ns).max();
                 if let Some(last_old) = last_old {
                     gaps.push((new_first - last_old) as f64 / 1e6);
+                    let new_owner = all.iter().find(|r| r.slice == *slice && r.at_ns == *new_first).map(|r| r.node.clone()).unwrap_or_default();
+                    let ms = |t: u128| (t as f64 - cordoned as f64) / 1e6;
+                    eprintln!("drain of {victim}: slice {slice}: its last entry there {:.0} ms, the first on {new_owner} {:.0} ms after the cordon", ms(last_old), ms(*new_first));
                 }
             }
             c.delete(keys.cordon(victim), None).await?;
