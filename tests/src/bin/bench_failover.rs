@@ -18,8 +18,8 @@
 //! `--nfs` runs the runners in three guests of the NFS bed instead (real Linux NFS clients
 //! of an nfs-ganesha export, emulated; the recommended mount options; TTL 5 s, the guests'
 //! one), entries written through NFS by a writer in a guest at 20 a second: per orphaned
-//! slice the time from a kill -9 of a guest's runner (with its leash and handlers) to the
-//! first entry started by the new owner, and per moved slice the gap of a drain (the old
+//! slice the time from a kill -9 of a guest's runner (its leash revokes the lease: a
+//! process crash) to the first entry started by the new owner, and per moved slice the gap of a drain (the old
 //! owner's last entry to the new owner's first, arrivals included). With `--quick`: one
 //! kill and one drain.
 
