@@ -301,6 +301,11 @@ pub struct WholeSite {
     /// The SMTP server.
     pub sink: SmtpSink,
     posters: Vec<Child>,
+    /// Each node's LMTP port (127.0.0.1), and its `runner -r lmtp` while it runs.
+    lmtp_ports: BTreeMap<String, u16>,
+    lmtp: BTreeMap<String, crate::Proc>,
+    /// The node whose mailman.cfg the fixture's own commands use.
+    first_node: String,
     /// The database server.
     pub postgres: Postgres,
 }
@@ -317,6 +322,8 @@ pub struct SiteOptions {
     /// Where to create the site (its var/ is what the nodes share); default: in the spool's
     /// scratch directory.
     pub dir: Option<PathBuf>,
+    /// Whether each node gets an LMTP port of its own ([`WholeSite::start_lmtp`]).
+    pub lmtp: bool,
     /// The address other hosts reach this one at (the NFS bed's 10.0.2.2): PostgreSQL
     /// listens there too and the site's URL and SMTP host name it. Default: PostgreSQL on
     /// a Unix socket, SMTP at 127.0.0.1.
@@ -325,7 +332,7 @@ pub struct SiteOptions {
 
 impl Default for SiteOptions {
     fn default() -> SiteOptions {
-        SiteOptions { nodes: vec!["r1".into(), "r2".into()], retry_sleep: "3s".into(), digest_threshold_kb: 1, dir: None, gateway: None }
+        SiteOptions { nodes: vec!["r1".into(), "r2".into()], retry_sleep: "3s".into(), digest_threshold_kb: 1, dir: None, gateway: None, lmtp: false }
     }
 }
 
@@ -337,6 +344,13 @@ impl WholeSite {
         let spool = Spool::new(&[])?;
         let sink = SmtpSink::start(&spool.scratch("smtp"))?;
         let dir = options.dir.clone().unwrap_or_else(|| spool.scratch("site"));
+        let mut lmtp_ports = BTreeMap::new();
+        if options.lmtp {
+            for node in &options.nodes {
+                lmtp_ports.insert(node.clone(), crate::free_port()?);
+            }
+        }
+        let ports: Vec<String> = options.nodes.iter().filter_map(|n| lmtp_ports.get(n)).map(u16::to_string).collect();
         let out = Command::new(&python)
             .arg(fixtures().join("mailman3_whole_site.py"))
             .arg("init")
@@ -344,6 +358,7 @@ impl WholeSite {
             .args(["--db", &postgres.url(), "--smtp-port", &sink.port.to_string(), "--nodes", &options.nodes.join(","), "--retry-sleep", &options.retry_sleep])
             .args(["--digest-threshold-kb", &options.digest_threshold_kb.to_string()])
             .args(["--smtp-host", options.gateway.as_deref().unwrap_or("127.0.0.1")])
+            .args(["--lmtp-ports", &ports.join(",")])
             .output()?;
         if !out.status.success() {
             bail!("mailman3_whole_site.py init failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -351,7 +366,60 @@ impl WholeSite {
         let queue_dir = dir.join("var/queue");
         let _ = std::fs::remove_dir(spool.root());
         std::os::unix::fs::symlink(&queue_dir, spool.root())?;
-        Ok(WholeSite { spool, dir, python, sink, posters: Vec::new(), postgres })
+        Ok(WholeSite { spool, dir, python, sink, posters: Vec::new(), lmtp_ports, lmtp: BTreeMap::new(), first_node: options.nodes.first().cloned().unwrap_or_default(), postgres })
+    }
+
+    /// Starts node `node`'s LMTP server (Mailman's `runner -r lmtp`, as systemd runs it on
+    /// every host, outside qslice) and returns once it answers on its port.
+    pub fn start_lmtp(&mut self, node: &str) -> Result<()> {
+        let port = *self.lmtp_ports.get(node).with_context(|| format!("no LMTP port for node {node} (SiteOptions::lmtp)"))?;
+        let runner = self.python.parent().context("the venv's bin")?.join("runner");
+        let log = self.spool.scratch(&format!("lmtp-{node}.log"));
+        let config = self.config(node);
+        let proc = crate::Proc::spawn(&runner, &["-C", config.to_str().context("utf8 config path")?, "-r", "lmtp"], &[], &log)?;
+        self.lmtp.insert(node.to_owned(), proc);
+        wait_for(START_TIMEOUT, &format!("{node}'s LMTP server on port {port}"), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            .map_err(|e| anyhow::anyhow!("{e}: {}", std::fs::read_to_string(&log).unwrap_or_default()))?;
+        Ok(())
+    }
+
+    /// The process id of node `node`'s LMTP server, while it runs.
+    pub fn lmtp_pid(&self, node: &str) -> Option<u32> {
+        self.lmtp.get(node).and_then(crate::Proc::pid)
+    }
+
+    /// Stops node `node`'s LMTP server (SIGKILL), as its host's death does.
+    pub fn kill_lmtp(&mut self, node: &str) {
+        if let Some(mut p) = self.lmtp.remove(node) {
+            p.kill();
+        }
+    }
+
+    /// Posts `count` posts to `list` numbered from `start` over LMTP at `rate` per second in
+    /// the background, to every node's LMTP port in turn (the next one when a node does not
+    /// answer, as an MTA does); [`WholeSite::lmtp_accepted`] tells when each was accepted.
+    pub fn post_lmtp_in_background(&mut self, list: &str, count: usize, start: usize, rate: f64) -> Result<()> {
+        let ports: Vec<String> = self.lmtp_ports.values().map(u16::to_string).collect();
+        let log = self.spool.scratch("lmtp-accepted.jsonl");
+        let child = self
+            .site_command(&["post-lmtp", &count.to_string(), "--start", &start.to_string(), "--list", list, "--rate", &rate.to_string(), "--ports", &ports.join(",")])
+            .arg("--log")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()?;
+        self.posters.push(child);
+        Ok(())
+    }
+
+    /// When each post was accepted over LMTP (Unix time), by Message-ID.
+    pub fn lmtp_accepted(&self) -> BTreeMap<String, f64> {
+        #[derive(Deserialize)]
+        struct Accepted {
+            id: String,
+            t: f64,
+        }
+        let text = std::fs::read_to_string(self.spool.scratch("lmtp-accepted.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str::<Accepted>(l).ok()).map(|a| (a.id, a.t)).collect()
     }
 
     /// Node `node`'s mailman.cfg.
@@ -377,7 +445,7 @@ impl WholeSite {
 
     fn site_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.python);
-        cmd.arg(fixtures().join("mailman3_whole_site.py")).arg(args[0]).arg(&self.dir).arg(self.config("r1")).args(&args[1..]);
+        cmd.arg(fixtures().join("mailman3_whole_site.py")).arg(args[0]).arg(&self.dir).arg(self.config(&self.first_node)).args(&args[1..]);
         cmd
     }
 

@@ -500,3 +500,47 @@ fn processes_with_args(args: &[&str]) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The queues of the whole-site end-to-end runs: every queue runner a post passes
+/// through (nntp and command are not on a post's way; bounces has its own test).
+const E2E_QUEUES: [(&str, u32); 7] = [("in", 2), ("pipeline", 2), ("out", 2), ("retry", 1), ("digest", 1), ("archive", 1), ("virgin", 1)];
+
+/// A whole site end to end: posts to both lists arrive over LMTP at every node's `lmtp`
+/// runner (Mailman's, outside qslice, as systemd runs it), flow through every queue
+/// served by two qslice-runners, and go out over SMTP; at the sink each regular member
+/// holds each post exactly once, the digest member's digests hold each post once, the
+/// archive too, and Mailman's logs hold no error.
+#[tokio::test]
+async fn a_whole_site_takes_posts_over_lmtp_and_delivers_each_once_to_each_member() {
+    let options = SiteOptions { lmtp: true, ..SiteOptions::default() };
+    let mut c = cluster(options, &E2E_QUEUES, "", &[]).await;
+    for node in ["r1", "r2"] {
+        c.site.start_lmtp(node).expect("the node's LMTP server");
+    }
+    let n = 40;
+    c.site.post_lmtp_in_background("test", n, 0, 10.0).expect("post over LMTP");
+    c.site.post_lmtp_in_background("digest", n, 0, 10.0).expect("post over LMTP");
+    let flowed = |r: &SiteReport, site: &WholeSite| {
+        let counts = site.delivery_counts();
+        r.post_id.values().all(|p| *p > n as i64) && each_delivered_once(&counts, &post_ids("test", 0..n), &TEST_MEMBERS).is_ok()
+    };
+    c.settled("every post accepted over LMTP and out", flowed).await;
+    let report = c.last_digests_sent(n).await;
+    assert_flow(&report, &c.site, n);
+    // Latency: LMTP accepted -> its last delivery at the sink.
+    let accepted = c.site.lmtp_accepted();
+    assert_eq!(accepted.len(), 2 * n, "every post accepted over LMTP");
+    let mut last: BTreeMap<String, f64> = BTreeMap::new();
+    for d in c.site.sink.deliveries().into_iter().filter(|d| d.rcpt != DIGEST_MEMBER) {
+        let t = last.entry(d.message_id).or_insert(d.t);
+        *t = t.max(d.t);
+    }
+    let mut latency: Vec<f64> = accepted.iter().filter_map(|(id, t)| last.get(id).map(|l| l - t)).collect();
+    latency.sort_by(f64::total_cmp);
+    println!(
+        "{} posts over LMTP to two nodes: LMTP accepted -> last delivery p50 {:.2} s, max {:.2} s",
+        latency.len(),
+        latency[latency.len() / 2],
+        latency.last().copied().unwrap_or(f64::NAN)
+    );
+}
