@@ -166,6 +166,22 @@ impl Drop for Tail {
     }
 }
 
+/// The fences each runner logged (`nodes[i]` names the node of watched file `i`, a
+/// runner's log): a fence ends the node's handlers, so what they had in flight may run
+/// again elsewhere, as after a kill. When is the time the runner's line carries (the
+/// guest's clock, set from the host's at boot), or when the host saw it.
+pub fn fences(seen: &[Seen], nodes: &BTreeMap<usize, String>) -> Vec<crate::checker::Disruption> {
+    seen.iter()
+        .filter(|s| s.line.contains("fenced: stopped all work") || s.line.contains("the fence deadline passed without a renewal"))
+        .filter_map(|s| {
+            let node = nodes.get(&s.file)?;
+            let stamp = s.line.split_whitespace().next().and_then(|w| humantime::parse_rfc3339(w).ok());
+            let at_ns = stamp.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(s.at_ns, |d| d.as_nanos().min(s.at_ns));
+            Some(crate::checker::Disruption { node: node.clone(), at_ns, what: "fenced".into() })
+        })
+        .collect()
+}
+
 /// When the host first saw a runner's log line saying it recovered `entry` (a `.bak` of
 /// the previous owner, at its claim), among `seen`.
 pub fn recovered_at(seen: &[Seen], entry: &str) -> Option<u128> {
