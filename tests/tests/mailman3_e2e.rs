@@ -200,13 +200,22 @@ async fn a_live_reslice_to_8_and_back_to_4_accepts_every_post_once_without_a_mai
     }
     let report = c.all_accepted(400).await;
     assert_each_post_once(&report, 400);
-    // The barrier: no runner under one count overlapped a runner under another.
-    let runs: Vec<_> = report.runners.values().collect();
-    for a in &runs {
-        for b in runs.iter().filter(|b| b.count != a.count) {
-            let a_end = a.stopped.unwrap_or(f64::MAX);
-            let b_end = b.stopped.unwrap_or(f64::MAX);
-            assert!(a_end <= b.started || b_end <= a.started, "runners under {} and {} slices overlapped: {a:?} {b:?}", a.count, b.count);
+    // The barrier: no runner under one count overlapped a runner under another. A slice
+    // runner that died without its stop line (its node fenced on a loaded machine: the
+    // leash or its own kill timer ended it at the fence deadline) ended when its node said so.
+    let logs: BTreeMap<String, String> = c.tc.runners().iter().map(|(n, p)| (n.clone(), p.log())).collect();
+    let end_of =
+        |pid: &str, run: &qslice_tests::mailman3::RunnerLine| run.stopped.or_else(|| logs.get(&run.node).and_then(|log| death_in_log(log, pid, run.started))).unwrap_or(f64::MAX);
+    for (a_pid, a) in &report.runners {
+        for (b_pid, b) in report.runners.iter().filter(|(_, b)| b.count != a.count) {
+            let (a_end, b_end) = (end_of(a_pid, a), end_of(b_pid, b));
+            assert!(
+                a_end <= b.started || b_end <= a.started,
+                "runners under {} and {} slices overlapped: {a:?} (ended {a_end}) {b:?} (ended {b_end})\n{}",
+                a.count,
+                b.count,
+                c.logs()
+            );
         }
     }
     assert_eq!(std::fs::read_to_string(&c.site.config).expect("mailman.cfg"), cfg_before, "mailman.cfg untouched");
@@ -465,4 +474,23 @@ fn a_slice_runner_lives_on_its_renewals_and_dies_when_frozen_past_its_deadline()
     let seen: Vec<String> = events.try_iter().collect();
     assert!(!seen.iter().any(|e| e == "fenced" || e == "stopped"), "it ran nothing after its deadline: {seen:?}");
     println!("frozen with 1.5 s left: killed by its timer {} ms later", died_ms - frozen_ms);
+}
+
+/// When a qslice-runner's log (RFC 3339 UTC timestamps) says the Mailman slice runner
+/// `pid`, started at `started` (Unix seconds), ended without a stop line of its own: a
+/// line about that pid saying it stopped, crashed or was killed, or the node's fence (which
+/// ends every slice runner of the node by its deadline). The earliest such time.
+fn death_in_log(log: &str, pid: &str, started: f64) -> Option<f64> {
+    let pid_field = format!("pid={pid}");
+    log.lines()
+        .filter(|l| {
+            let about_pid = l.split_whitespace().any(|w| w == pid_field) && ["stopped", "crashed", "killing it"].iter().any(|w| l.contains(w));
+            about_pid || l.contains("fenced: stopped all work")
+        })
+        .filter_map(|l| {
+            let stamp = l.split_whitespace().next()?;
+            let t = humantime::parse_rfc3339(stamp).ok()?.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64();
+            (t >= started).then_some(t)
+        })
+        .reduce(f64::min)
 }
