@@ -108,8 +108,9 @@ pub async fn run(cfg: Config, mut client: Client, cache: Arc<ClusterCache>, shut
             tokio::spawn(async move { keep_alive(client, &inc, Role::Coordinator).await })
         };
         tracing::info!(id = %cfg.id, lease = inc.lease_id, "campaigning for leadership");
+        let mut campaigner = campaign_client(&cfg, &client).await;
         let campaign = tokio::select! {
-            r = client.campaign(keys.election(), cfg.id.as_bytes(), inc.lease_id) => Some(r),
+            r = campaigner.campaign(keys.election(), cfg.id.as_bytes(), inc.lease_id) => Some(r),
             _ = inc.fence.lost().cancelled() => None,
             _ = shutdown.cancelled() => None,
         };
@@ -158,6 +159,28 @@ pub async fn run(cfg: Config, mut client: Client, cache: Arc<ClusterCache>, shut
         }
     }
     Ok(())
+}
+
+/// The client a campaign goes over: a connection of its own without the request timeout.
+/// A campaign waits until the keys before this instance's are gone; cut at the request
+/// timeout, it would resign and queue again behind whoever campaigned meanwhile, and a
+/// standby could wait behind a leader that re-campaigns forever.
+async fn campaign_client(cfg: &Config, fallback: &Client) -> Client {
+    let connect = async {
+        let options = qslice_common::etcd::options_without_request_timeout(&cfg.etcd).map_err(|e| e.to_string())?;
+        Client::connect(cfg.etcd.endpoints.clone(), Some(options)).await.map_err(|e| e.to_string())
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, connect).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot open the campaign's own etcd connection; campaigning over the shared one (its request timeout cuts a long wait short)");
+            fallback.clone()
+        }
+        Err(_) => {
+            tracing::warn!("opening the campaign's own etcd connection timed out; campaigning over the shared one");
+            fallback.clone()
+        }
+    }
 }
 
 /// Writes this instance's record (id and addresses) on its lease, for GetStatus.

@@ -59,6 +59,14 @@ async fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     let mut c = tc.client();
     wait_for_async(LONG, "r1 holds all 4 slices", || async { holdings(&mut c.clone(), "t", "in").await.get("r1").is_some_and(|v| v.len() == 4) }).await.expect("assigned");
     let first = leader(&mut c, "t").await.expect("a leader");
+    // The standby's campaign waits as long as the leader leads: past etcd's request
+    // timeout (3 s) it neither fails nor queues again (behind a leader that re-campaigned
+    // meanwhile, it would never lead).
+    let standby = if first == "c1" { "c2" } else { "c1" };
+    tokio::time::sleep(Duration::from_secs(5)).await; // the wait itself: longer than the request timeout
+    let log = tc.coordinator(standby).proc.log();
+    assert!(!log.contains("campaign failed"), "the standby's campaign was cut short:\n{log}");
+    assert_eq!(log.matches("campaigning for leadership").count(), 1, "the standby campaigned once:\n{log}");
     tc.coordinator_mut(&first).proc.kill();
     let killed = Instant::now();
     wait_for_async(LONG, "the standby to lead", || async { leader(&mut c.clone(), "t").await.is_some_and(|l| l != first) }).await.expect("takeover");

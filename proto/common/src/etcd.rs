@@ -41,12 +41,18 @@ pub enum EtcdError {
 /// Builds the connection options: HTTP/2 keepalive (so a dead etcd is noticed), request
 /// and connect timeouts, optional user/password and TLS.
 pub fn connect_options(cfg: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
+    Ok(options_without_request_timeout(cfg)?.with_timeout(REQUEST_TIMEOUT))
+}
+
+/// [`connect_options`] without the request timeout, for calls that wait by design (an
+/// election campaign blocks until this instance leads, for hours maybe): HTTP/2 keepalive
+/// still notices a dead etcd.
+pub fn options_without_request_timeout(cfg: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
     let read = |path: &std::path::Path| std::fs::read(path).map_err(|source| EtcdError::ReadTlsFile { path: path.to_owned(), source });
     let mut options = ConnectOptions::new()
         .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
         .with_keep_alive_while_idle(true)
         .with_connect_timeout(REQUEST_TIMEOUT)
-        .with_timeout(REQUEST_TIMEOUT)
         .with_require_leader(true);
     if let (Some(user), Some(password)) = (&cfg.user, &cfg.password) {
         options = options.with_user(user.clone(), password.clone());
