@@ -225,16 +225,25 @@ impl NfsBed {
         self.guests.iter_mut().find(|g| g.name == name).unwrap_or_else(|| panic!("no guest {name} in the bed"))
     }
 
-    /// Stops ganesha and the rpcbind it started.
+    /// Stops ganesha and rpcbind: killing unshare kills its pid namespace's first process,
+    /// and with it every process of that namespace.
     fn stop_server(&self, server: &mut Child) {
-        kill_and_reap(server);
-        if let Some(pid) = fs::read_to_string(self.dir.path().join("rpcbind.pid")).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+        // Its child first, so that unshare reaps it (and exits) rather than leaving a
+        // zombie to init.
+        let children = fs::read_to_string(format!("/proc/{0}/task/{0}/children", server.id())).unwrap_or_default();
+        for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(server.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        kill_and_reap(server);
     }
 
     /// Starts rpcbind and ganesha in a mount namespace with a private `/run` (rpcbind's
-    /// socket and lock live there, and the host may run an rpcbind of its own); returns
+    /// socket and lock live there, and the host may run an rpcbind of its own) and a pid
+    /// namespace of their own; returns
     /// once ganesha answers on port 2049.
     fn start_server(&self) -> Result<Child, NfsError> {
         let base = self.dir.path();
@@ -247,17 +256,19 @@ impl NfsBed {
         fs::write(&conf, text).map_err(io("write", &conf))?;
         let script = format!(
             "set -e; mount -t tmpfs qslice-run /run; mkdir -p /run/rpcbind /run/ganesha; \
-             setpriv --pdeathsig KILL rpcbind -f -w & echo $! > {rpcbind_pid}; \
+             rpcbind -f -w & \
              i=0; while [ ! -S /run/rpcbind.sock ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
              exec ganesha.nfsd -F -f {conf} -L {log} -p {pid}",
             conf = conf.display(),
             log = log.display(),
-            pid = pid.display(),
-            rpcbind_pid = base.join("rpcbind.pid").display()
+            pid = pid.display()
         );
         let out = fs::File::create(base.join("server.out")).map_err(io("create", &base.join("server.out")))?;
         let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c", &script])
+        // A pid namespace too, whose first process is killed with unshare: when it goes,
+        // the kernel kills rpcbind with it (rpcbind drops root, which clears a parent-death
+        // signal of its own), also when the test process is killed outright.
+        cmd.args(["--mount", "--propagation", "private", "--pid", "--fork", "--kill-child=SIGKILL", "--", "sh", "-c", &script])
             .stdin(Stdio::null())
             .stdout(out.try_clone().map_err(io("dup", &base.join("server.out")))?)
             .stderr(out);
