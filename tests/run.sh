@@ -96,8 +96,6 @@ for bench in bench_failover bench_mailman3 bench_throughput bench_scale bench_fo
   echo "== $bench --quick"
   "$bin_dir/$bench" --quick | tail -n 12
 done
-echo "== bench_failover --nfs --quick"
-"$bin_dir/bench_failover" --nfs --quick | tail -n 4
 cargo nextest run --workspace --no-fail-fast
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).
 bash tests/fuzz/run.sh "${QSLICE_FUZZ_SECONDS:-15}"
