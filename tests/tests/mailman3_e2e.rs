@@ -93,6 +93,11 @@ fn assert_each_post_once(report: &Report, posts: usize) {
     assert_eq!(report.errors, 0, "skipped or shunted messages in Mailman's error log");
 }
 
+/// The number in a post's Message-ID `<qslice-N@example.com>`.
+fn post_number(id: &str) -> Option<usize> {
+    id.strip_prefix("<qslice-")?.split('@').next()?.parse().ok()
+}
+
 async fn wait_for_accepts(site: &Site, at_least: usize) {
     wait_for_async(LONG, "posts being accepted", || {
         let n = site.report().map(|r| r.accepts.len()).unwrap_or(0);
@@ -132,7 +137,16 @@ async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_fl
     c.warm_spares(2).await;
     c.site.post(100, 0).expect("post");
     c.site.post_in_background(300, 100, 40.0).expect("post");
-    wait_for_accepts(&c.site, 20).await;
+    // The kill comes once the background poster's posts are being accepted: each orphaned
+    // slice then has posts arriving or waiting at the takeover, and its first ACCEPT after
+    // the kill measures its idle time. (A poster slow to start under load once left a
+    // slice its old owner had emptied with nothing to accept for 4 s.)
+    wait_for_async(LONG, "the background poster's posts being accepted", || {
+        let started = c.site.report().map(|r| r.accepts.keys().any(|id| post_number(id) >= Some(100))).unwrap_or(false);
+        async move { started }
+    })
+    .await
+    .expect("background posts accepted");
     // The victim is the node holding the most slices.
     let held = holdings(&mut c.tc.client(), "t", "in").await;
     let (victim, orphaned) = held.iter().max_by_key(|(_, s)| s.len()).map(|(n, s)| (n.clone(), s.iter().copied().collect::<BTreeSet<u32>>())).expect("a holder");

@@ -426,13 +426,22 @@ mod nfs {
         Ok(())
     }
 
+    /// The last lines of the coordinator's and each runner's log, for a run that stalled.
+    fn post_mortem(coordinator: &str, runners: &BTreeMap<&str, GuestProc>) {
+        let tail = |log: &str| log.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        eprintln!("--- coordinator\n{}", tail(coordinator));
+        for (node, proc) in runners {
+            eprintln!("--- runner {node}\n{}", tail(&proc.output()));
+        }
+    }
+
     /// Kill -> first entry elsewhere per orphaned slice, and drain gaps per moved slice, in ms.
     async fn measure(bed: &NfsBed, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
         let etcd = Etcd::start()?;
         let spool = Spool::new(&[])?;
         let mut c = client(&etcd).await?;
         put_queue(&mut c, "t", "in", SLICES).await?;
-        let _coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[])?;
+        let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[])?;
         let root = bed.export().join("spool");
         let queue = root.join("in");
         let (rc, out) = bed.guest("g3").run(&format!("mkdir -p {}\n", queue.display()), LONG)?;
@@ -453,7 +462,7 @@ mod nfs {
         };
         until("every slice claimed, two per guest", async || balanced(&mut c.clone()).await).await?;
         let tail = Tail::follow(NODES.iter().map(|n| records_path(bed.guest(n))).chain([enqueued_path(bed.guest("g3"))]).collect());
-        let _writer = bed.guest("g3").spawn(&writer_script(bed.guest("g3"), &queue, 1_000_000, Duration::from_millis(50)))?;
+        let writer = bed.guest("g3").spawn(&writer_script(bed.guest("g3"), &queue, 1_000_000, Duration::from_millis(50)))?;
         let starts = |tail: &Tail| records(&tail.seen()).into_iter().filter(|r| r.rec.what == "start").map(|r| r.rec).collect::<Vec<_>>();
         until("entries processed", async || starts(&tail).len() >= 20).await?;
 
@@ -495,14 +504,21 @@ mod nfs {
             let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
             c.put(keys.cordon(victim), cordon.encode(), None).await?;
             let mut first = BTreeMap::new();
-            until("every moved slice processing elsewhere", async || {
+            let moved_elsewhere = until("every moved slice processing elsewhere", async || {
                 for r in starts(&tail).iter().filter(|r| r.node != victim && r.at_ns > cordoned && moved.contains(&r.slice)) {
                     let t = first.entry(r.slice).or_insert(r.at_ns);
                     *t = (*t).min(r.at_ns);
                 }
                 first.len() == moved.len()
             })
-            .await?;
+            .await;
+            if let Err(e) = moved_elsewhere {
+                eprintln!("drain of {victim} (slices {moved:?}) stalled; holdings now {:?}", holdings(&mut c, "t", "in").await);
+                let enqueued = std::fs::read_to_string(enqueued_path(bed.guest("g3"))).unwrap_or_default();
+                eprintln!("--- writer: {} entries enqueued, the last: {:?}; its output:\n{}", enqueued.lines().count(), enqueued.lines().last(), writer.output());
+                post_mortem(&coordinator.proc.log(), &runners);
+                return Err(e);
+            }
             let all = starts(&tail);
             for (slice, new_first) in &first {
                 let last_old = all.iter().filter(|r| r.node == victim && r.slice == *slice && r.at_ns < *new_first).map(|r| r.at_ns).max();
