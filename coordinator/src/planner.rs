@@ -33,7 +33,10 @@
 //! - Takeovers always happen, in maintenance and when the safety valve trips too. An
 //!   orphan goes to the eligible node furthest below its target (ties: lowest node id).
 //!   A slice in [`PlanInput::stalled`] (its live owner did not claim it in time) is taken
-//!   over like an orphan ([`MoveReason::Unclaimed`]).
+//!   over like an orphan ([`MoveReason::Unclaimed`]), but only by a node not avoided: when
+//!   every other eligible node is avoided too, it stays with its owner (handing it to
+//!   another slow node would only restart the claim clock there, and slow nodes passing
+//!   a slice back and forth never claim it).
 //! - Nodes in [`PlanInput::avoid`] come last: they get a takeover or a drain only when no
 //!   other eligible node exists, and never a balance move (so the balance bounds below
 //!   can leave them under their target while they are avoided).
@@ -347,10 +350,11 @@ pub fn plan(input: &PlanInput) -> Plan {
                 let q = &mut queues[qi];
                 q.orig[*slice as usize] = Some(owner.as_str());
                 // A stalled slice's owner is planned as gone, for this slice only.
-                let stalled = input.stalled.contains(&(queue.clone(), *slice));
-                q.owner[*slice as usize] = if stalled { None } else { node_index.get(owner.as_str()).copied() };
-                if stalled {
-                    q.stalled[*slice as usize] = true;
+                let live = node_index.get(owner.as_str()).copied();
+                if input.stalled.contains(&(queue.clone(), *slice)) {
+                    q.stalled[*slice as usize] = live;
+                } else {
+                    q.owner[*slice as usize] = live;
                 }
             }
             _ => out.released.push((queue.clone(), *slice)),
@@ -473,8 +477,8 @@ struct QueueWork<'a> {
     entry_of: Vec<u32>,
     /// How many entries get `ceil(x)` rather than `floor(x)`.
     slots: usize,
-    /// Slices whose owner did not claim them in time ([`PlanInput::stalled`]).
-    stalled: Vec<bool>,
+    /// The live owner (node index) of each slice it did not claim in time ([`PlanInput::stalled`]).
+    stalled: Vec<Option<usize>>,
     /// Entries of nodes in [`PlanInput::avoid`], sorted.
     avoided: Vec<usize>,
 }
@@ -523,7 +527,7 @@ impl<'a> QueueWork<'a> {
             entries: Vec::new(),
             entry_of: vec![NO_ENTRY; node_count],
             slots: 0,
-            stalled: vec![false; n],
+            stalled: vec![None; n],
             avoided: Vec::new(),
         }
     }
@@ -668,8 +672,14 @@ impl<'a> QueueWork<'a> {
                 uncovered.push((self.name.to_owned(), s as u32));
                 continue;
             };
+            // A stalled slice goes only to a node not avoided; else its slow owner keeps it.
+            if let Some(owner) = self.stalled[s].and_then(|n| self.entry(n)).filter(|_| !preferred) {
+                heap.push((preferred, deficit, Reverse(e)));
+                self.give(s, owner);
+                continue;
+            }
             let reason = match self.orig[s] {
-                Some(_) if self.stalled[s] => MoveReason::Unclaimed,
+                Some(_) if self.stalled[s].is_some() => MoveReason::Unclaimed,
                 Some(_) => MoveReason::Orphaned,
                 None => MoveReason::NewQueueSlice,
             };
@@ -1610,6 +1620,27 @@ mod tests {
         input.avoid.clear();
         let healed = plan(&input);
         assert_eq!(held(&healed.assignment, "in"), BTreeMap::from([("a".into(), 2), ("b".into(), 2), ("c".into(), 2)]));
+    }
+
+    #[test]
+    fn a_stalled_slice_stays_with_its_owner_when_every_other_node_is_avoided_too() {
+        let mut input = cluster(vec![queue("in", 6)], vec![node("a", 1), node("b", 1), node("c", 1)]);
+        input.current = plan(&input).assignment;
+        // a is drained; b and c each stalled on a slice it was given: both are avoided.
+        input.nodes.iter_mut().filter(|n| n.id == "a").for_each(|n| n.cordoned = true);
+        let stalled_b = input.current.iter().find(|(_, o)| *o == "b").map(|(k, _)| k.clone()).expect("a slice of b");
+        let stalled_c = input.current.iter().find(|(_, o)| *o == "c").map(|(k, _)| k.clone()).expect("a slice of c");
+        input.stalled = BTreeSet::from([stalled_b.clone(), stalled_c.clone()]);
+        input.avoid = BTreeSet::from(["b".to_owned(), "c".to_owned()]);
+        let next = plan(&input);
+        assert_eq!(next.assignment[&stalled_b], "b", "b keeps its stalled slice: c is no better");
+        assert_eq!(next.assignment[&stalled_c], "c", "c keeps its stalled slice");
+        assert!(next.moves.iter().all(|m| m.reason != MoveReason::Unclaimed), "no slice passed between slow nodes: {:?}", next.moves);
+        // Once b and c have claimed, a is drained (to them, avoided or not: nobody else can).
+        input.current = next.assignment.clone();
+        input.stalled.clear();
+        let after = plan(&input);
+        assert!(after.assignment.values().all(|o| o != "a"), "a is drained: {:?}", after.assignment);
     }
 
     #[test]

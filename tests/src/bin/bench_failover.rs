@@ -383,7 +383,7 @@ mod nfs {
     use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
     use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, GuestProc, NfsBed};
     use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, Spool};
-    use qslice_tests::nfs::{enqueued_path, now_ns, records, records_path, runner_script, writer_script, Tail};
+    use qslice_tests::nfs::{enqueued, enqueued_path, now_ns, records, records_path, runner_script, writer_script, Tail};
     use qslice_tests::Etcd;
 
     use super::{stats, Args, LONG};
@@ -517,21 +517,44 @@ mod nfs {
                 let enqueued = std::fs::read_to_string(enqueued_path(bed.guest("g3"))).unwrap_or_default();
                 eprintln!("--- writer: {} entries enqueued, the last: {:?}; its output:\n{}", enqueued.lines().count(), enqueued.lines().last(), writer.output());
                 post_mortem(&coordinator.proc.log(), &runners);
+                keep_coordinator_log(bed, &coordinator.proc.log());
                 return Err(e);
             }
-            let all = starts(&tail);
+            // A slice's hand-off gap: how long its first entry on the new owner waited
+            // beyond both the old owner's last work on the slice and its own arrival. The
+            // writer in a guest is slow (a few entries a second over NFS), so a slice is
+            // often empty at the hand-off: time with nothing to take is no gap.
+            let seen = tail.seen();
+            let all: Vec<_> = records(&seen).into_iter().map(|r| r.rec).collect();
+            let arrived = enqueued(&seen, SLICES);
             for (slice, new_first) in &first {
-                let last_old = all.iter().filter(|r| r.node == victim && r.slice == *slice && r.at_ns < *new_first).map(|r| r.at_ns).max();
-                if let Some(last_old) = last_old {
-                    gaps.push((new_first - last_old) as f64 / 1e6);
-                    let new_owner = all.iter().find(|r| r.slice == *slice && r.at_ns == *new_first).map(|r| r.node.clone()).unwrap_or_default();
-                    let ms = |t: u128| (t as f64 - cordoned as f64) / 1e6;
-                    eprintln!("drain of {victim}: slice {slice}: its last entry there {:.0} ms, the first on {new_owner} {:.0} ms after the cordon", ms(last_old), ms(*new_first));
-                }
+                let Some(taken) = all.iter().find(|r| r.slice == *slice && r.what == "start" && r.at_ns == *new_first) else { continue };
+                let last_old = all.iter().filter(|r| r.node == victim && r.slice == *slice && r.at_ns < *new_first).map(|r| r.at_ns).max().unwrap_or(cordoned).max(cordoned);
+                let Some((arrival, _)) = arrived.get(&taken.filebase) else { continue };
+                let waited_from = last_old.max(*arrival);
+                gaps.push((new_first - waited_from) as f64 / 1e6);
+                let ms = |t: u128| (t as f64 - cordoned as f64) / 1e6;
+                eprintln!(
+                    "drain of {victim}: slice {slice}: its last work there {:.0} ms, its first entry on {} arrived {:.0} ms and started {:.0} ms after the cordon",
+                    ms(last_old),
+                    taken.node,
+                    ms(*arrival),
+                    ms(*new_first)
+                );
             }
             c.delete(keys.cordon(victim), None).await?;
             until("the uncordoned node back and balanced", async || balanced(&mut c.clone()).await).await?;
         }
+        keep_coordinator_log(bed, &coordinator.proc.log());
         Ok((takeovers, gaps))
+    }
+
+    /// Beside a kept bed (`QSLICE_KEEP_NFS_BED`), the coordinator's log, for a post-mortem.
+    fn keep_coordinator_log(bed: &NfsBed, log: &str) {
+        if std::env::var_os("QSLICE_KEEP_NFS_BED").is_some() {
+            if let Some(dir) = bed.export().parent() {
+                let _ = std::fs::write(dir.join("coordinator.log"), log);
+            }
+        }
     }
 }
