@@ -92,10 +92,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 # The benchmark programs in their short mode, so they cannot rot (figures: README).
 bin_dir="$target_dir/debug"
-for bench in bench_failover bench_mailman3 bench_throughput bench_scale bench_footprint; do
+for bench in bench_failover bench_mailman3 bench_site bench_throughput bench_scale bench_footprint; do
   echo "== $bench --quick"
   "$bin_dir/$bench" --quick | tail -n 12
 done
+echo "== bench_failover --nfs --quick"
+"$bin_dir/bench_failover" --nfs --quick | tail -n 4
 cargo nextest run --workspace --no-fail-fast
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).
 bash tests/fuzz/run.sh "${QSLICE_FUZZ_SECONDS:-15}"

@@ -6,7 +6,7 @@
 //! and keep logs, pid and lock files per node. Everything is stopped and removed on drop,
 //! also when a test fails.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::cluster::Spool;
 use crate::mailman3::python;
+use crate::testcluster::{Ready, TestCluster};
 use crate::wait::wait_for;
 
 /// How long PostgreSQL and the SMTP server may take to come up on a loaded machine.
@@ -141,11 +142,24 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// The postmaster's pid, from its `postmaster.pid` (as root the child we started is
+    /// runuser, which passes no signal on).
+    fn postmaster(&self) -> Option<nix::unistd::Pid> {
+        let text = std::fs::read_to_string(self.dir.path().join("data/postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok().map(nix::unistd::Pid::from_raw)
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        let child = nix::unistd::Pid::from_raw(self.server.id() as i32);
+        let postmaster = self.postmaster().unwrap_or(child);
         // SIGQUIT: PostgreSQL's immediate shutdown, which ends every backend at once.
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.server.id() as i32), nix::sys::signal::Signal::SIGQUIT);
+        let _ = kill(postmaster, Signal::SIGQUIT);
         if wait_for(Duration::from_secs(10), "postgres exited", || matches!(self.server.try_wait(), Ok(Some(_)))).is_err() {
+            let _ = kill(postmaster, Signal::SIGKILL);
             let _ = self.server.kill();
         }
         let _ = self.server.wait();
@@ -399,16 +413,8 @@ impl WholeSite {
     /// the background, to every node's LMTP port in turn (the next one when a node does not
     /// answer, as an MTA does); [`WholeSite::lmtp_accepted`] tells when each was accepted.
     pub fn post_lmtp_in_background(&mut self, list: &str, count: usize, start: usize, rate: f64) -> Result<()> {
-        let ports: Vec<String> = self.lmtp_ports.values().map(u16::to_string).collect();
-        let log = self.spool.scratch("lmtp-accepted.jsonl");
-        let child = self
-            .site_command(&["post-lmtp", &count.to_string(), "--start", &start.to_string(), "--list", list, "--rate", &rate.to_string(), "--ports", &ports.join(",")])
-            .arg("--log")
-            .arg(&log)
-            .stdout(Stdio::null())
-            .spawn()?;
-        self.posters.push(child);
-        Ok(())
+        let nodes: Vec<String> = self.lmtp_ports.keys().cloned().collect();
+        self.post_lmtp_to(&nodes.iter().map(String::as_str).collect::<Vec<_>>(), list, count, start, rate)
     }
 
     /// When each post was accepted over LMTP (Unix time), by Message-ID.
@@ -420,6 +426,21 @@ impl WholeSite {
         }
         let text = std::fs::read_to_string(self.spool.scratch("lmtp-accepted.jsonl")).unwrap_or_default();
         text.lines().filter_map(|l| serde_json::from_str::<Accepted>(l).ok()).map(|a| (a.id, a.t)).collect()
+    }
+
+    /// The posts whose LMTP delivery to node `node` failed (no answer, a deferral, a
+    /// connection cut) before another node accepted them: the node may have queued such a
+    /// post before it failed to answer, so it may go out twice.
+    pub fn lmtp_failed_at(&self, node: &str) -> BTreeSet<String> {
+        #[derive(Deserialize)]
+        struct Accepted {
+            id: String,
+            #[serde(default)]
+            failed: Vec<u16>,
+        }
+        let Some(port) = self.lmtp_ports.get(node) else { return BTreeSet::new() };
+        let text = std::fs::read_to_string(self.spool.scratch("lmtp-accepted.jsonl")).unwrap_or_default();
+        text.lines().filter_map(|l| serde_json::from_str::<Accepted>(l).ok()).filter(|a| a.failed.contains(port)).map(|a| a.id).collect()
     }
 
     /// Node `node`'s mailman.cfg.
@@ -519,5 +540,156 @@ impl Drop for WholeSite {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// The queues a post passes through from LMTP to the recipients, the digests and the
+/// archive, with the slice counts the whole-site runs give them (nntp and command are not
+/// on a post's way; bounces only carries bounces).
+pub const POST_QUEUES: [(&str, u32); 7] = [("in", 2), ("pipeline", 2), ("out", 2), ("retry", 1), ("digest", 1), ("archive", 1), ("virgin", 1)];
+
+/// A site's runners' lease TTL: qslice's default (5 s), as a site runs it. A dozen Mailman
+/// processes initialising on two cores starve a runner for longer than the tests' usual
+/// 2 s, and it rightly fences itself.
+pub const SITE_LEASE_TTL: (&str, &str) = ("QSLICE_LEASE_TTL", "5s");
+
+/// A site's coordinator flags: its default revoke deadline (60 s), as a site runs it; a
+/// shorter one fences a node whose Mailman slice runner is still finishing its message
+/// when a slice moves.
+pub const SITE_COORDINATOR_ARGS: &[&str] = &["--revoke-deadline", "60s"];
+
+impl WholeSite {
+    /// Like [`WholeSite::post_lmtp_in_background`], to the LMTP ports of `nodes` only (the
+    /// nodes whose LMTP server runs: an MTA that tries a port nobody listens on waits
+    /// before the next).
+    pub fn post_lmtp_to(&mut self, nodes: &[&str], list: &str, count: usize, start: usize, rate: f64) -> Result<()> {
+        let ports = nodes.iter().map(|n| self.lmtp_ports.get(*n).map(u16::to_string).with_context(|| format!("no LMTP port for node {n}"))).collect::<Result<Vec<_>>>()?;
+        let log = self.spool.scratch("lmtp-accepted.jsonl");
+        let child = self
+            .site_command(&["post-lmtp", &count.to_string(), "--start", &start.to_string(), "--list", list, "--rate", &rate.to_string(), "--ports", &ports.join(",")])
+            .arg("--log")
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()?;
+        self.posters.push(child);
+        Ok(())
+    }
+
+    /// Starts Mailman's own master on node `node` (`mailman start`: every runner its
+    /// config starts, its own `lmtp` runner among them, and `instances` processes of each
+    /// named runner), from a copy of the node's mailman.cfg whose REST runner listens on a
+    /// free port; returns once the node's LMTP port answers. The master and its runners are
+    /// stopped when the returned value is dropped.
+    pub fn start_mailman(&self, node: &str, instances: &[(&str, u32)]) -> Result<MailmanMaster> {
+        let port = *self.lmtp_ports.get(node).with_context(|| format!("no LMTP port for node {node} (SiteOptions::lmtp)"))?;
+        let spec: Vec<String> = instances.iter().map(|(runner, n)| format!("{runner}={n}")).collect();
+        let out = Command::new(&self.python)
+            .arg(fixtures().join("mailman3_whole_site.py"))
+            .arg("master-config")
+            .arg(&self.dir)
+            .arg(self.config(node))
+            .args(["--rest-port", &crate::free_port()?.to_string(), "--instances", &spec.join(",")])
+            .output()?;
+        if !out.status.success() {
+            bail!("mailman3_whole_site.py master-config failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        let config = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let log = self.spool.scratch(&format!("mailman-start-{node}.log"));
+        let mailman = self.python.parent().context("the venv's bin")?.join("mailman");
+        let mut cmd = Command::new(&mailman);
+        if nix::unistd::Uid::effective().is_root() {
+            // The `mailman` command refuses root without it.
+            cmd.arg("--run-as-root");
+        }
+        // The master detaches (its own session) but keeps the command's stdout and stderr:
+        // a file, so that nothing waits for a pipe the master holds open.
+        let out = File::create(&log)?;
+        let status = cmd.arg("-C").arg(&config).arg("start").stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).status().context("run mailman start")?;
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        if !status.success() {
+            bail!("mailman start failed ({status}): {}", read_log());
+        }
+        let pid_file = self.dir.join(format!("var/run-{node}/master.pid"));
+        let mut pid = 0;
+        wait_for(START_TIMEOUT, "Mailman's master pid file", || {
+            pid = std::fs::read_to_string(&pid_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            pid != 0
+        })
+        .map_err(|e| anyhow::anyhow!("{e}: {}", read_log()))?;
+        let master = MailmanMaster { pid, config };
+        wait_for(START_TIMEOUT, &format!("the master's LMTP runner on port {port}"), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+            .map_err(|e| anyhow::anyhow!("{e}: {}", read_log()))?;
+        Ok(master)
+    }
+
+    /// Starts a coordinator and a qslice-runner on each of `nodes` serving `queues` (name,
+    /// slices) with qslice's slice runner, as a site runs them ([`SITE_LEASE_TTL`],
+    /// [`SITE_COORDINATOR_ARGS`]), on a new etcd; returns once every slice is claimed.
+    pub async fn start_cluster(&self, nodes: &[&str], queues: &[(&str, u32)], timeout: Duration) -> Result<TestCluster> {
+        let mut builder = TestCluster::builder().spool(self.spool.clone()).queues(queues).coordinators(1).coordinator_args(SITE_COORDINATOR_ARGS);
+        for node in nodes {
+            let cfg = self.runner_config(node, &queues.iter().map(|(q, _)| (*q, "")).collect::<Vec<_>>(), "")?;
+            builder = builder.runner_with(node, &["--config", &cfg], &[SITE_LEASE_TTL]);
+        }
+        builder.ready(Ready::Claimed).ready_timeout(timeout).start().await
+    }
+
+    /// Starts node `node`'s qslice-runner of `tc` again (as [`WholeSite::start_cluster`]
+    /// does), as its host coming back does.
+    pub fn restart_runner(&self, tc: &mut TestCluster, node: &str, queues: &[(&str, u32)]) -> Result<()> {
+        let cfg = self.runner_config(node, &queues.iter().map(|(q, _)| (*q, "")).collect::<Vec<_>>(), "")?;
+        tc.start_runner_with(node, &["--config", &cfg], &[SITE_LEASE_TTL])?;
+        Ok(())
+    }
+
+    /// `.pck` and `.bak` files in each of `queues`, and the messages in shunt/, counted
+    /// here rather than by [`WholeSite::report`] (which starts Python), for a cheap poll.
+    pub fn queue_files(&self, queues: &[&str]) -> (BTreeMap<String, QueueCount>, usize) {
+        let queue_dir = self.dir.join("var/queue");
+        let count = |queue: &str, ext: &str| {
+            std::fs::read_dir(queue_dir.join(queue)).map(|rd| rd.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(ext)).count()).unwrap_or(0)
+        };
+        let queues = queues.iter().map(|q| ((*q).to_owned(), QueueCount { pck: count(q, ".pck"), bak: count(q, ".bak") })).collect();
+        (queues, count("shunt", ".pck"))
+    }
+}
+
+/// Mailman's own master on one node, started by [`WholeSite::start_mailman`]; stopped on
+/// drop.
+pub struct MailmanMaster {
+    /// The master's pid (from its pid file: `mailman start` detaches it).
+    pid: u32,
+    /// The mailman.cfg it runs with.
+    pub config: PathBuf,
+}
+
+impl MailmanMaster {
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Stops the master and its runners as `mailman stop` does (SIGTERM to the master,
+    /// which passes it on to each runner and waits for them); whatever of its process tree
+    /// still runs after 30 s is SIGKILLed. Idempotent.
+    pub fn stop(&mut self) -> Result<()> {
+        if self.pid == 0 {
+            return Ok(());
+        }
+        let tree: Vec<u32> = crate::freezer::process_tree(self.pid).into_iter().filter(|p| crate::process_alive(*p)).collect();
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGTERM);
+        self.pid = 0;
+        // A runner finishes the message in hand before it exits: seconds at most.
+        let stopped = wait_for(Duration::from_secs(30), "Mailman's master and its runners to exit", || tree.iter().all(|p| !crate::process_alive(*p)));
+        for pid in tree.iter().filter(|p| crate::process_alive(**p)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        stopped
+    }
+}
+
+impl Drop for MailmanMaster {
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use qslice_tests::freezer::Freezer;
 use qslice_tests::mailman3::Site;
-use qslice_tests::site::{SiteOptions, SiteReport, WholeSite};
+use qslice_tests::site::{SiteOptions, SiteReport, WholeSite, POST_QUEUES, SITE_COORDINATOR_ARGS as SITE_REVOKE_DEADLINE, SITE_LEASE_TTL as SITE_TTL};
 use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::wait_for_async;
 
@@ -20,16 +20,6 @@ const LONG: Duration = Duration::from_secs(180);
 const TEST_MEMBERS: [&str; 5] = ["m1@example.com", "m2@example.com", "m3@example.com", "m4@example.com", "m5@example.com"];
 const DIGEST_REGULAR: [&str; 4] = ["d1@example.com", "d2@example.com", "d3@example.com", "d4@example.com"];
 const DIGEST_MEMBER: &str = "d5@example.com";
-
-/// The runners' lease TTL here: qslice's default (5 s), as a site runs it. A dozen
-/// Mailman processes initialising on two cores beside CPU-bound neighbours starve the
-/// runner for longer than the 2 s the other tests use, and it rightly fences itself.
-const SITE_TTL: (&str, &str) = ("QSLICE_LEASE_TTL", "5s");
-
-/// The coordinator's revoke deadline here: its default (60 s), as a site runs it. The 3 s
-/// of the other tests fences a node whose Mailman slice runner takes longer than that to
-/// finish the message in hand when a slice moves, as a cold start's balance moves do.
-const SITE_REVOKE_DEADLINE: &[&str] = &["--revoke-deadline", "60s"];
 
 struct Cluster {
     // Field order is drop order: the runners stop before the site's servers.
@@ -501,9 +491,8 @@ fn processes_with_args(args: &[&str]) -> Vec<u32> {
         .collect()
 }
 
-/// The queues of the whole-site end-to-end runs: every queue runner a post passes
-/// through (nntp and command are not on a post's way; bounces has its own test).
-const E2E_QUEUES: [(&str, u32); 7] = [("in", 2), ("pipeline", 2), ("out", 2), ("retry", 1), ("digest", 1), ("archive", 1), ("virgin", 1)];
+/// The queues of the whole-site end-to-end runs: every queue runner a post passes through.
+const E2E_QUEUES: [(&str, u32); 7] = POST_QUEUES;
 
 /// What an end-to-end run does to the site while posts flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -517,6 +506,52 @@ enum Fault {
     DrainAndUncordon,
     /// `out` and `in` resliced from 2 to 4 slices and back, live.
     Reslice,
+    /// r1's host dies: its qslice-runner, leash, Mailman slice runners and LMTP server
+    /// stopped at one instant (the cgroup freezer) and SIGKILLed; the host comes back once
+    /// its slices moved.
+    HostDeath,
+    /// r1's host (the same processes) frozen until r2 has claimed its slices, longer than
+    /// the TTL, then thawed.
+    HostFreeze,
+    /// The SMTP server answers 451 to everything for 30 s; retry's sleep_time is 2 s.
+    SmtpOutage,
+}
+
+/// The slices `node` holds of each of the end-to-end queues: queue -> (slice count, slices).
+async fn held_by(tc: &TestCluster, node: &str) -> BTreeMap<String, (u32, Vec<u32>)> {
+    let mut held = BTreeMap::new();
+    for (q, slices) in E2E_QUEUES {
+        held.insert(q.to_owned(), (slices, tc.holdings(q).await.remove(node).unwrap_or_default()));
+    }
+    held
+}
+
+/// Waits until `node` holds no slice of the end-to-end queues.
+async fn taken_from(tc: &TestCluster, node: &str) {
+    wait_for_async(LONG, &format!("{node}'s slices taken over"), || async move {
+        let mut moved = true;
+        for (q, _) in E2E_QUEUES {
+            moved &= !tc.holdings(q).await.contains_key(node);
+        }
+        moved
+    })
+    .await
+    .expect("taken over");
+}
+
+/// Freezes r1's host: its qslice-runner with every process under it, and its LMTP server.
+fn freeze_host(c: &Cluster) -> Freezer {
+    let freezer = Freezer::new().expect("freezer");
+    freezer.add_tree(c.tc.runner("r1").pid().expect("r1's pid")).expect("r1's processes");
+    freezer.add_tree(c.site.lmtp_pid("r1").expect("r1's LMTP server")).expect("r1's LMTP server");
+    freezer.freeze().expect("freeze");
+    freezer
+}
+
+/// Starts r1's qslice-runner again, as its host coming back does.
+fn restart_r1(c: &mut Cluster) {
+    let cfg = c.site.runner_config("r1", &E2E_QUEUES.iter().map(|(q, _)| (*q, "")).collect::<Vec<_>>(), "").expect("runner config");
+    c.tc.start_runner_with("r1", &["--config", &cfg], &[SITE_TTL]).expect("restart r1");
 }
 
 /// A whole site end to end: posts to both lists arrive over LMTP at every node's `lmtp`
@@ -527,7 +562,8 @@ enum Fault {
 /// archive too, and Mailman's logs hold no error. Returns the latencies (LMTP accepted ->
 /// last delivery, seconds, sorted).
 async fn end_to_end(fault: Fault) -> Vec<f64> {
-    let options = SiteOptions { lmtp: true, ..SiteOptions::default() };
+    let retry_sleep = if fault == Fault::SmtpOutage { "2s" } else { "3s" };
+    let options = SiteOptions { lmtp: true, retry_sleep: retry_sleep.into(), ..SiteOptions::default() };
     let mut c = cluster(options, &E2E_QUEUES, "", &[]).await;
     for node in ["r1", "r2"] {
         c.site.start_lmtp(node).expect("the node's LMTP server");
@@ -543,33 +579,45 @@ async fn end_to_end(fault: Fault) -> Vec<f64> {
     .await
     .expect("flowing");
     let mut may_double = BTreeSet::new();
+    let queue_dir = c.site.dir.join("var/queue");
     match fault {
         Fault::None => {}
         Fault::KillRunner => {
-            let queue_dir = c.site.dir.join("var/queue");
-            let mut held: BTreeMap<String, (u32, Vec<u32>)> = BTreeMap::new();
-            for (q, slices) in E2E_QUEUES {
-                held.insert(q.to_owned(), (slices, c.tc.holdings(q).await.remove("r1").unwrap_or_default()));
-            }
             // What r1 has in flight from the kill until its slices are taken over: a post
             // its slice runners hold then may go out twice, and only such a post.
-            let watch = BakWatch::start(&queue_dir, held);
+            let watch = BakWatch::start(&queue_dir, held_by(&c.tc, "r1").await);
             c.tc.runner_mut("r1").kill();
-            wait_for_async(LONG, "r1's slices taken over", || {
-                let tc = &c.tc;
-                async move {
-                    let mut moved = true;
-                    for (q, _) in E2E_QUEUES {
-                        moved &= !tc.holdings(q).await.contains_key("r1");
-                    }
-                    moved
-                }
-            })
-            .await
-            .expect("taken over");
+            taken_from(&c.tc, "r1").await;
             may_double = watch.stop();
-            let cfg = c.site.runner_config("r1", &E2E_QUEUES.iter().map(|(q, _)| (*q, "")).collect::<Vec<_>>(), "").expect("runner config");
-            c.tc.start_runner_with("r1", &["--config", &cfg], &[SITE_TTL]).expect("restart r1");
+            restart_r1(&mut c);
+        }
+        Fault::HostDeath => {
+            let held = held_by(&c.tc, "r1").await;
+            let freezer = freeze_host(&c);
+            // Stopped, its processes hold what they hold: each may go out twice.
+            may_double = baks_in(&queue_dir, &held);
+            for pid in freezer.pids() {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+            freezer.thaw().expect("thaw, so that the killed processes go");
+            c.tc.runner_mut("r1").kill();
+            c.site.kill_lmtp("r1");
+            taken_from(&c.tc, "r1").await;
+            restart_r1(&mut c);
+            c.site.start_lmtp("r1").expect("r1's LMTP server back");
+        }
+        Fault::HostFreeze => {
+            let held = held_by(&c.tc, "r1").await;
+            let freezer = freeze_host(&c);
+            may_double = baks_in(&queue_dir, &held);
+            taken_from(&c.tc, "r1").await;
+            freezer.thaw().expect("thaw");
+            drop(freezer);
+        }
+        Fault::SmtpOutage => {
+            c.site.sink.set_failing(true).expect("451 on");
+            tokio::time::sleep(Duration::from_secs(30)).await; // the outage itself
+            c.site.sink.set_failing(false).expect("451 off");
         }
         Fault::DrainAndUncordon => {
             let admin = c.tc.coordinator("c1").admin.clone();
@@ -599,6 +647,11 @@ async fn end_to_end(fault: Fault) -> Vec<f64> {
         r.post_id.values().all(|p| *p > n as i64) && post_ids("test", 0..n).iter().all(|id| TEST_MEMBERS.iter().all(|m| counts.contains_key(&(m.to_string(), id.clone()))))
     };
     c.settled("every post accepted over LMTP and out", flowed).await;
+    // A post whose LMTP delivery to r1 failed at its death or freeze may have been queued
+    // there before the poster tried r2: an MTA sends such a post again.
+    if matches!(fault, Fault::HostDeath | Fault::HostFreeze) {
+        may_double.extend(c.site.lmtp_failed_at("r1"));
+    }
     let report = c.last_digests_sent(n).await;
     assert_clean(&report);
     let counts = c.site.delivery_counts();
@@ -664,6 +717,21 @@ async fn a_whole_site_delivers_each_post_once_through_a_live_reslice_of_out_and_
     end_to_end(Fault::Reslice).await;
 }
 
+#[tokio::test]
+async fn a_whole_site_delivers_each_post_once_through_the_death_of_a_host() {
+    end_to_end(Fault::HostDeath).await;
+}
+
+#[tokio::test]
+async fn a_whole_site_delivers_each_post_once_through_a_host_frozen_past_its_ttl() {
+    end_to_end(Fault::HostFreeze).await;
+}
+
+#[tokio::test]
+async fn a_whole_site_delivers_each_post_once_through_an_smtp_outage() {
+    end_to_end(Fault::SmtpOutage).await;
+}
+
 /// Runs qslicectl against the coordinator's admin API; it must succeed.
 fn qslicectl(admin: &str, args: &[&str]) -> String {
     let out = std::process::Command::new(qslice_tests::qslice_bin("qslicectl").expect("built"))
@@ -692,17 +760,7 @@ impl BakWatch {
             let mut ids = BTreeSet::new();
             let mut read = BTreeSet::new();
             while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                for (queue, (count, slices)) in &held {
-                    for entry in std::fs::read_dir(dir.join(queue)).into_iter().flatten().flatten() {
-                        let name = entry.file_name().to_string_lossy().into_owned();
-                        let Ok(parsed) = qslice_proto::slice::EntryName::parse(&name) else { continue };
-                        if parsed.ext != "bak" || !slices.contains(&parsed.slice(*count)) || !read.insert(name) {
-                            continue;
-                        }
-                        let bytes = std::fs::read(entry.path()).unwrap_or_default();
-                        ids.extend(message_ids(&bytes));
-                    }
-                }
+                read_baks(&dir, &held, &mut read, &mut ids);
                 std::thread::sleep(Duration::from_millis(20));
             }
             ids
@@ -714,6 +772,28 @@ impl BakWatch {
     fn stop(self) -> BTreeSet<String> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         self.thread.join().expect("the watch thread")
+    }
+}
+
+/// The Message-IDs in the `.bak` files of the slices `held` (as [`BakWatch::start`]) now.
+fn baks_in(queue_dir: &std::path::Path, held: &BTreeMap<String, (u32, Vec<u32>)>) -> BTreeSet<String> {
+    let mut ids = BTreeSet::new();
+    read_baks(queue_dir, held, &mut BTreeSet::new(), &mut ids);
+    ids
+}
+
+/// Adds the Message-IDs of each `.bak` of the slices `held` not yet in `read` to `ids`.
+fn read_baks(queue_dir: &std::path::Path, held: &BTreeMap<String, (u32, Vec<u32>)>, read: &mut BTreeSet<String>, ids: &mut BTreeSet<String>) {
+    for (queue, (count, slices)) in held {
+        for entry in std::fs::read_dir(queue_dir.join(queue)).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(parsed) = qslice_proto::slice::EntryName::parse(&name) else { continue };
+            if parsed.ext != "bak" || !slices.contains(&parsed.slice(*count)) || !read.insert(name) {
+                continue;
+            }
+            let bytes = std::fs::read(entry.path()).unwrap_or_default();
+            ids.extend(message_ids(&bytes));
+        }
     }
 }
 
