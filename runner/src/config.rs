@@ -13,8 +13,11 @@ use serde::Deserialize;
 
 use qslice_common::config::{humantime_serde_opt, humantime_serialize, invalid, load_toml, ConfigError, EtcdArgs, EtcdConfig, FileEtcd, LogFormat, ETCD_MIN_TTL};
 
-use crate::singleton::SingletonConfig;
+use crate::schedule::SingletonConfig;
 use crate::supervise::SuperviseConfig;
+
+/// The default of `metrics_slice_series`: per-slice series per queue and runner process.
+pub const DEFAULT_SLICE_SERIES: usize = 256;
 
 /// Command-line flags and environment variables.
 #[derive(Debug, Default, Parser)]
@@ -309,7 +312,7 @@ impl Config {
             drain_timeout: args.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(30)),
             state_dir,
             metrics_addr: args.metrics_addr.or(file.metrics_addr),
-            metrics_slice_series: args.metrics_slice_series.or(file.metrics_slice_series).unwrap_or(crate::figures::DEFAULT_SLICE_SERIES),
+            metrics_slice_series: args.metrics_slice_series.or(file.metrics_slice_series).unwrap_or(DEFAULT_SLICE_SERIES),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             handler,
             supervise,

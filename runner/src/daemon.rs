@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::handler::Handler;
-use crate::incarnation::{run_incarnation, Exit, Shared};
+use crate::incarnation::{run_incarnation, Exit};
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
 use crate::mailman3::{install_script, Starts, WarmPool};
 use crate::membership::register;
+use crate::shared::Shared;
 use crate::supervise::Flavour;
 use qslice_common::etcd::{connect_when_ready, EtcdError, REQUEST_TIMEOUT};
 use qslice_common::lease::{fence_margin, keep_alive, Incarnation, Role};

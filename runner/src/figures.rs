@@ -16,8 +16,8 @@ use qslice_common::lease::{unix_ms, Fence};
 use qslice_common::spool::{QueueDir, Scan};
 use qslice_proto::records::{Record, SliceFigures, SliceStatus, RECORD_VERSION};
 
-use crate::incarnation::Shared;
 use crate::ownership::QueueSlices;
+use crate::shared::Shared;
 
 /// How often a runner publishes its slice figures to etcd.
 pub(crate) const STATUS_INTERVAL: Duration = Duration::from_secs(5);
@@ -63,9 +63,6 @@ pub(crate) async fn supervised_figures(mut client: Client, shared: Arc<Shared>, 
         }
     }
 }
-
-/// The default of `metrics_slice_series`: per-slice series per queue and runner process.
-pub const DEFAULT_SLICE_SERIES: usize = 256;
 
 /// The per-slice series this process created, per queue (the process's recorder is global,
 /// and so is this). The recorder cannot remove a series, so a slice number that got series

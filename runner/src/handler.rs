@@ -109,7 +109,6 @@ impl Handler {
         match self.cfg.kind {
             HandlerKind::Exec => self.exec(job).await,
             HandlerKind::Move => move_entry(job, self.cfg.move_to.as_deref().expect("validated: move_to is set")),
-            // The worker coprocess handler is not built yet; config validation refuses it.
             HandlerKind::Worker => self.worker(job).await,
         }
     }

@@ -21,17 +21,16 @@ use qslice_common::lease::{fence_margin, unix_ms, Fence, Incarnation};
 use qslice_common::spool::QueueDir;
 use qslice_proto::keys::{Key, Keys};
 use qslice_proto::records::{Assignment, Claim, NodeRecord, QueueConfig, Record, RECORD_VERSION};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::claims::{self, ClaimOutcome, QueueRevision, RequestError};
-use crate::config::Config;
 use crate::figures::supervised_figures;
 use crate::handler::Handler;
-use crate::mailman3::WarmPool;
 use crate::ownership::{self, Action, ClaimedSlice, Desired, Held, HeldClaim, QueueSlices, Refusal, SliceId, SlicedQueue};
 use crate::processor::{drain_slice, queue_loop, EntryMeters, QueueState, SliceState, SpoolFaults};
+use crate::shared::Shared;
 use crate::singleton::Singletons;
 use crate::supervise::SuperviseConfig;
 use crate::supervised_slices::{GaveUp, SupervisedSlices};
@@ -50,20 +49,6 @@ pub enum Exit {
     Shutdown,
     /// The fence tripped; all work was stopped.
     Fenced,
-}
-
-/// What every part of the runner shares.
-pub struct Shared {
-    /// The configuration.
-    pub cfg: Config,
-    /// The cluster's keys.
-    pub keys: Keys,
-    /// The handler.
-    pub handler: Handler,
-    /// Bounds the entries in flight on this node.
-    pub permits: Arc<Semaphore>,
-    /// Warm Mailman 3 slice runners, per `mailman3` supervised queue.
-    pub pools: BTreeMap<String, Arc<WarmPool>>,
 }
 
 /// How many claim requests one reconcile has in flight at once.

@@ -2,6 +2,9 @@
 //!
 //! # Layout
 //! - [`config`]: configuration from file, flags and environment.
+//! - [`schedule`]: a singleton command's table and its cron schedule (below `config`).
+//! - [`shared`]: what every part of an incarnation shares (configuration, keys, handler,
+//!   in-flight permits, warm pools).
 //! - [`membership`]: the node record on this incarnation's lease.
 //! - [`incarnation`]: one incarnation's watch loop: executes the ownership plan (claim,
 //!   recover, start, release) and gives up queues that cannot run here.
@@ -10,10 +13,11 @@
 //! - [`claims`]: the claim protocol in etcd: the claim and release transactions, adoption
 //!   of a claim whose answer was lost, releases retried while the lease lasts.
 //! - [`processor`]: handled queues: one loop per queue, entries in flight, handler outcomes.
+//! - [`arrivals`]: the inotify wake-up hint of an idle queue loop (polling stays the truth).
 //! - [`supervised_slices`]: the lifecycle of slices run by supervised Mailman runners.
 //! - [`retry`]: backoff, per-key deferral and alert rate limits for faults of the moment.
 //! - [`figures`]: the slice figures published as metrics and to etcd.
-//! - [`handler`]: the built-in handlers (exec, move).
+//! - [`handler`]: the built-in handlers (exec, move, worker coprocess).
 //! - [`supervise`]: real Mailman runners, one child process per claimed slice.
 //! - [`singleton`]: cluster-wide singleton commands (periodic or long-running), each run by
 //!   the one node that holds its claim, with the same fence, leash and takeover as a slice.
@@ -40,6 +44,8 @@ pub mod membership;
 pub mod ownership;
 pub mod processor;
 pub mod retry;
+pub mod schedule;
+pub mod shared;
 pub mod singleton;
 mod spool_mount;
 pub mod supervise;

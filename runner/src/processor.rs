@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 use crate::arrivals::{Armed, Arrivals, BUSY_PASS};
 use crate::figures::{publish_figures, publish_status, STATUS_INTERVAL};
 use crate::handler::{Handler, Job, Outcome};
-use crate::incarnation::Shared;
 use crate::retry::{errno_name, AlertGate, Backoff, Deferred, ALERT_INTERVAL, SPOOL_BACKOFF};
+use crate::shared::Shared;
 
 /// How often the loop looks for stranded `.bak` entries of its slices (it stats only the
 /// `.bak` files it has not in flight).

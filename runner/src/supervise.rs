@@ -2,9 +2,10 @@
 //!
 //! - The child runs in its own process group and dies with the runner
 //!   (PR_SET_PDEATHSIG), so a runner killed with SIGKILL leaves no Mailman process behind.
-//! - Mailman 3 (the default `mailman3` flavour) runs qslice's own slice runner
-//!   ([`crate::mailman3`]): it is asked to stop over a pipe and stops between messages,
-//!   starts warm, and takes the slice count and the fence deadline from qslice.
+//! - Mailman 3 (the default `mailman3` flavour) runs qslice's own slice runner, which
+//!   builds on this file (`mailman3.rs`; `supervised_slices.rs` chooses between the two):
+//!   it is asked to stop over a pipe and stops between messages, starts warm, and takes
+//!   the slice count and the fence deadline from qslice.
 //! - Quiet stop of the command flavours: Mailman 2.1's qrunner finishes its current
 //!   message on SIGTERM. Mailman 3's own `runner` (`mailman3-runner`) shunts the message
 //!   it is processing when a stop signal arrives while busy; so the child is frozen
@@ -40,7 +41,7 @@ pub enum Flavour {
     /// Mailman 2.1 `bin/qrunner`: SIGTERM finishes the current message.
     #[serde(rename = "mailman2")]
     Mailman2,
-    /// qslice's own Mailman 3 slice runner ([`crate::mailman3`]), run with the site's
+    /// qslice's own Mailman 3 slice runner (`mailman3.rs`), run with the site's
     /// Mailman interpreter: stops between messages, starts warm, takes its slice count
     /// from qslice and honours the fence deadline itself.
     #[default]
@@ -292,9 +293,6 @@ pub struct Supervised {
     pub epoch: i64,
     /// This node's id, passed as QSLICE_NODE.
     pub node: String,
-    /// Where `mailman3` slices take their warm slice runners from; `None` for the
-    /// command flavours.
-    pub pool: Option<std::sync::Arc<crate::mailman3::WarmPool>>,
     /// The incarnation's fence: its deadline is passed on to the slice runner.
     pub fence: std::sync::Arc<qslice_common::lease::Fence>,
 }
@@ -413,9 +411,6 @@ impl Supervised {
 
     /// Runs the slice's Mailman runner until `quiet` (stop quietly) or `kill` (at once).
     pub async fn run(self, quiet: CancellationToken, kill_now: CancellationToken) -> SupervisorExit {
-        if let Some(pool) = self.pool.clone() {
-            return crate::mailman3::run_slice(self, pool, quiet, kill_now).await;
-        }
         let mut crashes: VecDeque<Instant> = VecDeque::new();
         let mut backoff = Duration::from_millis(500);
         loop {

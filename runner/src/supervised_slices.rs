@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::claims::release_claim_retrying;
 use crate::figures::SupervisedView;
-use crate::incarnation::Shared;
 use crate::ownership::{Held, QueueSlices, SliceId};
+use crate::shared::Shared;
 use crate::supervise::{SuperviseConfig, Supervised, SupervisorExit};
 
 /// A supervised slice's supervisor gave up.
@@ -74,9 +74,11 @@ impl SupervisedSlices {
             dir: QueueDir::new(&shared.cfg.spool, &slice.queue),
             epoch,
             node: shared.cfg.node_id.clone(),
-            pool: shared.pools.get(&slice.queue).cloned(),
             fence: fence.clone(),
         };
+        // A `mailman3` queue runs qslice's slice runner from its warm pool; the command
+        // flavours run the configured command.
+        let pool = shared.pools.get(&slice.queue).cloned();
         let quiet = CancellationToken::new();
         // A fence kills the child at once.
         let kill = fence.lost().child_token();
@@ -84,7 +86,10 @@ impl SupervisedSlices {
         let task = {
             let (quiet, slice) = (quiet.clone(), slice.clone());
             tokio::spawn(async move {
-                let exit = supervised.run(quiet, kill).await;
+                let exit = match pool {
+                    Some(pool) => crate::mailman3::run_slice(supervised, pool, quiet, kill).await,
+                    None => supervised.run(quiet, kill).await,
+                };
                 match &exit {
                     SupervisorExit::GaveUp(reason) => {
                         let _ = gave_up.send(GaveUp { slice, epoch, reason: reason.clone(), crashed: true });
