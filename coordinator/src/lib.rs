@@ -6,8 +6,10 @@
 //! - [`view`]: a decoded snapshot of the cluster, the planner's input built from it
 //!   ([`view::planner_input`], one builder for the leader and the rebalance dry run), and
 //!   the writes that reach a plan (pure).
-//! - [`planner`]: the pure assignment planner.
+//! - [`planner`]: the pure assignment planner: its contract and `plan` (`mod.rs`), one
+//!   queue's work (`queue_work.rs`), the rounding of shares to slices (`rounding.rs`).
 //! - [`leader`]: election and the level-triggered reconcile loop (the daemon).
+//! - [`holds`]: the leader's revoke of a runner's lease and the hold on its slices.
 //! - [`claim_checks`]: the leader's checks of claims against the assignment (claim
 //!   deadline, unexplained claims, the reslice barrier) and its pause-proof clock (pure).
 //! - [`health`]: the alerts and queue states derived from a snapshot (pure).
@@ -18,8 +20,9 @@
 //!   reply; qslicectl prints them and the dashboard draws them (pure).
 //! - [`dashboard`]: the HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, and the live
 //!   dashboard page (`dashboard/page.html`) with its `/api/status`.
-//! - [`ctl`]: qslicectl's admin client ([`ctl::client`]), its reply rows ([`ctl::rows`])
-//!   and text output ([`ctl::render`]).
+//! - [`ctl`]: qslicectl's admin client ([`ctl::client`]), its reply rows ([`ctl::rows`]),
+//!   text output ([`ctl::render`]), `explain` ([`ctl::explain`]) and `rolling-restart`
+//!   ([`ctl::restart`]).
 //! - [`offline`]: qslicectl's tools that need no coordinator (`slice-of`, `spool stats`).
 //!
 //! The binaries in `src/bin/` parse flags, wire these together and print.
