@@ -13,7 +13,7 @@
 //! - [`claim_checks`]: the leader's checks of claims against the assignment (claim
 //!   deadline, unexplained claims, the reslice barrier) and its pause-proof clock (pure).
 //! - [`health`]: the alerts and queue states derived from a snapshot (pure).
-//! - [`admin`]: the admin API's decisions (ExplainSlice's included); [`service`] is its
+//! - [`admin`]: the admin API's decisions (ExplainSlice's in `admin/explain.rs`); [`service`] is its
 //!   thin gRPC face.
 //! - [`history`]: the slice moves an instance saw, for ExplainSlice's last move.
 //! - [`status_rows`]: the cluster status as rows, built from the admin API's status
