@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use qslice_common::lease::Fence;
-use qslice_common::spool::{Dequeued, Entry, InFlight, QueueDir, Scan, SpoolError};
+use qslice_common::spool::{Dequeued, Entry, InFlight, Problem, QueueDir, Scan, SpoolError};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -342,13 +342,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
             Ok(Ok(scan)) => scan,
             Ok(Err(e)) => {
                 let delay = list_backoff.next_delay();
-                if let Some(held_back) = state.spool_error("list") {
-                    let errno = match &e {
-                        SpoolError::ListQueue { source, .. } => errno_name(source),
-                        _ => String::new(),
-                    };
-                    tracing::error!(queue = %state.queue, file = %state.dir.dir().display(), %errno, error = %e, retry_in = ?delay, alerts_held_back = held_back, "alert: cannot list the queue; retrying");
-                }
+                alert_list_failure(&state, &e, delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = fence.lost().cancelled() => return,
@@ -368,36 +362,10 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
             recover_stranded(&state, &shared, &fence, &scan, &owned).await;
         }
         let Scan { mut pending, problems, .. } = scan;
-        if !problems.is_empty() {
-            let dir = state.dir.clone();
-            let queue = state.queue.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                for problem in problems {
-                    match dir.quarantine(problem) {
-                        Ok(q) => {
-                            metrics::counter!("qslice_runner_entries_total", "queue" => queue.clone(), "outcome" => "quarantined").increment(1);
-                            tracing::warn!(%queue, from = %q.from.display(), to = %q.to.display(), reason = %q.reason, "not a queue entry; quarantined");
-                        }
-                        Err(e) => tracing::error!(%queue, error = %e, "quarantine failed"),
-                    }
-                }
-            })
-            .await;
-        }
+        quarantine(&state, problems).await;
         // Round-robin over the claimed slices, FIFO within each; an entry whose take failed
         // waits for its backoff, and one no longer listed is forgotten.
-        let now = Instant::now();
-        {
-            // Nothing to look at (the common case): no set of every listed name per pass.
-            let mut faults = state.faults.lock().expect("faults lock");
-            if !faults.entries.is_empty() {
-                let listed: BTreeSet<&str> = pending.values().flatten().map(|e| e.name.filebase.as_str()).collect();
-                faults.entries.retain(|f| listed.contains(f.as_str()));
-                for list in pending.values_mut() {
-                    faults.keep_ready(list, now);
-                }
-            }
-        }
+        keep_ready(&state, &mut pending);
         // Newly claimed slices first in the round-robin (the rest in slice order).
         owned.sort_by_key(|s| !fresh.contains(s));
         let mut lists: Vec<VecDeque<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(VecDeque::from).collect();
@@ -408,18 +376,7 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
             while i < lists.len() {
                 if state.slices_added.any_fresh() {
                     // Slices claimed meanwhile come next, from their claim's own listing.
-                    let faults = state.faults.lock().expect("faults lock");
-                    let now = Instant::now();
-                    let mut taken_in = Vec::new();
-                    for (slice, mut entries) in state.slices_added.take() {
-                        // One added before `owned` was read is in this pass's listing already.
-                        if owned.contains(&slice) {
-                            continue;
-                        }
-                        owned.push(slice);
-                        faults.keep_ready(&mut entries, now);
-                        taken_in.push(VecDeque::from(entries));
-                    }
+                    let taken_in = take_in_added(&state, &mut owned);
                     lists.splice(i..i, taken_in);
                 }
                 let Some(entry) = lists[i].pop_front() else {
@@ -464,6 +421,72 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
             }
         }
     }
+}
+
+/// Says (rate-limited) that listing the queue failed and when it is tried again.
+fn alert_list_failure(state: &QueueState, e: &SpoolError, delay: Duration) {
+    if let Some(held_back) = state.spool_error("list") {
+        let errno = match e {
+            SpoolError::ListQueue { source, .. } => errno_name(source),
+            _ => String::new(),
+        };
+        tracing::error!(queue = %state.queue, file = %state.dir.dir().display(), %errno, error = %e, retry_in = ?delay, alerts_held_back = held_back, "alert: cannot list the queue; retrying");
+    }
+}
+
+/// Moves what the listing found that is not a queue entry into quarantine.
+async fn quarantine(state: &QueueState, problems: Vec<Problem>) {
+    if problems.is_empty() {
+        return;
+    }
+    let dir = state.dir.clone();
+    let queue = state.queue.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        for problem in problems {
+            match dir.quarantine(problem) {
+                Ok(q) => {
+                    metrics::counter!("qslice_runner_entries_total", "queue" => queue.clone(), "outcome" => "quarantined").increment(1);
+                    tracing::warn!(%queue, from = %q.from.display(), to = %q.to.display(), reason = %q.reason, "not a queue entry; quarantined");
+                }
+                Err(e) => tracing::error!(%queue, error = %e, "quarantine failed"),
+            }
+        }
+    })
+    .await;
+}
+
+/// Forgets the take failures of entries no longer listed and holds back, in `pending`,
+/// the entries whose take failed until their backoff has run out.
+fn keep_ready(state: &QueueState, pending: &mut BTreeMap<u32, Vec<Entry>>) {
+    // Nothing to look at (the common case): no set of every listed name per pass.
+    let mut faults = state.faults.lock().expect("faults lock");
+    if faults.entries.is_empty() {
+        return;
+    }
+    let now = Instant::now();
+    let listed: BTreeSet<&str> = pending.values().flatten().map(|e| e.name.filebase.as_str()).collect();
+    faults.entries.retain(|f| listed.contains(f.as_str()));
+    for list in pending.values_mut() {
+        faults.keep_ready(list, now);
+    }
+}
+
+/// The entry lists of slices claimed since `owned` was read (from their claim's own
+/// listing), which join `owned`.
+fn take_in_added(state: &QueueState, owned: &mut Vec<u32>) -> Vec<VecDeque<Entry>> {
+    let faults = state.faults.lock().expect("faults lock");
+    let now = Instant::now();
+    let mut taken_in = Vec::new();
+    for (slice, mut entries) in state.slices_added.take() {
+        // One added before `owned` was read is in this pass's listing already.
+        if owned.contains(&slice) {
+            continue;
+        }
+        owned.push(slice);
+        faults.keep_ready(&mut entries, now);
+        taken_in.push(VecDeque::from(entries));
+    }
+    taken_in
 }
 
 /// Recovers the stranded `.bak` entries of the owned slices in `scan` (see [`stranded`]),
