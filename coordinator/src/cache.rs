@@ -15,10 +15,11 @@
 //! went in one etcd revision) and that lease's granted TTL, asked of etcd when the node
 //! joined, so the idle time can be counted from the dead node's last keepalive.
 
+use qslice_common::lease::unix_ms;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client, KeyValue};
 use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
@@ -87,14 +88,9 @@ pub struct ClaimEnd {
     pub lease_ttl_ms: Option<i64>,
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
 /// An event of `kind` stamped now.
 pub fn event(kind: Kind) -> Event {
-    Event { kind: kind as i32, time_unix_ms: now_ms(), ..Event::default() }
+    Event { kind: kind as i32, time_unix_ms: unix_ms(), ..Event::default() }
 }
 
 impl ClusterCache {
@@ -329,7 +325,7 @@ impl ClusterCache {
                     let end = ClaimEnd {
                         epoch,
                         revision: kv.mod_revision(),
-                        at_unix_ms: now_ms(),
+                        at_unix_ms: unix_ms(),
                         lease,
                         lease_ended: false,
                         lease_ttl_ms: self.lease_ttls.lock().expect("ttl lock").get(&lease).map(|s| s * 1000),
@@ -409,7 +405,7 @@ impl ClusterCache {
             return;
         }
         let view = self.view();
-        let now: BTreeMap<AlertKey, String> = active_alerts(&view, now_ms(), &self.settings).into_iter().map(|a| (a.key, a.message)).collect();
+        let now: BTreeMap<AlertKey, String> = active_alerts(&view, unix_ms(), &self.settings).into_iter().map(|a| (a.key, a.message)).collect();
         let mut alerted = self.alerted.lock().expect("alerted lock");
         for (key, message) in &now {
             if alerted.insert(key.clone()) {

@@ -46,10 +46,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
-use crate::cache::{now_ms, ClaimEnd, ClusterCache};
+use crate::cache::{ClaimEnd, ClusterCache};
 use crate::config::AdminConfig;
 use crate::leader::LeaderState;
 use crate::status_rows::{status_view, StatusView};
+use qslice_common::lease::unix_ms;
 
 /// Events kept for the timeline (newest win).
 pub const KEEP_EVENTS: usize = 200;
@@ -295,7 +296,7 @@ async fn api_status(State(d): State<Dashboard>, headers: HeaderMap) -> Response 
     match admin.status(true) {
         Ok(status) => {
             let history = d.inner.history.lock().expect("history lock").clone();
-            json(StatusCode::OK, &StatusBody::new(&status, &history, now_ms()))
+            json(StatusCode::OK, &StatusBody::new(&status, &history, unix_ms()))
         }
         Err(e) => json(StatusCode::SERVICE_UNAVAILABLE, &ErrorBody { error: e.to_string() }),
     }

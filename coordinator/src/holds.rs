@@ -16,6 +16,7 @@
 //! the hold key to be absent, and they watch it to claim the moment it goes. The holds
 //! are in etcd, not in the leader, so a leader that fails over meanwhile loses nothing.
 
+use qslice_common::lease::unix_ms;
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
@@ -126,8 +127,4 @@ async fn renew_once(client: &mut Client, lease: i64) -> Result<(), RevokeError> 
         Some(reply) if reply.ttl() > 0 => Ok(()),
         _ => Err(RevokeError::TimedOut { what: "renewing the hold (no answer)" }),
     }
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -20,12 +20,13 @@ use qslice_proto::records::{
 use qslice_proto::slice::validate_slice_count;
 use tokio_stream::Stream;
 
-use crate::cache::{now_ms, ClusterCache};
+use crate::cache::ClusterCache;
 use crate::config::AdminConfig;
 use crate::health::{active_alerts, in_flight_too_long, no_eligible_node, queue_state, refused_by};
 use crate::history::{MoveHistory, SeenMove};
 use crate::planner::{plan, NodeSpec, PlanInput, PlanOptions};
 use crate::view::{planner_input, ClusterView};
+use qslice_common::lease::unix_ms;
 
 mod explain;
 
@@ -141,7 +142,7 @@ impl Admin {
     /// Starts following the cache's events for ExplainSlice's last move (when called
     /// inside a tokio runtime).
     pub fn new(client: Client, keys: Keys, cache: Arc<ClusterCache>, cfg: AdminConfig) -> Admin {
-        let history = Arc::new(MoveHistory::new(now_ms()));
+        let history = Arc::new(MoveHistory::new(unix_ms()));
         crate::history::spawn(history.clone(), &cache);
         Admin { client, keys, cache, cfg, history }
     }
@@ -200,10 +201,10 @@ impl Admin {
             queues: queue_rows(&view),
             slices,
             maintenance: view.maintenance,
-            alerts: active_alerts(&view, now_ms(), &self.cache.alert_settings()).into_iter().map(|a| a.message).collect(),
+            alerts: active_alerts(&view, unix_ms(), &self.cache.alert_settings()).into_iter().map(|a| a.message).collect(),
             // `singletons/` claims and `singleton-runs/` slots: kept by the cache, not decoded
             // into the snapshot (they never change the plan).
-            singletons: singleton_rows(&self.keys, &self.cache.raw_under(&format!("{}singleton", self.keys.root())), now_ms()),
+            singletons: singleton_rows(&self.keys, &self.cache.raw_under(&format!("{}singleton", self.keys.root())), unix_ms()),
         })
     }
 
@@ -231,7 +232,7 @@ impl Admin {
                 queues: n.queues.clone(),
                 cordoned: view.cordons.contains(&n.node_id),
                 incarnation: n.incarnation.to_string(),
-                age_seconds: ((now_ms() - n.started_unix_ms).max(0) / 1000) as u64,
+                age_seconds: ((unix_ms() - n.started_unix_ms).max(0) / 1000) as u64,
                 slices_held: held.get(n.node_id.as_str()).copied().unwrap_or(0),
                 version: n.version.clone(),
                 metrics_address: n.metrics_addr.clone().unwrap_or_default(),
@@ -243,7 +244,7 @@ impl Admin {
         let desired = view.current_assignment();
         let figures = view.slice_figures();
         let settings = self.cache.alert_settings();
-        let now = now_ms();
+        let now = unix_ms();
         let mut rows = Vec::new();
         for (name, q) in &view.queues {
             let no_eligible = no_eligible_node(view, q).is_some();
@@ -294,7 +295,7 @@ impl Admin {
     pub async fn cordon(&self, node: &str) -> Result<NodeInfo, AdminError> {
         let view = self.view()?;
         self.live_node(&view, "node", node)?;
-        let record = Cordon { v: RECORD_VERSION, reason: "cordoned through the admin API".into(), since_unix_ms: now_ms() };
+        let record = Cordon { v: RECORD_VERSION, reason: "cordoned through the admin API".into(), since_unix_ms: unix_ms() };
         self.put(self.keys.cordon(node), record.encode()).await?;
         let mut row = self.node_rows(&view).into_iter().find(|n| n.id == node).ok_or_else(|| not_found("node", node))?;
         row.cordoned = true;
@@ -415,7 +416,7 @@ impl Admin {
             return Err(invalid("target_node", format!("node {target:?} is cordoned")));
         }
         let from = view.current_assignment().get(&(q.name.clone(), s)).cloned().unwrap_or_default();
-        let record = MoveRequest { v: RECORD_VERSION, node_id: target.to_owned(), requested_unix_ms: now_ms() };
+        let record = MoveRequest { v: RECORD_VERSION, node_id: target.to_owned(), requested_unix_ms: unix_ms() };
         self.put(self.keys.move_request(&q.name, s), record.encode()).await?;
         Ok((from, target.to_owned()))
     }
@@ -461,7 +462,7 @@ impl Admin {
             })
             .collect();
         if !dry_run {
-            let record = RebalanceRequest { v: RECORD_VERSION, requested_unix_ms: now_ms() };
+            let record = RebalanceRequest { v: RECORD_VERSION, requested_unix_ms: unix_ms() };
             self.put(self.keys.rebalance(), record.encode()).await?;
         }
         Ok(RebalanceResponse { moves, applied: !dry_run })
@@ -488,7 +489,7 @@ impl Admin {
             }
         }
         let facts = ExplainFacts {
-            now_ms: now_ms(),
+            now_ms: unix_ms(),
             claim,
             lease,
             unowned_seconds: if view.claims.contains_key(&k) { 0.0 } else { self.cache.unowned_for(&k).unwrap_or(0.0) },
@@ -501,7 +502,7 @@ impl Admin {
 
     /// Turns maintenance mode on or off.
     pub async fn set_maintenance(&self, on: bool) -> Result<bool, AdminError> {
-        let record = Maintenance { v: RECORD_VERSION, on, since_unix_ms: now_ms() };
+        let record = Maintenance { v: RECORD_VERSION, on, since_unix_ms: unix_ms() };
         self.put(self.keys.maintenance(), record.encode()).await?;
         Ok(on)
     }

@@ -1,6 +1,7 @@
 //! The admin client: addresses and fallback, the bearer token, TLS, and the calls.
 //! See [`crate::ctl`] for the contract.
 
+use qslice_common::etcd::causes;
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -189,21 +190,6 @@ where
     Err(CtlError::NoCoordinator(failures))
 }
 
-/// An error and its causes on one line (tonic's transport errors say little on their own).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 // ---------------------------------------------------------------------------------------
 // Token and TLS
 
@@ -311,11 +297,11 @@ impl Admin {
     }
 
     async fn connect(&self, address: &str) -> Result<AdminApi, AttemptError> {
-        let mut endpoint = Endpoint::from_shared(address.to_owned()).map_err(|e| AttemptError::Connect(error_chain(&e)))?.connect_timeout(self.timeout);
+        let mut endpoint = Endpoint::from_shared(address.to_owned()).map_err(|e| AttemptError::Connect(causes(&e)))?.connect_timeout(self.timeout);
         if let (true, Some(tls)) = (address.starts_with("https://"), &self.tls) {
-            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| AttemptError::Connect(error_chain(&e)))?;
+            endpoint = endpoint.tls_config(tls.clone()).map_err(|e| AttemptError::Connect(causes(&e)))?;
         }
-        let channel = endpoint.connect().await.map_err(|e| AttemptError::Connect(error_chain(&e)))?;
+        let channel = endpoint.connect().await.map_err(|e| AttemptError::Connect(causes(&e)))?;
         Ok(AdminClient::with_interceptor(channel, self.token.clone()))
     }
 

@@ -132,10 +132,9 @@ pub fn version_warning(version: &str) -> Option<String> {
     })
 }
 
-/// An error with all its causes, for logs: transport errors hide the useful part (a TLS
-/// certificate problem, a refused connection) in their sources. A certificate that does not
-/// chain to the configured CA is named as such.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error with all its causes on one line, for logs and messages: transport errors hide
+/// the useful part (a TLS certificate problem, a refused connection) in their sources.
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -146,6 +145,13 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         source = s.source();
     }
+    text
+}
+
+/// An etcd request's error with all its causes ([`causes`]); a certificate that does not
+/// chain to the configured CA is named as such.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = causes(e);
     if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
         text.push_str(" (etcd's certificate is not signed by the CA given as etcd.ca / --etcd-ca)");
     }
