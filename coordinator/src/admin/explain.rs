@@ -144,47 +144,10 @@ pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &Ex
         ));
     }
 
-    // What the leader would do next.
-    let live = view.nodes.keys().cloned().collect();
-    let options = PlanOptions { churn_budget: usize::MAX, max_vanished_fraction: 1.0, maintenance: false };
-    let planned = plan(&planner_input(view, live, options).input);
-    let to_move = |m: &crate::planner::Move| PlannedMove {
-        slice: Some(SliceRef { queue: m.queue.clone(), slice: m.slice }),
-        from_node: m.from.clone().unwrap_or_default(),
-        to_node: m.to.clone(),
-        reason: m.reason.to_string(),
-    };
-    let next_move = planned.moves.iter().find(|m| m.queue == queue && m.slice == slice).map(to_move);
-    let next_note = if next_move.is_some() {
-        String::new()
-    } else if planned.uncovered.contains(&k) {
-        "nothing: no node may take it".to_owned()
-    } else if planned.released.contains(&k) || !planned.assignment.contains_key(&k) {
-        "nothing: the slice is not to run now".to_owned()
-    } else if let Some(held_back) = plan(&dry_run_input(view)).moves.iter().find(|m| m.queue == queue && m.slice == slice && view.maintenance) {
-        format!("nothing while maintenance mode is on; once it is off: {} -> {} ({})", held_back.from.as_deref().unwrap_or("-"), held_back.to, held_back.reason)
-    } else {
-        let owner = planned.assignment.get(&k).cloned().unwrap_or_default();
-        match claim {
-            Some(c) if c.node != owner => format!("nothing new: {} is to hand it over to {owner} (the leader revokes {}'s lease after the revoke deadline)", c.node, c.node),
-            Some(_) => format!("nothing: it stays on {owner}"),
-            None => format!("nothing new: {owner} is to claim it; if it does not within the claim deadline the leader gives it to another node"),
-        }
-    };
+    let (next_move, next_note) = next_step(view, claim, queue, slice);
 
     let holder = claim.map(|c| c.node.clone());
-    let summary = match (&holder, &desired) {
-        (Some(h), Some(d)) if h == d && reasons.is_empty() => format!("processing on {h} (epoch {})", claim.map_or(0, |c| c.epoch)),
-        (Some(h), Some(d)) if h == d => format!("held by {h} (epoch {}), see the reasons below", claim.map_or(0, |c| c.epoch)),
-        (Some(h), Some(d)) => format!("handing off: {h} holds it, {d} is to take it"),
-        (Some(h), None) => format!("held by {h} without an assignment: it is to let go"),
-        (None, _) if q.paused => "idle: the queue is paused".to_owned(),
-        (None, _) if reslicing => "idle: the queue is being resliced".to_owned(),
-        (None, Some(d)) if desired_node.as_ref().is_some_and(|n| !n.live) => format!("idle: its owner {d} is gone and nothing holds it"),
-        (None, Some(d)) => format!("idle: assigned to {d}, which has not claimed it"),
-        (None, None) if no_eligible.is_some() => "idle: no node may take it".to_owned(),
-        (None, None) => "idle: not assigned to any node".to_owned(),
-    };
+    let summary = summary_of(q, claim, &desired, desired_node.as_ref(), reslicing, no_eligible.is_some(), reasons.is_empty());
 
     ExplainSliceResponse {
         slice: Some(SliceRef { queue: queue.to_owned(), slice }),
@@ -226,5 +189,62 @@ pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &Ex
         history_since_unix_ms: facts.history_since_unix_ms,
         next_move,
         next_note,
+    }
+}
+
+/// What the leader would do next with the slice: the move it would plan, or why none.
+fn next_step(view: &ClusterView, claim: Option<&crate::view::ClaimView>, queue: &str, slice: u32) -> (Option<PlannedMove>, String) {
+    let k = (queue.to_owned(), slice);
+    let live = view.nodes.keys().cloned().collect();
+    let options = PlanOptions { churn_budget: usize::MAX, max_vanished_fraction: 1.0, maintenance: false };
+    let planned = plan(&planner_input(view, live, options).input);
+    let to_move = |m: &crate::planner::Move| PlannedMove {
+        slice: Some(SliceRef { queue: m.queue.clone(), slice: m.slice }),
+        from_node: m.from.clone().unwrap_or_default(),
+        to_node: m.to.clone(),
+        reason: m.reason.to_string(),
+    };
+    let next_move = planned.moves.iter().find(|m| m.queue == queue && m.slice == slice).map(to_move);
+    let next_note = if next_move.is_some() {
+        String::new()
+    } else if planned.uncovered.contains(&k) {
+        "nothing: no node may take it".to_owned()
+    } else if planned.released.contains(&k) || !planned.assignment.contains_key(&k) {
+        "nothing: the slice is not to run now".to_owned()
+    } else if let Some(held_back) = plan(&dry_run_input(view)).moves.iter().find(|m| m.queue == queue && m.slice == slice && view.maintenance) {
+        format!("nothing while maintenance mode is on; once it is off: {} -> {} ({})", held_back.from.as_deref().unwrap_or("-"), held_back.to, held_back.reason)
+    } else {
+        let owner = planned.assignment.get(&k).cloned().unwrap_or_default();
+        match claim {
+            Some(c) if c.node != owner => format!("nothing new: {} is to hand it over to {owner} (the leader revokes {}'s lease after the revoke deadline)", c.node, c.node),
+            Some(_) => format!("nothing: it stays on {owner}"),
+            None => format!("nothing new: {owner} is to claim it; if it does not within the claim deadline the leader gives it to another node"),
+        }
+    };
+    (next_move, next_note)
+}
+
+/// The one line a slice's explanation starts with.
+fn summary_of(
+    q: &QueueConfig,
+    claim: Option<&crate::view::ClaimView>,
+    desired: &Option<String>,
+    desired_node: Option<&ExplainNode>,
+    reslicing: bool,
+    no_eligible: bool,
+    no_reasons: bool,
+) -> String {
+    let holder = claim.map(|c| c.node.clone());
+    match (&holder, desired) {
+        (Some(h), Some(d)) if h == d && no_reasons => format!("processing on {h} (epoch {})", claim.map_or(0, |c| c.epoch)),
+        (Some(h), Some(d)) if h == d => format!("held by {h} (epoch {}), see the reasons below", claim.map_or(0, |c| c.epoch)),
+        (Some(h), Some(d)) => format!("handing off: {h} holds it, {d} is to take it"),
+        (Some(h), None) => format!("held by {h} without an assignment: it is to let go"),
+        (None, _) if q.paused => "idle: the queue is paused".to_owned(),
+        (None, _) if reslicing => "idle: the queue is being resliced".to_owned(),
+        (None, Some(d)) if desired_node.is_some_and(|n| !n.live) => format!("idle: its owner {d} is gone and nothing holds it"),
+        (None, Some(d)) => format!("idle: assigned to {d}, which has not claimed it"),
+        (None, None) if no_eligible => "idle: no node may take it".to_owned(),
+        (None, None) => "idle: not assigned to any node".to_owned(),
     }
 }
