@@ -13,7 +13,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::{Arc, Mutex};
+
+use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
+use qslice_proto::keys::{Key, Keys};
+
 use crate::cluster::Rec;
+use crate::now_ns;
 
 /// How long before a handler's own "start" record its runner may have dispatched the entry
 /// (dequeue, then spawn the handler process). A runner killed or frozen in that window
@@ -155,6 +161,34 @@ pub fn check(enqueued: &BTreeMap<String, (u128, u32)>, records: &[Rec], preserve
         *e = (*e).max(idle_ms);
     }
     report
+}
+
+/// Records every claim grant (a claim key created) of `cluster` it sees, with when.
+pub fn observe_grants(client: etcd_client::Client, cluster: &str) -> (Arc<Mutex<Vec<Grant>>>, tokio::task::JoinHandle<()>) {
+    let grants = Arc::new(Mutex::new(Vec::<Grant>::new()));
+    let keys = Keys::new(cluster).expect("keys");
+    let mut watch = PrefixWatch::new(client, keys.claims_prefix());
+    let task = {
+        let grants = grants.clone();
+        tokio::spawn(async move {
+            loop {
+                let update = watch.next().await;
+                let seen_ns = now_ns();
+                let kvs = match update {
+                    PrefixUpdate::Snapshot(kvs) => kvs,
+                    PrefixUpdate::Put(kv) => vec![kv],
+                    PrefixUpdate::Delete(_) => continue,
+                };
+                let mut g = grants.lock().expect("grants");
+                for kv in kvs {
+                    if let Some(Key::Claim { slice, .. }) = keys.parse(kv.key()) {
+                        g.push(Grant { slice, epoch: kv.create_revision(), seen_ns });
+                    }
+                }
+            }
+        })
+    };
+    (grants, task)
 }
 
 #[cfg(test)]

@@ -39,6 +39,19 @@ use nix::unistd::Pid;
 
 pub use wait::{wait_for, wait_for_async};
 
+/// Nanoseconds since the Unix epoch, by the host's clock.
+pub fn now_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos()
+}
+
+/// Runs qslicectl against the coordinator's admin API at `admin` (allowing it `timeout`,
+/// e.g. "120s", for a drain); it must succeed. Its standard output.
+pub fn qslicectl(admin: &str, timeout: &str, args: &[&str]) -> String {
+    let out = Command::new(qslice_bin("qslicectl").expect("built")).args(["--coordinator", admin, "--timeout", timeout]).args(args).output().expect("run qslicectl");
+    assert!(out.status.success(), "qslicectl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; callers retry if it is taken by then).
 pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("bind a free loopback port")?;

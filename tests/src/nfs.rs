@@ -8,29 +8,22 @@
 //! the guest's clock ticks since boot (`/proc/<pid>/stat` field 22): when its runner
 //! dispatched the entry, as the guest saw it.
 
+use crate::now_ns;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
-use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
-use qslice_proto::keys::{Key, Keys};
 use qslice_proto::slice::EntryName;
 use qslice_testbeds::nfs::Guest;
 
-use crate::checker::Grant;
 use crate::cluster::Rec;
 use crate::qslice_bin;
 
 /// The guests' lease TTL: qslice's default. Emulated guests on a loaded two-core machine
 /// run a hundred times slower than the host at moments; 2 s fences them for nothing.
 pub const GUEST_TTL: Duration = Duration::from_secs(5);
-
-/// Nanoseconds since the Unix epoch, by the host's clock.
-pub fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
-}
 
 /// The shell script that runs a qslice-runner in `guest` against etcd at `etcd_port` (the
 /// test's, seen from the guest at 10.0.2.2) on the spool at `spool`, with the recording
@@ -230,34 +223,6 @@ pub fn enqueued(seen: &[Seen], slices: u32) -> BTreeMap<String, (u128, u32)> {
             Some((base.to_owned(), (s.at_ns, name.slice(slices))))
         })
         .collect()
-}
-
-/// Records every claim grant (a claim key created) of `cluster` it sees, with when.
-pub fn observe_grants(client: etcd_client::Client, cluster: &str) -> (Arc<Mutex<Vec<Grant>>>, tokio::task::JoinHandle<()>) {
-    let grants = Arc::new(Mutex::new(Vec::<Grant>::new()));
-    let keys = Keys::new(cluster).expect("keys");
-    let mut watch = PrefixWatch::new(client, keys.claims_prefix());
-    let task = {
-        let grants = grants.clone();
-        tokio::spawn(async move {
-            loop {
-                let update = watch.next().await;
-                let seen_ns = now_ns();
-                let kvs = match update {
-                    PrefixUpdate::Snapshot(kvs) => kvs,
-                    PrefixUpdate::Put(kv) => vec![kv],
-                    PrefixUpdate::Delete(_) => continue,
-                };
-                let mut g = grants.lock().expect("grants");
-                for kv in kvs {
-                    if let Some(Key::Claim { slice, .. }) = keys.parse(kv.key()) {
-                        g.push(Grant { slice, epoch: kv.create_revision(), seen_ns });
-                    }
-                }
-            }
-        })
-    };
-    (grants, task)
 }
 
 /// File bases of the queue files in `dir` (any extension).

@@ -12,24 +12,19 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use qslice_common::etcd::{PrefixUpdate, PrefixWatch};
-use qslice_proto::keys::{Key, Keys};
 use qslice_testbeds::faultfs::{Fault, FaultFs, Match, Op, OpenErrno};
-use qslice_tests::checker::{check, Disruption, Grant};
+use qslice_tests::checker::{check, observe_grants, Disruption};
 use qslice_tests::cluster::fence_times;
 use qslice_tests::cluster::Spool;
+use qslice_tests::now_ns;
 use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::{wait_for_async, Proc};
 use rand::{Rng, SeedableRng};
 
 const SLICES: u32 = 8;
-
-fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
-}
 
 fn names_in(dir: &std::path::Path) -> BTreeSet<String> {
     std::fs::read_dir(dir).map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().split('.').take(2).collect::<Vec<_>>().join(".")).collect()).unwrap_or_default()
@@ -99,28 +94,7 @@ async fn chaos(faulty: bool) {
     let c = tc.client();
 
     // The observer records every claim grant it sees (a claim key created).
-    let grants = Arc::new(Mutex::new(Vec::<Grant>::new()));
-    let observer = {
-        let (grants, keys) = (grants.clone(), Keys::new("t").expect("keys"));
-        let mut watch = PrefixWatch::new(c.clone(), keys.claims_prefix());
-        tokio::spawn(async move {
-            loop {
-                let update = watch.next().await;
-                let seen_ns = now_ns();
-                let kvs = match update {
-                    PrefixUpdate::Snapshot(kvs) => kvs,
-                    PrefixUpdate::Put(kv) => vec![kv],
-                    PrefixUpdate::Delete(_) => continue,
-                };
-                let mut g = grants.lock().expect("grants");
-                for kv in kvs {
-                    if let Some(Key::Claim { slice, .. }) = keys.parse(kv.key()) {
-                        g.push(Grant { slice, epoch: kv.create_revision(), seen_ns });
-                    }
-                }
-            }
-        })
-    };
+    let (grants, observer) = observe_grants(c.clone(), "t");
 
     // A steady stream of entries.
     let enqueued = Arc::new(Mutex::new(BTreeMap::<String, (u128, u32)>::new()));

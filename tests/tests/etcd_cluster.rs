@@ -4,20 +4,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use qslice_tests::checker::{check, Disruption};
 use qslice_tests::cluster::{claims, client_at, fence_times};
 use qslice_tests::etcd_cluster::EtcdCluster;
+use qslice_tests::now_ns;
 use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::wait_for_async;
 
 const LONG: Duration = Duration::from_secs(90);
 const SLICES: u32 = 8;
-
-fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
-}
 
 #[test]
 fn the_cluster_harness_elects_a_leader_again_after_a_member_dies() {

@@ -6,11 +6,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::OpenOptionsExt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use qslice_tests::cluster::{claims, files_in};
 use qslice_tests::freezer::Freezer;
 use qslice_tests::mailman3::Site;
+use qslice_tests::now_ns;
 use qslice_tests::pids_with_env;
 use qslice_tests::testcluster::TestCluster;
 use qslice_tests::wait_for_async;
@@ -21,10 +22,6 @@ const LONG: Duration = Duration::from_secs(120);
 /// `QSLICE_NODE`.
 fn node(name: &str) -> String {
     format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
 }
 
 /// Whether the 4 slices are claimed, some by `a` and some by `b`.

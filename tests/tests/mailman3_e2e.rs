@@ -5,14 +5,13 @@
 //! built once per target dir) and never skip.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 use std::time::Duration;
 
 use qslice_tests::cluster::holdings;
 use qslice_tests::mailman3::{Report, Site};
+use qslice_tests::pids_with_env;
 use qslice_tests::testcluster::{Ready, TestCluster};
 use qslice_tests::wait_for_async;
-use qslice_tests::{pids_with_env, qslice_bin};
 
 /// Generous bound for anything a loaded two-core machine does in seconds normally.
 const LONG: Duration = Duration::from_secs(120);
@@ -42,13 +41,7 @@ async fn cluster(nodes: &[&str], slices: u32, extra: &str) -> Cluster {
 impl Cluster {
     /// Runs qslicectl against the coordinator; it must succeed.
     fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new(qslice_bin("qslicectl").expect("built"))
-            .args(["--coordinator", &self.tc.coordinator("c1").admin, "--timeout", "60s"])
-            .args(args)
-            .output()
-            .expect("run qslicectl");
-        assert!(out.status.success(), "qslicectl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        qslice_tests::qslicectl(&self.tc.coordinator("c1").admin, "60s", args)
     }
 
     async fn holds(&self, node: &str) -> Vec<u32> {

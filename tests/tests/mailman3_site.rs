@@ -11,7 +11,7 @@ use qslice_tests::freezer::Freezer;
 use qslice_tests::mailman3::Site;
 use qslice_tests::site::{SiteOptions, SiteReport, WholeSite, POST_QUEUES, SITE_COORDINATOR_ARGS as SITE_REVOKE_DEADLINE, SITE_LEASE_TTL as SITE_TTL};
 use qslice_tests::testcluster::{Ready, TestCluster};
-use qslice_tests::wait_for_async;
+use qslice_tests::{qslicectl, wait_for_async};
 
 /// Generous bound for anything a loaded two-core machine does in seconds normally.
 const LONG: Duration = Duration::from_secs(180);
@@ -621,17 +621,17 @@ async fn end_to_end(fault: Fault) -> Vec<f64> {
         }
         Fault::DrainAndUncordon => {
             let admin = c.tc.coordinator("c1").admin.clone();
-            qslicectl(&admin, &["drain", "r1"]);
+            qslicectl(&admin, "120s", &["drain", "r1"]);
             for (q, _) in E2E_QUEUES {
                 assert!(!c.tc.holdings(q).await.contains_key("r1"), "r1 drained of {q}");
             }
-            qslicectl(&admin, &["uncordon", "r1"]);
+            qslicectl(&admin, "120s", &["uncordon", "r1"]);
         }
         Fault::Reslice => {
             let admin = c.tc.coordinator("c1").admin.clone();
             for slices in ["4", "2"] {
                 for q in ["out", "in"] {
-                    qslicectl(&admin, &["queue", "set", q, "--slices", slices, "--mailman3"]);
+                    qslicectl(&admin, "120s", &["queue", "set", q, "--slices", slices, "--mailman3"]);
                 }
                 wait_for_async(LONG, "out and in claimed at the new count", || {
                     let (tc, want) = (&c.tc, slices.parse::<usize>().expect("count"));
@@ -730,17 +730,6 @@ async fn a_whole_site_delivers_each_post_once_through_a_host_frozen_past_its_ttl
 #[tokio::test]
 async fn a_whole_site_delivers_each_post_once_through_an_smtp_outage() {
     end_to_end(Fault::SmtpOutage).await;
-}
-
-/// Runs qslicectl against the coordinator's admin API; it must succeed.
-fn qslicectl(admin: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(qslice_tests::qslice_bin("qslicectl").expect("built"))
-        .args(["--coordinator", admin, "--timeout", "120s"])
-        .args(args)
-        .output()
-        .expect("run qslicectl");
-    assert!(out.status.success(), "qslicectl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Watches the `.bak` files of some slices of a site's queues (polled every 20 ms) and

@@ -12,14 +12,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, NfsBed, GATEWAY};
+use qslice_tests::checker::observe_grants;
 use qslice_tests::checker::{check, Disruption};
 use qslice_tests::cluster::claims;
 use qslice_tests::nfs::{
-    baks_in, enqueued, enqueued_path, fences, file_bases_in, heartbeat_script, now_ns, observe_grants, records, records_path, recovered_at, runner_script, writer_script, Tail,
-    GUEST_TTL,
+    baks_in, enqueued, enqueued_path, fences, file_bases_in, heartbeat_script, records, records_path, recovered_at, runner_script, writer_script, Tail, GUEST_TTL,
 };
 use qslice_tests::site::{SiteOptions, WholeSite};
 use qslice_tests::testcluster::{Ready, TestCluster};
+use qslice_tests::{now_ns, qslicectl};
 
 /// Generous bound for what emulated guests do in seconds: with CPU hogs beside the suite
 /// on two cores, a guest runs some ten times slower than on an idle machine (a Mailman
@@ -364,16 +365,16 @@ fn mailman_on_nfs(mount: &str) {
 
         // A drain of g1 (its slice runner finishes the message in hand) and its uncordon.
         let admin = &tc.coordinator("c1").admin;
-        qslicectl(admin, &["drain", "g1"]);
+        qslicectl(admin, "120s", &["drain", "g1"]);
         assert!(!holders(&mut client).await.contains_key("g1"), "g1 drained");
-        qslicectl(admin, &["uncordon", "g1"]);
+        qslicectl(admin, "120s", &["uncordon", "g1"]);
         until_held(&mut client, "g1 serving again", |h| h.contains_key("g1")).await;
         until(LONG, "more posts accepted", || accepted(15)).await;
 
         // kill -9 of g2's runner (its Mailman slice runner dies at its own deadline).
         let held = holders(&mut client).await;
         let orphaned = held.get("g2").map(Vec::len).unwrap_or(0);
-        let killed_at = qslice_tests::nfs::now_ns() as f64 / 1e9;
+        let killed_at = now_ns() as f64 / 1e9;
         r2.signal("KILL").expect("kill g2's runner");
         until(LONG, "g2's runner killed", || r2.signal_sent()).await;
         until_held(&mut client, "g2's slice taken over", |h| !h.contains_key("g2") && h.values().map(Vec::len).sum::<usize>() == 2).await;
@@ -419,17 +420,6 @@ fn accepts(site_dir: &Path) -> BTreeMap<String, Vec<(String, f64)>> {
         a.sort_by(|x, y| x.1.total_cmp(&y.1));
     }
     out
-}
-
-/// Runs qslicectl against the coordinator's admin API; it must succeed.
-fn qslicectl(admin: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(qslice_tests::qslice_bin("qslicectl").expect("built"))
-        .args(["--coordinator", admin, "--timeout", "120s"])
-        .args(args)
-        .output()
-        .expect("run qslicectl");
-    assert!(out.status.success(), "qslicectl {args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// What one client sees of another's renames, and so what qslice's takes, listings and

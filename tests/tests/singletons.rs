@@ -9,13 +9,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Record, SingletonClaim};
 use qslice_tests::cluster::Spool;
 use qslice_tests::freezer::{process_tree, Freezer};
+use qslice_tests::now_ns;
 use qslice_tests::pids_with_env;
 use qslice_tests::testcluster::{TestCluster, CLUSTER};
 use qslice_tests::wait_for_async;
@@ -28,10 +29,6 @@ const TTL: Duration = Duration::from_secs(2);
 /// `QSLICE_NODE`.
 fn node(name: &str) -> String {
     format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
 }
 
 /// Writes a runner configuration file holding one `[singleton.<name>]` table.

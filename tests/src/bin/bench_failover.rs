@@ -24,13 +24,14 @@
 //! kill and one drain.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use qslice_proto::keys::Keys;
 use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
 use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, start_runner, Spool};
+use qslice_tests::now_ns;
 use qslice_tests::wait_for_async;
 use qslice_tests::{Etcd, Proc};
 
@@ -62,10 +63,6 @@ const SLICES: u32 = 12;
 /// Entries put into each slice of a node just before a backlog drain's cordon.
 const BACKLOG: usize = 40;
 const LONG: Duration = Duration::from_secs(60);
-
-fn now_ns() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos()
-}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -383,7 +380,8 @@ mod nfs {
     use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
     use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, GuestProc, NfsBed};
     use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, Spool};
-    use qslice_tests::nfs::{enqueued, enqueued_path, now_ns, records, records_path, runner_script, writer_script, Tail};
+    use qslice_tests::nfs::{enqueued, enqueued_path, records, records_path, runner_script, writer_script, Tail};
+    use qslice_tests::now_ns;
     use qslice_tests::Etcd;
 
     use super::{stats, Args, LONG};
