@@ -72,6 +72,13 @@ async fn until_held(client: &mut etcd_client::Client, what: &str, cond: impl Fn(
     }
 }
 
+/// Whether every entry the writer logged has an end record.
+fn every_entry_processed(tail: &Tail) -> bool {
+    let seen = tail.seen();
+    let done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
+    enqueued(&seen, SLICES).keys().all(|k| done.contains(k))
+}
+
 #[test]
 fn three_guests_on_nfs_with_the_recommended_options_lose_nothing_through_a_runner_kill_and_a_guest_death() {
     failover(RECOMMENDED);
@@ -147,12 +154,7 @@ fn failover(mount: &str) {
 
         let rc = writer.wait(LONG).expect("the writer ends");
         assert_eq!(rc, 0, "the writer failed: {}", writer.output());
-        until(LONG, "every entry processed", || {
-            let seen = tail.seen();
-            let done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
-            enqueued(&seen, SLICES).keys().all(|k| done.contains(k))
-        })
-        .await;
+        until(LONG, "every entry processed", || every_entry_processed(&tail)).await;
         observer.abort();
 
         let seen = tail.seen();
@@ -250,12 +252,7 @@ fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
 
         let rc = writer.wait(LONG).expect("the writer ends");
         assert_eq!(rc, 0, "the writer failed: {}", writer.output());
-        until(LONG, "every entry processed", || {
-            let seen = tail.seen();
-            let done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
-            enqueued(&seen, SLICES).keys().all(|k| done.contains(k))
-        })
-        .await;
+        until(LONG, "every entry processed", || every_entry_processed(&tail)).await;
         // g1 is back in the cluster: its runner fenced itself and joined again.
         until_held(&mut client, "g1 holding slices again", |h| h.contains_key("g1")).await;
         observer.abort();
