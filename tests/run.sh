@@ -86,18 +86,25 @@ for component in rustfmt clippy; do
     rustup component add "$component"
   fi
 done
+# Each step says when it starts, in seconds since the test command began.
+step() { echo "== [${SECONDS}s] $*"; }
+step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
+step "build"
 cargo build --workspace --bins
 # The benchmark programs in their short mode, so they cannot rot (figures: README).
 bin_dir="$target_dir/debug"
 for bench in bench_failover bench_mailman3 bench_site bench_throughput bench_scale bench_footprint; do
-  echo "== $bench --quick"
+  step "$bench --quick"
   "$bin_dir/$bench" --quick | tail -n 12
 done
-echo "== bench_failover --nfs --quick"
+step "bench_failover --nfs --quick"
 "$bin_dir/bench_failover" --nfs --quick | tail -n 4
+step "tests"
 cargo nextest run --workspace --no-fail-fast
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).
+step "fuzz"
 bash tests/fuzz/run.sh "${QSLICE_FUZZ_SECONDS:-15}"
+step "done"
