@@ -136,39 +136,75 @@ pub fn release_txn(keys: &Keys, queue: &str, slice: u32, epoch: i64) -> Txn {
     Txn::new().when([Compare::create_revision(key.as_str(), CompareOp::Equal, epoch)]).and_then([TxnOp::delete(key.as_str(), None)])
 }
 
-/// The claim `kv` as this lease's: adopted when it hangs on `lease_id`.
-fn adopt(kv: &KeyValue, lease_id: i64) -> Option<ClaimOutcome> {
-    if kv.lease() != lease_id {
-        return None;
-    }
-    // A claim on this lease was written by this incarnation, with its record; an
-    // unreadable one counts as made under no count, so that it is released.
+/// A claim found on this incarnation's lease, adopted: this incarnation wrote it, with its
+/// record; an unreadable one counts as made under no count, so that it is released.
+fn adopted(kv: &KeyValue) -> ClaimOutcome {
     let slices_total = Claim::decode(kv.value()).map(|c| c.slices_total).unwrap_or(0);
-    Some(ClaimOutcome::Adopted { epoch: kv.create_revision(), slices_total })
+    ClaimOutcome::Adopted { epoch: kv.create_revision(), slices_total }
 }
 
 /// Runs [`claim_txn`] within [`REQUEST_TIMEOUT`]: the epoch if the claim is ours (new,
 /// or adopted: already on `lease_id`), else why not. A request that failed or timed out
 /// may have committed: the claim is read back and adopted if it is on `lease_id`.
 pub async fn claim_slice(client: &mut Client, keys: &Keys, queue: &str, slice: u32, record: &Claim, lease_id: i64, queue_revision: QueueRevision) -> Result<ClaimOutcome, Error> {
-    let failed = |source| Error::ClaimSlice { queue: queue.to_owned(), slice, source };
     let txn = claim_txn(keys, queue, slice, record, lease_id, queue_revision);
-    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return read_back(client, keys, queue, slice, lease_id).await.ok_or_else(|| failed(e.into())),
-        Err(_) => return read_back(client, keys, queue, slice, lease_id).await.ok_or_else(|| failed(RequestError::TimedOut(REQUEST_TIMEOUT))),
-    };
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    if resp.succeeded() {
-        return Ok(ClaimOutcome::Claimed { epoch: revision });
-    }
-    let found = gets_of_failed(resp);
-    let (claim, hold) = (found.first().cloned().flatten(), found.get(2).cloned().flatten());
-    Ok(match (claim, hold) {
-        (Some(kv), _) => adopt(&kv, lease_id).unwrap_or(ClaimOutcome::HeldByOther { revision }),
-        (None, Some(_)) => ClaimOutcome::Held { revision },
-        (None, None) => ClaimOutcome::QueueChanged { revision },
+    let answer = create_on_lease(client, txn, &keys.claim(queue, slice), lease_id).await.map_err(|source| Error::ClaimSlice { queue: queue.to_owned(), slice, source })?;
+    Ok(match answer {
+        LeaseCreate::Created { revision } => ClaimOutcome::Claimed { epoch: revision },
+        LeaseCreate::Ours(kv) => adopted(&kv),
+        LeaseCreate::Refused { revision, found } => {
+            let (claim, hold) = (found.first().cloned().flatten(), found.get(2).cloned().flatten());
+            match (claim, hold) {
+                (Some(kv), _) if kv.lease() == lease_id => adopted(&kv),
+                (Some(_), _) => ClaimOutcome::HeldByOther { revision },
+                (None, Some(_)) => ClaimOutcome::Held { revision },
+                (None, None) => ClaimOutcome::QueueChanged { revision },
+            }
+        }
     })
+}
+
+/// What a create-if-absent transaction on a lease came to ([`create_on_lease`]).
+pub(crate) enum LeaseCreate {
+    /// It committed at `revision`: the key is ours, created then.
+    Created {
+        /// The store's revision of the commit (the key's create revision).
+        revision: i64,
+    },
+    /// It failed or got no answer, but the key is on our lease: an earlier try (or this
+    /// one, its answer lost) created it. The key as read back.
+    Ours(KeyValue),
+    /// Its compares failed: what its `or_else` gets found, in order ([`gets_of_failed`]).
+    Refused {
+        /// The store's revision when it was refused.
+        revision: i64,
+        /// Each get's key, `None` for a key that does not exist.
+        found: Vec<Option<KeyValue>>,
+    },
+}
+
+/// Runs `txn`, which creates `key` on `lease_id` only if absent (the claim protocol of
+/// slices and singletons alike), within [`REQUEST_TIMEOUT`]. A request that failed or got
+/// no answer may have committed: `key` is read back, and is ours if it is on `lease_id`;
+/// if it is not (or etcd does not answer that either) the request's error is returned,
+/// and the next try reads it again.
+pub(crate) async fn create_on_lease(client: &mut Client, txn: Txn, key: &str, lease_id: i64) -> Result<LeaseCreate, RequestError> {
+    let error = match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await {
+        Ok(Ok(resp)) => {
+            let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if resp.succeeded() {
+                return Ok(LeaseCreate::Created { revision });
+            }
+            return Ok(LeaseCreate::Refused { revision, found: gets_of_failed(resp) });
+        }
+        Ok(Err(e)) => RequestError::Etcd(e),
+        Err(_) => RequestError::TimedOut(REQUEST_TIMEOUT),
+    };
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None)).await.ok().and_then(Result::ok);
+    match read.and_then(|resp| resp.kvs().first().cloned()).filter(|kv| kv.lease() == lease_id) {
+        Some(kv) => Ok(LeaseCreate::Ours(kv)),
+        None => Err(error),
+    }
 }
 
 /// What each get of a failed transaction's `or_else` found, in order (`None` for a key
@@ -181,14 +217,6 @@ pub(crate) fn gets_of_failed(resp: TxnResponse) -> Vec<Option<KeyValue>> {
             _ => None,
         })
         .collect()
-}
-
-/// After a claim request without an answer: the claim, adopted, if it is on `lease_id`.
-/// `None` if it is not, or if etcd does not answer this either (the next try reads it).
-async fn read_back(client: &mut Client, keys: &Keys, queue: &str, slice: u32, lease_id: i64) -> Option<ClaimOutcome> {
-    let key = keys.claim(queue, slice);
-    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None)).await.ok()?.ok()?;
-    resp.kvs().first().and_then(|kv| adopt(kv, lease_id))
 }
 
 /// Runs [`release_txn`] within [`REQUEST_TIMEOUT`]; a claim that is no longer ours is left alone and is no error.

@@ -39,6 +39,7 @@ use nix::unistd::Pid;
 use qslice_common::etcd::REQUEST_TIMEOUT;
 use qslice_common::lease::{unix_ms, Fence, Incarnation};
 
+use crate::claims::{create_on_lease, LeaseCreate};
 use crate::schedule::{baseline, due, Schedule, SingletonConfig};
 use crate::shared::Shared;
 use crate::supervise::{child_command, ChildSetup};
@@ -121,31 +122,22 @@ pub fn claim_txn(keys: &Keys, name: &str, record: &SingletonClaim, lease_id: i64
 /// Claims singleton `name` within [`REQUEST_TIMEOUT`]; a request that failed or timed out
 /// may have committed, so the claim is read back and adopted if it is on `lease_id`.
 pub async fn claim(client: &mut Client, keys: &Keys, name: &str, record: &SingletonClaim, lease_id: i64) -> Result<ClaimOutcome, Error> {
-    let failed = |source| Error::ClaimSingleton { name: name.to_owned(), source };
-    let resp = match tokio::time::timeout(REQUEST_TIMEOUT, client.txn(claim_txn(keys, name, record, lease_id))).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return read_back(client, keys, name, lease_id).await.ok_or_else(|| failed(e.into())),
-        Err(_) => return read_back(client, keys, name, lease_id).await.ok_or_else(|| failed(crate::claims::RequestError::TimedOut(REQUEST_TIMEOUT))),
-    };
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    if resp.succeeded() {
-        return Ok(ClaimOutcome::Held { epoch: revision });
-    }
-    let found = crate::claims::gets_of_failed(resp);
-    let (claim, hold) = (found.first().cloned().flatten(), found.get(1).cloned().flatten());
-    Ok(match (claim, hold) {
-        (Some(kv), _) if kv.lease() == lease_id => ClaimOutcome::Held { epoch: kv.create_revision() },
-        (Some(kv), _) => ClaimOutcome::HeldByOther { holder: SingletonClaim::decode(kv.value()).map(|c| c.node_id).unwrap_or_else(|_| "?".into()), revision },
-        (None, Some(_)) => ClaimOutcome::HeldBack { revision },
-        // Deleted between the compare and the get: there is none; the next try claims it.
-        (None, None) => ClaimOutcome::HeldByOther { holder: String::new(), revision },
+    let txn = claim_txn(keys, name, record, lease_id);
+    let answer = create_on_lease(client, txn, &keys.singleton(name), lease_id).await.map_err(|source| Error::ClaimSingleton { name: name.to_owned(), source })?;
+    Ok(match answer {
+        LeaseCreate::Created { revision } => ClaimOutcome::Held { epoch: revision },
+        LeaseCreate::Ours(kv) => ClaimOutcome::Held { epoch: kv.create_revision() },
+        LeaseCreate::Refused { revision, found } => {
+            let (claim, hold) = (found.first().cloned().flatten(), found.get(1).cloned().flatten());
+            match (claim, hold) {
+                (Some(kv), _) if kv.lease() == lease_id => ClaimOutcome::Held { epoch: kv.create_revision() },
+                (Some(kv), _) => ClaimOutcome::HeldByOther { holder: SingletonClaim::decode(kv.value()).map(|c| c.node_id).unwrap_or_else(|_| "?".into()), revision },
+                (None, Some(_)) => ClaimOutcome::HeldBack { revision },
+                // Deleted between the compare and the get: there is none; the next try claims it.
+                (None, None) => ClaimOutcome::HeldByOther { holder: String::new(), revision },
+            }
+        }
     })
-}
-
-async fn read_back(client: &mut Client, keys: &Keys, name: &str, lease_id: i64) -> Option<ClaimOutcome> {
-    let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(keys.singleton(name), None)).await.ok()?.ok()?;
-    let kv = resp.kvs().first()?;
-    (kv.lease() == lease_id).then(|| ClaimOutcome::Held { epoch: kv.create_revision() })
 }
 
 /// Deletes the claim of singleton `name` if it is still the one of `epoch`.
