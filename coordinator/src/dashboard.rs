@@ -49,7 +49,7 @@ use crate::admin::Admin;
 use crate::cache::{ClaimEnd, ClusterCache};
 use crate::config::AdminConfig;
 use crate::leader::LeaderState;
-use crate::status_rows::{status_view, StatusView};
+use crate::status_rows::{status_view, NodeRow, QueueRow, SliceRow, StatusView};
 use qslice_common::lease::unix_ms;
 
 /// Events kept for the timeline (newest win).
@@ -327,8 +327,8 @@ pub struct StatusBody {
     pub maintenance: bool,
     /// Conditions that need an operator ([`crate::health::active_alerts`]).
     pub alerts: Vec<String>,
-    /// Live runners.
-    pub nodes: Vec<NodeBody>,
+    /// Live runners, as `qslicectl status --json` has them.
+    pub nodes: Vec<NodeRow>,
     /// Queues with one cell per slice.
     pub queues: Vec<QueueBody>,
     /// Failovers and hand-offs, newest first.
@@ -341,69 +341,14 @@ pub struct StatusBody {
     pub generated_unix_ms: i64,
 }
 
-/// One live runner.
-#[derive(Clone, Debug, Serialize)]
-pub struct NodeBody {
-    /// Node id.
-    pub id: String,
-    /// Host name.
-    pub host: String,
-    /// Relative share of slices.
-    pub weight: u32,
-    /// Whether it is cordoned.
-    pub cordoned: bool,
-    /// Slices it holds claims on.
-    pub slices_held: u32,
-    /// Seconds since this incarnation registered.
-    pub age_seconds: u64,
-}
-
-/// One queue and its slices.
+/// One queue and its slices: the queue's status row, and its slices' rows as cells.
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueBody {
-    /// Queue name.
-    pub name: String,
-    /// Slice count.
-    pub slices: u32,
-    /// Whether processing is paused.
-    pub paused: bool,
-    /// Whether it is a Mailman 3 queue.
-    pub mailman3: bool,
-    /// The state in words, e.g. `active`, `no eligible node (refused by r1, r2)`.
-    pub state: String,
-    /// Whether the queue is active and no live node may take its slices.
-    pub no_eligible_node: bool,
-    /// Live nodes that gave the queue up.
-    pub refused_by: Vec<String>,
-    /// One cell per slice, in slice order.
-    pub cells: Vec<Cell>,
-}
-
-/// One slice of the map.
-#[derive(Clone, Debug, Serialize)]
-pub struct Cell {
-    /// Slice number.
-    pub slice: u32,
-    /// The claim holder; `None` while nobody holds the slice.
-    pub owner: Option<String>,
-    /// Where the leader wants it (differs from `owner` during a move).
-    pub desired_owner: Option<String>,
-    /// The claim's epoch (0 when unowned).
-    pub epoch: i64,
-    /// Entries waiting.
-    pub depth: u64,
-    /// Age of the oldest waiting entry.
-    pub oldest_entry_age_seconds: f64,
-    /// How long it has been unowned (0 while owned).
-    pub unowned_seconds: f64,
-    /// Whether it is pinned to a node.
-    pub pinned: bool,
-    /// Entries in flight (`.bak`).
-    pub in_flight: u64,
-    /// Age of the oldest entry in flight (0 when none).
-    pub oldest_in_flight_age_seconds: f64,
-    /// Whether that is past the coordinator's `in_flight_alert_after`.
-    pub in_flight_too_long: bool,
+    /// The queue's row, as `qslicectl queues --json` prints it.
+    #[serde(flatten)]
+    pub queue: QueueRow,
+    /// One cell per slice, in slice order: the slice rows `qslicectl status --json` prints.
+    pub cells: Vec<SliceRow>,
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -423,21 +368,9 @@ impl StatusBody {
     /// The page's data from the status rows qslicectl prints too ([`crate::status_rows`]):
     /// the same rows, fewer fields, and each queue's slices as its cells.
     pub fn from_rows(rows: StatusView, history: &History, now_ms: i64) -> StatusBody {
-        let mut cells: BTreeMap<String, Vec<Cell>> = BTreeMap::new();
+        let mut cells: BTreeMap<String, Vec<SliceRow>> = BTreeMap::new();
         for s in rows.slices.unwrap_or_default() {
-            cells.entry(s.queue).or_default().push(Cell {
-                slice: s.slice,
-                owner: s.claim_holder,
-                desired_owner: s.desired_owner,
-                epoch: s.epoch,
-                depth: s.depth,
-                oldest_entry_age_seconds: s.oldest_entry_age_seconds,
-                unowned_seconds: s.unowned_seconds,
-                pinned: s.pinned,
-                in_flight: s.in_flight,
-                oldest_in_flight_age_seconds: s.oldest_in_flight_age_seconds,
-                in_flight_too_long: s.in_flight_too_long,
-            });
+            cells.entry(s.queue.clone()).or_default().push(s);
         }
         StatusBody {
             cluster: rows.cluster,
@@ -445,27 +378,14 @@ impl StatusBody {
             standbys: rows.standbys.into_iter().map(|s| s.id).collect(),
             maintenance: rows.maintenance,
             alerts: rows.alerts,
-            nodes: rows
-                .nodes
-                .into_iter()
-                .map(|n| NodeBody { id: n.id, host: n.host, weight: n.weight, cordoned: n.cordoned, slices_held: n.slices_held, age_seconds: n.age_seconds })
-                .collect(),
+            nodes: rows.nodes,
             queues: rows
                 .queues
                 .into_iter()
-                .map(|q| {
-                    let mut c = cells.remove(&q.name).unwrap_or_default();
+                .map(|queue| {
+                    let mut c = cells.remove(&queue.name).unwrap_or_default();
                     c.sort_by_key(|c| c.slice);
-                    QueueBody {
-                        name: q.name,
-                        slices: q.slices,
-                        paused: q.paused,
-                        mailman3: q.mailman3,
-                        state: q.state,
-                        no_eligible_node: q.no_eligible_node,
-                        refused_by: q.refused_by,
-                        cells: c,
-                    }
+                    QueueBody { queue, cells: c }
                 })
                 .collect(),
             failovers: history.failovers.iter().rev().cloned().collect(),
@@ -817,13 +737,13 @@ mod tests {
         let body = StatusBody::new(&status, &h, 42);
         assert_eq!(body.leader.as_deref(), Some("c1"));
         let cells: Vec<(String, u32, Option<String>, Option<String>)> =
-            body.queues.iter().flat_map(|q| q.cells.iter().map(move |c| (q.name.clone(), c.slice, c.owner.clone(), c.desired_owner.clone()))).collect();
+            body.queues.iter().flat_map(|q| q.cells.iter().map(move |c| (q.queue.name.clone(), c.slice, c.claim_holder.clone(), c.desired_owner.clone()))).collect();
         assert_eq!(
             cells,
             vec![("in".into(), 0, Some("r1".into()), Some("r2".into())), ("in".into(), 1, None, Some("r1".into())), ("out".into(), 0, Some("r1".into()), Some("r1".into())),]
         );
         let json = serde_json::to_value(&body).expect("json");
-        assert_eq!(json["queues"][0]["cells"][1]["owner"], serde_json::Value::Null);
+        assert_eq!(json["queues"][0]["cells"][1]["claim_holder"], serde_json::Value::Null);
         assert_eq!(json["queues"][0]["cells"][1]["unowned_seconds"], 1.5);
         assert_eq!(json["events"][0]["kind"], "slice_orphaned");
         assert_eq!(json["singletons"], serde_json::json!([]), "no singleton runs");
@@ -843,7 +763,7 @@ mod tests {
         let mut h = History::default();
         h.record(&ev(Kind::SliceOrphaned, 10, "n1", "in", 1));
         let body = StatusBody::new(&crate::status_rows::fixtures::status_reply(), &h, 42);
-        let expected = r#"{"cluster":"prod","leader":"coord-a","standbys":["coord-b"],"maintenance":true,"alerts":["slice in/1 unowned for 12s"],"nodes":[{"id":"n1","host":"n1.example","weight":1,"cordoned":false,"slices_held":4,"age_seconds":185},{"id":"node-two","host":"node-two.example","weight":1,"cordoned":true,"slices_held":4,"age_seconds":185}],"queues":[{"name":"in","slices":4,"paused":false,"mailman3":false,"state":"active","no_eligible_node":false,"refused_by":[],"cells":[{"slice":0,"owner":"n1","desired_owner":"n1","epoch":42,"depth":3,"oldest_entry_age_seconds":185.0,"unowned_seconds":0.0,"pinned":true,"in_flight":1,"oldest_in_flight_age_seconds":725.0,"in_flight_too_long":true},{"slice":1,"owner":null,"desired_owner":"n1","epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":12.0,"pinned":false,"in_flight":2,"oldest_in_flight_age_seconds":4.0,"in_flight_too_long":false}]},{"name":"out","slices":8,"paused":true,"mailman3":true,"state":"paused","no_eligible_node":false,"refused_by":[],"cells":[]},{"name":"bounces","slices":1,"paused":false,"mailman3":false,"state":"no eligible node (refused by n1; cordoned: node-two)","no_eligible_node":true,"refused_by":["n1"],"cells":[{"slice":0,"owner":null,"desired_owner":null,"epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":30.0,"pinned":false,"in_flight":0,"oldest_in_flight_age_seconds":0.0,"in_flight_too_long":false}]}],"failovers":[],"events":[{"time_unix_ms":10,"kind":"slice_orphaned","node":"n1","queue":"in","slice":1,"epoch":null,"message":null}],"singletons":[{"name":"digests","holder":"n1","incarnation":"inc-1","held_seconds":3725,"epoch":57,"last_slot_unix_seconds":1796083200,"last_outcome":"ok"},{"name":"notify","holder":null,"incarnation":null,"held_seconds":0,"epoch":0,"last_slot_unix_seconds":null,"last_outcome":null}],"generated_unix_ms":42}"#;
+        let expected = r#"{"cluster":"prod","leader":"coord-a","standbys":["coord-b"],"maintenance":true,"alerts":["slice in/1 unowned for 12s"],"nodes":[{"id":"n1","host":"n1.example","weight":1,"queues":[],"cordoned":false,"incarnation":"inc-1","age_seconds":185,"slices_held":4,"version":"0.1.0","metrics_address":null},{"id":"node-two","host":"node-two.example","weight":1,"queues":["in","out"],"cordoned":true,"incarnation":"inc-1","age_seconds":185,"slices_held":4,"version":"0.1.0","metrics_address":null}],"queues":[{"name":"in","slices":4,"paused":false,"mailman3":false,"old_slicing_claims":0,"no_eligible_node":false,"refused_by":[],"state":"active","cells":[{"queue":"in","slice":0,"desired_owner":"n1","claim_holder":"n1","epoch":42,"depth":3,"oldest_entry_age_seconds":185.0,"unowned_seconds":0.0,"pinned":true,"in_flight":1,"oldest_in_flight_age_seconds":725.0,"in_flight_too_long":true,"no_eligible_node":false,"held_after_revoke_of":null},{"queue":"in","slice":1,"desired_owner":"n1","claim_holder":null,"epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":12.0,"pinned":false,"in_flight":2,"oldest_in_flight_age_seconds":4.0,"in_flight_too_long":false,"no_eligible_node":false,"held_after_revoke_of":"node-two"}]},{"name":"out","slices":8,"paused":true,"mailman3":true,"old_slicing_claims":0,"no_eligible_node":false,"refused_by":[],"state":"paused","cells":[]},{"name":"bounces","slices":1,"paused":false,"mailman3":false,"old_slicing_claims":0,"no_eligible_node":true,"refused_by":["n1"],"state":"no eligible node (refused by n1; cordoned: node-two)","cells":[{"queue":"bounces","slice":0,"desired_owner":null,"claim_holder":null,"epoch":0,"depth":0,"oldest_entry_age_seconds":0.0,"unowned_seconds":30.0,"pinned":false,"in_flight":0,"oldest_in_flight_age_seconds":0.0,"in_flight_too_long":false,"no_eligible_node":true,"held_after_revoke_of":null}]}],"failovers":[],"events":[{"time_unix_ms":10,"kind":"slice_orphaned","node":"n1","queue":"in","slice":1,"epoch":null,"message":null}],"singletons":[{"name":"digests","holder":"n1","incarnation":"inc-1","held_seconds":3725,"epoch":57,"last_slot_unix_seconds":1796083200,"last_outcome":"ok"},{"name":"notify","holder":null,"incarnation":null,"held_seconds":0,"epoch":0,"last_slot_unix_seconds":null,"last_outcome":null}],"generated_unix_ms":42}"#;
         assert_eq!(serde_json::to_string(&body).expect("json"), expected);
     }
 }

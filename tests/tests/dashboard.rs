@@ -90,7 +90,7 @@ fn owners(status: &Value, queue: &str) -> BTreeMap<u64, String> {
     let mut out = BTreeMap::new();
     for q in status["queues"].as_array().into_iter().flatten().filter(|q| q["name"] == queue) {
         for c in q["cells"].as_array().into_iter().flatten() {
-            out.insert(c["slice"].as_u64().unwrap_or(u64::MAX), c["owner"].as_str().unwrap_or_default().to_owned());
+            out.insert(c["slice"].as_u64().unwrap_or(u64::MAX), c["claim_holder"].as_str().unwrap_or_default().to_owned());
         }
     }
     out
