@@ -333,48 +333,8 @@ pub fn plan(input: &PlanInput) -> Plan {
     }
     let queue_index: HashMap<&str, usize> = queues.iter().enumerate().map(|(i, q)| (q.name, i)).collect();
 
-    // Eligible entries, pushed in node-id order so each queue's list is sorted.
-    for (ni, node) in nodes.iter().enumerate() {
-        if node.weight == 0 || node.cordoned {
-            continue;
-        }
-        if node.queues.is_empty() {
-            for q in queues.iter_mut().filter(|q| !node.refused.iter().any(|r| r == q.name)) {
-                q.add_entry(ni, node.weight);
-            }
-        } else {
-            let mut served: Vec<usize> = node.queues.iter().filter(|q| !node.refused.contains(q)).filter_map(|q| queue_index.get(q.as_str()).copied()).collect();
-            served.sort_unstable();
-            served.dedup();
-            for qi in served {
-                queues[qi].add_entry(ni, node.weight);
-            }
-        }
-    }
-
-    for ((queue, slice), owner) in &input.current {
-        match queue_index.get(queue.as_str()) {
-            Some(&qi) if *slice < queues[qi].slices => {
-                let q = &mut queues[qi];
-                q.orig[*slice as usize] = Some(owner.as_str());
-                // A stalled slice's owner is planned as gone, for this slice only.
-                let live = node_index.get(owner.as_str()).copied();
-                if input.stalled.contains(&(queue.clone(), *slice)) {
-                    q.stalled[*slice as usize] = live;
-                } else {
-                    q.owner[*slice as usize] = live;
-                }
-            }
-            _ => out.released.push((queue.clone(), *slice)),
-        }
-    }
-    for ((queue, slice), pin) in &input.pins {
-        if let (Some(&qi), Some(&ni)) = (queue_index.get(queue.as_str()), node_index.get(pin.as_str())) {
-            if *slice < queues[qi].slices {
-                queues[qi].pin_to[*slice as usize] = Some(ni);
-            }
-        }
-    }
+    add_eligible_entries(&mut queues, &nodes, &queue_index);
+    place_current(&mut queues, input, &queue_index, &node_index, &mut out.released);
 
     for q in queues.iter_mut() {
         q.resolve_pins_and_share();
@@ -424,4 +384,54 @@ pub fn plan(input: &PlanInput) -> Plan {
         })
         .collect();
     out
+}
+
+/// Each queue's eligible nodes (weight above zero, not cordoned, serving the queue and not
+/// refusing it), pushed in node-id order so that each queue's list is sorted.
+fn add_eligible_entries(queues: &mut [QueueWork<'_>], nodes: &[&NodeSpec], queue_index: &HashMap<&str, usize>) {
+    for (ni, node) in nodes.iter().enumerate() {
+        if node.weight == 0 || node.cordoned {
+            continue;
+        }
+        if node.queues.is_empty() {
+            for q in queues.iter_mut().filter(|q| !node.refused.iter().any(|r| r == q.name)) {
+                q.add_entry(ni, node.weight);
+            }
+        } else {
+            let mut served: Vec<usize> = node.queues.iter().filter(|q| !node.refused.contains(q)).filter_map(|q| queue_index.get(q.as_str()).copied()).collect();
+            served.sort_unstable();
+            served.dedup();
+            for qi in served {
+                queues[qi].add_entry(ni, node.weight);
+            }
+        }
+    }
+}
+
+/// The current owners (live or not; a stalled slice's owner apart) and the pins, in each
+/// queue's work; slices of queues not planned, or beyond their count, go to `released`.
+fn place_current<'a>(queues: &mut [QueueWork<'a>], input: &'a PlanInput, queue_index: &HashMap<&str, usize>, node_index: &HashMap<&str, usize>, released: &mut Vec<SliceKey>) {
+    for ((queue, slice), owner) in &input.current {
+        match queue_index.get(queue.as_str()) {
+            Some(&qi) if *slice < queues[qi].slices => {
+                let q = &mut queues[qi];
+                q.orig[*slice as usize] = Some(owner.as_str());
+                // A stalled slice's owner is planned as gone, for this slice only.
+                let live = node_index.get(owner.as_str()).copied();
+                if input.stalled.contains(&(queue.clone(), *slice)) {
+                    q.stalled[*slice as usize] = live;
+                } else {
+                    q.owner[*slice as usize] = live;
+                }
+            }
+            _ => released.push((queue.clone(), *slice)),
+        }
+    }
+    for ((queue, slice), pin) in &input.pins {
+        if let (Some(&qi), Some(&ni)) = (queue_index.get(queue.as_str()), node_index.get(pin.as_str())) {
+            if *slice < queues[qi].slices {
+                queues[qi].pin_to[*slice as usize] = Some(ni);
+            }
+        }
+    }
 }
