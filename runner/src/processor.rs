@@ -368,42 +368,10 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
         keep_ready(&state, &mut pending);
         // Newly claimed slices first in the round-robin (the rest in slice order).
         owned.sort_by_key(|s| !fresh.contains(s));
-        let mut lists: Vec<VecDeque<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(VecDeque::from).collect();
-        let mut started = 0usize;
-        loop {
-            let mut progressed = false;
-            let mut i = 0;
-            while i < lists.len() {
-                if state.slices_added.any_fresh() {
-                    // Slices claimed meanwhile come next, from their claim's own listing.
-                    let taken_in = take_in_added(&state, &mut owned);
-                    lists.splice(i..i, taken_in);
-                }
-                let Some(entry) = lists[i].pop_front() else {
-                    i += 1;
-                    continue;
-                };
-                progressed = true;
-                let permit = tokio::select! {
-                    p = shared.permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                    _ = &mut added => {
-                        // The new slices are taken in above; this entry waits its turn again.
-                        lists[i].push_front(entry);
-                        added.set(state.slices_added.notify.notified());
-                        added.as_mut().enable();
-                        continue;
-                    }
-                    _ = fence.lost().cancelled() => return,
-                };
-                if start_entry(&state, &shared, &fence, entry, permit) {
-                    started += 1;
-                }
-                i += 1;
-            }
-            if !progressed {
-                break;
-            }
-        }
+        let lists: Vec<VecDeque<Entry>> = owned.iter().filter_map(|s| pending.remove(s)).map(VecDeque::from).collect();
+        let Some(started) = start_round_robin(&state, &shared, &fence, &mut owned, lists, &mut added).await else {
+            return;
+        };
         if started >= BUSY_PASS {
             arrivals.disarm();
         }
@@ -419,6 +387,54 @@ pub(crate) async fn queue_loop(state: Arc<QueueState>, shared: Arc<Shared>, fenc
                 _ = arrivals.arrived() => {}
                 _ = fence.lost().cancelled() => return,
             }
+        }
+    }
+}
+
+/// Starts the listed entries round-robin over the claimed slices (`lists`, one per slice
+/// of `owned`), FIFO within each; slices claimed meanwhile (`added` wakes) join at once,
+/// from their claim's own listing. How many it started; `None` once the fence is lost.
+async fn start_round_robin<'a>(
+    state: &'a Arc<QueueState>,
+    shared: &Arc<Shared>,
+    fence: &Arc<Fence>,
+    owned: &mut Vec<u32>,
+    mut lists: Vec<VecDeque<Entry>>,
+    added: &mut std::pin::Pin<&mut tokio::sync::futures::Notified<'a>>,
+) -> Option<usize> {
+    let mut started = 0usize;
+    loop {
+        let mut progressed = false;
+        let mut i = 0;
+        while i < lists.len() {
+            if state.slices_added.any_fresh() {
+                // Slices claimed meanwhile come next, from their claim's own listing.
+                let taken_in = take_in_added(state, owned);
+                lists.splice(i..i, taken_in);
+            }
+            let Some(entry) = lists[i].pop_front() else {
+                i += 1;
+                continue;
+            };
+            progressed = true;
+            let permit = tokio::select! {
+                p = shared.permits.clone().acquire_owned() => p.ok()?,
+                _ = added.as_mut() => {
+                    // The new slices are taken in above; this entry waits its turn again.
+                    lists[i].push_front(entry);
+                    added.set(state.slices_added.notify.notified());
+                    added.as_mut().enable();
+                    continue;
+                }
+                _ = fence.lost().cancelled() => return None,
+            };
+            if start_entry(state, shared, fence, entry, permit) {
+                started += 1;
+            }
+            i += 1;
+        }
+        if !progressed {
+            return Some(started);
         }
     }
 }
