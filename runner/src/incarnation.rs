@@ -59,28 +59,7 @@ pub async fn run_incarnation(client: Client, shared: Arc<Shared>, inc: &Incarnat
     let (released_tx, mut released_rx) = mpsc::unbounded_channel();
     let (gave_up_tx, mut gave_up_rx) = mpsc::unbounded_channel();
     let (freed_tx, mut freed_rx) = mpsc::unbounded_channel();
-    let mut inc_run = IncarnationRun {
-        client: client.clone(),
-        shared: shared.clone(),
-        lease_id: inc.lease_id,
-        ttl: inc.ttl,
-        incarnation: inc.incarnation,
-        fence: inc.fence.clone(),
-        desired: Desired::new(),
-        held: Held::new(),
-        releasing: BTreeSet::new(),
-        queues: HashMap::new(),
-        released_tx,
-        supervised: SupervisedSlices::new(gave_up_tx),
-        refused: BTreeMap::new(),
-        queue_slices: BTreeMap::new(),
-        queue_revisions: BTreeMap::new(),
-        queue_configs_listed: false,
-        release_watches: BTreeMap::new(),
-        freed_tx,
-        record: inc.record.clone(),
-        crash_refusals: BTreeMap::new(),
-    };
+    let mut inc_run = IncarnationRun::new(client.clone(), shared.clone(), inc, released_tx, gave_up_tx, freed_tx);
     let figures =
         (!shared.cfg.supervise.is_empty()).then(|| tokio::spawn(supervised_figures(client.clone(), shared.clone(), inc.lease_id, inc.fence.clone(), inc_run.supervised.view())));
     let _figures = AbortOnDrop(figures);
@@ -217,6 +196,40 @@ impl Drop for AbortOnDrop {
 }
 
 impl IncarnationRun {
+    /// A run of `inc` with nothing desired or held yet; released slices, slices given
+    /// up and freed holds come back over the three channels.
+    fn new(
+        client: Client,
+        shared: Arc<Shared>,
+        inc: &Incarnation,
+        released_tx: mpsc::UnboundedSender<SliceId>,
+        gave_up_tx: mpsc::UnboundedSender<GaveUp>,
+        freed_tx: mpsc::UnboundedSender<SliceId>,
+    ) -> IncarnationRun {
+        IncarnationRun {
+            client,
+            shared,
+            lease_id: inc.lease_id,
+            ttl: inc.ttl,
+            incarnation: inc.incarnation,
+            fence: inc.fence.clone(),
+            desired: Desired::new(),
+            held: Held::new(),
+            releasing: BTreeSet::new(),
+            queues: HashMap::new(),
+            released_tx,
+            supervised: SupervisedSlices::new(gave_up_tx),
+            refused: BTreeMap::new(),
+            queue_slices: BTreeMap::new(),
+            queue_revisions: BTreeMap::new(),
+            queue_configs_listed: false,
+            release_watches: BTreeMap::new(),
+            freed_tx,
+            record: inc.record.clone(),
+            crash_refusals: BTreeMap::new(),
+        }
+    }
+
     /// Takes an assignment watch update into `desired`.
     fn apply(&mut self, update: PrefixUpdate) {
         let keys = &self.shared.keys;
