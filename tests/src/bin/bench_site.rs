@@ -11,9 +11,11 @@
 //!
 //! Each configuration gets a burst (every post handed over as fast as LMTP takes it:
 //! posts/s through the whole site) and, in full mode, a paced run (latency below
-//! saturation). Then, with two runners and posts paced, kill -9 of r1's qslice-runner (a
-//! process crash) and the death of r1's host (its qslice-runner tree and its LMTP server
-//! frozen with the cgroup freezer, then SIGKILLed): the longest any post waited.
+//! saturation), once a warm-up has passed through it and its processes are idle (every
+//! warm spare started). `--only` picks configurations (e.g. `--only master,1`). Then,
+//! with two runners and posts paced, kill -9 of r1's qslice-runner (a process crash) and
+//! the death of r1's host (its qslice-runner tree and its LMTP server frozen with the
+//! cgroup freezer, then SIGKILLed): the longest any post waited.
 //!
 //! A post's latency: LMTP accepted -> every regular member of its list has it (the first
 //! copy each got; the digest member is left out). Throughput: the run's posts over first
@@ -61,6 +63,11 @@ struct Args {
     /// append to a list's digest mailbox, and the one that finds it locked raises.
     #[arg(long, default_value = "")]
     master_instances: String,
+    /// Only these configurations, comma-separated: `master` (Mailman's own master) and
+    /// qslice runner counts `1`, `2`, `3`, e.g. `--only master,1` (default: all of the
+    /// mode's). The faults run with `2` in full mode.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Write the JSON summary here too.
     #[arg(long)]
     json_out: Option<PathBuf>,
@@ -82,6 +89,12 @@ const QUICK_POSTS: usize = 10;
 /// Generous bound for starting a configuration (a dozen or more Mailman processes
 /// initialising on a loaded two-core machine) and for a takeover.
 const START: Duration = Duration::from_secs(240);
+/// Cores a configuration's processes may use together and count as idle (their idle
+/// polls: a few hundredths of a core) before a run is measured.
+const IDLE_CPU: f64 = 0.1;
+/// Seconds in a row a configuration must be idle before a run is measured (more than the
+/// second between two warm spares' starts).
+const IDLE_SECONDS: u32 = 3;
 
 /// What one run measured.
 struct Run {
@@ -97,6 +110,9 @@ struct Run {
     latency: Vec<f64>,
     /// Posts some member got twice (allowed only across a fault: see the end-to-end tests).
     doubled: usize,
+    /// First LMTP acceptance and last delivery, seconds since the Unix epoch (to line the
+    /// run up with other records: Mailman's logs, CPU samples).
+    span: (f64, f64),
 }
 
 impl Run {
@@ -259,7 +275,7 @@ impl Bench {
         }
         latency.sort_by(f64::total_cmp);
         let doubled = ids.iter().filter(|id| members_of(id).iter().any(|m| copies.get(&((*m).to_owned(), (*id).clone())).copied().unwrap_or(0) > 1)).count();
-        Ok(Run { config: config.to_owned(), phase: phase.to_owned(), posts: ids.len(), seconds: ended - began, latency, doubled })
+        Ok(Run { config: config.to_owned(), phase: phase.to_owned(), posts: ids.len(), seconds: ended - began, latency, doubled, span: (began, ended) })
     }
 
     /// Posts, waits until they are all out, and measures them.
@@ -268,12 +284,14 @@ impl Bench {
         self.settle(&ids).await.with_context(|| format!("{config}, {phase}"))?;
         let run = self.measure(config, phase, &ids)?;
         println!(
-            "{config}, {phase}: {} posts in {:.1} s ({:.2} posts/s), latency p50 {:.0} ms, max {:.0} ms",
+            "{config}, {phase}: {} posts in {:.1} s ({:.2} posts/s), latency p50 {:.0} ms, max {:.0} ms (Unix time {:.1} to {:.1})",
             run.posts,
             run.seconds,
             run.posts_per_s(),
             run.percentile_ms(50.0),
-            run.max_ms()
+            run.max_ms(),
+            run.span.0,
+            run.span.1
         );
         Ok(run)
     }
@@ -346,6 +364,47 @@ async fn balanced(tc: &TestCluster) -> Result<()> {
     Ok(())
 }
 
+/// CPU time (clock ticks) used so far by the processes of the trees rooted at `roots`, and
+/// how many processes they hold.
+fn tree_cpu(roots: &[u32]) -> (u64, usize) {
+    let pids: BTreeSet<u32> = roots.iter().flat_map(|r| process_tree(*r)).collect();
+    let ticks = pids
+        .iter()
+        .filter_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum();
+    (ticks, pids.len())
+}
+
+/// Waits until the process trees rooted at `roots` are idle: for [`IDLE_SECONDS`] in a row,
+/// the same processes as a second before, together using under [`IDLE_CPU`] of a core. A
+/// configuration keeps starting processes after it takes its first posts (qslice-runner
+/// starts its warm spares one a second after its slices, each initialising Mailman for
+/// 0.6-0.8 s of CPU): measured meanwhile, a run counts their start-up against the site's
+/// throughput (8 spares in a 100-post burst: a fifth of the run's CPU).
+async fn until_idle(roots: &[u32], what: &str) -> Result<()> {
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let began = Instant::now();
+    let mut before = tree_cpu(roots);
+    let mut quiet = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = tree_cpu(roots);
+        let cores = now.0.saturating_sub(before.0) as f64 / ticks_per_s;
+        quiet = if now.1 == before.1 && cores < IDLE_CPU { quiet + 1 } else { 0 };
+        if quiet >= IDLE_SECONDS {
+            return Ok(());
+        }
+        if began.elapsed() > START {
+            bail!("{what} still busy after {START:?}: {} processes, {cores:.2} cores over the last second", now.1);
+        }
+        before = now;
+    }
+}
+
 /// Stops a qslice configuration: the runners (their leashes stop their Mailman slice
 /// runners), the coordinator and etcd, and the LMTP servers of `nodes`; returns once every
 /// process of the runners' trees has exited.
@@ -376,19 +435,28 @@ async fn main() -> Result<()> {
         .filter(|i| !i.is_empty())
         .map(|i| i.split_once('=').and_then(|(r, n)| Some((r, n.parse::<u32>().ok()?))).with_context(|| format!("--master-instances: {i:?} is not runner=count")))
         .collect::<Result<Vec<(&str, u32)>>>()?;
-    let config = "mailman start (1 node)";
-    let mut master = bench.site.start_mailman("r1", &instances)?;
-    bench.warm_up(&["r1"]).await?;
-    runs.push(bench.run(config, "burst", &["r1"], burst, 0.0).await?);
-    if paced > 0 {
-        runs.push(bench.run(config, &paced_phase, &["r1"], paced, args.rate).await?);
+    for only in &args.only {
+        if !["master", "1", "2", "3"].contains(&only.as_str()) {
+            bail!("--only: {only:?} is not a configuration; name master, 1, 2 or 3");
+        }
     }
-    master.stop().context("stop Mailman's master")?;
+    let wanted = |name: &str| args.only.is_empty() || args.only.iter().any(|o| o == name);
+    let config = "mailman start (1 node)";
+    if wanted("master") {
+        let mut master = bench.site.start_mailman("r1", &instances)?;
+        bench.warm_up(&["r1"]).await?;
+        until_idle(&[master.pid()], "Mailman's master and its runners").await?;
+        runs.push(bench.run(config, "burst", &["r1"], burst, 0.0).await?);
+        if paced > 0 {
+            runs.push(bench.run(config, &paced_phase, &["r1"], paced, args.rate).await?);
+        }
+        master.stop().context("stop Mailman's master")?;
+    }
 
     // (b) and (c): qslice with one, two and three runners, an LMTP server on each node.
     let counts: &[usize] = if args.quick { &[1] } else { &[1, 2, 3] };
     let mut faults = Vec::new();
-    for &count in counts {
+    for &count in counts.iter().filter(|c| wanted(&c.to_string())) {
         let nodes = &NODES[..count];
         let config = format!("qslice, {count} runner{}", if count == 1 { "" } else { "s" });
         let mut tc = bench.site.start_cluster(nodes, &POST_QUEUES, START).await?;
@@ -396,6 +464,8 @@ async fn main() -> Result<()> {
             bench.site.start_lmtp(node)?;
         }
         bench.warm_up(nodes).await?;
+        let roots: Vec<u32> = tc.runners().values().filter_map(|p| p.pid()).collect();
+        until_idle(&roots, "the qslice-runners and their warm spares").await?;
         runs.push(bench.run(&config, "burst", nodes, burst, 0.0).await?);
         if paced > 0 {
             runs.push(bench.run(&config, &paced_phase, nodes, paced, args.rate).await?);
