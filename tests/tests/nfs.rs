@@ -72,11 +72,21 @@ async fn until_held(client: &mut etcd_client::Client, what: &str, cond: impl Fn(
     }
 }
 
-/// Whether every entry the writer logged has an end record.
-fn every_entry_processed(tail: &Tail) -> bool {
+/// Whether every entry the writer logged has an end record or is preserved (bad/ or the
+/// quarantine under `spool`): an entry whose handler was killed at three fences in a row
+/// (emulated guests on a loaded machine fence often) is preserved, not lost.
+fn every_entry_processed(tail: &Tail, spool: &Path) -> bool {
     let seen = tail.seen();
-    let done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
+    let mut done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
+    done.extend(preserved_in(spool));
     enqueued(&seen, SLICES).keys().all(|k| done.contains(k))
+}
+
+/// The entries preserved under `spool`: in bad/ or in the quarantine of `in`.
+fn preserved_in(spool: &Path) -> BTreeSet<String> {
+    let mut preserved = file_bases_in(&spool.join("bad"));
+    preserved.extend(file_bases_in(&spool.join(".qslice/quarantine/in")));
+    preserved
 }
 
 #[test]
@@ -154,15 +164,14 @@ fn failover(mount: &str) {
 
         let rc = writer.wait(LONG).expect("the writer ends");
         assert_eq!(rc, 0, "the writer failed: {}", writer.output());
-        until(LONG, "every entry processed", || every_entry_processed(&tail)).await;
+        until(LONG, "every entry processed", || every_entry_processed(&tail, &spool)).await;
         observer.abort();
 
         let seen = tail.seen();
         let enq = enqueued(&seen, SLICES);
         assert_eq!(enq.len(), count, "the writer logged every entry");
         let recs: Vec<_> = records(&seen).into_iter().map(|r| r.rec).collect();
-        let mut preserved = file_bases_in(&spool.join("bad"));
-        preserved.extend(file_bases_in(&spool.join(".qslice/quarantine/in")));
+        let preserved = preserved_in(&spool);
         // Every fence a runner logged on a loaded machine is a disruption too.
         let runner_logs: BTreeMap<usize, String> = runner_log_files.iter().map(|(i, n)| (*i, n.clone())).collect();
         disruptions.extend(fences(&seen, &runner_logs));
@@ -181,7 +190,10 @@ fn failover(mount: &str) {
             report.stale_starts,
             report.unexplained_duplicates
         );
-        assert!(report.preserved == 0, "nothing preserved or quarantined: {preserved:?}");
+        // Only three fences in a row over the same entry preserve it (a kill or a guest's
+        // death is one disruption): none without a fence.
+        let fenced = disruptions.iter().any(|d| d.what == "fenced");
+        assert!(report.preserved == 0 || fenced, "nothing preserved or quarantined without a fence: {preserved:?}");
 
         // Every .bak g2 left (of its slices) recovered by its new owner's claim within
         // TTL + 1 s of the death (not later, by the stranded-entry check), and started.
@@ -252,7 +264,7 @@ fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
 
         let rc = writer.wait(LONG).expect("the writer ends");
         assert_eq!(rc, 0, "the writer failed: {}", writer.output());
-        until(LONG, "every entry processed", || every_entry_processed(&tail)).await;
+        until(LONG, "every entry processed", || every_entry_processed(&tail, &spool)).await;
         // g1 is back in the cluster: its runner fenced itself and joined again.
         until_held(&mut client, "g1 holding slices again", |h| h.contains_key("g1")).await;
         observer.abort();
@@ -288,8 +300,9 @@ fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
         let mut disruptions = vec![Disruption { node: "g1".into(), at_ns: paused_ns, what: "paused past the TTL".into() }];
         disruptions.extend(fences(&seen, &runner_logs));
         eprintln!("NFS pause: disruptions {:?}", disruptions.iter().map(|d| (&d.node, &d.what, d.at_ns)).collect::<Vec<_>>());
-        let report = check(&enq, &recs, &BTreeSet::new(), &grants.lock().expect("grants"), &disruptions);
-        eprintln!("NFS pause: {}", report.summary());
+        let preserved = preserved_in(&spool);
+        let report = check(&enq, &recs, &preserved, &grants.lock().expect("grants"), &disruptions);
+        eprintln!("NFS pause: {}; preserved after repeated fences: {preserved:?}", report.summary());
         assert_eq!(enq.len(), count, "the writer logged every entry");
         assert!(report.ok(), "invariants broken: {}\nlost {:?}\nstale {:?}\nunexplained {:?}", report.summary(), report.lost, report.stale_starts, report.unexplained_duplicates);
         drop(tc);
