@@ -175,11 +175,13 @@ pub fn fences(seen: &[Seen], nodes: &BTreeMap<usize, String>) -> Vec<crate::chec
         .collect()
 }
 
-/// When the host first saw a runner's log line saying it recovered `entry` (a `.bak` of
-/// the previous owner, at its claim), among `seen`.
-pub fn recovered_at(seen: &[Seen], entry: &str) -> Option<u128> {
+/// When the host first saw, after `since_ns`, a runner's log line saying it recovered
+/// `entry` (a `.bak` of the previous owner, at its claim), among `seen`. (An entry can be
+/// recovered more than once: left in flight by a killed runner, then again by its next
+/// owner's death.)
+pub fn recovered_at(seen: &[Seen], entry: &str, since_ns: u128) -> Option<u128> {
     let needle = format!("entry={entry}");
-    seen.iter().filter(|s| s.line.contains("recovered an in-flight entry of the previous owner") && s.line.contains(&needle)).map(|s| s.at_ns).min()
+    seen.iter().filter(|s| s.at_ns > since_ns && s.line.contains("recovered an in-flight entry of the previous owner") && s.line.contains(&needle)).map(|s| s.at_ns).min()
 }
 
 /// A handler's record as the host saw it.

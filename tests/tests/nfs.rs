@@ -200,7 +200,7 @@ fn failover(mount: &str) {
         let mut waits = Vec::new();
         let seen = tail.seen();
         for base in left.iter().filter(|b| enq.get(*b).is_some_and(|(_, s)| g2_slices.contains(s))) {
-            let recovered = recovered_at(&seen, base).unwrap_or_else(|| panic!("{base}, left in flight by g2, was never recovered at a claim"));
+            let recovered = recovered_at(&seen, base, death_ns).unwrap_or_else(|| panic!("{base}, left in flight by g2, was not recovered at a claim after its death"));
             let first = recs.iter().filter(|r| r.what == "start" && &r.filebase == base && r.node != "g2" && r.at_ns > death_ns).map(|r| r.at_ns).min();
             let first = first.unwrap_or_else(|| panic!("{base}, left in flight by g2, never started elsewhere"));
             waits.push((base.clone(), (recovered - death_ns) as f64 / 1e9, (first - death_ns) as f64 / 1e9));
