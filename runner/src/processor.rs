@@ -77,7 +77,7 @@ pub(crate) struct QueueState {
     /// any other `.bak` of an owned slice is someone else's, or stranded.
     pub(crate) taken: Mutex<BTreeSet<String>>,
     /// How long after the fence deadline the lease (and the claim) can still be alive:
-    /// a stop mark is written only while the claim may still hold.
+    /// a stop mark written later than that is said so in the log.
     pub(crate) lease_margin: Duration,
     /// The per-entry metrics, looked up once.
     pub(crate) meters: EntryMeters,
@@ -173,14 +173,26 @@ impl QueueState {
         self.faults.lock().expect("faults lock").alerts.admit(op, Instant::now())
     }
 
-    /// Writes the stop mark of `entry` if the claim may still hold (see `lease_margin`):
-    /// qslice stops the handler, so the next recovery of the entry does not count.
+    /// Writes the stop mark of `entry`: qslice stopped its handler (a fence, a drain
+    /// timeout), so the next recovery of the entry does not count toward `bad/`.
+    ///
+    /// Written even when this runner gets here after the claim may have lapsed (see
+    /// `lease_margin`): a runner starved of CPU or frozen learns of its fence late, but the
+    /// leash killed its handlers at the fence deadline, inside the claim. Without the mark
+    /// every such fence would count, and a node that fences often (a starved host) would
+    /// send healthy mail to `bad/` at the third. A mark that lands after the next owner has
+    /// recovered the entry stays until that owner's next sweep, and at worst spares one
+    /// later recovery of the entry from the count.
     fn mark_stopped(&self, entry: &Entry, fence: &Fence) {
-        if Instant::now() >= fence.deadline() + self.lease_margin {
-            return;
-        }
-        if let Err(e) = self.dir.mark_stopped(entry) {
-            tracing::warn!(queue = %self.queue, entry = %entry.name.filebase, error = %e, "cannot write the stop mark; the next recovery of this entry counts");
+        let late = Instant::now() >= fence.deadline() + self.lease_margin;
+        match self.dir.mark_stopped(entry) {
+            Ok(()) if late => {
+                tracing::info!(queue = %self.queue, entry = %entry.name.filebase, "stop mark written after the claim may have lapsed (this runner learnt of its fence late; the leash had killed the handler at the fence deadline)");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(queue = %self.queue, entry = %entry.name.filebase, error = %e, "cannot write the stop mark; the next recovery of this entry counts");
+            }
         }
     }
 }

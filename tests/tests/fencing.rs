@@ -164,6 +164,37 @@ async fn a_host_frozen_past_its_ttl_starts_nothing_under_its_old_epoch_when_it_t
     }
 }
 
+/// A runner frozen past its TTL (its leash and handler left running) learns of its fence
+/// only when it thaws, after its lease lapsed; the leash had killed its handler at the
+/// fence deadline. Its stop mark still goes down, so the entry's recovery at the next
+/// claim does not count toward `bad/`: a host that fences often (starved of CPU) must
+/// not send healthy mail to `bad/` at its third fence.
+#[tokio::test]
+async fn a_handler_stopped_at_a_fence_the_runner_learns_of_late_counts_no_recovery() {
+    let n1 = node("r1");
+    // The only runner: nobody else recovers the entry while it is frozen.
+    let tc = TestCluster::builder().queue("in", 1).coordinators(1).runner_env(&[("QSLICE_TEST_DELAY", "6")]).runners(&[&n1]).start().await.expect("cluster");
+    let (spool, c, r1) = (tc.spool(), tc.client(), tc.runner(&n1));
+    wait_for_async(LONG, "r1 holding the slice", || all_held_by(&c, &n1, 1)).await.expect("held");
+    let entry = spool.queue("in").enqueue_in_slice(b"stopped at a fence", 0, 1).expect("enqueue").filebase;
+    wait_for_async(LONG, "the handler running", || async { !pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty() }).await.expect("running");
+    // Only qslice-runner freezes: its leash kills the handler at the fence deadline, and
+    // the lease lapses (nothing keeps it alive).
+    let freezer = Freezer::new().expect("freezer");
+    freezer.add(&[r1.pid().expect("pid")]).expect("add the runner");
+    freezer.freeze().expect("freeze");
+    wait_for_async(LONG, "the leash killing the handler", || async { pids_with_env(&format!("QSLICE_NODE={n1}")).is_empty() }).await.expect("killed");
+    wait_for_async(LONG, "r1's lease lapsed", || async { !tc.is_registered(&n1).await }).await.expect("lapsed");
+    freezer.thaw().expect("thaw");
+    wait_for_async(LONG, "the entry finished after its recovery", || async { spool.finished().contains_key(&entry) }).await.expect("finished");
+    let log = r1.log();
+    let recovered: Vec<&str> = log.lines().filter(|l| l.contains("recovered an in-flight entry") && l.contains(&entry)).collect();
+    assert_eq!(recovered.len(), 1, "the entry recovered once, at r1's next claim:\n{log}");
+    assert!(recovered[0].contains("recoveries=0"), "a handler qslice stopped counts no recovery: {}", recovered[0]);
+    assert!(log.contains("stop mark written after the claim may have lapsed"), "r1 says its stop mark was late:\n{log}");
+    assert!(files_in(&spool.root().join("bad")).is_empty(), "nothing in bad/");
+}
+
 #[tokio::test]
 async fn a_killed_runners_leash_revokes_its_lease_so_its_slices_move_without_waiting_for_the_ttl() {
     let (n1, n2) = (node("r1"), node("r2"));

@@ -582,7 +582,8 @@ impl QueueDir {
 
     /// Marks an in-flight entry as stopped by qslice (a fence, a drain timeout) rather than
     /// crashed: its next recovery does not count toward the third that moves it to `bad/`.
-    /// Write it before the handler is killed, while the claim still holds.
+    /// Written before the handler is killed where the runner can (a runner that learns of
+    /// its fence late writes it after the leash killed the handler).
     pub fn mark_stopped(&self, entry: &Entry) -> Result<(), SpoolError> {
         let path = self.stopped_dir.join(&entry.name.filebase);
         let err = |source| SpoolError::StopMark { path: path.clone(), source };
