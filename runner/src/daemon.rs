@@ -94,7 +94,10 @@ impl StateLock {
 /// The leash's deadline is the fence deadline plus half the fence margin: still that much
 /// before etcd can expire the lease, and after this runner's own fence has tripped, so a
 /// handler the leash kills is always seen as killed at the fence (its entry stays `.bak`
-/// for recovery), never as a failed entry to preserve in `bad/`.
+/// for recovery), never as a failed entry to preserve in `bad/`. A renewal told late (this
+/// runner starved of CPU past the deadline the leash had) trips the fence
+/// ([`qslice_common::lease::Fence::leashed_until`]): keepalives acknowledged meanwhile do
+/// not make up for children the leash has killed.
 async fn renew_leash(leash: Arc<Leash>, inc: Incarnation) {
     let grace = fence_margin(inc.ttl) / 2;
     let mut tick = tokio::time::interval(LEASH_RENEW);
@@ -108,7 +111,9 @@ async fn renew_leash(leash: Arc<Leash>, inc: Incarnation) {
             }
         }
         let left = if inc.fence.is_valid() { inc.fence.deadline().saturating_duration_since(tokio::time::Instant::now()) + grace } else { Duration::ZERO };
-        leash.renew(inc.lease_id, left);
+        if let Some(until) = leash.renew(inc.lease_id, left) {
+            inc.fence.leashed_until(until);
+        }
     }
     leash.renew(inc.lease_id, Duration::ZERO);
 }

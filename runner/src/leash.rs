@@ -24,7 +24,7 @@
 //! stderr. A runner whose leash is gone fences itself (see [`Leash::send`]).
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdin, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -178,15 +178,19 @@ impl Leash {
         }
     }
 
-    /// The lease and the time left before the fence deadline.
-    pub fn renew(&self, lease: i64, left: Duration) {
+    /// The lease and the time left before the fence deadline; returns the deadline the
+    /// leash was told (CLOCK_BOOTTIME), None when the lease ends.
+    pub fn renew(&self, lease: i64, left: Duration) -> Option<Duration> {
         if left.is_zero() {
             // The runner ends the lease itself (a stop, or its own fence).
             self.send(&format!("lease {lease} 0"));
+            None
         } else {
             // Absolute, on the leash's clock: a leash slow to read the line (CPU-starved,
             // or frozen a moment) still kills on time, not `left` after it read it.
-            self.send(&format!("until {lease} {}", boot_ms() + left.as_millis()));
+            let until = boot_ms() + left.as_millis();
+            self.send(&format!("until {lease} {until}"));
+            Some(Duration::from_millis(until as u64))
         }
     }
 
@@ -284,83 +288,126 @@ fn groups_gone(groups: &BTreeSet<i32>) -> bool {
     })
 }
 
-/// What the leash's stdin said.
-enum Said {
-    Line(String),
-    Closed,
+/// The leash's stdin, read in the leash's own loop (no reader thread): everything the
+/// runner wrote before a look is seen by that look, so a renewal written in time but read
+/// late (the leash starved of CPU) is never taken for a lapse.
+#[derive(Default)]
+struct Input {
+    /// Bytes read after the last complete line.
+    pending: Vec<u8>,
+    /// End of file (the runner closed the pipe or died) or a read error.
+    closed: bool,
 }
 
-/// The leash process (`qslice-runner --leash`).
-pub fn main() -> ExitCode {
-    raise_priority();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            match line {
-                Ok(l) => {
-                    if tx.send(Said::Line(l)).is_err() {
-                        return;
-                    }
-                }
-                Err(_) => break,
+impl Input {
+    /// Waits up to `timeout` for input, reads everything there is, and returns the
+    /// complete lines read.
+    fn lines(&mut self, timeout: Duration) -> Vec<String> {
+        let mut wait = timeout;
+        while !self.closed && readable(STDIN, wait) {
+            let mut buf = [0u8; 8192];
+            match read(STDIN, &mut buf) {
+                Ok(0) => self.closed = true,
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => self.closed = true,
+            }
+            wait = Duration::ZERO;
+        }
+        let mut lines = Vec::new();
+        while let Some(end) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            lines.push(String::from_utf8_lossy(&line[..end]).into_owned());
+        }
+        lines
+    }
+}
+
+const STDIN: i32 = 0;
+
+/// Whether `fd` can be read without blocking (data, end of file or an error) within `timeout`.
+#[allow(unsafe_code)]
+fn readable(fd: i32, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: poll on one pollfd on the stack.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+/// One read(2) of `fd`.
+#[allow(unsafe_code)]
+fn read(fd: i32, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: read into a buffer we own, no longer than it.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// What the leash knows: the children's groups, the lease and its deadline.
+#[derive(Default)]
+struct Leashing {
+    groups: BTreeSet<i32>,
+    deadline: Option<u128>,
+    lease: Option<i64>,
+    etcd: Option<LeashEtcd>,
+    /// Leases whose deadline passed: dead for good here. A later `lease` for one of them
+    /// (a renewal that arrives late) re-arms nothing, and a group added while the current
+    /// one is lapsed is killed at once; only a new lease (a new incarnation) re-arms.
+    lapsed: BTreeSet<i64>,
+    /// Whether the current deadline was the runner's own `lease <id> 0` (a stop), not a
+    /// missed renewal: the log says which.
+    ended_by_runner: bool,
+}
+
+impl Leashing {
+    /// Whether the current lease's deadline is armed (set and not lapsed).
+    fn armed(&self) -> bool {
+        self.deadline.is_some() && !self.lease.is_some_and(|l| self.lapsed.contains(&l))
+    }
+
+    /// Kills every group if the deadline has passed; the lease is then dead for good.
+    fn enforce_deadline(&mut self) {
+        if !(self.armed() && self.deadline.is_some_and(|d| boot_ms() >= d)) {
+            return;
+        }
+        if !self.groups.is_empty() {
+            if self.ended_by_runner {
+                say(&format!("the runner ended its lease (a stop or its own fence): killed {} process groups", self.groups.len()));
+            } else {
+                say(&format!("the fence deadline passed without a renewal (the runner is frozen, hung or cut off): killed {} process groups", self.groups.len()));
             }
         }
-        let _ = tx.send(Said::Closed);
-    });
-    let mut groups = BTreeSet::new();
-    let mut deadline: Option<u128> = None;
-    let mut lease: Option<i64> = None;
-    let mut etcd: Option<LeashEtcd> = None;
-    // Leases whose deadline passed: dead for good here. A later `lease` for one of them
-    // (a renewal that arrives late) re-arms nothing, and a group added while the current
-    // one is lapsed is killed at once; only a new lease (a new incarnation) re-arms.
-    let mut lapsed: BTreeSet<i64> = BTreeSet::new();
-    // Whether the current deadline was the runner's own `lease <id> 0` (a stop), not a
-    // missed renewal: the log says which.
-    let mut ended_by_runner = false;
-    loop {
-        if deadline.is_some_and(|d| boot_ms() >= d) && !lease.is_some_and(|l| lapsed.contains(&l)) {
-            if !groups.is_empty() {
-                if ended_by_runner {
-                    say(&format!("the runner ended its lease (a stop or its own fence): killed {} process groups", groups.len()));
-                } else {
-                    say(&format!("the fence deadline passed without a renewal (the runner is frozen, hung or cut off): killed {} process groups", groups.len()));
-                }
-            }
-            kill_groups(&groups);
-            groups.clear();
-            lapsed.extend(lease);
+        kill_groups(&self.groups);
+        self.groups.clear();
+        self.lapsed.extend(self.lease);
+    }
+
+    /// How long to wait for input: until the deadline, and at most a [`TICK`].
+    fn wait(&self) -> Duration {
+        match self.deadline.filter(|_| self.armed()) {
+            Some(d) => TICK.min(Duration::from_millis(d.saturating_sub(boot_ms()) as u64 + 1)),
+            None => TICK,
         }
-        // Wake at the deadline itself, not only on the tick.
-        let wait = deadline.filter(|_| !lease.is_some_and(|l| lapsed.contains(&l))).map_or(TICK, |d| TICK.min(Duration::from_millis(d.saturating_sub(boot_ms()) as u64 + 1)));
-        let said = match rx.recv_timeout(wait) {
-            Ok(s) => s,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                // A child announces its group itself before exec; if the exec then failed,
-                // no `del` follows. Forget groups that no longer exist, so a recycled pid is
-                // never killed.
-                groups.retain(|g| killpg(Pid::from_raw(*g), None).is_ok());
-                continue;
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Said::Closed,
-        };
-        let line = match said {
-            Said::Line(l) => l,
-            Said::Closed => break,
-        };
-        let (word, rest) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+    }
+
+    /// Applies one command line; false for `bye` (a clean exit).
+    fn apply(&mut self, line: &str) -> bool {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "lease" => {
                 let mut it = rest.split_whitespace().map(str::parse::<i64>);
                 if let (Some(Ok(id)), Some(Ok(ms))) = (it.next(), it.next()) {
-                    if lapsed.contains(&id) {
+                    if self.lapsed.contains(&id) {
                         if ms > 0 {
                             say(&format!("ignoring a renewal of lease {id}: its deadline has passed, so it stays dead"));
                         }
                     } else {
-                        lease = Some(id);
-                        deadline = Some(boot_ms() + ms.max(0) as u128);
-                        ended_by_runner = ms <= 0;
+                        self.lease = Some(id);
+                        self.deadline = Some(boot_ms() + ms.max(0) as u128);
+                        self.ended_by_runner = ms <= 0;
                     }
                 }
             }
@@ -368,38 +415,73 @@ pub fn main() -> ExitCode {
                 let mut it = rest.split_whitespace().map(str::parse::<u128>);
                 if let (Some(Ok(id)), Some(Ok(at))) = (it.next(), it.next()) {
                     let id = id as i64;
-                    if lapsed.contains(&id) {
+                    if self.lapsed.contains(&id) {
                         say(&format!("ignoring a renewal of lease {id}: its deadline has passed, so it stays dead"));
                     } else {
-                        lease = Some(id);
-                        deadline = Some(at);
-                        ended_by_runner = false;
+                        self.lease = Some(id);
+                        self.deadline = Some(at);
+                        self.ended_by_runner = false;
                     }
                 }
             }
             "add" => {
                 if let Ok(g) = rest.trim().parse::<i32>() {
                     // Registered after the deadline passed: it may not run either.
-                    if deadline.is_some_and(|d| boot_ms() >= d) {
+                    if self.deadline.is_some_and(|d| boot_ms() >= d) {
                         let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
                     } else {
-                        groups.insert(g);
+                        self.groups.insert(g);
                     }
                 }
             }
             "del" => {
                 if let Ok(g) = rest.trim().parse::<i32>() {
-                    groups.remove(&g);
+                    self.groups.remove(&g);
                 }
             }
             "etcd" => match serde_json::from_str(rest) {
-                Ok(e) => etcd = Some(e),
+                Ok(e) => self.etcd = Some(e),
                 Err(e) => say(&format!("unreadable etcd settings ({e}); it cannot revoke the lease of a dead runner")),
             },
-            "bye" => return ExitCode::SUCCESS,
+            "bye" => return false,
             other => say(&format!("unknown command {other:?}")),
         }
+        true
     }
+}
+
+/// The leash process (`qslice-runner --leash`).
+pub fn main() -> ExitCode {
+    raise_priority();
+    let mut input = Input::default();
+    let mut state = Leashing::default();
+    loop {
+        // Everything the runner has written so far is applied before the deadline is
+        // looked at.
+        for line in input.lines(Duration::ZERO) {
+            if !state.apply(&line) {
+                return ExitCode::SUCCESS;
+            }
+        }
+        if input.closed {
+            break;
+        }
+        state.enforce_deadline();
+        // Wake at the deadline itself, not only on the tick.
+        let lines = input.lines(state.wait());
+        if lines.is_empty() {
+            // A child announces its group itself before exec; if the exec then failed,
+            // no `del` follows. Forget groups that no longer exist, so a recycled pid is
+            // never killed.
+            state.groups.retain(|g| killpg(Pid::from_raw(*g), None).is_ok());
+        }
+        for line in lines {
+            if !state.apply(&line) {
+                return ExitCode::SUCCESS;
+            }
+        }
+    }
+    let Leashing { groups, lease, etcd, .. } = state;
     // The runner died (its stdin closed without `bye`): its children must be gone before
     // its slices can go to another node.
     kill_groups(&groups);

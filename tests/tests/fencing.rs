@@ -548,3 +548,45 @@ fn the_built_leash_keeps_a_lapsed_lease_dead_and_kills_groups_added_after_its_de
         assert!(line.starts_with("20") && line.contains('T'), "a timestamp leads each line: {line}");
     }
 }
+
+/// A leash starved of CPU (here: stopped) past its deadline, with a renewal the runner
+/// wrote in time waiting in its pipe, reads the renewal before it looks at the deadline:
+/// no kill of the children of a runner whose lease is alive.
+#[test]
+fn a_leash_that_reads_a_timely_renewal_late_kills_nothing() {
+    use std::io::Write;
+    let mut leash = std::process::Command::new(qslice_tests::qslice_bin("qslice-runner").expect("built"))
+        .arg("--leash")
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the leash");
+    let mut to_leash = leash.stdin.take().expect("stdin");
+    let mut send = |line: &str| writeln!(to_leash, "{line}").expect("write to the leash");
+    let gone = |child: &mut std::process::Child| matches!(child.try_wait(), Ok(Some(_)));
+    let boot_ms = || {
+        let boot = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).expect("clock");
+        boot.tv_sec() as u128 * 1000 + boot.tv_nsec() as u128 / 1_000_000
+    };
+    let mut child = sleeper();
+    send(&format!("until 9 {}", boot_ms() + 500));
+    send(&format!("add {}", child.id()));
+    let leash_pid = nix::unistd::Pid::from_raw(leash.id() as i32);
+    // Once it has read both lines (a line it has not read yet would be read after SIGCONT
+    // anyway): stopped, renewed in time while stopped, resumed past the first deadline.
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::signal::kill(leash_pid, nix::sys::signal::Signal::SIGSTOP).expect("stop the leash");
+    send(&format!("until 9 {}", boot_ms() + 60_000));
+    std::thread::sleep(Duration::from_millis(800));
+    nix::sys::signal::kill(leash_pid, nix::sys::signal::Signal::SIGCONT).expect("resume the leash");
+    // A negative: watched for many of the leash's ticks (20 ms each) to see a wrong kill.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!gone(&mut child), "the leash killed a group although the renewal was written before its deadline");
+    send("lease 9 0");
+    qslice_tests::wait_for(Duration::from_secs(30), "the group killed on the runner's own stop", || gone(&mut child)).expect("killed");
+    send("bye");
+    drop(to_leash);
+    let out = leash.wait_with_output().expect("leash output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("the fence deadline passed without a renewal"), "{log}");
+}

@@ -87,6 +87,10 @@ pub struct Fence {
     deadline: Mutex<Instant>,
     /// The same deadline on CLOCK_BOOTTIME.
     boot_deadline: Mutex<Duration>,
+    /// The deadline (CLOCK_BOOTTIME) the runner's leash was last told: past it the leash
+    /// kills the children, so work started on this fence would be killed too. None where
+    /// no leash watches (a coordinator, before the first renewal).
+    leash_deadline: Mutex<Option<Duration>>,
     lost: CancellationToken,
     reason: Mutex<Option<String>>,
 }
@@ -97,12 +101,34 @@ impl Fence {
     }
 
     fn with_deadlines(deadline: Instant, boot_deadline: Duration) -> Fence {
-        Fence { deadline: Mutex::new(deadline), boot_deadline: Mutex::new(boot_deadline), lost: CancellationToken::new(), reason: Mutex::new(None) }
+        Fence {
+            deadline: Mutex::new(deadline),
+            boot_deadline: Mutex::new(boot_deadline),
+            leash_deadline: Mutex::new(None),
+            lost: CancellationToken::new(),
+            reason: Mutex::new(None),
+        }
     }
 
-    /// Whether the deadline has passed on either clock.
+    /// Whether the deadline has passed on either clock, or the leash's.
     fn passed(&self) -> bool {
-        Instant::now() >= self.deadline() || boottime() >= *self.boot_deadline.lock().expect("fence lock")
+        let now = boottime();
+        Instant::now() >= self.deadline() || now >= *self.boot_deadline.lock().expect("fence lock") || self.leash_deadline.lock().expect("fence lock").is_some_and(|d| now >= d)
+    }
+
+    /// Records that the leash was told `boot_deadline` (CLOCK_BOOTTIME). If the deadline it
+    /// was told before has passed meanwhile (this runner was starved of CPU between two
+    /// renewals), the leash may already have killed the children and dropped the lease
+    /// for good: the fence trips, so that no work starts that the leash would kill and no
+    /// killed handler is taken for a failed one.
+    pub fn leashed_until(&self, boot_deadline: Duration) {
+        let mut d = self.leash_deadline.lock().expect("fence lock");
+        if d.is_some_and(|before| boottime() >= before) {
+            drop(d);
+            self.trip("the leash's deadline passed before this runner renewed it (starved of CPU or frozen): the leash killed its children");
+            return;
+        }
+        *d = Some(boot_deadline);
     }
 
     /// Whether work may start now: the deadline has not passed and the lease is not lost.
@@ -303,6 +329,35 @@ mod tests {
         assert!(fence.lost().is_cancelled(), "seen passed, the fence tripped");
         fence.extend(Instant::now() + Duration::from_secs(10));
         assert!(!fence.is_valid(), "still dead after another reply");
+    }
+
+    #[test]
+    fn a_leash_told_too_late_fences_though_keepalives_extend_the_deadline() {
+        // The runner's keepalives keep the fence's own deadline far ahead; the deadline
+        // the leash was told passes before the next renewal reaches it (the runner
+        // starved of CPU): the leash kills the children, and the fence must not hold.
+        let fence = Fence::new(Instant::now() + Duration::from_secs(60));
+        fence.leashed_until(boottime() + Duration::from_millis(30));
+        assert!(fence.is_valid(), "before the leash's deadline");
+        std::thread::sleep(Duration::from_millis(60));
+        fence.extend(Instant::now() + Duration::from_secs(60));
+        assert!(!fence.is_valid(), "past the deadline the leash had, the fence holds no more");
+        assert!(fence.lost().is_cancelled());
+
+        // A renewal told late trips the fence even if nothing looked at it in between.
+        let fence = Fence::new(Instant::now() + Duration::from_secs(60));
+        fence.leashed_until(boottime() + Duration::from_millis(30));
+        std::thread::sleep(Duration::from_millis(60));
+        fence.leashed_until(boottime() + Duration::from_secs(5));
+        assert!(fence.lost().is_cancelled(), "a late renewal is no renewal");
+        assert!(fence.reason().is_some_and(|r| r.contains("leash")), "{:?}", fence.reason());
+
+        // Renewals in time keep it valid.
+        let fence = Fence::new(Instant::now() + Duration::from_secs(60));
+        for _ in 0..3 {
+            fence.leashed_until(boottime() + Duration::from_secs(5));
+        }
+        assert!(fence.is_valid());
     }
 
     #[tokio::test]
