@@ -113,6 +113,8 @@ struct Run {
     /// First LMTP acceptance and last delivery, seconds since the Unix epoch (to line the
     /// run up with other records: Mailman's logs, CPU samples).
     span: (f64, f64),
+    /// CPU ms per post by kind of process, machine-wide, over the run (see [`cpu_by_kind`]).
+    cpu_per_post: BTreeMap<String, f64>,
 }
 
 impl Run {
@@ -145,6 +147,7 @@ impl Run {
             "max_ms": round(self.max_ms(), 0),
             "beyond_p50_ms": round(self.max_ms() - self.percentile_ms(50.0), 0),
             "doubled": self.doubled,
+            "cpu_ms_per_post": self.cpu_per_post.iter().map(|(k, v)| (k.clone(), serde_json::json!(round(*v, 1)))).collect::<serde_json::Map<_, _>>(),
         })
     }
 }
@@ -275,14 +278,25 @@ impl Bench {
         }
         latency.sort_by(f64::total_cmp);
         let doubled = ids.iter().filter(|id| members_of(id).iter().any(|m| copies.get(&((*m).to_owned(), (*id).clone())).copied().unwrap_or(0) > 1)).count();
-        Ok(Run { config: config.to_owned(), phase: phase.to_owned(), posts: ids.len(), seconds: ended - began, latency, doubled, span: (began, ended) })
+        Ok(Run {
+            config: config.to_owned(),
+            phase: phase.to_owned(),
+            posts: ids.len(),
+            seconds: ended - began,
+            latency,
+            doubled,
+            span: (began, ended),
+            cpu_per_post: BTreeMap::new(),
+        })
     }
 
     /// Posts, waits until they are all out, and measures them.
     async fn run(&mut self, config: &str, phase: &str, nodes: &[&str], n: usize, rate: f64) -> Result<Run> {
+        let cpu_before = cpu_by_kind();
         let ids = self.post(nodes, n, rate)?;
         self.settle(&ids).await.with_context(|| format!("{config}, {phase}"))?;
-        let run = self.measure(config, phase, &ids)?;
+        let mut run = self.measure(config, phase, &ids)?;
+        run.cpu_per_post = cpu_per_post(&cpu_before, &cpu_by_kind(), run.posts);
         println!(
             "{config}, {phase}: {} posts in {:.1} s ({:.2} posts/s), latency p50 {:.0} ms, max {:.0} ms (Unix time {:.1} to {:.1})",
             run.posts,
@@ -377,6 +391,57 @@ fn tree_cpu(roots: &[u32]) -> (u64, usize) {
         })
         .sum();
     (ticks, pids.len())
+}
+
+/// CPU time (clock ticks) used so far by every process on the machine, summed by kind:
+/// Mailman runner processes by their queue (`mailman <queue>`, Mailman's own and qslice's
+/// slice runners alike), `qslice-runner`, `leash`, `qslice-coordinator`, `etcd`,
+/// `postgres`, and the rest by command name. Processes that exit meanwhile are not counted.
+fn cpu_by_kind() -> BTreeMap<String, u64> {
+    let mut by_kind = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let (Ok(stat), Ok(cmdline)) = (std::fs::read_to_string(format!("/proc/{pid}/stat")), std::fs::read(format!("/proc/{pid}/cmdline"))) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let comm = head.split_once('(').map_or("", |(_, c)| c);
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(Ok(utime)), Some(Ok(stime))) = (fields.get(11).map(|f| f.parse::<u64>()), fields.get(12).map(|f| f.parse::<u64>())) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        *by_kind.entry(process_kind(comm, &args)).or_insert(0) += utime + stime;
+    }
+    by_kind
+}
+
+/// The kind of a process for [`cpu_by_kind`].
+fn process_kind(comm: &str, args: &[String]) -> String {
+    let queue = args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--runner") {
+        Some("") => args.get(i + 1).cloned(),
+        Some(v) => v.strip_prefix('=').map(str::to_owned),
+        None => None,
+    });
+    if let Some(q) = queue {
+        return format!("mailman {}", q.split(':').next().unwrap_or(&q));
+    }
+    if args.iter().any(|a| a == "--leash") {
+        return "leash".into();
+    }
+    if comm.starts_with("postgres") || args.first().is_some_and(|a| a.starts_with("postgres")) {
+        return "postgres".into();
+    }
+    comm.to_owned()
+}
+
+/// CPU ms per post by kind between two [`cpu_by_kind`] samples; kinds under 0.5 ms a post
+/// are summed as `other`.
+fn cpu_per_post(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, posts: usize) -> BTreeMap<String, f64> {
+    let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let mut out = BTreeMap::new();
+    for (kind, ticks) in after {
+        let ms = ticks.saturating_sub(before.get(kind).copied().unwrap_or(0)) as f64 / ticks_per_s * 1000.0 / posts.max(1) as f64;
+        let key = if ms < 0.5 { "other".to_owned() } else { kind.clone() };
+        *out.entry(key).or_insert(0.0) += ms;
+    }
+    out
 }
 
 /// Waits until the process trees rooted at `roots` are idle: for [`IDLE_SECONDS`] in a row,
@@ -495,6 +560,15 @@ async fn main() -> Result<()> {
     let burst_rate = |config: &str| runs.iter().find(|r| r.config == config && r.phase == "burst").map(Run::posts_per_s);
     let ratio = burst_rate("qslice, 1 runner").zip(burst_rate("mailman start (1 node)")).map(|(q, m)| q / m).unwrap_or(f64::NAN);
     println!("qslice with 1 runner / mailman start, burst throughput: {ratio:.2}");
+    // Where the CPU went (machine-wide, per post): what a configuration costs beyond
+    // Mailman's own work.
+    for r in runs.iter().filter(|r| r.phase == "burst") {
+        let mut kinds: Vec<(&String, &f64)> = r.cpu_per_post.iter().collect();
+        kinds.sort_by(|x, y| y.1.total_cmp(x.1));
+        let total: f64 = kinds.iter().map(|(_, ms)| **ms).sum();
+        let parts: Vec<String> = kinds.iter().map(|(k, ms)| format!("{k} {ms:.1}")).collect();
+        println!("{}, burst: CPU {total:.0} ms a post: {}", r.config, parts.join(", "));
+    }
     if !faults.is_empty() {
         let mut table = Table::new(&["fault (2 runners, paced)", "posts", "p50 ms", "max ms", "max beyond p50 ms", "posts out twice"]);
         for f in &faults {
