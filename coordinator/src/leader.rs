@@ -521,44 +521,8 @@ impl<'a> Term<'a> {
     /// of, and etcd ends such a lease by itself unless something keeps it alive.
     async fn enforce_revoke_deadline(&mut self, view: &ClusterView, desired: &BTreeMap<SliceKey, String>, now: Duration) -> Result<(), TermEnd> {
         let states = classify_claims(view, desired);
-        let mut stuck = BTreeMap::new();
-        let mut unknown = BTreeMap::new();
-        for (slice, state) in &states {
-            let Some(claim) = view.claims.get(slice) else { continue };
-            match state {
-                ClaimState::Explained => {}
-                ClaimState::Moving { .. } | ClaimState::Unassigned => {
-                    let since = match self.handoff_since.get(slice) {
-                        Some((holder, since)) if holder == &claim.node => *since,
-                        _ => now,
-                    };
-                    stuck.insert(slice.clone(), (claim.node.clone(), since));
-                }
-                ClaimState::UnknownHolder => {
-                    let (since, alerted) = match self.unknown_since.get(slice) {
-                        Some((holder, since, alerted)) if holder == &claim.node => (*since, *alerted),
-                        _ => (now, false),
-                    };
-                    unknown.insert(slice.clone(), (claim.node.clone(), since, alerted));
-                }
-            }
-        }
-        self.handoff_since = stuck;
-        self.unknown_since = unknown;
-        for ((queue, slice), (holder, since, alerted)) in self.unknown_since.iter_mut() {
-            if *alerted || now.saturating_sub(*since) < self.cfg.revoke_deadline {
-                continue;
-            }
-            *alerted = true;
-            let lease = view.claims.get(&(queue.clone(), *slice)).map(|c| c.lease).unwrap_or_default();
-            let message = format!(
-                "claim of {queue}/{slice} held by {holder} on lease {lease:x}, which is not a live node's current lease, for {}; not revoking it",
-                humantime::format_duration(self.cfg.revoke_deadline)
-            );
-            tracing::error!(%queue, slice, node = %holder, lease, "alert: {message}");
-            metrics::counter!("qslice_coordinator_unexplained_claims_total", "action" => "alerted").increment(1);
-            self.cache.emit(Event { node: holder.clone(), queue: queue.clone(), slice: *slice, message, ..event(Kind::Alert) });
-        }
+        self.track_unexplained_claims(view, &states, now);
+        self.alert_unknown_holders(view, now);
         let mut revoked = BTreeSet::new();
         let mut confirmed = false;
         let due: Vec<(SliceKey, String)> = self
@@ -623,6 +587,55 @@ impl<'a> Term<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Since when each claim the assignment does not explain (a moved slice not yet
+    /// released, a claim no assignment gives, a holder that is not a live node's current
+    /// lease) has been held by its current holder; claims explained again are forgotten.
+    fn track_unexplained_claims(&mut self, view: &ClusterView, states: &BTreeMap<SliceKey, ClaimState>, now: Duration) {
+        let mut stuck = BTreeMap::new();
+        let mut unknown = BTreeMap::new();
+        for (slice, state) in states {
+            let Some(claim) = view.claims.get(slice) else { continue };
+            match state {
+                ClaimState::Explained => {}
+                ClaimState::Moving { .. } | ClaimState::Unassigned => {
+                    let since = match self.handoff_since.get(slice) {
+                        Some((holder, since)) if holder == &claim.node => *since,
+                        _ => now,
+                    };
+                    stuck.insert(slice.clone(), (claim.node.clone(), since));
+                }
+                ClaimState::UnknownHolder => {
+                    let (since, alerted) = match self.unknown_since.get(slice) {
+                        Some((holder, since, alerted)) if holder == &claim.node => (*since, *alerted),
+                        _ => (now, false),
+                    };
+                    unknown.insert(slice.clone(), (claim.node.clone(), since, alerted));
+                }
+            }
+        }
+        self.handoff_since = stuck;
+        self.unknown_since = unknown;
+    }
+
+    /// Alerts once on each claim held past the revoke deadline by a holder that is not a
+    /// live node's current lease (never revoked: see [`Self::enforce_revoke_deadline`]).
+    fn alert_unknown_holders(&mut self, view: &ClusterView, now: Duration) {
+        for ((queue, slice), (holder, since, alerted)) in self.unknown_since.iter_mut() {
+            if *alerted || now.saturating_sub(*since) < self.cfg.revoke_deadline {
+                continue;
+            }
+            *alerted = true;
+            let lease = view.claims.get(&(queue.clone(), *slice)).map(|c| c.lease).unwrap_or_default();
+            let message = format!(
+                "claim of {queue}/{slice} held by {holder} on lease {lease:x}, which is not a live node's current lease, for {}; not revoking it",
+                humantime::format_duration(self.cfg.revoke_deadline)
+            );
+            tracing::error!(%queue, slice, node = %holder, lease, "alert: {message}");
+            metrics::counter!("qslice_coordinator_unexplained_claims_total", "action" => "alerted").increment(1);
+            self.cache.emit(Event { node: holder.clone(), queue: queue.clone(), slice: *slice, message, ..event(Kind::Alert) });
+        }
     }
 }
 

@@ -81,44 +81,8 @@ pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &Ex
     let holder_node = claim.map(|c| explain_node(view, &c.node, queue, now));
     let reslicing = view.claims.iter().any(|((name, _), c)| name == queue && c.slices_total != q.slices);
     let no_eligible = no_eligible_node(view, q);
-    let mut reasons = Vec::new();
-
-    if q.paused {
-        reasons.push(format!("queue {queue} is paused: nobody takes its entries (qslicectl queue resume {queue})"));
-    }
-    if reslicing {
-        let old = view.claims.iter().filter(|((name, _), c)| name == queue && c.slices_total != q.slices).count();
-        reasons.push(format!("queue {queue} is being resliced to {} slices: it is held as paused until its {old} claims under the old count are released", q.slices));
-    }
-    if view.maintenance {
-        reasons.push("maintenance mode is on: no planned moves, only orphans are taken over (qslicectl maintenance off)".to_owned());
-    }
-    if let Some(why) = &no_eligible {
-        reasons.push(format!("queue {queue} has {why}"));
-    }
-    let pinned_to = view.pins.get(&k).cloned();
-    if let Some(p) = &pinned_to {
-        let obstacle = node_obstacle(&explain_node(view, p, queue, now), queue);
-        match obstacle {
-            Some(o) => reasons.push(format!("pinned to {p}, but {o}: the pin is ignored meanwhile")),
-            None => reasons.push(format!("pinned to {p} (qslicectl unpin {queue} {slice})")),
-        }
-    }
-    let move_requested_to = view.moves.get(&k).cloned();
-    if let Some(m) = &move_requested_to {
-        reasons.push(format!("a move to {m} was requested and is not done yet"));
-    }
-    for node in desired_node.iter().chain(holder_node.iter()) {
-        if let Some(o) = node_obstacle(node, queue) {
-            if !reasons.contains(&o) {
-                reasons.push(o);
-            }
-        }
-    }
-    let refused = refused_by(view, queue);
-    if !refused.is_empty() && no_eligible.is_none() {
-        reasons.push(format!("refused by {} (the other nodes take the queue)", refused.join(", ")));
-    }
+    let mut reasons = queue_reasons(view, q, reslicing, no_eligible.as_ref());
+    let placement = placement_reasons(view, &k, now, [desired_node.as_ref(), holder_node.as_ref()], no_eligible.is_none(), &mut reasons);
     let old_incarnation = match (claim, &facts.claim) {
         (Some(c), Some(record)) => view.nodes.get(&c.node).is_some_and(|n| n.incarnation != record.incarnation),
         _ => false,
@@ -129,20 +93,7 @@ pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &Ex
     if let Some(c) = claim.filter(|c| c.slices_total != q.slices) {
         reasons.push(format!("the claim was made under {} slices, the queue has {}", c.slices_total, q.slices));
     }
-
-    // The figures runners publish.
-    let figures = view.slice_figures().remove(&k);
-    let publisher = figures.as_ref().and_then(|(listed, _)| {
-        view.status.iter().find(|((_, name), st)| name == queue && st.listed_unix_ms == *listed && st.slices_total == q.slices).map(|((n, _), _)| n.clone())
-    });
-    let (listed, f) = figures.unwrap_or((0, qslice_proto::records::SliceFigures { slice, depth: 0, in_flight: 0, oldest_age_ms: 0, oldest_in_flight_age_ms: 0 }));
-    if in_flight_too_long(f.in_flight, f.oldest_in_flight_age_ms, listed, now, &facts.alert_settings) {
-        reasons.push(format!(
-            "{} entries in flight (.bak), the oldest for {}: a handler may be stuck",
-            f.in_flight,
-            crate::health::spoken_age(crate::health::aged(f.oldest_in_flight_age_ms, listed, now))
-        ));
-    }
+    let (listed, f, publisher) = published_figures(view, q, slice, facts, &mut reasons);
 
     let (next_move, next_note) = next_step(view, claim, queue, slice);
 
@@ -165,14 +116,14 @@ pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &Ex
         holder_lease_remaining_seconds: facts.lease.map_or(-1, |(left, _)| left),
         holder_lease_granted_seconds: facts.lease.map_or(-1, |(_, granted)| granted),
         unowned_seconds: if claim.is_some() { 0.0 } else { facts.unowned_seconds },
-        pinned_to: pinned_to.unwrap_or_default(),
-        move_requested_to: move_requested_to.unwrap_or_default(),
+        pinned_to: placement.pinned_to.unwrap_or_default(),
+        move_requested_to: placement.move_requested_to.unwrap_or_default(),
         queue_paused: q.paused,
         reslicing,
         maintenance: view.maintenance,
         queue_state: queue_state(view, q),
         no_eligible_node: no_eligible.is_some(),
-        refused_by: refused,
+        refused_by: placement.refused,
         figures_known: listed > 0,
         figures_from_node: publisher.unwrap_or_default(),
         figures_age_seconds: if listed > 0 { (now - listed).max(0) as f64 / 1000.0 } else { 0.0 },
@@ -190,6 +141,89 @@ pub fn explain_slice(view: &ClusterView, q: &QueueConfig, slice: u32, facts: &Ex
         next_move,
         next_note,
     }
+}
+
+/// The reasons that hold for the whole queue: paused, being resliced, maintenance, no
+/// eligible node.
+fn queue_reasons(view: &ClusterView, q: &QueueConfig, reslicing: bool, no_eligible: Option<&crate::health::NoEligibleNode>) -> Vec<String> {
+    let queue = q.name.as_str();
+    let mut reasons = Vec::new();
+    if q.paused {
+        reasons.push(format!("queue {queue} is paused: nobody takes its entries (qslicectl queue resume {queue})"));
+    }
+    if reslicing {
+        let old = view.claims.iter().filter(|((name, _), c)| name == queue && c.slices_total != q.slices).count();
+        reasons.push(format!("queue {queue} is being resliced to {} slices: it is held as paused until its {old} claims under the old count are released", q.slices));
+    }
+    if view.maintenance {
+        reasons.push("maintenance mode is on: no planned moves, only orphans are taken over (qslicectl maintenance off)".to_owned());
+    }
+    if let Some(why) = no_eligible {
+        reasons.push(format!("queue {queue} has {why}"));
+    }
+    reasons
+}
+
+/// What an operator asked of the slice's placement, and which nodes refuse its queue.
+struct Placement {
+    pinned_to: Option<String>,
+    move_requested_to: Option<String>,
+    refused: Vec<String>,
+}
+
+/// Adds to `reasons` the slice's pin, a requested move, what stands in the way of its
+/// desired and holding `nodes`, and the nodes that refuse its queue (when some node is
+/// eligible: otherwise the queue's reason says it all).
+fn placement_reasons(view: &ClusterView, k: &(String, u32), now: i64, nodes: [Option<&ExplainNode>; 2], some_eligible: bool, reasons: &mut Vec<String>) -> Placement {
+    let (queue, slice) = (k.0.as_str(), k.1);
+    let pinned_to = view.pins.get(k).cloned();
+    if let Some(p) = &pinned_to {
+        match node_obstacle(&explain_node(view, p, queue, now), queue) {
+            Some(o) => reasons.push(format!("pinned to {p}, but {o}: the pin is ignored meanwhile")),
+            None => reasons.push(format!("pinned to {p} (qslicectl unpin {queue} {slice})")),
+        }
+    }
+    let move_requested_to = view.moves.get(k).cloned();
+    if let Some(m) = &move_requested_to {
+        reasons.push(format!("a move to {m} was requested and is not done yet"));
+    }
+    for node in nodes.into_iter().flatten() {
+        if let Some(o) = node_obstacle(node, queue) {
+            if !reasons.contains(&o) {
+                reasons.push(o);
+            }
+        }
+    }
+    let refused = refused_by(view, queue);
+    if !refused.is_empty() && some_eligible {
+        reasons.push(format!("refused by {} (the other nodes take the queue)", refused.join(", ")));
+    }
+    Placement { pinned_to, move_requested_to, refused }
+}
+
+/// The figures runners published for the slice (when listed, the figures, and by whom);
+/// adds a reason if its entries have been in flight too long.
+fn published_figures(
+    view: &ClusterView,
+    q: &QueueConfig,
+    slice: u32,
+    facts: &ExplainFacts,
+    reasons: &mut Vec<String>,
+) -> (i64, qslice_proto::records::SliceFigures, Option<String>) {
+    let (queue, now) = (q.name.as_str(), facts.now_ms);
+    let figures = view.slice_figures().remove(&(q.name.clone(), slice));
+    let publisher = figures.as_ref().and_then(|(listed, _)| {
+        view.status.iter().find(|((_, name), st)| name == queue && st.listed_unix_ms == *listed && st.slices_total == q.slices).map(|((n, _), _)| n.clone())
+    });
+    let (listed, f) = figures.unwrap_or((0, qslice_proto::records::SliceFigures { slice, depth: 0, in_flight: 0, oldest_age_ms: 0, oldest_in_flight_age_ms: 0 }));
+    if in_flight_too_long(f.in_flight, f.oldest_in_flight_age_ms, listed, now, &facts.alert_settings) {
+        reasons.push(format!(
+            "{} entries in flight (.bak), the oldest for {}: a handler may be stuck",
+            f.in_flight,
+            crate::health::spoken_age(crate::health::aged(f.oldest_in_flight_age_ms, listed, now))
+        ));
+    }
+    (listed, f, publisher)
 }
 
 /// What the leader would do next with the slice: the move it would plan, or why none.
