@@ -125,10 +125,16 @@ async fn every_rpc_works_against_a_live_cluster() {
     let mut standby_api = connect(&standby_admin).await;
     for api in [&mut api, &mut standby_api] {
         // Each instance writes its record when it starts campaigning; wait until this one
-        // has seen both.
-        wait_for_async(LONG, "a leader and one standby in the status", || {
+        // has seen both, and the claims etcd already holds (an instance's view follows etcd
+        // through its watch, a moment behind).
+        wait_for_async(LONG, "a leader, one standby and every claim in the status", || {
             let mut api = api.clone();
-            async move { api.get_status(req(GetStatusRequest::default(), None)).await.is_ok_and(|s| s.get_ref().leader.is_some() && s.get_ref().standbys.len() == 1) }
+            async move {
+                api.get_status(req(GetStatusRequest { include_slices: true }, None)).await.is_ok_and(|s| {
+                    let s = s.get_ref();
+                    s.leader.is_some() && s.standbys.len() == 1 && s.slices.len() == 4 && s.slices.iter().all(|x| !x.claim_holder.is_empty() && x.desired_owner == x.claim_holder)
+                })
+            }
         })
         .await
         .expect("coordinators seen");
