@@ -29,15 +29,18 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{killpg, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::supervise::{command, log_lines, wait_backoff, SuperviseConfig, Supervised, SupervisorExit};
+use fork_server::ForkServer;
 use qslice_common::lease::Fence;
+
+mod fork_server;
 
 /// The slice runner's source, shipped inside the binary.
 pub const SCRIPT: &str = include_str!("mailman3/qslice_mailman3.py");
@@ -132,6 +135,24 @@ struct Launch {
     starts: Starts,
 }
 
+impl Launch {
+    /// The slice runner's command line with `extra` arguments.
+    fn argv(&self, extra: &[&str]) -> std::io::Result<Vec<String>> {
+        let (python, config) = match (&self.cfg.python, &self.cfg.config) {
+            (Some(p), Some(c)) => (p, c),
+            _ => return Err(std::io::Error::other("supervise.python and supervise.config are required")),
+        };
+        let mut argv = vec![python.display().to_string(), self.script.display().to_string(), "--config".to_owned(), config.display().to_string()];
+        argv.extend(extra.iter().map(|a| (*a).to_owned()));
+        Ok(argv)
+    }
+
+    /// The slice runner's environment beside the configured one.
+    fn env(&self) -> [(&'static str, String); 3] {
+        [("QSLICE_QUEUE", self.queue.clone()), ("QSLICE_NODE", self.node.clone()), ("QSLICE_HOST", host_name())]
+    }
+}
+
 /// How many slice runners may initialise Mailman at once on this node, over all queues.
 /// A permit is held from the spawn until the process says `ready` (or exits).
 #[derive(Clone)]
@@ -152,9 +173,9 @@ fn host_name() -> String {
 
 /// One slice runner process and its control channel.
 pub struct SliceRunner {
-    child: tokio::process::Child,
+    process: Process,
     pid: i32,
-    stdin: Option<tokio::process::ChildStdin>,
+    stdin: Option<Box<dyn AsyncWrite + Unpin + Send>>,
     events: mpsc::UnboundedReceiver<Event>,
     /// Whether the events channel is still open (the process's stdout).
     events_open: bool,
@@ -164,31 +185,90 @@ pub struct SliceRunner {
     _leashed: crate::leash::Leashed,
 }
 
+/// How a slice runner's exit is learnt.
+enum Process {
+    /// Started by qslice-runner itself: its child.
+    Spawned(tokio::process::Child),
+    /// Forked by the queue's fork server, which reports its exit code (the channel closes
+    /// without one if the server died first: its children died with it).
+    Forked(watch::Receiver<Option<i32>>),
+}
+
+impl Process {
+    /// Waits for it to exit.
+    async fn wait(&mut self) -> Exit {
+        match self {
+            Process::Spawned(child) => match child.wait().await {
+                Ok(status) => Exit { code: status.code(), text: status.to_string() },
+                Err(e) => Exit { code: None, text: e.to_string() },
+            },
+            Process::Forked(exit) => loop {
+                if let Some(code) = *exit.borrow_and_update() {
+                    return Exit::of_code(code);
+                }
+                if exit.changed().await.is_err() {
+                    return Exit { code: None, text: "gone with its fork server (killed)".to_owned() };
+                }
+            },
+        }
+    }
+}
+
+/// How a slice runner ended.
+struct Exit {
+    /// Its exit code; none if a signal killed it.
+    code: Option<i32>,
+    /// As the log says it.
+    text: String,
+}
+
+impl Exit {
+    fn of_code(code: i32) -> Exit {
+        if code < 0 {
+            Exit { code: None, text: format!("signal: {}", -code) }
+        } else {
+            Exit { code: Some(code), text: format!("exit status: {code}") }
+        }
+    }
+}
+
 impl SliceRunner {
+    /// Starts a slice runner that initialises Mailman itself (no fork server).
     fn spawn(launch: &Launch, permit: tokio::sync::OwnedSemaphorePermit) -> std::io::Result<SliceRunner> {
-        let (python, config) = match (&launch.cfg.python, &launch.cfg.config) {
-            (Some(p), Some(c)) => (p, c),
-            _ => return Err(std::io::Error::other("supervise.python and supervise.config are required")),
-        };
-        let argv = [
-            python.display().to_string(),
-            launch.script.display().to_string(),
-            "--config".to_owned(),
-            config.display().to_string(),
-            "--runner".to_owned(),
-            launch.cfg.runner_name(&launch.queue).to_owned(),
-        ];
-        let env = [("QSLICE_QUEUE", launch.queue.clone()), ("QSLICE_NODE", launch.node.clone()), ("QSLICE_HOST", host_name())];
-        let mut cmd = command(&launch.cfg, &argv, &env)?;
+        let argv = launch.argv(&["--runner", launch.cfg.runner_name(&launch.queue)])?;
+        let mut cmd = command(&launch.cfg, &argv, &launch.env())?;
         cmd.stdin(Stdio::piped());
         let mut child = cmd.spawn()?;
         let pid = child.id().map_or(0, |p| p as i32);
+        let (stdout, stderr, stdin) = (child.stdout.take(), child.stderr.take(), child.stdin.take());
+        let _leashed = crate::leash::Leashed::new(child.id());
+        Ok(SliceRunner::new(launch, Process::Spawned(child), pid, stdin.map(|s| Box::new(s) as _), stdout, stderr, Some(permit), _leashed))
+    }
+
+    /// Forks a slice runner from the queue's fork server.
+    async fn fork(launch: &Launch, server: &ForkServer) -> std::io::Result<SliceRunner> {
+        let forked = server.fork(launch.cfg.runner_name(&launch.queue)).await?;
+        let _leashed = crate::leash::Leashed::new(Some(forked.pid as u32));
+        Ok(SliceRunner::new(launch, Process::Forked(forked.exit), forked.pid, Some(Box::new(forked.stdin)), Some(forked.stdout), Some(forked.stderr), None, _leashed))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        launch: &Launch,
+        process: Process,
+        pid: i32,
+        stdin: Option<Box<dyn AsyncWrite + Unpin + Send>>,
+        stdout: Option<impl AsyncRead + Unpin + Send + 'static>,
+        stderr: Option<impl AsyncRead + Unpin + Send + 'static>,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+        _leashed: crate::leash::Leashed,
+    ) -> SliceRunner {
         let (tx, events) = mpsc::unbounded_channel();
-        if let Some(out) = child.stdout.take() {
+        if let Some(out) = stdout {
             let queue = launch.queue.clone();
             tokio::spawn(async move {
                 // Held until Mailman is initialised (or the process is gone).
-                let mut permit = Some(permit);
+                let mut permit = permit;
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     match parse_event(&line) {
@@ -204,12 +284,10 @@ impl SliceRunner {
                 drop(permit);
             });
         }
-        if let Some(err) = child.stderr.take() {
+        if let Some(err) = stderr {
             log_lines(err, launch.queue.clone(), format!("pid {pid}"), "stderr");
         }
-        let stdin = child.stdin.take();
-        let _leashed = crate::leash::Leashed::new(child.id());
-        Ok(SliceRunner { child, pid, stdin, events, events_open: true, ready: false, _leashed })
+        SliceRunner { process, pid, stdin, events, events_open: true, ready: false, _leashed }
     }
 
     /// The process id (and process group).
@@ -235,16 +313,29 @@ impl SliceRunner {
 
     /// Its exit status if it has exited.
     fn exited(&mut self) -> Option<String> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Some(status.to_string()),
-            Ok(None) => None,
-            Err(e) => Some(e.to_string()),
+        match &mut self.process {
+            Process::Spawned(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(e) => Some(e.to_string()),
+            },
+            Process::Forked(exit) => match *exit.borrow() {
+                Some(code) => Some(Exit::of_code(code).text),
+                None => exit.has_changed().is_err().then(|| "gone with its fork server".to_owned()),
+            },
         }
+    }
+
+    /// Waits for it to exit.
+    async fn wait(&mut self) -> Exit {
+        self.process.wait().await
     }
 
     /// Kills it and whatever it started (its process group).
     fn kill(&self) {
         if self.pid > 0 {
+            // The process too: a child just forked may not have its own group yet.
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
         }
     }
@@ -258,10 +349,15 @@ pub struct WarmPool {
 
 struct PoolState {
     idle: VecDeque<SliceRunner>,
+    /// Forks asked of the fork server and not answered yet (they count as idle).
+    forking: usize,
+    /// The queue's fork server, if it forks (`supervise.fork_server`).
+    server: Option<Arc<ForkServer>>,
     /// How many idle runners to keep: the spares plus the slices assigned here and not
     /// yet claimed (a planned move's new owner warms up while the old owner drains).
     target: usize,
-    /// Spares that died before being used, in a row; backs off their replacement.
+    /// Spares (or fork servers) that died before being used, in a row; backs off their
+    /// replacement.
     failures: u32,
     next_spawn: Option<std::time::Instant>,
 }
@@ -272,22 +368,22 @@ impl WarmPool {
         let target = cfg.spares;
         Arc::new(WarmPool {
             launch: Launch { queue: queue.to_owned(), cfg, script, node: node.to_owned(), starts },
-            state: Mutex::new(PoolState { idle: VecDeque::new(), target, failures: 0, next_spawn: None }),
+            state: Mutex::new(PoolState { idle: VecDeque::new(), forking: 0, server: None, target, failures: 0, next_spawn: None }),
         })
     }
 
     /// Keeps the spares plus `pending` more runners warm.
-    pub fn want(&self, pending: usize) {
+    pub fn want(self: &Arc<Self>, pending: usize) {
         let mut st = self.state.lock().expect("pool lock");
         st.target = self.launch.cfg.spares + pending;
         self.fill(&mut st);
     }
 
     /// A runner to give a slice to: an initialised one if there is one, else the oldest
-    /// starting one, else a new one once a start permit is free. Its place in the pool is
-    /// refilled.
-    pub async fn take(&self) -> std::io::Result<SliceRunner> {
-        {
+    /// starting one, else a new one: forked as soon as the fork server is ready, or
+    /// started once a start permit is free. Its place in the pool is refilled.
+    pub async fn take(self: &Arc<Self>) -> std::io::Result<SliceRunner> {
+        let server = {
             let mut st = self.state.lock().expect("pool lock");
             self.prune(&mut st);
             let pick = st.idle.iter_mut().position(|r| r.poll_ready()).or(if st.idle.is_empty() { None } else { Some(0) });
@@ -295,11 +391,39 @@ impl WarmPool {
                 self.fill(&mut st);
                 return Ok(runner);
             }
-        }
-        let permit = self.launch.starts.0.clone().acquire_owned().await.map_err(std::io::Error::other)?;
-        let runner = SliceRunner::spawn(&self.launch, permit)?;
+            st.server.clone().filter(|s| !s.is_gone())
+        };
+        let runner = if self.launch.cfg.fork_server {
+            let server = match server {
+                Some(s) => s,
+                None => {
+                    let permit = self.launch.starts.0.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+                    // A fill may have started one meanwhile.
+                    let mut st = self.state.lock().expect("pool lock");
+                    match st.server.clone().filter(|s| !s.is_gone()) {
+                        Some(server) => server,
+                        None => {
+                            let server = Arc::new(self.start_server(Some(permit))?);
+                            st.server = Some(server.clone());
+                            server
+                        }
+                    }
+                }
+            };
+            SliceRunner::fork(&self.launch, &server).await?
+        } else {
+            let permit = self.launch.starts.0.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+            SliceRunner::spawn(&self.launch, permit)?
+        };
         self.fill(&mut self.state.lock().expect("pool lock"));
         Ok(runner)
+    }
+
+    fn start_server(&self, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> std::io::Result<ForkServer> {
+        let argv = self.launch.argv(&["--fork-server"])?;
+        let server = ForkServer::start(command(&self.launch.cfg, &argv, &self.launch.env())?, &self.launch.queue, permit)?;
+        tracing::info!(queue = %self.launch.queue, pid = server.pid(), "started the Mailman fork server (it initialises Mailman once and forks each slice runner)");
+        Ok(server)
     }
 
     /// Drops idle runners that died; repeated deaths back the next start off.
@@ -320,26 +444,40 @@ impl WarmPool {
             }
         });
         for (pid, ready, status) in died {
-            st.failures += 1;
-            let wait = (Duration::from_millis(500) * 2u32.saturating_pow(st.failures.min(6))).min(WARMUP_BACKOFF_MAX);
-            st.next_spawn = Some(std::time::Instant::now() + wait);
-            tracing::warn!(queue = %self.launch.queue, pid, initialised = ready, %status, retry_in = ?wait, "a warm Mailman slice runner died before it was given a slice; see its log lines above");
+            self.back_off(st);
+            tracing::warn!(queue = %self.launch.queue, pid, initialised = ready, %status, retry_in = ?st.next_spawn.map(|t| t.saturating_duration_since(std::time::Instant::now())), "a warm Mailman slice runner died before it was given a slice; see its log lines above");
         }
-        if st.idle.iter().any(|r| r.ready) {
+        if st.server.as_ref().is_some_and(|s| s.is_gone()) {
+            let pid = st.server.take().map_or(0, |s| s.pid());
+            self.back_off(st);
+            tracing::warn!(queue = %self.launch.queue, pid, "the Mailman fork server is gone; starting another (see its log lines above)");
+        }
+        if st.idle.iter().any(|r| r.ready) || st.server.as_ref().is_some_and(|s| s.is_ready()) {
             st.failures = 0;
         }
         metrics::gauge!("qslice_runner_warm_slice_runners", "queue" => queue.clone()).set(st.idle.iter().filter(|r| r.ready).count() as f64);
     }
 
-    fn fill(&self, st: &mut PoolState) {
+    fn back_off(&self, st: &mut PoolState) {
+        st.failures += 1;
+        let wait = (Duration::from_millis(500) * 2u32.saturating_pow(st.failures.min(6))).min(WARMUP_BACKOFF_MAX);
+        st.next_spawn = Some(std::time::Instant::now() + wait);
+    }
+
+    fn fill(self: &Arc<Self>, st: &mut PoolState) {
         self.prune(st);
-        while st.idle.len() > st.target {
+        while st.idle.len() + st.forking > st.target {
             // Keep the initialised ones: drop the newest.
-            if let Some(r) = st.idle.pop_back() {
-                r.kill();
+            match st.idle.pop_back() {
+                Some(r) => r.kill(),
+                None => break,
             }
         }
         if st.next_spawn.is_some_and(|t| std::time::Instant::now() < t) {
+            return;
+        }
+        if self.launch.cfg.fork_server {
+            self.fill_by_forks(st);
             return;
         }
         while st.idle.len() < st.target {
@@ -350,12 +488,51 @@ impl WarmPool {
             match SliceRunner::spawn(&self.launch, permit) {
                 Ok(r) => st.idle.push_back(r),
                 Err(e) => {
-                    st.failures += 1;
-                    st.next_spawn = Some(std::time::Instant::now() + WARMUP_BACKOFF_MAX.min(Duration::from_secs(u64::from(st.failures))));
+                    self.back_off(st);
                     tracing::error!(queue = %self.launch.queue, error = %e, "cannot start a Mailman slice runner");
                     return;
                 }
             }
+        }
+    }
+
+    /// Starts the fork server if there is none (once a start permit is free), and forks
+    /// spares from it up to the target once it is ready.
+    fn fill_by_forks(self: &Arc<Self>, st: &mut PoolState) {
+        if st.server.is_none() {
+            // The server starts at once on a node's first fill; the next tick looks again
+            // if no permit is free.
+            let Ok(permit) = self.launch.starts.0.clone().try_acquire_owned() else {
+                return;
+            };
+            match self.start_server(Some(permit)) {
+                Ok(server) => st.server = Some(Arc::new(server)),
+                Err(e) => {
+                    self.back_off(st);
+                    tracing::error!(queue = %self.launch.queue, error = %e, "cannot start the Mailman fork server");
+                    return;
+                }
+            }
+        }
+        let Some(server) = st.server.clone().filter(|s| s.is_ready()) else {
+            return;
+        };
+        while st.idle.len() + st.forking < st.target {
+            st.forking += 1;
+            let (pool, server) = (self.clone(), server.clone());
+            tokio::spawn(async move {
+                let forked = SliceRunner::fork(&pool.launch, &server).await;
+                let mut st = pool.state.lock().expect("pool lock");
+                st.forking -= 1;
+                match forked {
+                    Ok(r) if st.idle.len() < st.target => st.idle.push_back(r),
+                    Ok(r) => r.kill(),
+                    Err(e) => {
+                        pool.back_off(&mut st);
+                        tracing::error!(queue = %pool.launch.queue, error = %e, "the Mailman fork server could not fork a slice runner");
+                    }
+                }
+            });
         }
     }
 
@@ -375,6 +552,8 @@ impl WarmPool {
         for r in st.idle.drain(..) {
             r.kill();
         }
+        // The fork server ends once the slice runners it forked have exited.
+        st.server = None;
     }
 }
 
@@ -408,9 +587,10 @@ pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: Cancellation
         if let Err(e) = sup.cfg.check(&sup.queue, Some(sup.slices)) {
             return SupervisorExit::Refused(e.to_string());
         }
-        let go = format!("go {} {} {} {}", sup.slice, sup.slices, sup.epoch, lease_until_ms(&sup.fence));
+        // The deadline as it is when the runner is had (a fork waits for its server).
+        let go = |fence: &Fence| format!("go {} {} {} {}", sup.slice, sup.slices, sup.epoch, lease_until_ms(fence));
         let started = match pool.take().await {
-            Ok(mut runner) => match runner.send(&go).await {
+            Ok(mut runner) => match runner.send(&go(&sup.fence)).await {
                 Ok(()) => Ok(runner),
                 Err(e) => {
                     runner.kill();
@@ -437,19 +617,19 @@ pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: Cancellation
         let mut renew = tokio::time::interval(LEASE_RENEW);
         renew.reset();
         let mut refusal = None;
-        let status = loop {
+        let exit = loop {
             tokio::select! {
                 biased;
                 _ = kill_now.cancelled() => {
                     runner.kill();
-                    let _ = runner.child.wait().await;
+                    runner.wait().await;
                     return SupervisorExit::Killed;
                 }
                 _ = quiet.cancelled() => {
                     stop(&sup, &mut runner, &kill_now).await;
                     return SupervisorExit::Stopped;
                 }
-                status = runner.child.wait() => break status,
+                exit = runner.process.wait() => break exit,
                 event = runner.events.recv(), if runner.events_open => match event {
                     None => runner.events_open = false,
                     Some(Event::Running { slice: s, count }) => tracing::info!(%queue, slice = s, slices = count, pid, "Mailman slice runner is running the slice"),
@@ -468,16 +648,16 @@ pub async fn run_slice(sup: Supervised, pool: Arc<WarmPool>, quiet: Cancellation
         };
         // Whatever it started goes with it.
         runner.kill();
-        let code = status.as_ref().ok().and_then(|s| s.code());
+        let code = exit.code;
         if let Some(reason) = refusal {
             return SupervisorExit::GaveUp(reason);
         }
         match code {
-            Some(EXIT_REFUSED) => return SupervisorExit::GaveUp(format!("the slice runner refused the slice ({status:?}); see its log lines above")),
+            Some(EXIT_REFUSED) => return SupervisorExit::GaveUp(format!("the slice runner refused the slice ({}); see its log lines above", exit.text)),
             Some(EXIT_FENCED) => tracing::warn!(%queue, slice, pid, "the Mailman slice runner stopped at the fence deadline"),
             Some(EXIT_STOPPED) => tracing::warn!(%queue, slice, pid, "the Mailman slice runner stopped without being asked; starting another"),
             _ => {
-                let why = format!("exited with {status:?}");
+                let why = format!("exited with {}", exit.text);
                 tracing::warn!(%queue, slice, pid, %why, "the Mailman slice runner crashed");
                 metrics::counter!("qslice_runner_supervised_crashes_total", "queue" => queue.clone()).increment(1);
                 if let Some(exit) = sup.count_crash(&mut crashes, &why) {
@@ -516,7 +696,7 @@ async fn stop(sup: &Supervised, runner: &mut SliceRunner, kill_now: &Cancellatio
     let _ = runner.send("stop").await;
     runner.stdin = None;
     let outcome = tokio::select! {
-        r = tokio::time::timeout(sup.cfg.stop_timeout, runner.child.wait()) => if r.is_ok() { StopOutcome::Exited } else { StopOutcome::TimedOut },
+        r = tokio::time::timeout(sup.cfg.stop_timeout, runner.wait()) => if r.is_ok() { StopOutcome::Exited } else { StopOutcome::TimedOut },
         _ = kill_now.cancelled() => StopOutcome::Fenced,
     };
     match outcome {
@@ -529,7 +709,7 @@ async fn stop(sup: &Supervised, runner: &mut SliceRunner, kill_now: &Cancellatio
         }
     }
     runner.kill();
-    let _ = runner.child.wait().await;
+    runner.wait().await;
     let shunted = sup.shunted().saturating_sub(shunted_before);
     if shunted > 0 {
         tracing::warn!(queue = %sup.queue, slice = sup.slice, shunted, "messages were shunted while the slice runner stopped");

@@ -79,6 +79,11 @@ pub struct SuperviseConfig {
     /// not wait for Mailman's start-up; for `mailman3` [default: 1].
     #[serde(default = "default_spares")]
     pub spares: usize,
+    /// Fork every slice runner from one process per queue that has initialised Mailman
+    /// once (a start then takes a fraction of a second and shares the imported pages),
+    /// instead of starting each one on its own; for `mailman3` [default: true].
+    #[serde(default = "default_fork_server")]
+    pub fork_server: bool,
     /// Environment variables passed through from the runner's environment.
     #[serde(default)]
     pub env: Vec<String>,
@@ -107,6 +112,9 @@ fn default_stop_timeout() -> Duration {
 }
 fn default_spares() -> usize {
     1
+}
+fn default_fork_server() -> bool {
+    true
 }
 fn default_max_restarts() -> usize {
     5
@@ -568,6 +576,7 @@ mod tests {
                 config: None,
                 runner: None,
                 spares: 1,
+                fork_server: true,
                 env: vec![],
                 workdir: None,
                 user: None,

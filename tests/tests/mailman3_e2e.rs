@@ -123,6 +123,58 @@ async fn drains_and_rebalances_accept_every_post_once_with_nothing_shunted() {
     assert!(report.runners.len() > 4, "slices moved between nodes: {:?}", report.runners);
 }
 
+/// The Mailman processes of `node` (its fork servers and slice runners): pid -> (parent
+/// pid, command line).
+fn mailman_processes(node: &str) -> BTreeMap<u32, (u32, String)> {
+    pids_with_env(&format!("QSLICE_NODE={node}"))
+        .into_iter()
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()?;
+            cmdline.contains("qslice_mailman3.py").then_some((pid, (ppid, cmdline)))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn slice_runners_fork_from_one_initialised_process_per_queue_and_die_with_their_runner() {
+    // r1 forks its slice runners (the default), r2 starts each on its own.
+    let site = Site::new().expect("a Mailman 3 site");
+    let mut builder = TestCluster::builder().spool(site.spool.clone()).queue("in", 4).coordinators(1);
+    for (node, extra) in [("r1", "spares = 2\n"), ("r2", "spares = 2\nfork_server = false\n")] {
+        let cfg = site.runner_config(&format!("{node}.toml"), extra).expect("config");
+        builder = builder.runner_with(node, &["--config", &cfg], &[]);
+    }
+    let tc = builder.ready(Ready::Claimed).ready_timeout(LONG).start().await.expect("cluster");
+    let mut c = Cluster { site, tc };
+    c.warm_spares(2).await;
+    c.site.post(40, 0).expect("post");
+    let report = c.all_accepted(40).await;
+    assert_each_post_once(&report, 40);
+    let served: BTreeSet<String> = report.accepts.values().flatten().filter_map(|a| report.runner_of(a)).map(|r| r.node.clone()).collect();
+    assert_eq!(served, BTreeSet::from(["r1".to_owned(), "r2".to_owned()]), "both nodes accepted posts");
+
+    let (r1_slices, r2_slices) = (c.holds("r1").await.len(), c.holds("r2").await.len());
+    let r1 = mailman_processes("r1");
+    // A forked child keeps its server's command line; the server is r1's own child.
+    let r1_pid = c.tc.runners()["r1"].pid().expect("r1 runs");
+    let servers: Vec<u32> = r1.iter().filter(|(_, (ppid, cmd))| *ppid == r1_pid && cmd.contains("--fork-server")).map(|(pid, _)| *pid).collect();
+    assert_eq!(servers.len(), 1, "one fork server for r1's one queue: {r1:?}");
+    let forked = r1.iter().filter(|(_, (ppid, _))| *ppid == servers[0]).count();
+    assert_eq!(forked + 1, r1.len(), "every other Mailman process of r1 is a child of its fork server: {r1:?}");
+    assert!(forked >= r1_slices + 2, "r1's {r1_slices} slices and 2 spares are forked: {r1:?}");
+    let r2 = mailman_processes("r2");
+    let r2_pid = c.tc.runners()["r2"].pid().expect("r2 runs");
+    assert!(r2.values().all(|(ppid, cmd)| *ppid == r2_pid && !cmd.contains("--fork-server")), "r2 starts each slice runner itself: {r2:?}");
+    assert!(r2.len() >= r2_slices + 2, "r2's {r2_slices} slices and 2 spares run: {r2:?}");
+
+    // kill -9 of a forking runner takes its fork server and every forked child with it.
+    c.tc.runner_mut("r1").kill();
+    wait_for_async(LONG, "r1's Mailman processes gone", || async { mailman_processes("r1").is_empty() }).await.expect("gone with r1");
+}
+
 #[tokio::test]
 async fn a_killed_runners_slices_process_again_within_the_ttl_and_only_its_in_flight_posts_may_double() {
     let mut c = cluster(&["r1", "r2", "r3"], 4, "spares = 2\n").await;

@@ -224,6 +224,13 @@ class Events:
         self._stream = os.fdopen(fd, 'w', encoding='utf-8', errors='replace')
         self._lock = threading.Lock()
 
+    def detach(self):
+        """Closes the stream in a forked child, which speaks on a channel of its own."""
+        try:
+            self._stream.close()
+        except (OSError, ValueError):
+            pass
+
     def send(self, *words):
         line = ' '.join(str(w) for w in words).replace('\r', ' ').replace('\n', ' ')
         with self._lock:
@@ -1162,6 +1169,8 @@ def parse_args(argv, events):
     parser.add_argument('--config', help='the site\'s mailman.cfg (default: Mailman\'s own '
                         'search, $MAILMAN_CONFIG_FILE first)')
     parser.add_argument('--runner', default='in', help='the Mailman runner name (default: in)')
+    parser.add_argument('--fork-server', action='store_true', help='initialise Mailman '
+                        'once and fork slice runners on request (protocol: serve_forks)')
     try:
         args = parser.parse_args(argv)
     except SystemExit as done:
@@ -1196,6 +1205,27 @@ def warm_up_database():
 def main(argv=None):
     global EVENTS
     events = EVENTS = Events()   # first, so that nothing else can write to the channel
+    try:
+        args = parse_args(argv, events)
+    except Refused as refusal:
+        events.send('error', refusal)
+        say(str(refusal))
+        return EXIT_REFUSED
+    if args.fork_server:
+        return serve_forks(args, events)
+    return run_runner(args, events, initialised=False)
+
+
+def initialise_mailman(config_path):
+    """Mailman's start-up, the slow part of a process's life (0.7-2 s of CPU)."""
+    from mailman.core.initialize import initialize
+    initialize(config_path)
+    warm_up_database()
+
+
+def run_runner(args, events, initialised):
+    """The slice runner's life: initialise Mailman unless `initialised` (a child of the
+    fork server), say `ready`, wait for `go` or a stop, run the slice."""
     kill_timer = KillTimer()
     if not kill_timer.available:
         say('no kill timer ({}): the leash alone kills this process at its deadline'
@@ -1205,18 +1235,11 @@ def main(argv=None):
     signals = SignalThread(gate, starts)
     # Before initialising Mailman: a SIGTERM during start-up must not kill the process.
     signals.install()
-    try:
-        args = parse_args(argv, events)
-    except Refused as refusal:
-        events.send('error', refusal)
-        say(str(refusal))
-        return EXIT_REFUSED
     threading.Thread(target=read_commands, args=(gate, starts), name='qslice-commands',
                      daemon=True).start()
 
-    from mailman.core.initialize import initialize
-    initialize(args.config)
-    warm_up_database()
+    if not initialised:
+        initialise_mailman(args.config)
     signals.mailman_initialised = True
     with gate._lock:
         gate.initialising = False
@@ -1233,6 +1256,132 @@ def main(argv=None):
         events.send('error', refusal)
         say(str(refusal))
         return EXIT_REFUSED
+
+
+# --- the fork server ------------------------------------------------------------------
+
+def serve_forks(args, events):
+    """The fork server: initialise Mailman once, then fork initialised slice runners.
+
+    fd 0 is a Unix stream socket. Each request is one line, `fork RUNNER QUEUE`, sent in
+    one message with three file descriptors (SCM_RIGHTS): the new runner's stdin, stdout
+    and stderr. The child takes them as its fds 0, 1 and 2, becomes a process group of
+    its own, and lives as a slice runner started with `--runner RUNNER` that has just
+    initialised Mailman: it says `ready PID` on its own stdout and speaks the slice
+    runner's protocol from there. The server answers each request with `forked PID` (or
+    `error TEXT` for a request it cannot serve) and reports each child it reaps with
+    `exited PID STATUS` (STATUS: the exit code, or -SIGNAL). EOF on fd 0 ends it; its
+    children live on and die with it only if it is killed (their parent-death signal).
+
+    Mailman is initialised and the database warmed up before the first fork, and the
+    connection pool emptied, so that no child shares a database connection."""
+    initialise_mailman(args.config)
+    release_database()
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    requests = socket.socket(fileno=COMMAND_FD)
+    events.send('ready', os.getpid())
+    say('fork server ready: Mailman initialised once for every slice runner it forks')
+    while True:
+        readable, _, _ = select.select([requests, wake_read], [], [])
+        if wake_read in readable:
+            os.read(wake_read, 512)
+        reap_children(events)
+        if requests not in readable:
+            continue
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(requests, 4096, 3)
+        except OSError as error:
+            say('reading fork requests failed ({}); the fork server ends'.format(error))
+            return EXIT_STOPPED
+        if not data:
+            say('fork server: EOF on its requests (qslice is done with it)')
+            return EXIT_STOPPED
+        words = data.decode('utf-8', 'replace').split()
+        if len(words) != 3 or words[0] != 'fork' or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            events.send('error', 'bad fork request {!r} with {} fds; send `fork RUNNER '
+                        'QUEUE` with stdin, stdout and stderr'.format(' '.join(words), len(fds)))
+            continue
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            become_forked_runner(args, words[1], words[2], fds, parent,
+                                 (requests, wake_read, wake_write))
+        for fd in fds:
+            os.close(fd)
+        events.send('forked', pid)
+
+
+def release_database():
+    """Closes the fork server's database connections, so that no forked child inherits
+    one (two processes on one connection corrupt its protocol)."""
+    from mailman.config import config
+    try:
+        config.db.abort()
+        config.db.engine.dispose()
+    except Exception as error:     # a child then opens its own anyway
+        say('releasing the fork server\'s database connections failed: {}'.format(error))
+
+
+def reap_children(events):
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        events.send('exited', pid, code)
+
+
+def become_forked_runner(args, runner, queue_name, fds, parent, server_fds):
+    """In a child of the fork server: take the request's fds as 0, 1 and 2 and live as
+    a slice runner of `runner`. Never returns."""
+    global EVENTS
+    status = EXIT_CRASHED
+    try:
+        requests, wake_read, wake_write = server_fds
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setpgid(0, 0)
+        die_with(parent)
+        for fd in (wake_read, wake_write):
+            os.close(fd)
+        requests.detach()
+        EVENTS.detach()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        os.environ['QSLICE_QUEUE'] = queue_name
+        child_args = argparse.Namespace(**vars(args))
+        child_args.runner, child_args.fork_server = runner, False
+        events = EVENTS = Events()
+        status = run_runner(child_args, events, initialised=True)
+    except BaseException:
+        traceback.print_exc(file=sys.stderr)
+        say('crashed')
+    leave(status)
+
+
+def die_with(parent):
+    """SIGKILL when the fork server dies (it dies with qslice-runner), as a process
+    qslice-runner started itself would."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError) as error:
+        say('no parent-death signal ({}): this runner outlives a killed fork server'.format(error))
+    if os.getppid() != parent:
+        os._exit(EXIT_CRASHED)   # the server died before the signal was armed
 
 
 if __name__ == '__main__':
