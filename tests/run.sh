@@ -93,7 +93,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 
 step "build"
-cargo build --workspace --bins
+# The tests' targets too: built with the binaries, the dependencies are compiled once with
+# the features the tests add, and the test step starts at once.
+cargo build --workspace --bins --tests
 # The benchmark programs in their short mode, so they cannot rot (figures: README).
 bin_dir="$target_dir/debug"
 for bench in bench_failover bench_mailman3 bench_site bench_throughput bench_scale bench_footprint; do
