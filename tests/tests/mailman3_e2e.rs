@@ -123,9 +123,10 @@ async fn drains_and_rebalances_accept_every_post_once_with_nothing_shunted() {
     assert!(report.runners.len() > 4, "slices moved between nodes: {:?}", report.runners);
 }
 
-/// The Mailman processes of `node` (its fork servers and slice runners): pid -> (parent
-/// pid, command line).
-fn mailman_processes(node: &str) -> BTreeMap<u32, (u32, String)> {
+/// The Mailman processes of `node` of the site `site` (its fork servers and slice runners,
+/// which run the script from the node's state dir): pid -> (parent pid, command line).
+fn mailman_processes(site: &Site, node: &str) -> BTreeMap<u32, (u32, String)> {
+    let script = site.spool.scratch(&format!("state-{node}")).join("qslice_mailman3.py").display().to_string();
     pids_with_env(&format!("QSLICE_NODE={node}"))
         .into_iter()
         .filter_map(|pid| {
@@ -133,7 +134,7 @@ fn mailman_processes(node: &str) -> BTreeMap<u32, (u32, String)> {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()?;
-            cmdline.contains("qslice_mailman3.py").then_some((pid, (ppid, cmdline)))
+            cmdline.contains(&script).then_some((pid, (ppid, cmdline)))
         })
         .collect()
 }
@@ -157,7 +158,7 @@ async fn slice_runners_fork_from_one_initialised_process_per_queue_and_die_with_
     assert_eq!(served, BTreeSet::from(["r1".to_owned(), "r2".to_owned()]), "both nodes accepted posts");
 
     let (r1_slices, r2_slices) = (c.holds("r1").await.len(), c.holds("r2").await.len());
-    let r1 = mailman_processes("r1");
+    let r1 = mailman_processes(&c.site, "r1");
     // A forked child keeps its server's command line; the server is r1's own child.
     let r1_pid = c.tc.runners()["r1"].pid().expect("r1 runs");
     let servers: Vec<u32> = r1.iter().filter(|(_, (ppid, cmd))| *ppid == r1_pid && cmd.contains("--fork-server")).map(|(pid, _)| *pid).collect();
@@ -165,14 +166,14 @@ async fn slice_runners_fork_from_one_initialised_process_per_queue_and_die_with_
     let forked = r1.iter().filter(|(_, (ppid, _))| *ppid == servers[0]).count();
     assert_eq!(forked + 1, r1.len(), "every other Mailman process of r1 is a child of its fork server: {r1:?}");
     assert!(forked >= r1_slices + 2, "r1's {r1_slices} slices and 2 spares are forked: {r1:?}");
-    let r2 = mailman_processes("r2");
+    let r2 = mailman_processes(&c.site, "r2");
     let r2_pid = c.tc.runners()["r2"].pid().expect("r2 runs");
     assert!(r2.values().all(|(ppid, cmd)| *ppid == r2_pid && !cmd.contains("--fork-server")), "r2 starts each slice runner itself: {r2:?}");
     assert!(r2.len() >= r2_slices + 2, "r2's {r2_slices} slices and 2 spares run: {r2:?}");
 
     // kill -9 of a forking runner takes its fork server and every forked child with it.
     c.tc.runner_mut("r1").kill();
-    wait_for_async(LONG, "r1's Mailman processes gone", || async { mailman_processes("r1").is_empty() }).await.expect("gone with r1");
+    wait_for_async(LONG, "r1's Mailman processes gone", || async { mailman_processes(&c.site, "r1").is_empty() }).await.expect("gone with r1");
 }
 
 #[tokio::test]
