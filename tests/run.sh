@@ -96,16 +96,13 @@ step "build"
 # The tests' targets too: built with the binaries, the dependencies are compiled once with
 # the features the tests add, and the test step starts at once.
 cargo build --workspace --bins --tests
-# The benchmark programs in their short mode, so they cannot rot (figures: README).
-bin_dir="$target_dir/debug"
-for bench in bench_failover bench_mailman3 bench_site bench_throughput bench_scale bench_footprint; do
-  step "$bench --quick"
-  "$bin_dir/$bench" --quick | tail -n 12
-done
-step "bench_failover --nfs --quick"
-"$bin_dir/bench_failover" --nfs --quick | tail -n 6
+# The benchmark programs in their short mode, one at a time so that none measures beside
+# another, so that they cannot rot (tests/tests/benches.rs: each must finish and print
+# figures that say it measured something; the figures are the README's full runs').
+step "benchmarks (quick)"
+cargo nextest run -p qslice-tests --test benches --test-threads 1 --no-fail-fast --success-output final
 step "tests"
-cargo nextest run --workspace --no-fail-fast
+cargo nextest run --workspace --no-fail-fast -E 'not binary(benches)'
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).
 step "fuzz"
 bash tests/fuzz/run.sh "${QSLICE_FUZZ_SECONDS:-15}"
