@@ -98,9 +98,11 @@ step "build"
 cargo build --workspace --bins --tests
 # The benchmark programs in their short mode, one at a time so that none measures beside
 # another, so that they cannot rot (tests/tests/benches.rs: each must finish and print
-# figures that say it measured something; the figures are the README's full runs').
+# figures that say it measured something; the figures are the README's full runs'). The
+# whole workspace is named so that the build is the one above (a single package's
+# dependencies resolve with other features and are compiled again).
 step "benchmarks (quick)"
-cargo nextest run -p qslice-tests --test benches --test-threads 1 --no-fail-fast --success-output final
+cargo nextest run --workspace -E 'binary(benches)' --test-threads 1 --no-fail-fast --success-output final
 step "tests"
 cargo nextest run --workspace --no-fail-fast -E 'not binary(benches)'
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).
