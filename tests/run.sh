@@ -107,5 +107,5 @@ step "tests"
 cargo nextest run --workspace --no-fail-fast -E 'not binary(benches)'
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).
 step "fuzz"
-bash tests/fuzz/run.sh "${QSLICE_FUZZ_SECONDS:-15}"
+bash tests/fuzz/run.sh "${QSLICE_FUZZ_SECONDS:-10}"
 step "done"
