@@ -133,10 +133,8 @@ impl ForkServer {
     pub async fn fork(&self, runner: &str) -> std::io::Result<Forked> {
         let mut ready = self.ready.clone();
         let gone = || std::io::Error::other("the Mailman fork server is gone; see its log lines above");
-        tokio::select! {
-            r = ready.wait_for(|r| *r) => { r.map_err(|_| gone())?; }
-            _ = self.until_gone() => return Err(gone()),
-        }
+        // The reader drops the sender when the server's stdout ends: gone.
+        ready.wait_for(|r| *r).await.map_err(|_| gone())?;
         let requests = self.requests.lock().await;
         let socket = requests.as_ref().ok_or_else(gone)?;
         let (in_r, in_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -168,15 +166,6 @@ impl ForkServer {
         };
         drop(requests);
         Ok(Forked { pid, stdin: pipe::Sender::from_owned_fd(in_w)?, stdout: pipe::Receiver::from_owned_fd(out_r)?, stderr: pipe::Receiver::from_owned_fd(err_r)?, exit })
-    }
-
-    async fn until_gone(&self) {
-        loop {
-            if self.is_gone() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 }
 
