@@ -5,7 +5,8 @@
 //! - [`keys`]: the etcd key layout (the only place that knows the prefix scheme).
 //! - [`records`]: the versioned JSON records kept in etcd.
 //! - [`mailman`]: what is read of a Mailman 3 site's mailman.cfg and runner command line.
-//! - [`admin`]: the generated gRPC admin API (`qslice.admin.v1`).
+//! - `admin`: the generated gRPC admin API (`qslice.admin.v1`; feature `admin-api`, on
+//!   by default).
 
 pub mod keys;
 pub mod mailman;
@@ -13,6 +14,7 @@ pub mod records;
 pub mod slice;
 
 /// The gRPC admin API, generated from `proto/qslice/admin/v1/admin.proto`.
+#[cfg(feature = "admin-api")]
 #[allow(missing_docs, clippy::all)]
 pub mod admin {
     tonic::include_proto!("qslice.admin.v1");
