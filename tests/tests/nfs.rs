@@ -339,9 +339,11 @@ fn mailman_in_two_guests_on_nfs_accepts_every_post_once_through_a_drain_and_a_ki
 
 /// qslice's Mailman 3 slice runner in two guests serving `in` of a whole site (PostgreSQL
 /// on the host side, the site's var/ on NFS, each node's logs and pid files its own),
-/// posts written through NFS by a poster in a guest, a drain and an uncordon of one node,
-/// then kill -9 of the other's runner: every post accepted, once but for what the killed
-/// node had in flight, nothing shunted or in bad/.
+/// posts written through NFS by a poster in a guest (the queue files Mailman writes for a
+/// message given as text, written without initialising Mailman, which takes an emulated
+/// guest most of a minute), a drain and an uncordon of one node, then kill -9 of the
+/// other's runner: every post accepted, once but for what the killed node had in flight,
+/// nothing shunted or in bad/.
 fn mailman_on_nfs(mount: &str) {
     let image = GuestImage::for_this_target().expect("the guest image");
     qslice_tests::mailman3::python().expect("the Mailman venv");
@@ -359,7 +361,9 @@ fn mailman_on_nfs(mount: &str) {
             .spool(site.spool.clone())
             .queue("in", 2)
             .coordinators(1)
-            .coordinator_args(&["--revoke-deadline", "60s"])
+            // An emulated guest claims in seconds, not the default half-second: a slice
+            // bounced between guests at the start hands off to cold Mailman processes.
+            .coordinator_args(&["--revoke-deadline", "60s", "--claim-deadline", "5s"])
             .ready(Ready::Registered)
             .start()
             .await
@@ -373,17 +377,16 @@ fn mailman_on_nfs(mount: &str) {
         };
         let (g1, g2) = (bed.guest("g1"), bed.guest("g2"));
         let r1 = start_runner(g1);
-        let mut r2 = start_runner(g2);
+        let r2 = start_runner(g2);
         until_held(&mut client, "a slice of in claimed by each guest", |h| h.len() == 2 && h.values().all(|s| s.len() == 1)).await;
 
         let posts = 40;
         let poster = g2
             .spawn(&format!(
-                "exec {} {} post {} {} {posts} --start 0 --rate 2 --list test\n",
+                "exec {} {} post-plain {} {posts} --start 0 --rate 2 --list test\n",
                 site.python.display(),
                 Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/mailman3_whole_site.py").display(),
                 site_dir.display(),
-                site.config("g2").display()
             ))
             .expect("start the poster");
         let accepted = |n: usize| accepts(&site_dir).len() >= n;
@@ -405,7 +408,6 @@ fn mailman_on_nfs(mount: &str) {
         until(LONG, "g2's runner killed", || r2.signal_sent()).await;
         until_held(&mut client, "g2's slice taken over", |h| !h.contains_key("g2") && h.values().map(Vec::len).sum::<usize>() == 2).await;
         let taken_over_at = now_ns() as f64 / 1e9;
-        let killed = std::mem::replace(&mut r2, start_runner(g2));
 
         let rc = poster.wait(LONG).expect("the poster ends");
         assert_eq!(rc, 0, "the poster failed: {}", poster.output());
@@ -419,7 +421,7 @@ fn mailman_on_nfs(mount: &str) {
         // the RTC's, within a second of the host's), or by a node whose runner fenced (an
         // emulated guest on a loaded machine can miss its keepalives), one per slice.
         let fence_lines = |log: String| log.lines().filter(|l| l.contains("fenced: stopped all work") || l.contains("the fence deadline passed without a renewal")).count();
-        let fences: BTreeMap<&str, usize> = [("g1", fence_lines(r1.output())), ("g2", fence_lines(killed.output()) + fence_lines(r2.output()))].into_iter().collect();
+        let fences: BTreeMap<&str, usize> = [("g1", fence_lines(r1.output())), ("g2", fence_lines(r2.output()))].into_iter().collect();
         let allowed = orphaned + fences.values().sum::<usize>();
         assert!(doubled.len() <= allowed, "more doubles than slices g2 held at its kill and fences ({fences:?}): {doubled:?}");
         for (id, a) in &doubled {
