@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::handler::Handler;
 use crate::incarnation::{run_incarnation, Exit};
 use crate::leash::{Leash, RENEW_EVERY as LEASH_RENEW};
-use crate::mailman3::{install_script, Starts, WarmPool};
+use crate::mailman3::{install_script, ForkServers, Starts, WarmPool};
 use crate::membership::register;
 use crate::shared::Shared;
 use crate::supervise::Flavour;
@@ -128,8 +128,9 @@ fn start_pools(cfg: &Config, shutdown: &CancellationToken) -> Result<BTreeMap<St
     let script = install_script(&cfg.state_dir).map_err(|source| DaemonError::StateDir { dir: cfg.state_dir.clone(), source })?;
     let mut pools = BTreeMap::new();
     let starts = Starts::new(cfg.start_concurrency);
+    let servers = ForkServers::default();
     for (queue, sup) in queues {
-        let pool = WarmPool::new(queue, sup.clone(), script.clone(), &cfg.node_id, starts.clone());
+        let pool = WarmPool::new(queue, sup.clone(), script.clone(), &cfg.node_id, starts.clone(), servers.clone());
         pool.want(0);
         tokio::spawn(pool.clone().maintain(shutdown.child_token()));
         pools.insert(queue.clone(), pool);

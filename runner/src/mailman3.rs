@@ -37,7 +37,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::supervise::{command, log_lines, wait_backoff, SuperviseConfig, Supervised, SupervisorExit};
-use fork_server::ForkServer;
+pub use fork_server::ForkServers;
+use fork_server::{ForkServer, ServerKey};
 use qslice_common::lease::Fence;
 
 mod fork_server;
@@ -133,6 +134,8 @@ struct Launch {
     node: String,
     /// The node's permits to initialise Mailman, shared by every queue's pool.
     starts: Starts,
+    /// The node's fork servers, shared by the queues whose slice runners are alike.
+    servers: ForkServers,
 }
 
 impl Launch {
@@ -145,6 +148,12 @@ impl Launch {
         let mut argv = vec![python.display().to_string(), self.script.display().to_string(), "--config".to_owned(), config.display().to_string()];
         argv.extend(extra.iter().map(|a| (*a).to_owned()));
         Ok(argv)
+    }
+
+    /// What a fork server for this queue is started with, apart from the queue.
+    fn server_key(&self) -> ServerKey {
+        let cfg = &self.cfg;
+        ServerKey { python: cfg.python.clone(), config: cfg.config.clone(), env: cfg.env.clone(), workdir: cfg.workdir.clone(), user: cfg.user.clone(), group: cfg.group.clone() }
     }
 
     /// The slice runner's environment beside the configured one.
@@ -247,7 +256,7 @@ impl SliceRunner {
 
     /// Forks a slice runner from the queue's fork server.
     async fn fork(launch: &Launch, server: &ForkServer) -> std::io::Result<SliceRunner> {
-        let forked = server.fork(launch.cfg.runner_name(&launch.queue)).await?;
+        let forked = server.fork(launch.cfg.runner_name(&launch.queue), &launch.queue).await?;
         let _leashed = crate::leash::Leashed::new(Some(forked.pid as u32));
         Ok(SliceRunner::new(launch, Process::Forked(forked.exit), forked.pid, Some(Box::new(forked.stdin)), Some(forked.stdout), Some(forked.stderr), None, _leashed))
     }
@@ -351,7 +360,8 @@ struct PoolState {
     idle: VecDeque<SliceRunner>,
     /// Forks asked of the fork server and not answered yet (they count as idle).
     forking: usize,
-    /// The queue's fork server, if it forks (`supervise.fork_server`).
+    /// The fork server the queue forks from, if it forks (`supervise.fork_server`),
+    /// shared with the node's other queues of the same configuration.
     server: Option<Arc<ForkServer>>,
     /// How many idle runners to keep: the spares plus the slices assigned here and not
     /// yet claimed (a planned move's new owner warms up while the old owner drains).
@@ -364,10 +374,10 @@ struct PoolState {
 
 impl WarmPool {
     /// A pool for `queue`, running `script` as `cfg` says.
-    pub fn new(queue: &str, cfg: SuperviseConfig, script: PathBuf, node: &str, starts: Starts) -> Arc<WarmPool> {
+    pub fn new(queue: &str, cfg: SuperviseConfig, script: PathBuf, node: &str, starts: Starts, servers: ForkServers) -> Arc<WarmPool> {
         let target = cfg.spares;
         Arc::new(WarmPool {
-            launch: Launch { queue: queue.to_owned(), cfg, script, node: node.to_owned(), starts },
+            launch: Launch { queue: queue.to_owned(), cfg, script, node: node.to_owned(), starts, servers },
             state: Mutex::new(PoolState { idle: VecDeque::new(), forking: 0, server: None, target, failures: 0, next_spawn: None }),
         })
     }
@@ -394,20 +404,14 @@ impl WarmPool {
             st.server.clone().filter(|s| !s.is_gone())
         };
         let runner = if self.launch.cfg.fork_server {
-            let server = match server {
+            let server = match server.or_else(|| self.launch.servers.running(&self.launch.server_key())) {
                 Some(s) => s,
                 None => {
                     let permit = self.launch.starts.0.clone().acquire_owned().await.map_err(std::io::Error::other)?;
-                    // A fill may have started one meanwhile.
-                    let mut st = self.state.lock().expect("pool lock");
-                    match st.server.clone().filter(|s| !s.is_gone()) {
-                        Some(server) => server,
-                        None => {
-                            let server = Arc::new(self.start_server(Some(permit))?);
-                            st.server = Some(server.clone());
-                            server
-                        }
-                    }
+                    // A fill (of this queue or another) may have started one meanwhile.
+                    let server = self.launch.servers.get_or_start(&self.launch.server_key(), || self.start_server(Some(permit)))?;
+                    self.state.lock().expect("pool lock").server = Some(server.clone());
+                    server
                 }
             };
             SliceRunner::fork(&self.launch, &server).await?
@@ -422,7 +426,7 @@ impl WarmPool {
     fn start_server(&self, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> std::io::Result<ForkServer> {
         let argv = self.launch.argv(&["--fork-server"])?;
         let server = ForkServer::start(command(&self.launch.cfg, &argv, &self.launch.env())?, &self.launch.queue, permit)?;
-        tracing::info!(queue = %self.launch.queue, pid = server.pid(), "started the Mailman fork server (it initialises Mailman once and forks each slice runner)");
+        tracing::info!(queue = %self.launch.queue, pid = server.pid(), config = ?self.launch.cfg.config, "started the Mailman fork server (it initialises Mailman once and forks each slice runner of every queue run with this configuration)");
         Ok(server)
     }
 
@@ -448,9 +452,9 @@ impl WarmPool {
             tracing::warn!(queue = %self.launch.queue, pid, initialised = ready, %status, retry_in = ?st.next_spawn.map(|t| t.saturating_duration_since(std::time::Instant::now())), "a warm Mailman slice runner died before it was given a slice; see its log lines above");
         }
         if st.server.as_ref().is_some_and(|s| s.is_gone()) {
-            let pid = st.server.take().map_or(0, |s| s.pid());
+            let (pid, label) = st.server.take().map_or((0, String::new()), |s| (s.pid(), s.label().to_owned()));
             self.back_off(st);
-            tracing::warn!(queue = %self.launch.queue, pid, "the Mailman fork server is gone; starting another (see its log lines above)");
+            tracing::warn!(queue = %self.launch.queue, pid, started_by = %label, "the Mailman fork server is gone; starting another (see its log lines above)");
         }
         if st.idle.iter().any(|r| r.ready) || st.server.as_ref().is_some_and(|s| s.is_ready()) {
             st.failures = 0;
@@ -496,17 +500,21 @@ impl WarmPool {
         }
     }
 
-    /// Starts the fork server if there is none (once a start permit is free), and forks
-    /// spares from it up to the target once it is ready.
+    /// Takes the node's fork server for this configuration, or starts it if there is none
+    /// (once a start permit is free), and forks spares from it up to the target once it
+    /// is ready.
     fn fill_by_forks(self: &Arc<Self>, st: &mut PoolState) {
+        if st.server.is_none() {
+            st.server = self.launch.servers.running(&self.launch.server_key());
+        }
         if st.server.is_none() {
             // The server starts at once on a node's first fill; the next tick looks again
             // if no permit is free.
             let Ok(permit) = self.launch.starts.0.clone().try_acquire_owned() else {
                 return;
             };
-            match self.start_server(Some(permit)) {
-                Ok(server) => st.server = Some(Arc::new(server)),
+            match self.launch.servers.get_or_start(&self.launch.server_key(), || self.start_server(Some(permit))) {
+                Ok(server) => st.server = Some(server),
                 Err(e) => {
                     self.back_off(st);
                     tracing::error!(queue = %self.launch.queue, error = %e, "cannot start the Mailman fork server");
@@ -552,7 +560,8 @@ impl WarmPool {
         for r in st.idle.drain(..) {
             r.kill();
         }
-        // The fork server ends once the slice runners it forked have exited.
+        // The fork server ends once the last pool using it has let go and the slice runners
+        // it forked have exited.
         st.server = None;
     }
 }

@@ -79,9 +79,10 @@ pub struct SuperviseConfig {
     /// not wait for Mailman's start-up; for `mailman3` [default: 1].
     #[serde(default = "default_spares")]
     pub spares: usize,
-    /// Fork every slice runner from one process per queue that has initialised Mailman
-    /// once (a start then takes a fraction of a second and shares the imported pages),
-    /// instead of starting each one on its own; for `mailman3` [default: true].
+    /// Fork every slice runner from a process that has initialised Mailman once (a start
+    /// then takes a fraction of a second and shares the imported pages), one per node for
+    /// the queues of the same python, config, env, workdir, user and group, instead of
+    /// starting each one on its own; for `mailman3` [default: true].
     #[serde(default = "default_fork_server")]
     pub fork_server: bool,
     /// Environment variables passed through from the runner's environment.

@@ -397,6 +397,17 @@ async fn a_cold_start_of_a_whole_site_under_load_claims_and_serves_every_slice_w
     .await
     .unwrap_or_else(|e| panic!("{e}: serving {serving:?}"));
     let all_serving = started.elapsed();
+    // One fork server per node initialised Mailman for the site's every queue (one
+    // configuration), and forked each slice runner (a forked child keeps its command line).
+    for (node, runner) in tc.runners() {
+        let cfg = site.config(node).display().to_string();
+        let runner_pid = runner.pid().expect("the runner runs");
+        let forking = processes_with_args(&["--fork-server", &cfg]);
+        let servers: Vec<u32> = forking.iter().copied().filter(|pid| parent_of(*pid) == Some(runner_pid)).collect();
+        assert_eq!(servers.len(), 1, "one fork server on {node} for {} queues: {forking:?}", SITE_QUEUES.len());
+        let forked = forking.iter().filter(|pid| parent_of(**pid) == Some(servers[0])).count();
+        assert!(forked >= SITE_QUEUES.len(), "{node}'s slice runners of every queue forked from its one server: {forked} of {forking:?}");
+    }
     let mut c = Cluster { tc, site, served: SITE_QUEUES.iter().map(|(q, _)| q.to_string()).collect() };
     let ids_test = post_ids("test", 0..80);
     let ids_digest = post_ids("digest", 0..80);
@@ -474,6 +485,12 @@ fn claim_delays(coordinator: &str, runners: &str) -> Vec<f64> {
         .collect();
     delays.sort_by(f64::total_cmp);
     delays
+}
+
+/// The parent pid of process `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')').next()?.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Pids of the processes whose command line has every one of `args` among its arguments

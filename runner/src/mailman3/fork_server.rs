@@ -1,11 +1,14 @@
-//! The fork server: one process per supervised queue that initialises Mailman once and
-//! forks each slice runner from there (`qslice_mailman3.py --fork-server`).
+//! The fork server: one process per Mailman configuration on a node that initialises
+//! Mailman once and forks each slice runner of every queue run with that configuration
+//! (`qslice_mailman3.py --fork-server`).
 //!
 //! A slice runner started on its own spends 0.7-2 s of CPU initialising Mailman
 //! (interpreter, imports, configuration, database); a child forked from a process that has
 //! done it is ready in a fraction of that and shares the imported pages. So every start,
 //! a spare's or a takeover's, is warm, and a pool that grows (a reslice, a join) no longer
-//! starts a dozen interpreters at once.
+//! starts a dozen interpreters at once. Queues share a server when they run the same
+//! interpreter, mailman.cfg, environment, working directory, user and group
+//! ([`ServerKey`]): a whole site's dozen queues initialise Mailman once per node.
 //!
 //! The channel: the server's stdin is a Unix stream socket. A request is one message,
 //! `fork RUNNER QUEUE`, carrying three file descriptors (SCM_RIGHTS) that become the
@@ -20,7 +23,8 @@ use std::collections::{HashMap, VecDeque};
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
@@ -57,19 +61,58 @@ struct Channel {
     closed: bool,
 }
 
+/// What makes two queues' slice runners alike enough to fork from one server: what the
+/// server is started with, apart from the queue (each request names its own).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct ServerKey {
+    pub python: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub env: Vec<String>,
+    pub workdir: Option<PathBuf>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
+
+/// The node's running fork servers, shared by the queues' pools. A server lives while a
+/// pool holds it; the last pool to let go (its queue gone, or the runner stopping) closes
+/// its requests and it ends.
+#[derive(Clone, Default)]
+pub struct ForkServers(Arc<Mutex<HashMap<ServerKey, Weak<ForkServer>>>>);
+
+impl ForkServers {
+    /// The running server for `key`, if any.
+    pub fn running(&self, key: &ServerKey) -> Option<Arc<ForkServer>> {
+        self.0.lock().expect("fork servers lock").get(key).and_then(Weak::upgrade).filter(|s| !s.is_gone())
+    }
+
+    /// The running server for `key`, or the one `start` starts.
+    pub fn get_or_start(&self, key: &ServerKey, start: impl FnOnce() -> std::io::Result<ForkServer>) -> std::io::Result<Arc<ForkServer>> {
+        let mut servers = self.0.lock().expect("fork servers lock");
+        if let Some(server) = servers.get(key).and_then(Weak::upgrade).filter(|s| !s.is_gone()) {
+            return Ok(server);
+        }
+        let server = Arc::new(start()?);
+        servers.retain(|_, s| s.strong_count() > 0);
+        servers.insert(key.clone(), Arc::downgrade(&server));
+        Ok(server)
+    }
+}
+
 /// A running fork server.
 pub struct ForkServer {
     pid: i32,
-    queue: String,
+    /// The queue whose pool started it, for its log lines.
+    label: String,
     requests: tokio::sync::Mutex<Option<UnixStream>>,
     channel: Arc<Mutex<Channel>>,
     ready: watch::Receiver<bool>,
 }
 
 impl ForkServer {
-    /// Starts `cmd` (the script with `--fork-server`) as a fork server of `queue`.
-    /// `permit` (a start permit) is held until it is ready or gone.
-    pub fn start(mut cmd: tokio::process::Command, queue: &str, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> std::io::Result<ForkServer> {
+    /// Starts `cmd` (the script with `--fork-server`) as a fork server; its log lines are
+    /// tagged with `label` (the queue that started it). `permit` (a start permit) is held
+    /// until it is ready or gone.
+    pub fn start(mut cmd: tokio::process::Command, label: &str, permit: Option<tokio::sync::OwnedSemaphorePermit>) -> std::io::Result<ForkServer> {
         let (ours, theirs) = UnixStream::pair()?;
         cmd.stdin(std::process::Stdio::from(OwnedFd::from(theirs)));
         // Dropping the server closes its requests; it outlives the handle until its
@@ -80,11 +123,11 @@ impl ForkServer {
         let channel = Arc::new(Mutex::new(Channel::default()));
         let (ready_tx, ready) = watch::channel(false);
         if let Some(err) = child.stderr.take() {
-            log_lines(err, queue.to_owned(), format!("fork server pid {pid}"), "stderr");
+            log_lines(err, label.to_owned(), format!("fork server pid {pid}"), "stderr");
         }
         let stdout = child.stdout.take();
         let leashed = crate::leash::Leashed::new(child.id());
-        let (queue_name, chan) = (queue.to_owned(), channel.clone());
+        let (queue_name, chan) = (label.to_owned(), channel.clone());
         tokio::spawn(async move {
             let mut permit = permit;
             if let Some(out) = stdout {
@@ -111,7 +154,7 @@ impl ForkServer {
             drop(leashed);
             tracing::info!(queue = %queue_name, pid, status = ?status, "the Mailman fork server exited");
         });
-        Ok(ForkServer { pid, queue: queue.to_owned(), requests: tokio::sync::Mutex::new(Some(ours)), channel, ready })
+        Ok(ForkServer { pid, label: label.to_owned(), requests: tokio::sync::Mutex::new(Some(ours)), channel, ready })
     }
 
     /// The server's pid.
@@ -129,8 +172,14 @@ impl ForkServer {
         self.channel.lock().expect("fork server channel").closed
     }
 
-    /// Forks a slice runner of Mailman runner `runner`, once the server is ready.
-    pub async fn fork(&self, runner: &str) -> std::io::Result<Forked> {
+    /// The queue whose pool started it.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Forks a slice runner of Mailman runner `runner` for `queue`, once the server is
+    /// ready.
+    pub async fn fork(&self, runner: &str, queue: &str) -> std::io::Result<Forked> {
         let mut ready = self.ready.clone();
         let gone = || std::io::Error::other("the Mailman fork server is gone; see its log lines above");
         // The reader drops the sender when the server's stdout ends: gone.
@@ -148,7 +197,7 @@ impl ForkServer {
             }
             ch.pending.push_back(tx);
         }
-        let request = format!("fork {runner} {}\n", self.queue);
+        let request = format!("fork {runner} {queue}\n");
         let fds = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
         if let Err(e) = sendmsg::<()>(socket.as_raw_fd(), &[IoSlice::new(request.as_bytes())], &[ControlMessage::ScmRights(&fds)], MsgFlags::MSG_NOSIGNAL, None) {
             // The server is gone (its reader fails the pending reply) or the socket broke.
