@@ -671,7 +671,8 @@ impl MailmanMaster {
 
     /// Stops the master and its runners as `mailman stop` does (SIGTERM to the master,
     /// which passes it on to each runner and waits for them); whatever of its process tree
-    /// still runs after 30 s is SIGKILLed. Idempotent.
+    /// still runs after two minutes (a loaded machine: runners still initialising Mailman
+    /// at the SIGTERM) is SIGKILLed, and named in the error. Idempotent.
     pub fn stop(&mut self) -> Result<()> {
         if self.pid == 0 {
             return Ok(());
@@ -679,12 +680,18 @@ impl MailmanMaster {
         let tree: Vec<u32> = crate::freezer::process_tree(self.pid).into_iter().filter(|p| crate::process_alive(*p)).collect();
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::Signal::SIGTERM);
         self.pid = 0;
-        // A runner finishes the message in hand before it exits: seconds at most.
-        let stopped = wait_for(Duration::from_secs(30), "Mailman's master and its runners to exit", || tree.iter().all(|p| !crate::process_alive(*p)));
-        for pid in tree.iter().filter(|p| crate::process_alive(**p)) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
-        }
-        stopped
+        // A runner finishes the message in hand before it exits: seconds on an idle machine.
+        let stopped = wait_for(Duration::from_secs(120), "Mailman's master and its runners to exit", || tree.iter().all(|p| !crate::process_alive(*p)));
+        let left: Vec<String> = tree
+            .iter()
+            .filter(|p| crate::process_alive(**p))
+            .map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+                format!("{pid} {}", String::from_utf8_lossy(&cmdline).replace('\0', " ").trim_end())
+            })
+            .collect();
+        stopped.with_context(|| format!("still running, killed: {left:?}"))
     }
 }
 
