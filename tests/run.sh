@@ -96,15 +96,12 @@ step "build"
 # The tests' targets too: built with the binaries, the dependencies are compiled once with
 # the features the tests add, and the test step starts at once.
 cargo build --workspace --bins --tests
-# The benchmark programs in their short mode, one at a time so that none measures beside
-# another, so that they cannot rot (tests/tests/benches.rs: each must finish and print
-# figures that say it measured something; the figures are the README's full runs'). The
-# whole workspace is named so that the build is the one above (a single package's
-# dependencies resolve with other features and are compiled again).
-step "benchmarks (quick)"
-cargo nextest run --workspace -E 'binary(benches)' --test-threads 1 --no-fail-fast --success-output final
+# The whole suite, with the benchmark programs in their short mode so that they cannot
+# rot (tests/tests/benches.rs: each must finish and print figures that say it measured
+# something; the figures are the README's full runs', and the short runs' figures, taken
+# beside other tests, are in the log only to read).
 step "tests"
-cargo nextest run --workspace --no-fail-fast -E 'not binary(benches)'
+cargo nextest run --workspace --no-fail-fast
 # The parsers of outside input, fuzzed briefly (a longer run: bash tests/fuzz/run.sh 600).
 step "fuzz"
 bash tests/fuzz/run.sh "${QSLICE_FUZZ_SECONDS:-10}"
