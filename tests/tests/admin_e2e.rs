@@ -122,82 +122,14 @@ async fn every_rpc_works_against_a_live_cluster() {
     .expect("balanced");
 
     // GetStatus from the standby too: every instance answers reads.
-    let mut standby_api = connect(&standby_admin).await;
-    for api in [&mut api, &mut standby_api] {
-        // Each instance writes its record when it starts campaigning; wait until this one
-        // has seen both, and the claims etcd already holds (an instance's view follows etcd
-        // through its watch, a moment behind).
-        wait_for_async(LONG, "a leader, one standby and every claim in the status", || {
-            let mut api = api.clone();
-            async move {
-                api.get_status(req(GetStatusRequest { include_slices: true }, None)).await.is_ok_and(|s| {
-                    let s = s.get_ref();
-                    s.leader.is_some() && s.standbys.len() == 1 && s.slices.len() == 4 && s.slices.iter().all(|x| !x.claim_holder.is_empty() && x.desired_owner == x.claim_holder)
-                })
-            }
-        })
-        .await
-        .expect("coordinators seen");
-        let status = api.get_status(req(GetStatusRequest { include_slices: true }, None)).await.expect("status").into_inner();
-        assert_eq!(status.cluster, "t");
-        assert!(status.leader.is_some(), "{status:?}");
-        assert_eq!(status.standbys.len(), 1);
-        assert_eq!(status.nodes.len(), 2);
-        assert_eq!(status.queues[0].slices, 4);
-        assert_eq!(status.slices.len(), 4);
-        assert!(status.slices.iter().all(|s| !s.claim_holder.is_empty() && s.epoch > 0 && s.desired_owner == s.claim_holder), "{:?}", status.slices);
+    for api in [&mut api, &mut connect(&standby_admin).await] {
+        status_with_every_claim(api).await;
     }
     let queues = api.list_queues(req(ListQueuesRequest {}, None)).await.expect("queues").into_inner().queues;
     assert_eq!(queues.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), vec!["in"]);
 
-    // Cordon moves r1's slices to r2; uncordon balances them back.
-    let node = api.cordon_node(req(NodeRequest { node: "r1".into() }, None)).await.expect("cordon").into_inner().node.expect("node");
-    assert!(node.cordoned);
-    wait_for_async(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon moved");
-    let dry = api.rebalance(req(RebalanceRequest { dry_run: true }, None)).await.expect("dry run").into_inner();
-    assert!(!dry.applied && dry.moves.is_empty(), "balanced while r1 is cordoned: {dry:?}");
-    api.uncordon_node(req(NodeRequest { node: "r1".into() }, None)).await.expect("uncordon");
-    wait_for_async(LONG, "2 slices each again", || async {
-        let h = holdings(&mut c.clone(), "t", "in").await;
-        h.len() == 2 && h.values().all(|v| v.len() == 2)
-    })
-    .await
-    .expect("balanced again");
-
-    // Pin slice 0 on its holder's peer, then move another slice; unpin.
-    let h = holdings(&mut c, "t", "in").await;
-    let (holder_of_0, other) = if h["r1"].contains(&0) { ("r1", "r2") } else { ("r2", "r1") };
-    api.pin_slice(req(PinSliceRequest { slice: slice("in", 0), node: other.into() }, None)).await.expect("pin");
-    wait_for_async(LONG, "slice 0 on its pin node", || async { holdings(&mut c.clone(), "t", "in").await.get(other).is_some_and(|v| v.contains(&0)) }).await.expect("pinned");
-    let moved_slice = holdings(&mut c, "t", "in").await[other].iter().copied().find(|s| *s != 0).expect("another slice");
-    let mv = api.move_slice(req(MoveSliceRequest { slice: slice("in", moved_slice), target_node: holder_of_0.into() }, None)).await.expect("move").into_inner();
-    assert_eq!((mv.from_node.as_str(), mv.to_node.as_str()), (other, holder_of_0));
-    wait_for_async(LONG, "the moved slice on its target", || async { holdings(&mut c.clone(), "t", "in").await.get(holder_of_0).is_some_and(|v| v.contains(&moved_slice)) })
-        .await
-        .expect("moved");
-    let unpinned = api.unpin_slice(req(SliceRef { queue: "in".into(), slice: 0 }, None)).await.expect("unpin").into_inner();
-    assert_eq!(unpinned.node, other);
-    let applied = api.rebalance(req(RebalanceRequest { dry_run: false }, None)).await.expect("rebalance").into_inner();
-    assert!(applied.applied);
-
-    // Maintenance shows in the status.
-    api.set_maintenance(req(SetMaintenanceRequest { on: true }, None)).await.expect("maintenance on");
-    wait_for_async(LONG, "status shows maintenance", || {
-        let mut api = api.clone();
-        async move { api.get_status(req(GetStatusRequest::default(), None)).await.is_ok_and(|s| s.get_ref().maintenance) }
-    })
-    .await
-    .expect("maintenance");
-    api.set_maintenance(req(SetMaintenanceRequest { on: false }, None)).await.expect("maintenance off");
-
-    // Pause releases every slice; resume brings them back; delete releases them for good.
-    let paused = api.pause_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("pause").into_inner().queue.expect("queue");
-    assert!(paused.paused);
-    wait_for_async(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("released");
-    api.resume_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("resume");
-    wait_for_async(LONG, "claims back after resume", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("resumed");
-    api.delete_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("delete");
-    wait_for_async(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("deleted");
+    cordon_pin_and_move(&mut api, &mut c).await;
+    maintenance_pause_resume_and_delete(&mut api, &mut c).await;
 
     // A runner comes and goes.
     tc.start_runner("r3").expect("runner");
@@ -218,8 +150,93 @@ async fn every_rpc_works_against_a_live_cluster() {
         kinds.insert(next.kind);
     }
 
-    // Health and reflection.
-    let channel = Channel::from_shared(admin.clone()).expect("url").connect().await.expect("channel");
+    health_and_reflection(&admin).await;
+}
+
+/// GetStatus of one instance, once its view holds both coordinators and the four claims
+/// etcd holds: the leader, the standby, both nodes and each slice's holder.
+async fn status_with_every_claim(api: &mut AdminClient<Channel>) {
+    // Each instance writes its record when it starts campaigning; wait until this one
+    // has seen both, and the claims etcd already holds (an instance's view follows etcd
+    // through its watch, a moment behind).
+    wait_for_async(LONG, "a leader, one standby and every claim in the status", || {
+        let mut api = api.clone();
+        async move {
+            api.get_status(req(GetStatusRequest { include_slices: true }, None)).await.is_ok_and(|s| {
+                let s = s.get_ref();
+                s.leader.is_some() && s.standbys.len() == 1 && s.slices.len() == 4 && s.slices.iter().all(|x| !x.claim_holder.is_empty() && x.desired_owner == x.claim_holder)
+            })
+        }
+    })
+    .await
+    .expect("coordinators seen");
+    let status = api.get_status(req(GetStatusRequest { include_slices: true }, None)).await.expect("status").into_inner();
+    assert_eq!(status.cluster, "t");
+    assert!(status.leader.is_some(), "{status:?}");
+    assert_eq!(status.standbys.len(), 1);
+    assert_eq!(status.nodes.len(), 2);
+    assert_eq!(status.queues[0].slices, 4);
+    assert_eq!(status.slices.len(), 4);
+    assert!(status.slices.iter().all(|s| !s.claim_holder.is_empty() && s.epoch > 0 && s.desired_owner == s.claim_holder), "{:?}", status.slices);
+}
+
+/// Cordon moves r1's slices to r2 and uncordon balances them back; a pin, a move and an
+/// unpin; a rebalance.
+async fn cordon_pin_and_move(api: &mut AdminClient<Channel>, c: &mut etcd_client::Client) {
+    let node = api.cordon_node(req(NodeRequest { node: "r1".into() }, None)).await.expect("cordon").into_inner().node.expect("node");
+    assert!(node.cordoned);
+    wait_for_async(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon moved");
+    let dry = api.rebalance(req(RebalanceRequest { dry_run: true }, None)).await.expect("dry run").into_inner();
+    assert!(!dry.applied && dry.moves.is_empty(), "balanced while r1 is cordoned: {dry:?}");
+    api.uncordon_node(req(NodeRequest { node: "r1".into() }, None)).await.expect("uncordon");
+    wait_for_async(LONG, "2 slices each again", || async {
+        let h = holdings(&mut c.clone(), "t", "in").await;
+        h.len() == 2 && h.values().all(|v| v.len() == 2)
+    })
+    .await
+    .expect("balanced again");
+
+    // Pin slice 0 on its holder's peer, then move another slice; unpin.
+    let h = holdings(c, "t", "in").await;
+    let (holder_of_0, other) = if h["r1"].contains(&0) { ("r1", "r2") } else { ("r2", "r1") };
+    api.pin_slice(req(PinSliceRequest { slice: slice("in", 0), node: other.into() }, None)).await.expect("pin");
+    wait_for_async(LONG, "slice 0 on its pin node", || async { holdings(&mut c.clone(), "t", "in").await.get(other).is_some_and(|v| v.contains(&0)) }).await.expect("pinned");
+    let moved_slice = holdings(c, "t", "in").await[other].iter().copied().find(|s| *s != 0).expect("another slice");
+    let mv = api.move_slice(req(MoveSliceRequest { slice: slice("in", moved_slice), target_node: holder_of_0.into() }, None)).await.expect("move").into_inner();
+    assert_eq!((mv.from_node.as_str(), mv.to_node.as_str()), (other, holder_of_0));
+    wait_for_async(LONG, "the moved slice on its target", || async { holdings(&mut c.clone(), "t", "in").await.get(holder_of_0).is_some_and(|v| v.contains(&moved_slice)) })
+        .await
+        .expect("moved");
+    let unpinned = api.unpin_slice(req(SliceRef { queue: "in".into(), slice: 0 }, None)).await.expect("unpin").into_inner();
+    assert_eq!(unpinned.node, other);
+    let applied = api.rebalance(req(RebalanceRequest { dry_run: false }, None)).await.expect("rebalance").into_inner();
+    assert!(applied.applied);
+}
+
+/// Maintenance shows in the status; pause releases every slice, resume brings them back,
+/// delete releases them for good.
+async fn maintenance_pause_resume_and_delete(api: &mut AdminClient<Channel>, c: &mut etcd_client::Client) {
+    api.set_maintenance(req(SetMaintenanceRequest { on: true }, None)).await.expect("maintenance on");
+    wait_for_async(LONG, "status shows maintenance", || {
+        let mut api = api.clone();
+        async move { api.get_status(req(GetStatusRequest::default(), None)).await.is_ok_and(|s| s.get_ref().maintenance) }
+    })
+    .await
+    .expect("maintenance");
+    api.set_maintenance(req(SetMaintenanceRequest { on: false }, None)).await.expect("maintenance off");
+
+    let paused = api.pause_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("pause").into_inner().queue.expect("queue");
+    assert!(paused.paused);
+    wait_for_async(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("released");
+    api.resume_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("resume");
+    wait_for_async(LONG, "claims back after resume", || async { total(&holdings(&mut c.clone(), "t", "in").await) == 4 }).await.expect("resumed");
+    api.delete_queue(req(QueueRequest { name: "in".into() }, None)).await.expect("delete");
+    wait_for_async(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("deleted");
+}
+
+/// The health service says the admin service serves, and reflection lists it.
+async fn health_and_reflection(admin: &str) {
+    let channel = Channel::from_shared(admin.to_owned()).expect("url").connect().await.expect("channel");
     let health = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest { service: "qslice.admin.v1.Admin".into() })
         .await
@@ -230,7 +247,7 @@ async fn every_rpc_works_against_a_live_cluster() {
         server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest, server_reflection_response::MessageResponse, ServerReflectionRequest,
     };
     let ask = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let channel = Channel::from_shared(admin.clone()).expect("url").connect().await.expect("channel");
+    let channel = Channel::from_shared(admin.to_owned()).expect("url").connect().await.expect("channel");
     let mut replies = ServerReflectionClient::new(channel).server_reflection_info(tokio_stream::iter([ask])).await.expect("reflection").into_inner();
     let reply = replies.message().await.expect("reply").expect("one reply");
     let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else { panic!("unexpected reply {reply:?}") };

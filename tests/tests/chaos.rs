@@ -96,22 +96,8 @@ async fn chaos(faulty: bool) {
     // The observer records every claim grant it sees (a claim key created).
     let (grants, observer) = observe_grants(c.clone(), "t");
 
-    // A steady stream of entries.
-    let enqueued = Arc::new(Mutex::new(BTreeMap::<String, (u128, u32)>::new()));
-    let stop_writing = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (q, enqueued, stop) = (spool.queue("in"), enqueued.clone(), stop_writing.clone());
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let at = now_ns();
-                let name = q.enqueue(format!("message {i}").as_bytes()).expect("enqueue");
-                enqueued.lock().expect("enqueued").insert(name.filebase.clone(), (at, name.slice(SLICES)));
-                i += 1;
-                std::thread::sleep(Duration::from_millis(15));
-            }
-        })
-    };
+    let writer = Writer::start(&spool);
+    let enqueued = writer.enqueued.clone();
 
     let mut disruptions: Vec<Disruption> = Vec::new();
     let mut etcd_restarts = 0;
@@ -130,70 +116,20 @@ async fn chaos(faulty: bool) {
             }
         }
         round += 1;
-        let action = rng.gen_range(0..10);
-        match action {
-            0..=3 => {
-                let id = node_ids[rng.gen_range(0..node_ids.len())];
-                fences(&mut disruptions, id, tc.runner(id));
-                tc.runner_mut(id).kill();
-                disruptions.push(Disruption { node: id.into(), at_ns: now_ns(), what: "kill -9".into() });
-                eprintln!("chaos: kill -9 {id}");
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
-                tc.start_runner(id).expect("restart runner");
-            }
-            4..=5 => {
-                let id = ["c1", "c2"][rng.gen_range(0..2)];
-                tc.coordinator_mut(id).proc.kill();
-                eprintln!("chaos: kill -9 {id}");
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
-                tc.start_coordinator(id).expect("restart coordinator");
-            }
-            6..=8 => {
-                let id = node_ids[rng.gen_range(0..node_ids.len())];
-                let r = tc.runner(id);
-                r.signal(Signal::SIGSTOP).expect("SIGSTOP");
-                disruptions.push(Disruption { node: id.into(), at_ns: now_ns(), what: "SIGSTOP".into() });
-                eprintln!("chaos: SIGSTOP {id} past its 2 s TTL");
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(2600..4000))).await;
-                r.signal(Signal::SIGCONT).expect("SIGCONT");
-            }
-            _ if etcd_restarts < 2 => {
-                disruptions.push(Disruption { node: "*".into(), at_ns: now_ns(), what: "etcd restart".into() });
-                eprintln!("chaos: etcd restart");
-                tc.etcd_mut().restart().expect("etcd restarts");
-                etcd_restarts += 1;
-            }
-            _ => {}
-        }
+        disrupt(&mut tc, &mut rng, &node_ids, &mut disruptions, &mut etcd_restarts).await;
     }
-    stop_writing.store(true, std::sync::atomic::Ordering::SeqCst);
-    writer.join().expect("writer");
+    writer.stop();
     let fired = faultfs.as_ref().map(|fs| fs.counters().expect("fault counters"));
     if let Some(fs) = &faultfs {
         fs.clear().expect("clear faults");
     }
-    let total = enqueued.lock().expect("enqueued").len();
     let q = spool.queue("in");
     let bad = spool.root().join("bad");
-    wait_for_async(Duration::from_secs(120), "every entry finished or preserved", || async {
-        let finished = spool.finished();
-        let preserved = names_in(&bad);
-        let quarantined = names_in(q.quarantine_dir());
-        enqueued.lock().expect("enqueued").keys().all(|e| finished.contains_key(e) || preserved.contains(e) || quarantined.contains(e))
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {total} enqueued, {} finished", spool.finished().len()));
+    settled(&spool, &enqueued).await;
     observer.abort();
     for id in node_ids {
         fences(&mut disruptions, id, tc.runner(id));
     }
-
-    // Once quiet, nothing is left in flight: stranded .bak files were recovered too.
-    wait_for_async(Duration::from_secs(60), "no .bak left in the queue", || async {
-        std::fs::read_dir(q.dir()).map(|rd| rd.flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".bak"))).unwrap_or(false)
-    })
-    .await
-    .expect("no .bak left");
     let quarantined = names_in(q.quarantine_dir());
     assert!(quarantined.is_empty(), "every entry was good mail; a fault of the moment must not quarantine it: {quarantined:?}");
     if let Some(fired) = fired {
@@ -210,18 +146,118 @@ async fn chaos(faulty: bool) {
     assert!(report.lost.is_empty(), "lost: {:?}", report.lost);
     assert!(report.stale_starts.is_empty(), "started under a stale epoch: {:?}", report.stale_starts);
     if !report.unexplained_duplicates.is_empty() {
-        let records = spool.records();
-        for entry in &report.unexplained_duplicates {
-            for r in records.iter().filter(|r| &r.filebase == entry) {
-                eprintln!("  {entry}: {} on {} epoch {} slice {} at {}", r.what, r.node, r.epoch, r.slice, r.at_ns);
-            }
-        }
-        for d in &disruptions {
-            eprintln!("  disruption {} {} at {}", d.what, d.node, d.at_ns);
-        }
-        for id in node_ids {
-            eprintln!("--- {id} log ---\n{}", qslice_tests::tail(&spool.scratch(&format!("{id}.log")), 60));
-        }
+        explain_duplicates(&spool, &report.unexplained_duplicates, &disruptions, &node_ids);
     }
     assert!(report.unexplained_duplicates.is_empty(), "duplicates with no kill or fence to explain them: {:?}", report.unexplained_duplicates);
+}
+
+/// A steady stream of entries into `in`, one every 15 ms, each recorded with its time and
+/// slice.
+struct Writer {
+    enqueued: Arc<Mutex<BTreeMap<String, (u128, u32)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(spool: &Spool) -> Writer {
+        let enqueued = Arc::new(Mutex::new(BTreeMap::<String, (u128, u32)>::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let (q, enqueued, stop) = (spool.queue("in"), enqueued.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let at = now_ns();
+                    let name = q.enqueue(format!("message {i}").as_bytes()).expect("enqueue");
+                    enqueued.lock().expect("enqueued").insert(name.filebase.clone(), (at, name.slice(SLICES)));
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(15));
+                }
+            })
+        };
+        Writer { enqueued, stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("writer");
+    }
+}
+
+/// One disruption drawn at random: a runner killed and restarted, a coordinator killed
+/// and restarted, a runner frozen past its TTL, or (twice at most) an etcd restart.
+async fn disrupt(tc: &mut TestCluster, rng: &mut impl Rng, node_ids: &[&str], disruptions: &mut Vec<Disruption>, etcd_restarts: &mut usize) {
+    match rng.gen_range(0..10) {
+        0..=3 => {
+            let id = node_ids[rng.gen_range(0..node_ids.len())];
+            fences(disruptions, id, tc.runner(id));
+            tc.runner_mut(id).kill();
+            disruptions.push(Disruption { node: id.into(), at_ns: now_ns(), what: "kill -9".into() });
+            eprintln!("chaos: kill -9 {id}");
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
+            tc.start_runner(id).expect("restart runner");
+        }
+        4..=5 => {
+            let id = ["c1", "c2"][rng.gen_range(0..2)];
+            tc.coordinator_mut(id).proc.kill();
+            eprintln!("chaos: kill -9 {id}");
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(200..2500))).await;
+            tc.start_coordinator(id).expect("restart coordinator");
+        }
+        6..=8 => {
+            let id = node_ids[rng.gen_range(0..node_ids.len())];
+            let r = tc.runner(id);
+            r.signal(Signal::SIGSTOP).expect("SIGSTOP");
+            disruptions.push(Disruption { node: id.into(), at_ns: now_ns(), what: "SIGSTOP".into() });
+            eprintln!("chaos: SIGSTOP {id} past its 2 s TTL");
+            tokio::time::sleep(Duration::from_millis(rng.gen_range(2600..4000))).await;
+            r.signal(Signal::SIGCONT).expect("SIGCONT");
+        }
+        _ if *etcd_restarts < 2 => {
+            disruptions.push(Disruption { node: "*".into(), at_ns: now_ns(), what: "etcd restart".into() });
+            eprintln!("chaos: etcd restart");
+            tc.etcd_mut().restart().expect("etcd restarts");
+            *etcd_restarts += 1;
+        }
+        _ => {}
+    }
+}
+
+/// Waits until every entry enqueued is finished, in bad/ or quarantined, and then, once
+/// quiet, until nothing is left in flight (stranded .bak files recovered too).
+async fn settled(spool: &Spool, enqueued: &Mutex<BTreeMap<String, (u128, u32)>>) {
+    let total = enqueued.lock().expect("enqueued").len();
+    let q = spool.queue("in");
+    let bad = spool.root().join("bad");
+    wait_for_async(Duration::from_secs(120), "every entry finished or preserved", || async {
+        let finished = spool.finished();
+        let preserved = names_in(&bad);
+        let quarantined = names_in(q.quarantine_dir());
+        enqueued.lock().expect("enqueued").keys().all(|e| finished.contains_key(e) || preserved.contains(e) || quarantined.contains(e))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {total} enqueued, {} finished", spool.finished().len()));
+    wait_for_async(Duration::from_secs(60), "no .bak left in the queue", || async {
+        std::fs::read_dir(q.dir()).map(|rd| rd.flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".bak"))).unwrap_or(false)
+    })
+    .await
+    .expect("no .bak left");
+}
+
+/// What the records, the disruptions and the runners' logs say of duplicates the checker
+/// could not explain.
+fn explain_duplicates(spool: &Spool, duplicates: &[String], disruptions: &[Disruption], node_ids: &[&str]) {
+    let records = spool.records();
+    for entry in duplicates {
+        for r in records.iter().filter(|r| &r.filebase == entry) {
+            eprintln!("  {entry}: {} on {} epoch {} slice {} at {}", r.what, r.node, r.epoch, r.slice, r.at_ns);
+        }
+    }
+    for d in disruptions {
+        eprintln!("  disruption {} {} at {}", d.what, d.node, d.at_ns);
+    }
+    for id in node_ids {
+        eprintln!("--- {id} log ---\n{}", qslice_tests::tail(&spool.scratch(&format!("{id}.log")), 60));
+    }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use qslice_tests::cluster::{claims, files_in};
 use qslice_tests::freezer::Freezer;
-use qslice_tests::mailman3::Site;
+use qslice_tests::mailman3::{Report, Site};
 use qslice_tests::now_ns;
 use qslice_tests::pids_with_env;
 use qslice_tests::testcluster::TestCluster;
@@ -354,10 +354,33 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         })
         .await
         .expect("accepting");
-        // The whole host pauses: qslice-runner, its leash, its slice runners and spares.
-        // qslice-runner and its leash have a freezer of their own, thawed a second after
-        // the slice runners: whether they run again first after a pause must not matter.
-        let pid = tc.runner(victim).pid().expect("pid");
+        let host = FrozenHost::freeze(&tc, victim);
+        let frozen_at = now_ns() as f64 / 1e9;
+        wait_for_async(LONG, "the other runner holding every slice", || all_held_by(&c, other, 4)).await.expect("taken over");
+        site.post(50, posted + 200).expect("post more");
+        posted += 250;
+        let thawed_at = now_ns() as f64 / 1e9;
+        host.thaw();
+        pauses.push((frozen_at, thawed_at));
+        let report = site.all_accepted(posted, LONG).await.expect("every post accepted");
+        let pause = Pause { round, victim, frozen_at, thawed_at };
+        nothing_ran_after_the_thaw(&report, &pause, &old_epochs, &mut crash_window);
+        wait_for_async(LONG, "the victim registered again", || tc.is_registered(victim)).await.expect("back");
+    }
+    each_post_in_pipeline_once(&site, &pauses, &crash_window, posted);
+}
+
+/// A whole host paused: qslice-runner, its leash, its slice runners and spares. qslice-runner
+/// and its leash have a freezer of their own, thawed a second after the slice runners:
+/// whether they run again first after a pause must not matter.
+struct FrozenHost {
+    freezer: Freezer,
+    qslice_freezer: Freezer,
+}
+
+impl FrozenHost {
+    fn freeze(tc: &TestCluster, node: &str) -> FrozenHost {
+        let pid = tc.runner(node).pid().expect("pid");
         let leash: Vec<u32> = qslice_tests::freezer::process_tree(pid)
             .into_iter()
             .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("--leash")))
@@ -368,47 +391,55 @@ async fn a_host_frozen_past_its_ttl_with_its_mailman_runners_runs_nothing_when_i
         qslice_freezer.add(&[pid, leash[0]]).expect("move the runner and its leash to their own freezer");
         qslice_freezer.freeze().expect("freeze the runner and its leash");
         freezer.freeze().expect("freeze");
-        let frozen_at = now_ns() as f64 / 1e9;
-        wait_for_async(LONG, "the other runner holding every slice", || all_held_by(&c, other, 4)).await.expect("taken over");
-        site.post(50, posted + 200).expect("post more");
-        posted += 250;
-        let thawed_at = now_ns() as f64 / 1e9;
-        freezer.thaw().expect("thaw");
-        std::thread::sleep(Duration::from_secs(1));
-        qslice_freezer.thaw().expect("thaw the runner and its leash");
-        pauses.push((frozen_at, thawed_at));
-        let report = site.all_accepted(posted, LONG).await.expect("every post accepted");
-        // Nothing runs after the thaw: no slice runner of the victim started under an old
-        // epoch, and its frozen slice runners (killed by their timers as they thawed)
-        // accepted nothing, not even the message each had in hand.
-        let late_starts: Vec<_> = report.runners.values().filter(|x| x.node == *victim && x.started > frozen_at && old_epochs.contains(&x.epoch)).collect();
-        assert!(late_starts.is_empty(), "round {round}: {late_starts:?}");
-        let late: Vec<_> =
-            report.accepts.values().flatten().filter(|a| a.0 > thawed_at && report.runner_of(a).is_some_and(|x| x.node == *victim && x.started < frozen_at)).collect();
-        assert!(late.is_empty(), "round {round}: the frozen slice runners accepted {} posts after the thaw: {late:?}", late.len());
-        assert_eq!((report.shunt, report.bad), (0, 0), "round {round}: shunted, in bad/");
-        let doubled = report.doubled();
-        // A pause that lands between Mailman's ACCEPT and its removal of the .bak is a
-        // crash inside one message: Mailman's own recovery serves that message again.
-        // Any other second ACCEPT would be two owners at once.
-        for id in doubled.keys().filter(|id| report.accepts[**id].iter().any(|a| a.0 > frozen_at)) {
-            let first = &report.accepts[*id][0];
-            assert!(
-                first.0 < frozen_at && report.runner_of(first).is_some_and(|x| x.node == *victim),
-                "round {round}: {id} accepted twice, first by {:?}",
-                report.runner_of(first)
-            );
-            crash_window.insert(id.to_string());
-        }
-        println!(
-            "round {round}: {} frozen {:.1} s; {} ACCEPTs by its old slice runners after the thaw; {} posts accepted twice in all",
-            victim,
-            thawed_at - frozen_at,
-            late.len(),
-            doubled.len()
-        );
-        wait_for_async(LONG, "the victim registered again", || tc.is_registered(victim)).await.expect("back");
+        FrozenHost { freezer, qslice_freezer }
     }
+
+    fn thaw(self) {
+        self.freezer.thaw().expect("thaw");
+        std::thread::sleep(Duration::from_secs(1));
+        self.qslice_freezer.thaw().expect("thaw the runner and its leash");
+    }
+}
+
+/// One round's pause of a host.
+struct Pause<'a> {
+    round: usize,
+    victim: &'a str,
+    frozen_at: f64,
+    thawed_at: f64,
+}
+
+/// Nothing ran after the thaw: no slice runner of the victim started under an old epoch
+/// (`old_epochs`), and its frozen slice runners (killed by their timers as they thawed)
+/// accepted nothing, not even the message each had in hand. A post accepted twice must be
+/// one in Mailman's crash window (added to `crash_window`).
+fn nothing_ran_after_the_thaw(report: &Report, pause: &Pause, old_epochs: &BTreeSet<i64>, crash_window: &mut BTreeSet<String>) {
+    let Pause { round, victim, frozen_at, thawed_at } = *pause;
+    let late_starts: Vec<_> = report.runners.values().filter(|x| x.node == victim && x.started > frozen_at && old_epochs.contains(&x.epoch)).collect();
+    assert!(late_starts.is_empty(), "round {round}: {late_starts:?}");
+    let late: Vec<_> = report.accepts.values().flatten().filter(|a| a.0 > thawed_at && report.runner_of(a).is_some_and(|x| x.node == victim && x.started < frozen_at)).collect();
+    assert!(late.is_empty(), "round {round}: the frozen slice runners accepted {} posts after the thaw: {late:?}", late.len());
+    assert_eq!((report.shunt, report.bad), (0, 0), "round {round}: shunted, in bad/");
+    let doubled = report.doubled();
+    // A pause that lands between Mailman's ACCEPT and its removal of the .bak is a crash
+    // inside one message: Mailman's own recovery serves that message again. Any other
+    // second ACCEPT would be two owners at once.
+    for id in doubled.keys().filter(|id| report.accepts[**id].iter().any(|a| a.0 > frozen_at)) {
+        let first = &report.accepts[*id][0];
+        assert!(first.0 < frozen_at && report.runner_of(first).is_some_and(|x| x.node == victim), "round {round}: {id} accepted twice, first by {:?}", report.runner_of(first));
+        crash_window.insert(id.to_string());
+    }
+    println!(
+        "round {round}: {victim} frozen {:.1} s; {} ACCEPTs by its old slice runners after the thaw; {} posts accepted twice in all",
+        thawed_at - frozen_at,
+        late.len(),
+        doubled.len()
+    );
+}
+
+/// Each of the `posted` posts went into pipeline/ once, but for those of Mailman's crash
+/// window; a .tmp left behind was written as a pause began.
+fn each_post_in_pipeline_once(site: &Site, pauses: &[(f64, f64)], crash_window: &BTreeSet<String>, posted: usize) {
     // Each post went down the pipeline once, but for those in Mailman's crash window: a
     // thawed slice runner that finished its message in hand would have put a second copy
     // there (with one ACCEPT only, as it is killed before it logs one) besides the new

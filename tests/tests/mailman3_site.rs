@@ -232,13 +232,7 @@ async fn a_dead_host_leaves_no_mailman_lock_that_shunts_or_discards_later_mail()
     let n = 80;
     c.site.post_in_background("test", n, 0, 15.0).expect("post");
     c.site.post_in_background("digest", n, 0, 15.0).expect("post");
-    let sink = &c.site.sink;
-    wait_for_async(LONG, "posts going out", || {
-        let delivered = sink.deliveries().len();
-        async move { delivered >= 60 }
-    })
-    .await
-    .expect("flowing");
+    going_out(&c, 60).await;
     // r1's host dies while its slice runners hold messages of every stage: qslice-runner,
     // its leash and its Mailman processes stop at one instant (the cgroup freezer), what
     // they hold in flight is read from the spool, and then all of them are SIGKILLed. The
@@ -571,30 +565,9 @@ fn restart_r1(c: &mut Cluster) {
     c.tc.start_runner_with("r1", &["--config", &cfg], &[SITE_TTL]).expect("restart r1");
 }
 
-/// A whole site end to end: posts to both lists arrive over LMTP at every node's `lmtp`
-/// runner (Mailman's, outside qslice, as systemd runs it), flow through every queue
-/// served by two qslice-runners, and go out over SMTP, while `fault` happens; at the sink
-/// each regular member holds each post exactly once (a second copy only of a post in
-/// flight on r1 when it was killed), the digest member's digests hold each post once, the
-/// archive too, and Mailman's logs hold no error. Returns the latencies (LMTP accepted ->
-/// last delivery, seconds, sorted).
-async fn end_to_end(fault: Fault) -> Vec<f64> {
-    let retry_sleep = if fault == Fault::SmtpOutage { "2s" } else { "3s" };
-    let options = SiteOptions { lmtp: true, retry_sleep: retry_sleep.into(), ..SiteOptions::default() };
-    let mut c = cluster(options, &E2E_QUEUES, "", &[]).await;
-    for node in ["r1", "r2"] {
-        c.site.start_lmtp(node).expect("the node's LMTP server");
-    }
-    let n = 40;
-    c.site.post_lmtp_in_background("test", n, 0, 8.0).expect("post over LMTP");
-    c.site.post_lmtp_in_background("digest", n, 0, 8.0).expect("post over LMTP");
-    let sink = &c.site.sink;
-    wait_for_async(LONG, "posts going out", || {
-        let delivered = sink.deliveries().len();
-        async move { delivered >= 30 }
-    })
-    .await
-    .expect("flowing");
+/// Does `fault` to the site of `c`; returns the posts that may go out twice (those in
+/// flight on r1 when it was killed or frozen).
+async fn apply(fault: Fault, c: &mut Cluster) -> BTreeSet<String> {
     let mut may_double = BTreeSet::new();
     let queue_dir = c.site.dir.join("var/queue");
     match fault {
@@ -606,11 +579,11 @@ async fn end_to_end(fault: Fault) -> Vec<f64> {
             c.tc.runner_mut("r1").kill();
             taken_from(&c.tc, "r1").await;
             may_double = watch.stop();
-            restart_r1(&mut c);
+            restart_r1(c);
         }
         Fault::HostDeath => {
             let held = held_by(&c.tc, "r1").await;
-            let freezer = freeze_host(&c);
+            let freezer = freeze_host(c);
             // Stopped, its processes hold what they hold: each may go out twice.
             may_double = baks_in(&queue_dir, &held);
             for pid in freezer.pids() {
@@ -620,12 +593,12 @@ async fn end_to_end(fault: Fault) -> Vec<f64> {
             c.tc.runner_mut("r1").kill();
             c.site.kill_lmtp("r1");
             taken_from(&c.tc, "r1").await;
-            restart_r1(&mut c);
+            restart_r1(c);
             c.site.start_lmtp("r1").expect("r1's LMTP server back");
         }
         Fault::HostFreeze => {
             let held = held_by(&c.tc, "r1").await;
-            let freezer = freeze_host(&c);
+            let freezer = freeze_host(c);
             may_double = baks_in(&queue_dir, &held);
             taken_from(&c.tc, "r1").await;
             freezer.thaw().expect("thaw");
@@ -659,18 +632,13 @@ async fn end_to_end(fault: Fault) -> Vec<f64> {
             }
         }
     }
-    let flowed = |r: &SiteReport, site: &WholeSite| {
-        let counts = site.delivery_counts();
-        r.post_id.values().all(|p| *p > n as i64) && post_ids("test", 0..n).iter().all(|id| TEST_MEMBERS.iter().all(|m| counts.contains_key(&(m.to_string(), id.clone()))))
-    };
-    c.settled("every post accepted over LMTP and out", flowed).await;
-    // A post whose LMTP delivery to r1 failed at its death or freeze may have been queued
-    // there before the poster tried r2: an MTA sends such a post again.
-    if matches!(fault, Fault::HostDeath | Fault::HostFreeze) {
-        may_double.extend(c.site.lmtp_failed_at("r1"));
-    }
-    let report = c.last_digests_sent(n).await;
-    assert_clean(&report);
+    may_double
+}
+
+/// At the sink each regular member holds each post once, the digest member's digests
+/// hold each post once, and the archive each post: a second copy only of a post in
+/// `may_double`.
+fn delivered_once_to_mailboxes_digests_and_archive(fault: Fault, c: &Cluster, report: &SiteReport, n: usize, may_double: &BTreeSet<String>) {
     let counts = c.site.delivery_counts();
     for (list, members) in [("test", &TEST_MEMBERS[..]), ("digest", &DIGEST_REGULAR[..])] {
         for id in post_ids(list, 0..n) {
@@ -694,6 +662,51 @@ async fn end_to_end(fault: Fault) -> Vec<f64> {
         let archived: BTreeSet<&String> = report.archive_ids.get(list).map(|v| v.iter().collect()).unwrap_or_default();
         assert!(post_ids(prefix, 0..n).iter().all(|id| archived.contains(id)), "{fault:?}: {list}'s archive misses posts");
     }
+}
+
+/// Waits until the sink has had `deliveries` deliveries: posts are going out.
+async fn going_out(c: &Cluster, deliveries: usize) {
+    let sink = &c.site.sink;
+    wait_for_async(LONG, "posts going out", || {
+        let delivered = sink.deliveries().len();
+        async move { delivered >= deliveries }
+    })
+    .await
+    .expect("flowing");
+}
+
+/// A whole site end to end: posts to both lists arrive over LMTP at every node's `lmtp`
+/// runner (Mailman's, outside qslice, as systemd runs it), flow through every queue
+/// served by two qslice-runners, and go out over SMTP, while `fault` happens; at the sink
+/// each regular member holds each post exactly once (a second copy only of a post in
+/// flight on r1 when it was killed), the digest member's digests hold each post once, the
+/// archive too, and Mailman's logs hold no error. Returns the latencies (LMTP accepted ->
+/// last delivery, seconds, sorted).
+async fn end_to_end(fault: Fault) -> Vec<f64> {
+    let retry_sleep = if fault == Fault::SmtpOutage { "2s" } else { "3s" };
+    let options = SiteOptions { lmtp: true, retry_sleep: retry_sleep.into(), ..SiteOptions::default() };
+    let mut c = cluster(options, &E2E_QUEUES, "", &[]).await;
+    for node in ["r1", "r2"] {
+        c.site.start_lmtp(node).expect("the node's LMTP server");
+    }
+    let n = 40;
+    c.site.post_lmtp_in_background("test", n, 0, 8.0).expect("post over LMTP");
+    c.site.post_lmtp_in_background("digest", n, 0, 8.0).expect("post over LMTP");
+    going_out(&c, 30).await;
+    let mut may_double = apply(fault, &mut c).await;
+    let flowed = |r: &SiteReport, site: &WholeSite| {
+        let counts = site.delivery_counts();
+        r.post_id.values().all(|p| *p > n as i64) && post_ids("test", 0..n).iter().all(|id| TEST_MEMBERS.iter().all(|m| counts.contains_key(&(m.to_string(), id.clone()))))
+    };
+    c.settled("every post accepted over LMTP and out", flowed).await;
+    // A post whose LMTP delivery to r1 failed at its death or freeze may have been queued
+    // there before the poster tried r2: an MTA sends such a post again.
+    if matches!(fault, Fault::HostDeath | Fault::HostFreeze) {
+        may_double.extend(c.site.lmtp_failed_at("r1"));
+    }
+    let report = c.last_digests_sent(n).await;
+    assert_clean(&report);
+    delivered_once_to_mailboxes_digests_and_archive(fault, &c, &report, n, &may_double);
     // Latency: LMTP accepted -> its last delivery at the sink.
     let accepted = c.site.lmtp_accepted();
     assert_eq!(accepted.len(), 2 * n, "every post accepted over LMTP");

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, NfsBed, GATEWAY};
 use qslice_tests::checker::observe_grants;
 use qslice_tests::checker::{check, Disruption};
-use qslice_tests::cluster::claims;
+use qslice_tests::cluster::{claims, Rec};
 use qslice_tests::nfs::{
-    baks_in, enqueued, enqueued_path, fences, file_bases_in, heartbeat_script, records, records_path, recovered_at, runner_script, writer_script, Tail, GUEST_TTL,
+    baks_in, enqueued, enqueued_path, fences, file_bases_in, heartbeat_script, records, records_path, recovered_at, runner_script, writer_script, Seen, Tail, GUEST_TTL,
 };
 use qslice_tests::site::{SiteOptions, WholeSite};
 use qslice_tests::testcluster::{Ready, TestCluster};
@@ -195,31 +195,34 @@ fn failover(mount: &str) {
         // counts none, even when its runner learns of the fence late.
         assert_eq!(report.preserved, 0, "nothing preserved or quarantined: {preserved:?}");
 
-        // Every .bak g2 left (of its slices) recovered by its new owner's claim after the
-        // death, and started elsewhere.
-        let mut waits = Vec::new();
-        let seen = tail.seen();
-        for base in left.iter().filter(|b| enq.get(*b).is_some_and(|(_, s)| g2_slices.contains(s))) {
-            let recovered = recovered_at(&seen, base, death_ns).unwrap_or_else(|| panic!("{base}, left in flight by g2, was not recovered at a claim after its death"));
-            let first = recs.iter().filter(|r| r.what == "start" && &r.filebase == base && r.node != "g2" && r.at_ns > death_ns).map(|r| r.at_ns).min();
-            let first = first.unwrap_or_else(|| panic!("{base}, left in flight by g2, never started elsewhere"));
-            waits.push((base.clone(), (recovered - death_ns) as f64 / 1e9, (first - death_ns) as f64 / 1e9));
-        }
-        eprintln!("NFS ({mount}): g2 held {g2_slices:?}; its .bak files, seconds from its death to their recovery and to their start elsewhere: {waits:?}");
-        assert!(!waits.is_empty(), "g2 left no .bak of its slices: the test did not test the recovery");
-        // Recovered by the new owner's claim (above), never by the stranded-entry check
-        // (after the handler timeout): the claim's listing saw the dead guest's last
-        // renames. How long after the death is a figure (TTL + 1 s on real hosts; emulated
-        // guests on a loaded machine take longer), measured by `bench_failover --nfs`.
-        let stranded: Vec<_> =
-            seen.iter().filter(|s| s.line.contains("recovered a stranded .bak") && left.iter().any(|b| s.line.contains(&format!("entry={b}")))).map(|s| &s.line).collect();
-        assert!(stranded.is_empty(), "a .bak the dead guest left was recovered as stranded, not at a claim: {stranded:?}");
-        let bound = GUEST_TTL.as_secs_f64() + 1.0;
-        let late = waits.iter().filter(|(_, r, _)| *r > bound).count();
-        eprintln!("NFS ({mount}): {late} of {} .bak files recovered later than TTL + 1 s ({bound} s) after the death", waits.len());
+        assert_recovered_at_claims(mount, &tail.seen(), &left, &enq, &g2_slices, &recs, death_ns);
         drop(tc);
     });
     drop(bed);
+}
+
+/// Every .bak the dead guest g2 left (`left`, of its slices) was recovered by its new
+/// owner's claim after its death at `death_ns`, and started elsewhere.
+fn assert_recovered_at_claims(mount: &str, seen: &[Seen], left: &BTreeSet<String>, enq: &BTreeMap<String, (u128, u32)>, g2_slices: &BTreeSet<u32>, recs: &[Rec], death_ns: u128) {
+    let mut waits = Vec::new();
+    for base in left.iter().filter(|b| enq.get(*b).is_some_and(|(_, s)| g2_slices.contains(s))) {
+        let recovered = recovered_at(seen, base, death_ns).unwrap_or_else(|| panic!("{base}, left in flight by g2, was not recovered at a claim after its death"));
+        let first = recs.iter().filter(|r| r.what == "start" && &r.filebase == base && r.node != "g2" && r.at_ns > death_ns).map(|r| r.at_ns).min();
+        let first = first.unwrap_or_else(|| panic!("{base}, left in flight by g2, never started elsewhere"));
+        waits.push((base.clone(), (recovered - death_ns) as f64 / 1e9, (first - death_ns) as f64 / 1e9));
+    }
+    eprintln!("NFS ({mount}): g2 held {g2_slices:?}; its .bak files, seconds from its death to their recovery and to their start elsewhere: {waits:?}");
+    assert!(!waits.is_empty(), "g2 left no .bak of its slices: the test did not test the recovery");
+    // Recovered by the new owner's claim (above), never by the stranded-entry check
+    // (after the handler timeout): the claim's listing saw the dead guest's last
+    // renames. How long after the death is a figure (TTL + 1 s on real hosts; emulated
+    // guests on a loaded machine take longer), measured by `bench_failover --nfs`.
+    let stranded: Vec<_> =
+        seen.iter().filter(|s| s.line.contains("recovered a stranded .bak") && left.iter().any(|b| s.line.contains(&format!("entry={b}")))).map(|s| &s.line).collect();
+    assert!(stranded.is_empty(), "a .bak the dead guest left was recovered as stranded, not at a claim: {stranded:?}");
+    let bound = GUEST_TTL.as_secs_f64() + 1.0;
+    let late = waits.iter().filter(|(_, r, _)| *r > bound).count();
+    eprintln!("NFS ({mount}): {late} of {} .bak files recovered later than TTL + 1 s ({bound} s) after the death", waits.len());
 }
 
 /// A guest paused (SIGSTOP of its QEMU: a VM whose clocks may or may not move) past the

@@ -55,7 +55,39 @@ async fn every_subcommand_works_against_a_live_cluster() {
     .await
     .expect("nodes");
 
-    // Auth, validation and usage failures and their exit codes.
+    refusals_and_their_exit_codes(&ctl);
+    ctl.ok(&["queue", "set", "in", "--slices", "4"]);
+    wait_for_async(LONG, "2 slices each", || async {
+        let h = holdings(&mut c.clone(), "t", "in").await;
+        h.len() == 2 && h.values().all(|v| v.len() == 2)
+    })
+    .await
+    .expect("balanced");
+    status_tables_and_json(&ctl);
+    cordon_pin_and_move(&ctl, &mut c).await;
+    rebalance_under_maintenance(&ctl, &mut c).await;
+    ctl.ok(&["queue", "pause", "in"]);
+    wait_for_async(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("pause");
+    ctl.ok(&["queue", "resume", "in"]);
+    wait_for_async(LONG, "claims back", || async { holdings(&mut c.clone(), "t", "in").await.values().map(Vec::len).sum::<usize>() == 4 }).await.expect("resume");
+
+    // drain streams progress and ends done; events prints what happens.
+    let out = ctl.ok(&["drain", "r1", "--timeout-seconds", "60"]);
+    assert!(out.contains("drained"), "{out}");
+    assert_eq!(holdings(&mut c, "t", "in").await.get("r2").map(Vec::len), Some(4));
+    let events = std::thread::spawn({
+        let coordinator = ctl.coordinator.clone();
+        move || Ctl { coordinator }.json_lines(&["events"])
+    });
+    ctl.ok(&["uncordon", "r1"]);
+    let lines = events.join().expect("events thread");
+    assert!(lines.iter().all(|l| l.get("kind").is_some()), "{lines:?}");
+    ctl.ok(&["queue", "delete", "in"]);
+    wait_for_async(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("delete");
+}
+
+/// Auth, validation and usage failures and their exit codes.
+fn refusals_and_their_exit_codes(ctl: &Ctl) {
     let (code, _, err) = ctl.run(None, &["queue", "set", "in", "--slices", "4"]);
     assert_eq!(code, 1);
     assert!(err.contains("UNAUTHENTICATED"), "{err}");
@@ -70,17 +102,13 @@ async fn every_subcommand_works_against_a_live_cluster() {
     assert!(err.contains("NOT_FOUND"), "{err}");
     let (code, _, _) = ctl.run(Some("tok"), &["queue", "set", "in"]);
     assert_eq!(code, 2, "a usage error exits 2");
+}
 
-    ctl.ok(&["queue", "set", "in", "--slices", "4"]);
-    wait_for_async(LONG, "2 slices each", || async {
-        let h = holdings(&mut c.clone(), "t", "in").await;
-        h.len() == 2 && h.values().all(|v| v.len() == 2)
-    })
-    .await
-    .expect("balanced");
+/// `status` in tables whose columns say what they are (and `status --help` explains each)
+/// and in JSON; `queues`.
+fn status_tables_and_json(ctl: &Ctl) {
     let table = ctl.ok(&["status", "--slices"]);
     assert!(table.contains("c1") && table.contains("r1") && table.contains("r2"), "{table}");
-    // The columns say what they are, and `status --help` explains each of them.
     let header = |first: &str, has: &str| table.lines().find(|l| l.starts_with(first) && l.contains(has)).unwrap_or_else(|| panic!("no {first}..{has} table:\n{table}")).to_owned();
     let columns = |line: String| line.split("  ").map(str::trim).filter(|c| !c.is_empty()).map(str::to_owned).collect::<Vec<_>>();
     assert_eq!(columns(header("NODE ", "HOST")), ["NODE", "HOST", "STATE", "WEIGHT", "SLICES HELD", "QUEUES", "UP", "VERSION"], "{table}");
@@ -102,7 +130,10 @@ async fn every_subcommand_works_against_a_live_cluster() {
     let queues = ctl.json(&["queues"]);
     assert_eq!(queues[0]["slices"], 4, "{queues}");
     assert!(ctl.ok(&["queues"]).contains("in"));
+}
 
+/// Cordon and uncordon, pin and unpin, move.
+async fn cordon_pin_and_move(ctl: &Ctl, c: &mut etcd_client::Client) {
     ctl.ok(&["cordon", "r1"]);
     wait_for_async(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
     ctl.ok(&["uncordon", "r1"]);
@@ -112,7 +143,7 @@ async fn every_subcommand_works_against_a_live_cluster() {
     })
     .await
     .expect("uncordon");
-    let h = holdings(&mut c, "t", "in").await;
+    let h = holdings(c, "t", "in").await;
     let s = h["r1"][0].to_string();
     ctl.ok(&["pin", "in", &s, "r2"]);
     wait_for_async(LONG, "the pinned slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][0])) }).await.expect("pin");
@@ -120,8 +151,11 @@ async fn every_subcommand_works_against_a_live_cluster() {
     let other = h["r1"][1].to_string();
     ctl.ok(&["move", "in", &other, "r2"]);
     wait_for_async(LONG, "the moved slice on r2", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.contains(&h["r1"][1])) }).await.expect("move");
-    // Freeze an imbalance under maintenance: the dry run shows what would move, and an
-    // applied rebalance is refused until maintenance is off.
+}
+
+/// An imbalance frozen under maintenance: the dry run shows what would move, and an applied
+/// rebalance is refused until maintenance is off.
+async fn rebalance_under_maintenance(ctl: &Ctl, c: &mut etcd_client::Client) {
     ctl.ok(&["cordon", "r1"]);
     wait_for_async(LONG, "r2 holds all 4", || async { holdings(&mut c.clone(), "t", "in").await.get("r2").is_some_and(|v| v.len() == 4) }).await.expect("cordon");
     ctl.ok(&["maintenance", "on"]);
@@ -133,7 +167,7 @@ async fn every_subcommand_works_against_a_live_cluster() {
     let (code, _, err) = ctl.run(Some("tok"), &["rebalance"]);
     assert_eq!(code, 1);
     assert!(err.contains("FAILED_PRECONDITION") && err.contains("maintenance"), "{err}");
-    assert_eq!(holdings(&mut c, "t", "in").await.get("r2").map(Vec::len), Some(4), "nothing moved in maintenance");
+    assert_eq!(holdings(c, "t", "in").await.get("r2").map(Vec::len), Some(4), "nothing moved in maintenance");
     ctl.ok(&["maintenance", "off"]);
     ctl.ok(&["rebalance"]);
     wait_for_async(LONG, "rebalanced", || async {
@@ -142,24 +176,6 @@ async fn every_subcommand_works_against_a_live_cluster() {
     })
     .await
     .expect("rebalance");
-    ctl.ok(&["queue", "pause", "in"]);
-    wait_for_async(LONG, "no claims while paused", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("pause");
-    ctl.ok(&["queue", "resume", "in"]);
-    wait_for_async(LONG, "claims back", || async { holdings(&mut c.clone(), "t", "in").await.values().map(Vec::len).sum::<usize>() == 4 }).await.expect("resume");
-
-    // drain streams progress and ends done; events prints what happens.
-    let out = ctl.ok(&["drain", "r1", "--timeout-seconds", "60"]);
-    assert!(out.contains("drained"), "{out}");
-    assert_eq!(holdings(&mut c, "t", "in").await.get("r2").map(Vec::len), Some(4));
-    let events = std::thread::spawn({
-        let coordinator = ctl.coordinator.clone();
-        move || Ctl { coordinator }.json_lines(&["events"])
-    });
-    ctl.ok(&["uncordon", "r1"]);
-    let lines = events.join().expect("events thread");
-    assert!(lines.iter().all(|l| l.get("kind").is_some()), "{lines:?}");
-    ctl.ok(&["queue", "delete", "in"]);
-    wait_for_async(LONG, "no claims after delete", || async { holdings(&mut c.clone(), "t", "in").await.is_empty() }).await.expect("delete");
 }
 
 impl Ctl {

@@ -382,7 +382,7 @@ mod nfs {
     use qslice_proto::keys::Keys;
     use qslice_proto::records::{Cordon, Record, RECORD_VERSION};
     use qslice_testbeds::nfs::{enter_private_network, BedOptions, GuestImage, GuestProc, NfsBed};
-    use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, Spool};
+    use qslice_tests::cluster::{client, holdings, put_queue, start_coordinator, Rec, Spool};
     use qslice_tests::nfs::{baks_in, enqueued, enqueued_path, records, records_path, recovered_at, runner_script, writer_script, Tail};
     use qslice_tests::now_ns;
     use qslice_tests::Etcd;
@@ -494,7 +494,6 @@ mod nfs {
         until("every slice claimed, as many per guest", async || balanced(&mut c.clone()).await).await?;
         let tail = Tail::follow(nodes.iter().map(|n| records_path(bed.guest(n))).chain([enqueued_path(bed.guest(writer_node))]).collect());
         let writer = bed.guest(writer_node).spawn(&writer_script(bed.guest(writer_node), &queue, 1_000_000, shape.write_every))?;
-        let starts = |tail: &Tail| records(&tail.seen()).into_iter().filter(|r| r.rec.what == "start").map(|r| r.rec).collect::<Vec<_>>();
         until("entries processed", async || starts(&tail).len() >= 20).await?;
 
         let mut takeovers = Vec::new();
@@ -507,10 +506,7 @@ mod nfs {
             let killed = now_ns();
             let mut first = BTreeMap::new();
             until("every orphaned slice processing elsewhere", async || {
-                for r in starts(&tail).iter().filter(|r| r.node != victim && r.at_ns > killed && orphaned.contains(&r.slice)) {
-                    let t = first.entry(r.slice).or_insert(r.at_ns);
-                    *t = (*t).min(r.at_ns);
-                }
+                first = first_starts(&tail, victim, killed, &orphaned);
                 first.len() == orphaned.len()
             })
             .await?;
@@ -519,66 +515,89 @@ mod nfs {
             until("the restarted runner back and balanced", async || balanced(&mut c.clone()).await).await?;
         }
 
-        let keys = Keys::new("t")?;
         let mut gaps = Vec::new();
         for d in 0..runs {
             let victim = nodes[d % nodes.len()];
-            let moved: BTreeSet<u32> = holdings(&mut c, "t", "in").await.remove(victim).context("the victim holds slices")?.into_iter().collect();
-            // A gap needs the old owner's last entry: each slice processing there first.
-            let held_since = now_ns();
-            until("the victim processing each of its slices", async || {
-                let all = starts(&tail);
-                moved.iter().all(|s| all.iter().any(|r| r.node == victim && r.slice == *s && r.at_ns > held_since))
-            })
-            .await?;
-            let cordoned = now_ns();
-            let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
-            c.put(keys.cordon(victim), cordon.encode(), None).await?;
-            let mut first = BTreeMap::new();
-            let moved_elsewhere = until("every moved slice processing elsewhere", async || {
-                for r in starts(&tail).iter().filter(|r| r.node != victim && r.at_ns > cordoned && moved.contains(&r.slice)) {
-                    let t = first.entry(r.slice).or_insert(r.at_ns);
-                    *t = (*t).min(r.at_ns);
-                }
-                first.len() == moved.len()
-            })
-            .await;
-            if let Err(e) = moved_elsewhere {
-                eprintln!("drain of {victim} (slices {moved:?}) stalled; holdings now {:?}", holdings(&mut c, "t", "in").await);
+            let drained = drain(&mut c, &tail, victim).await;
+            if drained.is_err() {
                 let enqueued = std::fs::read_to_string(enqueued_path(bed.guest(writer_node))).unwrap_or_default();
                 eprintln!("--- writer: {} entries enqueued, the last: {:?}; its output:\n{}", enqueued.lines().count(), enqueued.lines().last(), writer.output());
                 post_mortem(&coordinator.proc.log(), &runners);
                 keep_coordinator_log(bed, &coordinator.proc.log());
-                return Err(e);
             }
-            // A slice's hand-off gap: how long its first entry on the new owner waited
-            // beyond both the old owner's last work on the slice and its own arrival. The
-            // writer in a guest is slow (a few entries a second over NFS), so a slice is
-            // often empty at the hand-off: time with nothing to take is no gap.
-            let seen = tail.seen();
-            let all: Vec<_> = records(&seen).into_iter().map(|r| r.rec).collect();
-            let arrived = enqueued(&seen, SLICES);
-            for (slice, new_first) in &first {
-                let Some(taken) = all.iter().find(|r| r.slice == *slice && r.what == "start" && r.at_ns == *new_first) else { continue };
-                let last_old = all.iter().filter(|r| r.node == victim && r.slice == *slice && r.at_ns < *new_first).map(|r| r.at_ns).max().unwrap_or(cordoned).max(cordoned);
-                let Some((arrival, _)) = arrived.get(&taken.filebase) else { continue };
-                let waited_from = last_old.max(*arrival);
-                gaps.push((new_first - waited_from) as f64 / 1e6);
-                let ms = |t: u128| (t as f64 - cordoned as f64) / 1e6;
-                eprintln!(
-                    "drain of {victim}: slice {slice}: its last work there {:.0} ms, its first entry on {} arrived {:.0} ms and started {:.0} ms after the cordon",
-                    ms(last_old),
-                    taken.node,
-                    ms(*arrival),
-                    ms(*new_first)
-                );
-            }
-            c.delete(keys.cordon(victim), None).await?;
+            gaps.extend(drained?);
             until("the uncordoned node back and balanced", async || balanced(&mut c.clone()).await).await?;
         }
         let (death_recoveries, death_takeovers) = guest_death(bed, &mut c, &tail, &runners).await?;
         keep_coordinator_log(bed, &coordinator.proc.log());
         Ok(Measured { takeovers, gaps, death_recoveries, death_takeovers })
+    }
+
+    /// The handler starts seen in the guests' records.
+    fn starts(tail: &Tail) -> Vec<Rec> {
+        records(&tail.seen()).into_iter().filter(|r| r.rec.what == "start").map(|r| r.rec).collect()
+    }
+
+    /// The first start of each of `slices` on a node other than `not_on` after `since_ns`.
+    fn first_starts(tail: &Tail, not_on: &str, since_ns: u128, slices: &BTreeSet<u32>) -> BTreeMap<u32, u128> {
+        let mut first = BTreeMap::new();
+        for r in starts(tail).iter().filter(|r| r.node != not_on && r.at_ns > since_ns && slices.contains(&r.slice)) {
+            let t = first.entry(r.slice).or_insert(r.at_ns);
+            *t = (*t).min(r.at_ns);
+        }
+        first
+    }
+
+    /// A drain of `victim` (a cordon, then its uncordon once every slice it held is
+    /// processing elsewhere): each moved slice's hand-off gap in ms.
+    async fn drain(c: &mut etcd_client::Client, tail: &Tail, victim: &str) -> Result<Vec<f64>> {
+        let keys = Keys::new("t")?;
+        let mut gaps = Vec::new();
+        let moved: BTreeSet<u32> = holdings(c, "t", "in").await.remove(victim).context("the victim holds slices")?.into_iter().collect();
+        // A gap needs the old owner's last entry: each slice processing there first.
+        let held_since = now_ns();
+        until("the victim processing each of its slices", async || {
+            let all = starts(tail);
+            moved.iter().all(|s| all.iter().any(|r| r.node == victim && r.slice == *s && r.at_ns > held_since))
+        })
+        .await?;
+        let cordoned = now_ns();
+        let cordon = Cordon { v: RECORD_VERSION, reason: "benchmark".into(), since_unix_ms: 0 };
+        c.put(keys.cordon(victim), cordon.encode(), None).await?;
+        let mut first = BTreeMap::new();
+        let moved_elsewhere = until("every moved slice processing elsewhere", async || {
+            first = first_starts(tail, victim, cordoned, &moved);
+            first.len() == moved.len()
+        })
+        .await;
+        if let Err(e) = moved_elsewhere {
+            eprintln!("drain of {victim} (slices {moved:?}) stalled; holdings now {:?}", holdings(c, "t", "in").await);
+            return Err(e);
+        }
+        // A slice's hand-off gap: how long its first entry on the new owner waited beyond
+        // both the old owner's last work on the slice and its own arrival. The writer in a
+        // guest is slow (a few entries a second over NFS), so a slice is often empty at the
+        // hand-off: time with nothing to take is no gap.
+        let seen = tail.seen();
+        let all: Vec<_> = records(&seen).into_iter().map(|r| r.rec).collect();
+        let arrived = enqueued(&seen, SLICES);
+        for (slice, new_first) in &first {
+            let Some(taken) = all.iter().find(|r| r.slice == *slice && r.what == "start" && r.at_ns == *new_first) else { continue };
+            let last_old = all.iter().filter(|r| r.node == victim && r.slice == *slice && r.at_ns < *new_first).map(|r| r.at_ns).max().unwrap_or(cordoned).max(cordoned);
+            let Some((arrival, _)) = arrived.get(&taken.filebase) else { continue };
+            let waited_from = last_old.max(*arrival);
+            gaps.push((new_first - waited_from) as f64 / 1e6);
+            let ms = |t: u128| (t as f64 - cordoned as f64) / 1e6;
+            eprintln!(
+                "drain of {victim}: slice {slice}: its last work there {:.0} ms, its first entry on {} arrived {:.0} ms and started {:.0} ms after the cordon",
+                ms(last_old),
+                taken.node,
+                ms(*arrival),
+                ms(*new_first)
+            );
+        }
+        c.delete(keys.cordon(victim), None).await?;
+        Ok(gaps)
     }
 
     /// Kills g1's QEMU once it has an entry of its slices in flight (or after a bounded
@@ -598,13 +617,9 @@ mod nfs {
         bed.guest_mut(victim).kill();
         let death = now_ns();
         let left = in_flight();
-        let starts = |tail: &Tail| records(&tail.seen()).into_iter().filter(|r| r.rec.what == "start").map(|r| r.rec).collect::<Vec<_>>();
         let mut first = BTreeMap::new();
         until("every slice of the dead guest processing elsewhere", async || {
-            for r in starts(tail).iter().filter(|r| r.node != victim && r.at_ns > death && orphaned.contains(&r.slice)) {
-                let t = first.entry(r.slice).or_insert(r.at_ns);
-                *t = (*t).min(r.at_ns);
-            }
+            first = first_starts(tail, victim, death, &orphaned);
             first.len() == orphaned.len()
         })
         .await?;

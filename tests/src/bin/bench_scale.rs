@@ -617,148 +617,22 @@ async fn cluster_run(members: usize, slices: u32) -> Result<serde_json::Value> {
         keepalive_failures: AtomicU64::new(0),
         queue_revision: Mutex::new(QueueRevision::Absent),
     });
-    let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
+    let mut run = ClusterRun { c, etcd, coordinator_pid, shared, routes: Arc::new(Mutex::new(HashMap::new())), sims: Vec::new(), dispatcher: None };
     let coordinator_empty = ProcSample::take(coordinator_pid)?;
-
-    // Members first, then the queue: one plan assigns every slice.
-    let registering = Instant::now();
-    let mut sims = Vec::new();
-    for i in 0..members {
-        sims.push(start_member(&c, &shared, &routes, i, &format!("sim-{i:04}")).await?);
+    let (register_s, initial_s) = run.register_and_assign(members, slices).await?;
+    let idle = run.idle().await?;
+    let death = run.death(members / 2).await?;
+    let join = run.join(members, slices).await?;
+    let failures = run.shared.keepalive_failures.load(Ordering::Relaxed);
+    print_cluster_table(members, slices, initial_s, &idle, &death, &join, &coordinator_empty, failures);
+    if let Some(dispatcher) = run.dispatcher.take() {
+        dispatcher.abort();
     }
-    let register_s = registering.elapsed().as_secs_f64();
-    let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
-    let dispatcher = tokio::spawn(dispatch(c.clone(), shared.clone(), routes.clone(), listed_tx));
-    listed_rx.await.context("the assignment watch ended before its first listing")?;
-    println!("  registered {members} members in {register_s:.2} s");
-
-    let put_at = Instant::now();
-    let revision = put_queue(&mut c, CLUSTER, QUEUE, slices).await?;
-    *shared.queue_revision.lock().expect("lock") = QueueRevision::At(revision);
-    while shared.held_total() < slices as usize {
-        if put_at.elapsed() > LONG {
-            bail!("only {} of {slices} slices were claimed within {LONG:?}", shared.held_total());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let initial_s = put_at.elapsed().as_secs_f64();
-    wait_quiet(&shared, "after the first assignment").await?;
-    println!("  all {slices} slices claimed {initial_s:.2} s after the queue was written");
-
-    // Steady state: what N members cost while nothing happens.
-    let ka0 = shared.keepalives_sent.load(Ordering::Relaxed);
-    let idle_a = snapshot(coordinator_pid, &etcd, &shared)?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let idle_b = snapshot(coordinator_pid, &etcd, &shared)?;
-    let idle_keepalives = shared.keepalives_sent.load(Ordering::Relaxed) - ka0;
-    let idle_secs = idle_b.coordinator.at.duration_since(idle_a.coordinator.at).as_secs_f64();
-    let idle_load = EtcdLoad::between(&idle_a.metrics, &idle_b.metrics);
-
-    // One death: the member's lease is revoked (etcd deletes its node record and claims).
-    let victim = members / 2;
-    let victim_slices = shared.held_by(victim);
-    let before = snapshot(coordinator_pid, &etcd, &shared)?;
-    let assign_events_before = shared.assign_events.lock().expect("lock").len();
-    let died = Instant::now();
-    sims[victim].cancel.cancel();
-    c.lease_revoke(sims[victim].lease).await.context("revoke the victim's lease")?;
-    shared.holders.lock().expect("lock").retain(|_, (m, _)| *m != victim);
-    let (claimed_at, new_owners) = loop {
-        let done = {
-            let holders = shared.holders.lock().expect("lock");
-            let got: Vec<(usize, Instant)> = victim_slices.iter().filter_map(|s| holders.get(s).copied()).collect();
-            (got.len() == victim_slices.len()).then(|| {
-                let last = got.iter().map(|(_, t)| *t).max().unwrap_or(died);
-                let owners: BTreeSet<usize> = got.iter().map(|(m, _)| *m).collect();
-                (last, owners)
-            })
-        };
-        if let Some(done) = done {
-            break done;
-        }
-        if died.elapsed() > LONG {
-            bail!("the dead member's slices were not all claimed within {LONG:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    };
-    let at_claimed = snapshot(coordinator_pid, &etcd, &shared)?;
-    let first_assign = shared.assign_events.lock().expect("lock").get(assign_events_before).copied();
-    wait_quiet(&shared, "after the death").await?;
-    let settled = snapshot(coordinator_pid, &etcd, &shared)?;
-    let reassign_ms = claimed_at.duration_since(died).as_secs_f64() * 1000.0;
-    let assigned_ms = first_assign.map(|t| t.duration_since(died).as_secs_f64() * 1000.0);
-    let failover_load = EtcdLoad::between(&before.metrics, &at_claimed.metrics);
-    let settle_load = EtcdLoad::between(&before.metrics, &settled.metrics);
-    println!("  death of 1 member: its {} slices claimed by {} others after {reassign_ms:.1} ms", victim_slices.len(), new_owners.len());
-
-    // One join: a new member gets its share through planned hand-offs.
-    let joiner = members;
-    let join_started = Instant::now();
-    let join_before = snapshot(coordinator_pid, &etcd, &shared)?;
-    sims.push(start_member(&c, &shared, &routes, joiner, "sim-join").await?);
-    let share = slices as usize / members;
-    loop {
-        let held = shared.held_by(joiner).len();
-        if held >= share && shared.held_total() == slices as usize {
-            break;
-        }
-        if join_started.elapsed() > LONG {
-            bail!("the joining member got {held} of its {share} slices within {LONG:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let join_ms =
-        shared.holders.lock().expect("lock").values().filter(|(m, _)| *m == joiner).map(|(_, t)| t.duration_since(join_started).as_secs_f64() * 1000.0).fold(0.0, f64::max);
-    wait_quiet(&shared, "after the join").await?;
-    let join_after = snapshot(coordinator_pid, &etcd, &shared)?;
-    let join_moved = shared.held_by(joiner).len();
-    let failures = shared.keepalive_failures.load(Ordering::Relaxed);
-    println!("  join of 1 member: {join_moved} slices handed to it after {join_ms:.1} ms");
-
-    let mut t = Table::new(&["cluster run", "value"]).left_aligned();
-    t.row(vec!["members x slices".into(), format!("{members} x {slices}")]);
-    t.row(vec!["first assignment: queue written -> all claimed".into(), format!("{:.0} ms", initial_s * 1000.0)]);
-    t.row(vec!["idle: etcd unary calls/s".into(), format!("{:.1}", idle_load.unary_total as f64 / idle_secs)]);
-    t.row(vec![
-        "idle: keepalives/s, sent by members / counted by etcd".into(),
-        format!("{:.1} / {:.1}", idle_keepalives as f64 / idle_secs, idle_load.stream_msgs_by_method.get("LeaseKeepAlive").copied().unwrap_or(0) as f64 / idle_secs),
-    ]);
-    t.row(vec!["idle: coordinator CPU".into(), format!("{:.1} %", idle_a.coordinator.cpu_percent_until(&idle_b.coordinator))]);
-    t.row(vec!["death: slices of the dead member".into(), victim_slices.len().to_string()]);
-    t.row(vec!["death: revoke -> first new assignment seen".into(), assigned_ms.map_or("-".into(), |m| format!("{m:.1} ms"))]);
-    t.row(vec!["death: revoke -> all its slices claimed".into(), format!("{reassign_ms:.1} ms")]);
-    t.row(vec!["death: etcd requests until claimed".into(), failover_load.summary()]);
-    t.row(vec![
-        "  of which member claim txns".into(),
-        format!("{} ({} revoke by the benchmark)", at_claimed.claim_txns - before.claim_txns, failover_load.unary_by_method.get("LeaseRevoke").copied().unwrap_or(0)),
-    ]);
-    t.row(vec!["death: etcd requests until quiet for 1 s".into(), settle_load.summary()]);
-    t.row(vec!["death: coordinator CPU until quiet".into(), format!("{:.0} ms", before.coordinator.cpu_ms_until(&settled.coordinator))]);
-    t.row(vec!["join: slices handed to the new member".into(), join_moved.to_string()]);
-    t.row(vec!["join: node record -> all its slices claimed".into(), format!("{join_ms:.1} ms")]);
-    t.row(vec!["join: etcd requests until quiet for 1 s".into(), EtcdLoad::between(&join_before.metrics, &join_after.metrics).summary()]);
-    t.row(vec![
-        "coordinator RSS: no members / steady / after death+join (peak)".into(),
-        format!(
-            "{:.1} / {:.1} / {:.1} ({:.1}) MiB",
-            mib(coordinator_empty.rss_kib),
-            mib(before.coordinator.rss_kib),
-            mib(join_after.coordinator.rss_kib),
-            mib(join_after.coordinator.hwm_kib)
-        ),
-    ]);
-    t.row(vec!["etcd RSS after the run".into(), format!("{:.1} MiB", mib(join_after.etcd.rss_kib))]);
-    t.row(vec!["member keepalive failures".into(), failures.to_string()]);
-    println!();
-    println!("{}", t.render());
-    println!("(etcd requests: deltas of etcd's grpc_server_handled_total for unary calls, grpc_server_msg_received_total for stream messages, etcd_server_proposals_committed_total for writes; background keepalives included)");
-
-    dispatcher.abort();
-    for m in &sims {
+    for m in &run.sims {
         m.cancel.cancel();
     }
     drop(coordinator);
-    drop(etcd);
+    let Death { before, at_claimed, settled, slices: dead_slices, receivers, assigned_ms, reassign_ms, .. } = death;
     Ok(serde_json::json!({
         "members": members,
         "slices": slices,
@@ -766,34 +640,240 @@ async fn cluster_run(members: usize, slices: u32) -> Result<serde_json::Value> {
         "register_s": round(register_s, 3),
         "first_assignment_ms": round(initial_s * 1000.0, 1),
         "idle": {
-            "seconds": round(idle_secs, 3),
-            "etcd": idle_load,
-            "member_keepalives_sent": idle_keepalives,
-            "coordinator_cpu_percent": round(idle_a.coordinator.cpu_percent_until(&idle_b.coordinator), 2),
+            "seconds": round(idle.secs, 3),
+            "etcd": idle.load,
+            "member_keepalives_sent": idle.keepalives,
+            "coordinator_cpu_percent": round(idle.a.coordinator.cpu_percent_until(&idle.b.coordinator), 2),
         },
         "death": {
-            "dead_member_slices": victim_slices.len(),
-            "receiving_members": new_owners.len(),
+            "dead_member_slices": dead_slices,
+            "receiving_members": receivers,
             "first_assignment_seen_ms": assigned_ms.map(|m| round(m, 1)),
             "reassign_ms": round(reassign_ms, 1),
             "until_claimed": window(&before, &at_claimed),
             "until_quiet": window(&before, &settled),
         },
         "join": {
-            "slices_moved": join_moved,
-            "all_claimed_ms": round(join_ms, 1),
-            "until_quiet": window(&join_before, &join_after),
+            "slices_moved": join.moved,
+            "all_claimed_ms": round(join.ms, 1),
+            "until_quiet": window(&join.before, &join.after),
         },
         "coordinator_rss_kib": {
             "no_members": coordinator_empty.rss_kib,
             "steady": before.coordinator.rss_kib,
-            "after": join_after.coordinator.rss_kib,
-            "peak": join_after.coordinator.hwm_kib,
+            "after": join.after.coordinator.rss_kib,
+            "peak": join.after.coordinator.hwm_kib,
         },
-        "etcd_rss_kib": join_after.etcd.rss_kib,
+        "etcd_rss_kib": join.after.etcd.rss_kib,
         "keepalive_failures": failures,
         "requests_counted_from": "etcd /metrics: grpc_server_handled_total{grpc_type=unary}, grpc_server_msg_received_total{grpc_type=bidi_stream}, etcd_server_proposals_committed_total",
     }))
+}
+
+/// The cluster of a cluster run: etcd, the coordinator's pid, the simulated members.
+struct ClusterRun {
+    c: Client,
+    etcd: Etcd,
+    coordinator_pid: u32,
+    shared: Arc<Shared>,
+    routes: Routes,
+    sims: Vec<Member>,
+    /// The task routing assignment changes to the members.
+    dispatcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The steady state: what N members cost while nothing happens.
+struct Idle {
+    a: Snapshot,
+    b: Snapshot,
+    secs: f64,
+    keepalives: u64,
+    load: EtcdLoad,
+}
+
+/// One member's death (its lease revoked).
+struct Death {
+    before: Snapshot,
+    at_claimed: Snapshot,
+    settled: Snapshot,
+    /// How many slices the dead member held, and how many members took them.
+    slices: usize,
+    receivers: usize,
+    assigned_ms: Option<f64>,
+    reassign_ms: f64,
+    failover_load: EtcdLoad,
+    settle_load: EtcdLoad,
+}
+
+/// One member's join.
+struct Join {
+    before: Snapshot,
+    after: Snapshot,
+    moved: usize,
+    ms: f64,
+}
+
+impl ClusterRun {
+    fn snapshot(&self) -> Result<Snapshot> {
+        snapshot(self.coordinator_pid, &self.etcd, &self.shared)
+    }
+
+    /// Members first, then the queue: one plan assigns every slice. Returns the seconds the
+    /// registrations took and those from the queue's write to its last claim.
+    async fn register_and_assign(&mut self, members: usize, slices: u32) -> Result<(f64, f64)> {
+        let registering = Instant::now();
+        for i in 0..members {
+            self.sims.push(start_member(&self.c, &self.shared, &self.routes, i, &format!("sim-{i:04}")).await?);
+        }
+        let register_s = registering.elapsed().as_secs_f64();
+        let (listed_tx, listed_rx) = tokio::sync::oneshot::channel();
+        self.dispatcher = Some(tokio::spawn(dispatch(self.c.clone(), self.shared.clone(), self.routes.clone(), listed_tx)));
+        listed_rx.await.context("the assignment watch ended before its first listing")?;
+        println!("  registered {members} members in {register_s:.2} s");
+
+        let put_at = Instant::now();
+        let revision = put_queue(&mut self.c, CLUSTER, QUEUE, slices).await?;
+        *self.shared.queue_revision.lock().expect("lock") = QueueRevision::At(revision);
+        while self.shared.held_total() < slices as usize {
+            if put_at.elapsed() > LONG {
+                bail!("only {} of {slices} slices were claimed within {LONG:?}", self.shared.held_total());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let initial_s = put_at.elapsed().as_secs_f64();
+        wait_quiet(&self.shared, "after the first assignment").await?;
+        println!("  all {slices} slices claimed {initial_s:.2} s after the queue was written");
+        Ok((register_s, initial_s))
+    }
+
+    async fn idle(&self) -> Result<Idle> {
+        let ka0 = self.shared.keepalives_sent.load(Ordering::Relaxed);
+        let a = self.snapshot()?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let b = self.snapshot()?;
+        let keepalives = self.shared.keepalives_sent.load(Ordering::Relaxed) - ka0;
+        let secs = b.coordinator.at.duration_since(a.coordinator.at).as_secs_f64();
+        let load = EtcdLoad::between(&a.metrics, &b.metrics);
+        Ok(Idle { a, b, secs, keepalives, load })
+    }
+
+    /// Member `victim`'s lease is revoked (etcd deletes its node record and claims).
+    async fn death(&mut self, victim: usize) -> Result<Death> {
+        let shared = self.shared.clone();
+        let victim_slices = shared.held_by(victim);
+        let before = self.snapshot()?;
+        let assign_events_before = shared.assign_events.lock().expect("lock").len();
+        let died = Instant::now();
+        self.sims[victim].cancel.cancel();
+        self.c.lease_revoke(self.sims[victim].lease).await.context("revoke the victim's lease")?;
+        shared.holders.lock().expect("lock").retain(|_, (m, _)| *m != victim);
+        let (claimed_at, new_owners) = loop {
+            let done = {
+                let holders = shared.holders.lock().expect("lock");
+                let got: Vec<(usize, Instant)> = victim_slices.iter().filter_map(|s| holders.get(s).copied()).collect();
+                (got.len() == victim_slices.len()).then(|| {
+                    let last = got.iter().map(|(_, t)| *t).max().unwrap_or(died);
+                    let owners: BTreeSet<usize> = got.iter().map(|(m, _)| *m).collect();
+                    (last, owners)
+                })
+            };
+            if let Some(done) = done {
+                break done;
+            }
+            if died.elapsed() > LONG {
+                bail!("the dead member's slices were not all claimed within {LONG:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let at_claimed = self.snapshot()?;
+        let first_assign = shared.assign_events.lock().expect("lock").get(assign_events_before).copied();
+        wait_quiet(&shared, "after the death").await?;
+        let settled = self.snapshot()?;
+        let reassign_ms = claimed_at.duration_since(died).as_secs_f64() * 1000.0;
+        let assigned_ms = first_assign.map(|t| t.duration_since(died).as_secs_f64() * 1000.0);
+        let failover_load = EtcdLoad::between(&before.metrics, &at_claimed.metrics);
+        let settle_load = EtcdLoad::between(&before.metrics, &settled.metrics);
+        println!("  death of 1 member: its {} slices claimed by {} others after {reassign_ms:.1} ms", victim_slices.len(), new_owners.len());
+        Ok(Death { before, at_claimed, settled, slices: victim_slices.len(), receivers: new_owners.len(), assigned_ms, reassign_ms, failover_load, settle_load })
+    }
+
+    /// A new member gets its share through planned hand-offs.
+    async fn join(&mut self, members: usize, slices: u32) -> Result<Join> {
+        let joiner = members;
+        let join_started = Instant::now();
+        let before = self.snapshot()?;
+        self.sims.push(start_member(&self.c, &self.shared, &self.routes, joiner, "sim-join").await?);
+        let share = slices as usize / members;
+        loop {
+            let held = self.shared.held_by(joiner).len();
+            if held >= share && self.shared.held_total() == slices as usize {
+                break;
+            }
+            if join_started.elapsed() > LONG {
+                bail!("the joining member got {held} of its {share} slices within {LONG:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let ms = self
+            .shared
+            .holders
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|(m, _)| *m == joiner)
+            .map(|(_, t)| t.duration_since(join_started).as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max);
+        wait_quiet(&self.shared, "after the join").await?;
+        let after = self.snapshot()?;
+        let moved = self.shared.held_by(joiner).len();
+        println!("  join of 1 member: {moved} slices handed to it after {ms:.1} ms");
+        Ok(Join { before, after, moved, ms })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_cluster_table(members: usize, slices: u32, initial_s: f64, idle: &Idle, death: &Death, join: &Join, coordinator_empty: &ProcSample, failures: u64) {
+    let mut t = Table::new(&["cluster run", "value"]).left_aligned();
+    t.row(vec!["members x slices".into(), format!("{members} x {slices}")]);
+    t.row(vec!["first assignment: queue written -> all claimed".into(), format!("{:.0} ms", initial_s * 1000.0)]);
+    t.row(vec!["idle: etcd unary calls/s".into(), format!("{:.1}", idle.load.unary_total as f64 / idle.secs)]);
+    t.row(vec![
+        "idle: keepalives/s, sent by members / counted by etcd".into(),
+        format!("{:.1} / {:.1}", idle.keepalives as f64 / idle.secs, idle.load.stream_msgs_by_method.get("LeaseKeepAlive").copied().unwrap_or(0) as f64 / idle.secs),
+    ]);
+    t.row(vec!["idle: coordinator CPU".into(), format!("{:.1} %", idle.a.coordinator.cpu_percent_until(&idle.b.coordinator))]);
+    t.row(vec!["death: slices of the dead member".into(), death.slices.to_string()]);
+    t.row(vec!["death: revoke -> first new assignment seen".into(), death.assigned_ms.map_or("-".into(), |m| format!("{m:.1} ms"))]);
+    t.row(vec!["death: revoke -> all its slices claimed".into(), format!("{:.1} ms", death.reassign_ms)]);
+    t.row(vec!["death: etcd requests until claimed".into(), death.failover_load.summary()]);
+    t.row(vec![
+        "  of which member claim txns".into(),
+        format!(
+            "{} ({} revoke by the benchmark)",
+            death.at_claimed.claim_txns - death.before.claim_txns,
+            death.failover_load.unary_by_method.get("LeaseRevoke").copied().unwrap_or(0)
+        ),
+    ]);
+    t.row(vec!["death: etcd requests until quiet for 1 s".into(), death.settle_load.summary()]);
+    t.row(vec!["death: coordinator CPU until quiet".into(), format!("{:.0} ms", death.before.coordinator.cpu_ms_until(&death.settled.coordinator))]);
+    t.row(vec!["join: slices handed to the new member".into(), join.moved.to_string()]);
+    t.row(vec!["join: node record -> all its slices claimed".into(), format!("{:.1} ms", join.ms)]);
+    t.row(vec!["join: etcd requests until quiet for 1 s".into(), EtcdLoad::between(&join.before.metrics, &join.after.metrics).summary()]);
+    t.row(vec![
+        "coordinator RSS: no members / steady / after death+join (peak)".into(),
+        format!(
+            "{:.1} / {:.1} / {:.1} ({:.1}) MiB",
+            mib(coordinator_empty.rss_kib),
+            mib(death.before.coordinator.rss_kib),
+            mib(join.after.coordinator.rss_kib),
+            mib(join.after.coordinator.hwm_kib)
+        ),
+    ]);
+    t.row(vec!["etcd RSS after the run".into(), format!("{:.1} MiB", mib(join.after.etcd.rss_kib))]);
+    t.row(vec!["member keepalive failures".into(), failures.to_string()]);
+    println!();
+    println!("{}", t.render());
+    println!("(etcd requests: deltas of etcd's grpc_server_handled_total for unary calls, grpc_server_msg_received_total for stream messages, etcd_server_proposals_committed_total for writes; background keepalives included)");
 }
 
 fn mib(kib: u64) -> f64 {

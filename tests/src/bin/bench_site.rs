@@ -496,12 +496,7 @@ async fn main() -> Result<()> {
     let paced_phase = format!("paced, {} posts/s per list", args.rate);
 
     // (a) Mailman's own master on r1.
-    let instances = args
-        .master_instances
-        .split(',')
-        .filter(|i| !i.is_empty())
-        .map(|i| i.split_once('=').and_then(|(r, n)| Some((r, n.parse::<u32>().ok()?))).with_context(|| format!("--master-instances: {i:?} is not runner=count")))
-        .collect::<Result<Vec<(&str, u32)>>>()?;
+    let instances = master_instances(&args.master_instances)?;
     for only in &args.only {
         if !["master", "1", "2", "3"].contains(&only.as_str()) {
             bail!("--only: {only:?} is not a configuration; name master, 1, 2 or 3");
@@ -546,8 +541,35 @@ async fn main() -> Result<()> {
     }
 
     let report = bench.site.report()?;
+    let ratio = print_tables(&runs, &faults);
+    println!("{} posts in all over LMTP; {} shunted, {} in bad/, {} lines in Mailman's error logs", bench.next * 2, report.shunt, report.bad, report.errors.len());
+    let summary = serde_json::json!({
+        "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
+        "faults": faults.iter().map(Run::json).collect::<Vec<_>>(),
+        "qslice_1_runner_over_mailman_start": round(ratio, 3),
+        "posts": bench.next * 2,
+        "shunted": report.shunt,
+        "bad": report.bad,
+        "error_log_lines": report.errors.len(),
+        "machine": machine(),
+        "seconds": round(started.elapsed().as_secs_f64(), 1),
+    });
+    emit_json(&summary, args.json_out.as_deref())
+}
+
+/// `--master-instances`: runner=count, comma-separated.
+fn master_instances(list: &str) -> Result<Vec<(&str, u32)>> {
+    list.split(',')
+        .filter(|i| !i.is_empty())
+        .map(|i| i.split_once('=').and_then(|(r, n)| Some((r, n.parse::<u32>().ok()?))).with_context(|| format!("--master-instances: {i:?} is not runner=count")))
+        .collect()
+}
+
+/// Prints each run's and each fault's figures and where the CPU went; returns the ratio of
+/// one runner's burst throughput to `mailman start`'s.
+fn print_tables(runs: &[Run], faults: &[Run]) -> f64 {
     let mut table = Table::new(&["configuration", "posts", "phase", "posts/s", "p50 ms", "p99 ms", "max ms"]);
-    for r in &runs {
+    for r in runs {
         table.row(vec![
             r.config.clone(),
             r.posts.to_string(),
@@ -573,7 +595,7 @@ async fn main() -> Result<()> {
     }
     if !faults.is_empty() {
         let mut table = Table::new(&["fault (2 runners, paced)", "posts", "p50 ms", "max ms", "max beyond p50 ms", "posts out twice"]);
-        for f in &faults {
+        for f in faults {
             table.row(vec![
                 f.phase.clone(),
                 f.posts.to_string(),
@@ -585,17 +607,5 @@ async fn main() -> Result<()> {
         }
         println!("{}", table.render());
     }
-    println!("{} posts in all over LMTP; {} shunted, {} in bad/, {} lines in Mailman's error logs", bench.next * 2, report.shunt, report.bad, report.errors.len());
-    let summary = serde_json::json!({
-        "runs": runs.iter().map(Run::json).collect::<Vec<_>>(),
-        "faults": faults.iter().map(Run::json).collect::<Vec<_>>(),
-        "qslice_1_runner_over_mailman_start": round(ratio, 3),
-        "posts": bench.next * 2,
-        "shunted": report.shunt,
-        "bad": report.bad,
-        "error_log_lines": report.errors.len(),
-        "machine": machine(),
-        "seconds": round(started.elapsed().as_secs_f64(), 1),
-    });
-    emit_json(&summary, args.json_out.as_deref())
+    ratio
 }

@@ -141,24 +141,7 @@ async fn main() -> Result<()> {
 
     let runs = args.runs.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
 
-    // One listing of the whole queue, as a runner holding every slice makes it, and as
-    // one of three runners holding a third of the slices makes it (entries kept only of
-    // those; the others counted).
-    let listing_ms = |wanted: &dyn Fn(u32) -> bool| -> Result<f64> {
-        let mut times = Vec::new();
-        for _ in 0..5 {
-            let t = Instant::now();
-            let scan = master.scan_for(args.slices, wanted)?;
-            times.push(t.elapsed().as_secs_f64() * 1000.0);
-            if scan.total_depth() != entries {
-                bail!("the listing saw {} of {entries} entries", scan.total_depth());
-            }
-        }
-        Ok(median(times))
-    };
-    let list_all_ms = listing_ms(&|_| true)?;
-    let list_third_ms = listing_ms(&|s| s % 3 == 0)?;
-    let list_none_ms = listing_ms(&|_| false)?;
+    let (list_all_ms, list_third_ms, list_none_ms) = listings(&master, args.slices, entries)?;
     println!("one listing of {entries} entries (median of 5): {list_all_ms:.1} ms keeping every slice's entries, {list_third_ms:.1} ms keeping a third, {list_none_ms:.1} ms keeping none (counts only)");
     let mut ceiling = Vec::new();
     for kind in [Kind::Move, Kind::Worker] {
@@ -176,51 +159,12 @@ async fn main() -> Result<()> {
     for kind in args.handlers.clone() {
         for runners in args.runner_counts.clone() {
             let measured = run_config(&etcd, work.path(), master.dir(), kind, runners, entries, runs, &args).await?;
-            let rates: Vec<f64> = measured.iter().map(|(secs, _)| entries as f64 / secs.max(1e-9)).collect();
-            let eps = median(rates.clone());
-            let seconds = entries as f64 / eps;
-            let cpu_ms = median(measured.iter().map(|(_, cpu)| *cpu).collect());
-            let result = RunResult {
-                handler: kind.name(),
-                label: kind.label(),
-                runners,
-                entries,
-                seconds: round(seconds, 3),
-                entries_per_s: round(eps, 0),
-                entries_per_s_runs: rates.iter().map(|r| round(*r, 0)).collect(),
-                ratio_to_ceiling: round(eps / ceiling_of(kind), 3),
-                runner_cpu_ms: round(cpu_ms, 0),
-                runner_cpu_us_per_entry: round(cpu_ms * 1000.0 / entries as f64, 1),
-            };
+            let result = RunResult::of(kind, runners, entries, &measured, ceiling_of(kind));
             println!("  {} handler, {runners} runner(s): {:.0} entries/s", kind.name(), result.entries_per_s);
             results.push(result);
         }
     }
-
-    let mut table = Table::new(&["configuration", "runners", "entries", "seconds", "entries/s", "ratio to ceiling", "runner CPU µs/entry"]);
-    for kind in [Kind::Move, Kind::Worker] {
-        let what = match kind {
-            Kind::Move => "raw ceiling: list, rename .bak, rename to target",
-            Kind::Worker | Kind::WorkerLines => "raw ceiling: list, rename .bak, unlink",
-        };
-        let c = ceiling_of(kind);
-        table.row(vec![what.into(), "-".into(), entries.to_string(), format!("{:.3}", entries as f64 / c), format!("{c:.0}"), "1".into(), "-".into()]);
-    }
-    for r in &results {
-        table.row(vec![
-            r.label.to_owned(),
-            r.runners.to_string(),
-            r.entries.to_string(),
-            format!("{:.3}", r.seconds),
-            format!("{:.0}", r.entries_per_s),
-            format!("{:.3}", r.ratio_to_ceiling),
-            format!("{:.1}", r.runner_cpu_us_per_entry),
-        ]);
-    }
-    println!();
-    println!("{}", table.render());
-    println!();
-    println!("ratio = entries/s through the runners / the raw ceiling of the same handler's file work (same entries, same run)");
+    print_table(entries, &ceiling_of, &results);
 
     let summary = serde_json::json!({
         "benchmark": "throughput",
@@ -241,6 +185,75 @@ async fn main() -> Result<()> {
         "runs": results,
     });
     benchkit::emit_json(&summary, args.json_out.as_deref())
+}
+
+impl RunResult {
+    /// The figures of `measured` (seconds and runner CPU ms per run) for `runners` runners
+    /// of handler `kind`, against the raw `ceiling` of its file work.
+    fn of(kind: Kind, runners: usize, entries: usize, measured: &[(f64, f64)], ceiling: f64) -> RunResult {
+        let rates: Vec<f64> = measured.iter().map(|(secs, _)| entries as f64 / secs.max(1e-9)).collect();
+        let eps = median(rates.clone());
+        let cpu_ms = median(measured.iter().map(|(_, cpu)| *cpu).collect());
+        RunResult {
+            handler: kind.name(),
+            label: kind.label(),
+            runners,
+            entries,
+            seconds: round(entries as f64 / eps, 3),
+            entries_per_s: round(eps, 0),
+            entries_per_s_runs: rates.iter().map(|r| round(*r, 0)).collect(),
+            ratio_to_ceiling: round(eps / ceiling, 3),
+            runner_cpu_ms: round(cpu_ms, 0),
+            runner_cpu_us_per_entry: round(cpu_ms * 1000.0 / entries as f64, 1),
+        }
+    }
+}
+
+/// One listing of the whole queue in ms (median of 5), as a runner holding every slice
+/// makes it, as one of three runners holding a third of the slices makes it (entries kept
+/// only of those; the others counted), and keeping none.
+fn listings(master: &QueueDir, slices: u32, entries: usize) -> Result<(f64, f64, f64)> {
+    let listing_ms = |wanted: &dyn Fn(u32) -> bool| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            let scan = master.scan_for(slices, wanted)?;
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            if scan.total_depth() != entries {
+                bail!("the listing saw {} of {entries} entries", scan.total_depth());
+            }
+        }
+        Ok(median(times))
+    };
+    Ok((listing_ms(&|_| true)?, listing_ms(&|s| s % 3 == 0)?, listing_ms(&|_| false)?))
+}
+
+/// The raw ceilings and each configuration's figures, as a table.
+fn print_table(entries: usize, ceiling_of: &dyn Fn(Kind) -> f64, results: &[RunResult]) {
+    let mut table = Table::new(&["configuration", "runners", "entries", "seconds", "entries/s", "ratio to ceiling", "runner CPU µs/entry"]);
+    for kind in [Kind::Move, Kind::Worker] {
+        let what = match kind {
+            Kind::Move => "raw ceiling: list, rename .bak, rename to target",
+            Kind::Worker | Kind::WorkerLines => "raw ceiling: list, rename .bak, unlink",
+        };
+        let c = ceiling_of(kind);
+        table.row(vec![what.into(), "-".into(), entries.to_string(), format!("{:.3}", entries as f64 / c), format!("{c:.0}"), "1".into(), "-".into()]);
+    }
+    for r in results {
+        table.row(vec![
+            r.label.to_owned(),
+            r.runners.to_string(),
+            r.entries.to_string(),
+            format!("{:.3}", r.seconds),
+            format!("{:.0}", r.entries_per_s),
+            format!("{:.3}", r.ratio_to_ceiling),
+            format!("{:.1}", r.runner_cpu_us_per_entry),
+        ]);
+    }
+    println!();
+    println!("{}", table.render());
+    println!();
+    println!("ratio = entries/s through the runners / the raw ceiling of the same handler's file work (same entries, same run)");
 }
 
 /// The median (the upper one of an even count).
