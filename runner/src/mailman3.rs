@@ -198,7 +198,7 @@ pub struct SliceRunner {
 enum Process {
     /// Started by qslice-runner itself: its child.
     Spawned(tokio::process::Child),
-    /// Forked by the queue's fork server, which reports its exit code (the channel closes
+    /// Forked by the node's fork server, which reports its exit code (the channel closes
     /// without one if the server died first: its children died with it).
     Forked(watch::Receiver<Option<i32>>),
 }
@@ -254,7 +254,7 @@ impl SliceRunner {
         Ok(SliceRunner::new(launch, Process::Spawned(child), pid, stdin.map(|s| Box::new(s) as _), stdout, stderr, Some(permit), _leashed))
     }
 
-    /// Forks a slice runner from the queue's fork server.
+    /// Forks a slice runner of the queue from the node's fork server.
     async fn fork(launch: &Launch, server: &ForkServer) -> std::io::Result<SliceRunner> {
         let forked = server.fork(launch.cfg.runner_name(&launch.queue), &launch.queue).await?;
         let _leashed = crate::leash::Leashed::new(Some(forked.pid as u32));

@@ -20,8 +20,10 @@ use crate::mailman3::python;
 use crate::testcluster::{Ready, TestCluster};
 use crate::wait::wait_for;
 
-/// How long PostgreSQL and the SMTP server may take to come up on a loaded machine.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long PostgreSQL, the SMTP server and Mailman's LMTP runners and master may take to
+/// come up on a loaded machine (Mailman initialising beside emulated guests and CPU hogs
+/// took over a minute).
+const START_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")

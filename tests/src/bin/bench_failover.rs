@@ -472,7 +472,10 @@ mod nfs {
         let spool = Spool::new(&[])?;
         let mut c = client(&etcd).await?;
         put_queue(&mut c, "t", "in", SLICES).await?;
-        let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &[])?;
+        // Emulated guests claim in seconds and, on a loaded machine, release late: with the
+        // default claim deadline (500 ms) and the tests' revoke deadline (3 s), slices
+        // bounced between two starved guests, each fenced in turn, and never settled.
+        let coordinator = start_coordinator(&etcd, &spool, "c1", "t", &["--claim-deadline", "5s", "--revoke-deadline", "60s"])?;
         let root = bed.export().join("spool");
         let queue = root.join("in");
         let (rc, out) = bed.guest(writer_node).run(&format!("mkdir -p {}\n", queue.display()), LONG)?;

@@ -481,7 +481,7 @@ fn stop_cluster(site: &mut WholeSite, tc: TestCluster, nodes: &[&str]) -> Result
     for node in nodes {
         site.kill_lmtp(node);
     }
-    Wait::new(Duration::from_secs(60), "every process of the stopped runners to exit").until(|| pids.iter().all(|p| !qslice_tests::process_alive(*p)))
+    Wait::new(Duration::from_secs(120), "every process of the stopped runners to exit").until(|| pids.iter().all(|p| !qslice_tests::process_alive(*p)))
 }
 
 #[tokio::main]
