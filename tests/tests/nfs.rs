@@ -51,6 +51,25 @@ async fn until<F: FnMut() -> bool>(limit: Duration, what: &str, mut cond: F) {
     }
 }
 
+/// Prints what `logs` returns if the test panics while this lives (a bounded wait that
+/// timed out): the runners' and the coordinator's last log lines, to tell a guest starved
+/// on a loaded machine from a stall.
+struct LogsOnPanic<F: Fn() -> String>(F);
+
+impl<F: Fn() -> String> Drop for LogsOnPanic<F> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", (self.0)());
+        }
+    }
+}
+
+/// The last `n` lines of `text`, under a heading.
+fn last_lines(heading: &str, text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    format!("--- {heading} (last {} of {} lines)\n{}\n", n.min(lines.len()), lines.len(), lines[lines.len().saturating_sub(n)..].join("\n"))
+}
+
 /// Slices per node from the claims of `in`.
 async fn holders(client: &mut etcd_client::Client) -> BTreeMap<String, Vec<u32>> {
     let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
@@ -246,6 +265,9 @@ fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
         let _heartbeat = g1.spawn(&heartbeat_script()).expect("a heartbeat in g1");
         let r1 = g1.spawn(&runner_script(g1, "t", port, &spool, HANDLER_DELAY, "")).expect("start g1's runner");
         let r2 = g2.spawn(&runner_script(g2, "t", port, &spool, HANDLER_DELAY, "")).expect("start g2's runner");
+        let logs = LogsOnPanic(|| {
+            [("g1", r1.output()), ("g2", r2.output()), ("coordinator", tc.coordinator("c1").proc.log())].iter().map(|(h, t)| last_lines(h, t, 80)).collect::<String>()
+        });
         let (grants, observer) = observe_grants(client.clone(), "t");
         until_held(&mut client, "every slice claimed, three per guest", |h| h.len() == 2 && h.values().all(|s| s.len() == 3)).await;
 
@@ -324,6 +346,7 @@ fn a_guest_paused_past_its_ttl_starts_nothing_on_nfs_when_it_resumes() {
         assert_eq!(report.preserved, 0, "nothing preserved or quarantined (a handler stopped at a fence counts no recovery): {preserved:?}");
         assert_eq!(enq.len(), count, "the writer logged every entry");
         assert!(report.ok(), "invariants broken: {}\nlost {:?}\nstale {:?}\nunexplained {:?}", report.summary(), report.lost, report.stale_starts, report.unexplained_duplicates);
+        drop(logs);
         drop(tc);
     });
     drop(bed);
@@ -381,6 +404,9 @@ fn mailman_on_nfs(mount: &str) {
         let (g1, g2) = (bed.guest("g1"), bed.guest("g2"));
         let r1 = start_runner(g1);
         let r2 = start_runner(g2);
+        let logs = LogsOnPanic(|| {
+            [("g1", r1.output()), ("g2", r2.output()), ("coordinator", tc.coordinator("c1").proc.log())].iter().map(|(h, t)| last_lines(h, t, 80)).collect::<String>()
+        });
         until_held(&mut client, "a slice of in claimed by each guest", |h| h.len() == 2 && h.values().all(|s| s.len() == 1)).await;
 
         let posts = 40;
@@ -439,6 +465,7 @@ fn mailman_on_nfs(mount: &str) {
         }
         assert!(file_bases_in(&queues.join("shunt")).is_empty(), "nothing shunted");
         assert!(file_bases_in(&queues.join("bad")).is_empty(), "nothing in bad/");
+        drop(logs);
         drop(r2);
         drop(tc);
     });
