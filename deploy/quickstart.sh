@@ -60,24 +60,31 @@ HURRY=0
 # Stops what DIR's pid files name, in order: the feeder, the runners (SIGTERM: they finish
 # in-flight entries and release their slices while etcd is still up), the coordinator,
 # etcd. Whatever does not exit in time gets SIGKILL (a second Ctrl-C hurries it up).
+# Stops the demo process `name` of `dir` (SIGTERM, then SIGKILL after 40 s) and removes
+# its pid file.
+stop_one() {
+  local dir=$1 name=$2 pid deadline
+  local f="$dir/pids/$name.pid"
+  [ -f "$f" ] || return 0
+  pid=$(cat "$f")
+  if ours "$pid" "$dir"; then
+    note '    stopping %-12s (pid %s)\n' "$name" "$pid"
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + 40))
+    while ours "$pid" "$dir" && [ $SECONDS -lt $deadline ] && [ $HURRY -eq 0 ]; do sleep 0.1; done
+    if ours "$pid" "$dir"; then
+      note '    %s did not stop in time: SIGKILL\n' "$name"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$f"
+}
+
 stop_all() {
-  local dir=$1 name pid deadline
+  local dir=$1 name
   [ -d "$dir/pids" ] || return 0
   for name in feeder "${RUNNERS[@]/#/runner-}" coordinator etcd quickstart; do
-    local f="$dir/pids/$name.pid"
-    [ -f "$f" ] || continue
-    pid=$(cat "$f")
-    if ours "$pid" "$dir"; then
-      note '    stopping %-12s (pid %s)\n' "$name" "$pid"
-      kill -TERM "$pid" 2>/dev/null || true
-      deadline=$((SECONDS + 40))
-      while ours "$pid" "$dir" && [ $SECONDS -lt $deadline ] && [ $HURRY -eq 0 ]; do sleep 0.1; done
-      if ours "$pid" "$dir"; then
-        note '    %s did not stop in time: SIGKILL\n' "$name"
-        kill -KILL "$pid" 2>/dev/null || true
-      fi
-    fi
-    rm -f "$f"
+    stop_one "$dir" "$name"
   done
 }
 
@@ -231,7 +238,9 @@ for attempt in 1 2 3; do
   etcd_healthy "$ETCD_PORT" && break
   echo "etcd did not come up (attempt $attempt); log:"
   tail -5 "$DEMO/logs/etcd.log" || true
-  stop_all "$DEMO"
+  # Only etcd: stop_all would stop the quick start itself (its own pid file) and end the
+  # retry before it began (a port taken between free_port and etcd's bind did).
+  stop_one "$DEMO" etcd
   rm -rf "$DEMO/etcd"
   [ "$attempt" -lt 3 ] || die "cannot start etcd"
 done
